@@ -1,0 +1,502 @@
+"""Skip gates: what happens to a long (encoder-decoder) skip where it meets the decoder.
+
+Every long skip of a UNet is concatenated with the decoder's backbone features right before a
+decoder resnet. skipdiff intercepts that one place (see :mod:`skipdiff.router`) and hands the two
+halves to a *gate*::
+
+    main, skip = gate(main, skip, state)      # main: (B, C_main, H, W), skip: (B, C_skip, H, W)
+
+A gate is a small ``nn.Module`` created by name from one registry (:data:`GATES`). The identity gate
+``keep`` is the baseline. Stochastic gates (``bernoulli``, ``markov``) receive a per-example
+``state`` of shape (B,) sampled once per forward pass by the router; every other gate gets ``None``.
+
+A *skip specification* says which gate each skip gets. It is stored, resolved to one dict per skip,
+in the model's config, e.g. ``[{"mode": "keep"}, {"mode": "scale", "factor": 0.5}, ...]``, and can be
+written by hand as:
+
+* one mode for every skip: ``"zero"``, ``"scale:0.7071"``, ``"learned:init=0"``;
+* one entry per skip, comma-separated or as a list: ``"keep,zero,scale:0.5,..."``;
+* a named preset (:data:`PRESETS`): ``"full"``, ``"none"``, ``"scalelong:kappa=0.8"``, ``"freeu"``, ...
+
+Entry syntax: ``mode[:value][:key=value]...``; a bare value is the mode's first parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import fourier_filter
+from torch import nn
+
+SkipSpec = str | Sequence[str | dict]
+
+
+# --------------------------------------------------------------------------------------------------
+# Skip geometry: what the router knows about each skip, in decoder (consumption) order.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipInfo:
+    """One long skip, indexed in the order the decoder consumes it (0 = innermost, deepest)."""
+
+    index: int
+    up_block: int  # index of the receiving up block
+    layer: int  # index of the receiving resnet inside that block
+    source: str  # module whose output is the skip, e.g. "down_blocks.0.resnets.1"
+    resolution: int  # spatial size (height) of the skip tensor for the model's sample_size
+    skip_channels: int
+    main_channels: int  # backbone channels it is concatenated with
+
+
+# --------------------------------------------------------------------------------------------------
+# Gates
+# --------------------------------------------------------------------------------------------------
+
+
+class SkipGate(nn.Module):
+    """Base class. Subclasses set ``mode`` and implement :meth:`gate_skip` (or :meth:`forward`).
+
+    ``stochastic`` gates get a per-example state (B,) in {0, 1} (or a probability at inference)
+    from the router; ``removes_skip`` gates make the router build the receiving resnet without the
+    skip's channels.
+    """
+
+    mode: str = ""
+    stochastic: bool = False
+    removes_skip: bool = False
+
+    def __init__(self, info: SkipInfo):
+        super().__init__()
+        self.info = info
+
+    def forward(self, main: torch.Tensor, skip: torch.Tensor, state: torch.Tensor | None = None):
+        return main, self.gate_skip(skip, state)
+
+    def gate_skip(self, skip: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def telemetry(self) -> dict[str, float]:
+        """Scalar view of the gate for logs (learned values, probabilities, ...)."""
+        return {}
+
+
+GATES: dict[str, type[SkipGate]] = {}
+
+
+def register_gate(name: str) -> Callable[[type[SkipGate]], type[SkipGate]]:
+    """Class decorator that adds a gate to :data:`GATES`; a name may be registered once."""
+
+    def decorator(cls: type[SkipGate]) -> type[SkipGate]:
+        if name in GATES:
+            raise ValueError(f"skip gate {name!r} is already registered (by {GATES[name].__name__})")
+        cls.mode = name
+        GATES[name] = cls
+        return cls
+
+    return decorator
+
+
+def _finite(name: str, value: float, *, minimum: float | None = 0.0) -> float:
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return value
+
+
+def _probability(name: str, value: float) -> float:
+    value = _finite(name, value)
+    if value > 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return value
+
+
+@register_gate("keep")
+class KeepGate(SkipGate):
+    """Identity: the skip passes unchanged (the stock UNet)."""
+
+    def gate_skip(self, skip, state):
+        return skip
+
+
+@register_gate("zero")
+class ZeroGate(SkipGate):
+    """The skip tensor is replaced by zeros: same parameters and compute as ``keep``."""
+
+    def gate_skip(self, skip, state):
+        return torch.zeros_like(skip)
+
+
+@register_gate("remove")
+class RemoveGate(SkipGate):
+    """Structural removal: the receiving resnet is built for the backbone channels only.
+
+    The gate returns an empty (B, 0, H, W) skip, so the block's ``torch.cat`` yields the backbone
+    features alone. Only :class:`~skipdiff.unet.SkipUNet2DModel` can rebuild resnets; applying
+    ``remove`` to an existing UNet is refused (use ``zero``).
+    """
+
+    removes_skip = True
+
+    def gate_skip(self, skip, state):
+        return skip[:, :0]
+
+
+@register_gate("scale")
+class ScaleGate(SkipGate):
+    """Multiply the skip by a constant (ScaleLong's CS, the 1/sqrt(2) practice).
+
+    GroupNorm caveat: the receiving resnet normalises [main, skip] per group, which cancels a
+    constant scale wherever a group lies wholly inside the skip channels.
+    """
+
+    def __init__(self, info: SkipInfo, factor: float = 1.0 / math.sqrt(2.0)):
+        super().__init__(info)
+        self.factor = _finite("scale factor", factor)
+
+    def gate_skip(self, skip, state):
+        return skip * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:.4g}"
+
+
+@register_gate("learned")
+class LearnedScalarGate(SkipGate):
+    """A learnable scalar on the skip; ``init=0`` is ReZero/SkipInit style, ``init=1`` the identity."""
+
+    def __init__(self, info: SkipInfo, init: float = 1.0):
+        super().__init__(info)
+        self.alpha = nn.Parameter(torch.tensor(_finite("learned init", init, minimum=None)))
+
+    def gate_skip(self, skip, state):
+        return skip * self.alpha.to(skip.dtype)
+
+    def telemetry(self):
+        return {"alpha": float(self.alpha.detach())}
+
+
+@register_gate("learned_channel")
+class LearnedChannelGate(SkipGate):
+    """Per-channel learned scaling of the skip.
+
+    ``form="vector"``: a learnable vector (C_skip,) initialised to ``init``.
+    ``form="se"``: ScaleLong's LS module as squeeze-excitation over channels: spatial mean ->
+    Linear(C, C/r) -> ReLU -> Linear(C/r, C) -> sigmoid, a per-example, per-channel coefficient in
+    (0, 1).
+    """
+
+    def __init__(self, info: SkipInfo, form: str = "vector", init: float = 1.0, reduction: int = 16):
+        super().__init__(info)
+        if form not in ("vector", "se"):
+            raise ValueError(f"learned_channel form must be 'vector' or 'se', got {form!r}")
+        self.form = form
+        channels = info.skip_channels
+        if form == "vector":
+            init = _finite("learned_channel init", init, minimum=None)
+            self.weight = nn.Parameter(torch.full((channels,), init))
+        else:
+            reduction = int(reduction)
+            if reduction < 1:
+                raise ValueError(f"learned_channel reduction must be >= 1, got {reduction}")
+            hidden = max(1, channels // reduction)
+            self.squeeze = nn.Sequential(
+                nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid()
+            )
+
+    def gate_skip(self, skip, state):
+        if self.form == "vector":
+            return skip * self.weight.to(skip.dtype)[None, :, None, None]
+        coefficient = self.squeeze(skip.mean(dim=(2, 3)))  # (B, C_skip)
+        return skip * coefficient[:, :, None, None]
+
+    def telemetry(self):
+        if self.form == "vector":
+            return {"mean_weight": float(self.weight.detach().mean())}
+        return {}
+
+
+@register_gate("fourier")
+class FourierGate(SkipGate):
+    """FreeU (Si et al., CVPR 2024), as diffusers implements it.
+
+    The first half of the backbone channels is multiplied by ``backbone`` (b) and the skip's lowest
+    Fourier frequencies (a (2*threshold)^2 window around DC) by ``skip`` (s). Uses diffusers'
+    own ``fourier_filter`` so the result matches ``enable_freeu``.
+    """
+
+    def __init__(self, info: SkipInfo, backbone: float = 1.0, skip: float = 1.0, threshold: int = 1):
+        super().__init__(info)
+        self.backbone = _finite("fourier backbone factor", backbone)
+        self.skip = _finite("fourier skip factor", skip)
+        self.threshold = int(threshold)
+        if self.threshold < 1:
+            raise ValueError(f"fourier threshold must be >= 1, got {threshold}")
+
+    def forward(self, main, skip, state=None):
+        half = main.shape[1] // 2
+        main = torch.cat([main[:, :half] * self.backbone, main[:, half:]], dim=1)
+        return main, fourier_filter(skip, threshold=self.threshold, scale=self.skip)
+
+    def extra_repr(self) -> str:
+        return f"backbone={self.backbone:.4g}, skip={self.skip:.4g}, threshold={self.threshold}"
+
+
+class StochasticGate(SkipGate):
+    """A per-example gate: the skip of example b is multiplied by ``state[b]``.
+
+    The router samples the state once per forward: in training from the global torch RNG (which
+    Accelerate checkpoints, so resumed runs continue the same stream), at inference according to
+    the router's ``inference`` mode (``expected``: the keep probability; ``sample``: seeded draws).
+    With ``rescale=True`` a kept skip is divided by its keep probability (inverted dropout), so the
+    expected skip equals the kept one.
+    """
+
+    stochastic = True
+
+    def __init__(self, info: SkipInfo, rescale: bool = False):
+        super().__init__(info)
+        self.rescale = _as_bool("rescale", rescale)
+
+    def gate_skip(self, skip, state):
+        if state is None:
+            raise RuntimeError(f"stochastic skip {self.info.index} got no sampled state")
+        return skip * state.to(skip.dtype)[:, None, None, None]
+
+
+@register_gate("bernoulli")
+class BernoulliGate(StochasticGate):
+    """Stochastic depth for skips: open with a fixed probability ``p``, independently per example."""
+
+    def __init__(self, info: SkipInfo, p: float = 0.8, rescale: bool = False):
+        super().__init__(info, rescale=rescale)
+        self.p = _probability("bernoulli p", p)
+
+    def keep_probability(self) -> float:
+        return self.p
+
+    def telemetry(self):
+        return {"p_open": self.p}
+
+
+@register_gate("markov")
+class MarkovGate(StochasticGate):
+    """Open or closed according to a Markov chain along the decoder (see :mod:`skipdiff.markov`).
+
+    The gate itself only applies the state; the chain that samples the states of all ``markov``
+    skips jointly lives in the router, because skip k's state depends on skip k-1's.
+    """
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Specification parsing
+# --------------------------------------------------------------------------------------------------
+
+PresetFn = Callable[..., list[dict]]
+PRESETS: dict[str, PresetFn] = {}
+
+
+def register_preset(name: str) -> Callable[[PresetFn], PresetFn]:
+    """Function decorator: ``fn(skips: list[SkipInfo], **options) -> list[dict]`` under ``name``."""
+
+    def decorator(fn: PresetFn) -> PresetFn:
+        if name in PRESETS:
+            raise ValueError(f"skip preset {name!r} is already registered")
+        PRESETS[name] = fn
+        return fn
+
+    return decorator
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _gate_parameters(mode: str) -> list[str]:
+    import inspect
+
+    names = list(inspect.signature(GATES[mode].__init__).parameters)
+    return [n for n in names if n not in ("self", "info")]
+
+
+def parse_entry(entry: str | dict) -> dict:
+    """Parse one skip entry (``"scale:0.5"`` or ``{"mode": "scale", "factor": 0.5}``) to a dict.
+
+    The mode must be registered and every option must be one of its gate's parameters.
+    """
+    if isinstance(entry, dict):
+        if "mode" not in entry:
+            raise ValueError(f"skip entry {entry!r} has no 'mode'")
+        parsed = dict(entry)
+    elif isinstance(entry, str):
+        head, *options = [part.strip() for part in entry.strip().split(":")]
+        parsed = {"mode": head}
+        positional = _gate_parameters(head)[:1] if head in GATES else []
+        for i, option in enumerate(options):
+            if "=" in option:
+                key, value = option.split("=", 1)
+                parsed[key.strip()] = _parse_value(value.strip())
+            elif i == 0 and positional:
+                parsed[positional[0]] = _parse_value(option)
+            else:
+                raise ValueError(f"cannot read option {option!r} of skip entry {entry!r}")
+    else:
+        raise ValueError(f"a skip entry must be a string or a dict, got {entry!r}")
+    mode = parsed["mode"]
+    if mode not in GATES:
+        raise ValueError(f"unknown skip mode {mode!r}; known modes: {sorted(GATES)}")
+    unknown = set(parsed) - {"mode"} - set(_gate_parameters(mode))
+    if unknown:
+        raise ValueError(
+            f"skip mode {mode!r} has no option(s) {sorted(unknown)}; it takes {_gate_parameters(mode)}"
+        )
+    return parsed
+
+
+def resolve_spec(spec: SkipSpec | None, skips: Sequence[SkipInfo]) -> list[dict]:
+    """Resolve a specification to one entry dict per skip (validated by building every gate)."""
+    count = len(skips)
+    if spec is None:
+        spec = "full"
+    if isinstance(spec, str):
+        text = spec.strip()
+        if "," in text:
+            entries = [parse_entry(part) for part in text.split(",")]
+        else:
+            name = text.partition(":")[0]
+            if name in PRESETS:
+                options = _preset_options(text)
+                entries = PRESETS[name](list(skips), **options)
+            elif name in GATES:
+                entries = [parse_entry(text)] * count
+            else:
+                raise ValueError(
+                    f"unknown skip mode or preset {name!r}; modes: {sorted(GATES)}, presets: {sorted(PRESETS)}"
+                )
+    else:
+        entries = [parse_entry(e) for e in spec]
+    if len(entries) != count:
+        raise ValueError(f"the skip specification has {len(entries)} entries but the model has {count} skips")
+    resolved = [dict(e) for e in entries]
+    for info, entry in zip(skips, resolved, strict=True):
+        build_gate(entry, info)  # validates option values (NaN, negative, ...) before any work
+    return resolved
+
+
+def _preset_options(text: str) -> dict:
+    name, _, option_text = text.partition(":")
+    options: dict[str, Any] = {}
+    for option in filter(None, option_text.split(":")):
+        if "=" not in option:
+            raise ValueError(f"preset options are key=value, got {option!r} in {text!r}")
+        key, value = option.split("=", 1)
+        options[key.strip()] = _parse_value(value.strip())
+    return options
+
+
+def build_gate(entry: dict, info: SkipInfo) -> SkipGate:
+    """Instantiate the gate an entry names for one skip."""
+    entry = parse_entry(entry)
+    options = {k: v for k, v in entry.items() if k != "mode"}
+    return GATES[entry["mode"]](info, **options)
+
+
+def format_entry(entry: dict) -> str:
+    """The short string form of an entry, e.g. ``scale:factor=0.5``."""
+    options = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "mode"
+    ]
+    return ":".join([entry["mode"], *options])
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets (each: skips in decoder order -> one entry per skip)
+# --------------------------------------------------------------------------------------------------
+
+
+def _all(mode: str, **options) -> PresetFn:
+    def preset(skips: list[SkipInfo]) -> list[dict]:
+        return [{"mode": mode, **options} for _ in skips]
+
+    return preset
+
+
+register_preset("full")(_all("keep"))
+register_preset("none")(_all("zero"))
+register_preset("removed")(_all("remove"))
+register_preset("inv-sqrt2")(_all("scale", factor=1.0 / math.sqrt(2.0)))
+register_preset("rezero")(_all("learned", init=0.0))
+register_preset("learned")(_all("learned", init=1.0))
+register_preset("markov")(_all("markov"))
+
+
+@register_preset("stochastic-depth")
+def stochastic_depth(skips: list[SkipInfo], p: float = 0.8, rescale: bool = False) -> list[dict]:
+    """Independent Bernoulli gates with keep probability ``p`` (Huang et al., 2016)."""
+    return [{"mode": "bernoulli", "p": p, "rescale": rescale} for _ in skips]
+
+
+@register_preset("scalelong")
+def scalelong(skips: list[SkipInfo], kappa: float = 0.7) -> list[dict]:
+    """ScaleLong CS: skip k (decoder order, 0 = innermost) is scaled by kappa^(K-1-k).
+
+    The innermost skip is scaled most and the outermost by 1 (Huang et al., NeurIPS 2023).
+    """
+    kappa = _finite("scalelong kappa", kappa)
+    if not 0.0 < kappa <= 1.0:
+        raise ValueError(f"scalelong kappa must lie in (0, 1], got {kappa}")
+    count = len(skips)
+    return [{"mode": "scale", "factor": kappa ** (count - 1 - s.index)} for s in skips]
+
+
+@register_preset("freeu")
+def freeu(
+    skips: list[SkipInfo], b1: float = 1.5, b2: float = 1.6, s1: float = 0.9, s2: float = 0.2
+) -> list[dict]:
+    """FreeU on the first two up blocks (defaults: the SD1.5 recommendation); other skips kept."""
+    factors = {0: (b1, s1), 1: (b2, s2)}
+    return [
+        {"mode": "fourier", "backbone": factors[s.up_block][0], "skip": factors[s.up_block][1]}
+        if s.up_block in factors
+        else {"mode": "keep"}
+        for s in skips
+    ]
+
+
+@register_preset("outer-only")
+def outer_only(skips: list[SkipInfo]) -> list[dict]:
+    """Keep the skips at the highest resolution (the outermost level), zero the rest."""
+    top = max(s.resolution for s in skips)
+    return [{"mode": "keep" if s.resolution == top else "zero"} for s in skips]
+
+
+@register_preset("inner-only")
+def inner_only(skips: list[SkipInfo]) -> list[dict]:
+    """Keep the skips at the lowest resolution (the innermost level), zero the rest."""
+    bottom = min(s.resolution for s in skips)
+    return [{"mode": "keep" if s.resolution == bottom else "zero"} for s in skips]

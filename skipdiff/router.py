@@ -1,0 +1,244 @@
+"""The one place where long skips meet the decoder.
+
+Every up block of a diffusers UNet runs, for each of its resnets,
+``hidden = torch.cat([hidden, skips.pop()], dim=1); hidden = resnet(hidden, temb)``.
+:class:`SkipRouter` registers a forward pre-hook on each of those resnets: it splits the
+concatenated input back into (backbone, skip), passes both through the skip's gate and
+concatenates again. The UNet's own forward is untouched, so the same router works on
+``UNet2DModel``, ``UNet2DConditionModel`` and :class:`~skipdiff.unet.SkipUNet2DModel`, and a
+``keep`` gate costs nothing (its hook returns at once).
+
+A second pre-hook on the UNet itself samples the per-example states of stochastic gates once per
+forward pass, so that a Markov chain can sample all skips of an example jointly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .gates import SkipInfo, SkipSpec, build_gate, format_entry, resolve_spec
+from .markov import MarkovChain
+
+INFERENCE_MODES = ("expected", "map", "sample")
+
+
+def discover_skips(unet: nn.Module) -> list[SkipInfo]:
+    """List the long skips of a diffusers UNet in decoder (consumption) order.
+
+    Works for any UNet whose forward collects ``down_block_res_samples`` as diffusers does:
+    ``conv_in``'s output, then every down resnet's output and every downsampler's output; the
+    decoder consumes them in reverse.
+    """
+    sources: list[tuple[str, int]] = [("conv_in", unet.conv_in.out_channels)]
+    for b, block in enumerate(unet.down_blocks):
+        for r, resnet in enumerate(block.resnets):
+            sources.append((f"down_blocks.{b}.resnets.{r}", resnet.out_channels))
+        for d, sampler in enumerate(block.downsamplers or []):
+            sources.append((f"down_blocks.{b}.downsamplers.{d}", sampler.out_channels))
+
+    sample_size = unet.config.sample_size
+    height = sample_size[0] if isinstance(sample_size, list | tuple) else (sample_size or 0)
+    height //= 2 ** sum(1 for block in unet.down_blocks if block.downsamplers)
+
+    main_channels = unet.mid_block.resnets[-1].out_channels if unet.mid_block is not None else None
+    skips: list[SkipInfo] = []
+    for b, block in enumerate(unet.up_blocks):
+        for r, resnet in enumerate(block.resnets):
+            if main_channels is None:  # no mid block: the last down block's output is the input
+                main_channels = sources[-1][1]
+            source, channels = sources[-1 - len(skips)]
+            # A resnet rebuilt for ``remove`` takes the backbone channels alone.
+            if resnet.in_channels not in (main_channels + channels, main_channels):
+                raise ValueError(
+                    f"up_blocks.{b}.resnets.{r} takes {resnet.in_channels} channels, expected "
+                    f"{main_channels} (backbone) + {channels} (skip from {source}); unsupported UNet layout"
+                )
+            skips.append(SkipInfo(len(skips), b, r, source, height, channels, main_channels))
+            main_channels = resnet.out_channels
+        if block.upsamplers:
+            height *= 2
+    if len(skips) != len(sources):
+        raise ValueError(f"the decoder consumes {len(skips)} skips but the encoder makes {len(sources)}")
+    return skips
+
+
+class _ResnetHook:
+    """Forward pre-hook on the resnet that receives skip ``index``: gate (backbone, skip)."""
+
+    def __init__(self, router: SkipRouter, index: int):
+        self.router, self.index = router, index
+
+    def __call__(self, module, args, kwargs):
+        router, index = self.router, self.index
+        gate = router.gates[index]
+        if gate.mode == "keep" and not router.record_norms:
+            return None
+        hidden, *rest = args
+        split = router.skips[index].main_channels
+        main, skip = hidden[:, :split], hidden[:, split:]
+        main, skip = gate(main, skip, router.states.get(index))
+        if router.record_norms:
+            router.norms[index] = (main.detach().float().norm(), skip.detach().float().norm())
+        return (torch.cat([main, skip], dim=1), *rest), kwargs
+
+
+class SkipRouter(nn.Module):
+    """Holds one gate per long skip (and the Markov chain, if any) and hooks them into a UNet.
+
+    Args:
+        skips: the UNet's skips, from :func:`discover_skips`.
+        spec: a skip specification (see :mod:`skipdiff.gates`).
+        markov: options of the Markov chain shared by all ``markov`` gates (``p_init``, ...).
+    """
+
+    def __init__(self, skips: list[SkipInfo], spec: SkipSpec | None = "full", markov: dict | None = None):
+        super().__init__()
+        self.skips = list(skips)
+        self.entries = resolve_spec(spec, self.skips)
+        self.gates = nn.ModuleList(
+            build_gate(e, info) for e, info in zip(self.entries, self.skips, strict=True)
+        )
+        self.markov_indices = [g.info.index for g in self.gates if g.mode == "markov"]
+        self.chain = MarkovChain(len(self.markov_indices), **(markov or {})) if self.markov_indices else None
+        self.inference = "expected"
+        self.inference_generator: torch.Generator | None = None
+        self.states: dict[int, torch.Tensor] = {}  # per-example state of each stochastic gate, this forward
+        self.record_norms = False
+        self.norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list = []
+
+    # ---- hooking into a UNet -------------------------------------------------------------------
+
+    def attach(self, unet: nn.Module) -> SkipRouter:
+        """Register the hooks on ``unet``; returns self so that ``detach()`` can undo it."""
+        if self._handles:
+            raise RuntimeError("this SkipRouter is already attached; call detach() first")
+        self._handles.append(unet.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        for info in self.skips:
+            resnet = unet.up_blocks[info.up_block].resnets[info.layer]
+            self._handles.append(
+                resnet.register_forward_pre_hook(_ResnetHook(self, info.index), with_kwargs=True)
+            )
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this router registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    # ---- stochastic gates ----------------------------------------------------------------------
+
+    def set_inference(self, mode: str, seed: int | None = None) -> None:
+        """How stochastic gates behave in eval mode: ``expected``, ``map`` or ``sample`` (seeded)."""
+        if mode not in INFERENCE_MODES:
+            raise ValueError(f"unknown inference mode {mode!r}; choose from {INFERENCE_MODES}")
+        self.inference = mode
+        self.inference_generator = torch.Generator().manual_seed(seed or 0) if mode == "sample" else None
+
+    def _begin_forward(self, unet, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.states = self.sample_states(sample.shape[0], sample.device)
+        self.norms = {}
+        return None
+
+    def sample_states(self, batch_size: int, device: torch.device) -> dict[int, torch.Tensor]:
+        """Per-example states (B,) of every stochastic gate for one forward pass.
+
+        Training draws 0/1 states from the global torch RNG; eval mode follows ``self.inference``.
+        Rescaling (inverted dropout) divides a kept skip by its keep probability.
+        """
+        stochastic = [g for g in self.gates if g.stochastic]
+        if not stochastic:
+            return {}
+        keep = self.keep_probabilities()
+        if self.training or self.inference == "sample":
+            generator = None if self.training else self.inference_generator
+            draws = torch.rand(batch_size, len(self.gates), generator=generator)
+            states = {g.info.index: (draws[:, g.info.index] < keep[g.info.index]).float() for g in stochastic}
+            if self.chain is not None:
+                path = self.chain.sample(batch_size, generator)
+                states.update({k: path[:, j].cpu() for j, k in enumerate(self.markov_indices)})
+        elif self.inference == "map":
+            states = {
+                g.info.index: torch.full((batch_size,), float(keep[g.info.index] >= 0.5)) for g in stochastic
+            }
+            if self.chain is not None:
+                path = self.chain.map_path()
+                states.update(
+                    {k: path[j].expand(batch_size).cpu() for j, k in enumerate(self.markov_indices)}
+                )
+        else:  # expected: each gate is its marginal keep probability
+            states = {g.info.index: torch.full((batch_size,), keep[g.info.index]) for g in stochastic}
+        for gate in stochastic:
+            if gate.rescale:
+                states[gate.info.index] = states[gate.info.index] / max(keep[gate.info.index], 1e-6)
+        return {k: v.to(device) for k, v in states.items()}
+
+    def keep_probabilities(self) -> list[float]:
+        """P(open) of every skip: 1 for deterministic gates, p for Bernoulli, marginals for Markov."""
+        keep = [1.0] * len(self.gates)
+        for gate in self.gates:
+            if gate.mode == "bernoulli":
+                keep[gate.info.index] = gate.p
+        if self.chain is not None:
+            for j, p in zip(self.markov_indices, self.chain.marginals().tolist(), strict=True):
+                keep[j] = p
+        return keep
+
+    def recommended_spec(self) -> list[dict]:
+        """The deterministic configuration this router recommends: stochastic gates under ``map``."""
+        keep = self.keep_probabilities()
+        if self.chain is not None:
+            for j, state in zip(self.markov_indices, self.chain.map_path().tolist(), strict=True):
+                keep[j] = state
+        return [
+            {"mode": "keep" if keep[g.info.index] >= 0.5 else "zero"} if g.stochastic else dict(e)
+            for g, e in zip(self.gates, self.entries, strict=True)
+        ]
+
+    # ---- reporting -----------------------------------------------------------------------------
+
+    def describe(self) -> list[dict]:
+        """One dict per skip: index, receiving resnet, source, resolution, channels, mode."""
+        keep = self.keep_probabilities()
+        return [
+            {
+                **dataclasses.asdict(info),
+                "gate": format_entry(entry),
+                "p_open": keep[info.index],
+            }
+            for info, entry in zip(self.skips, self.entries, strict=True)
+        ]
+
+    def telemetry(self) -> dict[str, float]:
+        """Flat scalars for logs: every gate's own telemetry and P(open) of stochastic skips."""
+        out: dict[str, float] = {}
+        for gate in self.gates:
+            for key, value in gate.telemetry().items():
+                out[f"skip{gate.info.index}/{key}"] = value
+        if self.chain is not None:
+            for j, p in zip(self.markov_indices, self.chain.marginals().tolist(), strict=True):
+                out[f"skip{j}/p_open"] = p
+        return out
+
+
+def format_skip_table(rows: list[dict]) -> str:
+    """A fixed-width text table of :meth:`SkipRouter.describe` rows."""
+    header = (
+        f"{'skip':>4}  {'up block.resnet':<15} {'source':<28} {'res':>4} {'skip ch':>7} {'main ch':>7}  gate"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['index']:>4}  {row['up_block']}.{row['layer']:<13} {row['source']:<28} {row['resolution']:>4} "
+            f"{row['skip_channels']:>7} {row['main_channels']:>7}  {row['gate']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""``SkipUNet2DModel``: diffusers' ``UNet2DModel`` with a skip specification in its config.
+
+The backbone is diffusers' own; skipdiff adds, per long skip, a gate (see :mod:`skipdiff.gates`)
+applied by a :class:`~skipdiff.router.SkipRouter`, and a switch for the residual shortcut inside
+the resnet blocks of the down path, the mid block and the up path. Both live in the config, so a
+variant round-trips through ``save_pretrained`` / ``from_pretrained`` like any diffusers model.
+
+Skips are indexed in the order the decoder consumes them: skip 0 is the innermost (lowest
+resolution, first up block's first resnet), skip K-1 the outermost (``conv_in``'s output, received
+by the last resnet of the last up block). ``model.describe_skips()`` lists them.
+
+:func:`apply_skip_spec` puts the same gates on an existing ``UNet2DModel`` or
+``UNet2DConditionModel`` (Stable Diffusion's) without touching its weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import ModelMixin, UNet2DModel  # noqa: F401  (ModelMixin: see the note in __init__.py)
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from .gates import SkipSpec
+from .router import SkipRouter, discover_skips, format_skip_table
+
+SHORTCUT_PARTS = ("down", "mid", "up")
+
+
+class ZeroShortcut(nn.Module):
+    """Stands in for a resnet's shortcut branch to disable it: the block then outputs only its
+    residual branch, ``(0 + F(x)) / output_scale_factor``.
+
+    ``ResnetBlock2D`` computes ``(shortcut(x) + F(x)) / s`` with ``shortcut`` the identity or its
+    ``conv_shortcut``; setting ``conv_shortcut`` to this module reuses diffusers' forward unchanged.
+    """
+
+    def __init__(self, out_channels: int):
+        super().__init__()
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], self.out_channels, *x.shape[2:])
+
+
+def resolve_shortcuts(residual_shortcuts: dict | bool | None) -> dict[str, bool]:
+    """``{"down": bool, "mid": bool, "up": bool}`` from a dict, one bool for all, or None (all on)."""
+    if residual_shortcuts is None or residual_shortcuts is True:
+        return {part: True for part in SHORTCUT_PARTS}
+    if residual_shortcuts is False:
+        return {part: False for part in SHORTCUT_PARTS}
+    if not isinstance(residual_shortcuts, dict):
+        raise ValueError(f"residual_shortcuts must be a dict, a bool or None, got {residual_shortcuts!r}")
+    unknown = set(residual_shortcuts) - set(SHORTCUT_PARTS)
+    if unknown:
+        raise ValueError(f"residual_shortcuts has unknown part(s) {sorted(unknown)}; parts: {SHORTCUT_PARTS}")
+    resolved = {part: residual_shortcuts.get(part, True) for part in SHORTCUT_PARTS}
+    for part, value in resolved.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"residual_shortcuts[{part!r}] must be true or false, got {value!r}")
+    return resolved
+
+
+def _resnets_of(unet: nn.Module, part: str) -> list[ResnetBlock2D]:
+    blocks = {
+        "down": unet.down_blocks,
+        "mid": [unet.mid_block] if unet.mid_block is not None else [],
+        "up": unet.up_blocks,
+    }[part]
+    return [m for block in blocks for m in block.modules() if isinstance(m, ResnetBlock2D)]
+
+
+def _resnet_without_skip(resnet: ResnetBlock2D, main_channels: int, act_fn: str) -> ResnetBlock2D:
+    """A resnet like ``resnet`` but taking only the backbone's ``main_channels`` as input."""
+    groups = resnet.norm1.num_groups
+    if main_channels % groups:
+        raise ValueError(
+            f"cannot remove a skip: the backbone's {main_channels} channels do not divide into "
+            f"norm_num_groups={groups}"
+        )
+    return ResnetBlock2D(
+        in_channels=main_channels,
+        out_channels=resnet.out_channels,
+        temb_channels=resnet.time_emb_proj.in_features if resnet.time_emb_proj is not None else None,
+        eps=resnet.norm1.eps,
+        groups=groups,
+        groups_out=resnet.norm2.num_groups,
+        dropout=resnet.dropout.p,
+        time_embedding_norm=resnet.time_embedding_norm,
+        non_linearity=act_fn,
+        output_scale_factor=resnet.output_scale_factor,
+        skip_time_act=resnet.skip_time_act,
+        pre_norm=True,
+    )
+
+
+class SkipUNet2DModel(UNet2DModel):
+    r"""A ``UNet2DModel`` whose long skips and residual shortcuts are controlled by its config.
+
+    Takes every argument of ``UNet2DModel`` plus:
+
+    Args:
+        skips: the skip specification: a preset name (``"full"``, ``"none"``, ``"scalelong"``,
+            ``"freeu"``, ``"outer-only"``, ``"inner-only"``, ...), one mode for all skips
+            (``"zero"``, ``"scale:0.7"``), or one entry per skip. Stored resolved, one dict per skip.
+        residual_shortcuts: ``{"down": bool, "mid": bool, "up": bool}``; ``False`` disables the
+            shortcut of every resnet block in that part (for vanishing-gradient studies).
+        markov: options of the Markov chain used by ``markov`` gates (see :mod:`skipdiff.markov`).
+    """
+
+    # Every parameter is spelled out: from_pretrained reads this signature and drops unknown keys.
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        center_input_sample: bool = False,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        freq_shift: int = 0,
+        flip_sin_to_cos: bool = True,
+        down_block_types: tuple[str, ...] = (
+            "DownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+        ),
+        mid_block_type: str | None = "UNetMidBlock2D",
+        up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels: tuple[int, ...] = (224, 448, 672, 896),
+        layers_per_block: int = 2,
+        mid_block_scale_factor: float = 1,
+        downsample_padding: int = 1,
+        downsample_type: str = "conv",
+        upsample_type: str = "conv",
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int = 32,
+        attn_norm_num_groups: int | None = None,
+        norm_eps: float = 1e-5,
+        resnet_time_scale_shift: str = "default",
+        add_attention: bool = True,
+        class_embed_type: str | None = None,
+        num_class_embeds: int | None = None,
+        num_train_timesteps: int | None = None,
+        skips: SkipSpec | None = "full",
+        residual_shortcuts: dict | None = None,
+        markov: dict | None = None,
+    ):
+        super().__init__(
+            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+            center_input_sample=center_input_sample, time_embedding_type=time_embedding_type,
+            time_embedding_dim=time_embedding_dim, freq_shift=freq_shift, flip_sin_to_cos=flip_sin_to_cos,
+            down_block_types=down_block_types, mid_block_type=mid_block_type, up_block_types=up_block_types,
+            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+            mid_block_scale_factor=mid_block_scale_factor, downsample_padding=downsample_padding,
+            downsample_type=downsample_type, upsample_type=upsample_type, dropout=dropout, act_fn=act_fn,
+            attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
+            attn_norm_num_groups=attn_norm_num_groups, norm_eps=norm_eps,
+            resnet_time_scale_shift=resnet_time_scale_shift, add_attention=add_attention,
+            class_embed_type=class_embed_type, num_class_embeds=num_class_embeds,
+            num_train_timesteps=num_train_timesteps,
+        )  # fmt: skip
+        shortcuts = resolve_shortcuts(residual_shortcuts)
+        self.skip_router = SkipRouter(discover_skips(self), skips, markov)
+        self._remove_skip_channels()
+        self._disable_shortcuts(shortcuts)
+        # Store the resolved forms, so that config.json says exactly what each skip does.
+        self.register_to_config(
+            skips=self.skip_router.entries, residual_shortcuts=shortcuts, markov=markov or {}
+        )
+        self.skip_router.attach(self)
+
+    def _remove_skip_channels(self) -> None:
+        for gate in self.skip_router.gates:
+            if gate.removes_skip:
+                info = gate.info
+                block = self.up_blocks[info.up_block]
+                block.resnets[info.layer] = _resnet_without_skip(
+                    block.resnets[info.layer], info.main_channels, self.config.act_fn
+                )
+
+    def _disable_shortcuts(self, shortcuts: dict[str, bool]) -> None:
+        for part, enabled in shortcuts.items():
+            if not enabled:
+                for resnet in _resnets_of(self, part):
+                    resnet.conv_shortcut = ZeroShortcut(resnet.out_channels)
+
+    # ---- inspection ----------------------------------------------------------------------------
+
+    def describe_skips(self) -> list[dict[str, Any]]:
+        """One dict per long skip, in decoder order: index, receiving ``up_block``/``layer``,
+        ``source`` module, ``resolution``, ``skip_channels``, ``main_channels``, ``gate``, ``p_open``."""
+        return self.skip_router.describe()
+
+    def skip_table(self) -> str:
+        """:meth:`describe_skips` as a printable table."""
+        return format_skip_table(self.describe_skips())
+
+    @property
+    def num_skips(self) -> int:
+        return len(self.skip_router.skips)
+
+
+def apply_skip_spec(unet: nn.Module, spec: SkipSpec, markov: dict | None = None) -> SkipRouter:
+    """Gate the long skips of an existing ``UNet2DModel`` or ``UNet2DConditionModel``.
+
+    For inference-time ablation (FreeU, ScaleLong scaling, zeroing a skip) of a trained or
+    pretrained UNet: its weights and state dict are untouched. Returns the attached router; call
+    ``router.detach()`` to restore the original behaviour. ``remove`` needs a rebuilt resnet and is
+    refused here (``zero`` has the same effect on the forward pass of an existing model).
+    """
+    if isinstance(unet, SkipUNet2DModel):
+        raise ValueError("this model already routes its skips; change its config's `skips` instead")
+    router = SkipRouter(discover_skips(unet), spec, markov)
+    removing = [g.info.index for g in router.gates if g.removes_skip]
+    if removing:
+        raise ValueError(
+            f"'remove' rebuilds resnets and cannot be applied to an existing UNet (skips {removing}); use 'zero'"
+        )
+    first_param = next(unet.parameters())
+    router.to(device=first_param.device, dtype=first_param.dtype)
+    router.train(unet.training)
+    return router.attach(unet)
