@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .gates import SkipInfo, SkipSpec, build_gate, format_entry, resolve_spec
-from .markov import MarkovChain
+from .markov import MarkovChain, check_options
 
 INFERENCE_MODES = ("expected", "map", "sample")
 
@@ -91,7 +91,12 @@ class SkipRouter(nn.Module):
     Args:
         skips: the UNet's skips, from :func:`discover_skips`.
         spec: a skip specification (see :mod:`skipdiff.gates`).
-        markov: options of the Markov chain shared by all ``markov`` gates (``p_init``, ...).
+        markov: options of the Markov chain shared by all ``markov`` gates (``p_init``, ``cost``,
+            ``temperature``, ...: see :class:`~skipdiff.markov.MarkovChain`). Unknown keys are refused
+            even when no skip is ``markov``.
+
+    Training with ``markov`` skips: after each training forward, call
+    :meth:`update_chain` with that forward's per-example losses.
     """
 
     def __init__(self, skips: list[SkipInfo], spec: SkipSpec | None = "full", markov: dict | None = None):
@@ -102,7 +107,9 @@ class SkipRouter(nn.Module):
             build_gate(e, info) for e, info in zip(self.entries, self.skips, strict=True)
         )
         self.markov_indices = [g.info.index for g in self.gates if g.mode == "markov"]
+        check_options(markov)
         self.chain = MarkovChain(len(self.markov_indices), **(markov or {})) if self.markov_indices else None
+        self.last_path: torch.Tensor | None = None  # (B, K_markov) 0/1 path of the last training forward
         self.inference = "expected"
         self.inference_generator: torch.Generator | None = None
         self.states: dict[int, torch.Tensor] = {}  # per-example state of each stochastic gate, this forward
@@ -153,7 +160,10 @@ class SkipRouter(nn.Module):
         """Per-example states (B,) of every stochastic gate for one forward pass.
 
         Training draws 0/1 states from the global torch RNG; eval mode follows ``self.inference``.
-        Rescaling (inverted dropout) divides a kept skip by its keep probability.
+        Rescaling (inverted dropout) divides a kept skip by its keep probability; for ``markov``
+        skips that is the marginal P(s_k = open), so E[s_k / P(s_k = open)] = 1 over the chain, and
+        ``expected`` inference (state = marginal) gives exactly 1. ``map`` and ``sample`` give 0 or
+        1 / P(open), the values the skip took in training.
         """
         stochastic = [g for g in self.gates if g.stochastic]
         if not stochastic:
@@ -164,7 +174,9 @@ class SkipRouter(nn.Module):
             draws = torch.rand(batch_size, len(self.gates), generator=generator)
             states = {g.info.index: (draws[:, g.info.index] < keep[g.info.index]).float() for g in stochastic}
             if self.chain is not None:
-                path = self.chain.sample(batch_size, generator)
+                path = self.chain.sample(batch_size, generator)  # (B, K_markov), unscaled 0/1
+                if self.training:
+                    self.last_path = path
                 states.update({k: path[:, j].cpu() for j, k in enumerate(self.markov_indices)})
         elif self.inference == "map":
             states = {
@@ -181,6 +193,24 @@ class SkipRouter(nn.Module):
             if gate.rescale:
                 states[gate.info.index] = states[gate.info.index] / max(keep[gate.info.index], 1e-6)
         return {k: v.to(device) for k, v in states.items()}
+
+    def update_chain(self, losses: torch.Tensor) -> None:
+        """Update the Markov chain from the per-example losses (B,) of the last training forward.
+
+        Uses the path sampled by that forward (:attr:`last_path`) and then forgets it, so one
+        forward feeds the chain once. Under ``torch.distributed`` every rank must call this each step.
+        """
+        if self.chain is None:
+            raise RuntimeError("update_chain needs markov skips; this router has none")
+        if self.last_path is None:
+            raise RuntimeError("update_chain needs a training-mode forward first (no sampled path is stored)")
+        if losses.shape != self.last_path.shape[:1]:
+            raise ValueError(
+                f"losses must have shape ({self.last_path.shape[0]},), one per example of the last "
+                f"training forward, got {tuple(losses.shape)}"
+            )
+        self.chain.update(self.last_path, losses)
+        self.last_path = None
 
     def keep_probabilities(self) -> list[float]:
         """P(open) of every skip: 1 for deterministic gates, p for Bernoulli, marginals for Markov."""
@@ -225,9 +255,23 @@ class SkipRouter(nn.Module):
             for key, value in gate.telemetry().items():
                 out[f"skip{gate.info.index}/{key}"] = value
         if self.chain is not None:
-            for j, p in zip(self.markov_indices, self.chain.marginals().tolist(), strict=True):
-                out[f"skip{j}/p_open"] = p
+            marginals = self.chain.marginals().tolist()
+            open_prob = self.chain.open_prob.tolist()
+            utility = self.chain.scaled_utility().tolist()
+            for m, j in enumerate(self.markov_indices):
+                out[f"skip{j}/p_open"] = marginals[m]
+                out[f"skip{j}/p_open_if_prev_closed"] = open_prob[m][0]
+                out[f"skip{j}/p_open_if_prev_open"] = open_prob[m][1]
+                out[f"skip{j}/utility_if_prev_closed"] = utility[m][0]
+                out[f"skip{j}/utility_if_prev_open"] = utility[m][1]
         return out
+
+    def markov_summary(self) -> dict | None:
+        """The chain's full state for JSON logs (:meth:`MarkovChain.state_summary`) with the UNet
+        skip index of each link; None without markov skips."""
+        if self.chain is None:
+            return None
+        return {"skips": list(self.markov_indices), **self.chain.state_summary()}
 
 
 def format_skip_table(rows: list[dict]) -> str:
