@@ -416,6 +416,12 @@ def _preset_options(text: str) -> dict:
             raise ValueError(f"preset options are key=value, got {option!r} in {text!r}")
         key, value = option.split("=", 1)
         options[key.strip()] = _parse_value(value.strip())
+    import inspect
+
+    accepted = list(inspect.signature(PRESETS[name]).parameters)[1:]  # after ``skips``
+    unknown = set(options) - set(accepted)
+    if unknown:
+        raise ValueError(f"skip preset {name!r} has no option(s) {sorted(unknown)}; it takes {accepted}")
     return options
 
 
@@ -439,9 +445,11 @@ def format_entry(entry: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _all(mode: str, **options) -> PresetFn:
-    def preset(skips: list[SkipInfo]) -> list[dict]:
-        return [{"mode": mode, **options} for _ in skips]
+def _all(mode: str, **defaults) -> PresetFn:
+    """A preset giving every skip the same gate; options (``markov:rescale=true``) go to the gate."""
+
+    def preset(skips: list[SkipInfo], **options) -> list[dict]:
+        return [parse_entry({"mode": mode, **defaults, **options}) for _ in skips]
 
     return preset
 

@@ -1,0 +1,57 @@
+"""The denoising objective shared by training and evaluation."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+
+def make_scheduler(num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDPMScheduler:
+    """The DDPM noise scheduler that drives training (and, converted, sampling)."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
+    )
+
+
+def training_target(scheduler: DDPMScheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet should output for the scheduler's ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023), as diffusers' training examples compute them."""
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped  # x0-prediction: weight min(SNR, gamma)
+
+
+def per_example_loss(
+    unet,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """MSE between the UNet's output and its target, one value per example (B,)."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, class_labels=class_labels).sample
+    target = training_target(scheduler, latents, noise, timesteps)
+    loss = (prediction.float() - target.float()).square().mean(dim=tuple(range(1, prediction.ndim)))
+    if snr_gamma is not None:
+        loss = loss * snr_weights(scheduler, timesteps, snr_gamma)
+    return loss

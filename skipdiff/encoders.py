@@ -1,0 +1,151 @@
+"""Pixel space vs latent space behind one interface (the training loop never asks which).
+
+``PixelEncoder`` is the identity; ``VaeEncoder`` wraps a frozen diffusers ``AutoencoderKL`` and
+owns the latent scaling (the only place in skipdiff that knows about it)::
+
+    z = (vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor
+    x = vae.decode(z / scaling_factor + shift_factor)
+
+The scaling factor of a VAE trained here is derived from the data (1 / std of the unscaled
+latents of the train split, :func:`data_scaling_factor`) and stored in the VAE's config.
+
+Both encoders read a batch either as pixels (``batch["pixel_values"]``) or, when latents were
+cached (:func:`cache_encoded`), as the latent distribution's parameters (``batch["latent_mean"]``,
+``batch["latent_std"]``), from which a fresh latent is sampled every step, exactly as encoding
+every step would.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+
+class PixelEncoder(nn.Module):
+    """Train in pixel space: latents are the images in [-1, 1]."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.downscale = 1
+
+    def latent_params(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pixels, torch.zeros_like(pixels)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def describe(self) -> dict:
+        return {"kind": "pixel", "channels": self.channels}
+
+
+class VaeEncoder(nn.Module):
+    """A frozen ``AutoencoderKL``; latents are scaled by the VAE config's ``scaling_factor``."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.channels = vae.config.latent_channels
+        self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def latent_params(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the scaled latent distribution of ``pixels`` (B, C, H, W) in [-1, 1]."""
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        mean = (dist.mean - self.shift_factor) * self.scaling_factor
+        return mean.float(), (dist.std * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents / self.scaling_factor + self.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+
+    def describe(self) -> dict:
+        return {
+            "kind": "vae",
+            "channels": self.channels,
+            "downscale": self.downscale,
+            "scaling_factor": self.scaling_factor,
+        }
+
+
+Encoder = PixelEncoder | VaeEncoder
+
+
+def batch_latents(encoder: Encoder, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A latent sample for every image of a batch (pixels or cached latent parameters)."""
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"], batch["latent_std"]
+    else:
+        mean, std = encoder.latent_params(batch["pixel_values"])
+    if not std.any():
+        return mean
+    noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean.device)
+    return mean + std * noise
+
+
+def load_encoder(vae: str | None, image_channels: int, cache_dir: str | None = None) -> Encoder:
+    """``None``/``"none"``: pixel space; otherwise a local folder or Hub id of an AutoencoderKL.
+
+    A folder may be a VAE itself or hold one in ``vae/`` (a skipdiff output or a Stable Diffusion
+    repository); the same goes for Hub ids (``subfolder="vae"`` is tried second).
+    """
+    if vae is None or str(vae).lower() == "none":
+        return PixelEncoder(image_channels)
+    model = _load_vae(str(vae), cache_dir)
+    if model.config.in_channels != image_channels:
+        raise ValueError(
+            f"the VAE {vae!r} takes {model.config.in_channels}-channel images but the dataset has "
+            f"{image_channels} channels"
+        )
+    return VaeEncoder(model)
+
+
+def _load_vae(path: str, cache_dir: str | None) -> AutoencoderKL:
+    from pathlib import Path
+
+    local = Path(path)
+    if local.exists():
+        if (local / "config.json").exists():
+            return AutoencoderKL.from_pretrained(local)
+        if (local / "vae" / "config.json").exists():
+            return AutoencoderKL.from_pretrained(local, subfolder="vae")
+        raise ValueError(
+            f"--vae {path!r} is a folder without an AutoencoderKL (no config.json or vae/config.json)"
+        )
+    errors = []
+    for subfolder in (None, "vae"):
+        try:
+            return AutoencoderKL.from_pretrained(path, subfolder=subfolder, cache_dir=cache_dir)
+        except (OSError, ValueError) as err:
+            errors.append(str(err).splitlines()[0])
+    raise ValueError(
+        f"could not load the VAE {path!r}: not a local folder, and the Hub could not serve it "
+        f"(offline, a typo, or a private repo?): {errors[-1]}"
+    )
+
+
+@torch.no_grad()
+def data_scaling_factor(vae: AutoencoderKL, loader) -> float:
+    """1 / std of the VAE's (unscaled) latent means over a data loader: unit-variance latents."""
+    values = [vae.encode(batch["pixel_values"]).latent_dist.mean.flatten() for batch in loader]
+    return float(1.0 / torch.cat(values).std())
+
+
+@torch.no_grad()
+def cache_encoded(encoder: Encoder, loader) -> dict[str, torch.Tensor]:
+    """Encode a whole split once: ``{"latent_mean", "latent_std"[, "labels"]}`` stacked tensors."""
+    means, stds, labels = [], [], []
+    for batch in loader:
+        mean, std = encoder.latent_params(batch["pixel_values"])
+        means.append(mean)
+        stds.append(std)
+        if "labels" in batch:
+            labels.append(batch["labels"])
+    out = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds)}
+    if labels:
+        out["labels"] = torch.cat(labels)
+    return out

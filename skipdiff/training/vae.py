@@ -1,0 +1,119 @@
+"""The VAE stage: train a diffusers ``AutoencoderKL`` (reconstruction + KL) and store the latent
+scaling factor derived from the data in its config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data import collate_images, image_channels, image_transform, load_image_splits, with_pixel_values
+from ..encoders import data_scaling_factor
+from ..presets import VAE_PRESETS, vae_config
+from .cli import option, to_json
+
+
+@dataclasses.dataclass
+class VaeOptions:
+    dataset: str = option("digits", "built-in dataset (used unless --dataset_name or --train_data_dir)")
+    dataset_name: str | None = option(None, "a Hub dataset id (needs internet)")
+    train_data_dir: str | None = option(None, "a local folder of images")
+    image_column: str = option("image", "column holding the images")
+    resolution: int = option(16, "image size")
+    split_seed: int = option(0, "seed of the deterministic train/test split")
+    preset: str = option("digits", f"architecture: {', '.join(VAE_PRESETS)}")
+    kl_weight: float = option(1e-5, "weight of the KL term against the pixel MSE")
+    learning_rate: float = option(2e-3, "AdamW learning rate (cosine decay)")
+    train_batch_size: int = option(64, "batch size")
+    max_train_steps: int = option(400, "optimizer steps")
+    seed: int = option(0, "seed of weights and data order")
+    num_threads: int | None = option(None, "torch CPU threads")
+    output_dir: str = option("runs/vae-digits-16", "where the AutoencoderKL is saved (save_pretrained)")
+    dry_run: bool = option(False, "print the resolved options and exit")
+
+    def validate(self) -> None:
+        for name in ("resolution", "train_batch_size", "max_train_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
+            raise ValueError(f"--kl_weight must be >= 0, got {self.kl_weight}")
+        if self.preset not in VAE_PRESETS:
+            raise ValueError(f"unknown VAE preset {self.preset!r}; presets: {sorted(VAE_PRESETS)}")
+
+
+def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> dict:
+    """Train, derive the scaling factor, save; returns the metrics written to ``vae_metrics.json``."""
+    if options.num_threads:
+        torch.set_num_threads(options.num_threads)
+    accelerator = accelerator or Accelerator()
+    set_seed(options.seed)
+    splits = load_image_splits(options.dataset, dataset_name=options.dataset_name,
+                               train_data_dir=options.train_data_dir, image_column=options.image_column,
+                               split_seed=options.split_seed)  # fmt: skip
+    channels = image_channels(splits)
+    vae = AutoencoderKL(**vae_config(options.preset, channels))
+    transform = image_transform(options.resolution, channels)
+    train = with_pixel_values(splits["train"], transform)
+    test = with_pixel_values(splits["test"], transform)
+    generator = torch.Generator().manual_seed(options.seed)
+    loader = DataLoader(train, batch_size=options.train_batch_size, shuffle=True, drop_last=True,
+                        collate_fn=collate_images, generator=generator)  # fmt: skip
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=options.learning_rate)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, options.learning_rate, total_steps=options.max_train_steps,
+                                                   pct_start=0.05)  # fmt: skip
+    vae, optimizer, loader = accelerator.prepare(vae, optimizer, loader)
+    start, step = time.perf_counter(), 0
+    progress = tqdm(total=options.max_train_steps, desc="vae", disable=not accelerator.is_main_process)
+    while step < options.max_train_steps:
+        for batch in loader:
+            pixels = batch["pixel_values"]
+            posterior = accelerator.unwrap_model(vae).encode(pixels).latent_dist
+            reconstruction = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
+            mse = torch.nn.functional.mse_loss(reconstruction, pixels)
+            loss = mse + options.kl_weight * posterior.kl().mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            step += 1
+            progress.update(1)
+            progress.set_postfix(mse=f"{mse.item():.4f}")
+            if step >= options.max_train_steps:
+                break
+    progress.close()
+    vae = accelerator.unwrap_model(vae).eval()
+    eval_loader = DataLoader(test, batch_size=256, collate_fn=collate_images)
+    metrics = {
+        "test_mse": _reconstruction_mse(vae, eval_loader),
+        "train_seconds": time.perf_counter() - start,
+    }
+    scaling = data_scaling_factor(vae, DataLoader(train, batch_size=256, collate_fn=collate_images))
+    vae.register_to_config(scaling_factor=scaling)
+    metrics["scaling_factor"] = scaling
+    if accelerator.is_main_process:
+        out = Path(options.output_dir)
+        vae.save_pretrained(out)
+        (out / "vae_metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "training_options.json").write_text(to_json(options))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+@torch.no_grad()
+def _reconstruction_mse(vae: AutoencoderKL, loader) -> float:
+    total, count = 0.0, 0
+    for batch in loader:
+        pixels = batch["pixel_values"]
+        reconstruction = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        total += float(torch.nn.functional.mse_loss(reconstruction, pixels, reduction="sum"))
+        count += pixels.numel()
+    return total / count
