@@ -418,8 +418,10 @@ def _preset_options(text: str) -> dict:
         options[key.strip()] = _parse_value(value.strip())
     import inspect
 
-    accepted = list(inspect.signature(PRESETS[name]).parameters)[1:]  # after ``skips``
-    unknown = set(options) - set(accepted)
+    parameters = list(inspect.signature(PRESETS[name]).parameters.values())[1:]  # after ``skips``
+    accepted = [p.name for p in parameters]
+    # A preset taking **options passes them to its gate, whose parse_entry names unknown keys.
+    unknown = set() if any(p.kind is p.VAR_KEYWORD for p in parameters) else set(options) - set(accepted)
     if unknown:
         raise ValueError(f"skip preset {name!r} has no option(s) {sorted(unknown)}; it takes {accepted}")
     return options

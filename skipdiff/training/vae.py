@@ -70,16 +70,15 @@ def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> di
     optimizer = torch.optim.AdamW(vae.parameters(), lr=options.learning_rate)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, options.learning_rate, total_steps=options.max_train_steps,
                                                    pct_start=0.05)  # fmt: skip
-    vae, optimizer, loader = accelerator.prepare(vae, optimizer, loader)
+    model, optimizer, loader = accelerator.prepare(_AutoencoderWithKL(vae), optimizer, loader)
     start, step = time.perf_counter(), 0
     progress = tqdm(total=options.max_train_steps, desc="vae", disable=not accelerator.is_main_process)
     while step < options.max_train_steps:
         for batch in loader:
             pixels = batch["pixel_values"]
-            posterior = accelerator.unwrap_model(vae).encode(pixels).latent_dist
-            reconstruction = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
+            reconstruction, kl = model(pixels)
             mse = torch.nn.functional.mse_loss(reconstruction, pixels)
-            loss = mse + options.kl_weight * posterior.kl().mean()
+            loss = mse + options.kl_weight * kl
             accelerator.backward(loss)
             optimizer.step()
             schedule.step()
@@ -90,7 +89,7 @@ def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> di
             if step >= options.max_train_steps:
                 break
     progress.close()
-    vae = accelerator.unwrap_model(vae).eval()
+    vae = accelerator.unwrap_model(model).vae.eval()
     eval_loader = DataLoader(test, batch_size=256, collate_fn=collate_images)
     metrics = {
         "test_mse": _reconstruction_mse(vae, eval_loader),
@@ -106,6 +105,18 @@ def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> di
         (out / "training_options.json").write_text(to_json(options))
     accelerator.wait_for_everyone()
     return metrics
+
+
+class _AutoencoderWithKL(torch.nn.Module):
+    """One forward for the VAE loss, so that DDP sees (and synchronises) the whole computation."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(pixels).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl().mean()
 
 
 @torch.no_grad()
