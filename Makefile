@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` (install + the default job) and `make test` (install + tests).
+# Both create their own virtual environment in .venv; pip resolves torch from the registry.
+PYTHON ?= python3
+VENV ?= .venv
+THREADS ?= 2
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint bench clean-runs
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# The default job: VAE stage (trained once, then reused), latent diffusion on digits, evaluation.
+demo: install
+	$(BIN)/accelerate launch --config_file accelerate_config.yaml train_scripts/train_unet.py --num_threads $(THREADS)
+	$(BIN)/python -m skipdiff.eval --checkpoint runs/digits-latent --fid --denoise_loss --num_threads $(THREADS)
+
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check skipdiff train_scripts tests bench eval
+
+bench: install
+	$(BIN)/python bench/gate_overhead.py --threads $(THREADS)
+
+clean-runs:
+	rm -rf runs
