@@ -221,13 +221,86 @@ class LearnedChannelGate(SkipGate):
         return {}
 
 
+# (height, width, threshold, device, dtype) -> the window operator of _fourier_window_operator.
+_FOURIER_OPERATORS: dict[tuple, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
+# Largest operator (elements) and per-element cost (multiply-adds) worth a matmul instead of an FFT.
+_FOURIER_MAX_ELEMENTS = 1 << 22
+_FOURIER_MAX_COST = 256
+
+
+def _fourier_window_operator(
+    height: int, width: int, threshold: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The real linear map L with ``fourier_filter(x, threshold, s) == x + (s - 1) * L(x)``.
+
+    diffusers scales the window ``[H//2 - t, H//2 + t) x [W//2 - t, W//2 + t)`` (Python slicing,
+    so it may wrap or clip for small sizes) of the fftshifted spectrum, then keeps the real part.
+    For each frequency (k, l) in the window, the real part of its rank-one spectral projection is
+    ``(c c^T + s s^T) / (H W)`` with ``c, s = cos, sin(2 pi (k n / H + l m / W))`` over the
+    flattened pixels (n, m); a conjugate pair in the window shares c and s (weight 2), and a
+    self-conjugate frequency has s = 0. So L = U diag(w) U^T / (H W), returned as ``(U, diag(w) U^T
+    / (H W))`` (H W x r, r x H W), or as ``(L, None)`` when the dense H W x H W matrix is cheaper,
+    or ``None`` when an FFT is cheaper. Built in float64 and cached per argument tuple.
+    """
+    key = (height, width, threshold, device, dtype)
+    if key in _FOURIER_OPERATORS:
+        return _FOURIER_OPERATORS[key]
+    # The window exactly as diffusers marks it, moved back to unshifted frequency indices.
+    window = torch.zeros(height, width, dtype=torch.bool)
+    crow, ccol = height // 2, width // 2
+    window[crow - threshold : crow + threshold, ccol - threshold : ccol + threshold] = True
+    window = torch.fft.ifftshift(window, dim=(-2, -1))
+    frequencies = {tuple(f) for f in window.nonzero().tolist()}
+    n = torch.arange(height, dtype=torch.float64)[:, None]
+    m = torch.arange(width, dtype=torch.float64)[None, :]
+    columns, weights, done = [], [], set()
+    for fy, fx in sorted(frequencies):
+        if (fy, fx) in done:
+            continue
+        conjugate = ((-fy) % height, (-fx) % width)
+        done.update({(fy, fx), conjugate})
+        # Phase reduced modulo one period in exact integer arithmetic before the float64 angle.
+        angle = 2 * math.pi * (((fy * n) % height) / height + ((fx * m) % width) / width)
+        columns.append(torch.cos(angle).flatten())
+        if conjugate == (fy, fx):  # sin vanishes on the grid
+            weights.append(1.0)
+        else:
+            columns.append(torch.sin(angle).flatten())
+            weight = 2.0 if conjugate in frequencies else 1.0
+            weights += [weight, weight]
+    pixels = height * width
+    basis = torch.stack(columns, dim=1) if columns else torch.zeros(pixels, 0, dtype=torch.float64)
+    back = (torch.tensor(weights, dtype=torch.float64)[:, None] / pixels) * basis.T
+    rank = basis.shape[1]
+    operator: tuple[torch.Tensor, torch.Tensor | None] | None
+    if min(2 * rank, pixels) > _FOURIER_MAX_COST or min(2 * rank, pixels) * pixels > _FOURIER_MAX_ELEMENTS:
+        operator = None
+    else:
+        with torch.inference_mode(False):  # cached tensors must stay usable by autograd later
+            if 2 * rank >= pixels:
+                operator = ((basis @ back).to(device=device, dtype=dtype), None)
+            else:
+                operator = (basis.to(device=device, dtype=dtype), back.to(device=device, dtype=dtype))
+    if len(_FOURIER_OPERATORS) >= 256:
+        _FOURIER_OPERATORS.clear()
+    _FOURIER_OPERATORS[key] = operator
+    return operator
+
+
 @register_gate("fourier")
 class FourierGate(SkipGate):
-    """FreeU (Si et al., CVPR 2024), as diffusers implements it.
+    """FreeU (Si et al., CVPR 2024), as diffusers implements it (``enable_freeu``/``apply_freeu``).
 
     The first half of the backbone channels is multiplied by ``backbone`` (b) and the skip's lowest
-    Fourier frequencies (a (2*threshold)^2 window around DC) by ``skip`` (s). Uses diffusers'
-    own ``fourier_filter`` so the result matches ``enable_freeu``.
+    Fourier frequencies by ``skip`` (s): the window ``[H//2 - t, H//2 + t) x [W//2 - t, W//2 + t)``
+    (t = ``threshold``) of the fftshifted spectrum, i.e. frequencies -t .. t-1 on each axis, wrapping
+    or clipped as diffusers' slicing does when H or W < 2t. The result equals diffusers'
+    ``fourier_filter`` (to float32 rounding, for any H, W and t; half precision is computed in
+    float32, as diffusers does) but is computed without FFTs: ``x + (s - 1) * L(x)``, where L, the
+    real part of the projection onto the window's 2-D Fourier basis functions, is a cached low-rank
+    (or small dense) matrix applied with matmuls (see :func:`_fourier_window_operator`); large
+    windows on large images fall back to ``fourier_filter``. The backbone factor is one
+    per-channel multiply. Factors of 1 leave their tensor untouched.
     """
 
     def __init__(self, info: SkipInfo, backbone: float = 1.0, skip: float = 1.0, threshold: int = 1):
@@ -237,11 +310,48 @@ class FourierGate(SkipGate):
         self.threshold = int(threshold)
         if self.threshold < 1:
             raise ValueError(f"fourier threshold must be >= 1, got {threshold}")
+        self._factors: dict[tuple, torch.Tensor] = {}
 
     def forward(self, main, skip, state=None):
-        half = main.shape[1] // 2
-        main = torch.cat([main[:, :half] * self.backbone, main[:, half:]], dim=1)
-        return main, fourier_filter(skip, threshold=self.threshold, scale=self.skip)
+        if self.backbone != 1.0:
+            main = self.scale_backbone(main)
+        if self.skip != 1.0:
+            skip = self.filter_skip(skip)
+        return main, skip
+
+    def scale_backbone(self, main: torch.Tensor) -> torch.Tensor:
+        """``main[:, :C//2] * b`` as one multiply by a cached (1, C, 1, 1) factor (bit-exact)."""
+        channels = main.shape[1]
+        key = (channels, main.device, main.dtype)
+        factor = self._factors.get(key)
+        if factor is None:
+            # A (C,) tensor in main's dtype rounds b where multiplying by the Python float b would
+            # not (b is applied in float32 for half dtypes): keep float32 then, and cast back.
+            exact = torch.tensor(self.backbone, dtype=main.dtype).float() == torch.tensor(self.backbone)
+            dtype = main.dtype if exact or main.dtype == torch.float64 else torch.float32
+            with torch.inference_mode(False):
+                factor = torch.ones(1, channels, 1, 1, dtype=dtype, device=main.device)
+                factor[:, : channels // 2] = self.backbone
+            self._factors[key] = factor
+        return (main * factor).to(main.dtype)
+
+    def filter_skip(self, skip: torch.Tensor) -> torch.Tensor:
+        """diffusers' ``fourier_filter(skip, threshold, scale=s)``, as ``skip + (s - 1) * L(skip)``."""
+        batch, channels, height, width = skip.shape
+        dtype = torch.float64 if skip.dtype == torch.float64 else torch.float32
+        operator = _fourier_window_operator(height, width, self.threshold, skip.device, dtype)
+        if operator is None:
+            return fourier_filter(skip, threshold=self.threshold, scale=self.skip)
+        if torch.is_autocast_enabled(skip.device.type):  # the matmuls must stay in float32
+            with torch.autocast(skip.device.type, enabled=False):
+                return self.filter_skip(skip)
+        x = skip.to(dtype).reshape(batch * channels, height * width)
+        left, right = operator
+        if right is None:  # dense L
+            out = torch.addmm(x, x, left, alpha=self.skip - 1.0)
+        else:
+            out = torch.addmm(x, x @ left, right, alpha=self.skip - 1.0)
+        return out.view(batch, channels, height, width).to(skip.dtype)
 
     def extra_repr(self) -> str:
         return f"backbone={self.backbone:.4g}, skip={self.skip:.4g}, threshold={self.threshold}"
