@@ -3,6 +3,7 @@ loader, validation grids and the saved outputs."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -43,7 +44,13 @@ def make_accelerator(options: TrainOptions) -> Accelerator:
 
     requested = options.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
     project = ProjectConfiguration(project_dir=options.output_dir, logging_dir=str(Path(options.output_dir) / "logs"))
+    # `accelerate launch --multi_gpu --num_processes N` on a machine without an accelerator starts N
+    # processes, but Accelerate then runs each alone (DistributedType.NO, every one "main") unless
+    # asked for CPU processes: with cpu=True they train together over gloo (MULTI_CPU).
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     return Accelerator(
+        cpu=launched and not has_accelerator,
         mixed_precision=resolve_mixed_precision(requested),
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         log_with=None if options.report_to == "none" else options.report_to,
@@ -106,8 +113,11 @@ def train_loader(options: TrainOptions, split, encoder: Encoder, channels: int) 
         dataset, collate = images, collate_images
     if len(dataset) < options.train_batch_size:
         raise ValueError(f"the train split has {len(dataset)} images, fewer than --train_batch_size {options.train_batch_size}")
+    # Its own generator: creating an iterator draws a base seed from it, not from the global RNG that
+    # the noise comes from (else a resumed run, which creates one more iterator, draws other noise).
     return DataLoader(dataset, batch_size=options.train_batch_size, shuffle=True, drop_last=True,
-                      collate_fn=collate, num_workers=options.dataloader_num_workers)  # fmt: skip
+                      collate_fn=collate, num_workers=options.dataloader_num_workers,
+                      generator=torch.Generator().manual_seed(options.seed))  # fmt: skip
 
 
 def make_pipeline(unet, scheduler, encoder: Encoder) -> SkipDiffPipeline:
@@ -135,7 +145,11 @@ def save_outputs(output_dir: Path, pipeline: SkipDiffPipeline, ema, options_json
     """The run folder: ``SkipDiffPipeline`` (unet/, vae/, scheduler/), ``unet_ema/``, options."""
     pipeline.save_pretrained(output_dir)
     if ema is not None:
-        ema.save_pretrained(str(output_dir / "unet_ema"))
+        # A copy of the model holding the EMA weights, so unet_ema/config.json is a plain model config
+        # (EMAModel.save_pretrained would add its own keys, which from_pretrained warns about).
+        ema_unet = copy.deepcopy(pipeline.unet)
+        ema.copy_to(ema_unet.parameters())
+        ema_unet.save_pretrained(output_dir / "unet_ema")
     DDIMScheduler.from_config(pipeline.scheduler.config)  # validates that DDIM sampling will load
     (output_dir / "training_options.json").write_text(options_json)
 

@@ -1,0 +1,65 @@
+"""PNG plots of evaluation results (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .stability import ordered_blocks  # noqa: E402
+
+
+def loss_by_timestep(results: dict[str, dict], path) -> None:
+    """Held-out denoising loss per timestep bucket, one line per run."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, result in results.items():
+        centres = [(b["t_min"] + b["t_max"]) / 2 for b in result["buckets"]]
+        ax.plot(centres, [b["loss"] for b in result["buckets"]], marker="o", label=name)
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("denoising MSE (test split)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grad_norms_over_training(records: list[dict], path, title: str = "") -> None:
+    """Gradient norm of each block over training (log scale), blocks from input to output."""
+    rows = [r for r in records if r.get("grad_norm_by_block")]
+    blocks = ordered_blocks({b for r in rows for b in r["grad_norm_by_block"]})
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = plt.cm.viridis(np.linspace(0, 1, max(len(blocks), 2)))
+    for colour, block in zip(colours, blocks, strict=False):
+        ax.plot(
+            steps, [r["grad_norm_by_block"].get(block, np.nan) for r in rows], color=colour, label=block, lw=1
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient norm")
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grad_norm_heatmap(records: list[dict], path, title: str = "") -> None:
+    """Blocks x training steps heatmap of log10 gradient norms."""
+    rows = [r for r in records if r.get("grad_norm_by_block")]
+    blocks = ordered_blocks({b for r in rows for b in r["grad_norm_by_block"]})
+    matrix = np.array([[r["grad_norm_by_block"].get(b, np.nan) for r in rows] for b in blocks])
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(blocks) + 1.5))
+    image = ax.imshow(np.log10(np.maximum(matrix, 1e-12)), aspect="auto", cmap="magma",
+                      extent=(rows[0]["step"], rows[-1]["step"], len(blocks) - 0.5, -0.5))  # fmt: skip
+    ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="log10 grad norm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,107 @@
+"""Loading what evaluation scores: a training run's folder (or a Hub repo) and its data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data import collate_images, image_channels, image_transform, load_image_splits, with_pixel_values
+from ..pipeline import SkipDiffPipeline
+from ..unet import SkipUNet2DModel
+
+
+def load_run(checkpoint: str, use_ema: bool = True) -> tuple[SkipDiffPipeline, dict, bool]:
+    """``(pipeline, training options, used_ema)`` of a run folder or a Hub repo id.
+
+    The EMA weights (``unet_ema/``) are used when present and ``use_ema``.
+    """
+    path = Path(checkpoint)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise ValueError(f"--checkpoint {checkpoint!r} is not a skipdiff run folder (no model_index.json)")
+    if not path.exists() and checkpoint.count("/") != 1:
+        raise ValueError(f"--checkpoint {checkpoint!r} does not exist (and is not a Hub id like user/name)")
+    try:
+        pipeline = SkipDiffPipeline.from_pretrained(checkpoint)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load the run {checkpoint!r}: {err}") from err
+    used_ema = False
+    if use_ema:
+        try:
+            pipeline.unet = SkipUNet2DModel.from_pretrained(checkpoint, subfolder="unet_ema")
+            used_ema = True
+        except (OSError, ValueError):
+            pass  # no EMA copy saved
+    options = _training_options(checkpoint)
+    pipeline.unet.eval()
+    return pipeline, options, used_ema
+
+
+def _training_options(checkpoint: str) -> dict:
+    local = Path(checkpoint) / "training_options.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(checkpoint, "training_options.json")).read_text())
+    except Exception as err:  # noqa: BLE001  offline, missing file, ...
+        raise ValueError(f"{checkpoint!r} has no training_options.json: {err}") from err
+
+
+def check_data_matches(pipeline: SkipDiffPipeline, options: dict, channels: int) -> None:
+    """The run's model must take the data's resolution and channels; else a clear ``ValueError``."""
+    encoder = pipeline.encoder()
+    size = pipeline.unet.config.sample_size
+    size = size[0] if isinstance(size, list | tuple) else size
+    if size * encoder.downscale != options["resolution"]:
+        raise ValueError(
+            f"the model makes {size * encoder.downscale}px images but the dataset is evaluated at "
+            f"{options['resolution']}px (--resolution)"
+        )
+    model_channels = (
+        pipeline.vae.config.in_channels if pipeline.vae is not None else pipeline.unet.config.in_channels
+    )
+    if model_channels != channels:
+        raise ValueError(
+            f"the model makes {model_channels}-channel images but the dataset has {channels} channels"
+        )
+
+
+def test_batches(options: dict, batch_size: int = 512) -> tuple[list[dict], int]:
+    """The run's test split as a list of batches (``pixel_values``, ``labels``), and its channels."""
+    splits = load_image_splits(
+        options.get("dataset", "digits"), dataset_name=options.get("dataset_name"),
+        dataset_config_name=options.get("dataset_config_name"), train_data_dir=options.get("train_data_dir"),
+        image_column=options.get("image_column", "image"), label_column=options.get("label_column", "label"),
+        test_fraction=options.get("test_fraction", 0.2), split_seed=options.get("split_seed", 0),
+        cache_dir=options.get("cache_dir"), skip_corrupt=options.get("skip_corrupt_images", False),
+    )  # fmt: skip
+    channels = image_channels(splits)
+    test = with_pixel_values(splits["test"], image_transform(options["resolution"], channels))
+    return list(DataLoader(test, batch_size=batch_size, collate_fn=collate_images)), channels
+
+
+def make_sampler(
+    pipeline: SkipDiffPipeline, sampler: str, steps: int, batch_size: int, num_classes: int | None
+):
+    """``sample_fn(n, seed) -> (n, C, H, W)`` in [-1, 1], batched, seeded, with a progress bar.
+
+    Class-conditional models get labels 0, 1, 2, ... cycling over the classes (balanced).
+    """
+
+    def sample_fn(count: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        chunks = []
+        for start in tqdm(range(0, count, batch_size), desc=f"sampling (seed {seed})", leave=False):
+            size = min(batch_size, count - start)
+            labels = [(start + i) % num_classes for i in range(size)] if num_classes else None
+            out = pipeline(batch_size=size, num_inference_steps=steps, generator=generator, class_labels=labels,
+                           sampler=sampler, output_type="pt", show_progress=False)  # fmt: skip
+            chunks.append(out.images.cpu())
+        return torch.cat(chunks)
+
+    return sample_fn
