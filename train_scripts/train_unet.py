@@ -10,6 +10,7 @@ Every option, with its default, is in ``skipdiff/training/options.py`` (``--help
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -48,7 +49,7 @@ class TrainingStopped(RuntimeError):
 def main(argv: list[str] | None = None) -> dict:
     options = parse_args(TrainOptions, argv, description=__doc__)
     if options.dry_run:
-        print(to_json(options))
+        print(to_json(dataclasses.replace(options, hub_token=None)))
         return {}
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif options.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint in {output_dir} yet: starting from scratch")
 
-    options_json = to_json(options)
+    options_json = to_json(dataclasses.replace(options, hub_token=None))  # the token never reaches a file
     if accelerator.is_main_process:
         (output_dir / "training_options.json").write_text(options_json)
         accelerator.init_trackers("skipdiff", config={k: str(v) for k, v in vars(options).items() if k != "hub_token"})
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"stopping at step {step}: {nonfinite_in_row} non-finite losses or gradients in a row "
                         f"(last good checkpoint: {last[-1] if last else 'none'})"
                     )
+                if step >= max_steps:  # a skipped last step still ends the run
+                    break
                 continue
             nonfinite_in_row = 0
             if ema is not None:
@@ -215,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                    {"epoch": epoch, "unet_config": dict(accelerator.unwrap_model(unet).config)},
                                                    options.checkpoints_total_limit)  # fmt: skip
                 if repo_id:
-                    _export(accelerator, unet, ema, noise_scheduler, encoder, options_json, output_dir)
+                    card = _card(options, router, {"steps": step, "nonfinite_total": nonfinite_total}, None, output_dir)
+                    _export(accelerator, unet, ema, noise_scheduler, encoder, options_json, output_dir, card)
                     hub.upload(output_dir, repo_id, options.hub_token, f"checkpoint at step {step}")
                 accelerator.print(f"saved {path}")
             if step >= max_steps:
@@ -227,14 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- outputs -----------------------------------------------------------------------------------
     router.record_norms = False
     grid_path = _validate(accelerator, unet, ema, noise_scheduler, encoder, options, classes, output_dir, step)
-    _export(accelerator, unet, ema, noise_scheduler, encoder, options_json, output_dir)
     metrics = {"final_loss": stats_last_loss(output_dir), "steps": step, "nonfinite_total": nonfinite_total}
+    _export(accelerator, unet, ema, noise_scheduler, encoder, options_json, output_dir,
+            _card(options, router, metrics, grid_path, output_dir))  # fmt: skip
     if accelerator.is_main_process:
         write_json(output_dir / "train_metrics.json", metrics)
-        card = hub.model_card(options.hub_model_id or output_dir.name, vars(options), router.describe(), metrics,
-                              sample_grid=grid_path.relative_to(output_dir).as_posix() if grid_path else None,
-                              dataset=options.dataset_name or options.dataset)  # fmt: skip
-        card.save(output_dir / "README.md")
         if repo_id:
             hub.upload(output_dir, repo_id, options.hub_token, f"final model after {step} steps")
     accelerator.end_training()
@@ -287,10 +288,19 @@ def _validate(accelerator, unet, ema, scheduler, encoder, options, classes, outp
     return path
 
 
-def _export(accelerator, unet, ema, scheduler, encoder, options_json, output_dir):
+def _card(options, router, metrics, grid_path, output_dir):
+    """The run's model card (README.md): skip table, settings, metrics, sample grid."""
+    return hub.model_card(options.hub_model_id or output_dir.name, vars(options), router.describe(), metrics,
+                          sample_grid=grid_path.relative_to(output_dir).as_posix() if grid_path else None,
+                          dataset=options.dataset_name or options.dataset)  # fmt: skip
+
+
+def _export(accelerator, unet, ema, scheduler, encoder, options_json, output_dir, card):
+    """Write the loadable run folder and its model card (main process; all ranks wait)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(output_dir, make_pipeline(accelerator.unwrap_model(unet), scheduler, encoder), ema, options_json)
+        card.save(output_dir / "README.md")
     accelerator.wait_for_everyone()
 
 
@@ -305,6 +315,6 @@ def stats_last_loss(output_dir: Path) -> float | None:
 if __name__ == "__main__":
     try:
         main()
-    except (TrainingStopped, ValueError, OSError) as err:
+    except (TrainingStopped, hub.HubAccessError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

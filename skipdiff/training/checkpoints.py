@@ -59,10 +59,14 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def check_compatible(checkpoint: Path, unet_config: dict) -> None:
-    """Refuse a checkpoint whose UNet config differs from the model being trained, or whose weights
-    file is truncated or corrupt, with a message naming what differs."""
-    saved = read_state(checkpoint)["unet_config"]
+def check_compatible(checkpoint: Path, unet_config: dict, key: str = "unet_config") -> None:
+    """Refuse a checkpoint whose model config (``key`` in its state file) differs from the model
+    being trained, or whose weights file is truncated or corrupt, with a message naming what differs."""
+    # Compared as saved (JSON: tuples become lists), without diffusers' bookkeeping keys: its
+    # `_use_default_values` is a list made from a set, in another order in every process.
+    saved = {k: v for k, v in read_state(checkpoint)[key].items() if not k.startswith("_")}
+    requested = json.loads(json.dumps(unet_config, default=list))
+    unet_config = {k: v for k, v in requested.items() if not k.startswith("_")}
     differing = sorted(k for k in set(saved) | set(unet_config) if saved.get(k) != unet_config.get(k))
     if differing:
         details = "; ".join(

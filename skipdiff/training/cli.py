@@ -35,6 +35,10 @@ def _base_type(annotation) -> tuple[type, bool]:
     return annotation, False
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every flag's help, and the script's docstring (its usage examples) kept as written."""
+
+
 def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with one flag per field of the dataclass ``cls``."""
     parser = argparse.ArgumentParser(

@@ -10,6 +10,11 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+
+class HubAccessError(RuntimeError):
+    """The Hub repository cannot be created or written (no token, no network, no permission)."""
+
+
 IGNORE_PATTERNS = [".*", "**/.*", "checkpoint-*/**", "logs/**", "*.tmp/**"]
 
 
@@ -19,7 +24,7 @@ def prepare_repo(repo_id: str, token: str | None, private: bool, api: HfApi | No
     try:
         user = api.whoami(token=token)
     except Exception as err:  # noqa: BLE001  the client raises several types (HTTP, offline, auth)
-        raise RuntimeError(
+        raise HubAccessError(
             f"cannot push to the Hub repo {repo_id!r}: no valid token or no network ({type(err).__name__}: {err}). "
             "Run `huggingface-cli login` or pass --hub_token."
         ) from err
@@ -27,7 +32,7 @@ def prepare_repo(repo_id: str, token: str | None, private: bool, api: HfApi | No
         url = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
     except Exception as err:  # noqa: BLE001
         name = user.get("name", "?") if isinstance(user, dict) else "?"
-        raise RuntimeError(f"cannot create or write the Hub repo {repo_id!r} as {name!r}: {err}") from err
+        raise HubAccessError(f"cannot create or write the Hub repo {repo_id!r} as {name!r}: {err}") from err
     return getattr(url, "repo_id", repo_id)
 
 
