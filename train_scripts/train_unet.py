@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
         for batch in batches:
+            if step >= max_steps:  # resumed from the last checkpoint: nothing left to train
+                break
             logging_step = (step + 1) % options.log_every == 0
             router.record_norms = logging_step
             with accelerator.accumulate(unet):

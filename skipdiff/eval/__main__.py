@@ -26,7 +26,7 @@ from .denoise import denoising_loss_by_bucket
 from .features import EXTRACTOR_CHOICES, resolve_extractor
 from .fid import fid_with_floor, real_splits, reference_and_heldout
 from .importance import importance_heatmap, skip_importance
-from .run import check_data_matches, load_run, make_sampler, test_batches
+from .run import check_data_matches, held_out_batches, load_run, make_sampler
 from .stability import shattering_probe, stability_from_stats
 
 
@@ -88,10 +88,10 @@ class EvalOptions:
 
 def evaluate(options: EvalOptions) -> dict:
     """Run the requested evaluations on one checkpoint; write eval.json, eval.md and plots."""
+    pipeline, training, used_ema = load_run(options.checkpoint, use_ema=not options.no_ema)
     out = Path(options.out or Path(options.checkpoint) / "eval")
     out.mkdir(parents=True, exist_ok=True)
-    pipeline, training, used_ema = load_run(options.checkpoint, use_ema=not options.no_ema)
-    batches, channels = test_batches(training)
+    batches, channels = held_out_batches(training)
     check_data_matches(pipeline, training, channels)
     conditional = pipeline.unet.config.num_class_embeds is not None
     result: dict = {"checkpoint": options.checkpoint, "ema": used_ema, "settings": dataclasses.asdict(options),

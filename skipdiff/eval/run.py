@@ -37,6 +37,7 @@ def load_run(checkpoint: str, use_ema: bool = True) -> tuple[SkipDiffPipeline, d
             pass  # no EMA copy saved
     options = _training_options(checkpoint)
     pipeline.unet.eval()
+    pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     return pipeline, options, used_ema
 
 
@@ -71,7 +72,7 @@ def check_data_matches(pipeline: SkipDiffPipeline, options: dict, channels: int)
         )
 
 
-def test_batches(options: dict, batch_size: int = 512) -> tuple[list[dict], int]:
+def held_out_batches(options: dict, batch_size: int = 512) -> tuple[list[dict], int]:
     """The run's test split as a list of batches (``pixel_values``, ``labels``), and its channels."""
     splits = load_image_splits(
         options.get("dataset", "digits"), dataset_name=options.get("dataset_name"),

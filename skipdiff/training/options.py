@@ -137,6 +137,8 @@ class TrainOptions:
         bad_parts = sorted(set(self.disable_shortcuts) - set(SHORTCUT_PARTS))
         if bad_parts:
             raise ValueError(f"--disable_shortcuts takes {SHORTCUT_PARTS}, got {bad_parts}")
+        if self.cache_latents and self.random_flip:
+            raise ValueError("--cache_latents encodes each image once, so it cannot be combined with --random_flip")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id")
         if self.report_to not in ("tensorboard", "none"):
