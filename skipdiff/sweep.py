@@ -49,7 +49,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -383,20 +382,6 @@ def read_cell(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-@functools.cache
-def _script(kind: str):
-    """A training script imported as a module (scripts are not part of the package)."""
-    path = SCRIPTS[kind]
-    if not path.is_file():
-        raise ValueError(
-            f"{path} is missing: in-process runs need a source checkout (or use --launcher accelerate)"
-        )
-    spec = importlib.util.spec_from_file_location(f"skipdiff_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @contextlib.contextmanager
 def _fresh_accelerate_state():
     """Accelerate keeps process-wide singletons (mixed precision, gradient state); in-process runs with
@@ -428,7 +413,9 @@ def train_cell(kind: str, options: dict, launcher: str, accelerate_args: list[st
         return json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     with _fresh_accelerate_state():
         if kind == "diffusion":
-            return _script("diffusion").main(options_to_argv(cls, options))
+            from .training.unet_trainer import main as train_unet_main
+
+            return train_unet_main(options_to_argv(cls, options))
         from .training.classifier import train_classifier
 
         return train_classifier(from_dict(cls, options))

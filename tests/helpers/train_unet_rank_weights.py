@@ -4,7 +4,8 @@
 
 writes ``rank{i}.safetensors`` (the unwrapped UNet's state dict on rank ``i`` when training ends)
 into ``--output_dir``, so a test can check that data-parallel ranks agree. The script's own code is
-unchanged: its ``_export``, which every rank calls once training is over, is wrapped.
+unchanged: the loop's ``_export`` (skipdiff.training.unet_trainer), which every rank calls once
+training is over, is wrapped.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors.torch import save_file
-from unet_runs import train_unet_module  # this script's folder is first on sys.path
 
-module = train_unet_module()
+from skipdiff.training import unet_trainer as module
+
 export = module._export
 
 
-def export_after_saving_rank_weights(accelerator, unet, ema, scheduler, encoder, options_json, output_dir):
+def export_after_saving_rank_weights(accelerator, unet, ema, scheduler, encoder, options_json, output_dir, *rest):
     state = {k: v.detach().cpu().contiguous().clone() for k, v in accelerator.unwrap_model(unet).state_dict().items()}
     save_file(state, str(Path(output_dir) / f"rank{accelerator.process_index}.safetensors"))
-    return export(accelerator, unet, ema, scheduler, encoder, options_json, output_dir)
+    return export(accelerator, unet, ema, scheduler, encoder, options_json, output_dir, *rest)
 
 
 module._export = export_after_saving_rank_weights

@@ -9,8 +9,6 @@ runs with different settings can follow each other in one pytest session.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import socket
 import sys
 from pathlib import Path
@@ -38,13 +36,11 @@ def tiny_args(output_dir: str | Path, *extra: str) -> list[str]:
     return [*TINY_ARGS, "--output_dir", str(output_dir), *extra]
 
 
-@functools.cache
 def train_unet_module() -> ModuleType:
-    """``train_scripts/train_unet.py`` imported as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("skipdiff_train_unet_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The training loop's module (``train_scripts/train_unet.py`` is its thin command line)."""
+    from skipdiff.training import unet_trainer
+
+    return unet_trainer
 
 
 def reset_accelerate_state() -> None:
