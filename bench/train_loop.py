@@ -1,0 +1,269 @@
+"""Steps per second of skipdiff's training loop against a loop written as diffusers' examples write it.
+
+* ``ours_cached``: ``train_scripts/train_unet.main(argv)`` itself (``skipdiff.training.unet_trainer.main``)
+  with the default job's options (latent diffusion on digits, 8x8x4 latents, batch 128, AdamW, cosine
+  schedule with warm-up, gradient clipping, EMA, a ``stats.jsonl`` record every ``--log_every`` steps)
+  and latents encoded once (``--cache_latents``, the default); ``ours_uncached``: the same with
+  ``--no-cache_latents``, which encodes every batch through the VAE as the reference does.
+* ``reference``: the loop of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``
+  / ``train_text_to_image.py``: an ``Accelerator``, the same ``SkipUNet2DModel`` (same preset, seed),
+  data, batch, AdamW, schedule, clipping and EMA (their ``--use_ema``), and per step
+  ``vae.encode(pixels).latent_dist.sample() * scaling_factor`` under ``no_grad``, ``randn_like``,
+  ``randint`` timesteps, ``add_noise``, forward, MSE, ``accelerator.backward``, clip, step, ``loss.item()``.
+
+Seconds per step are read from the run's own clock: ``seconds_per_step`` of each ``stats.jsonl`` record
+for ours (the window between two records: data, encoding, step, EMA, telemetry), the same windows for the
+reference; windows inside the first ``--warmup_steps`` are dropped, so start-up (imports, data loading,
+latent caching, the final validation and export) is excluded. The three variants run in one process,
+interleaved (the order rotating every repeat); each is summarised per repeat by its median window, and
+across repeats by the median. Wall time per call, start-up included, is reported too. JSON on stdout.
+
+The VAE is ``runs/vae-digits-16`` when it exists, else a tiny one trained for a few steps into a
+temporary folder (its quality does not matter for timing).
+
+    python bench/train_loop.py --threads 1 --repeats 3 --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 1.0  # ours_cached must run at least as many steps per second as the reference
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared with bench/sampling.py
+# ---------------------------------------------------------------------------------------------------
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide singletons, so several runs can follow each other in one process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_train_unet(argv: list[str]) -> dict:
+    """``train_scripts/train_unet.py``'s ``main(argv)`` (the library's ``unet_trainer.main``) in this
+    process, its prints sent to stderr (stdout carries the JSON)."""
+    from skipdiff.training import unet_trainer
+
+    reset_accelerate()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return unet_trainer.main(argv)
+    finally:
+        reset_accelerate()
+
+
+def find_or_train_vae(scratch: Path, threads: int) -> tuple[Path, str]:
+    """(VAE folder, how it was obtained): ``runs/vae-digits-16`` or a tiny VAE trained into ``scratch``."""
+    existing = REPO / "runs" / "vae-digits-16"
+    if (existing / "config.json").is_file():
+        return existing, "runs/vae-digits-16"
+    from skipdiff.training.vae import VaeOptions, train_vae
+
+    folder = scratch / "vae"
+    reset_accelerate()
+    train_vae(VaeOptions(max_train_steps=20, num_threads=threads, output_dir=str(folder)))
+    reset_accelerate()
+    return folder, "trained for 20 steps (runs/vae-digits-16 missing)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two loops
+# ---------------------------------------------------------------------------------------------------
+
+
+def ours(vae: Path, out: Path, steps: int, log_every: int, threads: int, cache: bool) -> dict:
+    """``train_unet.main`` for ``steps`` steps; seconds per step per logging window."""
+    argv = ["--vae", str(vae), "--output_dir", str(out), "--max_train_steps", str(steps),
+            "--log_every", str(log_every), "--validation_every", "0", "--checkpointing_steps", "0",
+            "--num_validation_images", "4", "--validation_inference_steps", "2", "--report_to", "none",
+            "--num_threads", str(threads), "--cache_latents" if cache else "--no-cache_latents"]  # fmt: skip
+    start = time.perf_counter()
+    run_train_unet(argv)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    windows = [(r["step"], r["seconds_per_step"]) for r in records if "seconds_per_step" in r]
+    return {"windows": windows, "wall": wall}
+
+
+def reference(vae_dir: Path, steps: int, log_every: int, threads: int, seed: int = 0) -> dict:
+    """A loop written as diffusers' train_unconditional.py / train_text_to_image.py write it."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from skipdiff import SkipUNet2DModel
+    from skipdiff.data import collate_images, image_transform, load_image_splits, with_pixel_values
+    from skipdiff.presets import unet_config
+    from skipdiff.training.options import TrainOptions
+
+    defaults = TrainOptions()  # the default job's settings
+    start = time.perf_counter()
+    reset_accelerate()
+    torch.set_num_threads(threads)
+    accelerator = Accelerator(gradient_accumulation_steps=1)
+    set_seed(seed)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.requires_grad_(False)
+    vae.eval()
+    unet = SkipUNet2DModel(**unet_config(defaults.model, sample_size=defaults.resolution // 2,
+                                         channels=vae.config.latent_channels))  # fmt: skip
+    ema = EMAModel(unet.parameters(), decay=defaults.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                   model_cls=SkipUNet2DModel, model_config=unet.config)  # fmt: skip
+    noise_scheduler = DDPMScheduler(num_train_timesteps=defaults.num_train_timesteps,
+                                    beta_schedule=defaults.beta_schedule, prediction_type="epsilon")  # fmt: skip
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=defaults.learning_rate,
+                                  betas=(defaults.adam_beta1, defaults.adam_beta2),
+                                  weight_decay=defaults.adam_weight_decay, eps=defaults.adam_epsilon)  # fmt: skip
+    splits = load_image_splits("digits", split_seed=defaults.split_seed, test_fraction=defaults.test_fraction)
+    dataset = with_pixel_values(splits["train"], image_transform(defaults.resolution, 1))
+    loader = DataLoader(dataset, batch_size=defaults.train_batch_size, shuffle=True, drop_last=True,
+                        collate_fn=collate_images, num_workers=defaults.dataloader_num_workers)  # fmt: skip
+    lr_scheduler = get_scheduler(defaults.lr_scheduler, optimizer, num_warmup_steps=defaults.lr_warmup_steps,
+                                 num_training_steps=steps)  # fmt: skip
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    vae.to(accelerator.device)
+    ema.to(accelerator.device)
+
+    progress = tqdm(total=steps, desc="reference", disable=not accelerator.is_local_main_process)
+    windows, step, window_start = [], 0, time.perf_counter()
+    unet.train()
+    for _ in range(math.ceil(steps / len(loader))):
+        for batch in loader:
+            with accelerator.accumulate(unet):
+                with torch.no_grad():
+                    latents = (
+                        vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+                    )
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=latents.device)  # fmt: skip
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                prediction = unet(noisy, timesteps).sample
+                loss = F.mse_loss(prediction.float(), noise.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), defaults.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                ema.step(unet.parameters())
+                progress.update(1)
+                step += 1
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": step}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=step)
+            if step % log_every == 0:
+                windows.append((step, (time.perf_counter() - window_start) / log_every))
+                window_start = time.perf_counter()
+            if step >= steps:
+                break
+        if step >= steps:
+            break
+    progress.close()
+    accelerator.end_training()
+    reset_accelerate()
+    return {"windows": windows, "wall": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=40, help="training steps per call")
+    parser.add_argument(
+        "--log_every", type=int, default=10, help="steps per timing window (the default job logs every 10)"
+    )
+    parser.add_argument(
+        "--warmup_steps", type=int, default=10, help="windows ending at or before are dropped"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="calls per variant")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    for name in ("steps", "log_every", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.steps < args.warmup_steps + args.log_every:
+        parser.error("--steps must leave at least one window after --warmup_steps")
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-loop-") as scratch:
+        scratch = Path(scratch)
+        vae, vae_source = find_or_train_vae(scratch, args.threads)
+        variants = {
+            "ours_cached": lambda r: ours(vae, scratch / f"cached-{r}", args.steps, args.log_every, args.threads, True),
+            "ours_uncached": lambda r: ours(vae, scratch / f"uncached-{r}", args.steps, args.log_every, args.threads, False),
+            "reference": lambda r: reference(vae, args.steps, args.log_every, args.threads),
+        }  # fmt: skip
+        names = list(variants)
+        results: dict[str, list[dict]] = {name: [] for name in names}
+        for repeat in range(args.repeats):
+            start = repeat % len(names)
+            for name in names[start:] + names[:start]:
+                results[name].append(variants[name](repeat))
+
+    per_repeat = {
+        name: [statistics.median(s for step, s in r["windows"] if step > args.warmup_steps) for r in runs]
+        for name, runs in results.items()
+    }
+    seconds = {name: statistics.median(v) for name, v in per_repeat.items()}
+    steps_per_second = {name: 1.0 / v for name, v in seconds.items()}
+    speedup = steps_per_second["ours_cached"] / steps_per_second["reference"]
+    report = {
+        "bench": "train_loop",
+        "what": "steps/s of train_unet.main (default job: latent digits 8x8x4, batch 128, AdamW, EMA, clipping) "
+        "vs a diffusers-examples loop encoding with the VAE every step",
+        "vae": vae_source,
+        "steps_per_call": args.steps,
+        "log_every": args.log_every,
+        "warmup_steps_dropped": args.warmup_steps,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "versions": {"torch": torch.__version__},
+        "seconds_per_step_median": {name: round(v, 4) for name, v in seconds.items()},
+        "seconds_per_step_per_repeat": {name: [round(x, 4) for x in v] for name, v in per_repeat.items()},
+        "steps_per_second": {name: round(v, 3) for name, v in steps_per_second.items()},
+        "wall_seconds_per_call_median": {
+            name: round(statistics.median(r["wall"] for r in runs), 2) for name, runs in results.items()
+        },
+        "ratio_ours_cached_to_reference_steps_per_second": round(speedup, 4),
+        "ratio_ours_uncached_to_reference_steps_per_second": round(
+            steps_per_second["ours_uncached"] / steps_per_second["reference"], 4
+        ),
+        "latent_caching_speedup": round(
+            steps_per_second["ours_cached"] / steps_per_second["ours_uncached"], 4
+        ),
+        "target_ratio_at_least": TARGET,
+        "meets_target": speedup >= TARGET,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
