@@ -100,9 +100,12 @@ def save_checkpoint(
             _fsync_tree(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
+            stale = root / f".checkpoint-{step}.old"
+            if final.exists():  # moved aside atomically: `final` is whole or absent, never partial
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(final, stale)
             os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
     except OSError as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +125,9 @@ def rotate_checkpoints(output_dir: Path, total_limit: int | None) -> list[Path]:
         return []
     doomed = checkpoints[: len(checkpoints) - total_limit]
     for path in doomed:
-        shutil.rmtree(path)
+        trash = path.with_name(f".{path.name}.deleting")  # not a checkpoint name: never listed or resumed
+        os.replace(path, trash)
+        shutil.rmtree(trash)
     return doomed
 
 

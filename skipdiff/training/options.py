@@ -44,6 +44,9 @@ class TrainOptions:
         "AutoencoderKL: a folder, a Hub id, 'none' (pixel space) or 'auto' (train/reuse runs/vae-<dataset>-<resolution>)",
     )
     vae_preset: str = option("digits", "VAE architecture for --vae auto (see skipdiff.presets.VAE_PRESETS)")
+    sample_latents: bool = option(
+        False, "train on latent_dist.sample() as diffusers' examples do (default: the posterior mean; see skipdiff/encoders.py)"
+    )
     cache_latents: bool = option(
         True, "encode the train split once and sample latents from the cached distribution"
     )

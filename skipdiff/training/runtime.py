@@ -82,7 +82,7 @@ def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_chann
             # train_vae makes its own Accelerator object (sharing the process state), so the VAE never
             # joins this run's checkpoints.
         vae = str(folder)
-    return load_encoder(vae, image_channels, options.cache_dir), vae
+    return load_encoder(vae, image_channels, options.cache_dir, options.sample_latents), vae
 
 
 class CachedLatents(Dataset):

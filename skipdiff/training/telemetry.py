@@ -79,6 +79,18 @@ class StatsWriter:
         self.accelerator = accelerator
         self.path = Path(output_dir) / filename
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step``: a run killed after its last checkpoint logged steps that the
+        resumed run logs again. Rewritten to a temporary file and renamed (main process only)."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+
     def write(self, record: dict, step: int) -> None:
         if not self.accelerator.is_main_process:
             return

@@ -141,6 +141,7 @@ def train_unet(options: TrainOptions) -> dict:
         accelerator.init_trackers("skipdiff", config={k: str(v) for k, v in vars(options).items() if k != "hub_token"})
         accelerator.print(unet.module.skip_table() if hasattr(unet, "module") else unet.skip_table())
     stats = StatsWriter(accelerator, output_dir)
+    stats.truncate_after(step)  # a resumed run logs the steps after its checkpoint again
     if step == 0:
         stats.write({"event": "start", "vae": vae_source, "encoder": encoder.describe(),
                      "num_parameters": sum(p.numel() for p in unet.parameters()), "num_processes": accelerator.num_processes,
