@@ -7,11 +7,18 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 
-def make_scheduler(num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDPMScheduler:
-    """The DDPM noise scheduler that drives training (and, converted, sampling)."""
+def make_scheduler(
+    num_train_timesteps: int, beta_schedule: str, prediction_type: str, sample_range: float | None = 1.0
+) -> DDPMScheduler:
+    """The DDPM noise scheduler that drives training (and, converted to DDIM, sampling).
+
+    ``sample_range`` is the encoder's: predicted x0 is clipped to [-range, range] while sampling,
+    or not at all for ``None`` (latents).
+    """
     return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
-    )
+        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type,
+        clip_sample=sample_range is not None, clip_sample_range=sample_range or 1.0,
+    )  # fmt: skip
 
 
 def training_target(scheduler: DDPMScheduler, latents, noise, timesteps) -> torch.Tensor:

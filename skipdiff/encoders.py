@@ -35,6 +35,7 @@ class PixelEncoder(nn.Module):
         super().__init__()
         self.channels = channels
         self.downscale = 1
+        self.sample_range: float | None = 1.0  # images live in [-1, 1]: samplers may clip x0 to it
 
     def latent_params(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return pixels, torch.zeros_like(pixels)
@@ -53,6 +54,9 @@ class VaeEncoder(nn.Module):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.sample_posterior = sample_posterior
+        # Scaled latents are unbounded (unit variance): clipping x0 to [-1, 1], diffusers' scheduler
+        # default, would destroy them (Stable Diffusion's schedulers set clip_sample=False too).
+        self.sample_range: float | None = None
         self.channels = vae.config.latent_channels
         self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)

@@ -105,7 +105,8 @@ def train_unet(options: TrainOptions) -> dict:
         checkpoints.check_compatible(resume_from, dict(unet.config))
 
     # ---- noise scheduler and optimizer -------------------------------------------------------------
-    noise_scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type)
+    noise_scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
+                                     encoder.sample_range)  # fmt: skip
     optimizer = torch.optim.AdamW(unet.parameters(), lr=options.learning_rate,
                                   betas=(options.adam_beta1, options.adam_beta2),
                                   weight_decay=options.adam_weight_decay, eps=options.adam_epsilon)  # fmt: skip
