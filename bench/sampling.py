@@ -57,7 +57,7 @@ def pipelines(checkpoint: str | None, vae_dir: Path) -> tuple[dict[str, SkipDiff
         vae = AutoencoderKL.from_pretrained(vae_dir)
         torch.manual_seed(0)
         skip = SkipUNet2DModel(**unet_config("digits", sample_size=8, channels=vae.config.latent_channels))
-        scheduler = make_scheduler(1000, "squaredcos_cap_v2", "epsilon")
+        scheduler = make_scheduler(1000, "squaredcos_cap_v2", "epsilon", sample_range=None)  # latents: no clip
         source = "digits preset, random weights, 8x8x4 latents"
     stock = UNet2DModel(
         **{k: v for k, v in dict(skip.config).items() if k not in SKIP_KEYS and not k.startswith("_")}
