@@ -47,6 +47,19 @@ import torch
 from torch import nn
 
 CLOSED, OPEN = 0, 1
+
+
+def rank_share(draw, batch_size: int):
+    """This process's rows of a draw made for the whole data-parallel batch.
+
+    ``draw(n)`` makes n rows from a generator that every process seeds alike; each process draws all
+    ``world_size * batch_size`` rows and keeps its own slice, so a run on N processes consumes the
+    same random numbers, example for example, as one process with the global batch.
+    """
+    import torch.distributed as dist
+
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+    return draw(world * batch_size)[rank * batch_size : (rank + 1) * batch_size]
 NORMALIZATIONS = ("std", "none")
 
 
@@ -173,7 +186,7 @@ class MarkovChain(nn.Module):
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample one path per example: a float tensor (batch_size, K) of 0/1 on the chain's device."""
-        uniforms = torch.rand(batch_size, self.num_links, generator=generator, device="cpu")
+        uniforms = rank_share(lambda n: torch.rand(n, self.num_links, generator=generator, device="cpu"), batch_size)
         uniforms = uniforms.to(self.open_prob.device)
         states = torch.empty_like(uniforms)
         previous = None

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .gates import SkipInfo, SkipSpec, build_gate, format_entry, resolve_spec
-from .markov import MarkovChain, check_options
+from .markov import MarkovChain, check_options, rank_share
 
 INFERENCE_MODES = ("expected", "map", "sample")
 
@@ -171,7 +171,7 @@ class SkipRouter(nn.Module):
         keep = self.keep_probabilities()
         if self.training or self.inference == "sample":
             generator = None if self.training else self.inference_generator
-            draws = torch.rand(batch_size, len(self.gates), generator=generator)
+            draws = rank_share(lambda n: torch.rand(n, len(self.gates), generator=generator), batch_size)
             states = {g.info.index: (draws[:, g.info.index] < keep[g.info.index]).float() for g in stochastic}
             if self.chain is not None:
                 path = self.chain.sample(batch_size, generator)  # (B, K_markov), unscaled 0/1

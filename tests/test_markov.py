@@ -320,10 +320,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     generator = torch.Generator().manual_seed(10)  # the same stream on every rank
     batches = []
     for _ in range(STEPS):
-        paths = chain.sample(GLOBAL_BATCH, generator)  # the global batch's paths
+        paths = chain.sample(GLOBAL_BATCH // WORLD, generator)  # this rank's share of the global batch's paths
         losses = simulated_losses(paths, generator)
-        share = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
-        chain.update(paths[share], losses[share])  # each rank sees only its own examples' losses
+        chain.update(paths, losses)  # each rank sees only its own examples' losses
         batches.append((paths, losses))
     torch.save({"state": chain.state_dict(), "batches": batches}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -344,9 +343,11 @@ def test_two_processes_keep_identical_chains(tmp_path):
 
     single = _chain_for_ddp()  # one process, the whole global batch, same paths and losses
     half = _chain_for_ddp()  # what rank 0 would have learnt without the all-reduce
-    for paths, losses in results[0]["batches"]:
-        single.update(paths, losses)
-        half.update(paths[: GLOBAL_BATCH // WORLD], losses[: GLOBAL_BATCH // WORLD])
+    pairs = list(zip(results[0]["batches"], results[1]["batches"], strict=True))
+    assert not torch.equal(pairs[0][0][0], pairs[0][1][0])  # the ranks sampled different examples' paths
+    for (paths0, losses0), (paths1, losses1) in pairs:
+        single.update(torch.cat([paths0, paths1]), torch.cat([losses0, losses1]))
+        half.update(paths0, losses0)
     assert not torch.equal(half.utility, results[0]["state"]["utility"])
     assert int(single.num_updates) == STEPS
     for name, value in single.state_dict().items():

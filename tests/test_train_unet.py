@@ -403,3 +403,29 @@ def test_two_processes_train_one_model_and_only_the_main_one_writes(tmp_path):
     counts = chain["skip_router.chain.counts"]  # (links, previous state, state)
     assert counts[1:].sum(dim=(1, 2)).tolist() == [2 * 16 * 4] * (NUM_SKIPS - 1)
     assert SkipDiffPipeline.from_pretrained(out).unet.skip_router.chain is not None
+
+
+@pytest.mark.parametrize("skips", ["full", "markov"])
+def test_two_processes_match_one_process_with_the_same_global_batch(skips, tmp_path):
+    """1 process x batch 32 vs 2 gloo processes x batch 16: accelerate gives the ranks the two halves of
+    the single process's batch, and every rank draws the global batch's noise, timesteps and gate
+    states and keeps its slice, so only float summation order differs. Stated tolerance: 1e-4
+    absolute on every weight and on every logged loss (the learning rate is <= 1.6e-4 in these steps)."""
+    extra = ["--skips", skips, "--markov", "warmup_steps=1,min_count=1", "--max_train_steps", "4", "--use_ema"]
+    single = tmp_path / "single"
+    run_train_unet(tiny_args(single, *extra, "--train_batch_size", "32"))
+    double = tmp_path / "double"
+    launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT),
+            *tiny_args(double, *extra, "--train_batch_size", "16")], cwd=tmp_path)  # fmt: skip
+
+    one, two = tensors(single / UNET_WEIGHTS), tensors(double / UNET_WEIGHTS)
+    assert max_abs_difference(one, two) <= 1e-4
+    assert max_abs_difference(tensors(single / EMA_WEIGHTS), tensors(double / EMA_WEIGHTS)) <= 1e-4
+    losses = [[r["loss"] for r in stats(run) if "loss" in r] for run in (single, double)]
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert max(abs(a - b) for a, b in zip(*losses, strict=True)) <= 1e-4
+    if skips == "markov":  # the chain learned from the same 32 examples per step in both runs
+        assert int(two["skip_router.chain.num_updates"]) == 4
+        assert torch.allclose(one["skip_router.chain.open_prob"], two["skip_router.chain.open_prob"], atol=1e-5)
+        assert not torch.equal(two["skip_router.chain.open_prob"], torch.full_like(two["skip_router.chain.open_prob"], 0.8))

@@ -22,6 +22,7 @@ from .. import SkipUNet2DModel
 from ..data import image_channels, load_image_splits, num_classes
 from ..diffusion import make_scheduler, per_example_loss
 from ..encoders import batch_latents
+from ..markov import rank_share
 from ..presets import unet_config
 from . import checkpoints, hub
 from .cli import parse_args, parse_key_values, to_json
@@ -165,8 +166,13 @@ def train_unet(options: TrainOptions) -> dict:
             router.record_norms = logging_step
             with accelerator.accumulate(unet):
                 latents = batch_latents(encoder, batch)
-                noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, options.num_train_timesteps, (latents.shape[0],), device=latents.device)
+                # Drawn for the global batch on every rank (each keeps its slice): N processes use the
+                # noise one process with the global batch would, so the two runs match.
+                size = latents.shape[0]
+                shape = tuple(latents.shape[1:])
+                noise = rank_share(lambda n, shape=shape: torch.randn(n, *shape), size).to(latents)
+                timesteps = rank_share(lambda n: torch.randint(0, options.num_train_timesteps, (n,)), size)
+                timesteps = timesteps.to(latents.device)
                 losses = per_example_loss(unet, noise_scheduler, latents, noise, timesteps,
                                           class_labels=batch.get("labels") if classes else None,
                                           snr_gamma=options.snr_gamma)  # fmt: skip
@@ -211,9 +217,10 @@ def train_unet(options: TrainOptions) -> dict:
                 ema.step(unet.parameters())
             if router.chain is not None:
                 router.update_chain(losses.detach())
-            window_loss += float(loss.detach())
             window_count += 1
-            by_bucket.add(accelerator.gather(losses.detach()), accelerator.gather(timesteps))
+            global_losses = accelerator.gather(losses.detach())  # the logged loss is the global batch's
+            window_loss += float(global_losses.mean())
+            by_bucket.add(global_losses, accelerator.gather(timesteps))
 
             if logging_step:
                 seconds = (time.perf_counter() - window_start) / max(window_count, 1)
