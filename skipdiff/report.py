@@ -461,16 +461,7 @@ def classifier_heatmap(records: list[dict], path: Path, title: str) -> bool:
     rows = dedupe_steps([r for r in records if isinstance(r.get("grad_norm"), dict)])
     if not rows:
         return False
-    units = list(rows[0]["grad_norm"])
-    matrix = np.array([[r["grad_norm"].get(u, np.nan) for r in rows] for u in units])
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(units) + 1.5))
-    image = ax.imshow(np.log10(np.maximum(matrix, 1e-12)), aspect="auto", cmap="magma",
-                      extent=(rows[0]["step"], rows[-1]["step"], len(units) - 0.5, -0.5))  # fmt: skip
-    ax.set_yticks(range(len(units)), units, fontsize=7)
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="log10 grad norm")
-    _save(fig, path)
+    _save(plots.heatmap_figure(rows, "grad_norm", list(rows[0]["grad_norm"]), title), path)
     return True
 
 

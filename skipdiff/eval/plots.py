@@ -52,14 +52,20 @@ def grad_norm_heatmap(records: list[dict], path, title: str = "") -> None:
     """Blocks x training steps heatmap of log10 gradient norms."""
     rows = [r for r in records if r.get("grad_norm_by_block")]
     blocks = ordered_blocks({b for r in rows for b in r["grad_norm_by_block"]})
-    matrix = np.array([[r["grad_norm_by_block"].get(b, np.nan) for r in rows] for b in blocks])
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(blocks) + 1.5))
-    image = ax.imshow(np.log10(np.maximum(matrix, 1e-12)), aspect="auto", cmap="magma",
-                      extent=(rows[0]["step"], rows[-1]["step"], len(blocks) - 0.5, -0.5))  # fmt: skip
-    ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="log10 grad norm")
+    fig = heatmap_figure(rows, "grad_norm_by_block", blocks, title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def heatmap_figure(rows: list[dict], key: str, units: list[str], title: str):
+    """A units x steps heatmap of log10 of ``row[key][unit]`` (gradient norms); the caller saves it."""
+    matrix = np.array([[r[key].get(u, np.nan) for r in rows] for u in units])
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(units) + 1.5))
+    image = ax.imshow(np.log10(np.maximum(matrix, 1e-12)), aspect="auto", cmap="magma",
+                      extent=(rows[0]["step"], rows[-1]["step"], len(units) - 0.5, -0.5))  # fmt: skip
+    ax.set_yticks(range(len(units)), units, fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="log10 grad norm")
+    return fig
