@@ -58,7 +58,8 @@ REPORT_FILES = ("loss_", "grad_", "markov_")
 DIFFUSION_COLUMNS = [("fid", "FID ↓", "pm"), ("fid_floor", "FID floor", "mean"), ("denoise", "denoise MSE ↓", "pm"),
                      ("final_loss", "final train loss", "pm"), ("loss_spikes", "loss spikes", "mean"),
                      ("grad_spikes", "grad spikes", "mean"), ("grad_cv", "grad-norm CV", "mean"),
-                     ("first_last", "first/last grad", "mean"), ("parameters", "parameters", "int"),
+                     ("first_last", "first/last grad", "mean"), ("closed", "skips closed", "mean"),
+                     ("flops_saved", "FLOPs saved", "mean"), ("parameters", "parameters", "int"),
                      ("seconds_per_step", "s/step", "mean")]  # fmt: skip
 CLASSIFIER_COLUMNS = [("test_accuracy", "test accuracy ↑", "pm"), ("test_loss", "test loss ↓", "pm"),
                       ("train_loss", "train loss", "pm"), ("grad_ratio_init", "first/last grad (init)", "mean"),
@@ -69,7 +70,10 @@ TABLE_NOTES = {
     "sampling seeds, next to the real-vs-real floor at the same sample count). Stability: spikes by "
     "skipdiff.eval's median + k·MAD rule; CV = std/mean of the total gradient norm; first/last = "
     "median ratio of the first to the last block's gradient norm (< 1: vanishing toward the input). "
-    "Rows marked (inference) are the trained model with other skips at inference only.",
+    "Rows marked (inference) are the trained model with other skips at inference only; a `map` row is a "
+    "model with stochastic skips (markov, bernoulli) run on its most likely path, with the fraction of "
+    "skips that path closes and the FLOPs of one UNet forward saved by removing them (skipdiff.eval.compute); "
+    "the model's own row samples with every stochastic gate at its expected value.",
     "classifier": "Mean ± sample std over training seeds. Test accuracy and loss on the held-out split after "
     "the last epoch; train loss in eval mode over the whole train split; first/last grad = the first "
     "residual block's gradient norm over the last one's, at step 1 (init) and at the last logged step "
@@ -160,6 +164,8 @@ def diffusion_metrics(evaluation: dict, records: list[dict], variant: bool = Fal
         "grad_spikes": stability.get("grad_spikes"),
         "grad_cv": stability.get("grad_norm_cv"),
         "first_last": stability.get("first_to_last_ratio_median"),
+        "closed": evaluation.get("fraction_closed"),  # only in eval.json's "map" block
+        "flops_saved": evaluation.get("flops_saved_fraction"),
         "parameters": evaluation.get("parameters"),
         "seconds_per_step": None if variant else seconds_per_step(records),
     }
@@ -196,6 +202,9 @@ def cells_to_results(cells: list[dict], kind: str) -> list[Result]:
         chains = [r["markov"] for r in dedupe_steps([r for r in records if r.get("markov")])]
         results.append(Result(configuration=configuration, metrics=diffusion_metrics(evaluation, records),
                               records=records, chain=final_chain(chains[-1] if chains else None, "skip"), **common))  # fmt: skip
+        if "map" in evaluation:  # stochastic skips, scored on their MAP path too
+            results.append(Result(configuration=f"{configuration} · map (inference)", variant="map", records=[],
+                                  metrics=diffusion_metrics(evaluation["map"], [], variant=True), **common))  # fmt: skip
         for label in cell.get("variants", {}):
             variant_eval = json.loads((folder / "variants" / label / "eval" / "eval.json").read_text())
             results.append(Result(configuration=f"{configuration} · {label} (inference)", variant=label, records=[],

@@ -167,3 +167,21 @@ def test_missing_or_mismatched_checkpoints_fail_clearly(tiny_run, tmp_path):
     (mismatched / "training_options.json").write_text(json.dumps({**options, "resolution": 16}))
     with pytest.raises(ValueError, match="8px images but the dataset is evaluated at 16px"):
         evaluate(from_dict(EvalOptions, {"checkpoint": str(mismatched), "denoise_loss": True}))
+
+
+def test_stochastic_skips_are_also_scored_under_their_map_path(tiny_run, tmp_path):
+    run = tmp_path / "markov"
+    run_train_unet(tiny_args(run, "--max_train_steps", "4", "--skips", "markov", "--markov", "warmup_steps=0,min_count=1"))
+    main(["--checkpoint", str(run), "--denoise_loss", "--buckets", "2", "--num_threads", "1"])
+    result = json.loads((run / "eval" / "eval.json").read_text())
+    score = result["map"]
+    assert len(score["recommended"]) == 4 and set(score["recommended"]) <= {"keep", "zero"}
+    assert score["fraction_closed"] == score["recommended"].count("zero") / 4
+    assert score["flops_map"] <= score["flops_trained"]
+    assert len(score["denoise"]["buckets"]) == 2
+    # Under map every gate is 0 or 1 / P(open): the loss differs from the expected-value forward's.
+    assert score["denoise"]["mean"] != result["denoise"]["mean"]
+    main(["--checkpoint", str(run), "--denoise_loss", "--buckets", "2", "--no-map", "--out", str(tmp_path / "e")])
+    assert "map" not in json.loads((tmp_path / "e" / "eval.json").read_text())
+    main(["--checkpoint", str(tiny_run), "--denoise_loss", "--buckets", "2", "--out", str(tmp_path / "d")])
+    assert "map" not in json.loads((tmp_path / "d" / "eval.json").read_text())  # deterministic skips only

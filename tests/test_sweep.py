@@ -179,6 +179,27 @@ def test_report_regenerates_byte_identically(micro_sweep, tmp_path):
     assert str(micro_sweep) not in text  # no absolute paths
 
 
+def test_report_adds_a_map_row_for_stochastic_skips(micro_sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(micro_sweep, copy)
+    eval_path = copy / "skips-full__seed-0" / "eval" / "eval.json"
+    evaluation = json.loads(eval_path.read_text())
+    evaluation["map"] = {"recommended": ["keep", "zero", "keep", "zero"], "closed": [1, 3], "fraction_closed": 0.5,
+                         "flops_trained": 1000, "flops_map": 750, "flops_saved_fraction": 0.25,
+                         "denoise": {"mean": 0.125}}  # fmt: skip
+    eval_path.write_text(json.dumps(evaluation))
+    text = write_report(copy, tmp_path / "report").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| skips=full · map (inference) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = next(line for line in text.splitlines() if line.startswith("| configuration |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    values = dict(zip(columns, cells, strict=True))
+    assert values["denoise MSE ↓"] == "0.125"
+    assert values["skips closed"] == "0.5" and values["FLOPs saved"] == "0.25"
+    trained = next(line for line in text.splitlines() if line.startswith("| skips=full | 1 |"))
+    assert dict(zip(columns, [c.strip() for c in trained.strip("|").split("|")], strict=True))["skips closed"] == "–"
+
+
 def test_rank_separates_real_differences_from_seed_noise():
     ranking = rank(
         {"a": [1.0, 1.1, 0.9], "b": [5.0, 5.1, 4.9], "c": [1.2, 0.8, 1.3], "d": [0.5]}, lower_is_better=True

@@ -5,6 +5,10 @@
     python -m skipdiff.eval --checkpoint runs/a --grad_stability --skip_importance --importance_factors 0 0.5
     python -m skipdiff.eval --compare runs/a runs/b --out runs/compare      # side by side (each run evaluated first)
 
+A model with stochastic skips (``markov``, ``bernoulli``) is scored as it samples by default (each gate
+at its expected value); ``--map`` (on by default) adds its MAP configuration: which skips it closes,
+the FLOPs that removing them saves (:mod:`.compute`), and the denoising loss and FID under ``map``.
+
 Writes ``eval.json`` (every number and the settings that produced it), ``eval.md`` and PNG plots to
 ``--out`` (default ``<checkpoint>/eval``).
 """
@@ -23,6 +27,7 @@ from ..training.cli import option, parse_args
 from ..training.telemetry import read_stats
 from . import plots
 from .denoise import denoising_loss_by_bucket
+from .compute import map_compute
 from .features import EXTRACTOR_CHOICES, resolve_extractor
 from .fid import fid_with_floor, real_splits, reference_and_heldout
 from .importance import importance_heatmap, skip_importance
@@ -58,6 +63,11 @@ class EvalOptions:
     skip_importance: bool = option(False, "delta denoising loss when each skip alone is zeroed/scaled")
     importance_factors: list[float] = option([0.0], "factors each skip is scaled by (0 = zeroed)")
     no_ema: bool = option(False, "score the raw weights even when unet_ema/ exists")
+    map: bool = option(
+        True,
+        "with stochastic skips: also score the MAP configuration (closed skips, FLOPs saved, "
+        "denoising loss and FID under map inference)",
+    )
     compare: list[str] = option([], "run folders to put side by side (reads each <run>/eval/eval.json)")
     out: str | None = option(None, "output folder (default <checkpoint>/eval)")
     num_threads: int | None = option(None, "torch CPU threads")
@@ -136,9 +146,38 @@ def evaluate(options: EvalOptions) -> dict:
         timings["importance_seconds"] = time.perf_counter() - start
         for factor in importance["factors"]:
             importance_heatmap(importance, factor, out / f"skip_importance_{factor}.png")
+    if options.map and _has_stochastic_skips(pipeline.unet):
+        start = time.perf_counter()
+        result["map"] = _score_map(options, pipeline, training, channels, batches, conditional)
+        timings["map_seconds"] = time.perf_counter() - start
     result["timings"] = timings
     (out / "eval.json").write_text(json.dumps(result, indent=2, default=float))
     (out / "eval.md").write_text(summary_markdown({Path(options.checkpoint).name: result}))
+    return result
+
+
+def _has_stochastic_skips(unet) -> bool:
+    router = getattr(unet, "skip_router", None)
+    return router is not None and any(gate.stochastic for gate in router.gates)
+
+
+def _score_map(options: EvalOptions, pipeline, training: dict, channels: int, batches, conditional: bool) -> dict:
+    """The MAP configuration's closed skips and FLOPs saved, and its denoising loss / FID (as requested)."""
+    router = pipeline.unet.skip_router
+    latent_shape = (pipeline.unet.config.in_channels, *(_sample_size(pipeline),) * 2)
+    result = map_compute(pipeline.unet, latent_shape, class_label=0 if conditional else None)
+    previous = router.inference
+    router.set_inference("map")
+    try:
+        if options.denoise_loss:
+            denoise = denoising_loss_by_bucket(pipeline.unet, pipeline.scheduler, pipeline.encoder(), batches,
+                                               options.buckets, seed=0, conditional=conditional)  # fmt: skip
+            denoise.pop("per_example")
+            result["denoise"] = denoise
+        if options.fid:
+            result["fid"] = _fid(options, pipeline, training, channels)
+    finally:
+        router.set_inference(previous)
     return result
 
 
