@@ -237,11 +237,39 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
     return None if math.isnan(p) else p
 
 
-def rank(values: dict[str, list[float]], lower_is_better: bool) -> list[dict]:
-    """Configurations sorted best first, each compared with the best by :func:`welch_p`.
+def pooled_seed_variance(values: dict[str, list[float]]) -> tuple[float, int]:
+    """Seed-to-seed variance pooled over the configurations with at least two values, and its degrees
+    of freedom (sum of n_i - 1); (0.0, 0) when no configuration has two."""
+    squares, df = 0.0, 0
+    for raw in values.values():
+        mine = [v for v in raw if v is not None and math.isfinite(v)]
+        if len(mine) >= 2:
+            squares += statistics.variance(mine) * (len(mine) - 1)
+            df += len(mine) - 1
+    return (squares / df, df) if df else (0.0, 0)
 
-    ``values``: configuration -> one value per training seed. Returns dicts with ``configuration``,
-    ``mean``, ``std``, ``seeds``, ``delta`` (vs the best), ``p`` and ``verdict``.
+
+def pooled_p(a: list[float], b: list[float], variance: float, df: int) -> float | None:
+    """Two-sided t-test of mean(a) = mean(b) with a known pooled seed variance (``df`` degrees of freedom).
+
+    For a side with a single seed, where Welch's test is undefined; it assumes every configuration has
+    the same seed-to-seed variance. None without a pooled estimate.
+    """
+    if df < 1 or variance <= 0 or not a or not b:
+        return None
+    from scipy.stats import t
+
+    statistic = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(variance * (1 / len(a) + 1 / len(b)))
+    return float(2 * t.sf(abs(statistic), df))
+
+
+def rank(values: dict[str, list[float]], lower_is_better: bool) -> list[dict]:
+    """Configurations sorted best first, each compared with the best.
+
+    ``values``: configuration -> one value per training seed. The test is Welch's (:func:`welch_p`) when
+    both sides have two or more seeds, else :func:`pooled_p` with the seed variance pooled over all
+    configurations (:func:`pooled_seed_variance`). Returns dicts with ``configuration``, ``mean``,
+    ``std``, ``seeds``, ``delta`` (vs the best), ``p``, ``test`` (welch, pooled or None) and ``verdict``.
     """
     stats = {name: mean_std(v) for name, v in values.items() if mean_std(v)[0] is not None}
     sign = 1.0 if lower_is_better else -1.0
@@ -250,21 +278,26 @@ def rank(values: dict[str, list[float]], lower_is_better: bool) -> list[dict]:
         return []
     best = order[0]
     best_values = [v for v in values[best] if v is not None]
+    variance, df = pooled_seed_variance(values)
     rows = []
     for name in order:
         mine = [v for v in values[name] if v is not None]
         row = {"configuration": name, "mean": stats[name][0], "std": stats[name][1], "seeds": len(mine),
-               "delta": stats[name][0] - stats[best][0], "p": None}  # fmt: skip
+               "delta": stats[name][0] - stats[best][0], "p": None, "test": None}  # fmt: skip
         if name == best:
             row["verdict"] = "best"
+            rows.append(row)
+            continue
+        row["p"], row["test"] = welch_p(mine, best_values), "welch"
+        if row["p"] is None:
+            row["p"], row["test"] = pooled_p(mine, best_values, variance, df), "pooled"
+        if row["p"] is None:
+            row["test"] = None
+            row["verdict"] = "not distinguishable from seed noise (one seed: no test)"
+        elif row["p"] <= ALPHA:
+            row["verdict"] = "worse beyond seed noise"
         else:
-            row["p"] = welch_p(mine, best_values)
-            if row["p"] is None:
-                row["verdict"] = "not distinguishable from seed noise (one seed: no test)"
-            elif row["p"] <= ALPHA:
-                row["verdict"] = "worse beyond seed noise"
-            else:
-                row["verdict"] = "not distinguishable from seed noise"
+            row["verdict"] = "not distinguishable from seed noise"
         rows.append(row)
     return rows
 
@@ -320,13 +353,13 @@ def ranking_metric(kind: str, configurations: dict[str, list[Result]]) -> tuple[
 
 def ranking_markdown(dataset: str, ranking: list[dict], metric: str, lower: bool) -> list[str]:
     lines = [f"### Ranking by {metric} ({'lower' if lower else 'higher'} is better)", "",
-             "| rank | configuration | seeds | " + metric + " | Δ vs best | Welch p | verdict |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| rank | configuration | seeds | " + metric + " | Δ vs best | p | test | verdict |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for i, row in enumerate(ranking, 1):
         delta = "–" if row["verdict"] == "best" else f"{row['delta']:+.4g}"
         p = "–" if row["p"] is None else f"{row['p']:.2g}"
         lines.append(f"| {i} | {row['configuration']} | {row['seeds']} | {_pm(row['mean'], row['std'])} | {delta} | "
-                     f"{p} | {row['verdict']} |")  # fmt: skip
+                     f"{p} | {row.get('test') or '–'} | {row['verdict']} |")  # fmt: skip
     best = ranking[0]
     tests = [r for r in ranking[1:] if r["p"] is not None]
     worse = [r["configuration"] for r in ranking[1:] if r["verdict"] == "worse beyond seed noise"]
@@ -340,11 +373,15 @@ def ranking_markdown(dataset: str, ranking: list[dict], metric: str, lower: bool
     else:
         text = f"**{best['configuration']}** has the best {metric}. "
         if worse:
-            text += f"{len(worse)} of the {len(ranking) - 1} others are worse beyond seed noise (Welch p ≤ {ALPHA}). "
+            text += f"{len(worse)} of the {len(ranking) - 1} others are worse beyond seed noise (p ≤ {ALPHA}). "
         if tied:
             text += ("Not distinguishable from it: " + "; ".join(tied)
                      + ("; the data do not single out one configuration. " if not worse else "; these remain candidates. "))  # fmt: skip
         lines[-1] += text + f"{len(tests)} test(s), not corrected for multiple comparisons."
+    if any(r["test"] == "pooled" for r in ranking):
+        lines += ["", "Tests: `welch` = Welch's t-test on the per-seed values; `pooled` = a t-test for a side with "
+                  "one seed, using the seed-to-seed variance pooled over the configurations with two or more "
+                  "seeds (it assumes every configuration has the same seed noise)."]  # fmt: skip
     return lines
 
 

@@ -206,7 +206,17 @@ def test_rank_separates_real_differences_from_seed_noise():
     )
     verdicts = {row["configuration"]: row["verdict"] for row in ranking}
     assert ranking[0]["configuration"] == "d"  # lowest mean, but a single seed
-    assert verdicts["a"].startswith("not distinguishable") and "one seed" in verdicts["a"]
+    # d against the others: the seed variance pooled over a, b, c (0.01, 0.01, 0.07; df 6) -> a t-test.
+    tests = {row["configuration"]: row["test"] for row in ranking}
+    assert tests == {"d": None, "a": "pooled", "b": "pooled", "c": "pooled"}
+    assert verdicts["b"] == "worse beyond seed noise"  # t = 22.5
+    assert verdicts["a"] == "worse beyond seed noise"  # t = 0.5 / sqrt(0.03 * 4/3) = 2.5, p = 0.047
+    from scipy.stats import t
+
+    expected = 2 * t.sf(abs(1.0 - 0.5) / (0.03 * (1 / 3 + 1)) ** 0.5, 6)
+    assert next(r["p"] for r in ranking if r["configuration"] == "a") == pytest.approx(expected, rel=1e-9)
+    alone = rank({"a": [1.0], "b": [5.0]}, lower_is_better=True)  # no configuration with two seeds: no test
+    assert alone[1]["test"] is None and "one seed" in alone[1]["verdict"]
     ranking = rank({"a": [1.0, 1.1, 0.9], "b": [5.0, 5.1, 4.9], "c": [1.2, 0.8, 1.3]}, lower_is_better=True)
     verdicts = {row["configuration"]: row["verdict"] for row in ranking}
     assert verdicts == {
