@@ -26,8 +26,8 @@ import torch
 from ..training.cli import option, parse_args
 from ..training.telemetry import read_stats
 from . import plots
-from .denoise import denoising_loss_by_bucket
 from .compute import map_compute
+from .denoise import denoising_loss_by_bucket
 from .features import EXTRACTOR_CHOICES, resolve_extractor
 from .fid import fid_with_floor, real_splits, reference_and_heldout
 from .importance import importance_heatmap, skip_importance
