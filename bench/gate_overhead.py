@@ -13,15 +13,21 @@ least).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import diffusers
 import torch
 from diffusers import UNet2DModel
 
 from skipdiff import SkipUNet2DModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import parse_timing_args, time_interleaved  # noqa: E402  (bench/ is not a package)
 
 CONFIGS = {
     # diffusers' test size: for a quick check that the script runs.
@@ -102,15 +108,8 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="digits", help="UNet backbone")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=None, help="sample size (default: the config's)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per model")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    args = parser.parse_args()
-    for name in ("batch_size", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    args = parse_timing_args(parser)
 
-    torch.set_num_threads(args.threads)
     config = dict(CONFIGS[args.config])
     if args.resolution is not None:
         config["sample_size"] = args.resolution
@@ -123,15 +122,9 @@ def main() -> None:
     target = torch.randn(shape, generator=generator)
     timesteps = torch.randint(0, 1000, (args.batch_size,), generator=generator)
 
+    steps = {name: functools.partial(train_step, model) for name, model in models.items()}
+    times = time_interleaved(steps, (sample, timesteps, target), args.repeats, args.warmup)
     names = list(models)
-    for name in names:
-        for _ in range(args.warmup):
-            train_step(models[name], sample, timesteps, target)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(args.repeats):
-        start = repeat % len(names)
-        for name in names[start:] + names[:start]:
-            times[name].append(train_step(models[name], sample, timesteps, target))
 
     median = {name: statistics.median(t) for name, t in times.items()}
     ratio = {name: median[name] / median["stock"] for name in names}

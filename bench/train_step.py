@@ -73,13 +73,9 @@ def time_interleaved(steps: dict, inputs: tuple, repeats: int, warmup: int) -> d
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=sorted(UNET_PRESETS), default="digits", help="UNet preset")
-    parser.add_argument("--pixel", action="store_true", help="pixel space 16x16x1 instead of latents 8x8x4")
-    parser.add_argument("--batch_size", type=int, default=128)
+def parse_timing_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add ``--repeats``, ``--warmup`` and ``--threads`` to a bench's ``parser`` (which has ``--batch_size``),
+    parse, reject values below 1 and set torch's thread count."""
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -88,6 +84,17 @@ def main() -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=sorted(UNET_PRESETS), default="digits", help="UNet preset")
+    parser.add_argument("--pixel", action="store_true", help="pixel space 16x16x1 instead of latents 8x8x4")
+    parser.add_argument("--batch_size", type=int, default=128)
+    args = parse_timing_args(parser)
 
     size, channels = (16, 1) if args.pixel else (8, 4)
     models = build(args.model, size, channels)

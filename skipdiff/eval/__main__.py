@@ -130,9 +130,8 @@ def evaluate(options: EvalOptions) -> dict:
             raise ValueError(f"--grad_stability needs {stats_path} (a local run folder)")
         records = read_stats(stats_path)
         stability = stability_from_stats(records, options.spike_window, options.spike_k)
-        latent_shape = (pipeline.unet.config.in_channels, *(_sample_size(pipeline),) * 2)
         stability["shattering"] = shattering_probe(
-            pipeline.unet, latent_shape, class_label=0 if conditional else None
+            pipeline.unet, _latent_shape(pipeline), class_label=0 if conditional else None
         )
         result["grad_stability"] = stability
         plots.grad_norms_over_training(records, out / "grad_norms.png", Path(options.checkpoint).name)
@@ -164,8 +163,7 @@ def _has_stochastic_skips(unet) -> bool:
 def _score_map(options: EvalOptions, pipeline, training: dict, channels: int, batches, conditional: bool) -> dict:
     """The MAP configuration's closed skips and FLOPs saved, and its denoising loss / FID (as requested)."""
     router = pipeline.unet.skip_router
-    latent_shape = (pipeline.unet.config.in_channels, *(_sample_size(pipeline),) * 2)
-    result = map_compute(pipeline.unet, latent_shape, class_label=0 if conditional else None)
+    result = map_compute(pipeline.unet, _latent_shape(pipeline), class_label=0 if conditional else None)
     previous = router.inference
     router.set_inference("map")
     try:
@@ -179,6 +177,11 @@ def _score_map(options: EvalOptions, pipeline, training: dict, channels: int, ba
     finally:
         router.set_inference(previous)
     return result
+
+
+def _latent_shape(pipeline) -> tuple[int, int, int]:
+    """(C, H, W) of one sample the UNet denoises."""
+    return (pipeline.unet.config.in_channels, *(_sample_size(pipeline),) * 2)
 
 
 def _sample_size(pipeline) -> int:
