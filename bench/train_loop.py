@@ -113,7 +113,9 @@ def reference(vae_dir: Path, steps: int, log_every: int, threads: int, seed: int
     from tqdm.auto import tqdm
 
     from skipdiff import SkipUNet2DModel
+    from skipdiff.config import subset
     from skipdiff.data import collate_images, image_transform, load_image_splits, with_pixel_values
+    from skipdiff.data_options import DataOptions
     from skipdiff.presets import unet_config
     from skipdiff.training.options import TrainOptions
 
@@ -135,7 +137,7 @@ def reference(vae_dir: Path, steps: int, log_every: int, threads: int, seed: int
     optimizer = torch.optim.AdamW(unet.parameters(), lr=defaults.learning_rate,
                                   betas=(defaults.adam_beta1, defaults.adam_beta2),
                                   weight_decay=defaults.adam_weight_decay, eps=defaults.adam_epsilon)  # fmt: skip
-    splits = load_image_splits("digits", split_seed=defaults.split_seed, test_fraction=defaults.test_fraction)
+    splits = load_image_splits(subset(DataOptions, defaults))
     dataset = with_pixel_values(splits["train"], image_transform(defaults.resolution, 1))
     loader = DataLoader(dataset, batch_size=defaults.train_batch_size, shuffle=True, drop_last=True,
                         collate_fn=collate_images, num_workers=defaults.dataloader_num_workers)  # fmt: skip

@@ -1,29 +1,53 @@
-"""skipdiff: what skip connections do in diffusion UNets, on the Hugging Face stack."""
+"""skipdiff: what skip connections do in diffusion UNets, on the Hugging Face stack.
 
-# ``ModelMixin`` is re-exported on purpose: diffusers' pipeline loader looks up its loadable base
-# classes (ModelMixin, SchedulerMixin, ...) in the top-level module of a component's library, so a
-# saved DDPMPipeline holding a SkipUNet2DModel only loads if ``skipdiff.ModelMixin`` exists.
-from diffusers import ModelMixin  # noqa: F401
+Names are imported lazily (on first use), so that command-line tools can parse and check their
+options, and answer ``--help``, without importing torch and diffusers first.
+"""
 
-from .gates import GATES, PRESETS, SkipGate, SkipInfo, register_gate, register_preset, resolve_spec
-from .markov import MarkovChain
-from .router import SkipRouter, discover_skips, format_skip_table
-from .unet import SkipUNet2DModel, apply_skip_spec
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GATES",
-    "PRESETS",
-    "MarkovChain",
-    "SkipGate",
-    "SkipInfo",
-    "SkipRouter",
-    "SkipUNet2DModel",
-    "apply_skip_spec",
-    "discover_skips",
-    "format_skip_table",
-    "register_gate",
-    "register_preset",
-    "resolve_spec",
-]
+# name -> module (relative to this package) that defines it.
+_EXPORTS = {
+    "GATES": ".gates",
+    "PRESETS": ".gates",
+    "SkipGate": ".gates",
+    "SkipInfo": ".gates",
+    "register_gate": ".gates",
+    "register_preset": ".gates",
+    "resolve_spec": ".gates",
+    "MarkovChain": ".markov",
+    "SkipRouter": ".router",
+    "discover_skips": ".router",
+    "format_skip_table": ".router",
+    "SkipUNet2DModel": ".unet",
+    "apply_skip_spec": ".unet",
+    "SkipDiffPipeline": ".pipeline",
+    "enable_skip_cache": ".caching",
+    "disable_skip_cache": ".caching",
+    "load_skip_gates": ".adapters",
+    "save_skip_gates": ".adapters",
+    "unload_skip_gates": ".adapters",
+    # diffusers' pipeline loader looks up its loadable base classes (ModelMixin, SchedulerMixin, ...)
+    # in the top-level module of a component's library, so a saved DDPMPipeline holding a
+    # SkipUNet2DModel only loads if ``skipdiff.ModelMixin`` exists.
+    "ModelMixin": "diffusers",
+}
+
+__all__ = sorted(name for name in _EXPORTS if name != "ModelMixin")
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'skipdiff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

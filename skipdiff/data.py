@@ -17,6 +17,7 @@ own ``test`` split.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +28,9 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence
 from PIL import Image as PILImage
 from torchvision import transforms
 
+from .data_options import IMAGE_DATASETS, TABULAR_DATASETS, DataOptions
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-MODE_CHANNELS = {"L": 1, "RGB": 3}
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 
 
@@ -50,24 +52,14 @@ def _digits() -> Dataset:
 
 
 BUILTIN_IMAGE_DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits}
+if set(BUILTIN_IMAGE_DATASETS) != set(IMAGE_DATASETS):
+    raise ImportError(f"built-in image loaders {sorted(BUILTIN_IMAGE_DATASETS)} != names {sorted(IMAGE_DATASETS)}")
 
 
 def _tabular_loader(name: str) -> Callable:
     import sklearn.datasets
 
     return getattr(sklearn.datasets, f"load_{name}")
-
-
-TABULAR_DATASETS = {
-    "breast_cancer": "medicine: 569 tumours, 30 cell-nucleus features, benign/malignant",
-    "wine": "chemistry: 178 wines, 13 chemical measurements, 3 cultivars",
-    "iris": "botany: 150 flowers, 4 measurements, 3 species",
-}
-
-
-def dataset_kind(name: str) -> str:
-    """``"image"`` or ``"tabular"`` for a built-in name; Hub ids and folders are images."""
-    return "tabular" if name in TABULAR_DATASETS else "image"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,57 +77,52 @@ def split_dataset(dataset: Dataset, test_fraction: float, seed: int, label_colum
     return dataset.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column=stratify)
 
 
-def load_image_splits(
-    dataset: str | None = "digits",
-    *,
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    train_data_dir: str | os.PathLike | None = None,
-    image_column: str = "image",
-    label_column: str | None = "label",
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
-    cache_dir: str | None = None,
-    skip_corrupt: bool = False,
-) -> DatasetDict:
-    """Load an image dataset as ``DatasetDict(train=..., test=...)`` with ``image``/``label`` columns.
+def load_image_splits(data: DataOptions) -> DatasetDict:
+    """Load an image dataset as ``DatasetDict(train=..., test=...)`` with ``image``/``label`` columns
+    (``caption`` too when ``data.caption_column`` is set).
 
     Exactly one source is used: ``train_data_dir`` (a folder), else ``dataset_name`` (a Hub id),
     else the built-in ``dataset``. Raises ``ValueError`` naming the problem (unknown name, missing
     or empty folder, missing column, corrupt image) before any training starts.
     """
-    if train_data_dir is not None:
-        raw, image_column = _load_folder(Path(train_data_dir), skip_corrupt), "image"
-    elif dataset_name is not None:
-        raw = _load_hub(dataset_name, dataset_config_name, cache_dir)
-    elif dataset in BUILTIN_IMAGE_DATASETS:
-        raw = BUILTIN_IMAGE_DATASETS[dataset]()
-    elif dataset in TABULAR_DATASETS:
+    image_column = data.image_column
+    if data.train_data_dir is not None:
+        raw, image_column = _load_folder(Path(data.train_data_dir), data.skip_corrupt_images), "image"
+    elif data.dataset_name is not None:
+        raw = _load_hub(data.dataset_name, data.dataset_config_name, data.cache_dir)
+    elif data.dataset in BUILTIN_IMAGE_DATASETS:
+        raw = BUILTIN_IMAGE_DATASETS[data.dataset]()
+    elif data.dataset in TABULAR_DATASETS:
         raise ValueError(
-            f"dataset {dataset!r} is tabular; image models need one of {sorted(BUILTIN_IMAGE_DATASETS)}"
+            f"dataset {data.dataset!r} is tabular; image models need one of {sorted(BUILTIN_IMAGE_DATASETS)}"
         )
     else:
         raise ValueError(
-            f"unknown dataset {dataset!r}; built-in image sets: {sorted(BUILTIN_IMAGE_DATASETS)} "
+            f"unknown dataset {data.dataset!r}; built-in image sets: {sorted(BUILTIN_IMAGE_DATASETS)} "
             "(or pass dataset_name=<Hub id> / train_data_dir=<folder>)"
         )
     splits = raw if isinstance(raw, DatasetDict) else DatasetDict(train=raw)
+    skipped = getattr(raw, "skipped_images", [])
     columns = splits["train"].column_names
     if image_column not in columns:
         raise ValueError(f"image column {image_column!r} not in the dataset's columns {columns}")
-    if label_column is not None and label_column not in columns:
-        label_column = None  # unlabelled data is fine for unconditional models; see require_labels
-    keep = [image_column] + ([label_column] if label_column else [])
-    splits = DatasetDict({name: split.select_columns(keep) for name, split in splits.items()})
-    if image_column != "image":
-        splits = splits.rename_column(image_column, "image")
-    if label_column not in (None, "label"):
-        splits = splits.rename_column(label_column, "label")
+    if data.caption_column is not None and data.caption_column not in columns:
+        raise ValueError(f"caption column {data.caption_column!r} not in the dataset's columns {columns}")
+    label_column = data.label_column if data.label_column in columns else None  # unlabelled data is fine
+    renames = {image_column: "image", label_column: "label", data.caption_column: "caption"}
+    renames = {old: new for old, new in renames.items() if old is not None}
+    splits = DatasetDict({name: split.select_columns(list(renames)) for name, split in splits.items()})
+    splits = splits.rename_columns({old: new for old, new in renames.items() if old != new})
     if "test" not in splits:
-        splits = split_dataset(splits["train"], test_fraction, split_seed, "label" if label_column else None)
-    if len(splits["train"]) == 0:
+        splits = split_dataset(splits["train"], data.test_fraction, data.split_seed, "label" if label_column else None)
+    train = splits["train"]
+    if data.max_train_samples is not None and data.max_train_samples < len(train):
+        train = train.shuffle(seed=data.split_seed).select(range(data.max_train_samples))
+    if len(train) == 0:
         raise ValueError("the dataset's train split is empty")
-    return DatasetDict(train=splits["train"], test=splits["test"])
+    result = DatasetDict(train=train, test=splits["test"])
+    result["train"].skipped_images = list(skipped)  # counted by callers' logs
+    return result
 
 
 def _load_hub(dataset_name: str, config_name: str | None, cache_dir: str | None) -> DatasetDict:
@@ -193,20 +180,67 @@ def _readable(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def image_channels(splits: DatasetDict) -> int:
-    """Channels of the dataset's images (1 for grey, 3 for colour), from its first image."""
-    mode = splits["train"][0]["image"].mode
-    return MODE_CHANNELS.get(mode, 3)
+# How a file's pixels become the model's: one rule for every source (documented in the README).
+#   * grey modes ("1", "L", "LA", "I", "I;16*", "F") are grey; every other mode is colour;
+#   * 16-bit and 32-bit integer images are scaled to 8 bits (value / 257; "I" images whose values all
+#     fit in 0..255 are taken as 8-bit), float images ("F") are taken as [0, 1] when they lie in it
+#     and as 0..255 otherwise (clipped); PIL's own conversion would clip them to 255;
+#   * alpha is composited onto black (transparent pixels become black), palette images ("P") are
+#     expanded to their colours (and their transparency) first;
+#   * the dataset's channel count is 3 if any of its images is colour, else 1 (``--image_channels``
+#     sets it); grey images are repeated to RGB, colour images reduced to grey with PIL's luma weights.
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def is_grey_mode(mode: str) -> bool:
+    return mode in GREY_MODES
+
+
+def dataset_channels(splits: DatasetDict, requested: int | None = None) -> int:
+    """The dataset's channel count: ``requested`` when given, else 3 if any image (train or test) is
+    colour, else 1. Reads only each image's header, not its pixels."""
+    if requested is not None:
+        if requested not in CHANNEL_MODES:
+            raise ValueError(f"image channels must be 1 or 3, got {requested}")
+        return requested
+    for split in splits.values():
+        for item in split.cast_column("image", Image(decode=False))["image"]:
+            source = item.get("bytes") or item.get("path")
+            with PILImage.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                if not is_grey_mode(image.mode):
+                    return 3
+    return 1
+
+
+def to_mode(image: PILImage.Image, channels: int) -> PILImage.Image:
+    """A PIL image in any mode -> 8-bit ``L`` (channels 1) or ``RGB`` (channels 3) by the rule above."""
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            values = values * 255.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else values
+        elif mode != "I" or (values.size and values.max() > 255):
+            values = values / 257.0  # 16-bit (0..65535) -> 8-bit (0..255)
+        image = PILImage.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+    elif mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+        background = PILImage.new("RGBA", image.size, (0, 0, 0, 255))
+        image = PILImage.alpha_composite(background, image.convert("RGBA"))
+        image = image.convert("L" if mode in ("LA", "La") else "RGB")
+    target = CHANNEL_MODES[channels]
+    return image if image.mode == target else image.convert(target)
 
 
 def image_transform(resolution: int, channels: int, *, center_crop: bool = True, random_flip: bool = False):
-    """PIL -> float tensor (C, resolution, resolution) in [-1, 1], as diffusers' examples do."""
+    """PIL (any mode) -> float tensor (C, resolution, resolution) in [-1, 1], as diffusers' examples do."""
     if channels not in CHANNEL_MODES:
         raise ValueError(f"images must have 1 or 3 channels, got channels={channels}")
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
     steps = [
-        transforms.Lambda(lambda image: image.convert(CHANNEL_MODES[channels])),
+        transforms.Lambda(lambda image: to_mode(image, channels)),
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
     ]
@@ -252,12 +286,13 @@ def num_classes(splits: DatasetDict) -> int | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_tabular_splits(name: str, *, test_fraction: float = 0.2, split_seed: int = 0) -> DatasetDict:
+def load_tabular_splits(data: DataOptions) -> DatasetDict:
     """A tabular set as ``DatasetDict(train, test)`` of ``{"features": [...], "label": int}``.
 
     Features are standardised with the train split's mean and std only (no test leakage); the
     statistics are stored in the splits' ``info.description`` for reference.
     """
+    name, test_fraction, split_seed = data.dataset, data.test_fraction, data.split_seed
     if name not in TABULAR_DATASETS:
         known = sorted(TABULAR_DATASETS) + sorted(BUILTIN_IMAGE_DATASETS)
         raise ValueError(f"unknown tabular dataset {name!r}; built-in datasets: {known}")

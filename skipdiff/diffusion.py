@@ -53,10 +53,19 @@ def per_example_loss(
     timesteps: torch.Tensor,
     class_labels: torch.Tensor | None = None,
     snr_gamma: float | None = None,
+    input_noise: torch.Tensor | None = None,
+    unet_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's output and its target, one value per example (B,)."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, class_labels=class_labels).sample
+    """MSE between the UNet's output and its target, one value per example (B,).
+
+    ``input_noise`` (default ``noise``) is what noises the UNet's input; the target is built from ``noise``
+    (they differ under input perturbation). ``unet_kwargs`` holds the conditioning (``class_labels``,
+    ``encoder_hidden_states``, ...); ``class_labels`` is a shortcut for it."""
+    noisy = scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
+    kwargs = dict(unet_kwargs or {})
+    if class_labels is not None:
+        kwargs["class_labels"] = class_labels
+    prediction = unet(noisy, timesteps, **kwargs).sample
     target = training_target(scheduler, latents, noise, timesteps)
     loss = (prediction.float() - target.float()).square().mean(dim=tuple(range(1, prediction.ndim)))
     if snr_gamma is not None:

@@ -26,6 +26,9 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
+from torch.utils.data import Dataset
+
+from .seeding import rank_share
 
 
 class PixelEncoder(nn.Module):
@@ -87,14 +90,33 @@ class VaeEncoder(nn.Module):
 Encoder = PixelEncoder | VaeEncoder
 
 
-def batch_latents(encoder: Encoder, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+def batch_latents(encoder: Encoder, batch: dict, generator: torch.Generator | None = None,
+                  random_flip: bool = False) -> torch.Tensor:  # fmt: skip
     """The latent of every image of a batch (pixels or cached latent parameters): the posterior's mean,
-    or a sample from it when the encoder's ``sample_posterior`` is set."""
+    or a sample from it when the encoder's ``sample_posterior`` is set.
+
+    ``random_flip`` mirrors each example with probability 1/2, drawn here from the global RNG for the whole
+    data-parallel batch (:func:`skipdiff.seeding.rank_share`), so that the flips are part of the run's
+    checkpointed random stream: pixels are flipped before encoding; cached latents carry both orientations
+    (:func:`cache_encoded` with ``flips=True``) and the flipped one is picked."""
+    flip = None
+    if random_flip:
+        reference = batch["latent_mean"] if "latent_mean" in batch else batch["pixel_values"]
+        flip = rank_share(lambda n: torch.rand(n, device=reference.device) < 0.5, reference.shape[0])
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"], batch["latent_std"]
+        if flip is not None:
+            if "latent_mean_flipped" not in batch:
+                raise ValueError("random_flip with cached latents needs both orientations (cache_encoded(flips=True))")
+            pick = flip[:, None, None, None]
+            mean = torch.where(pick, batch["latent_mean_flipped"], mean)
+            std = torch.where(pick, batch["latent_std_flipped"], std)
     else:
-        mean, std = encoder.latent_params(batch["pixel_values"])
-    if not getattr(encoder, "sample_posterior", False) or not std.any():
+        pixels = batch["pixel_values"]
+        if flip is not None:
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        mean, std = encoder.latent_params(pixels)
+    if not getattr(encoder, "sample_posterior", False) or isinstance(encoder, PixelEncoder):
         return mean  # pixels, or the posterior's mean (see the module docstring)
     noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean.device)
     return mean + std * noise
@@ -150,16 +172,30 @@ def data_scaling_factor(vae: AutoencoderKL, loader) -> float:
 
 
 @torch.no_grad()
-def cache_encoded(encoder: Encoder, loader) -> dict[str, torch.Tensor]:
-    """Encode a whole split once: ``{"latent_mean", "latent_std"[, "labels"]}`` stacked tensors."""
-    means, stds, labels = [], [], []
+def cache_encoded(encoder: Encoder, loader, flips: bool = False) -> dict[str, torch.Tensor]:
+    """Encode a whole split once: ``{"latent_mean", "latent_std"[, "labels"]}`` stacked tensors; with
+    ``flips`` also ``latent_mean_flipped`` / ``latent_std_flipped``, the latents of the mirrored images."""
+    parts: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
-        mean, std = encoder.latent_params(batch["pixel_values"])
-        means.append(mean)
-        stds.append(std)
+        pixels = batch["pixel_values"]
+        views = {"": pixels, "_flipped": pixels.flip(-1)} if flips else {"": pixels}
+        for suffix, view in views.items():
+            mean, std = encoder.latent_params(view)
+            parts.setdefault(f"latent_mean{suffix}", []).append(mean)
+            parts.setdefault(f"latent_std{suffix}", []).append(std)
         if "labels" in batch:
-            labels.append(batch["labels"])
-    out = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds)}
-    if labels:
-        out["labels"] = torch.cat(labels)
-    return out
+            parts.setdefault("labels", []).append(batch["labels"])
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+class CachedLatents(Dataset):
+    """Rows of pre-encoded latent distributions (see :func:`cache_encoded`)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["latent_mean"])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}

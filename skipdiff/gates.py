@@ -32,6 +32,8 @@ import torch
 from diffusers.utils.torch_utils import fourier_filter
 from torch import nn
 
+from .config import parse_number
+
 SkipSpec = str | Sequence[str | dict]
 
 
@@ -69,6 +71,12 @@ class SkipGate(nn.Module):
     mode: str = ""
     stochastic: bool = False
     removes_skip: bool = False
+    is_identity: bool = False  # the router skips an identity gate's split and concatenation
+    sampled_by_chain: bool = False  # the router's Markov chain samples this gate's state jointly with others
+
+    def keep_probability(self) -> float:
+        """P(the skip is open): 1 for deterministic gates; stochastic gates override it."""
+        return 1.0
 
     def __init__(self, info: SkipInfo):
         super().__init__()
@@ -119,6 +127,8 @@ def _probability(name: str, value: float) -> float:
 @register_gate("keep")
 class KeepGate(SkipGate):
     """Identity: the skip passes unchanged (the stock UNet)."""
+
+    is_identity = True
 
     def gate_skip(self, skip, state):
         return skip
@@ -399,8 +409,14 @@ class MarkovGate(StochasticGate):
     """Open or closed according to a Markov chain along the decoder (see :mod:`skipdiff.markov`).
 
     The gate itself only applies the state; the chain that samples the states of all ``markov``
-    skips jointly lives in the router, because skip k's state depends on skip k-1's.
+    skips jointly lives in the router, because skip k's state depends on skip k-1's (its keep
+    probability is the chain's marginal, which the router fills in).
     """
+
+    sampled_by_chain = True
+
+    def keep_probability(self) -> float:
+        return 1.0  # a placeholder: the router uses the chain's marginal
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -435,18 +451,6 @@ def register_preset(name: str) -> Callable[[PresetFn], PresetFn]:
     return decorator
 
 
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def _gate_parameters(mode: str) -> list[str]:
     import inspect
 
@@ -470,9 +474,9 @@ def parse_entry(entry: str | dict) -> dict:
         for i, option in enumerate(options):
             if "=" in option:
                 key, value = option.split("=", 1)
-                parsed[key.strip()] = _parse_value(value.strip())
+                parsed[key.strip()] = parse_number(value.strip())
             elif i == 0 and positional:
-                parsed[positional[0]] = _parse_value(option)
+                parsed[positional[0]] = parse_number(option)
             else:
                 raise ValueError(f"cannot read option {option!r} of skip entry {entry!r}")
     else:
@@ -525,7 +529,7 @@ def _preset_options(text: str) -> dict:
         if "=" not in option:
             raise ValueError(f"preset options are key=value, got {option!r} in {text!r}")
         key, value = option.split("=", 1)
-        options[key.strip()] = _parse_value(value.strip())
+        options[key.strip()] = parse_number(value.strip())
     import inspect
 
     parameters = list(inspect.signature(PRESETS[name]).parameters.values())[1:]  # after ``skips``

@@ -46,20 +46,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .seeding import rank_share
+
 CLOSED, OPEN = 0, 1
 
 
-def rank_share(draw, batch_size: int):
-    """This process's rows of a draw made for the whole data-parallel batch.
-
-    ``draw(n)`` makes n rows from a generator that every process seeds alike; each process draws all
-    ``world_size * batch_size`` rows and keeps its own slice, so a run on N processes consumes the
-    same random numbers, example for example, as one process with the global batch.
-    """
-    import torch.distributed as dist
-
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-    return draw(world * batch_size)[rank * batch_size : (rank + 1) * batch_size]
 NORMALIZATIONS = ("std", "none")
 
 
@@ -227,7 +218,8 @@ class MarkovChain(nn.Module):
     # ---- learning from per-example losses ------------------------------------------------------
 
     @torch.no_grad()
-    def update(self, paths: torch.Tensor, losses: torch.Tensor) -> None:
+    def update(self, paths: torch.Tensor, losses: torch.Tensor, counted: torch.Tensor | None = None,
+               check: bool = True) -> None:  # fmt: skip
         """One step of the learning rule from a batch's sampled paths and per-example losses.
 
         Args:
@@ -236,7 +228,12 @@ class MarkovChain(nn.Module):
                 loss divided by its running mean at the example's timestep, which removes most of
                 the timestep variance of diffusion losses). Non-finite values are left out and
                 counted in ``num_nonfinite``.
+            counted: a 0-d bool tensor; False makes the update a no-op (a training step that was skipped
+                for a non-finite gradient), decided on the device.
+            check: verify that ``paths`` holds only 0 and 1 (reads the device; the router, whose paths are
+                the chain's own samples, skips it).
 
+        Everything stays on the device (no host read), so a training step never waits for this update.
         Under ``torch.distributed`` every rank must call this once per step (it all-reduces).
         """
         if paths.ndim != 2 or paths.shape[1] != self.num_links:
@@ -245,15 +242,17 @@ class MarkovChain(nn.Module):
             raise ValueError(
                 f"losses must have shape ({paths.shape[0]},) to match paths, got {tuple(losses.shape)}"
             )
-        if not bool(((paths == 0) | (paths == 1)).all()):
+        if check and not bool(((paths == 0) | (paths == 1)).all()):
             raise ValueError(f"paths must hold 0/1 states, got values {paths.unique().tolist()}")
         stats = self._batch_statistics(paths, losses)
+        if counted is not None:
+            stats = stats * counted.to(stats.device, stats.dtype)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
         self._accumulate(stats)
-        self.num_updates += 1
-        if int(self.num_updates) > self.warmup_steps:
-            self._refresh_probabilities()
+        step = torch.ones((), dtype=torch.long, device=self.num_updates.device)
+        self.num_updates += step if counted is None else counted.to(step.device).long()
+        self._refresh_probabilities()
 
     def _batch_statistics(self, paths: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """Sums that add up across processes, packed in one float64 vector:
@@ -275,11 +274,12 @@ class MarkovChain(nn.Module):
         return torch.cat([sums.flatten(), counts.flatten(), moments])
 
     def _accumulate(self, stats: torch.Tensor) -> None:
-        """Fold all-reduced batch sums into the EMAs (see the module docstring)."""
+        """Fold all-reduced batch sums into the EMAs (see the module docstring), on the device."""
         K, beta = self.num_links, self.ema_decay
+        stats = stats.to(self.utility.device)
         sums = stats[: 4 * K].view(K, 2, 2).clone()  # [k, a, s]
         counts = stats[4 * K : 8 * K].view(K, 2, 2).clone()
-        n, total, total_sq, nonfinite = stats[8 * K :].tolist()
+        n, total, total_sq, nonfinite = stats[8 * K :].unbind()
         sums[0, CLOSED], counts[0, CLOSED] = sums[0, OPEN], counts[0, OPEN]  # one utility for skip 1
 
         # Utilities: count-weighted EMA of the per-step difference of bucket means.
@@ -288,45 +288,51 @@ class MarkovChain(nn.Module):
         seen = (n_closed > 0) & (n_open > 0)
         difference = means[..., CLOSED] - means[..., OPEN]  # (K, 2): d, > 0 when opening helps
         step_weight = torch.where(seen, n_closed * n_open / (n_closed + n_open).clamp_min(1), 0.0)
-        old_u = self.utility.to(stats.device, torch.float64)
-        old_w = self.utility_weight.to(stats.device, torch.float64)
+        old_u = self.utility.to(torch.float64)
+        old_w = self.utility_weight.to(torch.float64)
         new_w = torch.where(seen, beta * old_w + step_weight, old_w)
         new_u = torch.where(
             seen, (beta * old_w * old_u + step_weight * difference) / new_w.clamp_min(1e-300), old_u
         )
         self.utility.copy_(new_u)
         self.utility_weight.copy_(new_w)
-        self.counts += counts.round().long().to(self.counts.device)
-        self.num_nonfinite += int(nonfinite)
+        self.counts += counts.round().long()
+        self.num_nonfinite += nonfinite.round().long()
 
         # Loss statistics: EMA of weight, mean and variance, combined as two weighted groups.
-        if n > 0:
-            old_n, old_mean, old_var = self.loss_stats.double().tolist()
-            batch_mean = total / n
-            batch_var = max(total_sq / n - batch_mean**2, 0.0)
-            new_n = beta * old_n + n
-            new_mean = (beta * old_n * old_mean + n * batch_mean) / new_n
-            new_var = (
-                beta * old_n * (old_var + (old_mean - new_mean) ** 2)
-                + n * (batch_var + (batch_mean - new_mean) ** 2)
-            ) / new_n
-            self.loss_stats.copy_(torch.tensor([new_n, new_mean, new_var]))
+        old_n, old_mean, old_var = self.loss_stats.double().unbind()
+        batch_mean = total / n.clamp_min(1e-300)
+        batch_var = (total_sq / n.clamp_min(1e-300) - batch_mean**2).clamp_min(0.0)
+        new_n = beta * old_n + n
+        new_mean = (beta * old_n * old_mean + n * batch_mean) / new_n.clamp_min(1e-300)
+        new_var = (
+            beta * old_n * (old_var + (old_mean - new_mean) ** 2) + n * (batch_var + (batch_mean - new_mean) ** 2)
+        ) / new_n.clamp_min(1e-300)
+        updated = torch.stack([new_n, new_mean, new_var]).to(self.loss_stats.dtype)
+        self.loss_stats.copy_(torch.where(n > 0, updated, self.loss_stats))
+
+    def loss_std_tensor(self) -> torch.Tensor:
+        """Running standard deviation of the per-example loss (1 before any update), a device tensor."""
+        weight, _, variance = self.loss_stats.double().unbind()
+        return torch.where(weight > 0, variance.clamp_min(0).sqrt(), torch.ones_like(variance))
 
     def loss_std(self) -> float:
-        """Running standard deviation of the per-example loss (1.0 before any update)."""
-        weight, _, variance = self.loss_stats.tolist()
-        return math.sqrt(variance) if weight > 0 else 1.0
+        """:meth:`loss_std_tensor` as a float (reads the device)."""
+        return float(self.loss_std_tensor())
 
     def scaled_utility(self) -> torch.Tensor:
         """u_{k|a} / scale, shape (K, 2): the utilities in the units of ``cost`` and ``temperature``."""
-        scale = max(self.loss_std(), 1e-12) if self.normalize == "std" else 1.0
-        return self.utility.double() / scale
+        if self.normalize == "std":
+            return self.utility.double() / self.loss_std_tensor().clamp_min(1e-12)
+        return self.utility.double()
 
     def _refresh_probabilities(self) -> None:
+        """After warm-up, every (k, a) whose buckets have seen ``min_count`` examples takes its new P(open)."""
         cost = torch.tensor(self.cost, dtype=torch.float64, device=self.utility.device)  # (K,)
         logits = (self.scaled_utility() - cost[:, None]) / self.temperature  # (K, 2)
         target = torch.sigmoid(logits).clamp(self.p_min, self.p_max)
         trusted = self.counts.min(dim=-1).values >= self.min_count  # (K, 2)
+        trusted = trusted & (self.num_updates > self.warmup_steps)
         self.open_prob.copy_(torch.where(trusted, target.to(self.open_prob.dtype), self.open_prob))
 
     # ---- reporting -----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .eval import plots  # noqa: E402
-from .training.telemetry import read_stats  # noqa: E402
+from .runfolder import read_stats  # noqa: E402
 
 DATASET_KEYS = ("dataset", "dataset_name", "dataset_config_name", "train_data_dir")
 ALPHA = 0.05

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .gates import SkipInfo, SkipSpec, build_gate, format_entry, resolve_spec
-from .markov import MarkovChain, check_options, rank_share
+from .markov import MarkovChain, check_options
+from .seeding import rank_share
 
 INFERENCE_MODES = ("expected", "map", "sample")
 
@@ -74,7 +75,7 @@ class _ResnetHook:
     def __call__(self, module, args, kwargs):
         router, index = self.router, self.index
         gate = router.gates[index]
-        if gate.mode == "keep" and not router.record_norms:
+        if gate.is_identity and not router.record_norms:
             return None
         hidden, *rest = args
         split = router.skips[index].main_channels
@@ -106,7 +107,7 @@ class SkipRouter(nn.Module):
         self.gates = nn.ModuleList(
             build_gate(e, info) for e, info in zip(self.entries, self.skips, strict=True)
         )
-        self.markov_indices = [g.info.index for g in self.gates if g.mode == "markov"]
+        self.markov_indices = [g.info.index for g in self.gates if g.sampled_by_chain]
         check_options(markov)
         self.chain = MarkovChain(len(self.markov_indices), **(markov or {})) if self.markov_indices else None
         self.last_path: torch.Tensor | None = None  # (B, K_markov) 0/1 path of the last training forward
@@ -157,7 +158,8 @@ class SkipRouter(nn.Module):
         return None
 
     def sample_states(self, batch_size: int, device: torch.device) -> dict[int, torch.Tensor]:
-        """Per-example states (B,) of every stochastic gate for one forward pass.
+        """Per-example states (B,) of every stochastic gate for one forward pass, made on the device
+        without reading it (so a training step never waits for the host).
 
         Training draws 0/1 states from the global torch RNG; eval mode follows ``self.inference``.
         Rescaling (inverted dropout) divides a kept skip by its keep probability; for ``markov``
@@ -168,37 +170,32 @@ class SkipRouter(nn.Module):
         stochastic = [g for g in self.gates if g.stochastic]
         if not stochastic:
             return {}
-        keep = self.keep_probabilities()
+        keep = self.keep_probabilities().to(device)  # (K,)
         if self.training or self.inference == "sample":
             generator = None if self.training else self.inference_generator
             draws = rank_share(lambda n: torch.rand(n, len(self.gates), generator=generator), batch_size)
-            states = {g.info.index: (draws[:, g.info.index] < keep[g.info.index]).float() for g in stochastic}
+            states = (draws.to(device) < keep).float()  # (B, K)
             if self.chain is not None:
                 path = self.chain.sample(batch_size, generator)  # (B, K_markov), unscaled 0/1
                 if self.training:
                     self.last_path = path
-                states.update({k: path[:, j].cpu() for j, k in enumerate(self.markov_indices)})
+                states[:, self.markov_indices] = path.to(device)
         elif self.inference == "map":
-            states = {
-                g.info.index: torch.full((batch_size,), float(keep[g.info.index] >= 0.5)) for g in stochastic
-            }
+            states = (keep >= 0.5).float().expand(batch_size, -1).clone()
             if self.chain is not None:
-                path = self.chain.map_path()
-                states.update(
-                    {k: path[j].expand(batch_size).cpu() for j, k in enumerate(self.markov_indices)}
-                )
+                states[:, self.markov_indices] = self.chain.map_path().to(device)
         else:  # expected: each gate is its marginal keep probability
-            states = {g.info.index: torch.full((batch_size,), keep[g.info.index]) for g in stochastic}
-        for gate in stochastic:
-            if gate.rescale:
-                states[gate.info.index] = states[gate.info.index] / max(keep[gate.info.index], 1e-6)
-        return {k: v.to(device) for k, v in states.items()}
+            states = keep.expand(batch_size, -1).clone()
+        rescale = torch.tensor([bool(g.stochastic and g.rescale) for g in self.gates], device=device)
+        states = torch.where(rescale, states / keep.clamp_min(1e-6), states)
+        return {g.info.index: states[:, g.info.index] for g in stochastic}
 
-    def update_chain(self, losses: torch.Tensor) -> None:
+    def update_chain(self, losses: torch.Tensor, counted: torch.Tensor | None = None) -> None:
         """Update the Markov chain from the per-example losses (B,) of the last training forward.
 
         Uses the path sampled by that forward (:attr:`last_path`) and then forgets it, so one
-        forward feeds the chain once. Under ``torch.distributed`` every rank must call this each step.
+        forward feeds the chain once. ``counted=False`` (a 0-d bool tensor: the step was skipped) makes it
+        a no-op on the device. Under ``torch.distributed`` every rank must call this each step.
         """
         if self.chain is None:
             raise RuntimeError("update_chain needs markov skips; this router has none")
@@ -209,23 +206,21 @@ class SkipRouter(nn.Module):
                 f"losses must have shape ({self.last_path.shape[0]},), one per example of the last "
                 f"training forward, got {tuple(losses.shape)}"
             )
-        self.chain.update(self.last_path, losses)
+        self.chain.update(self.last_path, losses, counted=counted, check=False)
         self.last_path = None
 
-    def keep_probabilities(self) -> list[float]:
-        """P(open) of every skip: 1 for deterministic gates, p for Bernoulli, marginals for Markov."""
-        keep = [1.0] * len(self.gates)
-        for gate in self.gates:
-            if gate.mode == "bernoulli":
-                keep[gate.info.index] = gate.p
+    def keep_probabilities(self) -> torch.Tensor:
+        """P(open) of every skip, shape (K,): 1 for deterministic gates, each stochastic gate's own keep
+        probability, the chain's marginals for Markov gates (a device tensor; nothing is read)."""
+        device = self.chain.open_prob.device if self.chain is not None else torch.device("cpu")
+        keep = torch.tensor([g.keep_probability() for g in self.gates], dtype=torch.float32, device=device)
         if self.chain is not None:
-            for j, p in zip(self.markov_indices, self.chain.marginals().tolist(), strict=True):
-                keep[j] = p
+            keep[self.markov_indices] = self.chain.marginals().to(keep.dtype)
         return keep
 
     def recommended_spec(self) -> list[dict]:
         """The deterministic configuration this router recommends: stochastic gates under ``map``."""
-        keep = self.keep_probabilities()
+        keep = self.keep_probabilities().tolist()
         if self.chain is not None:
             for j, state in zip(self.markov_indices, self.chain.map_path().tolist(), strict=True):
                 keep[j] = state
@@ -238,7 +233,7 @@ class SkipRouter(nn.Module):
 
     def describe(self) -> list[dict]:
         """One dict per skip: index, receiving resnet, source, resolution, channels, mode."""
-        keep = self.keep_probabilities()
+        keep = self.keep_probabilities().tolist()
         return [
             {
                 **dataclasses.asdict(info),
@@ -265,6 +260,13 @@ class SkipRouter(nn.Module):
                 out[f"skip{j}/utility_if_prev_closed"] = utility[m][0]
                 out[f"skip{j}/utility_if_prev_open"] = utility[m][1]
         return out
+
+    def norm_ratios(self) -> dict[str, float]:
+        """|skip| / |backbone| of every skip in the last forward with ``record_norms`` (one host read)."""
+        if not self.norms:
+            return {}
+        ratios = torch.stack([s / m.clamp_min(1e-12) for m, s in self.norms.values()]).tolist()
+        return {str(k): r for k, r in zip(self.norms, ratios, strict=True)}
 
     def markov_summary(self) -> dict | None:
         """The chain's full state for JSON logs (:meth:`MarkovChain.state_summary`) with the UNet

@@ -65,8 +65,8 @@ from typing import Any
 
 import yaml
 
+from .config import from_dict
 from .training import checkpoints
-from .training.cli import from_dict
 
 KINDS = ("diffusion", "classifier")
 SPEC_KEYS = ("kind", "description", "base", "grid", "eval", "inference_variants")
@@ -309,8 +309,8 @@ def _skips_of(model: str) -> tuple:
 
 def check_skip_specs(cells: list[Cell]) -> None:
     """Every diffusion cell's ``skips`` (and ``markov`` options) must resolve for its model."""
+    from .config import parse_key_values
     from .router import SkipRouter
-    from .training.cli import parse_key_values
 
     checked = set()
     for cell in cells:
@@ -449,7 +449,7 @@ def with_skips(unet, spec):
 
 def make_inference_variant(run: Path, spec: str, folder: Path) -> Path:
     """A run folder at ``folder`` holding ``run``'s trained model with skips ``spec`` (``unet/`` and
-    ``unet_ema/``), the same scheduler, VAE and training options, and ``variant.json``."""
+    ``unet_raw/``), the same scheduler, VAE and training options, and ``variant.json``."""
     from .pipeline import SkipDiffPipeline
     from .unet import SkipUNet2DModel
 
@@ -457,9 +457,10 @@ def make_inference_variant(run: Path, spec: str, folder: Path) -> Path:
     pipeline.unet = with_skips(pipeline.unet, spec)
     folder.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(folder)
-    if (run / "unet_ema").is_dir():
-        ema = SkipUNet2DModel.from_pretrained(run, subfolder="unet_ema")
-        with_skips(ema, spec).save_pretrained(folder / "unet_ema")
+    for extra in ("unet_raw", "unet_ema"):  # the raw weights next to the EMA ones (unet_ema/: older runs)
+        if (run / extra).is_dir():
+            weights = SkipUNet2DModel.from_pretrained(run, subfolder=extra)
+            with_skips(weights, spec).save_pretrained(folder / extra)
     shutil.copyfile(run / "training_options.json", folder / "training_options.json")
     write_json_atomic(folder / "variant.json", {"skips": spec, "trained_run": run.name})
     return folder

@@ -9,13 +9,13 @@ import pytest
 import torch
 from helpers.unet_runs import run_train_unet, tiny_args
 
+from skipdiff.config import from_dict
 from skipdiff.eval.__main__ import EvalOptions, evaluate, main
 from skipdiff.eval.denoise import denoising_loss_by_bucket
 from skipdiff.eval.importance import gate_override, skip_importance
 from skipdiff.eval.run import held_out_batches, load_run
 from skipdiff.eval.stability import count_spikes, ordered_blocks, shattering_probe, stability_from_stats
-from skipdiff.training.cli import from_dict
-from skipdiff.training.telemetry import read_stats
+from skipdiff.runfolder import read_stats
 
 
 @pytest.fixture(scope="module")

@@ -81,8 +81,8 @@ def pushed_run(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 PIPELINE_FILES = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
-                  "unet/diffusion_pytorch_model.safetensors", "unet_ema/config.json",
-                  "unet_ema/diffusion_pytorch_model.safetensors", "stats.jsonl", "training_options.json"}  # fmt: skip
+                  "unet/diffusion_pytorch_model.safetensors", "unet_raw/config.json",
+                  "unet_raw/diffusion_pytorch_model.safetensors", "stats.jsonl", "training_options.json"}  # fmt: skip
 
 
 def test_the_repo_is_created_before_training_and_the_run_uploaded_at_checkpoints_and_the_end(pushed_run):

@@ -49,7 +49,7 @@ TINY_ARGS = ["--model", "tiny", "--vae", "none", "--resolution", "8", "--train_b
              "--max_train_steps", str(MAX_STEPS), "--checkpointing_steps", "2", "--num_validation_images", "4",
              "--validation_inference_steps", "2", "--report_to", "none", "--num_threads", "1", "--log_every", "1",
              "--resume_from_checkpoint", "latest"]  # fmt: skip
-WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors")
+WEIGHTS = ("unet_raw/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors")
 COMPLETE = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY = re.compile(r"^\.checkpoint-(\d+)\.tmp$")
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")

@@ -15,7 +15,7 @@ import yaml
 
 from skipdiff import sweep
 from skipdiff.report import rank, write_report
-from skipdiff.training.telemetry import read_stats
+from skipdiff.runfolder import read_stats
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = dict(model="tiny", vae="none", resolution=8, train_batch_size=16, max_train_steps=4,

@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from skipdiff.classifiers import ResidualMLPForClassification, SkipResNetForImageClassification
+from skipdiff.config import parse_args
+from skipdiff.runfolder import read_stats
 from skipdiff.training.classifier import ClassifierOptions, evaluate, load_classifier_data, train_classifier
-from skipdiff.training.cli import parse_args
-from skipdiff.training.telemetry import read_stats
 
 torch.set_num_threads(1)
 

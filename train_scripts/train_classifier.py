@@ -9,8 +9,8 @@
 Every flag and its default: ``--help``; ``--dry_run`` prints the resolved options and exits.
 """
 
+from skipdiff.config import parse_args, to_json
 from skipdiff.training.classifier import ClassifierOptions, train_classifier
-from skipdiff.training.cli import parse_args, to_json
 
 
 def main(argv=None):

@@ -3,7 +3,7 @@
     accelerate launch --config_file accelerate_config.yaml train_scripts/train_vae.py --output_dir runs/vae-digits-16
 """
 
-from skipdiff.training.cli import parse_args, to_json
+from skipdiff.config import parse_args, to_json
 from skipdiff.training.vae import VaeOptions, train_vae
 
 

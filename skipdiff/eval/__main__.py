@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..training.cli import option, parse_args
-from ..training.telemetry import read_stats
+from ..config import option, parse_args
+from ..runfolder import read_stats
 from . import plots
 from .compute import map_compute
 from .denoise import denoising_loss_by_bucket
@@ -62,7 +62,7 @@ class EvalOptions:
     spike_k: float = option(6.0, "k of the spike rule")
     skip_importance: bool = option(False, "delta denoising loss when each skip alone is zeroed/scaled")
     importance_factors: list[float] = option([0.0], "factors each skip is scaled by (0 = zeroed)")
-    no_ema: bool = option(False, "score the raw weights even when unet_ema/ exists")
+    no_ema: bool = option(False, "score the raw weights (unet_raw/) instead of the EMA weights (unet/)")
     map: bool = option(
         True,
         "with stochastic skips: also score the MAP configuration (closed skips, FLOPs saved, "

@@ -226,9 +226,10 @@ def train_digits_extractor(
     registered name). Raises ``RuntimeError`` if the test accuracy stays below ``min_accuracy``.
     """
     from ..data import image_transform, load_image_splits
+    from ..data_options import DataOptions
 
     out = Path(out_dir) if out_dir is not None else digits_extractor_dir(resolution, seed)
-    splits = load_image_splits("digits", split_seed=split_seed, test_fraction=test_fraction)
+    splits = load_image_splits(DataOptions(dataset="digits", split_seed=split_seed, test_fraction=test_fraction))
     transform = image_transform(resolution, channels=1)
 
     def tensors(split):  # (N, 1, r, r) in [-1, 1], quantised to uint8 as evaluation will see them

@@ -142,27 +142,17 @@ def real_splits(options: dict) -> dict[str, RealImages]:
     ``skip_corrupt_images``, ``cache_dir``) so that the splits are exactly the run's. Images are always
     centre-cropped (a deterministic reference, even for runs trained with random crops).
     """
-    from ..data import image_channels, load_image_splits
+    from ..config import subset
+    from ..data import dataset_channels, load_image_splits
+    from ..data_options import DataOptions
 
     if "resolution" not in options:
         raise ValueError(f"training options lack 'resolution'; keys: {sorted(options)}")
-    splits = load_image_splits(
-        options.get("dataset", "digits"),
-        dataset_name=options.get("dataset_name"),
-        dataset_config_name=options.get("dataset_config_name"),
-        train_data_dir=options.get("train_data_dir"),
-        split_seed=options.get("split_seed", 0),
-        test_fraction=options.get("test_fraction", 0.2),
-        image_column=options.get("image_column", "image"),
-        label_column=options.get("label_column", "label"),
-        cache_dir=options.get("cache_dir"),
-        skip_corrupt=options.get("skip_corrupt_images", False),
-    )
-    source = options.get("dataset_name") or options.get("train_data_dir") or options.get("dataset", "digits")
-    source = str(source).rstrip("/").split("/")[-1]
-    channels = image_channels(splits)
+    data = subset(DataOptions, options)
+    splits = load_image_splits(data)
+    channels = dataset_channels(splits, data.image_channels)
     return {
-        name: real_images(splits[name], options["resolution"], channels, f"{source}-{name}")
+        name: real_images(splits[name], data.resolution, channels, f"{data.source()}-{name}")
         for name in ("train", "test")
     }
 

@@ -9,7 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import collate_images, image_channels, image_transform, load_image_splits, with_pixel_values
+from ..config import subset
+from ..data import collate_images, dataset_channels, image_transform, load_image_splits, with_pixel_values
+from ..data_options import DataOptions
 from ..pipeline import SkipDiffPipeline
 from ..unet import SkipUNet2DModel
 
@@ -17,7 +19,9 @@ from ..unet import SkipUNet2DModel
 def load_run(checkpoint: str, use_ema: bool = True) -> tuple[SkipDiffPipeline, dict, bool]:
     """``(pipeline, training options, used_ema)`` of a run folder or a Hub repo id.
 
-    The EMA weights (``unet_ema/``) are used when present and ``use_ema``.
+    A run trained with an EMA saves the EMA weights as ``unet/`` and the raw ones as ``unet_raw/``;
+    ``use_ema=False`` scores the raw ones. (Runs saved before that layout keep the EMA in ``unet_ema/``.)
+    A damaged EMA copy is an error, never silently replaced by the raw weights.
     """
     path = Path(checkpoint)
     if path.exists() and not (path / "model_index.json").is_file():
@@ -26,19 +30,30 @@ def load_run(checkpoint: str, use_ema: bool = True) -> tuple[SkipDiffPipeline, d
         raise ValueError(f"--checkpoint {checkpoint!r} does not exist (and is not a Hub id like user/name)")
     try:
         pipeline = SkipDiffPipeline.from_pretrained(checkpoint)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"could not load the run {checkpoint!r}: {err}") from err
-    used_ema = False
-    if use_ema:
-        try:
-            pipeline.unet = SkipUNet2DModel.from_pretrained(checkpoint, subfolder="unet_ema")
-            used_ema = True
-        except (OSError, ValueError):
-            pass  # no EMA copy saved
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"could not load the run {checkpoint!r} (damaged or incomplete?): {err}") from err
     options = _training_options(checkpoint)
+    layout = _layout(path) if path.exists() else {"ema": "unet" if options.get("use_ema", True) else None}
+    used_ema = use_ema and layout["ema"] is not None
+    subfolder = layout["ema"] if used_ema else layout.get("raw")
+    if subfolder not in (None, "unet"):
+        try:
+            pipeline.unet = SkipUNet2DModel.from_pretrained(checkpoint, subfolder=subfolder)
+        except (OSError, ValueError, RuntimeError) as err:
+            hint = "; pass --no_ema to score the raw weights" if used_ema else ""
+            raise ValueError(f"the run's {subfolder}/ weights cannot be loaded (damaged?){hint}: {err}") from err
     pipeline.unet.eval()
     pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     return pipeline, options, used_ema
+
+
+def _layout(path: Path) -> dict:
+    """Which subfolder holds the EMA weights and which the raw ones (None: not saved)."""
+    if (path / "unet_ema").is_dir():  # the layout before unet/ held the EMA weights
+        return {"ema": "unet_ema", "raw": None}
+    if (path / "unet_raw").is_dir():
+        return {"ema": "unet", "raw": "unet_raw"}
+    return {"ema": None, "raw": None}
 
 
 def _training_options(checkpoint: str) -> dict:
@@ -74,14 +89,9 @@ def check_data_matches(pipeline: SkipDiffPipeline, options: dict, channels: int)
 
 def held_out_batches(options: dict, batch_size: int = 512) -> tuple[list[dict], int]:
     """The run's test split as a list of batches (``pixel_values``, ``labels``), and its channels."""
-    splits = load_image_splits(
-        options.get("dataset", "digits"), dataset_name=options.get("dataset_name"),
-        dataset_config_name=options.get("dataset_config_name"), train_data_dir=options.get("train_data_dir"),
-        image_column=options.get("image_column", "image"), label_column=options.get("label_column", "label"),
-        test_fraction=options.get("test_fraction", 0.2), split_seed=options.get("split_seed", 0),
-        cache_dir=options.get("cache_dir"), skip_corrupt=options.get("skip_corrupt_images", False),
-    )  # fmt: skip
-    channels = image_channels(splits)
+    data = subset(DataOptions, options)
+    splits = load_image_splits(data)
+    channels = dataset_channels(splits, data.image_channels)
     test = with_pixel_values(splits["test"], image_transform(options["resolution"], channels))
     return list(DataLoader(test, batch_size=batch_size, collate_fn=collate_images)), channels
 

@@ -14,8 +14,11 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from ..runfolder import read_json
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "skipdiff_state.json"
@@ -35,13 +38,18 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 def resolve_checkpoint(output_dir: str | os.PathLike, request: str | None) -> Path | None:
     """The checkpoint to resume from: ``None``, ``"latest"`` (None if the run has none) or a folder.
 
-    Raises ``ValueError`` when an explicit folder does not exist or is not a complete checkpoint.
+    Raises ``ValueError`` when an explicit folder does not exist, or when the chosen checkpoint has no
+    state file (it was not written by skipdiff, or was damaged by hand).
     """
     if request is None:
         return None
     if request == "latest":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        path = checkpoints[-1] if checkpoints else None
+        if path is not None and not (path / STATE_FILE).is_file():
+            raise ValueError(f"the latest checkpoint {str(path)!r} has no {STATE_FILE}: it is incomplete or not "
+                             "skipdiff's; move it away to resume from the one before it")  # fmt: skip
+        return path
     path = Path(request)
     if not path.is_dir():
         raise ValueError(
@@ -55,8 +63,8 @@ def resolve_checkpoint(output_dir: str | os.PathLike, request: str | None) -> Pa
 
 
 def read_state(checkpoint: Path) -> dict:
-    """The checkpoint's ``skipdiff_state.json`` (step, epoch, unet_config)."""
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    """The checkpoint's ``skipdiff_state.json`` (step, epoch, unet_config, training_options)."""
+    return read_json(checkpoint / STATE_FILE, "checkpoint state")
 
 
 def check_compatible(checkpoint: Path, unet_config: dict, key: str = "unet_config") -> None:
@@ -78,6 +86,44 @@ def check_compatible(checkpoint: Path, unet_config: dict, key: str = "unet_confi
             load_file(weights)
         except (SafetensorError, OSError) as err:
             raise ValueError(f"checkpoint weights {str(weights)!r} are truncated or corrupt: {err}") from err
+
+
+def verify_state_files(checkpoint: Path, num_processes: int, num_custom: int) -> None:
+    """Every file an exact resume reads must be there and load: the optimizer, the LR scheduler, one RNG
+    state per process and ``num_custom`` registered objects (the EMA). A missing, truncated or corrupt
+    one is a ``ValueError`` naming it, before any state is loaded."""
+    names = ["optimizer.bin", "scheduler.bin", *(f"random_states_{rank}.pkl" for rank in range(num_processes)),
+             *(f"custom_checkpoint_{i}.pkl" for i in range(num_custom))]  # fmt: skip
+    for name in names:
+        path = checkpoint / name
+        if not path.is_file():
+            raise ValueError(f"checkpoint {str(checkpoint)!r} lacks {name}: it cannot be resumed exactly")
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001  pickle raises many types for damaged files
+            raise ValueError(f"checkpoint file {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err})") from err
+
+
+def check_resumable(checkpoint: Path, unet_config: dict, options, num_processes: int, num_custom: int) -> None:
+    """Everything a strict resume checks, before any state is loaded: the model config, the options that
+    change what is trained (refused when different unless named in ``--allow_changed``), the weights and
+    every state file."""
+    from .options import resume_differences
+
+    check_compatible(checkpoint, unet_config)
+    saved = read_state(checkpoint).get("training_options")
+    if saved is not None:  # checkpoints written before options were saved in them check the model only
+        import dataclasses
+
+        now = dataclasses.asdict(options)
+        differing = resume_differences(saved, now, list(options.allow_changed))
+        if differing:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in differing)
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} was trained with other options ({details}); resume with the same "
+                f"options, or allow the change with --allow_changed {' '.join(differing)}"
+            )
+    verify_state_files(checkpoint, num_processes, num_custom)
 
 
 def save_checkpoint(
@@ -106,12 +152,12 @@ def save_checkpoint(
                 os.replace(final, stale)
             os.replace(tmp, final)
             shutil.rmtree(stale, ignore_errors=True)
-    except OSError as err:
+    except BaseException as err:  # disk full, permissions, Ctrl-C: no temporary folder is left behind
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(
-            f"could not write checkpoint {str(final)!r}: {err}; earlier checkpoints are intact"
-        ) from err
+        if isinstance(err, OSError):
+            raise OSError(f"could not write checkpoint {str(final)!r}: {err}; earlier checkpoints are intact") from err
+        raise
     if accelerator.is_main_process:
         rotate_checkpoints(root, total_limit)
     accelerator.wait_for_everyone()

@@ -44,21 +44,19 @@ from ..classifiers import (
     grad_norms_per_block,
     reference_resnet,
 )
+from ..config import option, parse_key_values, subset, to_json
 from ..data import (
-    BUILTIN_IMAGE_DATASETS,
-    TABULAR_DATASETS,
     collate_images,
-    dataset_kind,
-    image_channels,
+    dataset_channels,
     image_transform,
     load_image_splits,
     load_tabular_splits,
     num_classes,
     with_pixel_values,
 )
+from ..data_options import DataOptions
 from ..markov import MarkovChain, check_options
 from .checkpoints import check_writable, read_state, resolve_checkpoint, save_checkpoint
-from .cli import option, parse_key_values, to_json
 from .telemetry import StatsWriter
 
 GATINGS = ("none", "bernoulli", "markov")
@@ -70,22 +68,8 @@ REPORT_TO = ("tensorboard", "none")
 
 
 @dataclasses.dataclass
-class ClassifierOptions:
-    # ---- data ------------------------------------------------------------------------------------
-    dataset: str = option(
-        "digits",
-        f"built-in dataset: images {sorted(BUILTIN_IMAGE_DATASETS)} or tabular {sorted(TABULAR_DATASETS)} "
-        "(used unless --dataset_name or --train_data_dir)",
-    )
-    dataset_name: str | None = option(None, "a Hub image dataset id, e.g. cifar10 (needs internet)")
-    dataset_config_name: str | None = option(None, "the Hub dataset's configuration name")
-    train_data_dir: str | None = option(None, "a local folder of images in class subfolders (imagefolder)")
-    image_column: str = option("image", "column holding the images (Hub datasets)")
-    label_column: str = option("label", "column holding the class labels")
-    resolution: int = option(16, "image size the images are resized to (digits are 8x8 originally)")
-    test_fraction: float = option(0.2, "held-out fraction when the source has no test split")
-    split_seed: int = option(0, "seed of the deterministic, stratified train/test split")
-    cache_dir: str | None = option(None, "🤗 cache folder for Hub datasets")
+class ClassifierOptions(DataOptions):
+    # ---- data: every field of skipdiff.data_options.DataOptions ----------------------------------------
     # ---- model -----------------------------------------------------------------------------------
     model: str = option(
         "skipresnet",
@@ -145,18 +129,12 @@ class ClassifierOptions:
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from")
     dry_run: bool = option(False, "print the resolved options and exit")
 
-    @property
-    def data_kind(self) -> str:
-        """``"image"`` or ``"tabular"``: Hub ids and folders are images."""
-        if self.dataset_name is not None or self.train_data_dir is not None:
-            return "image"
-        return dataset_kind(self.dataset)
-
     def markov_options(self) -> dict:
         return parse_key_values(self.markov, "--markov")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value (called by ``parse_args``/``from_dict``)."""
+        super().validate()
         positive = ("depth", "hidden_size", "resolution", "train_batch_size", "eval_batch_size", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -175,8 +153,6 @@ class ClassifierOptions:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
                 raise ValueError(f"--{name} must be a finite number >= 0 (learning_rate > 0), got {value}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"--test_fraction must lie in (0, 1), got {self.test_fraction}")
         if not 0.0 < self.gate_keep_prob <= 1.0:
             raise ValueError(f"--gate_keep_prob must lie in (0, 1], got {self.gate_keep_prob}")
         for name, allowed in (("model", tuple(MODELS)), ("gating", GATINGS), ("gate_target", GATE_TARGETS),
@@ -191,19 +167,12 @@ class ClassifierOptions:
         self._validate_gating()
 
     def _validate_dataset_and_model(self) -> None:
-        if self.dataset_name is None and self.train_data_dir is None:
-            known = set(BUILTIN_IMAGE_DATASETS) | set(TABULAR_DATASETS)
-            if self.dataset not in known:
-                raise ValueError(
-                    f"unknown dataset {self.dataset!r}; built-in datasets: images {sorted(BUILTIN_IMAGE_DATASETS)}, "
-                    f"tabular {sorted(TABULAR_DATASETS)} (or --dataset_name <Hub id> / --train_data_dir <folder>)"
-                )
         takes = MODEL_KINDS[self.model]
-        if takes != self.data_kind:
-            fitting = sorted(name for name, kind in MODEL_KINDS.items() if kind == self.data_kind)
+        if takes != self.kind:
+            fitting = sorted(name for name, kind in MODEL_KINDS.items() if kind == self.kind)
             source = self.dataset_name or self.train_data_dir or self.dataset
             raise ValueError(
-                f"--model {self.model} takes {takes} data, but dataset {source!r} is {self.data_kind}; "
+                f"--model {self.model} takes {takes} data, but dataset {source!r} is {self.kind}; "
                 f"use --model {' or '.join(fitting)}"
             )
         if self.model == "reference" and not (self.skip_connections and self.batch_norm):
@@ -270,21 +239,15 @@ def collate_features(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 def load_classifier_data(options: ClassifierOptions) -> ClassifierData:
     """Train/test splits with the collate function and the shapes the model needs."""
-    if options.data_kind == "tabular":
-        splits = load_tabular_splits(
-            options.dataset, test_fraction=options.test_fraction, split_seed=options.split_seed
-        )
+    if options.kind == "tabular":
+        splits = load_tabular_splits(subset(DataOptions, options))
         return ClassifierData(splits["train"], splits["test"], collate_features,
                               len(splits["train"][0]["features"]), num_classes(splits))  # fmt: skip
-    splits = load_image_splits(options.dataset, dataset_name=options.dataset_name,
-                               dataset_config_name=options.dataset_config_name, train_data_dir=options.train_data_dir,
-                               image_column=options.image_column, label_column=options.label_column,
-                               test_fraction=options.test_fraction, split_seed=options.split_seed,
-                               cache_dir=options.cache_dir)  # fmt: skip
+    splits = load_image_splits(subset(DataOptions, options))
     labels = num_classes(splits)
     if labels is None:
         raise ValueError(f"a classifier needs labels: the dataset has no {options.label_column!r} column")
-    channels = image_channels(splits)
+    channels = dataset_channels(splits, options.image_channels)
     transform = image_transform(options.resolution, channels)
     train, test = (with_pixel_values(splits[name], transform) for name in ("train", "test"))
     return ClassifierData(train, test, collate_images, channels, labels)

@@ -36,6 +36,13 @@ def prepare_repo(repo_id: str, token: str | None, private: bool, api: HfApi | No
     return getattr(url, "repo_id", repo_id)
 
 
+def prepare_repo_if_asked(options, is_main_process: bool) -> str | None:
+    """With ``--push_to_hub``, on the main process: :func:`prepare_repo` (fails before any training)."""
+    if not (options.push_to_hub and is_main_process):
+        return None
+    return prepare_repo(options.hub_model_id, options.hub_token, options.hub_private_repo)
+
+
 def model_card(
     repo_id: str,
     options: dict,

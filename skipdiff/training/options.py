@@ -1,8 +1,11 @@
 """Options of ``train_scripts/train_unet.py``: the defaults are the README's default job.
 
 The default job trains a latent diffusion model on scikit-learn's digits (16x16, grey) with a
-small AutoencoderKL (trained first, or reused when ``runs/vae-digits-16`` exists) on a 2-core CPU
-in under 10 minutes.
+small AutoencoderKL (trained first, or reused when its folder under ``runs/`` exists) on a 2-core
+CPU in under 10 minutes. Flags follow diffusers' ``train_unconditional.py`` /
+``train_text_to_image.py`` where those scripts have the same option.
+
+No heavy imports here: ``--help`` and option errors answer without importing torch.
 """
 
 from __future__ import annotations
@@ -10,91 +13,113 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..config import MIXED_PRECISION, check_choice, check_finite, check_positive, option, parse_key_values
+from ..data_options import DataOptions
 from ..presets import UNET_PRESETS
-from .cli import option
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-SHORTCUT_PARTS = ("down", "mid", "up")
+SHORTCUT_PARTS = ("down", "mid", "up")  # skipdiff.unet checks the same names (tests keep them equal)
+TRACKERS = ("tensorboard", "wandb", "all", "none")
+TRAIN_ONLY = ("all", "gates")
+DEFAULT_STEPS = 1200  # the default job, when neither --max_train_steps nor --num_epochs is given
+# Options a resumed run may change without changing what is trained (everything else must match the
+# checkpoint's run; --allow_changed names more).
+RESUME_FREE = ("resume_from_checkpoint", "num_threads", "dataloader_num_workers", "report_to", "tracker_project_name",
+               "log_every", "validation_every", "num_validation_images", "validation_inference_steps",
+               "validation_prompts", "checkpointing_steps", "checkpoints_total_limit", "push_to_hub", "hub_model_id",
+               "hub_private_repo", "hub_token", "dry_run", "allow_changed", "overwrite_output_dir", "cache_dir",
+               "inject_nonfinite_steps", "max_nonfinite_in_row", "output_dir")  # fmt: skip
 
 
 @dataclasses.dataclass
-class TrainOptions:
-    # ---- data ------------------------------------------------------------------------------------
-    dataset: str = option("digits", "built-in dataset (used unless --dataset_name or --train_data_dir)")
-    dataset_name: str | None = option(None, "a Hub dataset id, e.g. cifar10 (needs internet)")
-    dataset_config_name: str | None = option(None, "the Hub dataset's configuration name")
-    train_data_dir: str | None = option(None, "a local folder of images (loaded with imagefolder)")
-    image_column: str = option("image", "column holding the images")
-    label_column: str = option("label", "column holding class labels (for --class_conditional)")
-    skip_corrupt_images: bool = option(
-        False, "skip unreadable images in --train_data_dir (counted) instead of failing"
-    )
-    resolution: int = option(16, "image size the data is resized to")
-    center_crop: bool = option(True, "center-crop (else random-crop) to --resolution")
-    random_flip: bool = option(False, "random horizontal flips (off for digits: a flipped 3 is no digit)")
-    test_fraction: float = option(0.2, "held-out fraction when the source has no test split")
-    split_seed: int = option(0, "seed of the deterministic train/test split")
-    cache_dir: str | None = option(None, "🤗 cache folder for Hub datasets and models")
+class TrainOptions(DataOptions):
+    # ---- data: every field of skipdiff.data_options.DataOptions ----------------------------------------
     # ---- encoder ---------------------------------------------------------------------------------
     vae: str = option(
         "auto",
-        "AutoencoderKL: a folder, a Hub id, 'none' (pixel space) or 'auto' (train/reuse runs/vae-<dataset>-<resolution>)",
+        "AutoencoderKL: a folder, a Hub id, 'none' (pixel space) or 'auto' (train once, then reuse, "
+        "runs/vae-<dataset>-<resolution>-<split key>)",
     )
     vae_preset: str = option("digits", "VAE architecture for --vae auto (see skipdiff.presets.VAE_PRESETS)")
     sample_latents: bool = option(
         False, "train on latent_dist.sample() as diffusers' examples do (default: the posterior mean; see skipdiff/encoders.py)"
     )
     cache_latents: bool = option(
-        True, "encode the train split once and sample latents from the cached distribution"
+        True, "with a VAE: encode the train split once (both flips with --random_flip) instead of every step"
     )
     # ---- model -----------------------------------------------------------------------------------
     model: str = option("digits", f"UNet preset ({', '.join(UNET_PRESETS)}) or a config.json path")
+    pretrained_model_name_or_path: str | None = option(
+        None, "start from these weights: a UNet or pipeline folder or Hub id (e.g. google/ddpm-cifar10-32); "
+        "replaces --model"
+    )
+    revision: str | None = option(None, "Hub revision of --pretrained_model_name_or_path")
+    variant: str | None = option(None, "weights variant of --pretrained_model_name_or_path (e.g. fp16)")
     skips: str = option("full", "skip specification: preset, one mode, or comma-separated per-skip modes")
     disable_shortcuts: list[str] = option([], "turn off the residual shortcut of resnets in: down mid up")
     markov: str = option(
         "", "Markov chain options for markov gates, e.g. 'p_init=0.8,cost=0.1,temperature=0.1'"
     )
     class_conditional: bool = option(False, "condition on the dataset's labels (class embedding)")
+    train_only: str = option("all", "train every weight, or only the skip gates (frozen base model)", choices=TRAIN_ONLY)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, same gradients)")
     # ---- noise scheduler -------------------------------------------------------------------------
     num_train_timesteps: int = option(1000, "diffusion steps of the DDPM scheduler")
     beta_schedule: str = option("squaredcos_cap_v2", "beta schedule", choices=BETA_SCHEDULES)
     prediction_type: str = option("epsilon", "what the UNet predicts", choices=PREDICTION_TYPES)
     snr_gamma: float | None = option(None, "Min-SNR weighting gamma (Hang et al., 2023); 5.0 is usual")
+    noise_offset: float = option(0.0, "add this times per-channel Gaussian offsets to the noise (0.1 is usual)")
+    input_perturbation: float = option(0.0, "perturb the noisy input with this times extra noise (0.1 is usual)")
     # ---- optimisation ----------------------------------------------------------------------------
     learning_rate: float = option(2e-3, "peak AdamW learning rate")
+    scale_lr: bool = option(False, "multiply the learning rate by batch size x accumulation x processes")
     lr_scheduler: str = option("cosine", "learning-rate schedule after warm-up", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = option(50, "linear warm-up steps")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_weight_decay: float = option(1e-4, "AdamW weight decay")
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes installed)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
     gradient_accumulation_steps: int = option(1, "batches per optimizer step")
-    use_ema: bool = option(True, "keep an EMA of the weights (saved as unet_ema/, used for sampling)")
-    ema_max_decay: float = option(0.999, "EMA decay ceiling (with diffusers' EMA warm-up)")
+    use_ema: bool = option(True, "keep an EMA of the weights (saved as unet/, used for sampling; raw weights in unet_raw/)")
+    ema_max_decay: float = option(0.999, "EMA decay ceiling")
+    ema_min_decay: float = option(0.0, "EMA decay floor")
+    ema_inv_gamma: float = option(1.0, "EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power")
+    ema_power: float = option(0.75, "EMA warm-up power (3/4 as diffusers' examples; 2/3 for long runs)")
     # ---- loop ------------------------------------------------------------------------------------
     train_batch_size: int = option(128, "batch size per process")
-    max_train_steps: int | None = option(1200, "optimizer steps (overrides --num_epochs)")
+    max_train_steps: int | None = option(
+        None, f"optimizer steps; wins over --num_epochs (default: {DEFAULT_STEPS} unless --num_epochs is given)"
+    )
     num_epochs: int | None = option(None, "epochs, when --max_train_steps is not given")
     seed: int = option(0, "seed of weights, noise and data order: the same seed gives the same loss curve")
     mixed_precision: str | None = option(None, "no, fp16 or bf16 (default: the accelerate config's)")
+    allow_tf32: bool = option(False, "TF32 matmuls and convolutions on Ampere+ GPUs (faster, less exact)")
+    channels_last: bool = option(False, "channels-last memory format for the UNet and its inputs (GPUs)")
+    torch_compile: bool = option(False, "torch.compile the UNet (the router's hooks compile with it)")
     num_threads: int | None = option(None, "torch CPU threads per process (default: torch's choice)")
-    dataloader_num_workers: int = option(0, "data-loading worker processes")
+    dataloader_num_workers: int = option(0, "data-loading worker processes (pinned memory on a GPU)")
     max_nonfinite_in_row: int = option(10, "stop after this many non-finite losses/gradients in a row")
     # ---- outputs, logging, checkpoints -----------------------------------------------------------
     output_dir: str = option("runs/digits-latent", "the run's folder: pipeline, checkpoints, logs, samples")
-    log_every: int = option(10, "steps between stats.jsonl/tensorboard records")
+    overwrite_output_dir: bool = option(False, "delete what --output_dir holds (another run) and start afresh")
+    log_every: int = option(10, "steps between stats.jsonl/tracker records (host reads happen only then)")
     timestep_buckets: int = option(4, "equal-width timestep buckets for the per-bucket loss")
     validation_every: int = option(400, "steps between validation sample grids (0: only at the end)")
     num_validation_images: int = option(64, "images per validation grid")
     validation_inference_steps: int = option(50, "DDIM steps for validation samples")
+    validation_prompts: list[str] = option([], "prompts for validation grids of text-conditioned UNets")
     checkpointing_steps: int = option(400, "steps between checkpoints (0: none)")
     checkpoints_total_limit: int | None = option(2, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from")
-    report_to: str = option("tensorboard", "accelerate tracker ('tensorboard' or 'none')")
+    allow_changed: list[str] = option(
+        [], "options a resumed run may change from the checkpoint's run (e.g. learning_rate); others must match"
+    )
+    report_to: str = option("tensorboard", "tracker: tensorboard, wandb, all or none", choices=TRACKERS)
+    tracker_project_name: str = option("skipdiff", "the tracker's project (wandb) or run name (tensorboard)")
     dry_run: bool = option(False, "print the resolved options and exit")
     # ---- the Hub ---------------------------------------------------------------------------------
     push_to_hub: bool = option(False, "upload checkpoints and the final model to the Hub")
@@ -106,43 +131,85 @@ class TrainOptions:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value (called before any work starts)."""
-        positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_timesteps",
-                    "log_every", "timestep_buckets", "num_validation_images", "validation_inference_steps",
-                    "max_nonfinite_in_row")  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_steps", "num_epochs", "num_threads", "checkpoints_total_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be >= 1, got {value}")
-        for name in ("checkpointing_steps", "validation_every", "lr_warmup_steps", "dataloader_num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "max_grad_norm", "adam_weight_decay", "adam_epsilon"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
-                raise ValueError(f"--{name} must be a positive finite number, got {value}")
-        if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
-            raise ValueError(f"--snr_gamma must be positive, got {self.snr_gamma}")
-        if not 0.0 <= self.ema_max_decay < 1.0:
-            raise ValueError(f"--ema_max_decay must lie in [0, 1), got {self.ema_max_decay}")
-        if self.max_train_steps is None and self.num_epochs is None:
-            raise ValueError("give --max_train_steps or --num_epochs")
-        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
-                f"--mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
-            )
-        for choice, allowed in (("prediction_type", PREDICTION_TYPES), ("beta_schedule", BETA_SCHEDULES),
-                                ("lr_scheduler", LR_SCHEDULERS)):  # fmt: skip
-            if getattr(self, choice) not in allowed:
-                raise ValueError(f"--{choice} must be one of {allowed}, got {getattr(self, choice)!r}")
+        super().validate()
+        check_positive(self, ("train_batch_size", "gradient_accumulation_steps", "num_train_timesteps", "log_every",
+                              "timestep_buckets", "num_validation_images", "validation_inference_steps",
+                              "max_nonfinite_in_row"))  # fmt: skip
+        check_positive(self, ("max_train_steps", "num_epochs", "num_threads", "checkpoints_total_limit"), optional=True)
+        check_positive(self, ("checkpointing_steps", "validation_every", "lr_warmup_steps", "dataloader_num_workers"),
+                       minimum=0)  # fmt: skip
+        check_finite(self, ("learning_rate", "max_grad_norm", "adam_weight_decay", "adam_epsilon", "noise_offset",
+                            "input_perturbation", "snr_gamma", "ema_inv_gamma", "ema_power"),
+                     positive=("learning_rate", "snr_gamma", "ema_inv_gamma", "ema_power"))  # fmt: skip
+        for name in ("adam_beta1", "adam_beta2", "ema_max_decay", "ema_min_decay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.ema_min_decay > self.ema_max_decay:
+            raise ValueError(f"--ema_min_decay {self.ema_min_decay} exceeds --ema_max_decay {self.ema_max_decay}")
+        if self.mixed_precision is not None:
+            check_choice(self, "mixed_precision", MIXED_PRECISION)
+        for name, allowed in (("prediction_type", PREDICTION_TYPES), ("beta_schedule", BETA_SCHEDULES),
+                              ("lr_scheduler", LR_SCHEDULERS), ("report_to", TRACKERS), ("train_only", TRAIN_ONLY)):
+            check_choice(self, name, allowed)  # fmt: skip
         bad_parts = sorted(set(self.disable_shortcuts) - set(SHORTCUT_PARTS))
         if bad_parts:
             raise ValueError(f"--disable_shortcuts takes {SHORTCUT_PARTS}, got {bad_parts}")
-        if self.cache_latents and self.random_flip:
-            raise ValueError("--cache_latents encodes each image once, so it cannot be combined with --random_flip")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ValueError(f"--report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise ValueError("--resume_from_checkpoint and --overwrite_output_dir contradict each other: choose one")
+        unknown = sorted(set(self.allow_changed) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"--allow_changed names unknown option(s) {unknown}")
+        self._validate_model_source()
+        self._validate_markov()
+
+    def _validate_model_source(self) -> None:
+        if self.train_only == "gates" and not self.pretrained_model_name_or_path:
+            raise ValueError("--train_only gates tunes the gates of a pretrained UNet: give --pretrained_model_name_or_path")
+        if self.pretrained_model_name_or_path and self.model != "digits":
+            raise ValueError("--pretrained_model_name_or_path sets the architecture: leave --model at its default")
+        if (self.revision or self.variant) and not self.pretrained_model_name_or_path:
+            raise ValueError("--revision and --variant apply to --pretrained_model_name_or_path, which is not given")
+
+    def _validate_markov(self) -> None:
+        options = self.markov_options()  # parses: a malformed value is named now
+        if options and "markov" not in self.skips:
+            raise ValueError(f"--markov {self.markov!r} is only used by markov skips, but --skips is {self.skips!r}")
+
+    def markov_options(self) -> dict:
+        return parse_key_values(self.markov, "--markov")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The optimizer steps this run takes: --max_train_steps, else --num_epochs, else the default."""
+        if self.max_train_steps is not None:
+            return self.max_train_steps
+        if self.num_epochs is not None:
+            return self.num_epochs * steps_per_epoch
+        return DEFAULT_STEPS
+
+    def effective_learning_rate(self, num_processes: int) -> float:
+        """--learning_rate, times the global batch with --scale_lr (as diffusers' examples do)."""
+        if not self.scale_lr:
+            return self.learning_rate
+        return self.learning_rate * self.train_batch_size * self.gradient_accumulation_steps * num_processes
+
+
+def resume_differences(saved: dict, now: dict, allowed: list[str]) -> list[str]:
+    """Names of options whose value differs between a checkpoint's run (``saved``) and this one, except the
+    options a resume may change (:data:`RESUME_FREE`) and those in ``allowed``; a missing key counts as
+    the current default only when the saved run predates that option."""
+    defaults = dataclasses.asdict(TrainOptions())
+    free = set(RESUME_FREE) | set(allowed)
+    differing = []
+    for name, value in now.items():
+        if name in free:
+            continue
+        before = saved.get(name, defaults.get(name))
+        if before != value and not (_is_number(before) and _is_number(value) and math.isclose(before, value)):
+            differing.append(name)
+    return sorted(differing)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

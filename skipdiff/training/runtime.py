@@ -1,12 +1,13 @@
-"""Pieces of ``train_unet.py`` that are not the loop itself: the accelerator, the VAE stage, the data
-loader, validation grids and the saved outputs."""
+"""Pieces of ``train_unet.py`` that are not the loop itself: backends, the accelerator, the data and the
+encoder (with the VAE stage), the optimizer and the EMA, validation grids and the saved outputs."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
 import json
-import logging
-import re
+import os
 import warnings
 from pathlib import Path
 
@@ -14,15 +15,35 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from diffusers import DDIMScheduler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ..data import collate_images, image_transform, with_pixel_values
-from ..encoders import Encoder, VaeEncoder, cache_encoded, load_encoder
+from ..config import subset
+from ..data import collate_images, dataset_channels, load_image_splits, num_classes, with_pixel_values
+from ..data_options import DataOptions
+from ..encoders import CachedLatents, Encoder, VaeEncoder, cache_encoded, load_encoder
 from ..pipeline import SkipDiffPipeline, image_grid
+from ..presets import UNET_PRESETS, VAE_PRESETS
+from .ema import WeightEMA
+from .model_source import trainable_parameters
 from .options import TrainOptions
 from .vae import VaeOptions, train_vae
 
-logger = logging.getLogger(__name__)
+# ---------------------------------------------------------------------------------------------------
+# Backends and the accelerator
+# ---------------------------------------------------------------------------------------------------
+
+
+def setup_backends(options: TrainOptions) -> None:
+    """CPU threads, TF32, and the trackers' packages (checked now, not after the VAE stage)."""
+    if options.num_threads:
+        torch.set_num_threads(options.num_threads)
+    if options.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if options.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"--report_to {options.report_to} needs wandb: pip install wandb (or --report_to tensorboard)")
+    if options.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
 
 
 def resolve_mixed_precision(requested: str | None) -> str | None:
@@ -39,9 +60,7 @@ def resolve_mixed_precision(requested: str | None) -> str | None:
 
 
 def make_accelerator(options: TrainOptions) -> Accelerator:
-    """The run's Accelerator: mixed precision, accumulation, tensorboard, seedable data order."""
-    import os
-
+    """The run's Accelerator: mixed precision, accumulation, trackers, seedable data order."""
     requested = options.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
     project = ProjectConfiguration(project_dir=options.output_dir, logging_dir=str(Path(options.output_dir) / "logs"))
     # `accelerate launch --multi_gpu --num_processes N` on a machine without an accelerator starts N
@@ -61,11 +80,91 @@ def make_accelerator(options: TrainOptions) -> Accelerator:
     )
 
 
+# ---------------------------------------------------------------------------------------------------
+# Geometry, data, encoder
+# ---------------------------------------------------------------------------------------------------
+
+
+def vae_downscale(options: TrainOptions) -> int | None:
+    """How much the VAE shrinks images: from the preset (``auto``), a local VAE's config, 1 in pixel
+    space; None for a Hub VAE (known once loaded)."""
+    if options.vae.lower() == "none":
+        return 1
+    if options.vae == "auto":
+        return 2 ** (len(VAE_PRESETS[options.vae_preset]["block_out_channels"]) - 1) if options.vae_preset in VAE_PRESETS else None
+    for candidate in (Path(options.vae) / "config.json", Path(options.vae) / "vae" / "config.json"):
+        if candidate.is_file():
+            return 2 ** (len(json.loads(candidate.read_text())["block_out_channels"]) - 1)
+    return None
+
+
+def unet_downscale(options: TrainOptions) -> int | None:
+    """How much the UNet shrinks its input (2 per down block but the last); None when not known yet."""
+    if options.pretrained_model_name_or_path:
+        return None
+    if options.model in UNET_PRESETS:
+        blocks = len(UNET_PRESETS[options.model]["block_out_channels"])
+    elif Path(options.model).is_file():
+        try:
+            config = json.loads(Path(options.model).read_text())
+            blocks = len(config["block_out_channels"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"--model {options.model!r} is not a UNet config ({type(err).__name__}: {err})") from err
+    else:
+        return None
+    return 2 ** (blocks - 1)
+
+
+def check_geometry(options: TrainOptions) -> None:
+    """The resolution must halve evenly through the VAE and then through the UNet: checked before the
+    VAE stage (or any training), naming the numbers."""
+    vae, unet = vae_downscale(options), unet_downscale(options)
+    if options.vae == "auto" and options.vae_preset not in VAE_PRESETS:
+        raise ValueError(f"unknown --vae_preset {options.vae_preset!r}; presets: {sorted(VAE_PRESETS)}")
+    if vae is not None and options.resolution % vae:
+        raise ValueError(f"--resolution {options.resolution} is not a multiple of the VAE's downscaling {vae}")
+    if vae is not None and unet is not None:
+        latent = options.resolution // vae
+        if latent % unet or latent < unet:
+            step = vae * unet
+            raise ValueError(
+                f"--resolution {options.resolution} gives {latent}x{latent} {'latents' if vae > 1 else 'pixels'}, which "
+                f"the UNet's {unet.bit_length() - 1} downsamplings (/{unet}) cannot halve evenly: use a multiple of {step}"
+            )
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """The run's splits, their channel count and classes, and how a batch conditions the UNet."""
+
+    splits: object  # DatasetDict(train, test)
+    channels: int
+    classes: int | None  # class count of a class-conditional run
+    skipped_images: int = 0
+
+    def unet_kwargs(self, batch: dict) -> dict:
+        """The conditioning arguments of ``unet(sample, t, ...)`` for a training batch."""
+        return {"class_labels": batch["labels"]} if self.classes else {}
+
+
+def load_training_data(options: TrainOptions) -> TrainingData:
+    """The splits (:func:`skipdiff.data.load_image_splits`) with their channels and classes."""
+    data = subset(DataOptions, options)
+    splits = load_image_splits(data)
+    classes = num_classes(splits) if options.class_conditional else None
+    if options.class_conditional and classes is None:
+        raise ValueError(f"--class_conditional needs a label column; {options.label_column!r} is not in the dataset")
+    channels = dataset_channels(splits, options.image_channels)
+    return TrainingData(splits, channels, classes, len(getattr(splits["train"], "skipped_images", [])))
+
+
 def auto_vae_dir(options: TrainOptions) -> Path:
-    """Where ``--vae auto`` keeps the VAE it trains: ``runs/vae-<dataset>-<resolution>``."""
-    source = options.train_data_dir or options.dataset_name or options.dataset
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(source)).strip("_")
-    return Path("runs") / f"vae-{name}-{options.resolution}"
+    """Where ``--vae auto`` keeps the VAE it trains: ``runs/vae-<dataset>-<resolution>-<split key>``.
+
+    The split key (:meth:`DataOptions.split_key`) makes the VAE of another train/test split (seed,
+    fraction, subset) another folder, so a VAE is never reused for a split whose test images it saw."""
+    data = subset(DataOptions, options)
+    return Path("runs") / f"vae-{data.source()}-{data.resolution}-{data.split_key()}"
 
 
 def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_channels: int) -> tuple[Encoder, str]:
@@ -75,49 +174,65 @@ def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_chann
         folder = auto_vae_dir(options)
         if not (folder / "config.json").exists():
             accelerator.print(f"--vae auto: training the VAE stage into {folder} (reused by later runs)")
-            train_vae(VaeOptions(dataset=options.dataset, dataset_name=options.dataset_name,
-                                 train_data_dir=options.train_data_dir, image_column=options.image_column,
-                                 resolution=options.resolution, split_seed=options.split_seed,
-                                 preset=options.vae_preset, seed=options.seed, output_dir=str(folder)))
+            data = dataclasses.asdict(subset(DataOptions, options))
+            train_vae(VaeOptions(**data, preset=options.vae_preset, seed=options.seed, output_dir=str(folder)))
             # train_vae makes its own Accelerator object (sharing the process state), so the VAE never
             # joins this run's checkpoints.
         vae = str(folder)
     return load_encoder(vae, image_channels, options.cache_dir, options.sample_latents), vae
 
 
-class CachedLatents(Dataset):
-    """Rows of pre-encoded latent distributions (see :func:`skipdiff.encoders.cache_encoded`)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors["latent_mean"])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.tensors.items()}
-
-
 def train_loader(options: TrainOptions, split, encoder: Encoder, channels: int) -> DataLoader:
-    """The training DataLoader: images transformed on access, or latents encoded once."""
-    transform = image_transform(options.resolution, channels, center_crop=options.center_crop,
-                                random_flip=options.random_flip)  # fmt: skip
-    images = with_pixel_values(split, transform)
-    if options.cache_latents:
-        if options.random_flip:
-            raise ValueError("--cache_latents encodes each image once, so it cannot be combined with --random_flip")
+    """The training DataLoader: images transformed on access, or (with a VAE and ``--cache_latents``)
+    latents encoded once, both orientations when ``--random_flip`` (flips are drawn in the step, from the
+    run's RNG, so that a resumed run flips exactly as an uninterrupted one)."""
+    data = subset(DataOptions, options)
+    images = with_pixel_values(split, data.transform(channels, train=True))
+    if options.cache_latents and isinstance(encoder, VaeEncoder):
+        if not options.center_crop:
+            raise ValueError("random crops (--no-center_crop) cannot be cached: add --no-cache_latents")
         encode_loader = DataLoader(images, batch_size=256, collate_fn=collate_images)
-        dataset = CachedLatents(cache_encoded(encoder, encode_loader))
-        collate = None
+        dataset, collate = CachedLatents(cache_encoded(encoder, encode_loader, flips=options.random_flip)), None
     else:
         dataset, collate = images, collate_images
     if len(dataset) < options.train_batch_size:
-        raise ValueError(f"the train split has {len(dataset)} images, fewer than --train_batch_size {options.train_batch_size}")
+        raise ValueError(f"the train split has {len(dataset)} images, fewer than --train_batch_size "
+                         f"{options.train_batch_size}: lower the batch size")  # fmt: skip
     # Its own generator: creating an iterator draws a base seed from it, not from the global RNG that
     # the noise comes from (else a resumed run, which creates one more iterator, draws other noise).
     return DataLoader(dataset, batch_size=options.train_batch_size, shuffle=True, drop_last=True,
                       collate_fn=collate, num_workers=options.dataloader_num_workers,
-                      generator=torch.Generator().manual_seed(options.seed))  # fmt: skip
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(options.seed))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer and EMA
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(options: TrainOptions, unet: torch.nn.Module, num_processes: int) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: fused (it skips non-finite steps on the device), or
+    bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``."""
+    parameters = trainable_parameters(unet)
+    kwargs = dict(lr=options.effective_learning_rate(num_processes), betas=(options.adam_beta1, options.adam_beta2),
+                  weight_decay=options.adam_weight_decay, eps=options.adam_epsilon)  # fmt: skip
+    if options.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, fused=True, **kwargs)
+
+
+def make_ema(options: TrainOptions, unet: torch.nn.Module) -> WeightEMA | None:
+    if not options.use_ema:
+        return None
+    return WeightEMA(unet.parameters(), max_decay=options.ema_max_decay, min_decay=options.ema_min_decay,
+                     inv_gamma=options.ema_inv_gamma, power=options.ema_power)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling and outputs
+# ---------------------------------------------------------------------------------------------------
 
 
 def make_pipeline(unet, scheduler, encoder: Encoder) -> SkipDiffPipeline:
@@ -127,32 +242,29 @@ def make_pipeline(unet, scheduler, encoder: Encoder) -> SkipDiffPipeline:
 
 
 @torch.no_grad()
-def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, num_classes: int | None, seed: int = 0):
+def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: TrainingData, seed: int = 0):
     """A grid of validation samples (one row per class when class-conditional), seeded."""
-    count = options.num_validation_images
-    labels = [i % num_classes for i in range(count)] if num_classes else None
+    count, classes = options.num_validation_images, data.classes
+    labels = [i % classes for i in range(count)] if classes else None
     was_training = pipeline.unet.training
     pipeline.unet.eval()
     images = pipeline(batch_size=count, num_inference_steps=options.validation_inference_steps, class_labels=labels,
                       generator=torch.Generator().manual_seed(seed), sampler="ddim",
                       show_progress=False).images  # fmt: skip
     pipeline.unet.train(was_training)
-    columns = num_classes if num_classes and num_classes <= 16 else 8
+    columns = classes if classes and classes <= 16 else 8
     return image_grid(images, columns=columns, scale=max(1, 128 // images[0].width))
 
 
-def save_outputs(output_dir: Path, pipeline: SkipDiffPipeline, ema, options_json: str) -> None:
-    """The run folder: ``SkipDiffPipeline`` (unet/, vae/, scheduler/), ``unet_ema/``, options."""
-    pipeline.save_pretrained(output_dir)
+def save_outputs(output_dir: Path, unet, ema: WeightEMA | None, scheduler, encoder: Encoder, options_json: str) -> None:
+    """The run folder: a pipeline whose ``unet/`` holds the weights to sample from (the EMA's when there
+    is one, as diffusers' examples save them), ``unet_raw/`` the raw weights (with an EMA), options."""
+    sampling = unet
     if ema is not None:
-        # A copy of the model holding the EMA weights, so unet_ema/config.json is a plain model config
-        # (EMAModel.save_pretrained would add its own keys, which from_pretrained warns about).
-        ema_unet = copy.deepcopy(pipeline.unet)
-        ema.copy_to(ema_unet.parameters())
-        ema_unet.save_pretrained(output_dir / "unet_ema")
-    DDIMScheduler.from_config(pipeline.scheduler.config)  # validates that DDIM sampling will load
+        sampling = copy.deepcopy(unet)
+        ema.copy_to(sampling.parameters())
+    make_pipeline(sampling, scheduler, encoder).save_pretrained(output_dir)
+    if ema is not None:
+        unet.save_pretrained(output_dir / "unet_raw")
+    DDIMScheduler.from_config(scheduler.config)  # validates that DDIM sampling will load
     (output_dir / "training_options.json").write_text(options_json)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True))

@@ -1,30 +1,50 @@
 """What a skip-connection study logs: loss by timestep, gradient norms per block, gate states.
 
-Records go to ``stats.jsonl`` (append-only, one JSON object per line) and to the Accelerate
-tracker (tensorboard). Gradient groups follow the UNet's blocks from input to output:
+Records go to ``stats.jsonl`` (append-only, one JSON object per line; see :mod:`skipdiff.runfolder`) and
+to the Accelerate trackers. Gradient groups follow the UNet's blocks from input to output:
 ``conv_in``, ``down_blocks.i``, ``mid_block``, ``up_blocks.i``, ``conv_out``, plus ``gates``.
+
+Per-step bookkeeping stays on the device (:class:`WindowStats`): the loop adds each step's losses,
+timesteps and finiteness to device tensors and reads them to the host once per logging step, so a step
+that does not log never waits for the device (on a GPU, such a read costs more than a small model's step).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..runfolder import STATS_FILE, append_record, truncate_stats
+
+# Prefixes that wrappers put in front of parameter names: torch.compile's and DDP's.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def strip_wrappers(name: str) -> str:
+    """``_orig_mod.module.down_blocks.0.x`` -> ``down_blocks.0.x``."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name
+
 
 def block_of(parameter_name: str) -> str:
-    """The block a parameter belongs to: ``down_blocks.0.resnets.1.conv1.weight`` -> ``down_blocks.0``."""
-    parts = parameter_name.split(".")
+    """The UNet block a parameter belongs to: ``down_blocks.0.resnets.1.conv1.weight`` -> ``down_blocks.0``."""
+    parts = strip_wrappers(parameter_name).split(".")
     if parts[0] in ("down_blocks", "up_blocks"):
         return ".".join(parts[:2])
     if parts[0] == "skip_router":
         return "gates"
-    if parts[0] in ("time_embedding", "class_embedding", "time_proj"):
+    if parts[0] in ("time_embedding", "class_embedding", "time_proj", "add_embedding", "encoder_hid_proj"):
         return "embedding"
     if parts[0] in ("conv_norm_out", "conv_act"):
         return "conv_out"
@@ -32,13 +52,18 @@ def block_of(parameter_name: str) -> str:
 
 
 @torch.no_grad()
-def grad_norms_by_block(model: nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient of each block (parameters without a gradient are left out)."""
-    squares: dict[str, float] = defaultdict(float)
+def grad_norms_by_block(model: nn.Module, group_of: Callable[[str], str | None] = block_of) -> dict[str, float]:
+    """L2 norm of the gradient of each group of parameters (``group_of(name)``; None leaves a parameter
+    out, as do parameters without a gradient), in the order groups first appear. One host read."""
+    squares: dict[str, list[torch.Tensor]] = defaultdict(list)
     for name, param in model.named_parameters():
-        if param.grad is not None:
-            squares[block_of(name)] += float(param.grad.detach().float().square().sum())
-    return {block: math.sqrt(total) for block, total in squares.items()}
+        group = group_of(name)
+        if param.grad is not None and group is not None:
+            squares[group].append(param.grad.detach().float().square().sum())
+    if not squares:
+        return {}
+    totals = torch.stack([torch.stack(values).sum() for values in squares.values()]).sqrt().tolist()
+    return dict(zip(squares, totals, strict=True))
 
 
 def timestep_buckets(timesteps: torch.Tensor, num_train_timesteps: int, buckets: int) -> torch.Tensor:
@@ -46,59 +71,97 @@ def timestep_buckets(timesteps: torch.Tensor, num_train_timesteps: int, buckets:
     return (timesteps.long() * buckets // num_train_timesteps).clamp_(0, buckets - 1)
 
 
-class LossByBucket:
-    """Running sums of per-example losses by timestep bucket, between two log records."""
+def bucket_labels(buckets: int, num_train_timesteps: int) -> list[str]:
+    """``["t000-249", ...]``: the name of each bucket in the logs."""
+    width = num_train_timesteps / buckets
+    return [f"t{int(b * width):03d}-{int((b + 1) * width) - 1:03d}" for b in range(buckets)]
 
-    def __init__(self, buckets: int, num_train_timesteps: int):
+
+def _accumulator_dtype(device: torch.device) -> torch.dtype:
+    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+
+
+class WindowStats:
+    """Sums since the last log record, kept on the device; :meth:`read` brings them to the host.
+
+    ``add`` takes a step's per-example losses and timesteps and whether the step counted (``finite``, a
+    0-d bool tensor): only finite steps enter the loss sums. Non-finite steps are counted in total, in the
+    window, and as the current and the longest run in a row. With several processes :meth:`read`
+    all-reduces the sums first, so the logged loss is the global batch's.
+    """
+
+    def __init__(self, buckets: int, num_train_timesteps: int, device: torch.device):
         self.buckets, self.num_train_timesteps = buckets, num_train_timesteps
-        self.reset()
+        self.device = torch.device(device)
+        dtype = _accumulator_dtype(self.device)
+        self.sums = torch.zeros(buckets, dtype=dtype, device=self.device)
+        self.counts = torch.zeros(buckets, dtype=dtype, device=self.device)
+        self.finite_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self.nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
+        self.nonfinite_window = torch.zeros((), dtype=torch.long, device=self.device)
+        self.in_row = torch.zeros((), dtype=torch.long, device=self.device)
+        self.longest_in_row = torch.zeros((), dtype=torch.long, device=self.device)
 
-    def reset(self) -> None:
-        self.sums = torch.zeros(self.buckets, dtype=torch.float64)
-        self.counts = torch.zeros(self.buckets, dtype=torch.float64)
+    def add(self, losses: torch.Tensor, timesteps: torch.Tensor, finite: torch.Tensor) -> None:
+        weight = finite.to(self.sums.dtype)
+        index = timestep_buckets(timesteps, self.num_train_timesteps, self.buckets)
+        # A non-finite loss times a zero weight is still NaN: replace it before summing.
+        values = torch.nan_to_num(losses.detach().to(self.sums.dtype), nan=0.0, posinf=0.0, neginf=0.0)
+        self.sums.index_add_(0, index, values * weight)
+        self.counts.index_add_(0, index, weight.expand(index.shape[0]))
+        bad = (~finite).long()
+        self.finite_steps += 1 - bad
+        self.nonfinite_total += bad
+        self.nonfinite_window += bad
+        self.in_row.mul_(bad).add_(bad)
+        torch.maximum(self.longest_in_row, self.in_row, out=self.longest_in_row)
 
-    def add(self, losses: torch.Tensor, timesteps: torch.Tensor) -> None:
-        index = timestep_buckets(timesteps.cpu(), self.num_train_timesteps, self.buckets)
-        self.sums.index_add_(0, index, losses.detach().double().cpu())
-        self.counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+    def read(self, accelerator=None) -> dict:
+        """The window's figures on the host (one device read), then the window restarts.
 
-    def means(self) -> dict[str, float | None]:
-        """``{"t000-249": mean, ...}``; a bucket without examples is None."""
-        width = self.num_train_timesteps / self.buckets
-        out = {}
-        for b in range(self.buckets):
-            label = f"t{int(b * width):03d}-{int((b + 1) * width) - 1:03d}"
-            out[label] = float(self.sums[b] / self.counts[b]) if self.counts[b] > 0 else None
+        Returns ``loss`` (mean over the finite steps' examples, None if none), ``loss_by_timestep``,
+        ``finite_steps``, ``nonfinite_total``, ``nonfinite_window``, ``in_row`` and ``longest_in_row``."""
+        sums, counts = self.sums, self.counts
+        if accelerator is not None and accelerator.num_processes > 1:
+            both = accelerator.reduce(torch.cat([sums, counts]), "sum")
+            sums, counts = both[: self.buckets], both[self.buckets :]
+        host = torch.cat([sums, counts]).tolist()
+        ints = torch.stack([self.finite_steps, self.nonfinite_total, self.nonfinite_window, self.in_row,
+                            self.longest_in_row]).tolist()  # fmt: skip
+        sums_h, counts_h = host[: self.buckets], host[self.buckets :]
+        total = sum(counts_h)
+        labels = bucket_labels(self.buckets, self.num_train_timesteps)
+        out = {
+            "loss": sum(sums_h) / total if total > 0 else None,
+            "loss_by_timestep": {name: (s / c if c > 0 else None) for name, s, c in zip(labels, sums_h, counts_h, strict=True)},
+            "finite_steps": ints[0], "nonfinite_total": ints[1], "nonfinite_window": ints[2], "in_row": ints[3],
+            "longest_in_row": ints[4],
+        }  # fmt: skip
+        self.sums.zero_()
+        self.counts.zero_()
+        self.finite_steps.zero_()
+        self.nonfinite_window.zero_()
+        self.longest_in_row.copy_(self.in_row)
         return out
 
 
 class StatsWriter:
-    """Append-only JSONL log in the run folder (main process only) plus the tracker."""
+    """Append-only JSONL log in the run folder (main process only) plus the trackers."""
 
-    def __init__(self, accelerator, output_dir: str | os.PathLike, filename: str = "stats.jsonl"):
+    def __init__(self, accelerator, output_dir: str | os.PathLike, filename: str = STATS_FILE):
         self.accelerator = accelerator
         self.path = Path(output_dir) / filename
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step``: a run killed after its last checkpoint logged steps that the
-        resumed run logs again. Rewritten to a temporary file and renamed (main process only)."""
-        if not self.accelerator.is_main_process or not self.path.exists():
-            return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-        if len(kept) < len(lines):
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+        """Drop records past ``step`` (a resumed run logs the steps after its checkpoint again)."""
+        if self.accelerator.is_main_process:
+            truncate_stats(self.path, step)
 
     def write(self, record: dict, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": step, **record}, allow_nan=True) + "\n")
-        scalars = {
-            k: v for k, v in flatten(record).items() if isinstance(v, int | float) and math.isfinite(v)
-        }
+        append_record(self.path, {"step": step, **record})
+        scalars = {k: v for k, v in flatten(record).items() if isinstance(v, int | float) and math.isfinite(v)}
         self.accelerator.log(scalars, step=step)
 
 
@@ -112,9 +175,3 @@ def flatten(record: dict, prefix: str = "") -> dict:
         else:
             out[name] = value
     return out
-
-
-def read_stats(path: str | os.PathLike) -> list[dict]:
-    """Every record of a ``stats.jsonl`` (for evaluation and reports)."""
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]

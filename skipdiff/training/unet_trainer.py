@@ -1,46 +1,47 @@
 """The diffusion training loop behind ``train_scripts/train_unet.py`` (``main(argv)`` or ``train_unet(options)``).
 
-Order: accelerator -> inputs (data, encoder) -> model -> scheduler -> optimizer -> loader -> prepare -> loop.
-Every option, with its default, is in :mod:`skipdiff.training.options` (``--help``).
+Order, as in diffusers' ``train_unconditional.py``: output folder -> accelerator -> data and encoder ->
+model -> noise scheduler -> optimizer -> loader -> prepare -> resume -> loop -> export. Every option, with
+its default, is in :mod:`skipdiff.training.options` (``--help``). Each step runs without reading the
+device (:mod:`skipdiff.training.step`); bookkeeping reaches the host once per ``--log_every`` steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .. import SkipUNet2DModel
-from ..data import image_channels, load_image_splits, num_classes
-from ..diffusion import make_scheduler, per_example_loss
+from ..config import parse_args, to_json
 from ..encoders import batch_latents
-from ..markov import rank_share
-from ..presets import unet_config
+from ..runfolder import locked, read_stats, write_json_atomic
 from . import checkpoints, hub
-from .cli import parse_args, parse_key_values, to_json
+from .model_source import build_unet, check_model_options, trainable_parameters
 from .options import TrainOptions
 from .runtime import (
+    TrainingData,
+    check_geometry,
+    load_training_data,
     make_accelerator,
+    make_ema,
+    make_optimizer,
     make_pipeline,
     prepare_encoder,
     sample_grid,
     save_outputs,
+    setup_backends,
     train_loader,
-    write_json,
 )  # fmt: skip
-from .telemetry import LossByBucket, StatsWriter, grad_norms_by_block
+from .startup import StopRequest, TrainingStopped, is_main_process, prepare_output_dir, resume_checkpoint
+from .step import all_finite, batch_loss, draw_noise, gradient_norm, optimizer_step
+from .telemetry import StatsWriter, WindowStats, grad_norms_by_block
 
-
-class TrainingStopped(RuntimeError):
-    """Too many non-finite losses or gradients in a row: the run stops, its checkpoints intact."""
+__all__ = ["TrainingStopped", "main", "run_cli", "train_unet"]
 
 
 def main(argv: list[str] | None = None, description: str = __doc__) -> dict:
@@ -52,71 +53,102 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> dict:
     return train_unet(options)
 
 
-def run_cli(description: str = __doc__) -> int:
-    """``main`` for a console script: known failures print ``error: ...`` and exit 1."""
-    try:
-        main(description=description)
-    except (TrainingStopped, hub.HubAccessError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def train_unet(options: TrainOptions) -> dict:
     """Train a ``SkipUNet2DModel`` as the options say; returns the final metrics."""
-    if options.num_threads:
-        torch.set_num_threads(options.num_threads)
+    setup_backends(options)
     check_model_options(options)  # a bad --skips or --markov fails now, not after the VAE stage
-    output_dir = Path(options.output_dir)
-    checkpoints.check_writable(output_dir)
-    resume_from = checkpoints.resolve_checkpoint(output_dir, options.resume_from_checkpoint)
+    check_geometry(options)  # as does a resolution the VAE or the UNet cannot halve evenly
+    output_dir = prepare_output_dir(options)
+    resume_from = resume_checkpoint(options)
+    with locked(output_dir, enabled=is_main_process()), StopRequest() as stop:
+        accelerator = make_accelerator(options)
+        set_seed(options.seed)
+        repo_id = hub.prepare_repo_if_asked(options, accelerator.is_main_process)
 
-    # ---- accelerator -------------------------------------------------------------------------------
-    accelerator = make_accelerator(options)
-    set_seed(options.seed)
-    repo_id = None
-    if options.push_to_hub and accelerator.is_main_process:  # fail now, not after hours of training
-        repo_id = hub.prepare_repo(options.hub_model_id, options.hub_token, options.hub_private_repo)
+        # ---- data, encoder, model, noise scheduler, optimizer, loader -----------------------------
+        data = load_training_data(options)
+        encoder, vae_source = prepare_encoder(options, accelerator, data.channels)
+        unet, noise_scheduler = build_unet(options, encoder, data)
+        ema = make_ema(options, unet)
+        optimizer = make_optimizer(options, unet, accelerator.num_processes)
+        loader = train_loader(options, data.splits["train"], encoder, data.channels)
+        run = _prepare(options, accelerator, unet, ema, optimizer, loader, noise_scheduler, encoder, data, output_dir)
 
-    # ---- inputs: data and the pixel/latent encoder -------------------------------------------------
-    splits = load_image_splits(options.dataset, dataset_name=options.dataset_name,
-                               dataset_config_name=options.dataset_config_name,
-                               train_data_dir=options.train_data_dir, image_column=options.image_column,
-                               label_column=options.label_column, test_fraction=options.test_fraction,
-                               split_seed=options.split_seed, cache_dir=options.cache_dir,
-                               skip_corrupt=options.skip_corrupt_images)  # fmt: skip
-    classes = num_classes(splits) if options.class_conditional else None
-    if options.class_conditional and classes is None:
-        raise ValueError(f"--class_conditional needs a label column; {options.label_column!r} is not in the dataset")
-    channels = image_channels(splits)
-    encoder, vae_source = prepare_encoder(options, accelerator, channels)
+        # ---- resume, log the start --------------------------------------------------------------------
+        if resume_from is not None:
+            checkpoints.check_resumable(resume_from, dict(run.model.config), options, accelerator.num_processes,
+                                        num_custom=int(ema is not None))  # fmt: skip
+            accelerator.load_state(str(resume_from))
+            run.step = checkpoints.read_state(resume_from)["step"]
+            accelerator.print(f"resumed from {resume_from} at step {run.step}")
+        elif options.resume_from_checkpoint == "latest":
+            accelerator.print(f"no checkpoint in {output_dir} yet: starting from scratch")
+        _start_log(run, vae_source, data)
 
-    # ---- model -------------------------------------------------------------------------------------
-    shortcuts = {part: False for part in options.disable_shortcuts} or None
-    config = unet_config(options.model, sample_size=options.resolution // encoder.downscale, channels=encoder.channels,
-                         num_classes=classes, skips=options.skips, residual_shortcuts=shortcuts,
-                         markov=parse_key_values(options.markov, "--markov"))  # fmt: skip
-    unet = SkipUNet2DModel(**config)
-    router = unet.skip_router
-    ema = None
-    if options.use_ema:
-        ema = EMAModel(unet.parameters(), decay=options.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
-                       power=3 / 4, model_cls=SkipUNet2DModel, model_config=unet.config)  # fmt: skip
-    if resume_from is not None:
-        checkpoints.check_compatible(resume_from, dict(unet.config))
+        # ---- the loop -----------------------------------------------------------------------------------
+        _train(run, stop, repo_id)
 
-    # ---- noise scheduler and optimizer -------------------------------------------------------------
-    noise_scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
-                                     encoder.sample_range)  # fmt: skip
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=options.learning_rate,
-                                  betas=(options.adam_beta1, options.adam_beta2),
-                                  weight_decay=options.adam_weight_decay, eps=options.adam_epsilon)  # fmt: skip
+        # ---- outputs ------------------------------------------------------------------------------------
+        run.router.record_norms = False
+        grid_path = _validate(run)
+        metrics = {"final_loss": _last_loss(output_dir), "steps": run.step, "nonfinite_total": run.nonfinite_total}
+        _export(run, _card(run, metrics, grid_path))
+        if accelerator.is_main_process:
+            write_json_atomic(output_dir / "train_metrics.json", metrics)
+            if repo_id:
+                hub.upload(output_dir, repo_id, options.hub_token, f"final model after {run.step} steps")
+        accelerator.end_training()
+    return metrics
 
-    # ---- data loader, schedule, prepare ------------------------------------------------------------
-    loader = train_loader(options, splits["train"], encoder, channels)
+
+def run_cli(argv: list[str] | None = None, description: str = __doc__) -> int:
+    """``main`` for a console script: known failures print one ``error: ...`` line and exit 1."""
+    from .startup import run_with_clean_errors
+
+    return run_with_clean_errors(lambda: main(argv, description=description))
+
+
+# --------------------------------------------------------------------------------------------------
+# The run's parts, prepared
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop touches. ``unet`` is Accelerate's wrapped model, ``model`` the plain one."""
+
+    options: TrainOptions
+    accelerator: object
+    unet: torch.nn.Module
+    model: torch.nn.Module
+    ema: object
+    optimizer: object
+    lr_scheduler: object
+    loader: object
+    noise_scheduler: object
+    encoder: object
+    data: TrainingData
+    output_dir: Path
+    stats: StatsWriter
+    window: WindowStats
+    max_steps: int
+    steps_per_epoch: int
+    options_json: str
+    step: int = 0
+    nonfinite_total: int = 0
+    pending_finite: torch.Tensor | None = None  # the finiteness of an accumulation's batches so far
+
+    @property
+    def router(self):
+        return self.model.skip_router
+
+
+def _prepare(options, accelerator, unet, ema, optimizer, loader, noise_scheduler, encoder, data, output_dir) -> Run:
+    """The learning-rate schedule, ``accelerator.prepare``, the stats writer and the options file."""
+    from diffusers.optimization import get_scheduler
+
     steps_per_epoch = math.ceil(len(loader) / options.gradient_accumulation_steps)
-    max_steps = options.max_train_steps or options.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    max_steps = options.total_steps(steps_per_epoch)
     lr_scheduler = get_scheduler(options.lr_scheduler, optimizer,
                                  num_warmup_steps=options.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)  # fmt: skip
@@ -125,221 +157,223 @@ def train_unet(options: TrainOptions) -> dict:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-
-    # ---- resume ------------------------------------------------------------------------------------
-    step, first_epoch, skip_batches = 0, 0, 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        step = checkpoints.read_state(resume_from)["step"]
-        first_epoch = step // steps_per_epoch
-        skip_batches = (step % steps_per_epoch) * options.gradient_accumulation_steps
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-    elif options.resume_from_checkpoint == "latest":
-        accelerator.print(f"no checkpoint in {output_dir} yet: starting from scratch")
-
     options_json = to_json(dataclasses.replace(options, hub_token=None))  # the token never reaches a file
     if accelerator.is_main_process:
         (output_dir / "training_options.json").write_text(options_json)
-        accelerator.init_trackers("skipdiff", config={k: str(v) for k, v in vars(options).items() if k != "hub_token"})
-        accelerator.print(unet.module.skip_table() if hasattr(unet, "module") else unet.skip_table())
-    stats = StatsWriter(accelerator, output_dir)
-    stats.truncate_after(step)  # a resumed run logs the steps after its checkpoint again
-    if step == 0:
-        stats.write({"event": "start", "vae": vae_source, "encoder": encoder.describe(),
-                     "num_parameters": sum(p.numel() for p in unet.parameters()), "num_processes": accelerator.num_processes,
-                     "skipped_images": len(getattr(splits["train"], "skipped_images", [])),
-                     "skips": router.describe()}, step=0)  # fmt: skip
+    window = WindowStats(options.timestep_buckets, options.num_train_timesteps, accelerator.device)
+    return Run(options, accelerator, unet, accelerator.unwrap_model(unet), ema, optimizer, lr_scheduler, loader,
+               noise_scheduler, encoder, data, output_dir, StatsWriter(accelerator, output_dir), window, max_steps,
+               steps_per_epoch, options_json)  # fmt: skip
 
-    # ---- training loop -----------------------------------------------------------------------------
-    by_bucket = LossByBucket(options.timestep_buckets, options.num_train_timesteps)
-    window_loss, window_count, nonfinite_total, nonfinite_in_row = 0.0, 0, 0, 0
-    progress = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
+
+def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
+    """Trackers, the skip table, and the ``start`` record (a resumed run keeps its log up to its checkpoint)."""
+    options, accelerator = run.options, run.accelerator
+    if accelerator.is_main_process:
+        config = {k: str(v) for k, v in vars(options).items() if k != "hub_token"}
+        init_kwargs = {"wandb": {"dir": str(run.output_dir), "name": run.output_dir.name}}
+        accelerator.init_trackers(options.tracker_project_name, config=config, init_kwargs=init_kwargs)
+        accelerator.print(run.model.skip_table())
+    run.stats.truncate_after(run.step if run.step else -1)  # a fresh start drops an earlier attempt's records
+    if run.step == 0:
+        run.stats.write({"event": "start", "vae": vae_source, "encoder": run.encoder.describe(),
+                         "num_parameters": sum(p.numel() for p in run.model.parameters()),
+                         "num_trainable_parameters": sum(p.numel() for p in trainable_parameters(run.model)),
+                         "num_processes": accelerator.num_processes, "skipped_images": data.skipped_images,
+                         "skips": run.router.describe()}, step=0)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _train(run: Run, stop: StopRequest, repo_id: str | None) -> None:
+    """Epochs of optimizer steps until ``max_steps``; logs, validates and checkpoints on schedule."""
+    options, accelerator = run.options, run.accelerator
+    first_epoch = run.step // run.steps_per_epoch
+    skip_batches = (run.step % run.steps_per_epoch) * options.gradient_accumulation_steps
+    progress = tqdm(total=run.max_steps, initial=run.step, desc="train", disable=not accelerator.is_local_main_process)
     window_start = time.perf_counter()
-    unet.train()
-    for epoch in range(first_epoch, num_epochs):
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
+    run.unet.train()
+    for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
+        run.loader.set_epoch(epoch)
+        batches = run.loader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(run.loader, skip_batches)
         for batch in batches:
-            if step >= max_steps:  # resumed from the last checkpoint: nothing left to train
-                break
-            logging_step = (step + 1) % options.log_every == 0
-            router.record_norms = logging_step
-            with accelerator.accumulate(unet):
-                latents = batch_latents(encoder, batch)
-                # Drawn for the global batch on every rank (each keeps its slice): N processes use the
-                # noise one process with the global batch would, so the two runs match.
-                size = latents.shape[0]
-                shape = tuple(latents.shape[1:])
-                noise = rank_share(lambda n, shape=shape: torch.randn(n, *shape), size).to(latents)
-                timesteps = rank_share(lambda n: torch.randint(0, options.num_train_timesteps, (n,)), size)
-                timesteps = timesteps.to(latents.device)
-                losses = per_example_loss(unet, noise_scheduler, latents, noise, timesteps,
-                                          class_labels=batch.get("labels") if classes else None,
-                                          snr_gamma=options.snr_gamma)  # fmt: skip
-                loss = losses.mean()
-                if step + 1 in options.inject_nonfinite_steps:
-                    loss = loss * float("nan")
-                # Every rank must take the same branch, or DDP waits for a backward that never comes.
-                finite = accelerator.reduce(torch.isfinite(loss).float().reshape(1), "sum").item() == accelerator.num_processes
-                grad_norm, block_norms = None, {}
-                if finite:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = _clip(accelerator, unet, options.max_grad_norm)
-                        finite = math.isfinite(grad_norm)
-                if accelerator.sync_gradients and logging_step and finite:
-                    block_norms = grad_norms_by_block(accelerator.unwrap_model(unet))
-                if finite:
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+            if run.step >= run.max_steps:  # resumed from the last checkpoint: nothing left to train
+                return
+            logging_step = (run.step + 1) % options.log_every == 0
+            run.router.record_norms = logging_step
+            done = _micro_step(run, batch, logging_step)
+            if done is None:  # gradient accumulation: not an optimizer step yet
                 continue
-
-            # ---- one optimizer step done ----------------------------------------------------------
-            step += 1
+            run.step += 1
             progress.update(1)
-            if not finite:
-                nonfinite_total += 1
-                nonfinite_in_row += 1
-                stats.write({"event": "nonfinite", "nonfinite_total": nonfinite_total, "in_row": nonfinite_in_row}, step)
-                if nonfinite_in_row >= options.max_nonfinite_in_row:
-                    last = checkpoints.list_checkpoints(output_dir)
-                    raise TrainingStopped(
-                        f"stopping at step {step}: {nonfinite_in_row} non-finite losses or gradients in a row "
-                        f"(last good checkpoint: {last[-1] if last else 'none'})"
-                    )
-                if step >= max_steps:  # a skipped last step still ends the run
-                    break
-                continue
-            nonfinite_in_row = 0
-            if ema is not None:
-                ema.step(unet.parameters())
-            if router.chain is not None:
-                router.update_chain(losses.detach())
-            window_count += 1
-            global_losses = accelerator.gather(losses.detach())  # the logged loss is the global batch's
-            window_loss += float(global_losses.mean())
-            by_bucket.add(global_losses, accelerator.gather(timesteps))
-
-            if logging_step:
-                seconds = (time.perf_counter() - window_start) / max(window_count, 1)
-                record = {"loss": window_loss / max(window_count, 1), "loss_by_timestep": by_bucket.means(),
-                          "grad_norm": grad_norm, "grad_norm_by_block": block_norms, "lr": lr_scheduler.get_last_lr()[0],
-                          "seconds_per_step": seconds, "nonfinite_total": nonfinite_total, "epoch": epoch,
-                          "gates": router.telemetry(),
-                          "skip_vs_backbone_norm": {str(k): float(s / m.clamp_min(1e-12)) for k, (m, s) in router.norms.items()}}  # fmt: skip
-                if router.chain is not None:
-                    record["markov"] = router.markov_summary()
-                stats.write(record, step)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", s_per_step=f"{seconds:.3f}")
-                window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
-                by_bucket.reset()
-            if options.validation_every and step % options.validation_every == 0 and step < max_steps:
-                _validate(accelerator, unet, ema, noise_scheduler, encoder, options, classes, output_dir, step)
-            if options.checkpointing_steps and step % options.checkpointing_steps == 0:
-                path = checkpoints.save_checkpoint(accelerator, output_dir, step,
-                                                   {"epoch": epoch, "unet_config": dict(accelerator.unwrap_model(unet).config)},
-                                                   options.checkpoints_total_limit)  # fmt: skip
-                if repo_id:
-                    card = _card(options, router, {"steps": step, "nonfinite_total": nonfinite_total}, None, output_dir)
-                    _export(accelerator, unet, ema, noise_scheduler, encoder, options_json, output_dir, card)
-                    hub.upload(output_dir, repo_id, options.hub_token, f"checkpoint at step {step}")
-                accelerator.print(f"saved {path}")
-            if step >= max_steps:
+            if logging_step or run.step >= run.max_steps:
+                _log(run, done, epoch, time.perf_counter() - window_start, progress)
+                window_start = time.perf_counter()
+            if options.validation_every and run.step % options.validation_every == 0 and run.step < run.max_steps:
+                _validate(run)
+            if stop.requested(accelerator, logging_step):
+                _checkpoint(run, epoch, repo_id)
+                stop.exit(run.step, checkpoints.list_checkpoints(run.output_dir))
+            if options.checkpointing_steps and run.step % options.checkpointing_steps == 0 and bool(done.finite):
+                _checkpoint(run, epoch, repo_id)  # (the host reads the flag here: a checkpoint waits anyway)
+            if run.step >= run.max_steps:
                 break
-        if step >= max_steps:
-            break
     progress.close()
 
-    # ---- outputs -----------------------------------------------------------------------------------
-    router.record_norms = False
-    grid_path = _validate(accelerator, unet, ema, noise_scheduler, encoder, options, classes, output_dir, step)
-    metrics = {"final_loss": stats_last_loss(output_dir), "steps": step, "nonfinite_total": nonfinite_total}
-    _export(accelerator, unet, ema, noise_scheduler, encoder, options_json, output_dir,
-            _card(options, router, metrics, grid_path, output_dir))  # fmt: skip
-    if accelerator.is_main_process:
-        write_json(output_dir / "train_metrics.json", metrics)
-        if repo_id:
-            hub.upload(output_dir, repo_id, options.hub_token, f"final model after {step} steps")
-    accelerator.end_training()
-    return metrics
+
+@dataclasses.dataclass
+class StepDone:
+    """What the loop keeps of an optimizer step (device tensors) for the next log record."""
+
+    grad_norm: torch.Tensor
+    block_norms: dict
+    finite: torch.Tensor  # 0-d bool: the step was taken
 
 
-def check_model_options(options: TrainOptions) -> None:
-    """Build the requested UNet once (any channels and size: the skips do not depend on them) so
-    that the model preset, skip specification, shortcut switches and chain options are checked."""
-    shortcuts = {part: False for part in options.disable_shortcuts} or None
-    SkipUNet2DModel(**unet_config(options.model, sample_size=options.resolution, channels=1, skips=options.skips,
-                                  residual_shortcuts=shortcuts, markov=parse_key_values(options.markov, "--markov")))  # fmt: skip
+def _micro_step(run: Run, batch: dict, logging_step: bool) -> StepDone | None:
+    """Forward and backward of one batch; at the end of an accumulation, the optimizer step (skipped on
+    the device when a loss or the gradient is not finite). Reads nothing from the device unless logging."""
+    options, accelerator = run.options, run.accelerator
+    with accelerator.accumulate(run.unet):
+        latents = batch_latents(run.encoder, batch, random_flip=options.random_flip)
+        if options.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        noise = draw_noise(latents, options.num_train_timesteps, options.noise_offset, options.input_perturbation)
+        losses = batch_loss(run.unet, run.noise_scheduler, latents, noise, run.data.unet_kwargs(batch), options.snr_gamma)
+        loss = losses.mean()
+        if run.step + 1 in options.inject_nonfinite_steps:
+            loss = loss * float("nan")
+        finite = all_finite(accelerator, loss)
+        run.pending_finite = finite if run.pending_finite is None else run.pending_finite & finite
+        accelerator.backward(loss)
+        if not accelerator.sync_gradients:
+            return None
+        grad_norm = gradient_norm(accelerator, trainable_parameters(run.unet), options.max_grad_norm)
+        finite = run.pending_finite & torch.isfinite(grad_norm)
+        run.pending_finite = None
+        block_norms = grad_norms_by_block(run.model) if logging_step else {}
+        optimizer_step(run.optimizer, finite)
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(finite)
+    if run.router.chain is not None:
+        run.router.update_chain(losses.detach(), counted=finite)
+    run.window.add(losses, noise.timesteps, finite)  # summed over processes when read
+    return StepDone(grad_norm.detach(), block_norms, finite)
 
 
-def _clip(accelerator, unet, max_norm: float) -> float:
-    """Clip (when max_norm > 0) and return the total gradient norm before clipping."""
-    parameters = [p for p in unet.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(parameters, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters])))
+def _log(run: Run, done: StepDone, epoch: int, seconds: float, progress) -> None:
+    """Read the window's bookkeeping (the one host read), write its records, stop on too many non-finite steps."""
+    window = run.window.read(run.accelerator)
+    steps = max(window["finite_steps"] + window["nonfinite_window"], 1)
+    run.nonfinite_total = window["nonfinite_total"]
+    if window["nonfinite_window"]:
+        run.stats.write({"event": "nonfinite", "nonfinite_total": window["nonfinite_total"],
+                         "in_row": window["in_row"]}, run.step)  # fmt: skip
+    if window["longest_in_row"] >= run.options.max_nonfinite_in_row:
+        last = checkpoints.list_checkpoints(run.output_dir)
+        raise TrainingStopped(
+            f"stopping at step {run.step}: {window['longest_in_row']} non-finite losses or gradients in a row "
+            f"(last good checkpoint: {last[-1] if last else 'none'})"
+        )
+    if window["loss"] is None:  # no finite step since the last record
+        return
+    record = {"loss": window["loss"], "loss_by_timestep": window["loss_by_timestep"],
+              "grad_norm": float(done.grad_norm), "grad_norm_by_block": done.block_norms,
+              "lr": run.lr_scheduler.get_last_lr()[0], "seconds_per_step": seconds / steps,
+              "nonfinite_total": window["nonfinite_total"], "epoch": epoch, "gates": run.router.telemetry(),
+              "skip_vs_backbone_norm": run.router.norm_ratios()}  # fmt: skip
+    if run.router.chain is not None:
+        record["markov"] = run.router.markov_summary()
+    run.stats.write(record, run.step)
+    progress.set_postfix(loss=f"{record['loss']:.4f}", s_per_step=f"{record['seconds_per_step']:.3f}")
 
 
-def _with_ema_weights(unet, ema):
-    """Context: the unwrapped UNet with EMA weights in place (restored afterwards)."""
+# --------------------------------------------------------------------------------------------------
+# Checkpoints, validation grids, export
+# --------------------------------------------------------------------------------------------------
+
+
+def _checkpoint(run: Run, epoch: int, repo_id: str | None) -> None:
+    state = {"epoch": epoch, "unet_config": dict(run.model.config), "training_options": dataclasses.asdict(
+        dataclasses.replace(run.options, hub_token=None))}  # fmt: skip
+    path = checkpoints.save_checkpoint(run.accelerator, run.output_dir, run.step, state,
+                                       run.options.checkpoints_total_limit)  # fmt: skip
+    if repo_id:
+        metrics = {"steps": run.step, "nonfinite_total": run.nonfinite_total}
+        _export(run, _card(run, metrics, None))
+        hub.upload(run.output_dir, repo_id, run.options.hub_token, f"checkpoint at step {run.step}")
+    run.accelerator.print(f"saved {path}")
+
+
+def _with_ema_weights(model, ema):
+    """Context: the plain UNet with the EMA weights in place (restored afterwards)."""
     from contextlib import contextmanager
 
     @contextmanager
     def swap():
         if ema is None:
-            yield unet
+            yield model
             return
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
+        saved = [p.detach().clone() for p in trainable_parameters(model)]
+        ema.copy_to(model.parameters())
         try:
-            yield unet
+            yield model
         finally:
-            ema.restore(unet.parameters())
+            with torch.no_grad():
+                for param, value in zip(trainable_parameters(model), saved, strict=True):
+                    param.copy_(value)
 
     return swap()
 
 
-def _validate(accelerator, unet, ema, scheduler, encoder, options, classes, output_dir, step):
+def _validate(run: Run):
     """Save a sample grid (EMA weights) as PNG and to tensorboard; main process only."""
-    if not accelerator.is_main_process:
+    if not run.accelerator.is_main_process:
         return None
-    model = accelerator.unwrap_model(unet)
-    with _with_ema_weights(model, ema):
-        grid = sample_grid(make_pipeline(model, scheduler, encoder), options, classes)
-    path = output_dir / "samples" / f"step-{step:06d}.png"
+    with _with_ema_weights(run.model, run.ema):
+        grid = sample_grid(make_pipeline(run.model, run.noise_scheduler, run.encoder), run.options, run.data)
+    path = run.output_dir / "samples" / f"step-{run.step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
-    for tracker in accelerator.trackers:
+    for tracker in run.accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
 
-            array = np.asarray(grid.convert("RGB"))
-            tracker.writer.add_images("samples", array[None], step, dataformats="NHWC")
+            tracker.writer.add_images("samples", np.asarray(grid.convert("RGB"))[None], run.step, dataformats="NHWC")
     return path
 
 
-def _card(options, router, metrics, grid_path, output_dir):
-    """The run's model card (README.md): skip table, settings, metrics, sample grid."""
-    return hub.model_card(options.hub_model_id or output_dir.name, vars(options), router.describe(), metrics,
-                          sample_grid=grid_path.relative_to(output_dir).as_posix() if grid_path else None,
+def _card(run: Run, metrics: dict, grid_path):
+    """The run's model card (README.md): loading, skip table, settings, metrics, sample grid."""
+    options = run.options
+    return hub.model_card(options.hub_model_id or run.output_dir.name, vars(options), run.router.describe(), metrics,
+                          sample_grid=grid_path.relative_to(run.output_dir).as_posix() if grid_path else None,
                           dataset=options.dataset_name or options.dataset)  # fmt: skip
 
 
-def _export(accelerator, unet, ema, scheduler, encoder, options_json, output_dir, card):
+def _export(run: Run, card) -> None:
     """Write the loadable run folder and its model card (main process; all ranks wait)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_outputs(output_dir, make_pipeline(accelerator.unwrap_model(unet), scheduler, encoder), ema, options_json)
-        card.save(output_dir / "README.md")
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        save_outputs(run.output_dir, run.model, run.ema, run.noise_scheduler, run.encoder, run.options_json)
+        card.save(run.output_dir / "README.md")
+    run.accelerator.wait_for_everyone()
 
 
-def stats_last_loss(output_dir: Path) -> float | None:
-    from .telemetry import read_stats
-
+def _last_loss(output_dir: Path) -> float | None:
     path = output_dir / "stats.jsonl"
     losses = [r["loss"] for r in read_stats(path) if "loss" in r] if path.exists() else []
     return losses[-1] if losses else None
 
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(run_cli())

@@ -16,20 +16,17 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import collate_images, image_channels, image_transform, load_image_splits, with_pixel_values
+from ..config import option, subset, to_json
+from ..data import collate_images, dataset_channels, image_transform, load_image_splits, with_pixel_values
+from ..data_options import DataOptions
 from ..encoders import data_scaling_factor
 from ..presets import VAE_PRESETS, vae_config
-from .cli import option, to_json
+from .checkpoints import check_writable
 
 
 @dataclasses.dataclass
-class VaeOptions:
-    dataset: str = option("digits", "built-in dataset (used unless --dataset_name or --train_data_dir)")
-    dataset_name: str | None = option(None, "a Hub dataset id (needs internet)")
-    train_data_dir: str | None = option(None, "a local folder of images")
-    image_column: str = option("image", "column holding the images")
-    resolution: int = option(16, "image size")
-    split_seed: int = option(0, "seed of the deterministic train/test split")
+class VaeOptions(DataOptions):
+    # ---- data: every field of skipdiff.data_options.DataOptions ----------------------------------------
     preset: str = option("digits", f"architecture: {', '.join(VAE_PRESETS)}")
     kl_weight: float = option(1e-5, "weight of the KL term against the pixel MSE")
     learning_rate: float = option(2e-3, "AdamW learning rate (cosine decay)")
@@ -38,42 +35,58 @@ class VaeOptions:
     seed: int = option(0, "seed of weights and data order")
     num_threads: int | None = option(None, "torch CPU threads")
     output_dir: str = option("runs/vae-digits-16", "where the AutoencoderKL is saved (save_pretrained)")
+    overwrite_output_dir: bool = option(False, "replace a VAE already saved in --output_dir")
     dry_run: bool = option(False, "print the resolved options and exit")
 
     def validate(self) -> None:
-        for name in ("resolution", "train_batch_size", "max_train_steps"):
+        super().validate()
+        for name in ("train_batch_size", "max_train_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise ValueError(f"--kl_weight must be >= 0, got {self.kl_weight}")
         if self.preset not in VAE_PRESETS:
             raise ValueError(f"unknown VAE preset {self.preset!r}; presets: {sorted(VAE_PRESETS)}")
+        downscale = 2 ** (len(VAE_PRESETS[self.preset]["block_out_channels"]) - 1)
+        if self.resolution % downscale:
+            raise ValueError(f"--resolution {self.resolution} is not a multiple of the VAE's downscaling {downscale}")
 
 
 def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> dict:
-    """Train, derive the scaling factor, save; returns the metrics written to ``vae_metrics.json``."""
+    """Train, derive the scaling factor, save; returns the metrics written to ``vae_metrics.json``.
+
+    The output folder is checked (writable, holding no other VAE unless ``--overwrite_output_dir``) and a
+    train split smaller than the batch trains with a batch of the whole split (said once), all before
+    the first step."""
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
+    out = Path(options.output_dir)
+    if (out / "config.json").exists() and not options.overwrite_output_dir:
+        raise ValueError(f"output_dir {str(out)!r} already holds a VAE: pass --overwrite_output_dir or another --output_dir")
+    check_writable(out)
     accelerator = accelerator or Accelerator()
     set_seed(options.seed)
-    splits = load_image_splits(options.dataset, dataset_name=options.dataset_name,
-                               train_data_dir=options.train_data_dir, image_column=options.image_column,
-                               split_seed=options.split_seed)  # fmt: skip
-    channels = image_channels(splits)
+    splits = load_image_splits(subset(DataOptions, options))
+    channels = dataset_channels(splits, options.image_channels)
     vae = AutoencoderKL(**vae_config(options.preset, channels))
     transform = image_transform(options.resolution, channels)
     train = with_pixel_values(splits["train"], transform)
     test = with_pixel_values(splits["test"], transform)
+    batch_size = min(options.train_batch_size, len(train))
+    if batch_size < options.train_batch_size:
+        accelerator.print(f"VAE stage: the train split has {len(train)} images, fewer than the batch of "
+                          f"{options.train_batch_size}: training with batches of {batch_size}")  # fmt: skip
     generator = torch.Generator().manual_seed(options.seed)
-    loader = DataLoader(train, batch_size=options.train_batch_size, shuffle=True, drop_last=True,
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
                         collate_fn=collate_images, generator=generator)  # fmt: skip
     optimizer = torch.optim.AdamW(vae.parameters(), lr=options.learning_rate)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, options.learning_rate, total_steps=options.max_train_steps,
-                                                   pct_start=0.05)  # fmt: skip
+    schedule = _one_cycle(optimizer, options.learning_rate, options.max_train_steps)
     model, optimizer, loader = accelerator.prepare(_AutoencoderWithKL(vae), optimizer, loader)
     start, step = time.perf_counter(), 0
     progress = tqdm(total=options.max_train_steps, desc="vae", disable=not accelerator.is_main_process)
     while step < options.max_train_steps:
+        if len(loader) == 0:  # cannot happen with batch <= split, but a loop must never spin without progress
+            raise RuntimeError(f"the VAE's data loader yields no batch (train split {len(train)}, batch {batch_size})")
         for batch in loader:
             pixels = batch["pixel_values"]
             reconstruction, kl = model(pixels)
@@ -85,7 +98,8 @@ def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> di
             optimizer.zero_grad()
             step += 1
             progress.update(1)
-            progress.set_postfix(mse=f"{mse.item():.4f}")
+            if step % 20 == 0:  # a host read, so not every step
+                progress.set_postfix(mse=f"{mse.item():.4f}")
             if step >= options.max_train_steps:
                 break
     progress.close()
@@ -105,6 +119,15 @@ def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> di
         (out / "training_options.json").write_text(to_json(options))
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _one_cycle(optimizer, learning_rate: float, total_steps: int):
+    """A 5% warm-up then cosine decay (PyTorch's one-cycle schedule); warm-up at least one step, and a
+    constant rate for runs of fewer than 3 steps, where one cycle is undefined."""
+    if total_steps < 3:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    pct_start = max(0.05, 2.0 / total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=total_steps, pct_start=pct_start)
 
 
 class _AutoencoderWithKL(torch.nn.Module):

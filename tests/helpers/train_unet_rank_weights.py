@@ -19,10 +19,10 @@ from skipdiff.training import unet_trainer as module
 export = module._export
 
 
-def export_after_saving_rank_weights(accelerator, unet, ema, scheduler, encoder, options_json, output_dir, *rest):
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in accelerator.unwrap_model(unet).state_dict().items()}
-    save_file(state, str(Path(output_dir) / f"rank{accelerator.process_index}.safetensors"))
-    return export(accelerator, unet, ema, scheduler, encoder, options_json, output_dir, *rest)
+def export_after_saving_rank_weights(run, card):
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()}
+    save_file(state, str(Path(run.output_dir) / f"rank{run.accelerator.process_index}.safetensors"))
+    return export(run, card)
 
 
 module._export = export_after_saving_rank_weights

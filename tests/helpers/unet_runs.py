@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 from safetensors.torch import load_file
 
-from skipdiff.training.telemetry import read_stats
+from skipdiff.runfolder import read_stats
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_scripts" / "train_unet.py"
@@ -27,8 +27,9 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 TINY_ARGS = ["--model", "tiny", "--vae", "none", "--resolution", "8", "--train_batch_size", "16",
              "--max_train_steps", "4", "--num_validation_images", "4", "--validation_inference_steps", "2",
              "--report_to", "none", "--log_every", "1", "--num_threads", "1", "--checkpointing_steps", "0"]  # fmt: skip
-UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-EMA_WEIGHTS = "unet_ema/diffusion_pytorch_model.safetensors"
+# With an EMA (the default), unet/ holds the EMA weights (what samplers load) and unet_raw/ the raw ones.
+UNET_WEIGHTS = "unet_raw/diffusion_pytorch_model.safetensors"
+EMA_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
 def tiny_args(output_dir: str | Path, *extra: str) -> list[str]:

@@ -1,8 +1,15 @@
-"""Run options as dataclasses, with the command line generated from them (one source of defaults).
+"""Options as dataclasses, with the command line generated from them (one source of defaults).
 
 Every field is declared with :func:`option`, whose ``help`` text becomes the ``--help`` of the
 generated flag. ``bool`` fields become ``--flag`` / ``--no-flag``; ``list`` fields take several
 values. Unknown keys (from a file or a sweep) and wrong types raise ``ValueError``.
+
+Numbers are read by one rule everywhere (flags, skip specifications, ``key=value`` groups):
+ASCII decimal literals only (:func:`parse_number`). Python's ``int``/``float`` also accept
+other scripts' digits (``"١"`` is 1) and digit separators (``"1_0"`` is 10), which would turn
+a typo into a silently different experiment.
+
+This module imports nothing heavy (no torch), so ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -10,11 +17,46 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.ASCII | re.I)
+
+
+def parse_int(text: str) -> int:
+    """An ASCII decimal integer (``"12"``, ``"-3"``); anything else raises ``ValueError``."""
+    if not isinstance(text, str) or not _INT.fullmatch(text.strip()):
+        raise ValueError(f"not an integer: {text!r} (ASCII digits only)")
+    return int(text)
+
+
+def parse_float(text: str) -> float:
+    """An ASCII decimal number (``"0.5"``, ``"2e-3"``, ``"nan"``); anything else raises ``ValueError``.
+
+    NaN and infinity parse (so that the option's own check can name them as not finite)."""
+    if not isinstance(text, str) or not _FLOAT.fullmatch(text.strip()):
+        raise ValueError(f"not a number: {text!r} (ASCII decimal literals only)")
+    return float(text)
+
+
+def parse_number(text: str) -> int | float | bool | str:
+    """A ``key=value`` value: ``true``/``false``, an int, a float, else the text itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if _INT.fullmatch(text.strip()):
+        return int(text)
+    if _FLOAT.fullmatch(text.strip()):
+        return float(text)
+    return text
 
 
 def option(default: Any, help: str, **metadata) -> Any:  # noqa: A002  (mirrors argparse)
@@ -35,15 +77,16 @@ def _base_type(annotation) -> tuple[type, bool]:
     return annotation, False
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in every flag's help, and the script's docstring (its usage examples) kept as written."""
 
 
+_PARSERS = {int: parse_int, float: parse_float}
+
+
 def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with one flag per field of the dataclass ``cls``."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    """An ``ArgumentParser`` with one flag per field of the dataclass ``cls`` (no abbreviations)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         kind, is_list = _base_type(hints[field.name])
@@ -54,7 +97,7 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = _PARSERS.get(kind, kind)
             if is_list:
                 kwargs["nargs"] = "*"
             if "choices" in field.metadata:
@@ -71,6 +114,8 @@ def parse_args(cls: type[T], argv: list[str] | None = None, description: str = "
 
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """Build ``cls`` from a dict, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{cls.__name__} options must be a mapping of option -> value, got {values!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -82,6 +127,17 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     if hasattr(instance, "validate"):
         instance.validate()
     return instance
+
+
+def subset(cls: type[T], source: Any) -> T:
+    """An instance of the dataclass ``cls`` with the fields it shares with ``source`` (a dataclass or
+    a dict, e.g. a run's ``training_options.json``); fields ``source`` lacks keep their defaults.
+
+    This is how one options group (such as :class:`skipdiff.data.DataOptions`) travels whole from any
+    entry point's options to the layer that uses it."""
+    values = dataclasses.asdict(source) if dataclasses.is_dataclass(source) else dict(source)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return from_dict(cls, {k: v for k, v in values.items() if k in names})
 
 
 def _check_type(name: str, value: Any, annotation) -> None:
@@ -109,12 +165,37 @@ def to_json(options) -> str:
 
 def parse_key_values(text: str, what: str) -> dict[str, Any]:
     """``"a=1,b=true"`` -> ``{"a": 1, "b": True}`` (for small option groups such as the chain's)."""
-    from ..gates import _parse_value
-
     out: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
             raise ValueError(f"{what} options are key=value pairs, got {part!r}")
         key, value = part.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
+        out[key.strip()] = parse_number(value.strip())
     return out
+
+
+def check_positive(owner: Any, names: tuple[str, ...], *, minimum: int = 1, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming the first of ``names`` whose value on ``owner`` is below ``minimum``."""
+    for name in names:
+        value = getattr(owner, name)
+        if value is None and optional:
+            continue
+        if value is None or value < minimum:
+            raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+
+
+def check_finite(owner: Any, names: tuple[str, ...], *, positive: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` naming the first option that is not a finite number >= 0 (> 0 for ``positive``)."""
+    for name in names:
+        value = getattr(owner, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
+            kind = "a positive finite number" if name in positive else "a finite number >= 0"
+            raise ValueError(f"--{name} must be {kind}, got {value}")
+
+
+def check_choice(owner: Any, name: str, allowed: tuple) -> None:
+    """Raise ``ValueError`` when option ``name`` is not one of ``allowed``."""
+    if getattr(owner, name) not in allowed:
+        raise ValueError(f"--{name} must be one of {allowed}, got {getattr(owner, name)!r}")

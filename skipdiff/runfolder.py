@@ -1,0 +1,218 @@
+"""Run-folder I/O shared by training, evaluation, sweeps and reports (no torch, no training code).
+
+A run folder holds ``training_options.json``, ``stats.jsonl`` (one JSON record per logged step),
+the saved pipeline, ``checkpoint-<step>/`` folders and ``eval/``. This module reads and writes those
+files safely:
+
+* JSON is written to a temporary file in the same folder and renamed over the target
+  (:func:`write_json_atomic`), so a reader never sees half a file;
+* ``stats.jsonl`` is append-only; :func:`truncate_stats` drops the records a resumed run writes again;
+* :class:`RunLock` marks a folder as in use by one training process (stale locks of dead processes
+  are detected and replaced), so that two runs cannot interleave their outputs;
+* :func:`weights_digest` fingerprints the weights a result was computed from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+STATS_FILE = "stats.jsonl"
+OPTIONS_FILE = "training_options.json"
+LOCK_FILE = ".skipdiff.lock"
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON and JSONL
+# --------------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: str | os.PathLike, payload, **dumps) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename (``os.replace``).
+
+    The temporary file is removed when writing fails (disk full, unwritable folder)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    dumps = {"indent": 2, "sort_keys": True, **dumps}
+    try:
+        tmp.write_text(json.dumps(payload, **dumps) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON object from ``path``; a missing, truncated or non-object file is a ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ValueError(f"{what} {str(path)!r} does not exist") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON (truncated or corrupt?): {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_stats(path: str | os.PathLike) -> list[dict]:
+    """Every record of a ``stats.jsonl`` (a last line cut off by a crash is ignored)."""
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    raise
+    return records
+
+
+def append_record(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON record (one line) to a JSONL file."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+def truncate_stats(path: str | os.PathLike, last_step: int) -> int:
+    """Drop the records past ``last_step`` (and a line cut off by a crash); returns how many were dropped.
+
+    A run killed after its last checkpoint logged steps that the resumed run logs again. Rewritten to a
+    temporary file and renamed."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and line.strip() and json.loads(line)["step"] <= last_step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------------
+
+
+def weights_digest(folder: str | os.PathLike) -> str:
+    """sha256 (hex, 16 digits) over the names and bytes of every ``*.safetensors`` file and ``config.json``
+    below ``folder``: it changes whenever the weights or the architecture do."""
+    folder = Path(folder)
+    files = sorted([*folder.rglob("*.safetensors"), *folder.rglob("config.json")])
+    if not files:
+        raise ValueError(f"{str(folder)!r} holds no weights (*.safetensors)")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# A run's lock
+# --------------------------------------------------------------------------------------------------
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is training into this folder."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held by one process for the length of a training run.
+
+    The lock is a file (``.skipdiff.lock``) created with ``O_EXCL``, holding the owner's pid, host and
+    start time. A lock whose process no longer exists on this host (killed, crashed) is stale: it is
+    replaced, with a note. A live owner makes :meth:`acquire` raise :class:`RunLockedError` naming it.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK_FILE
+        self.held = False
+        self.replaced_stale: dict | None = None
+
+    def owner(self) -> dict | None:
+        """The lock file's content, or None when there is no lock."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {"pid": None, "host": None, "corrupt": True}
+
+    def acquire(self) -> RunLock:
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.owner()
+                if owner is None:
+                    continue  # released meanwhile
+                if self._is_stale(owner):
+                    self.replaced_stale = owner
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RunLockedError(
+                    f"{str(self.path.parent)!r} is in use by another training process (pid {owner.get('pid')} on "
+                    f"{owner.get('host')}); wait for it to finish or choose another --output_dir"
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(mine, handle)
+            self.held = True
+            return self
+        raise RunLockedError(f"could not take the lock {str(self.path)!r}")
+
+    @staticmethod
+    def _is_stale(owner: dict) -> bool:
+        if owner.get("corrupt"):
+            return True
+        if owner.get("host") != socket.gethostname():
+            return False  # another machine's process: cannot tell, so it counts as live
+        pid = owner.get("pid")
+        return not isinstance(pid, int) or not _process_alive(pid)
+
+    def release(self) -> None:
+        if self.held:
+            owner = self.owner()
+            if owner and owner.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def locked(folder: str | os.PathLike, enabled: bool = True) -> Iterator[RunLock | None]:
+    """``with locked(folder):`` holds the folder's :class:`RunLock` (a no-op when not ``enabled``)."""
+    if not enabled:
+        yield None
+        return
+    with RunLock(folder) as lock:
+        yield lock

@@ -1,0 +1,40 @@
+"""Random numbers that do not depend on how a run is split over processes or interrupted.
+
+* :func:`rank_share`: each data-parallel process draws the whole global batch's random numbers from a
+  generator every process seeds alike and keeps its own slice, so N processes consume the same numbers,
+  example for example, as one process with the global batch (noise, timesteps, gate states).
+* :func:`derived_seed`: a seed for one (epoch or step, stream) of a run, so that a resumed run replays
+  the same data order and gate draws without having saved a generator's state.
+"""
+
+from __future__ import annotations
+
+
+def world() -> tuple[int, int]:
+    """(world size, rank) of ``torch.distributed``; (1, 0) when it is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def rank_share(draw, batch_size: int):
+    """This process's rows of a draw made for the whole data-parallel batch.
+
+    ``draw(n)`` makes n rows from a generator that every process seeds alike; each process draws all
+    ``world_size * batch_size`` rows and keeps its own slice.
+    """
+    size, rank = world()
+    if size == 1:
+        return draw(batch_size)
+    return draw(size * batch_size)[rank * batch_size : (rank + 1) * batch_size]
+
+
+def derived_seed(seed: int, index: int, stream: int) -> int:
+    """A seed for one epoch's data order (stream 0) or one step's draws (stream 1 + rank).
+
+    Everything random after the weight init is a function of (seed, epoch or step, stream), so a resumed
+    run replays the same draws; different seeds never share a stream.
+    """
+    return ((seed * 1_000_003 + index) * 4099 + stream) % (2**63)

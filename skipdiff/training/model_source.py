@@ -1,0 +1,209 @@
+"""Where the trained UNet comes from: a preset (fresh weights) or pretrained weights, with the run's skips.
+
+* ``--model <preset or config.json>``: a fresh :class:`~skipdiff.unet.SkipUNet2DModel`.
+* ``--pretrained_model_name_or_path <UNet or pipeline, folder or Hub id>``: a ``UNet2DModel`` (DDPM, LDM,
+  a skipdiff run) becomes a ``SkipUNet2DModel`` with the same architecture and exactly its weights, plus
+  the run's skip specification; a ``remove`` skip drops the weights that read the removed channels (named
+  in a message). The pipeline's own noise scheduler is kept (its beta schedule and prediction type).
+  A Stable Diffusion ``UNet2DConditionModel`` keeps its class and gets the gates through
+  :func:`~skipdiff.unet.apply_skip_spec` (the router becomes its ``skip_router`` submodule).
+* ``--train_only gates``: every weight but the gates' is frozen (no gradient, no optimizer state).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..unet import SkipUNet2DModel
+
+PIPELINE_UNET = "unet"
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train (``requires_grad``), in the model's order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking the requested model before any work
+# --------------------------------------------------------------------------------------------------
+
+
+def check_model_options(options) -> None:
+    """Build the requested model's skip router once (any channels and size: the skips do not depend on
+    them), so that the preset, the skip specification, the shortcut switches and the chain options are
+    checked before the VAE stage or any download of weights."""
+    from ..presets import unet_config
+
+    shortcuts = {part: False for part in options.disable_shortcuts} or None
+    if options.pretrained_model_name_or_path:
+        config = pretrained_unet_config(options)
+        if config.get("_class_name") == "UNet2DConditionModel":
+            return  # checked when the gates are applied (no cheap stand-in for its blocks)
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        SkipUNet2DModel.from_config({**config, "skips": options.skips, "residual_shortcuts": shortcuts,
+                                     "markov": options.markov_options()})  # fmt: skip
+        return
+    SkipUNet2DModel(**unet_config(options.model, sample_size=options.resolution, channels=1, skips=options.skips,
+                                  residual_shortcuts=shortcuts, markov=options.markov_options()))  # fmt: skip
+
+
+def pretrained_unet_config(options) -> dict:
+    """The pretrained UNet's ``config.json`` (a folder, or its pipeline's ``unet/``; Hub ids are asked once)."""
+    source = options.pretrained_model_name_or_path
+    local = Path(source)
+    if local.exists():
+        for candidate in (local / "config.json", local / PIPELINE_UNET / "config.json"):
+            if candidate.is_file() and "_class_name" in (config := json.loads(candidate.read_text())):
+                if "UNet" in config["_class_name"]:
+                    return config
+        raise ValueError(f"--pretrained_model_name_or_path {source!r} holds no UNet (no config.json or unet/config.json)")
+    from diffusers import UNet2DModel
+
+    errors = []
+    for subfolder in (None, PIPELINE_UNET):
+        try:
+            return dict(UNet2DModel.load_config(source, subfolder=subfolder, revision=options.revision,
+                                                cache_dir=options.cache_dir))  # fmt: skip
+        except (OSError, ValueError) as err:
+            errors.append(str(err).splitlines()[0])
+    raise ValueError(f"could not load the UNet config of {source!r} (offline, a typo, or a private repo?): {errors[-1]}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the model
+# --------------------------------------------------------------------------------------------------
+
+
+def build_unet(options, encoder, data) -> tuple[nn.Module, object]:
+    """The UNet to train and its noise scheduler (see the module docstring); frozen as ``--train_only`` says."""
+    from ..diffusion import make_scheduler
+
+    if options.pretrained_model_name_or_path:
+        unet, scheduler = _pretrained(options, encoder)
+    else:
+        from ..presets import unet_config
+
+        shortcuts = {part: False for part in options.disable_shortcuts} or None
+        config = unet_config(options.model, sample_size=options.resolution // encoder.downscale, channels=encoder.channels,
+                             num_classes=data.classes, skips=options.skips, residual_shortcuts=shortcuts,
+                             markov=options.markov_options())  # fmt: skip
+        unet = SkipUNet2DModel(**config)
+        scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
+                                   encoder.sample_range)  # fmt: skip
+    if options.train_only == "gates":
+        freeze_all_but_gates(unet)
+    if options.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if options.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if options.torch_compile:
+        unet.compile()  # in place: parameter names (and the router's hooks) are unchanged
+    return unet, scheduler
+
+
+def freeze_all_but_gates(unet: nn.Module) -> int:
+    """Freeze every parameter outside ``skip_router`` (the gates and the chain); returns how many train.
+    Raises ``ValueError`` when no gate has parameters (nothing would train)."""
+    unet.requires_grad_(False)
+    router = unet.skip_router
+    router.requires_grad_(True)
+    count = sum(p.numel() for p in router.parameters())
+    if count == 0:
+        raise ValueError(
+            "--train_only gates, but no skip gate has parameters: use learned, learned_channel or adapter gates "
+            f"(skips: {[g.mode for g in router.gates]})"
+        )
+    return count
+
+
+def _pretrained(options, encoder) -> tuple[nn.Module, object]:
+    """A pretrained UNet with the run's skips, and the noise scheduler it was trained with."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    config = pretrained_unet_config(options)
+    source = options.pretrained_model_name_or_path
+    subfolder = _unet_subfolder(source)
+    kwargs = dict(subfolder=subfolder, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir)
+    if config.get("_class_name") == "UNet2DConditionModel":
+        from ..unet import apply_skip_spec
+
+        unet = UNet2DConditionModel.from_pretrained(source, **kwargs)
+        unet.skip_router = apply_skip_spec(unet, options.skips, options.markov_options())
+    else:
+        base = UNet2DModel.from_pretrained(source, **kwargs) if config.get("_class_name") == "UNet2DModel" \
+            else SkipUNet2DModel.from_pretrained(source, **kwargs)  # fmt: skip
+        unet = skip_unet_from(base, options.skips, options.disable_shortcuts, options.markov_options())
+    scheduler = _pretrained_scheduler(options, subfolder, encoder)
+    if scheduler is None:
+        from ..diffusion import make_scheduler
+
+        scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
+                                   encoder.sample_range)  # fmt: skip
+    return unet, scheduler
+
+
+def _unet_subfolder(source: str) -> str | None:
+    local = Path(source)
+    if local.exists():
+        return None if (local / "config.json").is_file() else PIPELINE_UNET
+    from diffusers import UNet2DModel
+
+    try:
+        UNet2DModel.load_config(source)
+        return None
+    except (OSError, ValueError):
+        return PIPELINE_UNET
+
+
+def _pretrained_scheduler(options, unet_subfolder: str | None, encoder):
+    """The pipeline's own scheduler (as a DDPM scheduler for training), or None for a bare UNet."""
+    from diffusers import DDPMScheduler
+
+    if unet_subfolder is None:
+        return None
+    try:
+        config = DDPMScheduler.load_config(options.pretrained_model_name_or_path, subfolder="scheduler",
+                                           revision=options.revision, cache_dir=options.cache_dir)  # fmt: skip
+    except (OSError, ValueError):
+        return None
+    scheduler = DDPMScheduler.from_config(config)
+    if encoder.sample_range is None:  # latents: never clip x0 (see skipdiff/encoders.py)
+        scheduler.register_to_config(clip_sample=False)
+    return scheduler
+
+
+def skip_unet_from(base: nn.Module, skips, disable_shortcuts: list[str], markov: dict) -> SkipUNet2DModel:
+    """A ``SkipUNet2DModel`` with ``base``'s architecture and weights and the given skips.
+
+    Weights load strictly. Where the new model has fewer input channels (``remove`` skips) or no shortcut
+    (``disable_shortcuts``), the weights that read the dropped channels are cut away, and a message names them."""
+    config = {k: v for k, v in base.config.items() if not k.startswith("_") and k not in ("skips", "residual_shortcuts", "markov")}
+    shortcuts = {part: False for part in disable_shortcuts} or None
+    unet = SkipUNet2DModel(**config, skips=skips, residual_shortcuts=shortcuts, markov=markov)
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith("skip_router.")}
+    target = unet.state_dict()
+    dropped = []
+    for key, value in list(state.items()):
+        if key not in target:
+            dropped.append(key)
+            del state[key]
+        elif target[key].shape != value.shape:
+            state[key] = _cut_to(value, target[key].shape)
+            dropped.append(f"{key} {tuple(value.shape)} -> {tuple(target[key].shape)}")
+    state.update({k: v for k, v in target.items() if k.startswith("skip_router.")})
+    unet.load_state_dict(state, strict=True)
+    if dropped:
+        print(f"pretrained weights: dropped what reads removed skips or disabled shortcuts: {'; '.join(dropped)}")
+    return unet
+
+
+def _cut_to(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The leading slice of ``value`` with ``shape`` (the backbone channels come first in the concatenation)."""
+    if value.ndim != len(shape) or any(new > old for new, old in zip(shape, value.shape, strict=True)):
+        raise ValueError(f"cannot cut pretrained weights of shape {tuple(value.shape)} to {tuple(shape)}")
+    return value[tuple(slice(0, n) for n in shape)].clone()
