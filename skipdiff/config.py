@@ -25,6 +25,11 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+
+class SkipdiffError(RuntimeError):
+    """A failure skipdiff expects and explains (a refused folder, too many non-finite steps, no Hub access):
+    command lines print its message as one ``error: ...`` line, without a traceback."""
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)

@@ -109,8 +109,22 @@ def register_gate(name: str) -> Callable[[type[SkipGate]], type[SkipGate]]:
     return decorator
 
 
+def _number(name: str, value) -> float:
+    """A real number given as a number (spec strings are parsed by :func:`skipdiff.config.parse_number`,
+    which reads ASCII decimal literals only); text such as ``"١"`` or ``"1_0"`` is refused, not coerced."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
 def _finite(name: str, value: float, *, minimum: float | None = 0.0) -> float:
-    value = float(value)
+    value = _number(name, value)
     if not math.isfinite(value) or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
@@ -211,7 +225,7 @@ class LearnedChannelGate(SkipGate):
             init = _finite("learned_channel init", init, minimum=None)
             self.weight = nn.Parameter(torch.full((channels,), init))
         else:
-            reduction = int(reduction)
+            reduction = _integer("learned_channel reduction", reduction)
             if reduction < 1:
                 raise ValueError(f"learned_channel reduction must be >= 1, got {reduction}")
             hidden = max(1, channels // reduction)
@@ -317,7 +331,7 @@ class FourierGate(SkipGate):
         super().__init__(info)
         self.backbone = _finite("fourier backbone factor", backbone)
         self.skip = _finite("fourier skip factor", skip)
-        self.threshold = int(threshold)
+        self.threshold = _integer("fourier threshold", threshold)
         if self.threshold < 1:
             raise ValueError(f"fourier threshold must be >= 1, got {threshold}")
         self._factors: dict[tuple, torch.Tensor] = {}

@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .config import SkipdiffError
+
 STATS_FILE = "stats.jsonl"
 OPTIONS_FILE = "training_options.json"
 LOCK_FILE = ".skipdiff.lock"
@@ -126,7 +128,7 @@ def weights_digest(folder: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(SkipdiffError):
     """Another live process is training into this folder."""
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from ..config import SkipdiffError
 
-class HubAccessError(RuntimeError):
+
+class HubAccessError(SkipdiffError):
     """The Hub repository cannot be created or written (no token, no network, no permission)."""
 
 

@@ -18,15 +18,16 @@ import signal
 import sys
 from pathlib import Path
 
+from ..config import SkipdiffError
 from ..runfolder import LOCK_FILE, OPTIONS_FILE, STATS_FILE, RunLock, RunLockedError
 from . import checkpoints
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(SkipdiffError):
     """Too many non-finite losses or gradients in a row: the run stops, its checkpoints intact."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(SkipdiffError):
     """Ctrl-C: the run stopped after a step, with a checkpoint to resume from."""
 
 
@@ -139,22 +140,3 @@ class StopRequest:
     def exit(step: int, saved: list[Path]) -> None:
         where = saved[-1] if saved else "none"
         raise TrainingInterrupted(f"interrupted after step {step}; checkpoint {where}. Resume with:\n  {resume_command()}")
-
-
-def run_with_clean_errors(function) -> int:
-    """Run ``function()``; known failures print ``error: <message>`` (one line) and return 1, Ctrl-C 130."""
-    from .hub import HubAccessError
-
-    try:
-        function()
-    except TrainingInterrupted as err:
-        print(f"stopped: {err}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("stopped at once (second Ctrl-C); resume from the last checkpoint with --resume_from_checkpoint latest",
-              file=sys.stderr)  # fmt: skip
-        return 130
-    except (TrainingStopped, HubAccessError, RunLockedError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0

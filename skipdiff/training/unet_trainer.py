@@ -103,7 +103,7 @@ def train_unet(options: TrainOptions) -> dict:
 
 def run_cli(argv: list[str] | None = None, description: str = __doc__) -> int:
     """``main`` for a console script: known failures print one ``error: ...`` line and exit 1."""
-    from .startup import run_with_clean_errors
+    from ..cli import run_with_clean_errors
 
     return run_with_clean_errors(lambda: main(argv, description=description))
 

@@ -1,0 +1,46 @@
+"""Train a skip-controllable UNet as a (latent) diffusion model with Accelerate.
+
+    accelerate launch --config_file accelerate_config.yaml train_scripts/train_unet.py            # the default job
+    accelerate launch train_scripts/train_unet.py --skips scalelong:kappa=0.8 --output_dir runs/scalelong
+    accelerate launch train_scripts/train_unet.py --vae none --model digits --output_dir runs/pixel  # pixel space
+    accelerate launch train_scripts/train_unet.py --pretrained_model_name_or_path google/ddpm-cifar10-32 \
+        --dataset_name cifar10 --resolution 32 --vae none --skips scalelong --output_dir runs/ddpm-ft
+    accelerate launch train_scripts/train_unet.py --dry_run                                       # resolved options
+
+Every option and its default: --help (defined in skipdiff/training/options.py). The loop itself, in the
+order output folder -> accelerator -> data -> model -> scheduler -> optimizer -> prepare -> train, is
+skipdiff/training/unet_trainer.py. Also: `skipdiff-train-unet`, `python -m skipdiff.cli.train_unet`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from ..config import parse_args, to_json
+from . import run_with_clean_errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse and check the options (no torch yet), then train; returns the exit code."""
+    from ..training.options import TrainOptions
+
+    try:
+        options = parse_args(TrainOptions, argv, description=__doc__)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if options.dry_run:
+        print(to_json(dataclasses.replace(options, hub_token=None)))
+        return 0
+
+    def train():
+        from ..training.unet_trainer import train_unet
+
+        train_unet(options)
+
+    return run_with_clean_errors(train)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
