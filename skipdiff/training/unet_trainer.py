@@ -43,6 +43,8 @@ from .telemetry import StatsWriter, WindowStats, grad_norms_by_block
 
 __all__ = ["TrainingStopped", "main", "run_cli", "train_unet"]
 
+NOISE_KEYS = ("num_train_timesteps", "beta_schedule", "prediction_type", "clip_sample")
+
 
 def main(argv: list[str] | None = None, description: str = __doc__) -> dict:
     """Parse a command line and train (``--dry_run``: print the resolved options and return)."""
@@ -161,7 +163,10 @@ def _prepare(options, accelerator, unet, ema, optimizer, loader, noise_scheduler
     if accelerator.is_main_process:
         (output_dir / "training_options.json").write_text(options_json)
     window = WindowStats(options.timestep_buckets, options.num_train_timesteps, accelerator.device)
-    return Run(options, accelerator, unet, accelerator.unwrap_model(unet), ema, optimizer, lr_scheduler, loader,
+    # The plain module (no DDP or torch.compile wrapper): its parameter names are the model's own, so
+    # gradient norms group by block and the saved weights carry no wrapper prefix.
+    model = accelerator.unwrap_model(unet, keep_torch_compile=False)
+    return Run(options, accelerator, unet, model, ema, optimizer, lr_scheduler, loader,
                noise_scheduler, encoder, data, output_dir, StatsWriter(accelerator, output_dir), window, max_steps,
                steps_per_epoch, options_json)  # fmt: skip
 
@@ -180,6 +185,9 @@ def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
                          "num_parameters": sum(p.numel() for p in run.model.parameters()),
                          "num_trainable_parameters": sum(p.numel() for p in trainable_parameters(run.model)),
                          "num_processes": accelerator.num_processes, "skipped_images": data.skipped_images,
+                         "train_images": len(data.splits["train"]), "test_images": len(data.splits["test"]),
+                         "image_channels": data.channels, "max_train_steps": run.max_steps,
+                         "noise_scheduler": {k: run.noise_scheduler.config[k] for k in NOISE_KEYS},
                          "skips": run.router.describe()}, step=0)  # fmt: skip
 
 
