@@ -86,7 +86,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults in every flag's help, and the script's docstring (its usage examples) kept as written."""
 
 
-_PARSERS = {int: parse_int, float: parse_float}
+def _argparse_type(parse, kind: str):
+    """``parse`` as an argparse ``type``: its ValueError becomes argparse's one-line usage error."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = kind
+    return convert
+
+
+_PARSERS = {int: _argparse_type(parse_int, "int"), float: _argparse_type(parse_float, "float")}
 
 
 def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:

@@ -102,7 +102,7 @@ class MarkovChain(nn.Module):
                 raise ValueError(f"markov {name} must lie in [0, 1], got {value!r}")
         if not p_min <= p_init <= p_max:
             raise ValueError(f"markov needs p_min <= p_init <= p_max, got {p_min}, {p_init}, {p_max}")
-        costs = [cost] * num_links if _is_number(cost) else list(cost)
+        costs = list(cost) if isinstance(cost, list | tuple) else [cost] * num_links
         if len(costs) != num_links or not all(_is_number(c) for c in costs):
             raise ValueError(
                 f"markov cost must be a number or {num_links} numbers (one per link), got {cost!r}"

@@ -48,7 +48,12 @@ def unet_config(
     if preset_or_path in UNET_PRESETS:
         config = dict(UNET_PRESETS[preset_or_path])
     elif Path(preset_or_path).is_file():
-        config = json.loads(Path(preset_or_path).read_text())
+        try:
+            config = json.loads(Path(preset_or_path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"model config {preset_or_path!r} is not valid JSON (truncated?): {err}") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"model config {preset_or_path!r} must hold a JSON object, got {type(config).__name__}")
         config = {k: v for k, v in config.items() if not k.startswith("_")}
     else:
         raise ValueError(

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -48,8 +49,12 @@ def check_model_options(options) -> None:
         SkipUNet2DModel.from_config({**config, "skips": options.skips, "residual_shortcuts": shortcuts,
                                      "markov": options.markov_options()})  # fmt: skip
         return
-    SkipUNet2DModel(**unet_config(options.model, sample_size=options.resolution, channels=1, skips=options.skips,
-                                  residual_shortcuts=shortcuts, markov=options.markov_options()))  # fmt: skip
+    config = unet_config(options.model, sample_size=options.resolution, channels=1, skips=options.skips,
+                         residual_shortcuts=shortcuts, markov=options.markov_options())  # fmt: skip
+    unknown = sorted(set(config) - set(inspect.signature(SkipUNet2DModel.__init__).parameters))
+    if unknown:
+        raise ValueError(f"--model {options.model!r} is not a UNet2DModel config: unexpected key(s) {unknown}")
+    SkipUNet2DModel(**config)
 
 
 def pretrained_unet_config(options) -> dict:

@@ -105,11 +105,12 @@ def unet_downscale(options: TrainOptions) -> int | None:
     if options.model in UNET_PRESETS:
         blocks = len(UNET_PRESETS[options.model]["block_out_channels"])
     elif Path(options.model).is_file():
-        try:
-            config = json.loads(Path(options.model).read_text())
-            blocks = len(config["block_out_channels"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"--model {options.model!r} is not a UNet config ({type(err).__name__}: {err})") from err
+        from ..presets import unet_config
+
+        config = unet_config(options.model, sample_size=1, channels=1)  # names a file that is no config
+        if not isinstance(config.get("block_out_channels"), list | tuple):
+            raise ValueError(f"model config {options.model!r} has no block_out_channels list")
+        blocks = len(config["block_out_channels"])
     else:
         return None
     return 2 ** (blocks - 1)
