@@ -17,9 +17,11 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ..adapters import save_skip_gates
 from ..config import parse_args, to_json
 from ..encoders import batch_latents
 from ..runfolder import locked, read_stats, write_json_atomic
+from ..unet import SkipUNet2DModel
 from . import checkpoints, hub
 from .model_source import build_unet, check_model_options, trainable_parameters
 from .options import TrainOptions
@@ -367,11 +369,19 @@ def _card(run: Run, metrics: dict, grid_path):
 
 
 def _export(run: Run, card) -> None:
-    """Write the loadable run folder and its model card (main process; all ranks wait)."""
+    """Write the loadable run folder and its model card (main process; all ranks wait). A gate-only run
+    also writes its gates as a small artefact (``skip_gates/``, the EMA's values when there is one); for a
+    Stable Diffusion base that artefact is the whole output (no copy of the 3.4 GB UNet)."""
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        save_outputs(run.output_dir, run.model, run.ema, run.noise_scheduler, run.encoder, run.options_json)
-        card.save(run.output_dir / "README.md")
+        if run.options.train_only == "gates":
+            with _with_ema_weights(run.model, run.ema):
+                save_skip_gates(run.model, run.output_dir / "skip_gates", run.options.pretrained_model_name_or_path)
+        if isinstance(run.model, SkipUNet2DModel):
+            save_outputs(run.output_dir, run.model, run.ema, run.noise_scheduler, run.encoder, run.options_json)
+            card.save(run.output_dir / "README.md")
+        else:
+            (run.output_dir / "training_options.json").write_text(run.options_json)
     run.accelerator.wait_for_everyone()
 
 
