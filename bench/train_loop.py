@@ -11,6 +11,13 @@
   ``vae.encode(pixels).latent_dist.sample() * scaling_factor`` under ``no_grad``, ``randn_like``,
   ``randint`` timesteps, ``add_noise``, forward, MSE, ``accelerator.backward``, clip, step, ``loss.item()``.
 
+* ``bare``: the limit: the same ``SkipUNet2DModel`` on the same cached latents and batch size, fused AdamW
+  (the optimizer ours uses), in a plain loop (draw a batch, noise, timesteps, forward, MSE, backward,
+  step) without logging, EMA, clipping, scheduling or checks.
+* Where our loop's remaining time goes: ``ours_no_ema`` (``--no-use_ema``), ``ours_no_clip``
+  (``--max_grad_norm 0``) and ``ours_minimal`` (both): the differences
+  between these and ``ours_cached`` attribute the gap to the bare step.
+
 Seconds per step are read from the run's own clock: ``seconds_per_step`` of each ``stats.jsonl`` record
 for ours (the window between two records: data, encoding, step, EMA, telemetry), the same windows for the
 reference; windows inside the first ``--warmup_steps`` are dropped, so start-up (imports, data loading,
@@ -40,6 +47,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.0  # ours_cached must run at least as many steps per second as the reference
+BARE_TARGET = 0.95  # ... and at least this fraction of the bare step's
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,17 +77,22 @@ def run_train_unet(argv: list[str]) -> dict:
 
 
 def find_or_train_vae(scratch: Path, threads: int) -> tuple[Path, str]:
-    """(VAE folder, how it was obtained): ``runs/vae-digits-16`` or a tiny VAE trained into ``scratch``."""
-    existing = REPO / "runs" / "vae-digits-16"
+    """(VAE folder, how it was obtained): the default job's ``--vae auto`` folder, or a tiny VAE trained
+    into ``scratch``."""
+    from skipdiff.training.options import TrainOptions
+    from skipdiff.training.runtime import auto_vae_dir
+
+    existing = REPO / auto_vae_dir(TrainOptions())
     if (existing / "config.json").is_file():
-        return existing, "runs/vae-digits-16"
-    from skipdiff.training.vae import VaeOptions, train_vae
+        return existing, str(existing.relative_to(REPO))
+    from skipdiff.training.vae import train_vae
+    from skipdiff.training.vae_options import VaeOptions
 
     folder = scratch / "vae"
     reset_accelerate()
     train_vae(VaeOptions(max_train_steps=20, num_threads=threads, output_dir=str(folder)))
     reset_accelerate()
-    return folder, "trained for 20 steps (runs/vae-digits-16 missing)"
+    return folder, f"trained for 20 steps ({existing.relative_to(REPO)} missing)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,9 +100,9 @@ def find_or_train_vae(scratch: Path, threads: int) -> tuple[Path, str]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def ours(vae: Path, out: Path, steps: int, log_every: int, threads: int, cache: bool) -> dict:
+def ours(vae: Path, out: Path, steps: int, log_every: int, threads: int, cache: bool, extra: tuple = ()) -> dict:
     """``train_unet.main`` for ``steps`` steps; seconds per step per logging window."""
-    argv = ["--vae", str(vae), "--output_dir", str(out), "--max_train_steps", str(steps),
+    argv = [*extra, "--vae", str(vae), "--output_dir", str(out), "--max_train_steps", str(steps),
             "--log_every", str(log_every), "--validation_every", "0", "--checkpointing_steps", "0",
             "--num_validation_images", "4", "--validation_inference_steps", "2", "--report_to", "none",
             "--num_threads", str(threads), "--cache_latents" if cache else "--no-cache_latents"]  # fmt: skip
@@ -189,6 +202,48 @@ def reference(vae_dir: Path, steps: int, log_every: int, threads: int, seed: int
     return {"windows": windows, "wall": time.perf_counter() - start}
 
 
+def bare(vae_dir: Path, steps: int, log_every: int, threads: int, seed: int = 0) -> dict:
+    """The limit: forward + backward + fused AdamW step of the same model on cached latents, nothing else."""
+    from diffusers import AutoencoderKL
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from skipdiff import SkipUNet2DModel
+    from skipdiff.config import subset
+    from skipdiff.data import collate_images, image_transform, load_image_splits, with_pixel_values
+    from skipdiff.data_options import DataOptions
+    from skipdiff.diffusion import make_scheduler
+    from skipdiff.encoders import VaeEncoder, cache_encoded
+    from skipdiff.presets import unet_config
+    from skipdiff.training.options import TrainOptions
+
+    defaults = TrainOptions()
+    start = time.perf_counter()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    encoder = VaeEncoder(AutoencoderKL.from_pretrained(vae_dir))
+    splits = load_image_splits(subset(DataOptions, defaults))
+    images = with_pixel_values(splits["train"], image_transform(defaults.resolution, 1))
+    latents = cache_encoded(encoder, DataLoader(images, batch_size=256, collate_fn=collate_images))["latent_mean"]
+    unet = SkipUNet2DModel(**unet_config(defaults.model, sample_size=defaults.resolution // encoder.downscale,
+                                         channels=encoder.channels)).train()  # fmt: skip
+    scheduler = make_scheduler(defaults.num_train_timesteps, defaults.beta_schedule, "epsilon", None)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=defaults.learning_rate, fused=True)
+    windows, window_start = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = latents[torch.randint(0, len(latents), (defaults.train_batch_size,))]  # (B, 4, 8, 8)
+        noise = torch.randn_like(batch)
+        timesteps = torch.randint(0, defaults.num_train_timesteps, (batch.shape[0],))
+        loss = F.mse_loss(unet(scheduler.add_noise(batch, noise, timesteps), timesteps).sample, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0:
+            windows.append((step, (time.perf_counter() - window_start) / log_every))
+            window_start = time.perf_counter()
+    return {"windows": windows, "wall": time.perf_counter() - start}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------------
@@ -218,10 +273,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-loop-") as scratch:
         scratch = Path(scratch)
         vae, vae_source = find_or_train_vae(scratch, args.threads)
+        def our_variant(name: str, cache: bool = True, extra: tuple = ()):
+            return lambda r: ours(vae, scratch / f"{name}-{r}", args.steps, args.log_every, args.threads, cache, extra)
+
+        minimal = ("--no-use_ema", "--max_grad_norm", "0")
         variants = {
-            "ours_cached": lambda r: ours(vae, scratch / f"cached-{r}", args.steps, args.log_every, args.threads, True),
-            "ours_uncached": lambda r: ours(vae, scratch / f"uncached-{r}", args.steps, args.log_every, args.threads, False),
+            "ours_cached": our_variant("cached"),
+            "ours_uncached": our_variant("uncached", cache=False),
             "reference": lambda r: reference(vae, args.steps, args.log_every, args.threads),
+            "bare": lambda r: bare(vae, args.steps, args.log_every, args.threads),
+            "ours_no_ema": our_variant("no-ema", extra=("--no-use_ema",)),
+            "ours_no_clip": our_variant("no-clip", extra=("--max_grad_norm", "0")),
+            "ours_minimal": our_variant("minimal", extra=minimal),
         }  # fmt: skip
         names = list(variants)
         results: dict[str, list[dict]] = {name: [] for name in names}
@@ -263,6 +326,14 @@ def main() -> None:
         ),
         "target_ratio_at_least": TARGET,
         "meets_target": speedup >= TARGET,
+        "ratio_ours_cached_to_bare_steps_per_second": round(steps_per_second["ours_cached"] / steps_per_second["bare"], 4),
+        "bare_target_ratio_at_least": BARE_TARGET,
+        "where_the_gap_goes_seconds_per_step": {
+            "ema": round(seconds["ours_cached"] - seconds["ours_no_ema"], 5),
+            "clipping_and_grad_norm": round(seconds["ours_cached"] - seconds["ours_no_clip"], 5),
+            "loop_plumbing (minimal ours - bare: data loader, accelerate, window stats, logging)": round(
+                seconds["ours_minimal"] - seconds["bare"], 5),
+        },
     }
     print(json.dumps(report, indent=2))
 
