@@ -104,13 +104,13 @@ def batch_latents(encoder: Encoder, batch: dict, generator: torch.Generator | No
         reference = batch["latent_mean"] if "latent_mean" in batch else batch["pixel_values"]
         flip = rank_share(lambda n: torch.rand(n, device=reference.device) < 0.5, reference.shape[0])
     if "latent_mean" in batch:
-        mean, std = batch["latent_mean"], batch["latent_std"]
+        mean, std = batch["latent_mean"], batch.get("latent_std")  # no std for cached pixels
         if flip is not None:
             if "latent_mean_flipped" not in batch:
                 raise ValueError("random_flip with cached latents needs both orientations (cache_encoded(flips=True))")
             pick = flip[:, None, None, None]
             mean = torch.where(pick, batch["latent_mean_flipped"], mean)
-            std = torch.where(pick, batch["latent_std_flipped"], std)
+            std = None if std is None else torch.where(pick, batch["latent_std_flipped"], std)
     else:
         pixels = batch["pixel_values"]
         if flip is not None:
@@ -182,7 +182,8 @@ def cache_encoded(encoder: Encoder, loader, flips: bool = False) -> dict[str, to
         for suffix, view in views.items():
             mean, std = encoder.latent_params(view)
             parts.setdefault(f"latent_mean{suffix}", []).append(mean)
-            parts.setdefault(f"latent_std{suffix}", []).append(std)
+            if not isinstance(encoder, PixelEncoder):  # pixels have no spread: keep half the memory
+                parts.setdefault(f"latent_std{suffix}", []).append(std)
         if "labels" in batch:
             parts.setdefault("labels", []).append(batch["labels"])
     return {key: torch.cat(values) for key, values in parts.items()}

@@ -47,7 +47,8 @@ class TrainOptions(DataOptions):
         False, "train on latent_dist.sample() as diffusers' examples do (default: the posterior mean; see skipdiff/encoders.py)"
     )
     cache_latents: bool = option(
-        True, "with a VAE: encode the train split once (both flips with --random_flip) instead of every step"
+        True, "encode the train split once (VAE latents, or pixel tensors in pixel space; both flips with "
+        "--random_flip) instead of every step"
     )
     # ---- model -----------------------------------------------------------------------------------
     model: str = option("digits", f"UNet preset ({', '.join(UNET_PRESETS)}) or a config.json path")

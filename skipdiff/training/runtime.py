@@ -184,12 +184,13 @@ def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_chann
 
 
 def train_loader(options: TrainOptions, split, encoder: Encoder, channels: int) -> DataLoader:
-    """The training DataLoader: images transformed on access, or (with a VAE and ``--cache_latents``)
-    latents encoded once, both orientations when ``--random_flip`` (flips are drawn in the step, from the
-    run's RNG, so that a resumed run flips exactly as an uninterrupted one)."""
+    """The training DataLoader: with ``--cache_latents`` the split encoded once (latents through the VAE,
+    or the transformed pixels in pixel space; both orientations with ``--random_flip``), else images
+    transformed on access. Flips are drawn in the step from the run's RNG, so that a resumed run flips
+    exactly as an uninterrupted one."""
     data = subset(DataOptions, options)
     images = with_pixel_values(split, data.transform(channels, train=True))
-    if options.cache_latents and isinstance(encoder, VaeEncoder):
+    if options.cache_latents:  # pixel space too: the decoded, resized tensors (no PNG decoding per step)
         if not options.center_crop:
             raise ValueError("random crops (--no-center_crop) cannot be cached: add --no-cache_latents")
         encode_loader = DataLoader(images, batch_size=256, collate_fn=collate_images)
