@@ -74,7 +74,7 @@ class SkipDiffPipeline(DiffusionPipeline):
         return result
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, use_ema: bool = True, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, use_ema: bool = True, **kwargs):
         """Load a run folder or Hub repo: with its EMA weights by default, ``use_ema=False`` for the raw
         ones (see :func:`weights_layout`); other arguments as diffusers' ``from_pretrained``.
 
