@@ -3,20 +3,47 @@
 A ``DiffusionPipeline`` with components ``unet`` (any diffusers UNet2DModel, e.g.
 :class:`~skipdiff.SkipUNet2DModel`), ``scheduler`` and an optional ``vae``; it saves and loads with
 ``save_pretrained`` / ``SkipDiffPipeline.from_pretrained(folder)`` like any diffusers pipeline. A
-training run's output folder is such a pipeline.
+training run's output folder is such a pipeline, written by :func:`skipdiff.export.export_pipeline`
+with this module's code bundled in it, so that diffusers alone loads it with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
+
+A run folder's weights (:func:`weights_layout`): ``unet/`` holds the weights to sample from (the EMA
+weights when the run kept an EMA), ``unet_raw/`` the raw ones; folders saved before that layout hold
+the raw weights in ``unet/`` and the EMA weights in ``unet_ema/``.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
 from PIL import Image
 
 from .encoders import PixelEncoder, VaeEncoder
+from .unet import SkipUNet2DModel
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+
+
+def weights_layout(folder: str | os.PathLike) -> dict[str, str | None]:
+    """``{"ema": subfolder or None, "raw": subfolder}``: where a run folder keeps its EMA and raw weights."""
+    folder = Path(folder)
+    if (folder / "unet_ema").is_dir():  # saved before unet/ held the EMA weights
+        return {"ema": "unet_ema", "raw": "unet"}
+    if (folder / "unet_raw").is_dir():
+        return {"ema": "unet", "raw": "unet_raw"}
+    return {"ema": None, "raw": "unet"}  # no EMA: unet/ holds the raw weights
+
+
+def weights_subfolder(folder: str | os.PathLike, use_ema: bool = True) -> str:
+    """The subfolder to sample from: the EMA weights when asked for and saved, else the raw ones."""
+    layout = weights_layout(folder)
+    return layout["ema"] if use_ema and layout["ema"] else layout["raw"]
 
 
 class SkipDiffPipeline(DiffusionPipeline):
@@ -27,6 +54,41 @@ class SkipDiffPipeline(DiffusionPipeline):
     def __init__(self, unet, scheduler, vae: AutoencoderKL | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``, reading the classes a run folder bundles as this installed code.
+
+        An exported folder's ``model_index.json`` names the code it carries
+        (``["skipdiff_pipeline", "SkipDiffPipeline"]``, ``["skipdiff_unet", "SkipUNet2DModel"]``), which
+        diffusers would import from the folder, and only with ``trust_remote_code=True``. This class is
+        that code, so it loads the folder with its own classes and runs nothing from the folder."""
+        result = super().load_config(*args, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        name = config.get("_class_name")
+        if isinstance(name, list) and len(name) == 2 and name[1] == SkipDiffPipeline.__name__:
+            config["_class_name"] = cls.__name__
+        for key, value in config.items():
+            if isinstance(value, list) and len(value) == 2 and value[1] == SkipUNet2DModel.__name__:
+                config[key] = [SkipUNet2DModel.__module__, SkipUNet2DModel.__name__]
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, use_ema: bool = True, **kwargs):
+        """Load a run folder or Hub repo: with its EMA weights by default, ``use_ema=False`` for the raw
+        ones (see :func:`weights_layout`); other arguments as diffusers' ``from_pretrained``.
+
+        A Hub repo is downloaded first (only the files this needs): diffusers' own download would
+        resolve, and so need to trust, the code the repo bundles, which this class replaces."""
+        source = str(pretrained_model_name_or_path)
+        folder = Path(source) if Path(source).is_dir() else _download(source, use_ema, kwargs)
+        subfolder = weights_subfolder(folder, use_ema)
+        if subfolder != "unet" and "unet" not in kwargs:
+            dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+            kwargs["unet"] = SkipUNet2DModel.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
+        pipeline = super().from_pretrained(folder, **kwargs)
+        pipeline.register_to_config(_name_or_path=source)
+        return pipeline
 
     def encoder(self):
         """The pipeline's pixel/latent encoder (see :mod:`skipdiff.encoders`)."""
@@ -100,6 +162,18 @@ class SkipDiffPipeline(DiffusionPipeline):
         if labels.shape != (batch_size,):
             raise ValueError(f"need {batch_size} class labels, got shape {tuple(labels.shape)}")
         return labels
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+def _download(repo_id: str, use_ema: bool, kwargs: dict) -> Path:
+    """Fetch what :meth:`SkipDiffPipeline.from_pretrained` needs from a Hub repo (Hub arguments are
+    taken out of ``kwargs``); returns the local snapshot folder."""
+    hub = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+    weights = ["unet_ema/*"] if use_ema else ["unet_raw/*"]  # unet_ema/: repos saved before unet/ held the EMA
+    patterns = ["model_index.json", "scheduler/*", "vae/*", "unet/*", *weights]
+    return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*.py"], **hub))
 
 
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:

@@ -448,19 +448,19 @@ def with_skips(unet, spec):
 
 
 def make_inference_variant(run: Path, spec: str, folder: Path) -> Path:
-    """A run folder at ``folder`` holding ``run``'s trained model with skips ``spec`` (``unet/`` and
-    ``unet_raw/``), the same scheduler, VAE and training options, and ``variant.json``."""
-    from .pipeline import SkipDiffPipeline
+    """A run folder at ``folder`` holding ``run``'s trained model with skips ``spec`` (``unet/``: the
+    weights to sample from, ``unet_raw/``: the raw ones when the run kept an EMA, whatever layout
+    ``run`` has), the same scheduler, VAE and training options, and ``variant.json``."""
+    from .export import export_pipeline
+    from .pipeline import SkipDiffPipeline, weights_layout
     from .unet import SkipUNet2DModel
 
-    pipeline = SkipDiffPipeline.from_pretrained(run)
+    pipeline = SkipDiffPipeline.from_pretrained(run)  # the EMA weights when saved
     pipeline.unet = with_skips(pipeline.unet, spec)
+    layout = weights_layout(run)
+    raw = with_skips(SkipUNet2DModel.from_pretrained(run, subfolder=layout["raw"]), spec) if layout["ema"] else None
     folder.mkdir(parents=True, exist_ok=True)
-    pipeline.save_pretrained(folder)
-    for extra in ("unet_raw", "unet_ema"):  # the raw weights next to the EMA ones (unet_ema/: older runs)
-        if (run / extra).is_dir():
-            weights = SkipUNet2DModel.from_pretrained(run, subfolder=extra)
-            with_skips(weights, spec).save_pretrained(folder / extra)
+    export_pipeline(pipeline, folder, raw_unet=raw)
     shutil.copyfile(run / "training_options.json", folder / "training_options.json")
     write_json_atomic(folder / "variant.json", {"skips": spec, "trained_run": run.name})
     return folder

@@ -15,6 +15,7 @@ by the last resnet of the last up block). ``model.describe_skips()`` lists them.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -27,6 +28,26 @@ from .gates import SkipSpec
 from .router import SkipRouter, discover_skips, format_skip_table
 
 SHORTCUT_PARTS = ("down", "mid", "up")
+
+# What a saved config.json says in ``up_block_types`` when the model is not a plain UNet2DModel.
+#
+# diffusers' ``UNet2DModel.from_pretrained`` on such a checkpoint would ignore ``skips``,
+# ``residual_shortcuts`` and ``markov`` (a logged warning, extract_init_dict), build every up block
+# without gates and load the weights that fit (gate parameters are "unexpected keys": another
+# warning): a different model, silently. Nothing in a config can make that loader call skipdiff's
+# code, but its ``get_up_block`` raises ``ValueError(f"{up_block_type} does not exist.")`` for a block
+# type it does not know, so the note in the block type name becomes the error the user reads:
+#   ValueError: UpBlock2D [skipdiff: load with SkipUNet2DModel or trust_remote_code=True] does not exist.
+# SkipUNet2DModel strips the note when it reads the config, and the model's in-memory config never
+# holds it (checkpoints and resumed runs compare the plain names). A model that is a plain UNet2DModel
+# (every skip ``keep``, every shortcut on: :meth:`SkipUNet2DModel.is_plain_unet`) saves plain names,
+# and UNet2DModel loads it correctly (same weights, same outputs).
+PLAIN_LOADER_NOTE = " [skipdiff: load with SkipUNet2DModel or trust_remote_code=True]"
+
+
+def without_note(block_types) -> tuple[str, ...]:
+    """``up_block_types`` as diffusers names them (:data:`PLAIN_LOADER_NOTE` removed)."""
+    return tuple(t[: -len(PLAIN_LOADER_NOTE)] if t.endswith(PLAIN_LOADER_NOTE) else t for t in block_types)
 
 
 class ZeroShortcut(nn.Module):
@@ -151,6 +172,7 @@ class SkipUNet2DModel(UNet2DModel):
         residual_shortcuts: dict | None = None,
         markov: dict | None = None,
     ):
+        up_block_types = without_note(up_block_types)  # a saved config notes them (see PLAIN_LOADER_NOTE)
         super().__init__(
             sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
             center_input_sample=center_input_sample, time_embedding_type=time_embedding_type,
@@ -189,6 +211,25 @@ class SkipUNet2DModel(UNet2DModel):
             if not enabled:
                 for resnet in _resnets_of(self, part):
                     resnet.conv_shortcut = ZeroShortcut(resnet.out_channels)
+
+    # ---- saving --------------------------------------------------------------------------------
+
+    def is_plain_unet(self) -> bool:
+        """True when this model computes what diffusers' ``UNet2DModel`` with the same weights computes
+        (every skip ``keep``, every residual shortcut on): then it is saved as one."""
+        return all(gate.is_identity for gate in self.skip_router.gates) and all(
+            self.config.residual_shortcuts.values()
+        )
+
+    def to_json_string(self) -> str:
+        """The config as diffusers saves it; unless :meth:`is_plain_unet`, ``up_block_types`` carry
+        :data:`PLAIN_LOADER_NOTE`, so that a plain ``UNet2DModel`` refuses the checkpoint by name."""
+        text = super().to_json_string()
+        if self.is_plain_unet():
+            return text
+        config = json.loads(text)
+        config["up_block_types"] = [t + PLAIN_LOADER_NOTE for t in without_note(config["up_block_types"])]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     # ---- inspection ----------------------------------------------------------------------------
 

@@ -82,7 +82,9 @@ def pushed_run(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 PIPELINE_FILES = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
                   "unet/diffusion_pytorch_model.safetensors", "unet_raw/config.json",
-                  "unet_raw/diffusion_pytorch_model.safetensors", "stats.jsonl", "training_options.json"}  # fmt: skip
+                  "unet_raw/diffusion_pytorch_model.safetensors", "stats.jsonl", "training_options.json",
+                  # the pipeline's code, for diffusers' trust_remote_code (skipdiff/export.py)
+                  "skipdiff_pipeline.py", "unet/skipdiff_unet.py"}  # fmt: skip
 
 
 def test_the_repo_is_created_before_training_and_the_run_uploaded_at_checkpoints_and_the_end(pushed_run):
@@ -116,11 +118,14 @@ def test_the_model_card_describes_the_model_and_its_training(pushed_run):
     assert card == (out / "README.md").read_text()
     _, front, body = card.split("---\n", 2)
     metadata = yaml.safe_load(front)
-    assert metadata["library_name"] == "diffusers"
-    assert {"skipdiff", "diffusers", "skip-connections"} <= set(metadata["tags"])
-    assert metadata["datasets"] == ["digits"]
+    # library_name: the library that defines the classes (diffusers' Hub snippet would fail: it lacks
+    # trust_remote_code); "datasets" holds Hub dataset ids only, and the built-in digits are none.
+    assert metadata["library_name"] == "skipdiff"
+    assert {"skipdiff", "diffusers", "skip-connections", "custom_code"} <= set(metadata["tags"])
+    assert "datasets" not in metadata and "Trained on `digits`" in body
     assert metadata["pipeline_tag"] == "unconditional-image-generation"
     assert "# user/test" in body and 'SkipDiffPipeline.from_pretrained("user/test")' in body
+    assert 'DiffusionPipeline.from_pretrained("user/test", trust_remote_code=True)' in body
 
     rows = [line for line in body.splitlines() if line.startswith("| ") and "up_blocks." in line]
     assert len(rows) == 4  # one per skip of the tiny UNet

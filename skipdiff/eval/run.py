@@ -12,48 +12,33 @@ from tqdm.auto import tqdm
 from ..config import subset
 from ..data import collate_images, dataset_channels, image_transform, load_image_splits, with_pixel_values
 from ..data_options import DataOptions
-from ..pipeline import SkipDiffPipeline
-from ..unet import SkipUNet2DModel
+from ..pipeline import SkipDiffPipeline, weights_layout
 
 
 def load_run(checkpoint: str, use_ema: bool = True) -> tuple[SkipDiffPipeline, dict, bool]:
     """``(pipeline, training options, used_ema)`` of a run folder or a Hub repo id.
 
     A run trained with an EMA saves the EMA weights as ``unet/`` and the raw ones as ``unet_raw/``;
-    ``use_ema=False`` scores the raw ones. (Runs saved before that layout keep the EMA in ``unet_ema/``.)
-    A damaged EMA copy is an error, never silently replaced by the raw weights.
+    ``use_ema=False`` scores the raw ones (:func:`skipdiff.pipeline.weights_layout`; runs saved before
+    that layout keep the EMA in ``unet_ema/``). A damaged EMA copy is an error, never silently replaced
+    by the raw weights.
     """
     path = Path(checkpoint)
     if path.exists() and not (path / "model_index.json").is_file():
         raise ValueError(f"--checkpoint {checkpoint!r} is not a skipdiff run folder (no model_index.json)")
     if not path.exists() and checkpoint.count("/") != 1:
         raise ValueError(f"--checkpoint {checkpoint!r} does not exist (and is not a Hub id like user/name)")
-    try:
-        pipeline = SkipDiffPipeline.from_pretrained(checkpoint)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"could not load the run {checkpoint!r} (damaged or incomplete?): {err}") from err
     options = _training_options(checkpoint)
-    layout = _layout(path) if path.exists() else {"ema": "unet" if options.get("use_ema", True) else None}
-    used_ema = use_ema and layout["ema"] is not None
-    subfolder = layout["ema"] if used_ema else layout.get("raw")
-    if subfolder not in (None, "unet"):
-        try:
-            pipeline.unet = SkipUNet2DModel.from_pretrained(checkpoint, subfolder=subfolder)
-        except (OSError, ValueError, RuntimeError) as err:
-            hint = "; pass --no_ema to score the raw weights" if used_ema else ""
-            raise ValueError(f"the run's {subfolder}/ weights cannot be loaded (damaged?){hint}: {err}") from err
+    has_ema = weights_layout(path)["ema"] is not None if path.exists() else options.get("use_ema", True)
+    used_ema = use_ema and has_ema
+    try:
+        pipeline = SkipDiffPipeline.from_pretrained(checkpoint, use_ema=used_ema)
+    except (OSError, ValueError, RuntimeError) as err:
+        hint = "; pass --no_ema to score the raw weights" if used_ema else ""
+        raise ValueError(f"could not load the run {checkpoint!r} (damaged or incomplete?){hint}: {err}") from err
     pipeline.unet.eval()
     pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     return pipeline, options, used_ema
-
-
-def _layout(path: Path) -> dict:
-    """Which subfolder holds the EMA weights and which the raw ones (None: not saved)."""
-    if (path / "unet_ema").is_dir():  # the layout before unet/ held the EMA weights
-        return {"ema": "unet_ema", "raw": None}
-    if (path / "unet_raw").is_dir():
-        return {"ema": "unet", "raw": "unet_raw"}
-    return {"ema": None, "raw": None}
 
 
 def _training_options(checkpoint: str) -> dict:

@@ -21,6 +21,7 @@ from ..config import subset
 from ..data import collate_images, dataset_channels, load_image_splits, num_classes, with_pixel_values
 from ..data_options import DataOptions
 from ..encoders import CachedLatents, Encoder, VaeEncoder, cache_encoded, load_encoder
+from ..export import export_pipeline
 from ..pipeline import SkipDiffPipeline, image_grid
 from ..presets import UNET_PRESETS, VAE_PRESETS
 from .ema import WeightEMA
@@ -260,13 +261,12 @@ def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: Trainin
 
 def save_outputs(output_dir: Path, unet, ema: WeightEMA | None, scheduler, encoder: Encoder, options_json: str) -> None:
     """The run folder: a pipeline whose ``unet/`` holds the weights to sample from (the EMA's when there
-    is one, as diffusers' examples save them), ``unet_raw/`` the raw weights (with an EMA), options."""
+    is one, as diffusers' examples save them), ``unet_raw/`` the raw weights (with an EMA), its code for
+    diffusers' ``trust_remote_code`` (:func:`skipdiff.export.export_pipeline`), options."""
     sampling = unet
     if ema is not None:
         sampling = copy.deepcopy(unet)
         ema.copy_to(sampling.parameters())
-    make_pipeline(sampling, scheduler, encoder).save_pretrained(output_dir)
-    if ema is not None:
-        unet.save_pretrained(output_dir / "unet_raw")
+    export_pipeline(make_pipeline(sampling, scheduler, encoder), output_dir, raw_unet=unet if ema is not None else None)
     DDIMScheduler.from_config(scheduler.config)  # validates that DDIM sampling will load
     (output_dir / "training_options.json").write_text(options_json)
