@@ -156,6 +156,7 @@ def main() -> None:
     model = "tiny" if args.quick else "cifar10"
     if args.quick:
         args.steps, args.warmup, args.batch_size = 20, 10, 8
+        torch.set_num_threads(1)
     shapes = {"32x32 RGB pixels": (32, "none"), "64x64x4 latents": (128, "vae")}
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
