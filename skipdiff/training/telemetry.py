@@ -101,6 +101,7 @@ class WindowStats:
         self.nonfinite_window = torch.zeros((), dtype=torch.long, device=self.device)
         self.in_row = torch.zeros((), dtype=torch.long, device=self.device)
         self.longest_in_row = torch.zeros((), dtype=torch.long, device=self.device)
+        self.step_sums: list[torch.Tensor] = []  # per step of the window: [loss sum, count] (device tensors)
 
     def add(self, losses: torch.Tensor, timesteps: torch.Tensor, finite: torch.Tensor) -> None:
         weight = finite.to(self.sums.dtype)
@@ -109,6 +110,7 @@ class WindowStats:
         values = torch.nan_to_num(losses.detach().to(self.sums.dtype), nan=0.0, posinf=0.0, neginf=0.0)
         self.sums.index_add_(0, index, values * weight)
         self.counts.index_add_(0, index, weight.expand(index.shape[0]))
+        self.step_sums.append(torch.stack([values.sum() * weight, weight * index.shape[0]]))
         bad = (~finite).long()
         self.finite_steps += 1 - bad
         self.nonfinite_total += bad
@@ -120,25 +122,30 @@ class WindowStats:
         """The window's figures on the host (one device read), then the window restarts.
 
         Returns ``loss`` (mean over the finite steps' examples, None if none), ``loss_by_timestep``,
-        ``finite_steps``, ``nonfinite_total``, ``nonfinite_window``, ``in_row`` and ``longest_in_row``."""
-        sums, counts = self.sums, self.counts
+        ``step_losses`` (each step's mean loss over the global batch, None for a skipped step: spikes are
+        counted on these, not on window means), ``finite_steps``, ``nonfinite_total``, ``nonfinite_window``,
+        ``in_row`` and ``longest_in_row``."""
+        steps = torch.stack(self.step_sums) if self.step_sums else torch.zeros(0, 2, dtype=self.sums.dtype, device=self.device)
+        packed = torch.cat([self.sums, self.counts, steps.flatten()])
         if accelerator is not None and accelerator.num_processes > 1:
-            both = accelerator.reduce(torch.cat([sums, counts]), "sum")
-            sums, counts = both[: self.buckets], both[self.buckets :]
-        host = torch.cat([sums, counts]).tolist()
+            packed = accelerator.reduce(packed, "sum")
+        host = packed.tolist()
         ints = torch.stack([self.finite_steps, self.nonfinite_total, self.nonfinite_window, self.in_row,
                             self.longest_in_row]).tolist()  # fmt: skip
-        sums_h, counts_h = host[: self.buckets], host[self.buckets :]
+        sums_h, counts_h = host[: self.buckets], host[self.buckets : 2 * self.buckets]
+        per_step = host[2 * self.buckets :]
         total = sum(counts_h)
         labels = bucket_labels(self.buckets, self.num_train_timesteps)
         out = {
             "loss": sum(sums_h) / total if total > 0 else None,
             "loss_by_timestep": {name: (s / c if c > 0 else None) for name, s, c in zip(labels, sums_h, counts_h, strict=True)},
+            "step_losses": [s / c if c > 0 else None for s, c in zip(per_step[0::2], per_step[1::2], strict=True)],
             "finite_steps": ints[0], "nonfinite_total": ints[1], "nonfinite_window": ints[2], "in_row": ints[3],
             "longest_in_row": ints[4],
         }  # fmt: skip
         self.sums.zero_()
         self.counts.zero_()
+        self.step_sums = []
         self.finite_steps.zero_()
         self.nonfinite_window.zero_()
         self.longest_in_row.copy_(self.in_row)

@@ -294,7 +294,7 @@ def _log(run: Run, done: StepDone, epoch: int, seconds: float, progress) -> None
         )
     if window["loss"] is None:  # no finite step since the last record
         return
-    record = {"loss": window["loss"], "loss_by_timestep": window["loss_by_timestep"],
+    record = {"loss": window["loss"], "loss_by_timestep": window["loss_by_timestep"], "step_losses": window["step_losses"],
               "grad_norm": float(done.grad_norm), "grad_norm_by_block": done.block_norms,
               "lr": run.lr_scheduler.get_last_lr()[0], "seconds_per_step": seconds / steps,
               "nonfinite_total": window["nonfinite_total"], "epoch": epoch, "gates": run.router.telemetry(),
