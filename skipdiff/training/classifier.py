@@ -474,8 +474,7 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
 
     step = _resume(accelerator, options)
     stats = StatsWriter(accelerator, out)
-    if accelerator.is_main_process and step == 0 and stats.path.exists():
-        stats.path.unlink()  # a fresh run in an old folder starts a fresh log
+    stats.truncate_after(step if step else -1)  # a resumed run logs the steps after its checkpoint again
     if options.report_to != "none":
         config = {
             k: v if isinstance(v, int | float | str | bool) else str(v)
