@@ -437,3 +437,21 @@ def test_interrupted_classifier_cell_resumes_without_duplicate_records(tmp_path,
     sweep.run_sweep(spec, tmp_path / "out", log=lambda line: None)
     assert counter.calls == [("data-iris__seed-0", "latest")]
     assert [r["step"] for r in read_stats(cell / "stats.jsonl") if "train" in r] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_in_a_cell_stops_the_sweep_instead_of_moving_on(tmp_path, monkeypatch):
+    from skipdiff.sweep import kinds
+    from skipdiff.training.startup import TrainingInterrupted
+
+    class Interrupted(ProbeKind):
+        name, cli_module = "interrupted", "skipdiff.cli.none"
+
+        def train(self, options):
+            raise TrainingInterrupted("interrupted after step 3; checkpoint checkpoint-2")
+
+    monkeypatch.setitem(kinds.KINDS, "interrupted", Interrupted())
+    spec = sweep.parse_spec({"kind": "interrupted", "grid": {"value": [1, 2]}}, "stop")
+    with pytest.raises(TrainingInterrupted):
+        sweep.run_sweep(spec, tmp_path / "out", log=lambda line: None)
+    assert json.loads((tmp_path / "out" / "value-1" / "cell.json").read_text())["status"] == "running"
+    assert not (tmp_path / "out" / "value-2").exists()  # the next cell never started

@@ -43,16 +43,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """:func:`main` for a console: bad input prints ``error: ...`` and returns 2, failed cells 1."""
+    """:func:`main` for a console: bad input prints ``error: ...`` and returns 2, failed cells 1, Ctrl-C 130."""
     from ..config import SkipdiffError
-    from .runner import SweepError
+    from .runner import SweepError, interrupted
 
     try:
         main(argv)
-    except (ValueError, SkipdiffError) as err:
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except SweepError as err:
+    except KeyboardInterrupt:
+        print("stopped; relaunch the same command to resume the sweep", file=sys.stderr)
+        return 130
+    except (SweepError, SkipdiffError) as err:
+        if interrupted(err):  # the training's own resume hint names its command line, not the sweep's
+            print(f"stopped: {str(err).splitlines()[0]}; relaunch the same command to resume the sweep", file=sys.stderr)
+            return 130
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

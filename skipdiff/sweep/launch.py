@@ -10,14 +10,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from ..config import SkipdiffError
 from ..runfolder import read_json
 from .kinds import CellKind
 
 LAUNCHERS = ("inprocess", "accelerate")
+
+
+class LaunchInterrupted(SkipdiffError):
+    """The training subprocess was stopped by Ctrl-C (it checkpoints first): the sweep stops too."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +89,9 @@ def train_cell(kind: CellKind, options: dict, launcher: Launcher) -> dict:
     command = accelerate_command(kind, options, launcher.accelerate_args)
     print("$ " + shlex.join(command), flush=True)
     result = subprocess.run(command, check=False)
+    if result.returncode in (130, -signal.SIGINT):
+        raise LaunchInterrupted(f"training of {Path(options[kind.folder_option]).name} was interrupted; relaunch the "
+                                "sweep to resume it from its checkpoint")  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"training exited with status {result.returncode}: {shlex.join(command)}")
     metrics = Path(options[kind.folder_option]) / kind.metrics_file

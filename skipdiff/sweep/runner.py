@@ -15,7 +15,7 @@ from pathlib import Path
 from ..runfolder import write_json_atomic
 from .cells import cell_status, check_unchanged, read_cell, record_failure, run_cell
 from .kinds import get_kind
-from .launch import Launcher
+from .launch import Launcher, LaunchInterrupted
 from .spec import Cell, SweepSpec, expand_cells
 
 Log = Callable[[str], None]
@@ -23,6 +23,11 @@ Log = Callable[[str], None]
 
 class SweepError(RuntimeError):
     """Some cells failed; the others finished."""
+
+
+def interrupted(err: BaseException) -> bool:
+    """Whether a cell stopped because the user asked (Ctrl-C): then the whole sweep stops, not just the cell."""
+    return isinstance(err, LaunchInterrupted) or type(err).__name__ == "TrainingInterrupted"
 
 
 def select_cells(cells: list[Cell], only: str | None) -> list[Cell]:
@@ -80,6 +85,8 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
         try:
             records.append(run_cell(spec, cell, launch, log))
         except Exception as err:  # noqa: BLE001  one failing cell (e.g. diverged) must not stop the sweep
+            if interrupted(err):
+                raise  # its checkpoint is written and its cell.json says running: a relaunch resumes it
             log(f"[{i}/{len(selected)}] {cell.name} FAILED:\n{traceback.format_exc()}")
             failed.append(cell.name)
             records.append(record_failure(cell, err))
