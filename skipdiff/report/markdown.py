@@ -174,9 +174,10 @@ def markov_markdown(configuration: str, rows: list[Result]) -> list[str]:
 
 def _test_text(row: dict) -> str:
     if row["test"] == "paired":
-        return f"paired ({row['shared_seeds']} seeds)"
+        left_out = row["seeds"] - row["shared_seeds"]  # seeds the reference lacks: not in the test
+        return f"paired ({row['shared_seeds']} seeds" + (f"; {left_out} unshared left out)" if left_out else ")")
     if row["test"] == "pooled paired":
-        return f"pooled paired (1 seed, df {row['df']})"
+        return f"pooled paired (1 shared seed, df {row['df']})"
     if row["test"] == "welch":
         return f"Welch (df {row['df']:.2g})"
     return "–"

@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..config import parse_int
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its description is the package docstring (spec format and usage)."""
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train in this process, or in a subprocess under `accelerate launch -m`")  # fmt: skip
     parser.add_argument("--accelerate_args", default="",
                         help='arguments for accelerate launch, e.g. "--num_processes 2" (with --launcher accelerate)')  # fmt: skip
-    parser.add_argument("--num_threads", type=int, help="torch CPU threads for every cell and the evaluation")
+    parser.add_argument("--num_threads", type=parse_int, help="torch CPU threads for every cell and the evaluation")
     return parser
 
 

@@ -56,7 +56,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
 
     Returns the ``cell.json`` records of the selected cells (nothing is run or written when ``dry_run``).
     """
-    launch = Launcher(launcher, tuple(accelerate_args))
+    launch_with = Launcher(launcher, tuple(accelerate_args))  # checked before any work
     out = Path(out)
     cells = expand_cells(spec, out, num_threads)
     selected = select_cells(cells, only)
@@ -83,7 +83,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
             continue
         log(f"[{i}/{len(selected)}] {cell.name}: {status}{eta(out, len(selected) - i + 1)}")
         try:
-            records.append(run_cell(spec, cell, launch, log))
+            records.append(run_cell(spec, cell, launch_with, log))
         except Exception as err:  # noqa: BLE001  one failing cell (e.g. diverged) must not stop the sweep
             if interrupted(err):
                 raise  # its checkpoint is written and its cell.json says running: a relaunch resumes it
