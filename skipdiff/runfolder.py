@@ -9,7 +9,8 @@ files safely:
 * ``stats.jsonl`` is append-only; :func:`truncate_stats` drops the records a resumed run writes again;
 * :class:`RunLock` marks a folder as in use by one training process (stale locks of dead processes
   are detected and replaced), so that two runs cannot interleave their outputs;
-* :func:`weights_digest` fingerprints the weights a result was computed from.
+* :func:`weights_digest` fingerprints the weights a result was computed from;
+* :func:`safe_name` turns a label into a file-name-safe folder or file name.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -103,8 +105,13 @@ def truncate_stats(path: str | os.PathLike, last_step: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Fingerprints
+# Names and fingerprints
 # --------------------------------------------------------------------------------------------------
+
+
+def safe_name(text) -> str:
+    """A file-name-safe form of ``text``: letters, digits and ``. _ + -``; other runs become one ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("_") or "_"
 
 
 def weights_digest(folder: str | os.PathLike) -> str:

@@ -5,6 +5,7 @@ One sweep is trained once per session (``micro_sweep``); tests that change it wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +14,12 @@ import pytest
 import torch
 import yaml
 
-from skipdiff import sweep
-from skipdiff.report import rank, write_report
+from skipdiff import report, sweep
+from skipdiff.config import option
+from skipdiff.report import write_report
+from skipdiff.report.ranking import compare
 from skipdiff.runfolder import read_stats
+from skipdiff.sweep import launch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = dict(model="tiny", vae="none", resolution=8, train_batch_size=16, max_train_steps=4,
@@ -38,16 +42,16 @@ def write_spec(folder: Path, data: dict, name: str = "micro") -> Path:
 
 
 class Counter:
-    """Wraps ``sweep.train_cell`` and records the cells it trained."""
+    """Wraps ``launch.train_cell`` and records the cells it trained."""
 
     def __init__(self, monkeypatch):
-        self.calls, original = [], sweep.train_cell
+        self.calls, original = [], launch.train_cell
 
         def counted(kind, options, *args, **kwargs):
             self.calls.append((Path(options["output_dir"]).name, options.get("resume_from_checkpoint")))
             return original(kind, options, *args, **kwargs)
 
-        monkeypatch.setattr(sweep, "train_cell", counted)
+        monkeypatch.setattr(launch, "train_cell", counted)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +179,7 @@ def test_report_regenerates_byte_identically(micro_sweep, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     text = first.read_text()
     assert "| skips=full | 1 |" in text and "| skips=full · identity (inference) | 1 |" in text
-    assert "not distinguishable from seed noise (one seed: no test)" in text
+    assert "one seed: not testable" in text  # one seed each, nothing to pool: no test
     assert str(micro_sweep) not in text  # no absolute paths
 
 
@@ -200,32 +204,41 @@ def test_report_adds_a_map_row_for_stochastic_skips(micro_sweep, tmp_path):
     assert dict(zip(columns, [c.strip() for c in trained.strip("|").split("|")], strict=True))["skips closed"] == "–"
 
 
-def test_rank_separates_real_differences_from_seed_noise():
-    ranking = rank(
-        {"a": [1.0, 1.1, 0.9], "b": [5.0, 5.1, 4.9], "c": [1.2, 0.8, 1.3], "d": [0.5]}, lower_is_better=True
-    )
-    verdicts = {row["configuration"]: row["verdict"] for row in ranking}
-    assert ranking[0]["configuration"] == "d"  # lowest mean, but a single seed
-    # d against the others: the seed variance pooled over a, b, c (0.01, 0.01, 0.07; df 6) -> a t-test.
-    tests = {row["configuration"]: row["test"] for row in ranking}
-    assert tests == {"d": None, "a": "pooled", "b": "pooled", "c": "pooled"}
-    assert verdicts["b"] == "worse beyond seed noise"  # t = 22.5
-    assert verdicts["a"] == "worse beyond seed noise"  # t = 0.5 / sqrt(0.03 * 4/3) = 2.5, p = 0.047
-    from scipy.stats import t
+def test_every_row_is_tested_against_the_reference_by_seed():
+    from scipy.stats import t, ttest_rel
 
-    expected = 2 * t.sf(abs(1.0 - 0.5) / (0.03 * (1 / 3 + 1)) ** 0.5, 6)
-    assert next(r["p"] for r in ranking if r["configuration"] == "a") == pytest.approx(expected, rel=1e-9)
-    alone = rank({"a": [1.0], "b": [5.0]}, lower_is_better=True)  # no configuration with two seeds: no test
-    assert alone[1]["test"] is None and "one seed" in alone[1]["verdict"]
-    ranking = rank({"a": [1.0, 1.1, 0.9], "b": [5.0, 5.1, 4.9], "c": [1.2, 0.8, 1.3]}, lower_is_better=True)
-    verdicts = {row["configuration"]: row["verdict"] for row in ranking}
-    assert verdicts == {
-        "a": "best",
-        "b": "worse beyond seed noise",
-        "c": "not distinguishable from seed noise",
-    }
-    best_high = rank({"x": [0.9, 0.91], "y": [0.5, 0.52]}, lower_is_better=False)
-    assert [r["configuration"] for r in best_high] == ["x", "y"]
+    values = {"full": {0: 1.0, 1: 1.1, 2: 0.9}, "b": {0: 5.0, 1: 5.2, 2: 4.9}, "c": {0: 1.2, 1: 0.8, 2: 1.3},
+              "d": {0: 0.5}}  # fmt: skip
+    result = compare(values, "full", lower_is_better=True)
+    rows = {row["configuration"]: row for row in result["rows"]}
+    # d has the lowest value, but it is one seed and not the reference: it is a row like any other.
+    assert [r["configuration"] for r in result["rows"]] == ["d", "full", "c", "b"]  # by difference from full
+    assert rows["full"]["verdict"] == "reference" and rows["full"]["p"] is None
+    assert {name: row["test"] for name, row in rows.items()} == {"full": None, "b": "paired", "c": "paired",
+                                                                 "d": "pooled paired"}  # fmt: skip
+    assert rows["b"]["p"] == pytest.approx(ttest_rel([5.0, 5.2, 4.9], [1.0, 1.1, 0.9]).pvalue, rel=1e-9)
+    assert rows["c"]["p"] == pytest.approx(ttest_rel([1.2, 0.8, 1.3], [1.0, 1.1, 0.9]).pvalue, rel=1e-9)
+    # d: its one difference (0.5 - 1.0) against the sd of paired differences pooled over b and c (df 2 + 2).
+    diffs_b, diffs_c = [4.0, 4.1, 4.0], [0.2, -0.3, 0.4]
+    var = lambda x: sum((v - sum(x) / 3) ** 2 for v in x) / 2  # noqa: E731
+    sd = ((var(diffs_b) * 2 + var(diffs_c) * 2) / 4) ** 0.5
+    assert rows["d"]["p"] == pytest.approx(2 * t.sf(0.5 / sd, 4), rel=1e-9)
+    assert result["noise"]["df"] == 4 and result["noise"]["sd"] == pytest.approx(sd, rel=1e-9)
+    assert rows["d"]["fewer_seeds"] and not rows["c"]["fewer_seeds"]
+    # Holm over the three tests, by hand: sorted p's times 3, 2, 1, made non-decreasing.
+    ps = sorted((rows[n]["p"], n) for n in "bcd")
+    expected, running = {}, 0.0
+    for k, (p, name) in enumerate(ps):
+        running = max(running, min(1.0, (3 - k) * p))
+        expected[name] = running
+    assert {n: rows[n]["p_holm"] for n in "bcd"} == pytest.approx(expected, rel=1e-12)
+    assert rows["b"]["verdict"] == "worse than the reference"
+    assert rows["c"]["verdict"] == "not distinguishable from the reference"
+    alone = compare({"a": {0: 1.0}, "b": {0: 5.0}}, "a", lower_is_better=True)  # nothing to pool: no test
+    assert alone["rows"][1]["test"] is None and "one seed: not testable" in alone["rows"][1]["verdict"]
+    best_high = compare({"x": {0: 0.9, 1: 0.91}, "y": {0: 0.5, 1: 0.52}}, "y", lower_is_better=False)
+    assert [r["configuration"] for r in best_high["rows"]] == ["x", "y"]
+    assert best_high["rows"][0]["delta"] == pytest.approx(0.395)
 
 
 def test_classifier_cell_runs_and_reports(tmp_path):
@@ -245,3 +258,200 @@ def test_builtin_specs_are_valid():
         spec = sweep.load_spec(path)
         cells = sweep.expand_cells(spec, "runs/sweeps/x")
         assert cells, path
+
+
+# --------------------------------------------------------------------------------------------------
+# The report's output folder, reference and statistics on a sweep with several seeds
+# --------------------------------------------------------------------------------------------------
+
+
+def test_report_never_overwrites_committed_results_by_default(micro_sweep, tmp_path, monkeypatch, capsys):
+    shutil.copytree(micro_sweep, tmp_path / "runs" / "sweeps" / "micro")
+    committed = tmp_path / "eval" / "results" / "micro"  # as in a checkout: a committed report of this sweep
+    committed.mkdir(parents=True)
+    files = {"report.md": b"committed\n", "summary.json": b"{}\n", "loss_digits_8px.png": b"committed png"}
+    for name, data in files.items():
+        (committed / name).write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    report.main(["runs/sweeps/micro"])
+    assert {name: (committed / name).read_bytes() for name in files} == files  # untouched, no PNG deleted
+    assert "wrote runs/sweeps/micro/report/report.md" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "sweeps" / "micro" / "report" / "loss_digits_8px.png").is_file()
+    report.main(["runs/sweeps/micro", "--out", "eval/results/micro"])  # asked for: replaced
+    assert (committed / "report.md").read_text().startswith("# Sweep `micro`")
+    assert (committed / "loss_digits_8px.png").read_bytes() != files["loss_digits_8px.png"]
+
+
+def test_report_reference_is_checked_before_anything_is_written(micro_sweep, tmp_path):
+    with pytest.raises(ValueError, match=r"--reference 'skips=half' is no configuration of table 'digits, 8px'; "
+                                         r"choices: \['skips=full', "):  # fmt: skip
+        report.main([str(micro_sweep), "--out", str(tmp_path / "out"), "--reference", "skips=half"])
+    assert not (tmp_path / "out").exists()
+    text = report.main([str(micro_sweep), "--out", str(tmp_path / "out"), "--reference", "skips=none"]).read_text()
+    assert "### denoising MSE against skips=none (lower is better)" in text and "| **skips=none** |" in text
+
+
+def add_seeds(sweep: Path, fids: dict[str, dict[int, float]], floors: dict[int, float], kids: dict) -> None:
+    """Cells ``skips-<c>__seed-<s>`` for every configuration and seed of ``fids``, copied from seed 0, with
+    an eval.json FID block (per sampling seed: the given floors) and no inference variants."""
+    names = []
+    for configuration, by_seed in fids.items():
+        source = sweep / f"skips-{configuration}__seed-0"
+        for seed, fid in by_seed.items():
+            name = f"skips-{configuration}__seed-{seed}"
+            if seed:
+                shutil.copytree(source, sweep / name)
+            cell = json.loads((sweep / name / "cell.json").read_text())
+            cell["axes"][1]["label"], cell["options"]["seed"], cell["variants"] = str(seed), seed, {}
+            (sweep / name / "cell.json").write_text(json.dumps(cell))
+            eval_path = sweep / name / "eval" / "eval.json"
+            evaluation = json.loads(eval_path.read_text())
+            kid = kids[configuration][seed]
+            evaluation["fid"] = {"per_seed": [{"seed": s, "fid": fid, "floor_fid": f} for s, f in floors.items()],
+                                 "summary": {"fid": {"mean": fid}, "floor_fid": {"mean": sum(floors.values()) / 2},
+                                             "kid_mean": {"mean": kid}, "kid_std": {"mean": kid / 10}}}  # fmt: skip
+            eval_path.write_text(json.dumps(evaluation))
+            names.append(name)
+    meta = json.loads((sweep / "sweep.json").read_text())
+    (sweep / "sweep.json").write_text(json.dumps({**meta, "cells": names}))
+
+
+def test_report_pairs_seeds_shows_floors_per_sampling_seed_and_kid(micro_sweep, tmp_path):
+    from scipy.stats import t, ttest_rel
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(micro_sweep, copy)
+    fids = {"full": {0: 6.9, 1: 6.4, 2: 6.6}, "none": {0: 7.9, 1: 7.1, 2: 7.5}}  # seed 0 worst in both
+    kids = {"full": {0: 0.011, 1: 0.009, 2: 0.010}, "none": {0: 0.02, 1: 0.03, 2: 0.025}}
+    add_seeds(copy, fids, {0: 0.40, 1: 0.43}, kids)
+    out = tmp_path / "report"
+    text = write_report(copy, out).read_text()
+    summary = json.loads((out / "summary.json").read_text())["datasets"]["digits, 8px"]
+    p = ttest_rel(list(fids["none"].values()), list(fids["full"].values())).pvalue
+    row = next(r for r in summary["ranking"]["rows"] if r["configuration"] == "skips=none")
+    assert row["test"] == "paired" and row["p"] == pytest.approx(p, rel=1e-9) and row["p_holm"] == row["p"]
+    assert row["delta"] == pytest.approx((1.0 + 0.7 + 0.9) / 3)  # the mean paired difference
+    ranking_line = next(line for line in text.splitlines() if line.startswith("| 2 | skips=none |"))
+    assert f"| paired (3 seeds) | {p:.2g} | {p:.2g} | worse than the reference |" in ranking_line
+    # The floor varies with the sampling seed: shown per seed and as mean ± std, not as one constant.
+    assert "FID floor by sampling seed: seed 0: 0.4, seed 1: 0.43 (mean 0.415 ± 0.021 over 2 seed(s))." in text
+    assert summary["fid_floor"]["by_sampling_seed"] == pytest.approx({"0": 0.4, "1": 0.43})
+    header = next(line for line in text.splitlines() if line.startswith("| configuration |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    full = next(line for line in text.splitlines() if line.startswith("| skips=full | 3 |"))
+    values = dict(zip(columns, [c.strip() for c in full.strip("|").split("|")], strict=True))
+    assert values["FID floor"] == "0.415 ± 0.021"
+    half = t.ppf(0.975, 2) * 0.001 / 3**0.5  # KID: mean 0.010, sd 0.001 over three training seeds
+    assert values["KID ↓"] == f"0.01 [{0.010 - half:.2g}, {0.010 + half:.2g}]"
+    assert "Smallest detectable difference in FID" in text and "by the paired test on 3 seeds (df 2)" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# Kinds, launching, resuming classifiers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ProbeOptions:
+    """Options of a kind without training (like inference-only cells over a pretrained pipeline)."""
+
+    output_dir: str = option("out", "the cell's folder")
+    value: int = option(0, "what the cell evaluates")
+    seed: int = option(0, "seed")
+
+
+class ProbeKind(sweep.CellKind):
+    name = "probe"
+    evaluated: list = []
+
+    def options_class(self):
+        return ProbeOptions
+
+    def evaluate(self, spec, folder, log):
+        options = json.loads((folder / "cell.json").read_text())["options"]
+        (folder / "result.json").write_text(json.dumps({"twice": 2 * options["value"]}))
+        self.evaluated.append(folder.name)
+
+
+def test_a_new_kind_of_cell_needs_no_change_to_the_loop(tmp_path, monkeypatch):
+    from skipdiff.sweep import kinds
+
+    probe = ProbeKind()
+    monkeypatch.setitem(kinds.KINDS, "probe", probe)
+    counter = Counter(monkeypatch)
+    spec = sweep.parse_spec({"kind": "probe", "grid": {"value": [1, 2], "seed": [0]}}, "probe")
+    assert not probe.trains
+    records = sweep.run_sweep(spec, tmp_path / "out", log=lambda line: None)
+    assert [r["status"] for r in records] == ["done", "done"] and counter.calls == []  # nothing trained
+    assert probe.evaluated == ["value-1__seed-0", "value-2__seed-0"]
+    assert json.loads((tmp_path / "out" / "value-2__seed-0" / "result.json").read_text()) == {"twice": 4}
+    sweep.run_sweep(spec, tmp_path / "out", log=lambda line: None)  # done cells are skipped
+    assert probe.evaluated == ["value-1__seed-0", "value-2__seed-0"]
+    with pytest.raises(ValueError, match="already registered"):
+        kinds.register_kind(ProbeKind())
+    with pytest.raises(ValueError, match=r"kind must be one of \('diffusion', 'classifier', 'probe'\), got 'nope'"):
+        sweep.parse_spec({"kind": "nope", "grid": {"seed": [0]}}, "x")
+    with pytest.raises(ValueError, match="takes no eval"):
+        sweep.parse_spec({"kind": "probe", "grid": {"seed": [0]}, "eval": {"fid": True}}, "x")
+
+
+def test_accelerate_launch_starts_training_by_module_name():
+    cell = sweep.expand_cells(sweep.parse_spec(MICRO, "micro"), "out")[0]
+    command = sweep.accelerate_command(sweep.get_kind("diffusion"), cell.options, ("--num_processes", "2"))
+    launcher_end = command.index("accelerate.commands.launch")
+    assert command[launcher_end + 1 : launcher_end + 5] == ["--num_processes", "2", "-m", "skipdiff.cli.train_unet"]
+    assert "--max_train_steps=4" in command and "--output_dir=out/skips-full__seed-0" in command
+    assert not [part for part in command if part.endswith(".py") or "train_scripts" in part]
+    with pytest.raises(ValueError, match="need --launcher accelerate"):
+        sweep.Launcher("inprocess", ("--num_processes", "2"))
+
+
+CLASSIFIER = {"kind": "classifier",
+              "base": dict(model="mlp", depth=1, hidden_size=8, train_batch_size=16, max_train_steps=4, log_every=1,
+                           num_threads=1, report_to="none", checkpointing_steps=2),
+              "grid": {"data": {"iris": {"dataset": "iris"}}, "seed": [0]}}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_accelerate_launcher_trains_outside_the_source_tree(tmp_path, monkeypatch):
+    """A real `accelerate launch -m skipdiff.cli.train_classifier` from a folder that is no checkout (~1 min)."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    records = sweep.run_sweep(sweep.parse_spec(CLASSIFIER, "cls"), "out", launcher="accelerate",
+                              accelerate_args=["--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+                                               "no", "--dynamo_backend", "no"], log=lambda line: None)  # fmt: skip
+    assert records[0]["status"] == "done" and records[0]["train_metrics"]["steps"] == 4
+
+
+def test_interrupted_classifier_cell_resumes_without_duplicate_records(tmp_path, monkeypatch):
+    spec = sweep.parse_spec(CLASSIFIER, "cls")
+    sweep.run_sweep(spec, tmp_path / "out", log=lambda line: None)
+    cell = tmp_path / "out" / "data-iris__seed-0"
+    steps = [r["step"] for r in read_stats(cell / "stats.jsonl") if "train" in r]
+    assert steps == [1, 2, 3, 4]
+    (cell / "cell.json").unlink()  # as if killed after the checkpoint at step 2
+    shutil.rmtree(cell / "checkpoint-4")
+    counter = Counter(monkeypatch)
+    sweep.run_sweep(spec, tmp_path / "out", log=lambda line: None)
+    assert counter.calls == [("data-iris__seed-0", "latest")]
+    assert [r["step"] for r in read_stats(cell / "stats.jsonl") if "train" in r] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_in_a_cell_stops_the_sweep_instead_of_moving_on(tmp_path, monkeypatch):
+    from skipdiff.sweep import kinds
+    from skipdiff.training.startup import TrainingInterrupted
+
+    class Interrupted(ProbeKind):
+        name, cli_module = "interrupted", "skipdiff.cli.none"
+
+        def train(self, options):
+            raise TrainingInterrupted("interrupted after step 3; checkpoint checkpoint-2")
+
+    monkeypatch.setitem(kinds.KINDS, "interrupted", Interrupted())
+    spec = sweep.parse_spec({"kind": "interrupted", "grid": {"value": [1, 2]}}, "stop")
+    with pytest.raises(TrainingInterrupted):
+        sweep.run_sweep(spec, tmp_path / "out", log=lambda line: None)
+    assert json.loads((tmp_path / "out" / "value-1" / "cell.json").read_text())["status"] == "running"
+    assert not (tmp_path / "out" / "value-2").exists()  # the next cell never started

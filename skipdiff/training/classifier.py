@@ -426,21 +426,39 @@ class _Running:
         return {"loss": self.loss / max(self.count, 1), "accuracy": self.correct / max(self.count, 1)}
 
 
-def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None = None) -> dict:
-    """Train, evaluate at every epoch end, save; returns the metrics written to ``metrics.json``."""
-    options.validate()
-    if options.num_threads:
-        torch.set_num_threads(options.num_threads)
-    out = Path(options.output_dir)
-    check_writable(out)
-    accelerator = accelerator or Accelerator(
-        mixed_precision=options.mixed_precision,
-        log_with=None if options.report_to == "none" else options.report_to,
-        project_dir=str(out),
-    )
-    set_seed(options.seed)
+@dataclasses.dataclass
+class _Setup:
+    """Everything the loop needs, prepared by Accelerate."""
 
-    # ---- data and model --------------------------------------------------------------------------
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    gates: BlockGates
+    train_loader: DataLoader
+    test_loader: DataLoader
+    train_eval_loader: DataLoader
+    data_generator: torch.Generator  # reseeded per epoch: the data order
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    num_parameters: int
+    num_blocks: int | None
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What the loop carries from step to step and hands to the final metrics."""
+
+    step: int
+    nonfinite: int = 0
+    flow_init: dict | None = None
+    flow_last: dict | None = None
+    last_epoch_loss: _Running = dataclasses.field(default_factory=_Running)
+    test_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _setup(options: ClassifierOptions, accelerator: Accelerator) -> _Setup:
+    """Data, model, gates, optimizer, loaders and schedule, prepared (in that order)."""
     data = load_classifier_data(options)
     if len(data.train) < options.train_batch_size:
         raise ValueError(
@@ -456,7 +474,6 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
         gates.chain.to(accelerator.device)
         accelerator.register_for_checkpointing(gates.chain)
 
-    # ---- optimizer, data loaders, prepare --------------------------------------------------------
     optimizer = _optimizer(model, options)
     data_generator = torch.Generator().manual_seed(options.seed)
     train_loader = DataLoader(data.train, batch_size=options.train_batch_size, shuffle=True, drop_last=True,
@@ -468,114 +485,137 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
     )
     steps_per_epoch = len(train_loader)
     total_steps = options.max_train_steps or options.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
     schedule = _schedule(optimizer, options.lr_scheduler, total_steps)
     accelerator.register_for_checkpointing(schedule)
+    return _Setup(model, optimizer, schedule, gates, train_loader, test_loader, train_eval_loader, data_generator,
+                  steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch), num_parameters, num_blocks)  # fmt: skip
 
-    step = _resume(accelerator, options)
-    stats = StatsWriter(accelerator, out)
-    if accelerator.is_main_process and step == 0 and stats.path.exists():
-        stats.path.unlink()  # a fresh run in an old folder starts a fresh log
-    if options.report_to != "none":
-        config = {
-            k: v if isinstance(v, int | float | str | bool) else str(v)
-            for k, v in dataclasses.asdict(options).items()
-        }
-        accelerator.init_trackers("classifier", config=config)
 
-    # ---- train -----------------------------------------------------------------------------------
-    unwrapped = accelerator.unwrap_model(model)
-    running, nonfinite, flow_init, flow_last, last_epoch_loss = _Running(), 0, None, None, _Running()
-    test_metrics: dict[str, float] = {}
-    guard = accelerator.scaler is None  # with fp16 loss scaling the scaler skips non-finite steps itself
+def _train_step(options, accelerator, run: _Setup, batch, progress: _Progress, gate_generator) -> tuple:
+    """One optimizer step (a non-finite gradient skips the update, counted); returns the step's
+    (losses (B,), logits (B, C), labels (B,), total gradient norm, gradient flow or None)."""
+    model, step = run.model, progress.step + 1
+    inputs, labels = _model_inputs(batch)
+    gate_generator.manual_seed(_derived_seed(options.seed, progress.step, 1 + accelerator.process_index))
+    path, block_gates = run.gates.sample(labels.shape[0], gate_generator)
+    logits = model(**inputs, **_gate_kwargs(block_gates, labels.device)).logits  # (B, C)
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")  # (B,)
+    accelerator.backward(losses.mean())
+    run.gates.update(path, losses.detach())
+    accelerator.unscale_gradients()  # true gradients for the norms and the clip (fp16 loss scaling)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    log_now = step == 1 or step % options.log_every == 0
+    flow = gradient_flow(accelerator.unwrap_model(model)) if log_now else None
+    if accelerator.scaler is None and not math.isfinite(grad_norm):  # with fp16 the scaler skips them itself
+        progress.nonfinite += 1  # guard: a non-finite loss or gradient skips the update (counted, logged)
+    else:
+        if options.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+        run.optimizer.step()
+    run.schedule.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.step = step
+    return losses.detach(), logits.detach(), labels, grad_norm, flow
+
+
+def _train(options: ClassifierOptions, accelerator: Accelerator, run: _Setup, progress: _Progress,
+           stats: StatsWriter) -> None:  # fmt: skip
+    """Epochs from the resumed step on: steps, records every ``log_every`` steps, checkpoints, and the test
+    metrics at every epoch end."""
+    out, running = Path(options.output_dir), _Running()
     quiet = {} if accelerator.is_main_process else {"disable": True}  # the main process honours TQDM_DISABLE
-    progress = tqdm(total=total_steps, initial=step, desc=f"{options.model} {options.dataset_name or options.dataset}",
-                    **quiet)  # fmt: skip
-    gate_generator = torch.Generator()
-    start = time.perf_counter()
-    tick = start
-    model.train()
-    for epoch in range(step // steps_per_epoch, num_epochs):
-        data_generator.manual_seed(_derived_seed(options.seed, epoch, 0))  # data order of this epoch
-        done_in_epoch = step - epoch * steps_per_epoch
-        loader = (
-            accelerator.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
-        )
-        last_epoch_loss = _Running()
+    bar = tqdm(total=run.total_steps, initial=progress.step,
+               desc=f"{options.model} {options.dataset_name or options.dataset}", **quiet)  # fmt: skip
+    gate_generator, tick = torch.Generator(), time.perf_counter()
+    run.model.train()
+    for epoch in range(progress.step // run.steps_per_epoch, run.num_epochs):
+        run.data_generator.manual_seed(_derived_seed(options.seed, epoch, 0))  # data order of this epoch
+        done_in_epoch = progress.step - epoch * run.steps_per_epoch
+        loader = accelerator.skip_first_batches(run.train_loader, done_in_epoch) if done_in_epoch else run.train_loader
+        progress.last_epoch_loss = _Running()
         for batch in loader:
-            inputs, labels = _model_inputs(batch)
-            gate_generator.manual_seed(_derived_seed(options.seed, step, 1 + accelerator.process_index))
-            path, block_gates = gates.sample(labels.shape[0], gate_generator)
-            logits = model(**inputs, **_gate_kwargs(block_gates, labels.device)).logits  # (B, C)
-            losses = F.cross_entropy(logits.float(), labels, reduction="none")  # (B,)
-            accelerator.backward(losses.mean())
-            gates.update(path, losses.detach())
-            step += 1
-            log_now = step == 1 or step % options.log_every == 0
-            accelerator.unscale_gradients()  # true gradients for the norms and the clip (fp16 loss scaling)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            flow = gradient_flow(unwrapped) if log_now else None
-            if guard and not math.isfinite(grad_norm):
-                nonfinite += 1  # guard: a non-finite loss or gradient skips the update (counted, logged)
-            else:
-                if options.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
-                optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            running.add(losses.detach(), logits.detach(), labels)
-            last_epoch_loss.add(losses.detach(), logits.detach(), labels)
-            progress.update(1)
+            losses, logits, labels, grad_norm, flow = _train_step(options, accelerator, run, batch, progress,
+                                                                  gate_generator)  # fmt: skip
+            running.add(losses, logits, labels)
+            progress.last_epoch_loss.add(losses, logits, labels)
+            bar.update(1)
             if flow is not None:
-                flow_init = flow_init or flow
-                flow_last = flow
+                progress.flow_init = progress.flow_init or flow
+                progress.flow_last = flow
                 now = time.perf_counter()
-                record = {"epoch": epoch, "train": running.means(), "lr": schedule.get_last_lr()[0],
-                          "grad_norm_total": grad_norm, **flow, "num_nonfinite": nonfinite,
+                record = {"epoch": epoch, "train": running.means(), "lr": run.schedule.get_last_lr()[0],
+                          "grad_norm_total": grad_norm, **flow, "num_nonfinite": progress.nonfinite,
                           "seconds_per_step": (now - tick) / running.steps}  # fmt: skip
                 if options.gating != "none":
-                    record["gates"] = gates.summary()
-                stats.write(record, step)
-                progress.set_postfix(
-                    loss=f"{record['train']['loss']:.4f}", acc=f"{record['train']['accuracy']:.3f}"
-                )
+                    record["gates"] = run.gates.summary()
+                stats.write(record, progress.step)
+                bar.set_postfix(loss=f"{record['train']['loss']:.4f}", acc=f"{record['train']['accuracy']:.3f}")
                 running, tick = _Running(), now
-            if options.checkpointing_steps and step % options.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, step, {"epoch": epoch, "architecture": _architecture(options)},
+            if options.checkpointing_steps and progress.step % options.checkpointing_steps == 0:
+                save_checkpoint(accelerator, out, progress.step, {"epoch": epoch, "architecture": _architecture(options)},
                                 options.checkpoints_total_limit)  # fmt: skip
-            if step >= total_steps:
+            if progress.step >= run.total_steps:
                 break
-        test_metrics = evaluate(model, test_loader, accelerator, gates)
-        stats.write({"epoch": epoch, "test": test_metrics}, step)
-        if step >= total_steps:
+        progress.test_metrics = evaluate(run.model, run.test_loader, accelerator, run.gates)
+        stats.write({"epoch": epoch, "test": progress.test_metrics}, progress.step)
+        if progress.step >= run.total_steps:
             break
-    progress.close()
-    train_seconds = time.perf_counter() - start
+    bar.close()
 
-    # ---- final metrics and outputs ---------------------------------------------------------------
-    train_metrics = evaluate(model, train_eval_loader, accelerator, gates)
+
+def _final_metrics(run: _Setup, progress: _Progress, accelerator: Accelerator, train_seconds: float) -> dict:
+    """``metrics.json``: test and train metrics, gradient flow at the first and last record, counts."""
+    train_metrics = evaluate(run.model, run.train_eval_loader, accelerator, run.gates)
+    last_epoch, flow_init, flow_last = progress.last_epoch_loss, progress.flow_init, progress.flow_last
     metrics = {
-        "test_loss": test_metrics.get("loss"),
-        "test_accuracy": test_metrics.get("accuracy"),
+        "test_loss": progress.test_metrics.get("loss"),
+        "test_accuracy": progress.test_metrics.get("accuracy"),
         "train_loss": train_metrics["loss"],  # eval mode over the whole train split
         "train_accuracy": train_metrics["accuracy"],
-        "train_loss_last_epoch": last_epoch_loss.means()["loss"] if last_epoch_loss.count else None,
+        "train_loss_last_epoch": last_epoch.means()["loss"] if last_epoch.count else None,
         "grad_ratio_init": flow_init["grad_ratio_first_last"] if flow_init else None,  # at step 1 of this run
         "grad_ratio_final": flow_last["grad_ratio_first_last"] if flow_last else None,  # last logged step
-        "num_parameters": num_parameters,
-        "num_blocks": num_blocks,
-        "steps": step,
-        "epochs": num_epochs,
-        "num_nonfinite_steps": nonfinite,
+        "num_parameters": run.num_parameters,
+        "num_blocks": run.num_blocks,
+        "steps": progress.step,
+        "epochs": run.num_epochs,
+        "num_nonfinite_steps": progress.nonfinite,
         "train_seconds": train_seconds,
     }
-    if gates.chain is not None:
-        metrics["markov"] = gates.chain.state_summary()
+    if run.gates.chain is not None:
+        metrics["markov"] = run.gates.chain.state_summary()
+    return metrics
+
+
+def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None = None) -> dict:
+    """Train, evaluate at every epoch end, save; returns the metrics written to ``metrics.json``."""
+    options.validate()
+    if options.num_threads:
+        torch.set_num_threads(options.num_threads)
+    out = Path(options.output_dir)
+    check_writable(out)
+    accelerator = accelerator or Accelerator(
+        mixed_precision=options.mixed_precision,
+        log_with=None if options.report_to == "none" else options.report_to,
+        project_dir=str(out),
+    )
+    set_seed(options.seed)
+    run = _setup(options, accelerator)
+    progress = _Progress(step=_resume(accelerator, options))
+    stats = StatsWriter(accelerator, out)
+    stats.truncate_after(progress.step if progress.step else -1)  # a resumed run logs the steps after its checkpoint again
+    if options.report_to != "none":
+        config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in dataclasses.asdict(options).items()}
+        accelerator.init_trackers("classifier", config=config)
+
+    start = time.perf_counter()
+    _train(options, accelerator, run, progress, stats)
+    metrics = _final_metrics(run, progress, accelerator, time.perf_counter() - start)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out)  # config.json + model.safetensors
-        if gates.chain is not None:
-            save_file({k: v.contiguous().cpu() for k, v in gates.chain.state_dict().items()},
+        accelerator.unwrap_model(run.model).save_pretrained(out)  # config.json + model.safetensors
+        if run.gates.chain is not None:
+            save_file({k: v.contiguous().cpu() for k, v in run.gates.chain.state_dict().items()},
                       str(out / "markov_chain.safetensors"))  # fmt: skip
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "training_options.json").write_text(to_json(options))

@@ -1,0 +1,51 @@
+"""``python -m skipdiff.report``: a sweep's comparison (Markdown + PNG), regenerated from its JSON alone.
+
+    python -m skipdiff.report runs/sweeps/cpu_digits                          # -> runs/sweeps/cpu_digits/report/
+    python -m skipdiff.report runs/sweeps/cpu_digits --out eval/results/cpu_digits   # the committed copy
+    python -m skipdiff.report runs/sweeps/cpu_digits --reference "skips=none"
+
+Reads sweep.json and, for every cell, cell.json, stats.jsonl and eval/eval.json
+(variants/<label>/eval/eval.json for inference variants) or, for classifiers, metrics.json. Writes
+report.md, summary.json (the same numbers) and loss_*.png, grad_*.png, markov_*.png to --out, by
+default <sweep>/report: committed results are replaced only when --out names them.
+
+report.md, per dataset: one row per configuration (the grid labels without the seed and the dataset)
+with mean ± std over training seeds of FID (next to the real-vs-real floor, mean ± std over sampling
+seeds, and KID with its interval when evaluated with --kid), the held-out denoising loss, the final
+training loss, gradient stability, parameters and seconds per step; the FID floor at each sampling
+seed; a ranking against a reference configuration; the Markov chain's learned probabilities; figures.
+Classifier sweeps get test accuracy and loss instead.
+
+Is a difference real? Every row is tested against one named reference configuration (--reference;
+default skips=full, else the table's first row) on the training seeds they share: a paired t-test
+(the same seed gives the same initial weights, data order and noise); a row with one shared seed
+against the seed noise of paired differences pooled over the trained rows with two or more; Welch's
+test without shared seeds. Rows scored another way (MAP path, inference variants) are tested but never
+pooled. The p-values of a table are adjusted by Holm and shown next to the raw ones; each table states
+the smallest difference it can detect at its seed count (alpha 0.05, power 0.8). Details:
+skipdiff.report.ranking and skipdiff.report.stats.
+
+Deterministic: rows, datasets and files are sorted or in the spec's order, floats have fixed formats,
+no timestamps or absolute paths, and PNGs are written by Agg with fixed metadata, so running the
+report twice on the same JSON gives the same bytes.
+
+Modules: read (sweep folder -> results), stats (tests, Holm, detectable differences), ranking (a table
+against its reference), markdown (tables and text), figures (PNGs), write (the whole report),
+__main__ (the command line).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"write_report": ".write", "default_out": ".write", "compare": ".ranking",
+            "choose_reference": ".ranking", "load_sweep": ".read", "main": ".__main__", "cli": ".__main__"}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'skipdiff.report' has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)

@@ -1,0 +1,333 @@
+"""The report's Markdown (and the summary dict behind it): per dataset a table of configurations, the
+FID floor by sampling seed, a ranking against the reference with its tests, the Markov chains, figures.
+
+Deterministic: fixed float formats, rows in the spec's order (rankings by their difference from the
+reference), no timestamps or absolute paths.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from . import ranking as ranking_module
+from . import stats
+from .read import INFERENCE, Result
+
+# Columns of the tables: (key, header, format). Metrics the ranking can use: (key, name, lower is better).
+DIFFUSION_COLUMNS = [("fid", "FID ↓", "pm"), ("fid_floor", "FID floor", "floor"), ("kid", "KID ↓", "kid"),
+                     ("denoise", "denoise MSE ↓", "pm"), ("final_loss", "final train loss", "pm"),
+                     ("loss_spikes", "loss spikes", "mean"), ("grad_spikes", "grad spikes", "mean"),
+                     ("grad_cv", "grad-norm CV", "mean"), ("first_last", "first/last grad", "mean"),
+                     ("closed", "skips closed", "mean"), ("flops_saved", "FLOPs saved", "mean"),
+                     ("parameters", "parameters", "int"), ("seconds_per_step", "s/step", "mean")]  # fmt: skip
+CLASSIFIER_COLUMNS = [("test_accuracy", "test accuracy ↑", "pm"), ("test_loss", "test loss ↓", "pm"),
+                      ("train_loss", "train loss", "pm"), ("grad_ratio_init", "first/last grad (init)", "mean"),
+                      ("grad_ratio_final", "first/last grad (final)", "mean"), ("nonfinite", "non-finite steps", "mean"),
+                      ("parameters", "parameters", "int"), ("seconds_per_step", "s/step", "mean")]  # fmt: skip
+OPTIONAL_COLUMNS = ("kid",)  # shown only when some row has a value
+TABLE_NOTES = {
+    "diffusion": "Mean ± sample std over training seeds (one value per seed; FID and KID are each cell's mean over "
+    "its sampling seeds). FID floor: the real-vs-real FID at the same sample count, mean ± std over the sampling "
+    "seeds (it depends on the seed's draw of held-out images, not on the model). KID: mean with its 95% t interval "
+    "over training seeds; a row with one training seed shows ± torch-fidelity's std over KID subsets instead. "
+    "Stability: spikes by skipdiff.eval's median + k·MAD rule; CV = std/mean of the total gradient norm; "
+    "first/last = median ratio of the first to the last block's gradient norm (< 1: vanishing toward the input). "
+    "Rows marked (inference) are the trained models of the row above them scored another way: other skips at "
+    "inference only, or (`map`) a model with stochastic skips (markov, bernoulli) run on its most likely path, with "
+    "the fraction of skips that path closes and the FLOPs of one UNet forward saved by removing them "
+    "(skipdiff.eval.compute); the model's own row samples with every stochastic gate at its expected value.",
+    "classifier": "Mean ± sample std over training seeds. Test accuracy and loss on the held-out split after "
+    "the last epoch; train loss in eval mode over the whole train split; first/last grad = the first "
+    "residual block's gradient norm over the last one's, at step 1 (init) and at the last logged step "
+    "(final) (< 1: vanishing toward the input).",
+}
+RANKING_METRICS = {"diffusion": [("fid", "FID", True), ("denoise", "denoising MSE", True)],
+                   "classifier": [("test_accuracy", "test accuracy", False)]}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for a single value) of the finite, non-None values."""
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _num(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.4g}"
+
+
+def _pm(mean, std) -> str:
+    if mean is None:
+        return "–"
+    return _num(mean) + ("" if std is None else f" ± {std:.2g}")
+
+
+def _p(value) -> str:
+    return "–" if value is None else f"{value:.2g}"
+
+
+def row_floors(rows: list[Result]) -> dict[int, float]:
+    """Sampling seed -> FID floor, over the row's cells (the same seed gives the same floor)."""
+    by_seed: dict[int, list[float]] = {}
+    for result in rows:
+        for seed, value in result.floors.items():
+            by_seed.setdefault(seed, []).append(value)
+    return {seed: statistics.fmean(by_seed[seed]) for seed in sorted(by_seed)}
+
+
+def _kid_text(rows: list[Result]) -> str:
+    values = [r.metrics.get("kid") for r in rows if r.metrics.get("kid") is not None]
+    if not values:
+        return "–"
+    interval = stats.t_interval(values)
+    if interval is not None:
+        return f"{_num(statistics.fmean(values))} [{interval[0]:.2g}, {interval[1]:.2g}]"
+    spread = rows[0].metrics.get("kid_subset_std")
+    return _num(values[0]) + ("" if spread is None else f" ± {spread:.2g} (subsets)")
+
+
+def _cell_text(rows: list[Result], key: str, style: str) -> str:
+    if style == "kid":
+        return _kid_text(rows)
+    if style == "floor":
+        floors = row_floors(rows)
+        if floors:
+            return _pm(*mean_std(list(floors.values())))
+    mean, std = mean_std([r.metrics.get(key) for r in rows])
+    if style == "int":
+        return "–" if mean is None else f"{round(mean):,}"
+    return _pm(mean, std) if style in ("pm", "floor") else _num(mean)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+
+def columns_for(kind: str, configurations: dict[str, list[Result]]) -> list[tuple[str, str, str]]:
+    """The kind's columns, without optional ones that no row has."""
+    columns = DIFFUSION_COLUMNS if kind == "diffusion" else CLASSIFIER_COLUMNS
+    present = {key for rows in configurations.values() for r in rows for key, v in r.metrics.items() if v is not None}
+    return [c for c in columns if c[0] not in OPTIONAL_COLUMNS or c[0] in present]
+
+
+def configuration_table(kind: str, configurations: dict[str, list[Result]]) -> tuple[list[str], dict]:
+    """The table of configurations and its summary (per-seed values of every column)."""
+    columns = columns_for(kind, configurations)
+    lines = ["| configuration | seeds | " + " | ".join(h for _, h, _ in columns) + " |", "|---|---|" + "---|" * len(columns)]
+    table = {}
+    for name, rows in configurations.items():
+        table[name] = {"seeds": [r.seed for r in rows], "cells": [r.cell for r in rows],
+                       "values": {key: [r.metrics.get(key) for r in rows] for key, _, _ in columns}}  # fmt: skip
+        if any(r.floors for r in rows):
+            table[name]["fid_floor_by_sampling_seed"] = {str(s): v for s, v in row_floors(rows).items()}
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(_cell_text(rows, k, s) for k, _, s in columns) + " |")
+    return lines, table
+
+
+def floor_line(configurations: dict[str, list[Result]]) -> tuple[list[str], dict | None]:
+    """The FID floor by sampling seed over the whole table, one line (and its summary)."""
+    floors = row_floors([r for rows in configurations.values() for r in rows])
+    if not floors:
+        return [], None
+    mean, std = mean_std(list(floors.values()))
+    seeds = ", ".join(f"seed {seed}: {value:.4g}" for seed, value in floors.items())
+    return ([f"FID floor by sampling seed: {seeds} (mean {_pm(mean, std)} over {len(floors)} seed(s)).", ""],
+            {"by_sampling_seed": {str(s): v for s, v in floors.items()}, "mean": mean, "std": std})  # fmt: skip
+
+
+def ranking_metric(kind: str, configurations: dict[str, list[Result]]) -> tuple[str, str, bool] | None:
+    """The first metric every configuration of the dataset has (FID, else denoising loss)."""
+    for key, name, lower in RANKING_METRICS[kind]:
+        if all(any(r.metrics.get(key) is not None for r in rows) for rows in configurations.values()):
+            return key, name, lower
+    return None
+
+
+def markov_markdown(configuration: str, rows: list[Result]) -> list[str]:
+    """The chain's learned probabilities at the end of training, mean over seeds."""
+    finals = [r.chain for r in rows if r.chain and r.variant is None]
+    if not finals:
+        return []
+    lines = [f"Markov chain of **{configuration}** at the end of training (mean over {len(finals)} seed(s)):", "",
+             "| link | gates | P(open) | P(open \\| previous closed) | P(open \\| previous open) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for k, unit in enumerate(finals[0]["links"]):
+        cols = [statistics.fmean(f[key][k] for f in finals) for key in ("p_open", "p_closed", "p_prev_open")]
+        lines.append(f"| {k} | {unit} | " + " | ".join(f"{c:.3f}" for c in cols) + " |")
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rankings
+# --------------------------------------------------------------------------------------------------
+
+
+def _test_text(row: dict) -> str:
+    if row["test"] == "paired":
+        left_out = row["seeds"] - row["shared_seeds"]  # seeds the reference lacks: not in the test
+        return f"paired ({row['shared_seeds']} seeds" + (f"; {left_out} unshared left out)" if left_out else ")")
+    if row["test"] == "pooled paired":
+        return f"pooled paired (1 shared seed, df {row['df']})"
+    if row["test"] == "welch":
+        return f"Welch (df {row['df']:.2g})"
+    return "–"
+
+
+def _delta_text(row: dict, reference: str) -> str:
+    if row["configuration"] == reference:
+        return "–"
+    text = f"{row['delta']:+.4g}"
+    return text + (f" [{row['ci'][0]:+.3g}, {row['ci'][1]:+.3g}]" if row["ci"] else "")
+
+
+def ranking_table(result: dict, metric: str) -> list[str]:
+    """The ranking's rows: every configuration against the reference, best difference first."""
+    reference, n_ref = result["reference"], result["reference_seeds"]
+    lines = [f"| # | configuration | seeds | {metric} | Δ vs reference [95% CI] | test | p | p (Holm) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for i, row in enumerate(result["rows"], 1):
+        name = f"**{row['configuration']}**" if row["configuration"] == reference else row["configuration"]
+        verdict = row["verdict"] + (f"; fewer seeds than the reference ({row['seeds']} of {n_ref})"
+                                    if row["seeds"] < n_ref else "")  # fmt: skip
+        lines.append(f"| {i} | {name} | {row['seeds']} | {_pm(row['mean'], row['std'])} | "
+                     f"{_delta_text(row, reference)} | {_test_text(row)} | {_p(row['p'])} | {_p(row['p_holm'])} | "
+                     f"{verdict} |")  # fmt: skip
+    return lines
+
+
+def _method_note(result: dict) -> str:
+    noise, tests = result["noise"], [r for r in result["rows"] if r["p"] is not None]
+    text = (f"Reference: **{result['reference']}** ({result['reference_seeds']} training seed(s); another with "
+            "`--reference`). Each row is compared with it on the training seeds they share (a seed fixes the initial "
+            "weights, the data order and the noise, so the values are paired): `paired` = paired t-test on those "
+            "seeds; `Welch` = Welch's t-test, for rows with no seed in common. ")  # fmt: skip
+    if noise["sd"] is not None:
+        text += (f"`pooled paired` = a row sharing one seed: its difference against the sd of paired differences "
+                 f"pooled over the {len(noise['from'])} trained configuration(s) sharing two or more seeds with the "
+                 f"reference (σ = {noise['sd']:.3g}, df {noise['df']}; it assumes they all have that seed noise). ")  # fmt: skip
+    text += ("Rows marked (inference) are the same trained models scored another way: tested, never pooled. "
+             f"p (Holm) = Holm's adjustment over the {len(tests)} test(s) of this table; verdicts read it at "
+             f"α = {result['alpha']}. Δ = mean of (row − reference) over the shared seeds (difference of means "
+             "without shared seeds), with its unadjusted 95% interval.")  # fmt: skip
+    return text
+
+
+def _detectable_note(result: dict, metric: str) -> str:
+    found, noise = result["detectable"], result["noise"]
+    if noise["sd"] is None:
+        return ("Smallest detectable difference: not estimable (no configuration shares two seeds with the "
+                "reference, so the seed noise of differences is unknown).")  # fmt: skip
+    parts = []
+    if found["paired"]:
+        parts.append(f"|Δ| ≥ {found['paired']['delta']:.3g} by the paired test on {found['paired']['n']} seeds "
+                     f"(df {found['paired']['df']})")  # fmt: skip
+    if found["one_seed"]:
+        parts.append(f"|Δ| ≥ {found['one_seed']['delta']:.3g} for a row with one seed (pooled test, df "
+                     f"{found['one_seed']['df']})")  # fmt: skip
+    if not parts:
+        return f"Smallest detectable difference: not estimable with {result['reference_seeds']} reference seed(s)."
+    return (f"Smallest detectable difference in {metric} (α = {result['alpha']} two-sided, power "
+            f"{found['power']}, taking the pooled sd of paired differences σ = {noise['sd']:.3g} as the truth): "
+            + "; ".join(parts) + ". Smaller true differences are likely to read \"not distinguishable\".")
+
+
+def _findings(dataset: str, result: dict, metric: str) -> str:
+    rows = [r for r in result["rows"] if r["configuration"] != result["reference"]]
+    groups = {}
+    for label in ("worse than the reference", "better than the reference", "not distinguishable from the reference"):
+        groups[label] = [f"{r['configuration']} ({r['delta']:+.3g})" for r in rows if r["verdict"] == label]
+    untested = [r["configuration"] for r in rows if r["p"] is None]
+    fewer = [r["configuration"] for r in rows if r["seeds"] < result["reference_seeds"]]
+    tests = sum(r["p"] is not None for r in rows)
+    text = f"**Findings ({dataset}, {metric} against {result['reference']}, Holm over {tests} test(s)):** "
+    text += "; ".join(f"{label}: {', '.join(names) if names else 'none'}" for label, names in groups.items()) + "."
+    if untested:
+        text += f" Not testable: {', '.join(untested)}."
+    if fewer:
+        text += f" Fewer seeds than the reference: {', '.join(fewer)}."
+    return text
+
+
+def ranking_markdown(dataset: str, result: dict, metric: str, lower: bool) -> list[str]:
+    """The ranking section of one table."""
+    heading = f"### {metric} against {result['reference']} ({'lower' if lower else 'higher'} is better)"
+    return [heading, "", *ranking_table(result, metric), "", _method_note(result), "",
+            _detectable_note(result, metric), "", _findings(dataset, result, metric), ""]  # fmt: skip
+
+
+def rank_configurations(configurations: dict[str, list[Result]], key: str, lower: bool, reference: str) -> dict:
+    """:func:`ranking.compare` on the table's per-seed values of ``key``."""
+    values = {name: {r.seed: r.metrics.get(key) for r in rows} for name, rows in configurations.items()}
+    inference = [name for name in configurations if name.endswith(INFERENCE)]
+    return ranking_module.compare(values, reference, lower, inference)
+
+
+# --------------------------------------------------------------------------------------------------
+# The document
+# --------------------------------------------------------------------------------------------------
+
+
+def _header(sweep: dict, cells: list[dict]) -> list[str]:
+    counts: dict[str, int] = {}
+    for cell in cells:
+        counts[cell.get("status", "missing")] = counts.get(cell.get("status", "missing"), 0) + 1
+    name = sweep["name"]
+    lines = [f"# Sweep `{name}`", ""]
+    if sweep.get("description"):
+        lines += [sweep["description"].strip(), ""]
+    lines += [f"Kind: {sweep['kind']}; {len(cells)} cells (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ").",
+              f"Regenerate with `python -m skipdiff.report runs/sweeps/{name}` (written to runs/sweeps/{name}/report/; "
+              f"`--out eval/results/{name}` replaces the committed copy); relaunching "
+              f"`python -m skipdiff.sweep eval/sweeps/{name}.yaml` finishes missing cells.", ""]  # fmt: skip
+    if sweep.get("eval"):
+        lines += ["Evaluation (`python -m skipdiff.eval`): " + ", ".join(f"{k}={v}" for k, v in sorted(sweep["eval"].items())) + ".", ""]  # fmt: skip
+    unfinished = [f"`{c['name']}` ({c.get('status', 'missing')})" for c in cells if c.get("status") != "done"]
+    if unfinished:
+        lines += ["Not in the tables (not done): " + ", ".join(unfinished) + ".", ""]
+    return lines
+
+
+def dataset_section(kind: str, dataset: str, configurations: dict[str, list[Result]], reference: str,
+                    figures: list[str]) -> tuple[list[str], dict]:  # fmt: skip
+    """One dataset's table, floor line, ranking, chains and figures, and its summary entry."""
+    table_lines, table = configuration_table(kind, configurations)
+    lines = [f"## {dataset}", "", *table_lines, "", TABLE_NOTES[kind], ""]
+    entry: dict = {"configurations": table}
+    floor_lines, floors = floor_line(configurations)
+    lines += floor_lines
+    if floors:
+        entry["fid_floor"] = floors
+    metric = ranking_metric(kind, configurations)
+    if metric:
+        key, name, lower = metric
+        result = rank_configurations(configurations, key, lower, reference)
+        entry["ranking"] = {"metric": key, "lower_is_better": lower, **result}
+        lines += ranking_markdown(dataset, result, name, lower)
+    for name, rows in configurations.items():
+        lines += markov_markdown(name, rows)
+    if figures:
+        lines += ["### Figures", ""] + [line for figure in figures for line in (figure, "")]
+    return lines, entry
+
+
+def results_to_markdown(sweep: dict, cells: list[dict], grouped: dict, references: dict[str, str],
+                        figures: dict[str, list[str]]) -> tuple[str, dict]:  # fmt: skip
+    """The report's Markdown and the summary dict behind it (``references``: dataset -> reference row)."""
+    lines = _header(sweep, cells)
+    summary: dict = {"name": sweep["name"], "kind": sweep["kind"], "datasets": {}}
+    for dataset, configurations in grouped.items():
+        section, entry = dataset_section(sweep["kind"], dataset, configurations, references[dataset],
+                                         figures.get(dataset, []))  # fmt: skip
+        lines += section
+        summary["datasets"][dataset] = entry
+    return "\n".join(lines).rstrip("\n") + "\n", summary

@@ -1,0 +1,175 @@
+"""Reading a sweep folder: ``sweep.json``, every cell's ``cell.json``, ``stats.jsonl`` and evaluation
+results, as one :class:`Result` per evaluated model, grouped by dataset and configuration.
+
+Only run-folder files are read (no training or sweep code is imported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+from ..runfolder import read_json, read_stats
+
+DATASET_KEYS = ("dataset", "dataset_name", "dataset_config_name", "train_data_dir")
+INFERENCE = " (inference)"  # the suffix of a row scored another way: a MAP path or an inference variant
+
+
+@dataclasses.dataclass
+class Result:
+    """One evaluated model: a trained cell, or an inference variant (or MAP path) of one."""
+
+    cell: str  # the cell's folder name
+    configuration: str
+    dataset: str
+    seed: int  # the training seed
+    metrics: dict  # column key -> value (None when absent)
+    records: list[dict]  # the cell's stats.jsonl (empty for variants)
+    variant: str | None = None  # None: the trained model as it samples; "map" or a variant label otherwise
+    chain: dict | None = None  # the Markov chain's final state (see :func:`final_chain`)
+    floors: dict[int, float] = dataclasses.field(default_factory=dict)  # sampling seed -> real-vs-real FID
+
+
+def load_sweep(folder: str | Path) -> tuple[dict, list[dict]]:
+    """``(sweep.json, [cell.json records with "folder"])`` in the spec's cell order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"sweep folder {str(folder)!r} does not exist")
+    sweep_path = folder / "sweep.json"
+    sweep = read_json(sweep_path, "sweep record") if sweep_path.is_file() else {}
+    names = sweep.get("cells") or sorted(p.parent.name for p in folder.glob("*/cell.json"))
+    cells = []
+    for name in names:
+        path = folder / name / "cell.json"
+        record = read_json(path, "cell record") if path.is_file() else {"name": name, "status": "missing"}
+        cells.append({**record, "folder": folder / name})
+    if not cells:
+        raise ValueError(f"{folder} holds no sweep cells (no sweep.json, no */cell.json)")
+    kinds = {c["kind"] for c in cells if "kind" in c}
+    sweep.setdefault("kind", kinds.pop() if len(kinds) == 1 else "diffusion")
+    sweep.setdefault("name", folder.name)
+    return sweep, cells
+
+
+def configuration_of(cell: dict) -> str:
+    """The grid labels that make a configuration: every axis but seeds and datasets (``base`` if none)."""
+    parts = [f"{entry['axis']}={entry['label']}" for entry in cell.get("axes", [])
+             if not set(entry["options"]) <= {"seed"} and not set(entry["options"]) & set(DATASET_KEYS)]  # fmt: skip
+    return ", ".join(parts) or "base"
+
+
+def dataset_of(cell: dict, kind: str) -> str:
+    options = cell["options"]
+    source = options.get("dataset_name") or options.get("train_data_dir") or options.get("dataset")
+    source = str(source).rstrip("/").split("/")[-1]
+    return f"{source}, {options['resolution']}px" if kind == "diffusion" else source
+
+
+def dedupe_steps(rows: list[dict]) -> list[dict]:
+    """Records sorted by step, the last one kept where a step appears twice (a resumed run)."""
+    by_step = {}
+    for row in rows:
+        by_step[row["step"]] = row
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def seconds_per_step(records: list[dict]) -> float | None:
+    values = [r["seconds_per_step"] for r in dedupe_steps([r for r in records if "seconds_per_step" in r])]
+    return float(statistics.median(values)) if values else None
+
+
+def fid_floors(evaluation: dict) -> dict[int, float]:
+    """Sampling seed -> the real-vs-real FID floor at that seed (from ``eval.json``'s ``fid.per_seed``)."""
+    rows = evaluation.get("fid", {}).get("per_seed", [])
+    return {int(row["seed"]): row["floor_fid"] for row in rows if row.get("floor_fid") is not None}
+
+
+def diffusion_metrics(evaluation: dict, records: list[dict], variant: bool = False) -> dict:
+    """Table values of one diffusion model from its eval.json (and its training records)."""
+    fid = evaluation.get("fid", {}).get("summary", {})
+    stability = {} if variant else evaluation.get("grad_stability", {})
+    losses = [r["loss"] for r in dedupe_steps([r for r in records if "loss" in r])]
+    return {
+        "fid": fid.get("fid", {}).get("mean"),  # mean over sampling seeds
+        "fid_floor": fid.get("floor_fid", {}).get("mean"),
+        "kid": fid.get("kid_mean", {}).get("mean"),  # with --kid: mean over sampling seeds
+        "kid_subset_std": fid.get("kid_std", {}).get("mean"),  # torch-fidelity's std over subsets
+        "denoise": evaluation.get("denoise", {}).get("mean"),
+        "final_loss": None if variant or not losses else losses[-1],
+        "loss_spikes": stability.get("loss_spikes"),
+        "grad_spikes": stability.get("grad_spikes"),
+        "grad_cv": stability.get("grad_norm_cv"),
+        "first_last": stability.get("first_to_last_ratio_median"),
+        "closed": evaluation.get("fraction_closed"),  # only in eval.json's "map" block
+        "flops_saved": evaluation.get("flops_saved_fraction"),
+        "parameters": evaluation.get("parameters"),
+        "seconds_per_step": None if variant else seconds_per_step(records),
+    }
+
+
+def classifier_metrics(metrics: dict, records: list[dict]) -> dict:
+    return {
+        "test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
+        "train_loss": metrics.get("train_loss"), "grad_ratio_init": metrics.get("grad_ratio_init"),
+        "grad_ratio_final": metrics.get("grad_ratio_final"), "nonfinite": metrics.get("num_nonfinite_steps"),
+        "parameters": metrics.get("num_parameters"), "seconds_per_step": seconds_per_step(records),
+    }  # fmt: skip
+
+
+def final_chain(state: dict | None, unit: str) -> dict | None:
+    """A chain's ``state_summary`` (UNet: with ``skips``) -> links, P(open) and P(open | previous state)."""
+    if not state:
+        return None
+    indices = state.get("skips", range(len(state["marginals"])))
+    return {"links": [f"{unit} {j}" for j in indices], "p_open": state["marginals"],
+            "p_closed": [p[0] for p in state["open_prob"]], "p_prev_open": [p[1] for p in state["open_prob"]]}  # fmt: skip
+
+
+def _diffusion_results(cell: dict, common: dict, records: list[dict]) -> list[Result]:
+    """The trained model, its MAP path (stochastic skips) and its inference variants."""
+    folder, configuration = cell["folder"], configuration_of(cell)
+    evaluation = read_json(folder / "eval" / "eval.json", "evaluation")
+    chains = [r["markov"] for r in dedupe_steps([r for r in records if r.get("markov")])]
+    results = [Result(configuration=configuration, metrics=diffusion_metrics(evaluation, records), records=records,
+                      chain=final_chain(chains[-1] if chains else None, "skip"), floors=fid_floors(evaluation),
+                      **common)]  # fmt: skip
+    scored = [("map", evaluation["map"])] if "map" in evaluation else []
+    for label in cell.get("variants", {}):
+        scored.append((label, read_json(folder / "variants" / label / "eval" / "eval.json", "evaluation")))
+    for label, variant_eval in scored:
+        results.append(Result(configuration=f"{configuration} · {label}{INFERENCE}", variant=label, records=[],
+                              metrics=diffusion_metrics(variant_eval, [], variant=True),
+                              floors=fid_floors(variant_eval), **common))  # fmt: skip
+    return results
+
+
+def cells_to_results(cells: list[dict], kind: str) -> list[Result]:
+    """Every finished cell (and each of its inference variants) as a :class:`Result`."""
+    results = []
+    for cell in cells:
+        if cell.get("status") != "done":
+            continue
+        folder = cell["folder"]
+        stats_path = folder / "stats.jsonl"
+        records = read_stats(stats_path) if stats_path.is_file() else []
+        common = dict(cell=cell["name"], dataset=dataset_of(cell, kind), seed=int(cell["options"].get("seed", 0)))
+        if kind == "classifier":
+            metrics = json.loads((folder / "metrics.json").read_text())
+            results.append(Result(configuration=configuration_of(cell), metrics=classifier_metrics(metrics, records),
+                                  records=records, chain=final_chain(metrics.get("markov"), "block"), **common))  # fmt: skip
+        else:
+            results += _diffusion_results(cell, common, records)
+    return results
+
+
+def group(results: list[Result]) -> dict[str, dict[str, list[Result]]]:
+    """dataset -> configuration -> results sorted by seed (datasets sorted, configurations in spec order)."""
+    grouped: dict[str, dict[str, list[Result]]] = {}
+    for result in results:
+        grouped.setdefault(result.dataset, {}).setdefault(result.configuration, []).append(result)
+    return {
+        dataset: {name: sorted(rows, key=lambda r: (r.seed, r.cell)) for name, rows in grouped[dataset].items()}
+        for dataset in sorted(grouped)
+    }

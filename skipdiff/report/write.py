@@ -1,0 +1,49 @@
+"""A sweep folder -> its report folder: ``report.md``, ``summary.json`` and the PNGs.
+
+The report goes to ``<sweep folder>/report/`` unless ``out`` names another folder: regenerating never
+replaces committed results (``eval/results/<name>/``) unless that folder is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..runfolder import write_json_atomic
+from .markdown import results_to_markdown
+from .ranking import choose_reference
+from .read import cells_to_results, group, load_sweep
+
+REPORT_FOLDER = "report"
+
+
+def default_out(sweep_folder: str | Path) -> Path:
+    """Where a report goes when no ``--out`` is given: inside the sweep's own folder."""
+    return Path(sweep_folder) / REPORT_FOLDER
+
+
+def references_for(grouped: dict, requested: str | None) -> dict[str, str]:
+    """dataset -> its reference configuration (:func:`ranking.choose_reference`), checked before any writing."""
+    return {dataset: choose_reference(list(configurations), requested, dataset)
+            for dataset, configurations in grouped.items()}  # fmt: skip
+
+
+def write_report(sweep_folder: str | Path, out: str | Path | None = None, reference: str | None = None) -> Path:
+    """Read a sweep folder, write ``report.md``, ``summary.json`` and the PNGs to ``out`` (default
+    ``<sweep_folder>/report``); returns the path of ``report.md``.
+
+    ``reference``: the configuration label every row is tested against (default ``skips=full`` when a
+    table has it, else the table's first row); a label missing from a table is a ``ValueError`` naming
+    the choices.
+    """
+    from .figures import write_figures  # matplotlib: only once the input is known to be good
+
+    sweep, cells = load_sweep(sweep_folder)
+    grouped = group(cells_to_results(cells, sweep["kind"]))
+    references = references_for(grouped, reference)
+    out = Path(out) if out is not None else default_out(sweep_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = write_figures(sweep["kind"], grouped, out)
+    markdown, summary = results_to_markdown(sweep, cells, grouped, references, figures)
+    (out / "report.md").write_text(markdown)
+    write_json_atomic(out / "summary.json", summary)
+    return out / "report.md"

@@ -1,0 +1,215 @@
+"""Kinds of sweep cells, in one registry: what a cell's options are, how it trains, how it is evaluated.
+
+A spec's ``kind:`` names one entry of :data:`KINDS`. The loop (:mod:`.runner`) and a cell's state
+machine (:mod:`.cells`) ask the kind and never test its name, so a new kind is one subclass of
+:class:`CellKind` and one :func:`register_kind` call. A kind without training (``cli_module = None``,
+e.g. inference-only cells over a pretrained pipeline) goes straight from ``new`` to its evaluation.
+
+Heavy imports (torch, the training loops, evaluation) happen inside the methods, so that parsing a
+spec and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..config import from_dict
+from ..runfolder import safe_name
+
+if TYPE_CHECKING:
+    from .spec import Cell, SweepSpec
+
+Log = Callable[[str], None]
+
+
+class CellKind:
+    """One kind of sweep cell. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    # The command line that trains one cell, run as `accelerate launch -m <cli_module> <options>`
+    # (the module's main(argv) -> int); None: the kind has no training step.
+    cli_module: ClassVar[str | None] = None
+    metrics_file: ClassVar[str] = "metrics.json"  # what training leaves in the cell's folder
+    folder_option: ClassVar[str] = "output_dir"  # the option that receives the cell's folder
+    set_by_sweep: ClassVar[tuple[str, ...]] = ("output_dir", "resume_from_checkpoint", "dry_run")
+
+    @property
+    def trains(self) -> bool:
+        """Whether a cell of this kind trains before its evaluation (and can resume from checkpoints)."""
+        return self.cli_module is not None
+
+    def options_class(self) -> type:
+        """The dataclass of one cell's options (validated with ``from_dict``)."""
+        raise NotImplementedError
+
+    def parse_eval(self, raw: Any) -> dict:
+        """The spec's ``eval:`` section, checked; kinds without one refuse it."""
+        if raw:
+            raise ValueError(f"kind {self.name!r} takes no eval: section; remove it")
+        return {}
+
+    def parse_variants(self, raw: Any, evaluation: dict) -> dict[str, str]:
+        """The spec's ``inference_variants:`` section, checked; kinds without them refuse it."""
+        if raw:
+            raise ValueError(f"inference_variants need kind: diffusion (this spec has kind {self.name!r})")
+        return {}
+
+    def check_cells(self, spec: SweepSpec, cells: list[Cell]) -> None:
+        """Checks across the cells before anything runs (``ValueError`` naming the cell)."""
+
+    def train(self, options: dict) -> dict:
+        """Train one cell in this process (:mod:`.launch` resets Accelerate's state around it); returns
+        its metrics."""
+        raise NotImplementedError(f"kind {self.name!r} has no training step")
+
+    def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:
+        """Evaluate a trained cell's folder (writing its results there)."""
+
+    def describe(self, spec: SweepSpec) -> list[str]:
+        """Extra lines for ``--dry_run`` (evaluation settings, variants)."""
+        return []
+
+
+KINDS: dict[str, CellKind] = {}
+
+
+def register_kind(kind: CellKind) -> CellKind:
+    """Add a kind to :data:`KINDS`; a name registered twice is an error."""
+    if kind.name in KINDS:
+        raise ValueError(f"sweep cell kind {kind.name!r} is already registered")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: Any) -> CellKind:
+    """The registered kind ``name``; ``ValueError`` naming the choices otherwise."""
+    if name not in KINDS:
+        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {name!r}")
+    return KINDS[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Diffusion: train a UNet, then skipdiff.eval on it and on its inference variants
+# --------------------------------------------------------------------------------------------------
+
+DEFAULT_EVAL = {"denoise_loss": True, "grad_stability": True}
+EVAL_SET_BY_SWEEP = ("checkpoint", "out", "compare", "num_threads")
+TRAINING_FREE = ("fid", "denoise_loss", "skip_importance")  # metrics an inference variant can have
+
+
+def eval_api() -> tuple[type, Callable[[Any], dict]]:
+    """``(EvalOptions, evaluate)``: from the evaluation library, or from its command line where the
+    library does not export them yet."""
+    try:
+        from ..eval import EvalOptions, evaluate
+    except ImportError:
+        from ..eval.__main__ import EvalOptions, evaluate
+    return EvalOptions, evaluate
+
+
+def evaluate_run(folder: Path, evaluation: dict) -> dict:
+    """``skipdiff.eval`` on a run folder with the spec's ``eval:`` options, results in ``<folder>/eval``."""
+    eval_options, evaluate = eval_api()
+    return evaluate(from_dict(eval_options, {**evaluation, "checkpoint": str(folder), "out": str(folder / "eval")}))
+
+
+class DiffusionKind(CellKind):
+    """A ``SkipUNet2DModel`` trained by ``skipdiff.cli.train_unet``, evaluated by ``skipdiff.eval``; each
+    inference variant is the trained model with other skips, evaluated the same way."""
+
+    name = "diffusion"
+    cli_module = "skipdiff.cli.train_unet"
+    metrics_file = "train_metrics.json"
+
+    def options_class(self) -> type:
+        from ..training.options import TrainOptions
+
+        return TrainOptions
+
+    def parse_eval(self, raw: Any) -> dict:
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"eval must be a mapping, got {raw!r}")
+        evaluation = dict(raw or DEFAULT_EVAL)
+        for key in sorted(set(evaluation) & set(EVAL_SET_BY_SWEEP)):
+            raise ValueError(f"eval option {key!r} is set by the sweep; remove it from the spec")
+        return evaluation
+
+    def parse_variants(self, raw: Any, evaluation: dict) -> dict[str, str]:
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"inference_variants must be a mapping, got {raw!r}")
+        variants = {str(k): v for k, v in (raw or {}).items()}
+        for label, spec in variants.items():
+            if not isinstance(spec, str) or not spec:
+                raise ValueError(f"inference variant {label!r} must be a skip spec string, got {spec!r}")
+            if safe_name(label) != label:
+                raise ValueError(f"inference variant label {label!r} must use only letters, digits and . _ + -")
+        if variants and not any(evaluation.get(key) for key in TRAINING_FREE):
+            raise ValueError("inference_variants need eval: fid, denoise_loss or skip_importance (training-free metrics)")
+        return variants
+
+    def check_cells(self, spec: SweepSpec, cells: list[Cell]) -> None:
+        from .skips import check_skip_specs, check_variant_specs
+
+        eval_options, _ = eval_api()
+        try:
+            from_dict(eval_options, {**spec.eval, "checkpoint": "<cell>"})
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"eval: {err}") from err
+        check_skip_specs(cells)
+        if spec.inference_variants:
+            check_variant_specs({c.options["model"] for c in cells}, spec.inference_variants)
+
+    def train(self, options: dict) -> dict:
+        from ..training.unet_trainer import train_unet
+
+        return train_unet(from_dict(self.options_class(), options))
+
+    def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:
+        from .skips import make_inference_variant
+
+        evaluate_run(folder, spec.eval)
+        variant_eval = {**spec.eval, "grad_stability": False}  # stability is the training run's
+        for label, skips in spec.inference_variants.items():
+            log(f"  inference variant {label}: skips {skips}")
+            evaluate_run(make_inference_variant(folder, skips, folder / "variants" / label), variant_eval)
+
+    def describe(self, spec: SweepSpec) -> list[str]:
+        lines = [f"eval: {json.dumps(spec.eval, sort_keys=True)}"]
+        if spec.inference_variants:
+            lines.append(f"inference variants: {json.dumps(spec.inference_variants, sort_keys=True)}")
+        return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifier: the training run evaluates itself (metrics.json)
+# --------------------------------------------------------------------------------------------------
+
+
+class ClassifierKind(CellKind):
+    """A classifier baseline trained by ``skipdiff.cli.train_classifier``; its test metrics come with it."""
+
+    name = "classifier"
+    cli_module = "skipdiff.cli.train_classifier"
+    metrics_file = "metrics.json"
+
+    def options_class(self) -> type:
+        from ..training.classifier import ClassifierOptions
+
+        return ClassifierOptions
+
+    def parse_eval(self, raw: Any) -> dict:
+        if raw:
+            raise ValueError("classifier cells are evaluated by their training run (metrics.json): remove eval:")
+        return {}
+
+    def train(self, options: dict) -> dict:
+        from ..training.classifier import train_classifier
+
+        return train_classifier(from_dict(self.options_class(), options))
+
+
+register_kind(DiffusionKind())
+register_kind(ClassifierKind())
