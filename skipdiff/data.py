@@ -115,6 +115,8 @@ def load_image_splits(data: DataOptions) -> DatasetDict:
     splits = splits.rename_columns({old: new for old, new in renames.items() if old != new})
     if "test" not in splits:
         splits = split_dataset(splits["train"], data.test_fraction, data.split_seed, "label" if label_column else None)
+    if data.keep_labels:  # after the split: the kept classes' images land where they did before
+        splits = _keep_labels(splits, data.keep_labels, label_column is not None)
     train = splits["train"]
     if data.max_train_samples is not None and data.max_train_samples < len(train):
         train = train.shuffle(seed=data.split_seed).select(range(data.max_train_samples))
@@ -123,6 +125,17 @@ def load_image_splits(data: DataOptions) -> DatasetDict:
     result = DatasetDict(train=train, test=splits["test"])
     result["train"].skipped_images = list(skipped)  # counted by callers' logs
     return result
+
+
+def _keep_labels(splits: DatasetDict, labels: list[int], has_labels: bool) -> DatasetDict:
+    """Only the rows whose label is in ``labels`` (split by split)."""
+    if not has_labels:
+        raise ValueError("--keep_labels needs a label column, and the dataset has none")
+    wanted = set(labels)
+    kept = DatasetDict({name: split.filter(lambda row: row["label"] in wanted) for name, split in splits.items()})
+    if len(kept["train"]) == 0:
+        raise ValueError(f"no train image has a label in --keep_labels {sorted(wanted)}")
+    return kept
 
 
 def _load_hub(dataset_name: str, config_name: str | None, cache_dir: str | None) -> DatasetDict:

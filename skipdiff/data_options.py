@@ -56,6 +56,7 @@ class DataOptions:
     test_fraction: float = option(0.2, "held-out fraction when the source has no test split")
     split_seed: int = option(0, "seed of the deterministic train/test split (and of --max_train_samples)")
     max_train_samples: int | None = option(None, "keep this many train images (a seeded subset), for quick runs")
+    keep_labels: list[int] = option([], "keep only the images of these classes, in both splits (e.g. a shifted target)")
     cache_dir: str | None = option(None, "🤗 cache folder for Hub datasets and models")
 
     def validate(self) -> None:
@@ -66,6 +67,8 @@ class DataOptions:
             raise ValueError(f"--test_fraction must lie in (0, 1), got {self.test_fraction}")
         if self.image_channels not in (None, 1, 3):
             raise ValueError(f"--image_channels must be 1 or 3, got {self.image_channels}")
+        if any(label < 0 for label in self.keep_labels):
+            raise ValueError(f"--keep_labels must be class indices >= 0, got {self.keep_labels}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"--max_train_samples must be >= 1, got {self.max_train_samples}")
         if self.dataset_name is None and self.train_data_dir is None:
@@ -92,7 +95,7 @@ class DataOptions:
         """12 hex digits identifying which images land in each split (source, columns, split seed and
         fraction, subset, corrupt-image rule): caches of anything trained on the train split carry it."""
         fields = ("dataset", "dataset_name", "dataset_config_name", "train_data_dir", "image_column",
-                  "test_fraction", "split_seed", "max_train_samples", "skip_corrupt_images")  # fmt: skip
+                  "test_fraction", "split_seed", "max_train_samples", "skip_corrupt_images", "keep_labels")  # fmt: skip
         values = {name: getattr(self, name) for name in fields}
         if values["train_data_dir"]:
             values["train_data_dir"] = str(Path(values["train_data_dir"]).resolve())

@@ -141,3 +141,32 @@ def test_the_card_is_valid_hub_metadata_naming_the_base_model(tuned, tmp_path):
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == config["base_model"] and "skipdiff" in card.data.tags
     assert "load_skip_gates" in card.text and "<placeholder>" not in card.text
+
+
+def test_lora_training_saves_a_plain_model_with_the_adapters_merged(base, tmp_path):
+    from skipdiff.training.model_source import add_lora, plain_model
+
+    stock = UNet2DModel.from_pretrained(base, subfolder="unet")
+    unet = skip_unet_from(stock, "full", [], {})
+    sample, t = inputs()
+    before = unet(sample, t).sample
+    trainable = add_lora(unet, rank=2)
+    assert 0 < trainable < sum(p.numel() for p in stock.parameters()) / 3
+    assert torch.equal(unet(sample, t).sample, before)  # fresh adapters change nothing
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    merged = plain_model(unet)
+    assert not any("lora" in k for k in merged.state_dict())
+    assert torch.allclose(merged(sample, t).sample, unet(sample, t).sample, atol=1e-5)
+
+    out = tmp_path / "lora"
+    argv = tiny_args(out, "--pretrained_model_name_or_path", str(base), "--train_only", "lora", "--lora_rank", "2",
+                     "--max_train_steps", "2", "--learning_rate", "1e-2", "--lr_warmup_steps", "0")  # fmt: skip
+    index = argv.index("--model")
+    run_train_unet(argv[:index] + argv[index + 2 :])
+    saved = SkipUNet2DModel.from_pretrained(out, subfolder="unet_raw").state_dict()
+    reference = stock.state_dict()
+    changed = [k for k in reference if not torch.equal(saved[k], reference[k])]
+    assert changed and all(k.rsplit(".", 2)[-2] in ("conv1", "conv2", "to_q", "to_k", "to_v", "0") for k in changed)

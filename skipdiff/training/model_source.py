@@ -102,6 +102,8 @@ def build_unet(options, encoder, data) -> tuple[nn.Module, object]:
                                    encoder.sample_range)  # fmt: skip
     if options.train_only == "gates":
         freeze_all_but_gates(unet)
+    elif options.train_only == "lora":
+        add_lora(unet, options.lora_rank, options.lora_alpha)
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if options.channels_last:
@@ -124,6 +126,38 @@ def freeze_all_but_gates(unet: nn.Module) -> int:
             f"(skips: {[g.mode for g in router.gates]})"
         )
     return count
+
+
+LORA_TARGETS = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> int:
+    """LoRA adapters (peft) on every resnet convolution and attention projection; everything else frozen
+    (the gates too). Freshly added, they leave the output unchanged (B = 0). Returns the trainable count."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(LORA_TARGETS), init_lora_weights=True)
+    inject_adapter_in_model(config, unet)
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def plain_model(unet: nn.Module) -> nn.Module:
+    """The model to save: a copy with LoRA adapters merged into their base weights and removed (a plain
+    ``SkipUNet2DModel`` that loads anywhere); ``unet`` itself when it has no adapters."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    if not any(isinstance(m, LoraLayer) for m in unet.modules()):
+        return unet
+    merged = copy.deepcopy(unet)
+    for module in merged.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    state = {k.replace(".base_layer", ""): v for k, v in merged.state_dict().items() if ".lora_" not in k}
+    plain = type(unet).from_config(unet.config)
+    plain.load_state_dict(state, strict=True)
+    return plain
 
 
 def _pretrained(options, encoder) -> tuple[nn.Module, object]:

@@ -22,7 +22,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 SHORTCUT_PARTS = ("down", "mid", "up")  # skipdiff.unet checks the same names (tests keep them equal)
 TRACKERS = ("tensorboard", "wandb", "all", "none")
-TRAIN_ONLY = ("all", "gates")
+TRAIN_ONLY = ("all", "gates", "lora")
 DEFAULT_STEPS = 1200  # the default job, when neither --max_train_steps nor --num_epochs is given
 # Options a resumed run may change without changing what is trained (everything else must match the
 # checkpoint's run; --allow_changed names more).
@@ -64,7 +64,11 @@ class TrainOptions(DataOptions):
         "", "Markov chain options for markov gates, e.g. 'p_init=0.8,cost=0.1,temperature=0.1'"
     )
     class_conditional: bool = option(False, "condition on the dataset's labels (class embedding)")
-    train_only: str = option("all", "train every weight, or only the skip gates (frozen base model)", choices=TRAIN_ONLY)
+    train_only: str = option(
+        "all", "train every weight, only the skip gates, or LoRA adapters (peft) on the resnets' convolutions and "
+        "the attention projections (the base model frozen)", choices=TRAIN_ONLY)
+    lora_rank: int = option(4, "--train_only lora: the adapters' rank")
+    lora_alpha: float | None = option(None, "--train_only lora: the adapters' alpha (default: the rank)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, same gradients)")
     # ---- noise scheduler -------------------------------------------------------------------------
     num_train_timesteps: int = option(1000, "diffusion steps of the DDPM scheduler")
@@ -133,7 +137,7 @@ class TrainOptions(DataOptions):
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value (called before any work starts)."""
         super().validate()
-        check_positive(self, ("train_batch_size", "gradient_accumulation_steps", "num_train_timesteps", "log_every",
+        check_positive(self, ("train_batch_size", "gradient_accumulation_steps", "lora_rank", "num_train_timesteps", "log_every",
                               "timestep_buckets", "num_validation_images", "validation_inference_steps",
                               "max_nonfinite_in_row"))  # fmt: skip
         check_positive(self, ("max_train_steps", "num_epochs", "num_threads", "checkpoints_total_limit"), optional=True)
@@ -166,8 +170,8 @@ class TrainOptions(DataOptions):
         self._validate_markov()
 
     def _validate_model_source(self) -> None:
-        if self.train_only == "gates" and not self.pretrained_model_name_or_path:
-            raise ValueError("--train_only gates tunes the gates of a pretrained UNet: give --pretrained_model_name_or_path")
+        if self.train_only != "all" and not self.pretrained_model_name_or_path:
+            raise ValueError(f"--train_only {self.train_only} tunes a pretrained UNet: give --pretrained_model_name_or_path")
         if self.pretrained_model_name_or_path and self.model != "digits":
             raise ValueError("--pretrained_model_name_or_path sets the architecture: leave --model at its default")
         if (self.revision or self.variant) and not self.pretrained_model_name_or_path:

@@ -25,7 +25,7 @@ from ..export import export_pipeline
 from ..pipeline import SkipDiffPipeline, image_grid
 from ..presets import UNET_PRESETS, VAE_PRESETS
 from .ema import WeightEMA
-from .model_source import trainable_parameters
+from .model_source import plain_model, trainable_parameters
 from .options import TrainOptions
 from .vae import VaeOptions, train_vae
 
@@ -267,6 +267,7 @@ def save_outputs(output_dir: Path, unet, ema: WeightEMA | None, scheduler, encod
     if ema is not None:
         sampling = copy.deepcopy(unet)
         ema.copy_to(sampling.parameters())
+    sampling, unet = plain_model(sampling), plain_model(unet)  # LoRA adapters merged in
     export_pipeline(make_pipeline(sampling, scheduler, encoder), output_dir, raw_unet=unet if ema is not None else None)
     DDIMScheduler.from_config(scheduler.config)  # validates that DDIM sampling will load
     (output_dir / "training_options.json").write_text(options_json)
