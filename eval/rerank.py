@@ -12,7 +12,6 @@ KID need the run folders, so they are not part of a re-ranking.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from skipdiff.report.ranking import compare
