@@ -246,3 +246,13 @@ def test_train_only_gates_needs_a_pretrained_model_and_gates_with_parameters(tmp
 
 def test_the_offline_environment_is_set():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_attention_runs_through_pytorch_sdpa():
+    """diffusers' default processor calls F.scaled_dot_product_attention (flash / memory-efficient kernels
+    on a GPU); a router on the model must not replace it."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model = SkipUNet2DModel(**STOCK_TINY, skips="learned")
+    processors = model.attn_processors
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
