@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from skipdiff.classifiers import SkipResNetConfig, SkipResNetForImageClassification
 from skipdiff.config import subset
 from skipdiff.data import load_image_splits
 from skipdiff.data_options import DataOptions
@@ -123,3 +124,17 @@ def test_too_low_accuracy_fails_and_saves_nothing(tmp_path, recorded_fit):
     with pytest.raises(RuntimeError, match="photo_patches extractor reached .* < min_accuracy=1.01"):
         domain_module.train_domain_extractor(DataOptions(dataset="photo_patches"), 0, tmp_path / "ext", min_accuracy=1.01)
     assert not (tmp_path / "ext").exists()
+
+
+def test_a_second_process_keeps_the_first_extractor(tmp_path):
+    """Two sweep runners may train the same cached extractor at once: the first folder written stays."""
+    config = SkipResNetConfig(num_labels=3, num_channels=3, widths=[4], depth=1, hidden_size=4)
+    first, second = (SkipResNetForImageClassification(config) for _ in range(2))  # different random weights
+    out = tmp_path / "ext"
+    domain_module.save_extractor(first, {"who": "first"}, out, overwrite=False)
+    domain_module.save_extractor(second, {"who": "second"}, out, overwrite=False)
+    assert extractors_module.extractor_info(out) == {"who": "first"}
+    assert classifier_extractor_name(load_extractor(out)) == classifier_extractor_name(first)
+    domain_module.save_extractor(second, {"who": "second"}, out)  # overwrite=True: an explicit retrain replaces
+    assert extractors_module.extractor_info(out) == {"who": "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext"]  # no staging folder left behind

@@ -433,36 +433,21 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
         torch.set_num_threads(options.num_threads)
     out = Path(options.output_dir)
     check_writable(out)
-    accelerator = accelerator or Accelerator(
-        mixed_precision=options.mixed_precision,
-        log_with=None if options.report_to == "none" else options.report_to,
-        project_dir=str(out),
-    )
+    accelerator = accelerator or Accelerator(mixed_precision=options.mixed_precision, project_dir=str(out),
+                                             log_with=None if options.report_to == "none" else options.report_to)  # fmt: skip
     set_seed(options.seed)
 
     # ---- data and model --------------------------------------------------------------------------
     data = load_classifier_data(options)
-    if len(data.train) < options.train_batch_size:
-        raise ValueError(
-            f"the train split has {len(data.train)} examples, fewer than --train_batch_size "
-            f"{options.train_batch_size} (incomplete batches are dropped)"
-        )
     model = MODELS[options.model](options, data.num_inputs, data.num_labels)
     num_parameters = sum(p.numel() for p in model.parameters())
     num_blocks = getattr(model, "num_blocks", None)
-    markov = options.markov_options() if options.gating == "markov" else None
-    gates = BlockGates(options.gating, num_blocks or 0, options.gate_keep_prob, options.gate_rescale, markov)
-    if gates.chain is not None:
-        gates.chain.to(accelerator.device)
-        accelerator.register_for_checkpointing(gates.chain)
+    gates = _block_gates(options, num_blocks or 0, accelerator)
 
     # ---- optimizer, data loaders, prepare --------------------------------------------------------
     optimizer = _optimizer(model, options)
     data_generator = torch.Generator().manual_seed(options.seed)
-    train_loader = DataLoader(data.train, batch_size=options.train_batch_size, shuffle=True, drop_last=True,
-                              collate_fn=data.collate, generator=data_generator)  # fmt: skip
-    test_loader = DataLoader(data.test, batch_size=options.eval_batch_size, collate_fn=data.collate)
-    train_eval_loader = DataLoader(data.train, batch_size=options.eval_batch_size, collate_fn=data.collate)
+    train_loader, test_loader, train_eval_loader = _data_loaders(options, data, data_generator)
     model, optimizer, train_loader, test_loader, train_eval_loader = accelerator.prepare(
         model, optimizer, train_loader, test_loader, train_eval_loader
     )
@@ -473,15 +458,7 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
     accelerator.register_for_checkpointing(schedule)
 
     step = _resume(accelerator, options)
-    stats = StatsWriter(accelerator, out)
-    if accelerator.is_main_process and step == 0 and stats.path.exists():
-        stats.path.unlink()  # a fresh run in an old folder starts a fresh log
-    if options.report_to != "none":
-        config = {
-            k: v if isinstance(v, int | float | str | bool) else str(v)
-            for k, v in dataclasses.asdict(options).items()
-        }
-        accelerator.init_trackers("classifier", config=config)
+    stats = _start_logging(accelerator, options, out, step)
 
     # ---- train -----------------------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
@@ -512,18 +489,9 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
             gates.update(path, losses.detach())
             step += 1
             log_now = step == 1 or step % options.log_every == 0
-            accelerator.unscale_gradients()  # true gradients for the norms and the clip (fp16 loss scaling)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            flow = gradient_flow(unwrapped) if log_now else None
-            if guard and not math.isfinite(grad_norm):
-                nonfinite += 1  # guard: a non-finite loss or gradient skips the update (counted, logged)
-            else:
-                if options.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
-                optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, flow, updated = _update(accelerator, model, optimizer, schedule, options.max_grad_norm, guard,
+                                               unwrapped if log_now else None)  # fmt: skip
+            nonfinite += int(not updated)  # guard: a non-finite loss or gradient skips the update (counted, logged)
             running.add(losses.detach(), logits.detach(), labels)
             last_epoch_loss.add(losses.detach(), logits.detach(), labels)
             progress.update(1)
@@ -537,9 +505,7 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
                 if options.gating != "none":
                     record["gates"] = gates.summary()
                 stats.write(record, step)
-                progress.set_postfix(
-                    loss=f"{record['train']['loss']:.4f}", acc=f"{record['train']['accuracy']:.3f}"
-                )
+                progress.set_postfix(loss=f"{record['train']['loss']:.4f}", acc=f"{record['train']['accuracy']:.3f}")
                 running, tick = _Running(), now
             if options.checkpointing_steps and step % options.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, step, {"epoch": epoch, "architecture": _architecture(options)},
@@ -554,21 +520,96 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
     train_seconds = time.perf_counter() - start
 
     # ---- final metrics and outputs ---------------------------------------------------------------
+    loop = {"test": test_metrics, "last_epoch": last_epoch_loss, "flow_init": flow_init, "flow_last": flow_last,
+            "steps": step, "epochs": num_epochs, "nonfinite": nonfinite, "seconds": train_seconds}  # fmt: skip
+    return _finish(options, accelerator, model, gates, train_eval_loader, loop, num_parameters, num_blocks)
+
+
+def _data_loaders(
+    options: ClassifierOptions, data: ClassifierData, generator: torch.Generator
+) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Shuffled train batches (order drawn from ``generator``; the last incomplete batch dropped), and
+    test and train-split batches for evaluation."""
+    if len(data.train) < options.train_batch_size:
+        raise ValueError(
+            f"the train split has {len(data.train)} examples, fewer than --train_batch_size "
+            f"{options.train_batch_size} (incomplete batches are dropped)"
+        )
+    train = DataLoader(data.train, batch_size=options.train_batch_size, shuffle=True, drop_last=True,
+                       collate_fn=data.collate, generator=generator)  # fmt: skip
+    test = DataLoader(data.test, batch_size=options.eval_batch_size, collate_fn=data.collate)
+    train_eval = DataLoader(data.train, batch_size=options.eval_batch_size, collate_fn=data.collate)
+    return train, test, train_eval
+
+
+def _block_gates(options: ClassifierOptions, num_blocks: int, accelerator: Accelerator) -> BlockGates:
+    """The run's block gates; a Markov chain joins the accelerator's checkpoints."""
+    markov = options.markov_options() if options.gating == "markov" else None
+    gates = BlockGates(options.gating, num_blocks, options.gate_keep_prob, options.gate_rescale, markov)
+    if gates.chain is not None:
+        gates.chain.to(accelerator.device)
+        accelerator.register_for_checkpointing(gates.chain)
+    return gates
+
+
+def _start_logging(accelerator: Accelerator, options: ClassifierOptions, out: Path, step: int) -> StatsWriter:
+    """stats.jsonl (a fresh run in an old folder starts a fresh log) and the tracker."""
+    stats = StatsWriter(accelerator, out)
+    if accelerator.is_main_process and step == 0 and stats.path.exists():
+        stats.path.unlink()
+    if options.report_to != "none":
+        config = {
+            k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in dataclasses.asdict(options).items()
+        }
+        accelerator.init_trackers("classifier", config=config)
+    return stats
+
+
+def _update(
+    accelerator: Accelerator, model: nn.Module, optimizer, schedule, max_grad_norm: float, guard: bool,
+    flow_of: nn.Module | None,
+) -> tuple[float, dict | None, bool]:
+    """One optimizer update after ``backward``: (total grad norm, gradient flow of ``flow_of`` before any
+    clipping (None when not asked), whether the update was applied). With ``guard``, a non-finite
+    gradient skips the update; the schedule steps either way."""
+    accelerator.unscale_gradients()  # true gradients for the norms and the clip (fp16 loss scaling)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    flow = gradient_flow(flow_of) if flow_of is not None else None
+    updated = not (guard and not math.isfinite(grad_norm))
+    if updated:
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, flow, updated
+
+
+def _finish(
+    options: ClassifierOptions, accelerator: Accelerator, model: nn.Module, gates: BlockGates, train_eval_loader,
+    loop: dict, num_parameters: int, num_blocks: int | None,
+) -> dict:
+    """Final metrics (``loop`` holds what the training loop measured); save the model, the chain,
+    metrics.json and training_options.json; end the run."""
+    out = Path(options.output_dir)
     train_metrics = evaluate(model, train_eval_loader, accelerator, gates)
+    last_epoch, flow_init, flow_last = loop["last_epoch"], loop["flow_init"], loop["flow_last"]
     metrics = {
-        "test_loss": test_metrics.get("loss"),
-        "test_accuracy": test_metrics.get("accuracy"),
+        "test_loss": loop["test"].get("loss"),
+        "test_accuracy": loop["test"].get("accuracy"),
         "train_loss": train_metrics["loss"],  # eval mode over the whole train split
         "train_accuracy": train_metrics["accuracy"],
-        "train_loss_last_epoch": last_epoch_loss.means()["loss"] if last_epoch_loss.count else None,
+        "train_loss_last_epoch": last_epoch.means()["loss"] if last_epoch.count else None,
         "grad_ratio_init": flow_init["grad_ratio_first_last"] if flow_init else None,  # at step 1 of this run
         "grad_ratio_final": flow_last["grad_ratio_first_last"] if flow_last else None,  # last logged step
         "num_parameters": num_parameters,
         "num_blocks": num_blocks,
-        "steps": step,
-        "epochs": num_epochs,
-        "num_nonfinite_steps": nonfinite,
-        "train_seconds": train_seconds,
+        "steps": loop["steps"],
+        "epochs": loop["epochs"],
+        "num_nonfinite_steps": loop["nonfinite"],
+        "train_seconds": loop["seconds"],
     }
     if gates.chain is not None:
         metrics["markov"] = gates.chain.state_summary()
