@@ -5,7 +5,7 @@ and the wall time of ``python -m skipdiff.eval --fid --denoise_loss`` on the def
   preset ``SkipUNet2DModel`` (random weights and the default job's 8x8x4 latents, or a trained run's EMA
   UNet with ``--checkpoint``) against the same pipeline holding a stock diffusers ``UNet2DModel`` with
   the same weights; interleaved, ratio of median seconds per batch.
-* ``features``: the digits classifier that FID uses on digits (``skipdiff.eval.features``, the
+* ``features``: the digits classifier that FID uses on digits (``skipdiff.eval.domain_extractor``, the
   torch-fidelity module built from ``resolve_extractor("digits")``) on uint8 16x16 images.
 * ``evaluation``: ``skipdiff.eval.__main__.evaluate`` in this process with ``--fid --denoise_loss
   --num_samples 1000 --seeds 0 1 2`` on ``--eval_checkpoint`` (default ``runs/digits-latent``). When that
@@ -93,9 +93,10 @@ def time_sampling(pipes: dict, batch_size: int, steps: int, repeats: int) -> dic
 
 @torch.no_grad()
 def time_features(batch_size: int, repeats: int) -> dict:
-    from skipdiff.eval.features import create_extractor, resolve_extractor
+    from skipdiff.data_options import DataOptions
+    from skipdiff.eval import create_extractor, resolve_extractor
 
-    spec = resolve_extractor("digits", resolution=16)  # trained and cached on first use (seconds)
+    spec = resolve_extractor("digits", data=DataOptions(resolution=16))  # trained and cached on first use (seconds)
     extractor = create_extractor(spec, cuda=torch.cuda.is_available())
     images = torch.randint(
         0, 256, (batch_size, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)

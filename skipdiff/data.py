@@ -4,7 +4,9 @@ Three sources of images, all ending as a ``DatasetDict`` with ``train`` and ``te
 ``{"image": PIL.Image, "label": int}`` rows:
 
 * built-in offline sets (:data:`BUILTIN_IMAGE_DATASETS`): ``digits``, scikit-learn's 1797 8x8
-  handwritten digits (UCI), kept at 8x8 here and resized by the transform;
+  handwritten digits (UCI), kept at 8x8 here and resized by the transform; ``photo_patches``, 2890
+  16x16 colour patches of three photographs bundled with scikit-learn and matplotlib, labelled by
+  photograph (:mod:`skipdiff.photo_patches`);
 * a Hub dataset id (``dataset_name="cifar10"``), for users with internet;
 * a local folder of images (``train_data_dir``), through ``load_dataset("imagefolder")``.
 
@@ -35,7 +37,7 @@ CHANNEL_MODES = {1: "L", 3: "RGB"}
 
 
 # --------------------------------------------------------------------------------------------------
-# Built-in sets (shipped with scikit-learn: no network needed)
+# Built-in sets (shipped with scikit-learn and matplotlib: no network needed)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -51,7 +53,18 @@ def _digits() -> Dataset:
     )
 
 
-BUILTIN_IMAGE_DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits}
+def _photo_patches() -> Dataset:
+    from .photo_patches import PHOTOGRAPHS, photo_patch_grid
+
+    grid = photo_patch_grid()
+    features = Features({"image": Image(), "label": ClassLabel(names=list(PHOTOGRAPHS))})
+    return Dataset.from_dict(
+        {"image": [PILImage.fromarray(p, mode="RGB") for p in grid.pixels], "label": grid.labels.tolist()},
+        features=features,
+    )
+
+
+BUILTIN_IMAGE_DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits, "photo_patches": _photo_patches}
 if set(BUILTIN_IMAGE_DATASETS) != set(IMAGE_DATASETS):
     raise ImportError(f"built-in image loaders {sorted(BUILTIN_IMAGE_DATASETS)} != names {sorted(IMAGE_DATASETS)}")
 

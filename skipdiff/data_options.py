@@ -17,6 +17,8 @@ from .config import option
 # Built-in sets, all shipped inside Python packages (no network): name -> what it is.
 IMAGE_DATASETS = {
     "digits": "handwriting: scikit-learn's 1797 8x8 grey digits (UCI), 10 classes",
+    "photo_patches": "natural images: 2890 16x16 colour patches of 3 photographs bundled with scikit-learn "
+    "and matplotlib (non-overlapping grid, flat sky dropped), class = photograph",
 }
 TABULAR_DATASETS = {
     "breast_cancer": "medicine: 569 tumours, 30 cell-nucleus features, benign/malignant",
@@ -85,6 +87,13 @@ class DataOptions:
         if self.dataset_name is not None or self.train_data_dir is not None:
             return "image"
         return dataset_kind(self.dataset)
+
+    def builtin_image_dataset(self) -> str | None:
+        """The built-in image set the options select (``digits``, ...); None for a Hub id, a folder or
+        a tabular set."""
+        if self.dataset_name is not None or self.train_data_dir is not None:
+            return None
+        return self.dataset if self.dataset in IMAGE_DATASETS else None
 
     def source(self) -> str:
         """A short readable name of the source (``digits``, ``cifar10``, a folder's name)."""

@@ -19,6 +19,7 @@ from datasets import Dataset, Features, Image
 from PIL import Image as PILImage
 
 from skipdiff.classifiers import SkipResNetConfig, SkipResNetForImageClassification
+from skipdiff.data_options import DataOptions
 from skipdiff.eval import (
     INCEPTION,
     InceptionUnavailableError,
@@ -38,8 +39,10 @@ from skipdiff.eval import (
     resolve_extractor,
     statistics_to_fid,
 )
-from skipdiff.eval import features as features_module
+from skipdiff.eval import domain_extractor as domain_module
+from skipdiff.eval import extractors as extractors_module
 from skipdiff.eval import fid as fid_module
+from skipdiff.eval import inception as inception_module
 
 
 def scipy_fid(features1: torch.Tensor, features2: torch.Tensor) -> float:
@@ -220,8 +223,8 @@ def test_unknown_extractor_is_a_clear_error(tmp_path):
 
 
 def test_inception_offline_without_weights_fails_early(monkeypatch, tmp_path):
-    monkeypatch.setattr(features_module, "inception_cache_path", lambda: tmp_path / "missing.pth")
-    monkeypatch.setattr(features_module, "network_reachable", lambda *args, **kwargs: False)
+    monkeypatch.setattr(inception_module, "inception_cache_path", lambda: tmp_path / "missing.pth")
+    monkeypatch.setattr(inception_module, "network_reachable", lambda *args, **kwargs: False)
     with pytest.raises(
         InceptionUnavailableError, match="--inception_weights PATH.*--feature_extractor digits"
     ):
@@ -237,9 +240,9 @@ def test_inception_weights_from_a_file_or_the_hub_cache(monkeypatch, tmp_path):
         "feature_extractor": INCEPTION,
         "feature_extractor_weights_path": str(weights),
     }
-    monkeypatch.setattr(features_module, "inception_cache_path", lambda: weights)
+    monkeypatch.setattr(inception_module, "inception_cache_path", lambda: weights)
     monkeypatch.setattr(
-        features_module, "network_reachable", lambda *args, **kwargs: pytest.fail("no network")
+        inception_module, "network_reachable", lambda *args, **kwargs: pytest.fail("no network")
     )
     assert resolve_extractor("inception").kwargs == {"feature_extractor_weights_path": str(weights)}
 
@@ -247,9 +250,9 @@ def test_inception_weights_from_a_file_or_the_hub_cache(monkeypatch, tmp_path):
 def test_offline_flag_skips_the_network_check(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(
-        features_module.socket, "create_connection", lambda *a, **k: pytest.fail("dialled out")
+        inception_module.socket, "create_connection", lambda *a, **k: pytest.fail("dialled out")
     )
-    assert features_module.network_reachable() is False
+    assert inception_module.network_reachable() is False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,11 +362,13 @@ def test_fid_with_floor_rejects_bad_requests(tmp_path, extractor):
 
 
 def test_digits_extractor_trains_caches_and_registers(monkeypatch, tmp_path):
-    spec = resolve_extractor("digits", resolution=16, cache_dir=tmp_path)
-    folder = features_module.digits_extractor_dir(16, 0, tmp_path)
-    info = features_module.extractor_info(folder)
+    digits = DataOptions(dataset="digits", resolution=16)
+    spec = resolve_extractor("digits", data=digits, cache_dir=tmp_path)
+    folder = domain_module.extractor_dir(digits, 0, tmp_path)
+    info = extractors_module.extractor_info(folder)
     assert info["test_accuracy"] >= 0.95
     assert spec.name == info["name"] and spec.name.startswith("skipdiff-digits16-")
-    monkeypatch.setattr(features_module, "train_digits_extractor", lambda *a, **k: pytest.fail("retrained"))
-    assert resolve_extractor("digits", resolution=16, cache_dir=tmp_path) == spec  # the cached one
+    monkeypatch.setattr(domain_module, "train_domain_extractor", lambda *a, **k: pytest.fail("retrained"))
+    assert resolve_extractor("digits", data=digits, cache_dir=tmp_path) == spec  # the cached one
+    assert resolve_extractor("auto", data=digits, cache_dir=tmp_path) == spec  # auto: the set's own extractor
     assert resolve_extractor(str(folder)) == spec  # the same weights by path

@@ -1,25 +1,22 @@
 """Evaluation as a library of ``x_to_y`` functions on torch-fidelity (a thin CLI sits on top).
 
-:mod:`.features`: feature extractors (a trained digits classifier, any saved SkipResNet, Inception-v3)
-registered with torch-fidelity under weight-hashed names. :mod:`.fid`: images -> uint8 -> features ->
+:mod:`.extractors`: classifier features as torch-fidelity extractors under weight-hashed names;
+:mod:`.domain_extractor`: the classifier trained for a built-in image set (digits, photo_patches) on the
+run's train split; :mod:`.inception`: Inception-v3 weights offline; :mod:`.extractor_choice`: a CLI
+choice (auto, a set's name, inception, a folder) -> extractor. :mod:`.fid`: images -> uint8 -> features ->
 statistics -> FID / KID / precision-recall, and :func:`fid_with_floor`, which reports every FID with the
 real-vs-real floor at the same sample count and its spread over sampling seeds.
 """
 
-from .features import (
-    EXTRACTOR_CHOICES,
-    INCEPTION,
+from .domain_extractor import cached_domain_extractor, train_domain_extractor
+from .extractor_choice import EXTRACTOR_CHOICES, auto_extractor, resolve_extractor
+from .extractors import (
     ClassifierFeatureExtractor,
     ExtractorSpec,
-    InceptionUnavailableError,
     classifier_extractor_name,
     create_extractor,
-    digits_extractor,
-    inception_kwargs,
     load_extractor,
     register_classifier_extractor,
-    resolve_extractor,
-    train_digits_extractor,
 )
 from .fid import (
     FidReport,
@@ -36,6 +33,7 @@ from .fid import (
     reference_and_heldout,
     statistics_to_fid,
 )
+from .inception import INCEPTION, InceptionUnavailableError, inception_kwargs
 
 __all__ = [
     "EXTRACTOR_CHOICES",
@@ -45,9 +43,10 @@ __all__ = [
     "FidReport",
     "InceptionUnavailableError",
     "RealImages",
+    "auto_extractor",
+    "cached_domain_extractor",
     "classifier_extractor_name",
     "create_extractor",
-    "digits_extractor",
     "features_of",
     "features_to_fid",
     "features_to_kid",
@@ -63,5 +62,5 @@ __all__ = [
     "register_classifier_extractor",
     "resolve_extractor",
     "statistics_to_fid",
-    "train_digits_extractor",
+    "train_domain_extractor",
 ]

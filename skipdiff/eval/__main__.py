@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import option, parse_args
+from ..config import option, parse_args, subset
+from ..data_options import DataOptions
 from ..runfolder import read_stats
 from . import plots
 from .compute import map_compute
 from .denoise import denoising_loss_by_bucket
-from .features import EXTRACTOR_CHOICES, resolve_extractor
+from .extractor_choice import EXTRACTOR_CHOICES, resolve_extractor
 from .fid import fid_with_floor, real_splits, reference_and_heldout
 from .importance import importance_heatmap, skip_importance
 from .run import check_data_matches, held_out_batches, load_run, make_sampler
@@ -48,7 +49,8 @@ class EvalOptions:
     sample_batch_size: int = option(500, "images per sampling batch")
     feature_extractor: str = option(
         "auto",
-        f"{', '.join(EXTRACTOR_CHOICES)}, a classifier folder, or auto (digits for digits, else Inception)",
+        f"{', '.join(EXTRACTOR_CHOICES)} or a classifier folder; auto: a built-in image set's own extractor "
+        "(trained on the run's train split), else Inception",
     )
     inception_weights: str | None = option(None, "a local Inception-v3 weights file (offline use)")
     reference: str = option(
@@ -190,16 +192,8 @@ def _sample_size(pipeline) -> int:
 
 
 def _fid(options: EvalOptions, pipeline, training: dict, channels: int) -> dict:
-    choice = options.feature_extractor
-    if choice == "auto":
-        choice = (
-            "digits"
-            if training.get("dataset") == "digits" and not training.get("dataset_name")
-            else "inception"
-        )
-    spec = resolve_extractor(
-        choice, resolution=training["resolution"], inception_weights=options.inception_weights
-    )
+    spec = resolve_extractor(options.feature_extractor, data=subset(DataOptions, training),
+                             inception_weights=options.inception_weights)  # fmt: skip
     real = real_splits(training)
     reference = options.reference
     if reference == "auto":  # compare with the larger split when the smaller one can still give the floor

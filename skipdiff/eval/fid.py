@@ -9,14 +9,14 @@ The chain, each step a function::
 
 Statistics and the Fréchet distance are torch-fidelity's own (``fid_features_to_statistics``,
 ``fid_statistics_to_metric``), KID and precision/recall too (``kid_features_to_metric``,
-``prc_features_to_metric``); features come from its extractor modules (:mod:`.features`).
+``prc_features_to_metric``); features come from its extractor modules (:mod:`.extractors`).
 
 **Reference cache.** Features of real images are cached through torch-fidelity's input-cache mechanism:
 the file is ``<cache_root>/<cache_name>-<extractor name>-features-<layer>.pt`` (what ``calculate_metrics``
 writes for ``input2_cache_name=<cache_name>``). :func:`real_images` names a split
 ``skipdiff-<label>-<resolution>px-<hash12>`` where the hash is taken over the exact uint8 pixels the
 extractor sees, so the key covers dataset, split (seed and fraction included), resolution and channels
-by construction; skipdiff's extractor names carry a hash of their weights (see :mod:`.features`).
+by construction; skipdiff's extractor names carry a hash of their weights (see :mod:`.extractors`).
 Together, a cache hit can only return features of the same pixels under the same weights. Statistics
 are recomputed from the cached features (float64, milliseconds to seconds), not cached.
 
@@ -53,7 +53,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
 
-from .features import ClassifierFeatureExtractor, ExtractorSpec, create_extractor
+from .extractors import ClassifierFeatureExtractor, ExtractorSpec, create_extractor
 
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default; lowered to the smaller set's size when needed
 REFERENCE_SPLITS = ("train", "test")
