@@ -166,7 +166,8 @@ def auto_vae_dir(options: TrainOptions) -> Path:
     The split key (:meth:`DataOptions.split_key`) makes the VAE of another train/test split (seed,
     fraction, subset) another folder, so a VAE is never reused for a split whose test images it saw."""
     data = subset(DataOptions, options)
-    return Path("runs") / f"vae-{data.source()}-{data.resolution}-{data.split_key()}"
+    preset = "" if options.vae_preset == "digits" else f"-{options.vae_preset}"  # another architecture, another folder
+    return Path("runs") / f"vae-{data.source()}-{data.resolution}-{data.split_key()}{preset}"
 
 
 def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_channels: int) -> tuple[Encoder, str]:
