@@ -319,7 +319,7 @@ class SkipCache:
         for slot in self._slots.values():
             for _, tensor in _tensors(slot.store):
                 storage = tensor.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
+                seen[storage._cdata] = storage.nbytes()  # the storage itself (meta tensors have no data_ptr)
         return sum(seen.values())
 
 

@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..cache_options import SkipCacheOptions, refresh_steps
+from ..caching import enable_skip_cache
 from ..unet import SkipUNet2DModel
 
 
@@ -91,31 +92,30 @@ def cache_compute(
 
     ``args``/``kwargs`` are one UNet call's inputs (e.g. ``(sample, timestep)`` and
     ``{"encoder_hidden_states": ...}``); the count is of two calls, a refresh and a cached one.
-    Returns ``flops_full``, ``flops_cached``, ``cached_fraction`` (f), ``num_steps``, ``refresh_steps``
-    (R of them in a run of ``num_steps``), ``bound_interval`` (N / (1 + (N-1) f)) and ``bound_run``
-    (T / (R + (T - R) f), the bound for that run's actual schedule).
+    Returns ``flops_full``, ``flops_cached``, ``cached_fraction`` (f), ``cached_bytes`` (the features
+    kept between refreshes, for this batch), ``num_steps``, ``refresh_steps`` (R of them in a run of
+    ``num_steps``), ``bound_interval`` (N / (1 + (N-1) f)) and ``bound_run`` (T / (R + (T - R) f), the
+    bound for that run's actual schedule). Works on the meta device (no compute, same counts).
     """
-    from ..caching import enable_skip_cache  # the library's caching, not an eval concern
-
     kwargs = kwargs or {}
     # Which modules a cached step skips depends on mode and branch only: probe with refresh, cached.
     probe = dataclasses.replace(options, cache_interval=2, cache_schedule="uniform", cache_key_steps=None)
     cache = enable_skip_cache(unet, probe)
     try:
         cache.start_run(2)
-        flops = []
-        for _ in range(2):
-            flops.append(count_flops(lambda: unet(*args, **kwargs)))
-            cache.end_step()
+        full = count_flops(lambda: unet(*args, **kwargs))
+        kept = cache.cached_bytes()  # what the refresh call left for the cached one
+        cache.end_step()
+        cached = count_flops(lambda: unet(*args, **kwargs))
     finally:
         cache.disable()
-    full, cached = flops
     fraction = cached / full
     refreshes = len(refresh_steps(options, num_steps))
     return {
         "flops_full": full,
         "flops_cached": cached,
         "cached_fraction": fraction,
+        "cached_bytes": kept,
         "num_steps": num_steps,
         "refresh_steps": refreshes,
         "bound_interval": speedup_bound(options.cache_interval, fraction),
