@@ -174,6 +174,31 @@ def test_cached_step_equals_the_full_unet_fed_the_kept_features(kind, deep_confi
     assert not torch.equal(out, fresh)
 
 
+def test_a_cached_step_runs_nothing_before_the_branch(deep_config):
+    """In the up block the branch cuts through, the layers before it are not even called (no wasted
+    concatenations); if that block's forward was wrapped by someone else, they are replayed instead."""
+    unet, _ = _model("unet2d", deep_config)
+    first, second = (_noise(unet, seed=1), torch.tensor(600)), (_noise(unet, seed=2), torch.tensor(560))
+    reference = _reference_branch_step(unet, 7, first, second, {})  # skip 7 enters up_blocks.2.resnets.1
+    calls = []
+    hook = unet.up_blocks[2].resnets[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    for wrapped in (False, True):
+        if wrapped:  # an instance forward, as accelerate's hooks install
+            unet.up_blocks[2].forward = type(unet.up_blocks[2]).forward.__get__(unet.up_blocks[2])
+        cache = enable_skip_cache(unet, cache_branch=7, cache_interval=2)
+        cache.start_run(2)
+        with torch.no_grad():
+            unet(*first)
+            cache.end_step()
+            calls.clear()
+            out = unet(*second).sample
+        cache.disable()
+        assert torch.equal(out, reference)
+        assert len(calls) == (1 if wrapped else 0)
+    hook.remove()
+    del unet.up_blocks[2].forward
+
+
 def test_gated_model_cached_equals_same_spec_applied_to_a_stock_unet(deep_config):
     """Caching composes with a skip specification the same way on SkipUNet2DModel and on apply_skip_spec."""
     spec = GATES.replace("learned:init=0.7", "scale:0.7").replace("learned:init=0.3", "scale:0.3")
@@ -447,12 +472,37 @@ def test_misuse_is_refused(deep_config):
 
 def test_features_changed_in_place_are_not_reused(deep_config):
     unet = UNet2DModel(**deep_config).eval()
+
+    def adapter(module, args, output):  # adds a residual in place, as T2I-Adapter does after a block
+        output.add_(1.0)
+
+    handle = unet.mid_block.register_forward_hook(adapter)
     cache = enable_skip_cache(unet, cache_interval=3)
     cache.start_run(3)
     with torch.no_grad():
         unet(_noise(unet), 10)
         cache.end_step()
-        cache._slots[0].store["mid_block"].add_(1.0)  # what an adapter adding residuals in place would do
         with pytest.raises(RuntimeError, match="cached output of mid_block was modified in place"):
-            unet(_noise(unet), 9)
+            unet(_noise(unet), 9)  # the kept mid-block output got the residual a second time
+    handle.remove()
     cache.disable()
+
+
+def test_a_pipeline_level_cache_follows_a_scheduler_made_per_call(tiny_config):
+    """SkipDiffPipeline(sampler="ddim") builds its scheduler per call; skip_cache(unet, None, scheduler)
+    lets a cache put on the pipeline follow it for that call."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(**tiny_config).eval()
+    pipe = SkipDiffPipeline(unet=unet, scheduler=_scheduler())
+    cache = enable_skip_cache(pipe, cache_interval=2)
+    per_call = _scheduler()
+    with skip_cache(pipe.unet, None, per_call) as attached:
+        assert attached is cache
+        _sample(pipe.unet, per_call, _noise(unet), steps=4)
+    assert [r for _, _, r in cache.history] == [True, False, True, False]
+    assert "step" not in vars(per_call) and "step" in vars(pipe.scheduler)  # unwatched after the block
+    with pytest.raises(RuntimeError, match="outside a sampling run"):
+        _sample(pipe.unet, per_call, _noise(unet), steps=4)
+    cache.disable()
+    with skip_cache(pipe.unet, None, per_call) as attached:  # no cache on: the stock UNet
+        assert attached is None
