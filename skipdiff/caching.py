@@ -95,7 +95,7 @@ def reused_modules(unet: nn.Module, options: SkipCacheOptions) -> list[str]:
             f"0 (innermost) to {len(skips) - 1} (outermost, from conv_in)"
         )
     info = skips[branch]
-    names = _encoder_after(unet, info.source)
+    names = _encoder_after(unet, info.source, branch)
     names += ["mid_block"] if unet.mid_block is not None else []
     names += [f"up_blocks.{u}" for u in range(info.up_block)]
     if info.layer:
@@ -106,7 +106,7 @@ def reused_modules(unet: nn.Module, options: SkipCacheOptions) -> list[str]:
     return names
 
 
-def _encoder_after(unet: nn.Module, source: str) -> list[str]:
+def _encoder_after(unet: nn.Module, source: str, branch: int) -> list[str]:
     """The encoder modules that run after ``source`` (a skip's source in discover_skips' naming)."""
     if source == "conv_in":
         return [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
@@ -114,7 +114,7 @@ def _encoder_after(unet: nn.Module, source: str) -> list[str]:
     i, j = int(block_index), int(index)
     names = []
     if kind == "resnets":  # the rest of block i: later resnets (with their attentions), its downsamplers
-        block = _splittable(unet, f"down_blocks.{i}", source)
+        block = _splittable(unet, f"down_blocks.{i}", branch)
         names += _layers(f"down_blocks.{i}", block, range(j + 1, len(block.resnets)))
         names += [f"down_blocks.{i}.downsamplers.{d}" for d in range(len(block.downsamplers or []))]
     return names + [f"down_blocks.{k}" for k in range(i + 1, len(unet.down_blocks))]
@@ -127,20 +127,17 @@ def _layers(prefix: str, block: nn.Module, indices: range) -> list[str]:
             [f"{prefix}.resnets.{r}", *([f"{prefix}.attentions.{r}"] if attention else [])]]  # fmt: skip
 
 
-def _splittable(unet: nn.Module, name: str, where: Any) -> nn.Module:
+def _splittable(unet: nn.Module, name: str, branch: int) -> nn.Module:
     """A block the branch cuts through must be a plain resnet(/attention) stack whose forward we know."""
     block = unet.get_submodule(name)
     children = {child for child, _ in block.named_children()}
     attentions = getattr(block, "attentions", None)
     if not children <= _SPLITTABLE or (attentions is not None and len(attentions) != len(block.resnets)):
         raise ValueError(
-            f"cache_branch at {where} splits {name} ({type(block).__name__}, with {sorted(children)}); only "
+            f"cache_branch {branch} splits {name} ({type(block).__name__}, with {sorted(children)}); only "
             f"blocks made of {sorted(_SPLITTABLE)} can be split: choose a branch at a block boundary"
         )
     return block
-
-
-# ---- the handle ------------------------------------------------------------------------------
 
 
 def _split_up_block(unet: nn.Module, options: SkipCacheOptions) -> tuple[str, int] | None:
@@ -149,6 +146,9 @@ def _split_up_block(unet: nn.Module, options: SkipCacheOptions) -> tuple[str, in
         return None
     info = discover_skips(unet)[options.cache_branch]
     return (f"up_blocks.{info.up_block}", info.layer) if info.layer else None
+
+
+# ---- the handle ------------------------------------------------------------------------------
 
 
 class _Reuse:
