@@ -28,6 +28,8 @@ _EXPORTS = {
     "SkipDiffPipeline": ".pipeline",
     "enable_skip_cache": ".caching",
     "disable_skip_cache": ".caching",
+    "skip_cache": ".caching",
+    "SkipCacheOptions": ".cache_options",
     "load_skip_gates": ".adapters",
     "save_skip_gates": ".adapters",
     "unload_skip_gates": ".adapters",

@@ -6,13 +6,24 @@ the receiving resnet is rebuilt without the skip's input channels (``remove`` mo
 convolution and channel-matching 1x1 shortcut shrink. :func:`map_compute` counts the FLOPs of one
 forward pass of the trained architecture (every skip's channels present) and of that pruned one with
 ``torch.utils.flop_counter`` (convolutions, matmuls), and reports the fraction saved.
+
+:func:`cache_compute` counts what feature caching across sampling steps (:mod:`skipdiff.caching`)
+leaves of a forward pass: the FLOPs of a refresh step and of a cached step, their ratio ``f``, and
+the speed-up that bounds: ``N / (1 + (N - 1) f)`` for a refresh every ``N`` steps, ``T / (R + (T -
+R) f)`` for a run of ``T`` steps with ``R`` refreshes. Its counter includes attention on the CPU
+(torch's counter has no formula for the CPU kernel of ``scaled_dot_product_attention``).
 """
 
 from __future__ import annotations
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+import dataclasses
+from collections.abc import Callable
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from ..cache_options import SkipCacheOptions, refresh_steps
+from ..caching import enable_skip_cache
 from ..unet import SkipUNet2DModel
 
 
@@ -49,4 +60,64 @@ def map_compute(unet: SkipUNet2DModel, sample_shape: tuple[int, ...], class_labe
         "flops_trained": flops["trained"],
         "flops_map": flops["map"],
         "flops_saved_fraction": 1.0 - flops["map"] / flops["trained"],
+    }
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter (convolutions, matmuls, attention), counting attention on the CPU as well."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops(call: Callable[[], object]) -> int:
+    """FLOPs of ``call()``, run without gradients."""
+    with torch.no_grad(), flop_counter() as counter:
+        call()
+    return int(counter.get_total_flops())
+
+
+def speedup_bound(interval: int, cached_fraction: float) -> float:
+    """The FLOP bound on the speed-up of refreshing every ``interval`` steps: N / (1 + (N - 1) f)."""
+    return interval / (1 + (interval - 1) * cached_fraction)
+
+
+def cache_compute(
+    unet: torch.nn.Module, options: SkipCacheOptions, args: tuple, kwargs: dict | None = None, num_steps: int = 50
+) -> dict:
+    """What a cached step of ``unet`` under ``options`` still computes, and the speed-up that bounds.
+
+    ``args``/``kwargs`` are one UNet call's inputs (e.g. ``(sample, timestep)`` and
+    ``{"encoder_hidden_states": ...}``); the count is of two calls, a refresh and a cached one.
+    Returns ``flops_full``, ``flops_cached``, ``cached_fraction`` (f), ``cached_bytes`` (the features
+    kept between refreshes, for this batch), ``num_steps``, ``refresh_steps`` (R of them in a run of
+    ``num_steps``), ``bound_interval`` (N / (1 + (N-1) f)) and ``bound_run`` (T / (R + (T - R) f), the
+    bound for that run's actual schedule). Works on the meta device (no compute, same counts).
+    """
+    kwargs = kwargs or {}
+    # Which modules a cached step skips depends on mode and branch only: probe with refresh, cached.
+    probe = dataclasses.replace(options, cache_interval=2, cache_schedule="uniform", cache_key_steps=None)
+    cache = enable_skip_cache(unet, probe)
+    try:
+        cache.start_run(2)
+        full = count_flops(lambda: unet(*args, **kwargs))
+        kept = cache.cached_bytes()  # what the refresh call left for the cached one
+        cache.end_step()
+        cached = count_flops(lambda: unet(*args, **kwargs))
+    finally:
+        cache.disable()
+    fraction = cached / full
+    refreshes = len(refresh_steps(options, num_steps))
+    return {
+        "flops_full": full,
+        "flops_cached": cached,
+        "cached_fraction": fraction,
+        "cached_bytes": kept,
+        "num_steps": num_steps,
+        "refresh_steps": refreshes,
+        "bound_interval": speedup_bound(options.cache_interval, fraction),
+        "bound_run": num_steps / (refreshes + (num_steps - refreshes) * fraction),
     }
