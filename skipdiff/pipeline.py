@@ -108,6 +108,7 @@ class SkipDiffPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         show_progress: bool = True,
+        cache=None,
     ):
         """Draw ``batch_size`` samples.
 
@@ -116,6 +117,9 @@ class SkipDiffPipeline(DiffusionPipeline):
             sampler: ``"ddpm"`` or ``"ddim"`` to sample with that scheduler built from the
                 pipeline's scheduler config; ``None`` uses the pipeline's scheduler as it is.
             output_type: ``"pil"``, ``"np"`` (B, H, W, C) in [0, 1], or ``"pt"`` (B, C, H, W) in [-1, 1].
+            cache: a :class:`~skipdiff.cache_options.SkipCacheOptions` to sample with skip-branch caching or
+                encoder propagation for this call (``skipdiff.caching``); None samples as the UNet is (a
+                cache put on it with ``enable_skip_cache`` follows this call's scheduler).
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
@@ -128,13 +132,16 @@ class SkipDiffPipeline(DiffusionPipeline):
         latents = randn_tensor((batch_size, config.in_channels, *size), generator=generator, device=self.device,
                                dtype=self.unet.dtype)  # fmt: skip
         latents = latents * scheduler.init_noise_sigma
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-        timesteps = self.progress_bar(scheduler.timesteps) if show_progress else scheduler.timesteps
-        for t in timesteps:
-            model_input = scheduler.scale_model_input(latents, t)
-            noise_pred = self.unet(model_input, t, class_labels=labels).sample
-            latents = scheduler.step(noise_pred, t, latents, generator=generator, **step_kwargs).prev_sample
+        from .caching import skip_cache
+
+        with skip_cache(self.unet, cache, scheduler):
+            scheduler.set_timesteps(num_inference_steps, device=self.device)
+            step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+            timesteps = self.progress_bar(scheduler.timesteps) if show_progress else scheduler.timesteps
+            for t in timesteps:
+                model_input = scheduler.scale_model_input(latents, t)
+                noise_pred = self.unet(model_input, t, class_labels=labels).sample
+                latents = scheduler.step(noise_pred, t, latents, generator=generator, **step_kwargs).prev_sample
         images = self.encoder().decode(latents).clamp(-1, 1)
         if output_type == "pt":
             result = images

@@ -506,3 +506,28 @@ def test_a_pipeline_level_cache_follows_a_scheduler_made_per_call(tiny_config):
     cache.disable()
     with skip_cache(pipe.unet, None, per_call) as attached:  # no cache on: the stock UNet
         assert attached is None
+
+
+def test_skipdiff_pipeline_samples_with_a_cache_for_one_call():
+    """SkipDiffPipeline(cache=...): interval 1 equals no cache; interval 3 differs and leaves no cache on."""
+    from diffusers import DDPMScheduler
+
+    from skipdiff.cache_options import SkipCacheOptions
+    from skipdiff.caching import skip_cache_of
+    from skipdiff.pipeline import SkipDiffPipeline
+
+    torch.manual_seed(0)
+    unet = SkipUNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                           layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)  # fmt: skip
+    pipe = SkipDiffPipeline(unet=unet, scheduler=DDPMScheduler())
+
+    def sample(cache):
+        return pipe(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(1), sampler="ddim",
+                    output_type="pt", show_progress=False, cache=cache).images  # fmt: skip
+
+    plain = sample(None)
+    assert torch.equal(sample(SkipCacheOptions(cache="skip_branch", cache_interval=1)), plain)
+    cached = sample(SkipCacheOptions(cache="skip_branch", cache_interval=3))
+    assert not torch.equal(cached, plain) and skip_cache_of(pipe) is None
+    assert torch.equal(sample(None), plain)
