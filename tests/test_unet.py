@@ -31,8 +31,22 @@ MODE_EXAMPLES = {
     "learned_channel": "learned_channel:init=0.5",
     "fourier": "fourier:backbone=1.4:skip=0.3",
     "bernoulli": "bernoulli:p=0.6",
+    "ramp": "ramp:low=1:high=0.25",
+    "adapter": "adapter:zero_init=false",  # a zero-initialised adapter leaves the output unchanged
 }
-EXTRA_VARIANTS = ["learned_channel:form=se", "bernoulli:p=0.6:rescale=true", "markov:rescale=true"]
+# The tiny inputs' timesteps are (666, 901): the windows below cover one example of two.
+EXTRA_VARIANTS = [
+    "learned_channel:form=se",
+    "bernoulli:p=0.6:rescale=true",
+    "markov:rescale=true",
+    "fourier:backbone=1.4:skip=0.3:structure=true",
+    "scale:0.5:t_max=800",
+    "learned:init=0.5:t_min=700",
+    "fourier:backbone=1.4:skip=0.3:t_min=700",
+    "ramp:low=1.5:high=0.5:learned=true",
+    "adapter:width=3",
+    "adapter:ratio=0.5:t_max=800",
+]
 
 
 def every_skip(entry: str, count: int = NUM_TINY_SKIPS) -> list[str]:
