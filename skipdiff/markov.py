@@ -210,12 +210,12 @@ class MarkovChain(nn.Module):
             backpointers.append(best_from)
         # Backtracking with 0-d tensors, not Python ints: nothing is read to the host, so the MAP path
         # costs no device sync and stays inside a compiled graph.
-        state = score.argmax()
+        state = score.argmax().view(1)  # (1,)
         path = [state]
         for best_from in reversed(backpointers):
-            state = best_from[state]
+            state = best_from.gather(0, state)  # (1,); not best_from[state], which reads the index
             path.append(state)
-        return torch.stack(path[::-1]).float()
+        return torch.cat(path[::-1]).float()
 
     # ---- learning from per-example losses ------------------------------------------------------
 

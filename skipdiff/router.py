@@ -180,6 +180,11 @@ class SkipRouter(nn.Module):
         # No tensor work here (see the module docstring): only note the inputs of this forward.
         self._timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         self.states = None if self._has_stochastic else {}
+        if self._has_stochastic and not self.training and self.inference == "sample":
+            # Draws from a torch.Generator cannot be traced: sampled here, the graph break they cost
+            # under torch.compile stays in this hook's frame instead of splitting the UNet's graph.
+            sample = args[0] if args else kwargs["sample"]
+            self.states = self.sample_states(sample.shape[0], sample.device)
         self.timesteps = None
         self.norms = {}
         return None
