@@ -160,6 +160,9 @@ class SkipGate(nn.Module):
         """A non-persistent buffer that moves with the module's device but keeps its dtype, so that a
         precomputed operator stays float32 when the model is cast to half precision. Being a buffer,
         it is on the right device before the first forward (nothing is built inside a compiled graph)."""
+        if tensor is not None and tensor.is_inference():  # built under inference_mode: usable by autograd later
+            with torch.inference_mode(False):
+                tensor = tensor.clone()
         self.register_buffer(name, tensor, persistent=False)
         self._constants = (*self._constants, name)
 
@@ -170,7 +173,8 @@ class SkipGate(nn.Module):
         finally:
             for name, tensor in held.items():
                 if tensor is not None:  # follow the device that fn moves a float tensor to
-                    tensor = tensor.to(fn(torch.empty(0, device=tensor.device)).device)
+                    with torch.inference_mode(False):
+                        tensor = tensor.to(fn(torch.empty(0, device=tensor.device)).device)
                 self._buffers[name] = tensor
 
 

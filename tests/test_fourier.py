@@ -134,6 +134,15 @@ def test_cache_built_under_inference_mode_serves_training():
     assert leaf_main.grad is not None and leaf_skip.grad is not None
 
 
+def test_gate_built_under_inference_mode_serves_training():
+    with torch.inference_mode():  # e.g. apply_skip_spec inside a sampling loop
+        g = gate(0.7, backbone=1.2)
+    main, skip = torch.randn(2, 6, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 8, requires_grad=True)
+    out_main, out_skip = g(main, skip)  # the constants built at construction, at the configured size
+    (out_main.sum() + out_skip.sum()).backward()
+    assert main.grad is not None and skip.grad is not None
+
+
 def test_non_contiguous_input_and_identity_factors():
     x = torch.randn(2, 4, 6, 10).to(memory_format=torch.channels_last)
     assert_matches(gate(0.3).filter_skip(x), fourier_filter(x, 1, 0.3), x)
