@@ -507,9 +507,9 @@ class FourierGate(SkipGate):
     precomputed (1, C, 1, 1) factor, bit-exact with diffusers.
 
     The operator for the skip's resolution in the model's config (:attr:`SkipInfo.resolution`, square)
-    is built here, so a compiled forward never builds one; another runtime size (a UNet run at a
-    size other than its ``sample_size``) builds and caches its operator on first use, which is
-    correct but, under ``torch.compile``, a graph break.
+    is built here, so a compiled forward never builds one. Another runtime size (a UNet run at a
+    size other than its ``sample_size``) builds and caches its operator on first use in eager mode;
+    under ``torch.compile`` it uses diffusers' FFT filter instead, which traces into the graph.
     """
 
     def __init__(
@@ -589,6 +589,8 @@ class FourierGate(SkipGate):
         dtype = torch.float64 if skip.dtype == torch.float64 else torch.float32
         if self._operator_size == (height, width) and dtype == torch.float32 and self._constants_on(skip.device):
             operator = None if self._operator_is_fft else (self.operator_left, self.operator_right)
+        elif torch.compiler.is_compiling():  # building an operator cannot be traced: the FFT can
+            operator = None
         else:  # another size or dtype: built and cached on first use
             operator = _fourier_window_operator(height, width, self.threshold, skip.device, dtype)
         if operator is None:

@@ -208,7 +208,7 @@ class MarkovChain(nn.Module):
             candidates = score[:, None] + log_t[k]  # (from, to)
             score, best_from = candidates.max(dim=0)
             backpointers.append(best_from)
-        # Backtracking with 0-d tensors, not Python ints: nothing is read to the host, so the MAP path
+        # Backtracking with (1,) tensors, not Python ints: nothing is read to the host, so the MAP path
         # costs no device sync and stays inside a compiled graph.
         state = score.argmax().view(1)  # (1,)
         path = [state]

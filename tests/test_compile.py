@@ -50,9 +50,11 @@ def inputs(config: dict, timesteps: list[int]) -> tuple[torch.Tensor, torch.Tens
     return sample, torch.tensor(timesteps)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_every_deterministic_gate_compiles_into_one_graph(training, deep_config):
-    model = SkipUNet2DModel(**deep_config, skips=DETERMINISTIC).train(training)
+@pytest.mark.parametrize(
+    "spec, training", [(DETERMINISTIC, True), (DETERMINISTIC, False), ("full", True)], ids=["train", "eval", "keep"]
+)
+def test_every_deterministic_gate_compiles_into_one_graph(spec, training, deep_config):
+    model = SkipUNet2DModel(**deep_config, skips=spec).train(training)
     explained = torch._dynamo.explain(model)(*inputs(deep_config, [100, 900]))
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
@@ -99,4 +101,17 @@ def test_stochastic_training_compiles_with_a_dynamic_batch_size(tiny_config):
             assert compiled(sample, timesteps).sample.shape == sample.shape
         assert sorted(model.skip_router.states) == list(range(model.num_skips))
         assert all(state.shape == (batch,) for state in model.skip_router.states.values())
+    assert counter.frame_count == 1
+
+
+def test_fourier_at_a_size_other_than_the_configured_one_compiles_into_one_graph(tiny_config):
+    # Operators are built with the gates for sample_size (8); at 12 x 12 the compiled forward uses
+    # diffusers' FFT filter rather than building one, and agrees with the eager forward.
+    model = SkipUNet2DModel(**tiny_config, skips="fourier:backbone=1.4:skip=0.3:structure=true").eval()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    sample = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([100, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(sample, timesteps).sample, model(sample, timesteps).sample)
     assert counter.frame_count == 1
