@@ -66,6 +66,10 @@ MODES = {
     "learned": "learned",
     "learned_channel": "learned_channel",
     "fourier": "fourier:backbone=1.5:skip=0.9",  # FreeU's SD1.5 stage-1 factors, on every skip
+    "fourier_v2": "fourier:backbone=1.5:skip=0.9:structure=true",  # FreeU v2's backbone factor
+    "adapter": "adapter",  # SC-Tuner bottleneck of the skip's width
+    "ramp": "ramp",  # a factor linear in the timestep
+    "window": "scale:0.7071:t_min=500",  # a constant scale on half the trajectory
     "bernoulli": "bernoulli",
     "markov": "markov",
 }

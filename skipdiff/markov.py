@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .seeding import rank_share
+from .seeding import rank_share, uniform
 
 CLOSED, OPEN = 0, 1
 
@@ -177,7 +177,7 @@ class MarkovChain(nn.Module):
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample one path per example: a float tensor (batch_size, K) of 0/1 on the chain's device."""
-        uniforms = rank_share(lambda n: torch.rand(n, self.num_links, generator=generator, device="cpu"), batch_size)
+        uniforms = rank_share(lambda n: uniform(n, self.num_links, generator, device="cpu"), batch_size)
         uniforms = uniforms.to(self.open_prob.device)
         states = torch.empty_like(uniforms)
         previous = None
@@ -208,12 +208,14 @@ class MarkovChain(nn.Module):
             candidates = score[:, None] + log_t[k]  # (from, to)
             score, best_from = candidates.max(dim=0)
             backpointers.append(best_from)
-        state = int(score.argmax())
+        # Backtracking with (1,) tensors, not Python ints: nothing is read to the host, so the MAP path
+        # costs no device sync and stays inside a compiled graph.
+        state = score.argmax().view(1)  # (1,)
         path = [state]
         for best_from in reversed(backpointers):
-            state = int(best_from[state])
+            state = best_from.gather(0, state)  # (1,); not best_from[state], which reads the index
             path.append(state)
-        return torch.tensor(path[::-1], dtype=torch.float32, device=self.open_prob.device)
+        return torch.cat(path[::-1]).float()
 
     # ---- learning from per-example losses ------------------------------------------------------
 

@@ -8,8 +8,12 @@ concatenates again. The UNet's own forward is untouched, so the same router work
 ``UNet2DModel``, ``UNet2DConditionModel`` and :class:`~skipdiff.unet.SkipUNet2DModel`, and a
 ``keep`` gate costs nothing (its hook returns at once).
 
-A second pre-hook on the UNet itself samples the per-example states of stochastic gates once per
-forward pass, so that a Markov chain can sample all skips of an example jointly.
+A second pre-hook on the UNet itself notes the forward's timestep and starts a new forward pass: the
+per-example states of stochastic gates (sampled once per forward, so that a Markov chain can sample
+all skips of an example jointly) and the (B,) timesteps that timestep-dependent gates need are made
+by the first resnet hook that asks for them. That pre-hook does no tensor work on purpose: under
+``torch.compile`` a module's own hooks run as separate frames, and any op there would be a graph of
+its own, while the resnet hooks are traced inside the UNet's graph.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 
 from .gates import SkipInfo, SkipSpec, build_gate, format_entry, resolve_spec
 from .markov import MarkovChain, check_options
-from .seeding import rank_share
+from .seeding import rank_share, uniform
 
 INFERENCE_MODES = ("expected", "map", "sample")
 
@@ -66,6 +70,21 @@ def discover_skips(unet: nn.Module) -> list[SkipInfo]:
     return skips
 
 
+def batch_timesteps(timestep, batch_size: int, device: torch.device) -> torch.Tensor:
+    """A forward's ``timestep`` argument as a (B,) tensor on ``device``: a number, a 0-d or a (1,) tensor
+    is broadcast to the batch, as diffusers' UNets do; a (B,) tensor is kept (no value is read)."""
+    if timestep is None:
+        raise RuntimeError("a timestep-dependent skip gate needs the UNet's timestep argument, got none")
+    if not torch.is_tensor(timestep):
+        timestep = torch.tensor(timestep, device=device)
+    timestep = timestep.to(device).reshape(-1)  # (1,) or (B,)
+    if timestep.shape[0] == 1:
+        return timestep.expand(batch_size)
+    if timestep.shape[0] != batch_size:
+        raise ValueError(f"the timestep has {timestep.shape[0]} values for a batch of {batch_size}")
+    return timestep
+
+
 class _ResnetHook:
     """Forward pre-hook on the resnet that receives skip ``index``: gate (backbone, skip)."""
 
@@ -80,7 +99,9 @@ class _ResnetHook:
         hidden, *rest = args
         split = router.skips[index].main_channels
         main, skip = hidden[:, :split], hidden[:, split:]
-        main, skip = gate(main, skip, router.states.get(index))
+        state = router.state_of(index, hidden) if gate.stochastic else None
+        timestep = router.timesteps_of(hidden) if gate.needs_timestep else None
+        main, skip = gate(main, skip, state, timestep)
         if router.record_norms:
             router.norms[index] = (main.detach().float().norm(), skip.detach().float().norm())
         return (torch.cat([main, skip], dim=1), *rest), kwargs
@@ -113,7 +134,11 @@ class SkipRouter(nn.Module):
         self.last_path: torch.Tensor | None = None  # (B, K_markov) 0/1 path of the last training forward
         self.inference = "expected"
         self.inference_generator: torch.Generator | None = None
-        self.states: dict[int, torch.Tensor] = {}  # per-example state of each stochastic gate, this forward
+        # Per-example state of each stochastic gate in this forward (None: not sampled yet).
+        self.states: dict[int, torch.Tensor] | None = {}
+        self._has_stochastic = any(g.stochastic for g in self.gates)
+        self.timesteps: torch.Tensor | None = None  # (B,) timesteps of this forward, once a gate asked
+        self._timestep = None  # the forward's timestep argument as given (tensor or number)
         self.record_norms = False
         self.norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
@@ -152,10 +177,29 @@ class SkipRouter(nn.Module):
         self.inference_generator = torch.Generator().manual_seed(seed or 0) if mode == "sample" else None
 
     def _begin_forward(self, unet, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self.states = self.sample_states(sample.shape[0], sample.device)
+        # No tensor work here (see the module docstring): only note the inputs of this forward.
+        self._timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self.states = None if self._has_stochastic else {}
+        if self._has_stochastic and not self.training and self.inference == "sample":
+            # Draws from a torch.Generator cannot be traced: sampled here, the graph break they cost
+            # under torch.compile stays in this hook's frame instead of splitting the UNet's graph.
+            sample = args[0] if args else kwargs["sample"]
+            self.states = self.sample_states(sample.shape[0], sample.device)
+        self.timesteps = None
         self.norms = {}
         return None
+
+    def state_of(self, index: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The state of stochastic skip ``index`` in this forward; the first call samples every skip's."""
+        if self.states is None:
+            self.states = self.sample_states(hidden.shape[0], hidden.device)
+        return self.states.get(index)
+
+    def timesteps_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This forward's timesteps as a (B,) tensor on ``hidden``'s device (made on the first call)."""
+        if self.timesteps is None:
+            self.timesteps = batch_timesteps(self._timestep, hidden.shape[0], hidden.device)
+        return self.timesteps
 
     def sample_states(self, batch_size: int, device: torch.device) -> dict[int, torch.Tensor]:
         """Per-example states (B,) of every stochastic gate for one forward pass, made on the device
@@ -173,7 +217,7 @@ class SkipRouter(nn.Module):
         keep = self.keep_probabilities().to(device)  # (K,)
         if self.training or self.inference == "sample":
             generator = None if self.training else self.inference_generator
-            draws = rank_share(lambda n: torch.rand(n, len(self.gates), generator=generator), batch_size)
+            draws = rank_share(lambda n: uniform(n, len(self.gates), generator), batch_size)
             states = (draws.to(device) < keep).float()  # (B, K)
             if self.chain is not None:
                 path = self.chain.sample(batch_size, generator)  # (B, K_markov), unscaled 0/1

@@ -3,6 +3,7 @@
 * :func:`rank_share`: each data-parallel process draws the whole global batch's random numbers from a
   generator every process seeds alike and keeps its own slice, so N processes consume the same numbers,
   example for example, as one process with the global batch (noise, timesteps, gate states).
+* :func:`uniform`: ``torch.rand`` that also compiles with a dynamic batch size.
 * :func:`derived_seed`: a seed for one (epoch or step, stream) of a run, so that a resumed run replays
   the same data order and gate draws without having saved a generator's state.
 """
@@ -29,6 +30,19 @@ def rank_share(draw, batch_size: int):
     if size == 1:
         return draw(batch_size)
     return draw(size * batch_size)[rank * batch_size : (rank + 1) * batch_size]
+
+
+def uniform(rows, columns: int, generator=None, device=None):
+    """``torch.rand(rows, columns)`` from ``generator`` (the global RNG when None).
+
+    The generator argument is left out when there is none: ``torch.rand(n, k, generator=None)`` takes
+    its generator overload, which accepts no symbolic sizes, and fails under ``torch.compile`` with a
+    dynamic batch size."""
+    import torch
+
+    if generator is None:
+        return torch.rand(rows, columns, device=device)
+    return torch.rand(rows, columns, generator=generator, device=device)
 
 
 def derived_seed(seed: int, index: int, stream: int) -> int:

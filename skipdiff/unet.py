@@ -124,8 +124,9 @@ class SkipUNet2DModel(UNet2DModel):
 
     Args:
         skips: the skip specification: a preset name (``"full"``, ``"none"``, ``"scalelong"``,
-            ``"freeu"``, ``"outer-only"``, ``"inner-only"``, ...), one mode for all skips
-            (``"zero"``, ``"scale:0.7"``), or one entry per skip. Stored resolved, one dict per skip.
+            ``"freeu"``, ``"freeu2"``, ``"linear"``, ``"outer-only"``, ``"inner-only"``, ...), one mode
+            for all skips (``"zero"``, ``"scale:0.7"``, ``"adapter"``, ``"scale:0.5:t_min=500"``), or one
+            entry per skip. Stored resolved, one dict per skip.
         residual_shortcuts: ``{"down": bool, "mid": bool, "up": bool}``; ``False`` disables the
             shortcut of every resnet block in that part (for vanishing-gradient studies).
         markov: options of the Markov chain used by ``markov`` gates (see :mod:`skipdiff.markov`).

@@ -134,9 +134,47 @@ def test_cache_built_under_inference_mode_serves_training():
     assert leaf_main.grad is not None and leaf_skip.grad is not None
 
 
+def test_gate_built_under_inference_mode_serves_training():
+    with torch.inference_mode():  # e.g. apply_skip_spec inside a sampling loop
+        g = gate(0.7, backbone=1.2)
+    main, skip = torch.randn(2, 6, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 8, requires_grad=True)
+    out_main, out_skip = g(main, skip)  # the constants built at construction, at the configured size
+    (out_main.sum() + out_skip.sum()).backward()
+    assert main.grad is not None and skip.grad is not None
+
+
 def test_non_contiguous_input_and_identity_factors():
     x = torch.randn(2, 4, 6, 10).to(memory_format=torch.channels_last)
     assert_matches(gate(0.3).filter_skip(x), fourier_filter(x, 1, 0.3), x)
     main, skip = torch.randn(2, 6, 8, 8), torch.randn(2, 4, 8, 8)
     out_main, out_skip = build_gate({"mode": "fourier"}, INFO)(main, skip)  # b = s = 1
     assert out_main is main and out_skip is skip
+
+
+def test_operator_for_the_configured_resolution_is_built_with_the_gate():
+    # Built at construction (INFO.resolution = 8), so a compiled forward never builds one.
+    g = gate(0.4, backbone=1.3)
+    assert g.operator_left.shape == (64, 7) and g.operator_right.shape == (7, 64)
+    assert g.backbone_factor.shape == (1, INFO.main_channels, 1, 1)
+    assert "operator_left" not in g.state_dict()  # derived from the config, never saved
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert_matches(g.filter_skip(x), fourier_filter(x, 1, 0.4), x)
+    # Factors of 1 need no constants; a model without a sample_size builds them on first use.
+    assert gate(1.0).operator_left is None and gate(0.4).backbone_factor is None
+    unsized = SkipInfo(index=0, up_block=0, layer=0, source="conv_in", resolution=0, skip_channels=4, main_channels=6)
+    g = FourierGate(unsized, skip=0.4)
+    assert g.operator_left is None
+    assert_matches(g.filter_skip(x), fourier_filter(x, 1, 0.4), x)
+
+
+def test_casting_the_gate_moves_its_constants_but_keeps_them_float32():
+    g = gate(0.4, backbone=0.9).to(torch.bfloat16)
+    assert g.operator_left.dtype == g.operator_right.dtype == g.backbone_factor.dtype == torch.float32
+    main = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    skip = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    out_main, out_skip = g(main, skip)
+    ref_main = main.clone()
+    ref_main[:, :3] = ref_main[:, :3] * 0.9
+    assert torch.equal(out_main, ref_main)
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(out_skip.double(), fourier_filter(skip, 1, 0.4).double(), rtol=eps, atol=4 * eps)

@@ -7,7 +7,8 @@ import re
 
 import pytest
 import torch
-from diffusers.utils.torch_utils import apply_freeu
+from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import apply_freeu, fourier_filter
 
 from skipdiff import (
     GATES,
@@ -19,7 +20,9 @@ from skipdiff import (
     register_preset,
     resolve_spec,
 )
+from skipdiff.diffusion import per_example_loss
 from skipdiff.gates import build_gate
+from skipdiff.router import batch_timesteps
 
 torch.set_num_threads(1)
 
@@ -109,6 +112,127 @@ def test_stochastic_gate_multiplies_each_example_by_its_state():
             gate(main, skip, None)
 
 
+def freeu2_backbone(h: torch.Tensor, b: float) -> torch.Tensor:
+    """FreeU v2's backbone factor written out from the formula in the FreeU README: the mean over
+    channels, min-max normalised over each example's positions, gives (b - 1) * m + 1 on the first
+    half of the channels."""
+    m = h.mean(dim=1)  # (B, H, W)
+    low = m.flatten(1).min(dim=1).values[:, None, None]
+    high = m.flatten(1).max(dim=1).values[:, None, None]
+    normalized = (m - low) / (high - low)
+    out = h.clone()
+    half = h.shape[1] // 2
+    out[:, :half] = h[:, :half] * ((b - 1) * normalized + 1)[:, None]
+    return out
+
+
+@pytest.mark.parametrize("b", [1.5, 0.7])
+def test_freeu2_backbone_factor_equals_the_published_formula(b):
+    main, skip = tensors()
+    gate = build_gate({"mode": "fourier", "backbone": b, "skip": 0.9, "structure": True}, INFO)
+    out_main, out_skip = gate(main, skip)
+    assert torch.equal(out_main, freeu2_backbone(main, b))
+    # Structure-aware: per example and position the factor runs from 1 (weakest mean activation) to b
+    # (strongest), while v1 multiplies every position by b; the other half of the channels is untouched.
+    factor = out_main[:, :3] / main[:, :3]  # (B, 3, H, W), equal over the channels
+    mean = main.mean(dim=1).flatten(1)
+    for example in range(main.shape[0]):
+        flat = factor[example, 0].flatten()
+        assert flat[mean[example].argmax()] == pytest.approx(b, abs=1e-5)
+        assert flat[mean[example].argmin()] == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(out_main[:, 3:], main[:, 3:])
+    v1_main, v1_skip = build_gate({"mode": "fourier", "backbone": b, "skip": 0.9}, INFO)(main, skip)
+    assert not torch.allclose(out_main, v1_main)
+    assert torch.equal(out_skip, v1_skip)  # the skip is filtered as in v1
+    torch.testing.assert_close(out_skip, fourier_filter(skip, threshold=1, scale=0.9), atol=1e-5, rtol=1e-5)
+
+
+def test_freeu2_on_a_constant_map_is_v1_with_finite_gradients():
+    info = SkipInfo(index=0, up_block=0, layer=0, source="conv_in", resolution=1, skip_channels=4, main_channels=6)
+    main = torch.randn(2, 6, 1, 1, requires_grad=True)  # 1 x 1: max == min, the formula's 0 / 0
+    out, _ = build_gate({"mode": "fourier", "backbone": 1.5, "structure": True}, info)(main, torch.randn(2, 4, 1, 1))
+    assert torch.equal(out[:, :3], main[:, :3] * 1.5) and torch.equal(out[:, 3:], main[:, 3:])
+    out.sum().backward()
+    assert torch.isfinite(main.grad).all()
+
+
+WINDOWED = [
+    {"mode": "zero"},
+    {"mode": "scale", "factor": 0.5},
+    {"mode": "learned", "init": 0.5},
+    {"mode": "learned_channel", "init": 2.0},
+    {"mode": "fourier", "backbone": 1.3, "skip": 0.4, "structure": True},
+    {"mode": "adapter", "zero_init": False},
+    {"mode": "ramp", "low": 2.0, "high": 0.5},
+]
+
+
+@pytest.mark.parametrize("entry", WINDOWED, ids=[e["mode"] for e in WINDOWED])
+def test_timestep_window_acts_inside_and_leaves_the_rest_bit_identical(entry):
+    main, skip = tensors(batch=4)
+    timesteps = torch.tensor([100, 500, 799, 800])  # [t_min, t_max) = [500, 800) holds examples 1 and 2
+    windowed = build_gate({**entry, "t_min": 500, "t_max": 800}, INFO)
+    plain = build_gate(entry, INFO)
+    plain.load_state_dict(windowed.state_dict())
+    assert windowed.needs_timestep and (plain.needs_timestep == (entry["mode"] == "ramp"))
+    out, ref = windowed(main, skip, None, timesteps), plain(main, skip, None, timesteps)
+    inside, outside = [1, 2], [0, 3]
+    for got, expected, original in zip(out, ref, (main, skip), strict=True):
+        assert torch.equal(got[inside], expected[inside])
+        assert torch.equal(got[outside], original[outside])
+    assert not torch.equal(out[1][inside], skip[inside])  # the gate does act inside
+    with pytest.raises(RuntimeError, match="timesteps"):
+        windowed(main, skip)
+
+
+def test_ramp_factor_is_linear_in_t_between_its_anchors():
+    entry = {"mode": "ramp", "low": 1.0, "high": 0.5, "t_low": 100, "t_high": 900}
+    timesteps = torch.tensor([0, 100, 300, 500, 900, 999])
+    expected = torch.tensor([1.0, 1.0, 0.875, 0.75, 0.5, 0.5])  # clamped outside [t_low, t_high]
+    main, skip = tensors(batch=6)
+    for gate in (build_gate(entry, INFO), build_gate({**entry, "learned": True}, INFO)):
+        assert torch.equal(gate.factor(timesteps), expected)
+        out_main, out_skip = gate(main, skip, None, timesteps)
+        assert torch.equal(out_main, main) and torch.equal(out_skip, skip * expected[:, None, None, None])
+    # Learned: two scalars, the factors at t_low and at t_high, each with its share of the gradient.
+    assert [p.numel() for p in gate.parameters()] == [2]
+    out_skip.sum().backward()
+    fraction = torch.tensor([0.0, 0.0, 0.25, 0.5, 1.0, 1.0])
+    per_example = skip.sum(dim=(1, 2, 3))
+    expected_grad = torch.stack([((1 - fraction) * per_example).sum(), (fraction * per_example).sum()])
+    torch.testing.assert_close(gate.factors.grad, expected_grad)
+
+
+def test_adapter_is_a_zero_initialised_residual_bottleneck():
+    main, skip = tensors()
+    gate = build_gate({"mode": "adapter", "width": 3}, INFO)
+    out_main, out_skip = gate(main, skip)
+    assert torch.equal(out_main, main) and torch.equal(out_skip, skip)  # freshly attached: the identity
+    channels, width = INFO.skip_channels, 3
+    assert sum(p.numel() for p in gate.parameters()) == 2 * channels * width + width + channels
+    # With trained weights: skip + W2 GELU(W1 skip + b1) + b2, 1x1 convolutions over the skip's channels.
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_()
+    w1, b1 = gate.down.weight[:, :, 0, 0], gate.down.bias
+    w2, b2 = gate.up.weight[:, :, 0, 0], gate.up.bias
+    hidden = torch.einsum("wc,bchv->bwhv", w1, skip) + b1[None, :, None, None]
+    expected = skip + torch.einsum("cw,bwhv->bchv", w2, torch.nn.functional.gelu(hidden)) + b2[None, :, None, None]
+    torch.testing.assert_close(gate(main, skip)[1], expected, atol=1e-5, rtol=1e-5)
+    # The width: given, or the ratio times the skip's channels (at least 1).
+    assert [build_gate({"mode": "adapter", **o}, INFO).width for o in ({}, {"ratio": 0.5}, {"ratio": 0.01})] == [4, 2, 1]
+
+
+def test_batch_timesteps_broadcasts_one_timestep_and_refuses_a_wrong_count():
+    expected = torch.tensor([7, 7, 7])
+    for timestep in (7, torch.tensor(7), torch.tensor([7])):
+        assert torch.equal(batch_timesteps(timestep, 3, torch.device("cpu")), expected)
+    per_example = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(batch_timesteps(per_example, 3, torch.device("cpu")), per_example)
+    with pytest.raises(ValueError, match="2 values for a batch of 3"):
+        batch_timesteps(torch.tensor([1, 2]), 3, torch.device("cpu"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +287,22 @@ INVALID_SPECS = [
     (["learned:init=inf"] * 4, "inf"),
     ("learned_channel:form=conv", "conv"),
     ([{"factor": 0.5}] * 4, "factor"),  # an entry without a mode
+    ("scale:0.5:t_min=800:t_max=100", "t_min=800"),  # an empty timestep window
+    ("scale:0.5:t_max=-1", "-1"),
+    ("learned:t_min=nan", "nan"),
+    ("keep:t_min=500", "t_min"),  # nothing to switch
+    ("bernoulli:p=0.5:t_max=500", "t_max"),  # stochastic gates take no window
+    ("remove:t_min=1", "t_min"),
+    ("markov:t_min=500", "markov"),  # nor does a preset of them
+    ("stochastic-depth:t_max=500", "bernoulli"),
+    ("ramp:t_low=900:t_high=100", "900"),
+    ("ramp:low=-1", "-1"),  # a fixed factor is a scale (a learned one may start anywhere)
+    ("adapter:width=-2", "-2"),
+    ("adapter:width=1.5", "1.5"),
+    ("fourier:structure=maybe", "maybe"),
+    ("linear:inner=nan", "nan"),
+    ("linear:deepest=0.5", "deepest"),
+    ("freeu2:structure=false", "structure"),  # freeu2 is the structure-aware preset
 ]
 
 
@@ -248,6 +388,82 @@ def test_outer_and_inner_only_keep_one_resolution(deep_config):
         assert 0 < modes.count("keep") < len(skips)
 
 
+@pytest.mark.parametrize("outer, inner", [(1.0, 0.5), (0.25, 1.0)])
+def test_linear_profile_scales_skip_k_linearly_in_depth(outer, inner, deep_config, make_inputs):
+    model = SkipUNet2DModel(**deep_config, skips=f"linear:outer={outer}:inner={inner}").eval()
+    count = model.num_skips
+    assert [e["mode"] for e in model.config.skips] == ["scale"] * count
+    factors = [e["factor"] for e in model.config.skips]
+    # Exact: inner at the innermost skip (0), outer at the outermost (K-1), equal steps between.
+    assert factors == [inner + (outer - inner) * k / (count - 1) for k in range(count)]
+    assert factors[0] == inner and factors[-1] == outer
+    steps = [b - a for a, b in itertools.pairwise(factors)]
+    assert steps == pytest.approx([(outer - inner) / (count - 1)] * (count - 1), abs=1e-12)
+    # In the forward pass, skip k reaches its resnet multiplied by its factor.
+    keep = SkipUNet2DModel(**deep_config).eval()
+    keep.load_state_dict(model.state_dict())
+    for m in (model, keep):
+        m.skip_router.record_norms = True
+        run(m, make_inputs(deep_config))
+    for k in range(count):
+        ratio = model.skip_router.norms[k][1] / keep.skip_router.norms[k][1]
+        assert float(ratio) == pytest.approx(factors[k], rel=1e-5)
+
+
+def test_freeu2_preset_is_freeu_with_the_structure_aware_factor(deep_config):
+    skips = SkipUNet2DModel(**deep_config).skip_router.skips
+    options = "b1=1.1:b2=1.2:s1=0.5:s2=0.6"
+    v1, v2 = resolve_spec(f"freeu:{options}", skips), resolve_spec(f"freeu2:{options}", skips)
+    assert resolve_spec(f"freeu:{options}:structure=true", skips) == v2
+    for entry_v1, entry_v2 in zip(v1, v2, strict=True):
+        expected = {**entry_v1, "structure": True} if entry_v1["mode"] == "fourier" else entry_v1
+        assert entry_v2 == expected
+    assert sum(e["mode"] == "fourier" for e in v2) == 6  # the first two up blocks' skips
+
+
+def test_a_preset_window_goes_on_every_entry_that_acts(deep_config):
+    skips = SkipUNet2DModel(**deep_config).skip_router.skips
+    freeu = resolve_spec("freeu2:t_min=500", skips)
+    assert [e for e in freeu if e["mode"] == "keep"] == [{"mode": "keep"}] * 3  # keep stays keep
+    assert freeu == [e if e["mode"] == "keep" else {**e, "t_min": 500} for e in resolve_spec("freeu2", skips)]
+    linear = resolve_spec("linear:inner=0.5:t_min=100:t_max=300", skips)
+    assert linear == [{**e, "t_min": 100, "t_max": 300} for e in resolve_spec("linear:inner=0.5", skips)]
+    # One mode for all, a one-mode preset and an entry list say the same thing.
+    expected = [{"mode": "zero", "t_min": 500}] * len(skips)
+    assert resolve_spec("zero:t_min=500", skips) == resolve_spec("none:t_min=500", skips) == expected
+    assert resolve_spec(["zero:t_min=500"] * len(skips), skips) == expected
+
+
+@pytest.mark.parametrize("form", ["per-example", "0-d tensor", "one-element tensor", "int", "keywords"])
+def test_router_hands_each_forward_timesteps_to_the_gates_that_need_them(form, tiny_config, make_inputs):
+    model = SkipUNet2DModel(**tiny_config, skips=["keep", "ramp", "scale:0.5:t_min=500", "zero"]).eval()
+    sample, _ = make_inputs(tiny_config, batch=3)
+    timestep = {
+        "per-example": torch.tensor([600, 600, 600]),
+        "0-d tensor": torch.tensor(600),
+        "one-element tensor": torch.tensor([600]),
+        "int": 600,
+        "keywords": torch.tensor(600),
+    }[form]
+    if form == "keywords":
+        out = model(sample=sample, timestep=timestep).sample
+    else:
+        out = model(sample, timestep).sample
+    assert torch.equal(model.skip_router.timesteps, torch.tensor([600, 600, 600]))
+    # The same output as giving every example its own copy of the timestep.
+    assert torch.equal(out, model(sample, torch.tensor([600, 600, 600])).sample)
+    # Another forward, other timesteps: the window now closes for the examples below t_min.
+    model(sample, torch.tensor([100, 600, 900]))
+    assert torch.equal(model.skip_router.timesteps, torch.tensor([100, 600, 900]))
+
+
+def test_gates_that_need_no_timestep_leave_the_router_without_one(tiny_config, make_inputs):
+    model = SkipUNet2DModel(**tiny_config, skips=["keep", "zero", "scale:0.5", "learned"])
+    run(model, make_inputs(tiny_config))
+    assert model.skip_router.timesteps is None
+    assert not any(g.needs_timestep for g in model.skip_router.gates)
+
+
 # --------------------------------------------------------------------------------------------------
 # Learned gates
 # --------------------------------------------------------------------------------------------------
@@ -272,6 +488,37 @@ def test_zero_initialised_learned_gates_close_the_skip_and_still_learn(spec, tin
     assert len(gate_params) == model.num_skips
     for name, p in gate_params:
         assert p.grad is not None and (p.grad != 0).all(), name
+
+
+TIMESTEP_LEARNED = ["ramp:low=1:high=0.5:learned=true", "learned:init=1:t_min=500", "adapter:t_max=500", "learned_channel:t_max=300"]
+
+
+def test_training_timestep_dependent_learned_gates_changes_their_parameters(tiny_config):
+    # Nothing in the loop knows about timestep gates: the router reads the timestep from the forward.
+    model = SkipUNet2DModel(**tiny_config, skips=TIMESTEP_LEARNED).train()
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {name: p.detach().clone() for name, p in model.skip_router.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    timesteps = torch.tensor([100, 400, 600, 900])  # inside and outside every window
+    for _ in range(3):
+        images = torch.randn(4, 3, 8, 8, generator=generator)
+        noise = torch.randn(4, 3, 8, 8, generator=generator)
+        loss = per_example_loss(model, scheduler, images, noise, timesteps).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # Every gate parameter moved, the adapter's first conv too once its zero-initialised second had.
+    moved = [name for name, p in model.skip_router.named_parameters() if not torch.equal(p, before[name])]
+    assert moved == list(before)
+
+    # A windowed gate learns from the examples inside its window only.
+    model.zero_grad()
+    images, noise = torch.randn(4, 3, 8, 8, generator=generator), torch.randn(4, 3, 8, 8, generator=generator)
+    per_example_loss(model, scheduler, images, noise, torch.tensor([10, 100, 200, 499])).mean().backward()
+    gates = model.skip_router.gates
+    assert float(gates[1].alpha.grad) == 0.0  # t_min=500: no example inside
+    assert (gates[0].factors.grad != 0).all() and (gates[3].weight.grad != 0).any()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ save/load round trips (model and pipelines), FreeU parity, residual shortcuts, s
 
 from __future__ import annotations
 
+import diffusers.models.unets.unet_2d_blocks
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.utils.torch_utils import fourier_filter
 
 from skipdiff import GATES, PRESETS, SkipUNet2DModel, apply_skip_spec
 
@@ -31,8 +33,22 @@ MODE_EXAMPLES = {
     "learned_channel": "learned_channel:init=0.5",
     "fourier": "fourier:backbone=1.4:skip=0.3",
     "bernoulli": "bernoulli:p=0.6",
+    "ramp": "ramp:low=1:high=0.25",
+    "adapter": "adapter:zero_init=false",  # a zero-initialised adapter leaves the output unchanged
 }
-EXTRA_VARIANTS = ["learned_channel:form=se", "bernoulli:p=0.6:rescale=true", "markov:rescale=true"]
+# The tiny inputs' timesteps are (666, 901): the windows below cover one example of two.
+EXTRA_VARIANTS = [
+    "learned_channel:form=se",
+    "bernoulli:p=0.6:rescale=true",
+    "markov:rescale=true",
+    "fourier:backbone=1.4:skip=0.3:structure=true",
+    "scale:0.5:t_max=800",
+    "learned:init=0.5:t_min=700",
+    "fourier:backbone=1.4:skip=0.3:t_min=700",
+    "ramp:low=1.5:high=0.5:learned=true",
+    "adapter:width=3",
+    "adapter:ratio=0.5:t_max=800",
+]
 
 
 def every_skip(entry: str, count: int = NUM_TINY_SKIPS) -> list[str]:
@@ -251,8 +267,9 @@ def test_pipeline_round_trip_keeps_spec_and_samples(
     assert not np.array_equal(sample(pipeline_cls(unet=full, scheduler=pipe.scheduler)), images)
 
 
-def test_freeu_spec_reproduces_diffusers_enable_freeu():
-    unet = UNet2DConditionModel(
+def tiny_condition_unet() -> UNet2DConditionModel:
+    """A tiny Stable-Diffusion-style UNet (sample_size 16) with diffusers' FreeU path."""
+    return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -264,8 +281,15 @@ def test_freeu_spec_reproduces_diffusers_enable_freeu():
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()
+
+
+# 16: the configured sample_size (the FreeU operators built with the gates serve); 24 and 8: another
+# runtime size, whose operators are built on first use.
+@pytest.mark.parametrize("size", [16, 24, 8])
+def test_freeu_spec_reproduces_diffusers_enable_freeu(size):
+    unet = tiny_condition_unet()
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    sample = torch.randn(2, 4, size, size, generator=generator)
     context = torch.randn(2, 5, 8, generator=generator)
 
     def forward() -> torch.Tensor:
@@ -292,6 +316,115 @@ def test_freeu_spec_reproduces_diffusers_enable_freeu():
     state_after = unet.state_dict()
     assert state_after.keys() == state_before.keys()
     assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
+
+
+def freeu2_apply(resolution_idx, hidden_states, res_hidden_states, **factors):
+    """diffusers' ``apply_freeu`` with FreeU v2's backbone factor, written from the FreeU README:
+    ``h[:, :C/2] *= (b - 1) * minmax(mean_c(h)) + 1``, the min-max over each example's positions."""
+    if resolution_idx not in (0, 1):
+        return hidden_states, res_hidden_states
+    b, s = factors[f"b{resolution_idx + 1}"], factors[f"s{resolution_idx + 1}"]
+    m = hidden_states.mean(dim=1)  # (B, H, W)
+    low = m.flatten(1).min(dim=1).values[:, None, None]
+    high = m.flatten(1).max(dim=1).values[:, None, None]
+    half = hidden_states.shape[1] // 2
+    hidden_states[:, :half] = hidden_states[:, :half] * ((b - 1) * ((m - low) / (high - low)) + 1)[:, None]
+    return hidden_states, fourier_filter(res_hidden_states, threshold=1, scale=s)
+
+
+def test_freeu2_spec_equals_diffusers_freeu_path_with_the_v2_formula(monkeypatch):
+    unet = tiny_condition_unet()
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    context = torch.randn(2, 5, 8, generator=generator)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return unet(sample, torch.tensor([10, 500]), encoder_hidden_states=context).sample
+
+    b1, b2, s1, s2 = 1.3, 1.4, 0.9, 0.2
+    plain = forward()
+    # The reference: diffusers' own FreeU hook points (the first two up blocks) running the v2 formula.
+    monkeypatch.setattr(diffusers.models.unets.unet_2d_blocks, "apply_freeu", freeu2_apply)
+    unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+    reference = forward()
+    unet.disable_freeu()
+    monkeypatch.undo()
+    unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+    v1 = forward()
+    unet.disable_freeu()
+
+    router = apply_skip_spec(unet, f"freeu2:b1={b1}:b2={b2}:s1={s1}:s2={s2}")
+    assert [g.structure for g in router.gates if g.mode == "fourier"] == [True] * 4
+    gated = forward()
+    torch.testing.assert_close(gated, reference, atol=1e-5, rtol=0)
+    assert (gated - v1).abs().max() > 1e-3  # v2 differs from v1
+    router.detach()
+    assert torch.equal(forward(), plain)
+
+
+# Modes and presets added with timestep windows, profiles and adapters, as entries for the tiny UNet.
+ATTACHABLE = {
+    "ramp": every_skip("ramp:low=1:high=0.25"),
+    "ramp-learned-window": every_skip("ramp:learned=true:t_min=700"),
+    "adapter": every_skip("adapter:zero_init=false:width=3"),
+    "fourier-v2-window": every_skip("fourier:backbone=1.4:skip=0.3:structure=true:t_max=800"),
+    "linear": "linear:outer=1:inner=0.25",
+    "freeu2": "freeu2",
+    "scalelong-window": "scalelong:kappa=0.5:t_min=700",
+}
+
+
+@pytest.mark.parametrize("spec", list(ATTACHABLE.values()), ids=list(ATTACHABLE))
+def test_new_modes_attach_to_a_stock_unet_and_detach_bit_for_bit(spec, tiny_config, make_inputs):
+    stock = UNet2DModel(**tiny_config).eval()
+    inputs = make_inputs(tiny_config)  # timesteps (666, 901): the windows hold one example
+    state_before = {k: v.clone() for k, v in stock.state_dict().items()}
+    plain = run(stock, inputs)
+    router = apply_skip_spec(stock, spec)
+    gated = run(stock, inputs)
+    assert not torch.allclose(gated, plain)
+    # The same gates as a SkipUNet2DModel config give the same output.
+    model = SkipUNet2DModel(**tiny_config, skips=spec).eval()
+    shared_weights(stock, model)
+    model.skip_router.load_state_dict(router.state_dict())
+    assert torch.equal(run(model, inputs), gated)
+    router.detach()
+    assert torch.equal(run(stock, inputs), plain)
+    state_after = stock.state_dict()
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
+
+
+def test_a_fresh_adapter_leaves_a_pretrained_model_bit_identical(tiny_config, make_inputs):
+    stock = UNet2DModel(**tiny_config)
+    inputs = make_inputs(tiny_config)
+    plain = run(stock, inputs)
+    router = apply_skip_spec(stock, "adapter")
+    assert torch.equal(run(stock, inputs), plain)
+    # ... in training mode too, and its output layers get a gradient from the first step.
+    out = run(stock, inputs)
+    out.sum().backward()
+    assert all(gate.up.weight.grad.abs().sum() > 0 for gate in router.gates)
+    router.detach()
+    # A SkipUNet2DModel built with adapters on the same backbone: the same bits.
+    model = SkipUNet2DModel(**tiny_config, skips="adapter")
+    shared_weights(stock, model)
+    assert torch.equal(run(model, inputs), plain)
+
+
+@pytest.mark.parametrize("options", ["", ":ratio=0.5", ":width=5"])
+def test_adapter_parameters_are_counted_exactly(options, deep_config):
+    keep = SkipUNet2DModel(**deep_config)
+    model = SkipUNet2DModel(**deep_config, skips=f"adapter{options}")
+    ratio, width = {"": (1.0, 0), ":ratio=0.5": (0.5, 0), ":width=5": (1.0, 5)}[options]
+    expected = 0
+    for info in keep.skip_router.skips:  # per skip: W1 (C x w) + b1 (w) + W2 (w x C) + b2 (C)
+        channels = info.skip_channels
+        hidden = width or max(1, round(ratio * channels))
+        expected += 2 * channels * hidden + hidden + channels
+    assert len({info.skip_channels for info in keep.skip_router.skips}) > 1  # several channel counts
+    assert param_count(model) - param_count(keep) == param_count(model.skip_router) == expected
 
 
 def test_apply_skip_spec_on_stock_unet(tiny_config, make_inputs):
