@@ -238,7 +238,7 @@ def test_a_remove_spec_cuts_the_weights_that_read_removed_channels_and_says_so(c
 
 
 def test_train_only_gates_needs_a_pretrained_model_and_gates_with_parameters(tmp_path, pretrained_pipeline):
-    with pytest.raises(ValueError, match="--train_only gates tunes the gates of a pretrained UNet"):
+    with pytest.raises(ValueError, match="--train_only gates tunes a pretrained UNet"):
         parse_args(TrainOptions, ["--train_only", "gates"])
     with pytest.raises(ValueError, match="no skip gate has parameters"):
         run_train_unet(pretrained_args(tmp_path / "run", pretrained_pipeline, "--train_only", "gates", "--skips", "full"))
