@@ -114,7 +114,7 @@ def time_features(batch_size: int, repeats: int) -> dict:
 def time_evaluation(
     checkpoint: str, scratch: Path, vae_dir: Path, num_samples: int, seeds: list[int], threads: int
 ) -> dict:
-    from skipdiff.eval.__main__ import EvalOptions, evaluate
+    from skipdiff.eval import EvalOptions, evaluate
 
     standin = checkpoint == "auto" and not (REPO / "runs" / "digits-latent" / "model_index.json").is_file()
     if checkpoint == "auto":

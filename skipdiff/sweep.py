@@ -289,7 +289,7 @@ def _results_options(options: dict) -> dict:
 
 
 def _check_eval(evaluation: dict) -> None:
-    from .eval.__main__ import EvalOptions
+    from .eval import EvalOptions
 
     try:
         from_dict(EvalOptions, {**evaluation, "checkpoint": "<cell>"})
@@ -423,7 +423,7 @@ def train_cell(kind: str, options: dict, launcher: str, accelerate_args: list[st
 
 def evaluate_run(folder: Path, evaluation: dict) -> dict:
     """``python -m skipdiff.eval`` on a run folder, results in ``<folder>/eval``."""
-    from .eval.__main__ import EvalOptions, evaluate
+    from .eval import EvalOptions, evaluate
 
     options = from_dict(EvalOptions, {**evaluation, "checkpoint": str(folder), "out": str(folder / "eval")})
     return evaluate(options)

@@ -1,67 +1,91 @@
-"""Evaluation as a library of ``x_to_y`` functions on torch-fidelity (a thin CLI sits on top).
+"""Evaluation as a library of ``x_to_y`` functions, with an ``evaluate`` entry and a thin CLI on top.
 
-:mod:`.features`: feature extractors (a trained digits classifier, any saved SkipResNet, Inception-v3)
-registered with torch-fidelity under weight-hashed names. :mod:`.fid`: images -> uint8 -> features ->
-statistics -> FID / KID / precision-recall, and :func:`fid_with_floor`, which reports every FID with the
-real-vs-real floor at the same sample count and its spread over sampling seeds.
+* :mod:`.evaluate`: :func:`evaluate` (options -> eval.json) and :func:`evaluate_target` (a loaded
+  :class:`~skipdiff.targets.StudyTarget` and a skip spec -> eval.json: what an inference sweep cell calls);
+  :mod:`.options`: :class:`EvalOptions`; :mod:`.results`: eval.json on disk, :func:`compare`,
+  :func:`summary_markdown`.
+* :mod:`.fid` and :mod:`.features`: images -> uint8 -> features -> statistics -> FID / KID /
+  precision-recall on torch-fidelity, :func:`fid_with_floor` (the real-vs-real floor, spread over seeds).
+* :mod:`.clip`: images and prompts -> CLIP scores. :mod:`.denoise`: batches -> denoising loss per timestep
+  bucket. :mod:`.importance`: -> the skip x timestep importance matrix (one noised batch per bucket,
+  replayed prefixes). :mod:`.stability`: stats.jsonl -> gradient stability; the shattering probe.
+  :mod:`.compute`: a skip configuration -> inference FLOPs. :mod:`.plots`: PNGs.
+
+Names are imported on first use (like :mod:`skipdiff`), so ``python -m skipdiff.eval --help`` answers
+without importing torch. Evaluation reads output folders and pipelines; it imports no training module.
 """
 
-from .features import (
-    EXTRACTOR_CHOICES,
-    INCEPTION,
-    ClassifierFeatureExtractor,
-    ExtractorSpec,
-    InceptionUnavailableError,
-    classifier_extractor_name,
-    create_extractor,
-    digits_extractor,
-    inception_kwargs,
-    load_extractor,
-    register_classifier_extractor,
-    resolve_extractor,
-    train_digits_extractor,
-)
-from .fid import (
-    FidReport,
-    RealImages,
-    features_of,
-    features_to_fid,
-    features_to_kid,
-    features_to_prc,
-    features_to_statistics,
-    fid_with_floor,
-    images_to_uint8,
-    real_images,
-    real_splits,
-    reference_and_heldout,
-    statistics_to_fid,
-)
+from __future__ import annotations
 
-__all__ = [
-    "EXTRACTOR_CHOICES",
-    "INCEPTION",
-    "ClassifierFeatureExtractor",
-    "ExtractorSpec",
-    "FidReport",
-    "InceptionUnavailableError",
-    "RealImages",
-    "classifier_extractor_name",
-    "create_extractor",
-    "digits_extractor",
-    "features_of",
-    "features_to_fid",
-    "features_to_kid",
-    "features_to_prc",
-    "features_to_statistics",
-    "fid_with_floor",
-    "images_to_uint8",
-    "inception_kwargs",
-    "load_extractor",
-    "real_images",
-    "real_splits",
-    "reference_and_heldout",
-    "register_classifier_extractor",
-    "resolve_extractor",
-    "statistics_to_fid",
-    "train_digits_extractor",
-]
+import importlib
+
+# name -> module (relative to this package) that defines it.
+_EXPORTS = {
+    # entry points
+    "EvalOptions": ".options",
+    "evaluate": ".evaluate",
+    "evaluate_target": ".evaluate",
+    "default_out": ".evaluate",
+    "compare": ".results",
+    "summary_markdown": ".results",
+    "read_results": ".results",
+    "result_is_current": ".results",
+    "write_results": ".results",
+    # what is evaluated
+    "StudyTarget": "..targets",
+    "load_target": "..targets",
+    # FID and feature extractors
+    "EXTRACTOR_CHOICES": ".features",
+    "INCEPTION": ".features",
+    "ClassifierFeatureExtractor": ".features",
+    "ExtractorSpec": ".features",
+    "InceptionUnavailableError": ".features",
+    "classifier_extractor_name": ".features",
+    "create_extractor": ".features",
+    "digits_extractor": ".features",
+    "inception_kwargs": ".features",
+    "load_extractor": ".features",
+    "register_classifier_extractor": ".features",
+    "resolve_extractor": ".features",
+    "train_digits_extractor": ".features",
+    "FidReport": ".fid",
+    "RealImages": ".fid",
+    "features_of": ".fid",
+    "features_to_fid": ".fid",
+    "features_to_kid": ".fid",
+    "features_to_prc": ".fid",
+    "features_to_statistics": ".fid",
+    "fid_with_floor": ".fid",
+    "images_to_uint8": ".fid",
+    "real_images": ".fid",
+    "real_splits": ".fid",
+    "reference_and_heldout": ".fid",
+    "statistics_to_fid": ".fid",
+    # CLIP, denoising loss, importance, stability, compute
+    "images_to_clip_scores": ".clip",
+    "load_clip": ".clip",
+    "denoising_loss_by_bucket": ".denoise",
+    "skip_importance": ".importance",
+    "replay_flops": ".importance",
+    "importance_heatmap": ".importance",
+    "stability_from_stats": ".stability",
+    "shattering_probe": ".stability",
+    "count_spikes": ".stability",
+    "forward_flops": ".compute",
+    "map_compute": ".compute",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'skipdiff.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
