@@ -1,6 +1,6 @@
 """Evaluation as a library of ``x_to_y`` functions, with an ``evaluate`` entry and a thin CLI on top.
 
-* :mod:`.evaluate`: :func:`evaluate` (options -> eval.json) and :func:`evaluate_target` (a loaded
+* :mod:`.evaluation`: :func:`evaluate` (options -> eval.json) and :func:`evaluate_target` (a loaded
   :class:`~skipdiff.targets.StudyTarget` and a skip spec -> eval.json: what an inference sweep cell calls);
   :mod:`.options`: :class:`EvalOptions`; :mod:`.results`: eval.json on disk, :func:`compare`,
   :func:`summary_markdown`.
@@ -23,9 +23,9 @@ import importlib
 _EXPORTS = {
     # entry points
     "EvalOptions": ".options",
-    "evaluate": ".evaluate",
-    "evaluate_target": ".evaluate",
-    "default_out": ".evaluate",
+    "evaluate": ".evaluation",
+    "evaluate_target": ".evaluation",
+    "default_out": ".evaluation",
     "compare": ".results",
     "summary_markdown": ".results",
     "read_results": ".results",

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parse_args(EvalOptions, argv, description=__doc__)
     import torch
 
-    from .evaluate import default_out, evaluate
+    from .evaluation import default_out, evaluate
     from .results import compare, summary_markdown
 
     if options.num_threads:

@@ -131,8 +131,9 @@ class EvalOptions:
             raise ValueError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds) or not all(0 <= s <= MAX_SEED for s in self.seeds):
             raise ValueError(f"--seeds must be distinct integers in [0, 2**63), got {self.seeds}")
-        if not all(math.isfinite(f) and f >= 0 for f in self.importance_factors):
-            raise ValueError(f"--importance_factors must be finite and >= 0, got {self.importance_factors}")
+        factors = self.importance_factors
+        if not factors or len(set(factors)) != len(factors) or not all(math.isfinite(f) and f >= 0 for f in factors):
+            raise ValueError(f"--importance_factors must be distinct finite numbers >= 0, got {factors}")
         if not (math.isfinite(self.spike_k) and self.spike_k > 0):
             raise ValueError(f"--spike_k must be a positive finite number, got {self.spike_k}")
         if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):

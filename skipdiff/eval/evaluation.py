@@ -133,6 +133,8 @@ def _check(run: _Evaluation) -> None:
                 pass
     needs_data = options.fid or options.denoise_loss or options.skip_importance
     captions = target.text_conditioned and options.wants_samples and not options.prompts
+    if captions and options.caption_column is None:
+        sampling_prompts(target, None, None)  # raises: text-conditioned, and neither prompts nor captions given
     if needs_data or captions:
         run.data = target.data_options(options.data_overrides())
     if options.wants_samples:
