@@ -142,3 +142,23 @@ def test_text_pipelines_without_prompts_and_bad_combinations_are_clear_errors(as
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "error" in line.lower()] == [err.strip().splitlines()[-1]]
     assert err.strip().splitlines()[-1].startswith("error: ") and "zero:typo" in err and "Traceback" not in err
+
+
+def test_a_missing_feature_extractor_fails_before_any_sampling(assets, tmp_path, monkeypatch, capsys):
+    from skipdiff.eval import InceptionUnavailableError
+    from skipdiff.eval import evaluation, features
+
+    def offline(*args, **kwargs):
+        raise InceptionUnavailableError("Inception-v3 weights are not cached (offline)")
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the feature extractor was checked")
+
+    monkeypatch.setattr(features, "inception_kwargs", offline)
+    monkeypatch.setattr(evaluation, "sample_images", no_sampling)
+    folder = ddpm_pipeline(tmp_path / "ddpm")
+    argv = ["--checkpoint", str(folder), "--train_data_dir", str(assets["images"]), "--resolution", "8", "--fid",
+            "--grid", "--num_samples", "4"]  # fmt: skip
+    capsys.readouterr()
+    assert cli(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: Inception-v3 weights are not cached (offline)"

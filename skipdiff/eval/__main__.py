@@ -49,10 +49,19 @@ def cli(argv: list[str] | None = None) -> int:
     """``main`` with known failures printed as one ``error: ...`` line (exit status 2)."""
     try:
         main(argv)
-    except (ValueError, OSError, SkipdiffError) as err:
+    except (ValueError, OSError, SkipdiffError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not _known(err):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _known(err: RuntimeError) -> bool:
+    """Runtime errors evaluation expects and explains (no Inception weights offline)."""
+    from .features import InceptionUnavailableError
+
+    return isinstance(err, (SkipdiffError, InceptionUnavailableError))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ which an inference sweep calls directly with a target it loaded once and one ski
 cell (``options.skips``): the specification is applied for the evaluation only (weights untouched,
 detached afterwards).
 
-Order of work: every check that can fail (options against the target, data, prompts, skip specs,
-feature extractor) runs before any sampling; then the sample grid (one column per skip variant, all on the
+Order of work: every check that can fail (options against the target, data and its resolution and
+channels, prompts, skip specs, the FID feature extractor, the CLIP model) runs before any sampling; then the sample grid (one column per skip variant, all on the
 same noise), FID and CLIP score (the same samples), the denoising loss and the skip importance (one
 noised batch per bucket, every ablation on it), training stability and the MAP configuration of
 stochastic skips (skipdiff runs). Results are written atomically with what was loaded and which weights
@@ -43,10 +43,11 @@ def evaluate(options: EvalOptions) -> dict:
     return evaluate_target(target, options)
 
 
-def default_out(options: EvalOptions) -> Path:
+def default_out(options: EvalOptions, source: str | None = None) -> Path:
     """``<checkpoint>/eval`` (``eval-<skips>`` with --skips); Hub ids under ``runs/eval/<owner>--<name>``."""
-    local = Path(options.checkpoint)
-    base = local if local.exists() else Path("runs/eval") / options.checkpoint.replace("/", "--")
+    source = source or options.checkpoint
+    local = Path(source)
+    base = local if local.exists() else Path("runs/eval") / source.replace("/", "--")
     return base / ("eval" if options.skips is None else f"eval-{spec_slug(options.skips)}")
 
 
@@ -65,6 +66,9 @@ class _Evaluation:
     out: Path
     data: object = None  # DataOptions of the reference images, when any section needs them
     prompts: list[str] | None = None
+    batches: list | None = None  # held-out batches (denoising loss, importance)
+    extractor: object = None  # the FID feature extractor (ExtractorSpec), resolved before sampling
+    clip: tuple | None = None  # (CLIPModel, CLIPProcessor), loaded before sampling
     samples: dict = dataclasses.field(default_factory=dict)  # seed -> Samples (uint8 images)
     timings: dict = dataclasses.field(default_factory=dict)
 
@@ -77,7 +81,7 @@ class _Evaluation:
 def evaluate_target(target: StudyTarget, options: EvalOptions, out: str | Path | None = None) -> dict:
     """Run the requested evaluations on ``target`` with ``options.skips`` applied; write ``eval.json``,
     ``eval.md`` and plots to ``out`` (default ``options.out``, else :func:`default_out`). Returns the result."""
-    run = _Evaluation(target, options, Path(out or options.out or default_out(options)))
+    run = _Evaluation(target, options, Path(out or options.out or default_out(options, target.source)))
     _check(run)
     result = {"checkpoint": options.checkpoint or target.source, "ema": target.identity.get("ema"),
               "target": {**target.describe(), "folder": None if target.folder is None else str(target.folder.resolve())},
@@ -137,10 +141,22 @@ def _check(run: _Evaluation) -> None:
         sampling_prompts(target, None, None)  # raises: text-conditioned, and neither prompts nor captions given
     if needs_data or captions:
         run.data = target.data_options(options.data_overrides())
+    if needs_data:
+        denoising = options.denoise_loss or options.skip_importance
+        batches, channels = held_out_batches(run.data, options.denoise_batch_size,
+                                             options.denoise_images if denoising else 1)  # fmt: skip
+        check_data_matches(target, run.data, channels)
+        run.batches = batches if denoising else None
     if options.wants_samples:
         run.prompts = sampling_prompts(target, options.prompts, run.data)
     elif options.prompts:
         sampling_prompts(target, options.prompts, None)  # a prompt file for a model that takes none is an error
+    if options.fid:
+        run.extractor = _extractor(options, run.data)  # a missing Inception download fails here
+    if options.clip_score:
+        from .clip import load_clip
+
+        run.clip = load_clip(options.clip_model, target.device, options.cache_dir)
 
 
 def _has_stochastic_skips(unet, router) -> bool:
@@ -188,15 +204,9 @@ def _grid(run: _Evaluation) -> dict:
 
 
 def _fid(run: _Evaluation) -> dict:
-    from .features import resolve_extractor
     from .fid import fid_with_floor, images_to_uint8, real_splits, reference_and_heldout
 
     options, data = run.options, run.data
-    choice = options.feature_extractor
-    if choice == "auto":
-        digits = data.dataset == "digits" and not (data.dataset_name or data.train_data_dir)
-        choice = "digits" if digits else "inception"
-    spec = resolve_extractor(choice, resolution=data.resolution, inception_weights=options.inception_weights)
     real = real_splits(data_dict(data))
     reference = options.reference
     if reference == "auto":  # compare with the larger split when the smaller one can still give the floor
@@ -208,18 +218,29 @@ def _fid(run: _Evaluation) -> dict:
         run.samples[seed] = Samples(images_to_uint8(samples.images), samples.prompts, samples.flagged)
         return samples.images
 
-    report = fid_with_floor(sample_fn, reference_images, heldout, spec, num_samples=options.num_samples,
+    report = fid_with_floor(sample_fn, reference_images, heldout, run.extractor, num_samples=options.num_samples,
                             seeds=options.seeds, kid=options.kid, prc=options.prc)  # fmt: skip
     print(report.format())
     return report.to_dict()
 
 
+def _extractor(options: EvalOptions, data):
+    """The FID feature extractor: ``--feature_extractor``, ``auto`` being digits for digits, else Inception."""
+    from .features import resolve_extractor
+
+    choice = options.feature_extractor
+    if choice == "auto":
+        digits = data.dataset == "digits" and not (data.dataset_name or data.train_data_dir)
+        choice = "digits" if digits else "inception"
+    return resolve_extractor(choice, resolution=data.resolution, inception_weights=options.inception_weights)
+
+
 def _clip(run: _Evaluation) -> dict:
-    from .clip import clip_score_summary, load_clip
+    from .clip import clip_score_summary
     from .fid import images_to_uint8
 
     options = run.options
-    model, processor = load_clip(options.clip_model, run.target.device, options.cache_dir)  # fails before sampling
+    model, processor = run.clip
     for seed in options.seeds:
         if seed not in run.samples:
             samples = _sample(run, options.num_samples, seed)
@@ -238,9 +259,7 @@ def _denoise_and_importance(run: _Evaluation, router) -> dict:
     from .denoise import denoising_loss_by_bucket
     from .importance import importance_heatmap, replay_flops, skip_importance
 
-    target, options = run.target, run.options
-    batches, channels = held_out_batches(run.data, options.denoise_batch_size, options.denoise_images)
-    check_data_matches(target, run.data, channels)
+    target, options, batches = run.target, run.options, run.batches
     conditioning = None if target.conditioning.kind == "none" else target.conditioning.unet_kwargs
     out = {}
     if options.skip_importance:
@@ -303,9 +322,8 @@ def _score_map(run: _Evaluation, router) -> dict:
     router.set_inference("map")
     try:
         if options.denoise_loss:
-            batches, _ = held_out_batches(run.data, options.denoise_batch_size, options.denoise_images)
             kwargs = None if target.conditioning.kind == "none" else target.conditioning.unet_kwargs
-            denoise = denoising_loss_by_bucket(target.unet, target.noise_scheduler, target.encoder, batches,
+            denoise = denoising_loss_by_bucket(target.unet, target.noise_scheduler, target.encoder, run.batches,
                                                options.buckets, seed=0, unet_kwargs=kwargs)  # fmt: skip
             denoise.pop("per_example")
             result["denoise"] = denoise

@@ -27,12 +27,13 @@ def write_results(folder: Path, result: dict, label: str) -> None:
     (folder / SUMMARY_FILE).write_text(summary_markdown([(label, result)]))
 
 
-def result_is_current(result: dict) -> str | None:
-    """None when the weights a result scored are still those of its local source; else why not."""
+def result_is_current(result: dict, folder: str | os.PathLike | None = None) -> str | None:
+    """None when the weights a result scored are still those of its local source (``folder``, default the
+    folder recorded in the result); else why not."""
     from ..targets import weights_changed
 
     weights = result.get("weights")
-    folder = (result.get("target") or {}).get("folder")
+    folder = folder or (result.get("target") or {}).get("folder")
     if not weights or not folder:
         return None  # a Hub snapshot (pinned by its commit) or a result written before weights were recorded
     return weights_changed(folder, weights)
@@ -49,7 +50,8 @@ def read_results(folder: str | os.PathLike, check_weights: bool = True) -> dict:
             f"(python -m skipdiff.eval --checkpoint {folder} ...)"
         )
     result = read_json(path, "evaluation result")
-    stale = result_is_current(result) if check_weights else None
+    source = folder if path.parent.parent == folder else None  # <run>/eval/eval.json: the run is here, even if moved
+    stale = result_is_current(result, source) if check_weights else None
     if stale:
         raise ValueError(f"{str(path)!r} scored other weights than the folder holds now ({stale}): evaluate it again")
     return result
