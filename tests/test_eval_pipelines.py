@@ -145,8 +145,7 @@ def test_text_pipelines_without_prompts_and_bad_combinations_are_clear_errors(as
 
 
 def test_a_missing_feature_extractor_fails_before_any_sampling(assets, tmp_path, monkeypatch, capsys):
-    from skipdiff.eval import InceptionUnavailableError
-    from skipdiff.eval import evaluation, features
+    from skipdiff.eval import InceptionUnavailableError, evaluation, features
 
     def offline(*args, **kwargs):
         raise InceptionUnavailableError("Inception-v3 weights are not cached (offline)")
