@@ -7,7 +7,7 @@ and the wall time of ``python -m skipdiff.eval --fid --denoise_loss`` on the def
   the same weights; interleaved, ratio of median seconds per batch.
 * ``features``: the digits classifier that FID uses on digits (``skipdiff.eval.domain_extractor``, the
   torch-fidelity module built from ``resolve_extractor("digits")``) on uint8 16x16 images.
-* ``evaluation``: ``skipdiff.eval.__main__.evaluate`` in this process with ``--fid --denoise_loss
+* ``evaluation``: ``skipdiff.eval.evaluate`` in this process with ``--fid --denoise_loss
   --num_samples 1000 --seeds 0 1 2`` on ``--eval_checkpoint`` (default ``runs/digits-latent``). When that
   run does not exist, a stand-in is made: the default job's options for 2 steps (the time evaluation
   takes depends on the architecture and the number of samples, not on how well the model was trained;
@@ -115,7 +115,7 @@ def time_features(batch_size: int, repeats: int) -> dict:
 def time_evaluation(
     checkpoint: str, scratch: Path, vae_dir: Path, num_samples: int, seeds: list[int], threads: int
 ) -> dict:
-    from skipdiff.eval.__main__ import EvalOptions, evaluate
+    from skipdiff.eval import EvalOptions, evaluate
 
     standin = checkpoint == "auto" and not (REPO / "runs" / "digits-latent" / "model_index.json").is_file()
     if checkpoint == "auto":

@@ -26,6 +26,8 @@ _EXPORTS = {
     "SkipUNet2DModel": ".unet",
     "apply_skip_spec": ".unet",
     "SkipDiffPipeline": ".pipeline",
+    "StudyTarget": ".targets",
+    "load_target": ".targets",
     "enable_skip_cache": ".caching",
     "disable_skip_cache": ".caching",
     "skip_cache": ".caching",

@@ -277,23 +277,24 @@ def image_transform(resolution: int, channels: int, *, center_crop: bool = True,
 
 
 def with_pixel_values(split: Dataset, transform) -> Dataset:
-    """The split with rows ``{"pixel_values": (C, H, W), "label": int}`` computed on access."""
-    has_label = "label" in split.column_names
+    """The split with rows ``{"pixel_values": (C, H, W), "label": int[, "caption": str]}`` computed on access."""
+    passed = [column for column in ("label", "caption") if column in split.column_names]
 
     def apply(batch):
         out = {"pixel_values": [transform(image) for image in batch["image"]]}
-        if has_label:
-            out["label"] = batch["label"]
+        out.update({column: batch[column] for column in passed})
         return out
 
     return split.with_transform(apply)
 
 
-def collate_images(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack rows of :func:`with_pixel_values` into a batch."""
+def collate_images(rows: list[dict]) -> dict:
+    """Stack rows of :func:`with_pixel_values` into a batch (captions stay a list of strings)."""
     batch = {"pixel_values": torch.stack([r["pixel_values"] for r in rows])}
     if "label" in rows[0]:
         batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+    if "caption" in rows[0]:
+        batch["captions"] = [str(r["caption"]) for r in rows]
     return batch
 
 

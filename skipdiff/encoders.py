@@ -6,6 +6,12 @@ owns the latent scaling (the only place in skipdiff that knows about it)::
     z = (vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor
     x = vae.decode(z / scaling_factor + shift_factor)
 
+``VqEncoder`` wraps the ``VQModel`` of a latent diffusion (LDM) pipeline: its latents are the
+encoder's pre-quantisation output, quantised again by the decoder (as ``LDMPipeline`` decodes them)::
+
+    z = vqvae.encode(x).latents * scaling_factor
+    x = vqvae.decode(z / scaling_factor)
+
 The scaling factor of a VAE trained here is derived from the data (1 / std of the unscaled
 latents of the train split, :func:`data_scaling_factor`) and stored in the VAE's config.
 
@@ -24,7 +30,7 @@ the UNet cannot learn, and a diffusion model trained on them produced no recogni
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -87,7 +93,41 @@ class VaeEncoder(nn.Module):
         }
 
 
-Encoder = PixelEncoder | VaeEncoder
+class VqEncoder(nn.Module):
+    """A frozen ``VQModel`` (the first stage of CompVis' latent diffusion models, ``LDMPipeline``).
+
+    A VQ model has no posterior: the latent of an image is the encoder's output before quantisation
+    (``latent_params`` returns a zero std), and decoding quantises it. ``scaling_factor`` defaults to
+    the VQ config's; the LDM paper trains on unscaled VQ latents ("the VQ-regularized space has a
+    variance close to 1"), so a loader passes 1.0 for VQ models whose saved config declares no
+    scaling factor (see :func:`skipdiff.targets.load_target`).
+    """
+
+    def __init__(self, vqvae: VQModel, scaling_factor: float | None = None):
+        super().__init__()
+        self.vae = vqvae.eval().requires_grad_(False)
+        self.sample_posterior = False
+        self.sample_range: float | None = None
+        self.channels = vqvae.config.latent_channels
+        self.downscale = 2 ** (len(vqvae.config.block_out_channels) - 1)
+        self.scaling_factor = float(vqvae.config.scaling_factor if scaling_factor is None else scaling_factor)
+
+    @torch.no_grad()
+    def latent_params(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled pre-quantisation latents of ``pixels`` (B, C, H, W) in [-1, 1], and a zero std."""
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latents.float() * self.scaling_factor
+        return latents, torch.zeros_like(latents)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample.float()
+
+    def describe(self) -> dict:
+        return {"kind": "vq", "channels": self.channels, "downscale": self.downscale,
+                "scaling_factor": self.scaling_factor}  # fmt: skip
+
+
+Encoder = PixelEncoder | VaeEncoder | VqEncoder
 
 
 def batch_latents(encoder: Encoder, batch: dict, generator: torch.Generator | None = None,

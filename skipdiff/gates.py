@@ -723,7 +723,8 @@ def parse_entry(entry: str | dict) -> dict:
     elif isinstance(entry, str):
         head, *options = [part.strip() for part in entry.strip().split(":")]
         parsed = {"mode": head}
-        positional = _gate_parameters(head)[:1] if head in GATES else []
+        # A bare value is the gate's own first parameter, never a window bound ("zero:0.5" is an error).
+        positional = [n for n in _gate_parameters(head) if n not in WINDOW_OPTIONS][:1] if head in GATES else []
         for i, option in enumerate(options):
             if "=" in option:
                 key, value = option.split("=", 1)

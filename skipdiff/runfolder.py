@@ -114,13 +114,18 @@ def safe_name(text) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("_") or "_"
 
 
-def weights_digest(folder: str | os.PathLike) -> str:
-    """sha256 (hex, 16 digits) over the names and bytes of every ``*.safetensors`` file and ``config.json``
-    below ``folder``: it changes whenever the weights or the architecture do."""
+WEIGHT_FILES = ("*.safetensors",)
+
+
+def weights_digest(folder: str | os.PathLike, patterns: tuple[str, ...] = WEIGHT_FILES) -> str:
+    """sha256 (hex, 16 digits) over the names and bytes of every weight file (``patterns``: ``*.safetensors``
+    by default; pipelines from the Hub may also hold ``*.bin``) and ``config.json`` below ``folder``: it
+    changes whenever the weights or the architecture do."""
     folder = Path(folder)
-    files = sorted([*folder.rglob("*.safetensors"), *folder.rglob("config.json")])
-    if not files:
-        raise ValueError(f"{str(folder)!r} holds no weights (*.safetensors)")
+    weights = sorted({path for pattern in patterns for path in folder.rglob(pattern)})
+    if not weights:
+        raise ValueError(f"{str(folder)!r} holds no weights ({', '.join(patterns)})")
+    files = sorted([*weights, *folder.rglob("config.json")])
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(folder).as_posix().encode())

@@ -10,7 +10,8 @@ import torch
 from helpers.unet_runs import run_train_unet, tiny_args
 
 from skipdiff.config import from_dict
-from skipdiff.eval.__main__ import EvalOptions, evaluate, main
+from skipdiff.eval import EvalOptions, evaluate
+from skipdiff.eval.__main__ import main
 from skipdiff.eval.denoise import denoising_loss_by_bucket
 from skipdiff.eval.importance import gate_override, skip_importance
 from skipdiff.eval.run import held_out_batches, load_run

@@ -1,66 +1,98 @@
-"""Evaluation as a library of ``x_to_y`` functions on torch-fidelity (a thin CLI sits on top).
+"""Evaluation as a library of ``x_to_y`` functions, with an ``evaluate`` entry and a thin CLI on top.
 
-:mod:`.extractors`: classifier features as torch-fidelity extractors under weight-hashed names;
-:mod:`.domain_extractor`: the classifier trained for a built-in image set (digits, photo_patches) on the
-run's train split; :mod:`.inception`: Inception-v3 weights offline; :mod:`.extractor_choice`: a CLI
-choice (auto, a set's name, inception, a folder) -> extractor. :mod:`.fid`: images -> uint8 -> features ->
-statistics -> FID / KID / precision-recall, and :func:`fid_with_floor`, which reports every FID with the
-real-vs-real floor at the same sample count and its spread over sampling seeds.
+* :mod:`.evaluation`: :func:`evaluate` (options -> eval.json) and :func:`evaluate_target` (a loaded
+  :class:`~skipdiff.targets.StudyTarget` and a skip spec -> eval.json: what an inference sweep cell calls);
+  :mod:`.options`: :class:`EvalOptions`; :mod:`.results`: eval.json on disk, :func:`compare`,
+  :func:`summary_markdown`.
+* :mod:`.fid`: images -> uint8 -> features -> statistics -> FID / KID / precision-recall on torch-fidelity,
+  :func:`fid_with_floor` (the real-vs-real floor, spread over seeds). Feature extractors: :mod:`.extractors`
+  (classifier features as torch-fidelity extractors under weight-hashed names), :mod:`.domain_extractor`
+  (the classifier of a built-in image set, trained on the run's own train split), :mod:`.inception`
+  (Inception-v3 weights offline), :mod:`.extractor_choice` (a CLI choice -> extractor).
+* :mod:`.memorisation`: features or pixels -> nearest-neighbour distances to the train and test splits.
+* :mod:`.clip`: images and prompts -> CLIP scores. :mod:`.denoise`: batches -> denoising loss per timestep
+  bucket. :mod:`.importance`: -> the skip x timestep importance matrix (one noised batch per bucket,
+  replayed prefixes). :mod:`.stability`: stats.jsonl -> gradient stability; the shattering probe.
+  :mod:`.compute`: a skip configuration -> inference FLOPs. :mod:`.plots`: PNGs.
+
+Names are imported on first use (like :mod:`skipdiff`), so ``python -m skipdiff.eval --help`` answers
+without importing torch. Evaluation reads output folders and pipelines; it imports no training module.
 """
 
-from .domain_extractor import cached_domain_extractor, train_domain_extractor
-from .extractor_choice import EXTRACTOR_CHOICES, auto_extractor, resolve_extractor
-from .extractors import (
-    ClassifierFeatureExtractor,
-    ExtractorSpec,
-    classifier_extractor_name,
-    create_extractor,
-    load_extractor,
-    register_classifier_extractor,
-)
-from .fid import (
-    FidReport,
-    RealImages,
-    features_of,
-    features_to_fid,
-    features_to_kid,
-    features_to_prc,
-    features_to_statistics,
-    fid_with_floor,
-    images_to_uint8,
-    real_images,
-    real_splits,
-    reference_and_heldout,
-    statistics_to_fid,
-)
-from .inception import INCEPTION, InceptionUnavailableError, inception_kwargs
+from __future__ import annotations
 
-__all__ = [
-    "EXTRACTOR_CHOICES",
-    "INCEPTION",
-    "ClassifierFeatureExtractor",
-    "ExtractorSpec",
-    "FidReport",
-    "InceptionUnavailableError",
-    "RealImages",
-    "auto_extractor",
-    "cached_domain_extractor",
-    "classifier_extractor_name",
-    "create_extractor",
-    "features_of",
-    "features_to_fid",
-    "features_to_kid",
-    "features_to_prc",
-    "features_to_statistics",
-    "fid_with_floor",
-    "images_to_uint8",
-    "inception_kwargs",
-    "load_extractor",
-    "real_images",
-    "real_splits",
-    "reference_and_heldout",
-    "register_classifier_extractor",
-    "resolve_extractor",
-    "statistics_to_fid",
-    "train_domain_extractor",
-]
+import importlib
+
+# name -> module (relative to this package) that defines it.
+_EXPORTS = {
+    # entry points
+    "EvalOptions": ".options",
+    "evaluate": ".evaluation",
+    "evaluate_target": ".evaluation",
+    "default_out": ".evaluation",
+    "compare": ".results",
+    "summary_markdown": ".results",
+    "read_results": ".results",
+    "result_is_current": ".results",
+    "write_results": ".results",
+    # what is evaluated
+    "StudyTarget": "..targets",
+    "load_target": "..targets",
+    # FID and feature extractors
+    "EXTRACTOR_CHOICES": ".extractor_choice",
+    "auto_extractor": ".extractor_choice",
+    "resolve_extractor": ".extractor_choice",
+    "INCEPTION": ".inception",
+    "InceptionUnavailableError": ".inception",
+    "inception_kwargs": ".inception",
+    "ClassifierFeatureExtractor": ".extractors",
+    "ExtractorSpec": ".extractors",
+    "classifier_extractor_name": ".extractors",
+    "create_extractor": ".extractors",
+    "load_extractor": ".extractors",
+    "register_classifier_extractor": ".extractors",
+    "cached_domain_extractor": ".domain_extractor",
+    "train_domain_extractor": ".domain_extractor",
+    "FidReport": ".fid",
+    "RealImages": ".fid",
+    "features_of": ".fid",
+    "features_to_fid": ".fid",
+    "features_to_kid": ".fid",
+    "features_to_prc": ".fid",
+    "features_to_statistics": ".fid",
+    "fid_with_floor": ".fid",
+    "images_to_uint8": ".fid",
+    "real_images": ".fid",
+    "real_splits": ".fid",
+    "reference_and_heldout": ".fid",
+    "statistics_to_fid": ".fid",
+    # CLIP, denoising loss, importance, stability, compute
+    "images_to_clip_scores": ".clip",
+    "load_clip": ".clip",
+    "denoising_loss_by_bucket": ".denoise",
+    "skip_importance": ".importance",
+    "replay_flops": ".importance",
+    "importance_heatmap": ".importance",
+    "stability_from_stats": ".stability",
+    "shattering_probe": ".stability",
+    "count_spikes": ".stability",
+    "forward_flops": ".compute",
+    "map_compute": ".compute",
+    "memorisation_statistics": ".memorisation",
+    "nearest_distances": ".memorisation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'skipdiff.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,103 +1,96 @@
-"""Loading what evaluation scores: a training run's folder (or a Hub repo) and its data."""
+"""The data evaluation reads for a study target: held-out batches, the prompts it samples from, checks.
+
+Which images: a skipdiff run's own data (its ``training_options.json``) or, for a pipeline, the data the
+user names (``--dataset_name`` / ``--train_data_dir``, ``--caption_column``): see
+:meth:`skipdiff.targets.StudyTarget.data_options`. The held-out (test) split feeds the denoising loss and
+the skip importance; FID compares samples with the reference split (:mod:`.fid`).
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..config import subset
-from ..data import collate_images, dataset_channels, image_transform, load_image_splits, with_pixel_values
+from ..data import collate_images, dataset_channels, load_image_splits, with_pixel_values
 from ..data_options import DataOptions
-from ..pipeline import SkipDiffPipeline, weights_layout
 
 
-def load_run(checkpoint: str, use_ema: bool = True) -> tuple[SkipDiffPipeline, dict, bool]:
-    """``(pipeline, training options, used_ema)`` of a run folder or a Hub repo id.
+def held_out_batches(data: DataOptions | dict, batch_size: int = 16, limit: int | None = None) -> tuple[list[dict], int]:
+    """The test split as a list of batches (``pixel_values``[, ``labels``, ``captions``]) and its channels.
 
-    A run trained with an EMA saves the EMA weights as ``unet/`` and the raw ones as ``unet_raw/``;
-    ``use_ema=False`` scores the raw ones (:func:`skipdiff.pipeline.weights_layout`; runs saved before
-    that layout keep the EMA in ``unet_ema/``). A damaged EMA copy is an error, never silently replaced
-    by the raw weights.
-    """
-    path = Path(checkpoint)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise ValueError(f"--checkpoint {checkpoint!r} is not a skipdiff run folder (no model_index.json)")
-    if not path.exists() and checkpoint.count("/") != 1:
-        raise ValueError(f"--checkpoint {checkpoint!r} does not exist (and is not a Hub id like user/name)")
-    options = _training_options(checkpoint)
-    has_ema = weights_layout(path)["ema"] is not None if path.exists() else options.get("use_ema", True)
-    used_ema = use_ema and has_ema
-    try:
-        pipeline = SkipDiffPipeline.from_pretrained(checkpoint, use_ema=used_ema)
-    except (OSError, ValueError, RuntimeError) as err:
-        hint = "; pass --no_ema to score the raw weights" if used_ema else ""
-        raise ValueError(f"could not load the run {checkpoint!r} (damaged or incomplete?){hint}: {err}") from err
-    pipeline.unet.eval()
-    pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
-    return pipeline, options, used_ema
-
-
-def _training_options(checkpoint: str) -> dict:
-    local = Path(checkpoint) / "training_options.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return json.loads(Path(hf_hub_download(checkpoint, "training_options.json")).read_text())
-    except Exception as err:  # noqa: BLE001  offline, missing file, ...
-        raise ValueError(f"{checkpoint!r} has no training_options.json: {err}") from err
-
-
-def check_data_matches(pipeline: SkipDiffPipeline, options: dict, channels: int) -> None:
-    """The run's model must take the data's resolution and channels; else a clear ``ValueError``."""
-    encoder = pipeline.encoder()
-    size = pipeline.unet.config.sample_size
-    size = size[0] if isinstance(size, list | tuple) else size
-    if size * encoder.downscale != options["resolution"]:
-        raise ValueError(
-            f"the model makes {size * encoder.downscale}px images but the dataset is evaluated at "
-            f"{options['resolution']}px (--resolution)"
-        )
-    model_channels = (
-        pipeline.vae.config.in_channels if pipeline.vae is not None else pipeline.unet.config.in_channels
-    )
-    if model_channels != channels:
-        raise ValueError(
-            f"the model makes {model_channels}-channel images but the dataset has {channels} channels"
-        )
-
-
-def held_out_batches(options: dict, batch_size: int = 512) -> tuple[list[dict], int]:
-    """The run's test split as a list of batches (``pixel_values``, ``labels``), and its channels."""
-    data = subset(DataOptions, options)
+    ``data`` is a :class:`DataOptions` or a dict holding its fields (a run's training options); ``limit``
+    keeps the first images of the split."""
+    data = data if isinstance(data, DataOptions) else subset(DataOptions, data)
     splits = load_image_splits(data)
     channels = dataset_channels(splits, data.image_channels)
-    test = with_pixel_values(splits["test"], image_transform(options["resolution"], channels))
+    test = splits["test"]
+    if limit is not None and limit < len(test):
+        test = test.select(range(limit))
+    test = with_pixel_values(test, data.transform(channels, train=False))
     return list(DataLoader(test, batch_size=batch_size, collate_fn=collate_images)), channels
 
 
-def make_sampler(
-    pipeline: SkipDiffPipeline, sampler: str, steps: int, batch_size: int, num_classes: int | None
-):
-    """``sample_fn(n, seed) -> (n, C, H, W)`` in [-1, 1], batched, seeded, with a progress bar.
+def check_data_matches(target, data: DataOptions, channels: int) -> None:
+    """The target must make images at the data's resolution and channels; else a clear ``ValueError``.
 
-    Class-conditional models get labels 0, 1, 2, ... cycling over the classes (balanced).
-    """
+    Text-conditioned pipelines sample at any resolution (their UNet is convolutional): only the channels
+    must match."""
+    if not target.text_conditioned and target.resolution != data.resolution:
+        raise ValueError(
+            f"the model makes {target.resolution}px images but the dataset is evaluated at {data.resolution}px "
+            "(--resolution)"
+        )
+    if data.resolution % target.encoder.downscale:
+        raise ValueError(f"--resolution {data.resolution} is not a multiple of the encoder's downscale "
+                         f"{target.encoder.downscale}")  # fmt: skip
+    if target.image_channels != channels:
+        raise ValueError(f"the model makes {target.image_channels}-channel images but the dataset has {channels} "
+                         "channels (--image_channels)")  # fmt: skip
 
-    def sample_fn(count: int, seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        chunks = []
-        for start in tqdm(range(0, count, batch_size), desc=f"sampling (seed {seed})", leave=False):
-            size = min(batch_size, count - start)
-            labels = [(start + i) % num_classes for i in range(size)] if num_classes else None
-            out = pipeline(batch_size=size, num_inference_steps=steps, generator=generator, class_labels=labels,
-                           sampler=sampler, output_type="pt", show_progress=False)  # fmt: skip
-            chunks.append(out.images.cpu())
-        return torch.cat(chunks)
 
-    return sample_fn
+def read_prompts(path: str) -> list[str]:
+    """Non-empty lines of a prompt file (one prompt per line)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--prompts {path!r} is not a file")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path!r} holds no prompt (one per line)")
+    return prompts
+
+
+def sampling_prompts(target, prompts_file: str | None, data: DataOptions | None) -> list[str] | None:
+    """What a text-conditioned target samples from: the prompt file, else the held-out split's captions
+    (the split the FID floor is drawn from). None for other targets; ``ValueError`` when there is neither."""
+    if not target.text_conditioned:
+        if prompts_file:
+            raise ValueError(f"--prompts given, but {target.source!r} is not text-conditioned")
+        return None
+    if prompts_file:
+        return read_prompts(prompts_file)
+    if data is None or data.caption_column is None:
+        raise ValueError(
+            f"{target.source!r} is text-conditioned: give --prompts FILE (one prompt per line) or a captioned "
+            "dataset (--dataset_name/--train_data_dir with --caption_column)"
+        )
+    splits = load_image_splits(data)
+    return [str(caption) for caption in splits["test"]["caption"]]
+
+
+def load_run(checkpoint: str, use_ema: bool = True):
+    """``(pipeline, training options, used_ema)`` of a skipdiff run folder or Hub repo (see
+    :func:`skipdiff.targets.load_target`, which this wraps)."""
+    from ..targets import load_target
+
+    target = load_target(checkpoint, use_ema=use_ema)
+    if target.training_options is None:
+        raise ValueError(f"{checkpoint!r} is a {target.identity['pipeline_class']}, not a skipdiff run")
+    return target.pipeline, target.training_options, target.identity["ema"]
+
+
+def data_dict(data: DataOptions) -> dict:
+    """A DataOptions as the dict :func:`skipdiff.eval.fid.real_splits` reads."""
+    return dataclasses.asdict(data)

@@ -101,12 +101,9 @@ TRAINING_FREE = ("fid", "denoise_loss", "skip_importance")  # metrics an inferen
 
 
 def eval_api() -> tuple[type, Callable[[Any], dict]]:
-    """``(EvalOptions, evaluate)``: from the evaluation library, or from its command line where the
-    library does not export them yet."""
-    try:
-        from ..eval import EvalOptions, evaluate
-    except ImportError:
-        from ..eval.__main__ import EvalOptions, evaluate
+    """``(EvalOptions, evaluate)`` from the evaluation library (imported when a cell is evaluated)."""
+    from ..eval import EvalOptions, evaluate
+
     return EvalOptions, evaluate
 
 
