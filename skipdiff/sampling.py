@@ -24,6 +24,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
+from .caching import skip_cache
 from .seeding import derived_seed
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
@@ -79,11 +80,12 @@ def denoise_latents(unet, scheduler, noise: torch.Tensor, steps: int, generators
 def sample_images(target, count: int, seed: int, *, steps: int = 50, sampler: str = "ddim", batch_size: int = 64,
                   prompts: list[str] | None = None, guidance_scale: float | None = None,
                   negative_prompt: str | None = None, resolution: int | None = None, start: int = 0,
-                  progress: bool = True) -> Samples:  # fmt: skip
+                  progress: bool = True, cache=None) -> Samples:  # fmt: skip
     """``count`` images of ``target`` (images ``start .. start+count-1`` of ``seed``), in batches.
 
     Text targets need ``prompts`` (image ``i`` gets ``prompts[i % len(prompts)]``); class-conditional ones
-    get labels ``i % num_classes``. ``guidance_scale`` None keeps the pipeline's default.
+    get labels ``i % num_classes``. ``guidance_scale`` None keeps the pipeline's default. ``cache`` (a
+    :class:`~skipdiff.cache_options.SkipCacheOptions`) samples with skip-branch caching or encoder propagation.
     """
     if count < 1 or batch_size < 1:
         raise ValueError(f"count and batch_size must be >= 1, got {count} and {batch_size}")
@@ -97,27 +99,28 @@ def sample_images(target, count: int, seed: int, *, steps: int = 50, sampler: st
         if target.text_conditioned:
             batch_prompts = [prompts[i % len(prompts)] for i in indices]
             images, batch_flagged = _sample_text(target, batch_prompts, generators, steps, sampler, guidance_scale,
-                                                 negative_prompt, resolution)  # fmt: skip
+                                                 negative_prompt, resolution, cache)  # fmt: skip
             used += batch_prompts
             if batch_flagged is not None:
                 flagged = (flagged or 0) + batch_flagged
         else:
-            images = _sample_unconditional(target, indices, generators, steps, sampler, resolution)
+            images = _sample_unconditional(target, indices, generators, steps, sampler, resolution, cache)
         chunks.append(images.float().cpu())
     return Samples(torch.cat(chunks), used or None, flagged)
 
 
-def _sample_unconditional(target, indices, generators, steps, sampler, resolution) -> torch.Tensor:
+def _sample_unconditional(target, indices, generators, steps, sampler, resolution, cache=None) -> torch.Tensor:
     scheduler = sampling_scheduler(target.scheduler, sampler)
     noise = initial_noise(target.latent_shape(resolution), generators)  # (B, C, h, w)
     kwargs = {}
     if target.conditioning.kind == "class":
         kwargs["class_labels"] = torch.tensor(target.conditioning.labels_for(indices), device=target.device)
-    latents = denoise_latents(target.unet, scheduler, noise, steps, generators, kwargs)
+    with skip_cache(target.unet, cache, scheduler):
+        latents = denoise_latents(target.unet, scheduler, noise, steps, generators, kwargs)
     return target.encoder.decode(latents).clamp(-1, 1)
 
 
-def _sample_text(target, prompts, generators, steps, sampler, guidance_scale, negative_prompt, resolution):
+def _sample_text(target, prompts, generators, steps, sampler, guidance_scale, negative_prompt, resolution, cache=None):
     """Images (B, 3, H, W) in [-1, 1] from the pipeline's own ``__call__``, and how many it flagged."""
     pipeline = target.pipeline
     guidance = (guidance_scale if guidance_scale is not None else _default_guidance(pipeline)) > 1
@@ -128,8 +131,9 @@ def _sample_text(target, prompts, generators, steps, sampler, guidance_scale, ne
     pipeline.scheduler = sampling_scheduler(original, sampler)
     try:
         call = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
-        out = pipeline(**embeddings, latents=noise, generator=generators, num_inference_steps=steps, height=side,
-                       width=side, output_type="pt", **call)  # fmt: skip
+        with skip_cache(target.unet, cache, pipeline.scheduler):
+            out = pipeline(**embeddings, latents=noise, generator=generators, num_inference_steps=steps, height=side,
+                           width=side, output_type="pt", **call)  # fmt: skip
     finally:
         pipeline.scheduler = original
     flags = getattr(out, "nsfw_content_detected", None)

@@ -186,3 +186,19 @@ def test_stochastic_skips_are_also_scored_under_their_map_path(tiny_run, tmp_pat
     assert "map" not in json.loads((tmp_path / "e" / "eval.json").read_text())
     main(["--checkpoint", str(tiny_run), "--denoise_loss", "--buckets", "2", "--out", str(tmp_path / "d")])
     assert "map" not in json.loads((tmp_path / "d" / "eval.json").read_text())  # deterministic skips only
+
+
+def test_evaluation_samples_with_a_skip_cache_and_records_its_bound(tiny_run, tmp_path):
+    """--cache: FID of cached sampling next to the FLOP bound; interval 1 scores exactly as no cache."""
+    common = ["--checkpoint", str(tiny_run), "--fid", "--num_samples", "20", "--seeds", "0", "--steps", "6",
+              "--feature_extractor", "digits", "--num_threads", "1"]  # fmt: skip
+    results = {}
+    for name, extra in {"plain": [], "interval1": ["--cache", "skip_branch", "--cache_interval", "1"],
+                        "interval3": ["--cache", "skip_branch", "--cache_interval", "3"]}.items():  # fmt: skip
+        main([*common, *extra, "--out", str(tmp_path / name)])
+        results[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    fid = {name: r["fid"]["summary"]["fid"]["mean"] for name, r in results.items()}
+    assert fid["interval1"] == fid["plain"] and fid["interval3"] != fid["plain"]
+    assert "cache" not in results["plain"]
+    compute = results["interval3"]["cache"]["compute"]
+    assert 0 < compute["cached_fraction"] < 1 and 1 < compute["bound_interval"] < 3

@@ -87,6 +87,8 @@ def evaluate_target(target: StudyTarget, options: EvalOptions, out: str | Path |
               "target": {**target.describe(), "folder": None if target.folder is None else str(target.folder.resolve())},
               "weights": target.weights, "settings": dataclasses.asdict(options),
               "parameters": sum(p.numel() for p in target.unet.parameters())}  # fmt: skip
+    if _cache(options) is not None:
+        result["cache"] = _cache_summary(run)
     if options.wants_samples:
         result["grid"] = _timed(run, "grid_seconds", _grid, run)
     spec = options.skips if options.skips is not None or hasattr(target.unet, "skip_router") else "full"
@@ -176,7 +178,34 @@ def _sample(run: _Evaluation, count: int, seed: int, prompts: list[str] | None =
     return sample_images(run.target, count, seed, steps=options.steps, sampler=options.sampler,
                          batch_size=options.sample_batch_size, prompts=prompts or run.prompts,
                          guidance_scale=options.guidance_scale, negative_prompt=options.negative_prompt,
-                         resolution=resolution, start=start)  # fmt: skip
+                         resolution=resolution, start=start, cache=_cache(options))  # fmt: skip
+
+
+def _cache_summary(run: _Evaluation) -> dict:
+    """The cache settings and, for targets without text, what a cached step still computes and the speed-up
+    bound that allows (:func:`skipdiff.eval.compute.cache_compute`, one image, the run's step count)."""
+    import dataclasses as dc
+
+    from .compute import cache_compute
+
+    cache = _cache(run.options)
+    summary = {"options": dc.asdict(cache)}
+    if not run.target.text_conditioned:
+        sample = torch.zeros(1, *run.target.latent_shape(None), device=run.target.device, dtype=run.target.unet.dtype)
+        kwargs = {"class_labels": torch.zeros(1, dtype=torch.long, device=run.target.device)} \
+            if run.target.conditioning.kind == "class" else {}  # fmt: skip
+        timestep = torch.tensor([500], device=run.target.device)
+        summary["compute"] = cache_compute(run.target.unet, cache, (sample, timestep), kwargs, num_steps=run.options.steps)
+    return summary
+
+
+def _cache(options: EvalOptions):
+    """The skip cache asked for (``--cache``), or None."""
+    from ..cache_options import SkipCacheOptions
+    from ..config import subset
+
+    cache = subset(SkipCacheOptions, options)
+    return cache if cache.cache else None
 
 
 def _grid(run: _Evaluation) -> dict:

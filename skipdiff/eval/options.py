@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..cache_options import SkipCacheOptions
 from ..config import check_choice, check_positive, option
 from ..data_options import DataOptions
 
@@ -32,7 +33,8 @@ def _data_option(name: str):
 
 
 @dataclasses.dataclass
-class EvalOptions:
+class EvalOptions(SkipCacheOptions):
+    # ---- sampling with cached skip branches: every field of skipdiff.cache_options.SkipCacheOptions -------
     # ---- what to evaluate -------------------------------------------------------------------------
     checkpoint: str | None = option(
         None, "a skipdiff run folder, or a diffusers pipeline with a UNet denoiser (folder or Hub id: DDPM, DDIM, "
@@ -112,6 +114,7 @@ class EvalOptions:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value (nothing is loaded)."""
+        super().validate()
         if not self.compare and not self.checkpoint:
             raise ValueError("give --checkpoint RUN (or --compare RUN_A RUN_B ...)")
         if self.checkpoint and not self.wants_anything:
