@@ -202,3 +202,18 @@ def test_evaluation_samples_with_a_skip_cache_and_records_its_bound(tiny_run, tm
     assert "cache" not in results["plain"]
     compute = results["interval3"]["cache"]["compute"]
     assert 0 < compute["cached_fraction"] < 1 and 1 < compute["bound_interval"] < 3
+
+
+def test_loss_spikes_are_counted_on_per_step_losses():
+    """A one-step spike that a 10-step window mean dilutes below the rule's threshold is still counted."""
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for window in range(12):
+        steps = (1.0 + 0.2 * torch.randn(10, generator=generator)).tolist()
+        if window == 10:
+            steps[4] = 3.5  # one step ~12 per-step MADs above the median
+        records.append({"step": 10 * (window + 1), "loss": sum(steps) / 10, "step_losses": steps,
+                        "grad_norm": 1.0, "grad_norm_by_block": {"conv_in": 1.0, "conv_out": 1.0}})  # fmt: skip
+    result = stability_from_stats(records, window=20, k=6.0)
+    assert result["loss_spikes"] == 1 and result["loss_spikes_counted_on"] == "per-step losses"
+    assert result["loss_spikes_window_means"] == 0

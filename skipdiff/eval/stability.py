@@ -43,6 +43,21 @@ def count_spikes(values, window: int = 50, k: float = 6.0) -> int:
     return spikes
 
 
+def loss_series(records: list[dict]) -> tuple[list[float], bool]:
+    """The training loss of every step (``step_losses`` of each record, in step order; a skipped step is
+    left out) and True, or the logged window means and False for logs written before per-step losses.
+
+    Spikes are counted on per-step losses: a window mean of 10 steps dilutes a one-step spike tenfold."""
+    by_step: dict[int, dict] = {}
+    for record in records:
+        if "loss" in record:
+            by_step[record["step"]] = record  # a resumed run's rewritten step replaces the old one
+    ordered = [by_step[s] for s in sorted(by_step)]
+    if ordered and all("step_losses" in r for r in ordered):
+        return [v for r in ordered for v in r["step_losses"] if v is not None], True
+    return [r["loss"] for r in ordered], False
+
+
 def stability_from_stats(records: list[dict], window: int = 50, k: float = 6.0) -> dict:
     """Gradient and loss stability figures from the training records of a ``stats.jsonl``."""
     steps = [r for r in records if "grad_norm_by_block" in r and r.get("grad_norm_by_block")]
@@ -63,7 +78,7 @@ def stability_from_stats(records: list[dict], window: int = 50, k: float = 6.0) 
     ratios = [r["grad_norm_by_block"][first] / r["grad_norm_by_block"][last] for r in steps
               if r["grad_norm_by_block"].get(last)]  # fmt: skip
     total = np.asarray([r["grad_norm"] for r in steps if r.get("grad_norm") is not None], dtype=np.float64)
-    losses = [r["loss"] for r in records if "loss" in r]
+    losses, per_step = loss_series(records)
     nonfinite = max([r.get("nonfinite_total", 0) for r in records] + [0])
     return {
         "blocks": per_block,
@@ -72,6 +87,8 @@ def stability_from_stats(records: list[dict], window: int = 50, k: float = 6.0) 
         "first_to_last_ratio_median": float(np.median(ratios)) if ratios else None,
         "grad_norm_cv": float(total.std() / total.mean()) if len(total) and total.mean() > 0 else None,
         "loss_spikes": count_spikes(losses, window, k),
+        "loss_spikes_counted_on": "per-step losses" if per_step else "logged window means",
+        "loss_spikes_window_means": count_spikes([r["loss"] for r in records if "loss" in r], window, k),
         "grad_spikes": count_spikes(total.tolist(), window, k),
         "nonfinite_total": int(nonfinite),
         "num_records": len(steps),
