@@ -25,7 +25,11 @@ CLASSIFIER_COLUMNS = [("test_accuracy", "test accuracy ↑", "pm"), ("test_loss"
                       ("train_loss", "train loss", "pm"), ("grad_ratio_init", "first/last grad (init)", "mean"),
                       ("grad_ratio_final", "first/last grad (final)", "mean"), ("nonfinite", "non-finite steps", "mean"),
                       ("parameters", "parameters", "int"), ("seconds_per_step", "s/step", "mean")]  # fmt: skip
-OPTIONAL_COLUMNS = ("kid",)  # shown only when some row has a value
+INFERENCE_COLUMNS = [("fid", "FID ↓", "pm"), ("fid_floor", "FID floor", "floor"), ("kid", "KID ↓", "kid"),
+                     ("clip_score", "CLIP score ↑", "pm"), ("denoise", "denoise MSE ↓", "mean"),
+                     ("parameters", "parameters", "int")]  # fmt: skip
+COLUMNS = {"diffusion": DIFFUSION_COLUMNS, "classifier": CLASSIFIER_COLUMNS, "inference": INFERENCE_COLUMNS}
+OPTIONAL_COLUMNS = ("kid", "clip_score")  # shown only when some row has a value
 TABLE_NOTES = {
     "diffusion": "Mean ± sample std over training seeds (one value per seed; FID and KID are each cell's mean over "
     "its sampling seeds). FID floor: the real-vs-real FID at the same sample count, mean ± std over the sampling "
@@ -37,12 +41,17 @@ TABLE_NOTES = {
     "inference only, or (`map`) a model with stochastic skips (markov, bernoulli) run on its most likely path, with "
     "the fraction of skips that path closes and the FLOPs of one UNet forward saved by removing them "
     "(skipdiff.eval.compute); the model's own row samples with every stochastic gate at its expected value.",
+    "inference": "No training: one pretrained model, each row a skip specification applied at inference "
+    "(weights untouched). Seeds are sampling seeds, shared by every row (image i of seed s starts from the same "
+    "noise in every row), so rows are compared pairwise by seed: mean ± sample std over sampling seeds. The "
+    "denoising loss is seed-free (every held-out image noised once per timestep bucket from fixed seeds).",
     "classifier": "Mean ± sample std over training seeds. Test accuracy and loss on the held-out split after "
     "the last epoch; train loss in eval mode over the whole train split; first/last grad = the first "
     "residual block's gradient norm over the last one's, at step 1 (init) and at the last logged step "
     "(final) (< 1: vanishing toward the input).",
 }
 RANKING_METRICS = {"diffusion": [("fid", "FID", True), ("denoise", "denoising MSE", True)],
+                   "inference": [("fid", "FID", True), ("clip_score", "CLIP score", False)],
                    "classifier": [("test_accuracy", "test accuracy", False)]}  # fmt: skip
 
 
@@ -115,7 +124,7 @@ def _cell_text(rows: list[Result], key: str, style: str) -> str:
 
 def columns_for(kind: str, configurations: dict[str, list[Result]]) -> list[tuple[str, str, str]]:
     """The kind's columns, without optional ones that no row has."""
-    columns = DIFFUSION_COLUMNS if kind == "diffusion" else CLASSIFIER_COLUMNS
+    columns = COLUMNS[kind]
     present = {key for rows in configurations.values() for r in rows for key, v in r.metrics.items() if v is not None}
     return [c for c in columns if c[0] not in OPTIONAL_COLUMNS or c[0] in present]
 

@@ -62,6 +62,10 @@ def configuration_of(cell: dict) -> str:
 
 def dataset_of(cell: dict, kind: str) -> str:
     options = cell["options"]
+    if kind == "inference":  # the pipeline studied (and the reference data, when any)
+        data = options.get("dataset_name") or options.get("train_data_dir") or options.get("dataset")
+        name = str(options["checkpoint"]).rstrip("/").split("/")[-1]
+        return f"{name}, {str(data).rstrip('/').split('/')[-1]}" if data else name
     source = options.get("dataset_name") or options.get("train_data_dir") or options.get("dataset")
     source = str(source).rstrip("/").split("/")[-1]
     return f"{source}, {options['resolution']}px" if kind == "diffusion" else source
@@ -145,6 +149,26 @@ def _diffusion_results(cell: dict, common: dict, records: list[dict]) -> list[Re
     return results
 
 
+def _inference_results(cell: dict, common: dict) -> list[Result]:
+    """One result per sampling seed of an inference cell (the seeds every row shares, so the ranking pairs
+    rows by the noise they were sampled from); seed-free figures (denoising loss, FLOPs) on the first."""
+    evaluation = read_json(cell["folder"] / "eval" / "eval.json", "evaluation")
+    summary = diffusion_metrics(evaluation, [], variant=True)
+    fid_rows = {int(r["seed"]): r for r in evaluation.get("fid", {}).get("per_seed", [])}
+    clip_rows = {int(r["seed"]): r for r in evaluation.get("clip_score", {}).get("per_seed", [])}
+    seeds = sorted(set(fid_rows) | set(clip_rows)) or [0]
+    results = []
+    for i, seed in enumerate(seeds):
+        fid, clip = fid_rows.get(seed, {}), clip_rows.get(seed, {})
+        metrics = {**{k: (v if i == 0 else None) for k, v in summary.items()},
+                   "fid": fid.get("fid"), "fid_floor": fid.get("floor_fid"), "kid": fid.get("kid_mean"),
+                   "clip_score": clip.get("clip_score")}  # fmt: skip
+        results.append(Result(configuration=configuration_of(cell), metrics=metrics, records=[],
+                              floors={seed: fid["floor_fid"]} if fid.get("floor_fid") is not None else {},
+                              **{**common, "seed": seed}))  # fmt: skip
+    return results
+
+
 def cells_to_results(cells: list[dict], kind: str) -> list[Result]:
     """Every finished cell (and each of its inference variants) as a :class:`Result`."""
     results = []
@@ -155,7 +179,9 @@ def cells_to_results(cells: list[dict], kind: str) -> list[Result]:
         stats_path = folder / "stats.jsonl"
         records = read_stats(stats_path) if stats_path.is_file() else []
         common = dict(cell=cell["name"], dataset=dataset_of(cell, kind), seed=int(cell["options"].get("seed", 0)))
-        if kind == "classifier":
+        if kind == "inference":
+            results += _inference_results(cell, common)
+        elif kind == "classifier":
             metrics = json.loads((folder / "metrics.json").read_text())
             results.append(Result(configuration=configuration_of(cell), metrics=classifier_metrics(metrics, records),
                                   records=records, chain=final_chain(metrics.get("markov"), "block"), **common))  # fmt: skip

@@ -208,5 +208,64 @@ class ClassifierKind(CellKind):
         return train_classifier(from_dict(self.options_class(), options))
 
 
+# --------------------------------------------------------------------------------------------------
+# Inference: skip specifications on a pretrained pipeline (or a trained run), nothing trained
+# --------------------------------------------------------------------------------------------------
+
+_TARGETS: dict[tuple, Any] = {}  # loading options -> the loaded StudyTarget, reused by every cell of a sweep
+
+
+def _loaded_target(options) -> Any:
+    """The study target of ``options`` (EvalOptions), loaded once per process: every cell of an inference
+    sweep over one pipeline applies its skips to the same weights, which evaluation restores bit for bit."""
+    from ..targets import load_target
+
+    key = (options.checkpoint, options.subfolder, options.revision, options.variant, options.torch_dtype,
+           options.no_ema, options.cache_dir)  # fmt: skip
+    if key not in _TARGETS:
+        _TARGETS.clear()  # one pipeline in memory at a time (Stable Diffusion is gigabytes)
+        _TARGETS[key] = load_target(options.checkpoint, subfolder=options.subfolder, revision=options.revision,
+                                    variant=options.variant, torch_dtype=options.torch_dtype,
+                                    use_ema=not options.no_ema, cache_dir=options.cache_dir)  # fmt: skip
+    return _TARGETS[key]
+
+
+class InferenceKind(CellKind):
+    """``skipdiff.eval`` on one pretrained pipeline (or run folder: ``checkpoint`` in ``base``) with each
+    cell's skip specification (and any other evaluation option of the grid), nothing trained. A cell's
+    options are :class:`skipdiff.eval.EvalOptions`; its sampling seeds (``seeds``) are shared by every cell,
+    so that rows are compared on the same noise (the report pairs them by sampling seed)."""
+
+    name = "inference"
+    cli_module = None
+    folder_option = "out"
+    set_by_sweep = ("out", "compare", "dry_run")
+
+    def options_class(self) -> type:
+        from ..eval.options import EvalOptions
+
+        return EvalOptions
+
+    def check_cells(self, spec: SweepSpec, cells: list[Cell]) -> None:
+        missing = [c.name for c in cells if not c.options.get("checkpoint")]
+        if missing:
+            raise ValueError(f"inference cells need a checkpoint (a pipeline folder or Hub id) in base: {missing[:3]}")
+        seeds = {tuple(c.options["seeds"]) for c in cells}
+        if len(seeds) > 1:
+            raise ValueError(f"every inference cell must use the same sampling seeds (the rows are paired by them), got {sorted(seeds)}")
+
+    def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:
+        from ..eval.evaluation import evaluate_target
+        from .cells import read_cell
+
+        options = from_dict(self.options_class(), {**read_cell(folder)["options"], "out": str(folder / "eval")})
+        log(f"  skips {options.skips or 'as trained'} on {options.checkpoint}")
+        evaluate_target(_loaded_target(options), options, out=folder / "eval")
+
+    def describe(self, spec: SweepSpec) -> list[str]:
+        return ["no training: each cell is skipdiff.eval on the base's checkpoint with the cell's options"]
+
+
 register_kind(DiffusionKind())
 register_kind(ClassifierKind())
+register_kind(InferenceKind())

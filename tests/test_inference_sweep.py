@@ -1,0 +1,78 @@
+"""Inference sweeps: a grid of skip specifications on one pretrained pipeline, nothing trained, resumable, and
+rendered by the report against the unmodified pipeline, rows paired by sampling seed."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+from helpers.tiny_pipelines import captioned_images, ddpm_pipeline
+
+from skipdiff.report import write_report
+from skipdiff.sweep import load_spec, run_sweep
+from skipdiff.targets import load_target
+
+
+def write_spec(path, pipeline, images, extractor_dir):
+    spec = {
+        "kind": "inference",
+        "description": "tiny DDPM: full, zero the innermost skip, FreeU",
+        "base": {"checkpoint": str(pipeline), "train_data_dir": str(images), "resolution": 8, "fid": True,
+                 "num_samples": 6, "seeds": [0, 1, 2], "steps": 2, "denoise_loss": True, "buckets": 2,
+                 "feature_extractor": str(extractor_dir), "num_threads": 1},  # fmt: skip
+        "grid": {"skips": {"full": "full", "zero0": "zero,keep,keep,keep", "freeu": "freeu:b1=1.2:b2=1.1"}},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_an_inference_sweep_evaluates_every_spec_once_and_the_report_pairs_them(tmp_path):
+    from skipdiff.classifiers import SkipResNetConfig, SkipResNetForImageClassification
+
+    torch.manual_seed(0)
+    SkipResNetForImageClassification(SkipResNetConfig(num_labels=3, num_channels=3, widths=[4, 8], depth=1,
+                                                       hidden_size=8)).save_pretrained(tmp_path / "extractor")  # fmt: skip
+    pipeline = ddpm_pipeline(tmp_path / "ddpm")
+    images = captioned_images(tmp_path / "images")
+    spec = load_spec(write_spec(tmp_path / "tiny.yaml", pipeline, images, tmp_path / "extractor"))
+    before = {k: v.clone() for k, v in load_target(str(pipeline)).unet.state_dict().items()}
+    out = tmp_path / "sweep"
+    records = run_sweep(spec, out, log=lambda line: None)
+    assert [r["status"] for r in records] == ["done"] * 3 and not any("train_metrics" in r for r in records)
+    results = {r["name"]: json.loads((out / r["name"] / "eval" / "eval.json").read_text()) for r in records}
+    fid = {name: [row["fid"] for row in r["fid"]["per_seed"]] for name, r in results.items()}
+    assert fid["skips-zero0"] != fid["skips-full"] and fid["skips-freeu"] != fid["skips-full"]
+    assert results["skips-zero0"]["skips"][0]["gate"] == "zero" and results["skips-full"]["skip_spec"] == "full"
+    # The pipeline's weights are untouched by the sweep (specs are applied and detached).
+    after = load_target(str(pipeline)).unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # Relaunching evaluates nothing again.
+    stamps = {name: (out / name / "eval" / "eval.json").stat().st_mtime_ns for name in results}
+    run_sweep(spec, out, log=lambda line: None)
+    assert {name: (out / name / "eval" / "eval.json").stat().st_mtime_ns for name in results} == stamps
+
+    report = write_report(out)
+    text = report.read_text()
+    assert "skips=full" in text and "paired" in text
+    summary = json.loads((report.parent / "summary.json").read_text())
+    (dataset,) = summary["datasets"]
+    table = summary["datasets"][dataset]["configurations"]
+    assert table["skips=zero0"]["seeds"] == [0, 1, 2]  # one row per sampling seed
+    assert table["skips=zero0"]["values"]["fid"] == fid["skips-zero0"]
+    ranking = summary["datasets"][dataset]["ranking"]
+    assert ranking["reference"] == "skips=full"
+    zero0 = next(r for r in ranking["rows"] if r["configuration"] == "skips=zero0")
+    assert zero0["shared_seeds"] == 3 and zero0["test"].startswith("paired")
+
+
+def test_inference_cells_must_share_their_sampling_seeds(tmp_path):
+    import pytest
+
+    spec = {"kind": "inference", "base": {"checkpoint": "x/y", "grid": True},
+            "grid": {"skips": ["full", "none"], "seeds": [[0, 1], [0, 2]]}}  # fmt: skip
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="same sampling seeds"):
+        run_sweep(load_spec(path), tmp_path / "out", dry_run=True, log=lambda line: None)
