@@ -213,9 +213,11 @@ def data_scaling_factor(vae: AutoencoderKL, loader) -> float:
 
 @torch.no_grad()
 def cache_encoded(encoder: Encoder, loader, flips: bool = False) -> dict[str, torch.Tensor]:
-    """Encode a whole split once: ``{"latent_mean", "latent_std"[, "labels"]}`` stacked tensors; with
-    ``flips`` also ``latent_mean_flipped`` / ``latent_std_flipped``, the latents of the mirrored images."""
+    """Encode a whole split once: ``{"latent_mean", "latent_std"[, "labels"]}`` stacked tensors (and
+    ``captions``, a list of strings, for captioned data); with ``flips`` also ``latent_mean_flipped`` /
+    ``latent_std_flipped``, the latents of the mirrored images."""
     parts: dict[str, list[torch.Tensor]] = {}
+    captions: list[str] = []
     for batch in loader:
         pixels = batch["pixel_values"]
         views = {"": pixels, "_flipped": pixels.flip(-1)} if flips else {"": pixels}
@@ -226,7 +228,9 @@ def cache_encoded(encoder: Encoder, loader, flips: bool = False) -> dict[str, to
                 parts.setdefault(f"latent_std{suffix}", []).append(std)
         if "labels" in batch:
             parts.setdefault("labels", []).append(batch["labels"])
-    return {key: torch.cat(values) for key, values in parts.items()}
+        captions += list(batch.get("captions", []))
+    cached = {key: torch.cat(values) for key, values in parts.items()}
+    return {**cached, "captions": captions} if captions else cached
 
 
 class CachedLatents(Dataset):
@@ -237,6 +241,12 @@ class CachedLatents(Dataset):
 
     def __len__(self) -> int:
         return len(self.tensors["latent_mean"])
+
+    @staticmethod
+    def collate(rows: list[dict]) -> dict:
+        """Stack tensors; captions stay a list of strings."""
+        return {key: [r[key] for r in rows] if key == "captions" else torch.stack([r[key] for r in rows])
+                for key in rows[0]}  # fmt: skip
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[index] for key, value in self.tensors.items()}

@@ -170,3 +170,44 @@ def test_lora_training_saves_a_plain_model_with_the_adapters_merged(base, tmp_pa
     reference = stock.state_dict()
     changed = [k for k in reference if not torch.equal(saved[k], reference[k])]
     assert changed and all(k.rsplit(".", 2)[-2] in ("conv1", "conv2", "to_q", "to_k", "to_v", "0") for k in changed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stable Diffusion: gates on a UNet2DConditionModel, captions through the pipeline's own text encoder
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gate_only_training_on_a_tiny_stable_diffusion_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from helpers.tiny_pipelines import captioned_images, sd_pipeline
+
+    from skipdiff.runfolder import read_stats
+
+    pipeline = sd_pipeline(tmp_path / "sd")
+    images = captioned_images(tmp_path / "images", count=24, size=16)
+    out = tmp_path / "run"
+    argv = tiny_args(out, "--pretrained_model_name_or_path", str(pipeline), "--train_only", "gates",
+                     "--skips", "adapter:width=2", "--train_data_dir", str(images), "--caption_column", "text",
+                     "--resolution", "16", "--max_train_steps", "3", "--learning_rate", "5e-2", "--lr_warmup_steps",
+                     "0", "--validation_prompts", "a red square", "a blue circle", "--num_validation_images", "2",
+                     "--random_flip")  # fmt: skip
+    index = argv.index("--model")
+    run_train_unet(argv[:index] + argv[index + 2 :])
+    # The artefact alone: no copy of the UNet, the base named; the grid holds the validation prompts.
+    assert not (out / "unet").exists() and (out / "skip_gates" / WEIGHTS_NAME).is_file()
+    assert json.loads((out / "skip_gates" / CONFIG_NAME).read_text())["base_model"] == str(pipeline)
+    assert (out / "samples" / "step-000003.png").is_file()
+    start = read_stats(out / "stats.jsonl")[0]
+    assert start["vae"].endswith("(the pipeline's own)") and 0 < start["num_trainable_parameters"] < 500
+
+    fresh = StableDiffusionPipeline.from_pretrained(pipeline)
+    base = {k: v.clone() for k, v in fresh.unet.state_dict().items()}
+    sample = torch.randn(2, 4, 2, 2)
+    text = torch.randn(2, 77, 32)
+    before = fresh.unet(sample, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+    load_skip_gates(fresh, out / "skip_gates")
+    after = fresh.unet(sample, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+    assert not torch.equal(before, after)  # the trained adapters act
+    assert all(torch.equal(v, base[k]) for k, v in fresh.unet.state_dict().items())  # base weights untouched
+    unload_skip_gates(fresh)
+    assert torch.equal(fresh.unet(sample, torch.tensor([10, 500]), encoder_hidden_states=text).sample, before)

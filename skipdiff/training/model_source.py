@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -84,22 +85,98 @@ def pretrained_unet_config(options) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class ModelSource:
+    """What a run trains and with what: the UNet, its noise scheduler, the pixel/latent encoder, the
+    conditioning (none, class labels, or text through a pipeline's frozen text encoder), where the encoder
+    came from, and the study target of a pretrained pipeline (for its validation grids), if any."""
+
+    unet: nn.Module
+    noise_scheduler: object
+    encoder: object
+    conditioning: object
+    encoder_source: str
+    target: object = None
+
+
+def is_pipeline_source(options) -> bool:
+    """Whether ``--pretrained_model_name_or_path`` is a whole pipeline (a ``model_index.json``): then its own
+    VAE, text encoder and noise schedule come with its UNet."""
+    source = options.pretrained_model_name_or_path
+    if not source:
+        return False
+    if Path(source).exists():
+        return (Path(source) / "model_index.json").is_file()
+    return _unet_subfolder(source) == PIPELINE_UNET
+
+
+def load_model_source(options, accelerator, data) -> ModelSource:
+    """The run's model and its surroundings: a preset (or a bare pretrained UNet) with the encoder of
+    ``--vae``, or a pretrained pipeline with its own encoder, conditioning and schedule, as diffusers'
+    ``train_text_to_image.py`` uses a Stable Diffusion pipeline's."""
+    from ..conditioning import ClassLabels, Unconditional
+
+    if is_pipeline_source(options):
+        return _pipeline_source(options, data)
+    from .runtime import prepare_encoder
+
+    encoder, encoder_source = prepare_encoder(options, accelerator, data.channels)
+    unet, scheduler = build_unet(options, encoder, data)
+    conditioning = ClassLabels(data.classes) if data.classes else Unconditional()
+    return ModelSource(finish_model(unet, options), scheduler, encoder, conditioning, encoder_source)
+
+
+def _pipeline_source(options, data) -> ModelSource:
+    """A pretrained pipeline as the study target view (:func:`skipdiff.targets.load_target`), its UNet given
+    the run's skips: a ``SkipUNet2DModel`` for a ``UNet2DModel``, the router as ``skip_router`` otherwise."""
+    from diffusers import UNet2DConditionModel
+
+    from ..targets import load_target
+    from ..unet import apply_skip_spec
+
+    source = options.pretrained_model_name_or_path
+    target = load_target(source, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir,
+                         device="cpu")  # fmt: skip
+    if target.image_channels != data.channels:
+        raise ValueError(f"the pipeline {source!r} makes {target.image_channels}-channel images but the dataset has "
+                         f"{data.channels} channels (--image_channels)")  # fmt: skip
+    if options.resolution % target.encoder.downscale:
+        raise ValueError(f"--resolution {options.resolution} is not a multiple of the pipeline's VAE downscaling "
+                         f"{target.encoder.downscale}")  # fmt: skip
+    if target.text_conditioned and not options.caption_column:
+        raise ValueError(f"{source!r} is text-conditioned: name the captions with --caption_column")
+    if isinstance(target.unet, UNet2DConditionModel):
+        unet = target.unet
+        unet.skip_router = apply_skip_spec(unet, options.skips, options.markov_options())
+    else:
+        unet = skip_unet_from(target.unet, options.skips, options.disable_shortcuts, options.markov_options())
+    if data.classes and not target.conditioning.kind == "class":
+        raise ValueError(f"--class_conditional, but the pipeline {source!r} is not class-conditional")
+    unet.train()
+    return ModelSource(finish_model(unet, options), target.noise_scheduler, target.encoder, target.conditioning,
+                       f"{source} (the pipeline's own)", target)  # fmt: skip
+
+
 def build_unet(options, encoder, data) -> tuple[nn.Module, object]:
-    """The UNet to train and its noise scheduler (see the module docstring); frozen as ``--train_only`` says."""
+    """A preset's fresh ``SkipUNet2DModel`` (or a bare pretrained UNet with the run's skips) and its noise
+    scheduler."""
     from ..diffusion import make_scheduler
 
     if options.pretrained_model_name_or_path:
-        unet, scheduler = _pretrained(options, encoder)
-    else:
-        from ..presets import unet_config
+        return _pretrained(options, encoder)
+    from ..presets import unet_config
 
-        shortcuts = {part: False for part in options.disable_shortcuts} or None
-        config = unet_config(options.model, sample_size=options.resolution // encoder.downscale, channels=encoder.channels,
-                             num_classes=data.classes, skips=options.skips, residual_shortcuts=shortcuts,
-                             markov=options.markov_options())  # fmt: skip
-        unet = SkipUNet2DModel(**config)
-        scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
-                                   encoder.sample_range)  # fmt: skip
+    shortcuts = {part: False for part in options.disable_shortcuts} or None
+    config = unet_config(options.model, sample_size=options.resolution // encoder.downscale, channels=encoder.channels,
+                         num_classes=data.classes, skips=options.skips, residual_shortcuts=shortcuts,
+                         markov=options.markov_options())  # fmt: skip
+    scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
+                               encoder.sample_range)  # fmt: skip
+    return SkipUNet2DModel(**config), scheduler
+
+
+def finish_model(unet: nn.Module, options) -> nn.Module:
+    """What ``--train_only``, ``--gradient_checkpointing``, ``--channels_last`` and ``--torch_compile`` ask."""
     if options.train_only == "gates":
         freeze_all_but_gates(unet)
     elif options.train_only == "lora":
@@ -110,7 +187,7 @@ def build_unet(options, encoder, data) -> tuple[nn.Module, object]:
         unet.to(memory_format=torch.channels_last)
     if options.torch_compile:
         unet.compile()  # in place: parameter names (and the router's hooks) are unchanged
-    return unet, scheduler
+    return unet
 
 
 def freeze_all_but_gates(unet: nn.Module) -> int:

@@ -144,10 +144,6 @@ class TrainingData:
     classes: int | None  # class count of a class-conditional run
     skipped_images: int = 0
 
-    def unet_kwargs(self, batch: dict) -> dict:
-        """The conditioning arguments of ``unet(sample, t, ...)`` for a training batch."""
-        return {"class_labels": batch["labels"]} if self.classes else {}
-
 
 def load_training_data(options: TrainOptions) -> TrainingData:
     """The splits (:func:`skipdiff.data.load_image_splits`) with their channels and classes."""
@@ -196,7 +192,8 @@ def train_loader(options: TrainOptions, split, encoder: Encoder, channels: int) 
         if not options.center_crop:
             raise ValueError("random crops (--no-center_crop) cannot be cached: add --no-cache_latents")
         encode_loader = DataLoader(images, batch_size=256, collate_fn=collate_images)
-        dataset, collate = CachedLatents(cache_encoded(encoder, encode_loader, flips=options.random_flip)), None
+        dataset = CachedLatents(cache_encoded(encoder, encode_loader, flips=options.random_flip))
+        collate = CachedLatents.collate
     else:
         dataset, collate = images, collate_images
     if len(dataset) < options.train_batch_size:
@@ -258,6 +255,25 @@ def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: Trainin
     pipeline.unet.train(was_training)
     columns = classes if classes and classes <= 16 else 8
     return image_grid(images, columns=columns, scale=max(1, 128 // images[0].width))
+
+
+@torch.no_grad()
+def text_sample_grid(target, options: TrainOptions, data: TrainingData):
+    """Validation samples of a text-conditioned pipeline: ``--validation_prompts`` (else the first four
+    test captions), one column per prompt, through the pipeline's own sampler with the run's gates."""
+    from ..sampling import sample_images
+
+    prompts = list(options.validation_prompts) or [str(c) for c in data.splits["test"]["caption"][:4]]
+    rows = max(1, options.num_validation_images // len(prompts))
+    was_training = target.unet.training
+    target.unet.eval()
+    samples = sample_images(target, len(prompts) * rows, seed=0, steps=options.validation_inference_steps,
+                            prompts=prompts, resolution=options.resolution, progress=False)  # fmt: skip
+    target.unet.train(was_training)
+    from ..pipeline import numpy_to_pil
+
+    images = numpy_to_pil(((samples.images + 1) / 2).permute(0, 2, 3, 1).numpy())
+    return image_grid(images, columns=len(prompts), scale=max(1, 128 // images[0].width))
 
 
 def save_outputs(output_dir: Path, unet, ema: WeightEMA | None, scheduler, encoder: Encoder, options_json: str) -> None:

@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from ..adapters import save_skip_gates
 from ..config import parse_args, to_json
 from ..encoders import batch_latents
+from ..router import format_skip_table
 from ..runfolder import locked, read_stats, write_json_atomic
 from ..unet import SkipUNet2DModel
 from . import checkpoints, hub
-from .model_source import build_unet, check_model_options, trainable_parameters
+from .model_source import ModelSource, check_model_options, load_model_source, trainable_parameters
 from .options import TrainOptions
 from .runtime import (
     TrainingData,
@@ -33,10 +34,10 @@ from .runtime import (
     make_ema,
     make_optimizer,
     make_pipeline,
-    prepare_encoder,
     sample_grid,
     save_outputs,
     setup_backends,
+    text_sample_grid,
     train_loader,
 )  # fmt: skip
 from .startup import StopRequest, TrainingStopped, is_main_process, prepare_output_dir, resume_checkpoint
@@ -71,12 +72,11 @@ def train_unet(options: TrainOptions) -> dict:
 
         # ---- data, encoder, model, noise scheduler, optimizer, loader -----------------------------
         data = load_training_data(options)
-        encoder, vae_source = prepare_encoder(options, accelerator, data.channels)
-        unet, noise_scheduler = build_unet(options, encoder, data)
-        ema = make_ema(options, unet)
-        optimizer = make_optimizer(options, unet, accelerator.num_processes)
-        loader = train_loader(options, data.splits["train"], encoder, data.channels)
-        run = _prepare(options, accelerator, unet, ema, optimizer, loader, noise_scheduler, encoder, data, output_dir)
+        source = load_model_source(options, accelerator, data)
+        ema = make_ema(options, source.unet)
+        optimizer = make_optimizer(options, source.unet, accelerator.num_processes)
+        loader = train_loader(options, data.splits["train"], source.encoder, data.channels)
+        run = _prepare(options, accelerator, source, ema, optimizer, loader, data, output_dir)
 
         # ---- resume, log the start --------------------------------------------------------------------
         if resume_from is not None:
@@ -87,7 +87,7 @@ def train_unet(options: TrainOptions) -> dict:
             accelerator.print(f"resumed from {resume_from} at step {run.step}")
         elif options.resume_from_checkpoint == "latest":
             accelerator.print(f"no checkpoint in {output_dir} yet: starting from scratch")
-        _start_log(run, vae_source, data)
+        _start_log(run, source.encoder_source, data)
 
         # ---- the loop -----------------------------------------------------------------------------------
         _train(run, stop, repo_id)
@@ -131,6 +131,8 @@ class Run:
     loader: object
     noise_scheduler: object
     encoder: object
+    conditioning: object  # skipdiff.conditioning: none, class labels, or text through a frozen text encoder
+    target: object  # the pretrained pipeline's study target (text validation grids), or None
     data: TrainingData
     output_dir: Path
     stats: StatsWriter
@@ -147,7 +149,7 @@ class Run:
         return self.model.skip_router
 
 
-def _prepare(options, accelerator, unet, ema, optimizer, loader, noise_scheduler, encoder, data, output_dir) -> Run:
+def _prepare(options, accelerator, source: ModelSource, ema, optimizer, loader, data, output_dir) -> Run:
     """The learning-rate schedule, ``accelerator.prepare``, the stats writer and the options file."""
     from diffusers.optimization import get_scheduler
 
@@ -156,8 +158,10 @@ def _prepare(options, accelerator, unet, ema, optimizer, loader, noise_scheduler
     lr_scheduler = get_scheduler(options.lr_scheduler, optimizer,
                                  num_warmup_steps=options.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)  # fmt: skip
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    encoder.to(accelerator.device)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(source.unet, optimizer, loader, lr_scheduler)
+    source.encoder.to(accelerator.device)
+    if source.target is not None:
+        source.target.pipeline.to(accelerator.device)  # its text encoder conditions every step
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
@@ -168,9 +172,9 @@ def _prepare(options, accelerator, unet, ema, optimizer, loader, noise_scheduler
     # The plain module (no DDP or torch.compile wrapper): its parameter names are the model's own, so
     # gradient norms group by block and the saved weights carry no wrapper prefix.
     model = accelerator.unwrap_model(unet, keep_torch_compile=False)
-    return Run(options, accelerator, unet, model, ema, optimizer, lr_scheduler, loader,
-               noise_scheduler, encoder, data, output_dir, StatsWriter(accelerator, output_dir), window, max_steps,
-               steps_per_epoch, options_json)  # fmt: skip
+    return Run(options, accelerator, unet, model, ema, optimizer, lr_scheduler, loader, source.noise_scheduler,
+               source.encoder, source.conditioning, source.target, data, output_dir, StatsWriter(accelerator, output_dir),
+               window, max_steps, steps_per_epoch, options_json)  # fmt: skip
 
 
 def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
@@ -180,7 +184,7 @@ def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
         config = {k: str(v) for k, v in vars(options).items() if k != "hub_token"}
         init_kwargs = {"wandb": {"dir": str(run.output_dir), "name": run.output_dir.name}}
         accelerator.init_trackers(options.tracker_project_name, config=config, init_kwargs=init_kwargs)
-        accelerator.print(run.model.skip_table())
+        accelerator.print(format_skip_table(run.router.describe()))
     run.stats.truncate_after(run.step if run.step else -1)  # a fresh start drops an earlier attempt's records
     if run.step == 0:
         run.stats.write({"event": "start", "vae": vae_source, "encoder": run.encoder.describe(),
@@ -254,7 +258,8 @@ def _micro_step(run: Run, batch: dict, logging_step: bool) -> StepDone | None:
         if options.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
         noise = draw_noise(latents, options.num_train_timesteps, options.noise_offset, options.input_perturbation)
-        losses = batch_loss(run.unet, run.noise_scheduler, latents, noise, run.data.unet_kwargs(batch), options.snr_gamma)
+        losses = batch_loss(run.unet, run.noise_scheduler, latents, noise, run.conditioning.unet_kwargs(batch),
+                            options.snr_gamma)  # fmt: skip
         loss = losses.mean()
         if run.step + 1 in options.inject_nonfinite_steps:
             loss = loss * float("nan")
@@ -348,7 +353,10 @@ def _validate(run: Run):
     if not run.accelerator.is_main_process:
         return None
     with _with_ema_weights(run.model, run.ema):
-        grid = sample_grid(make_pipeline(run.model, run.noise_scheduler, run.encoder), run.options, run.data)
+        if run.conditioning.kind == "text":
+            grid = text_sample_grid(run.target, run.options, run.data)
+        else:
+            grid = sample_grid(make_pipeline(run.model, run.noise_scheduler, run.encoder), run.options, run.data)
     path = run.output_dir / "samples" / f"step-{run.step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
