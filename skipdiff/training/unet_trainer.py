@@ -95,7 +95,9 @@ def train_unet(options: TrainOptions) -> dict:
         # ---- outputs ------------------------------------------------------------------------------------
         run.router.record_norms = False
         grid_path = _validate(run)
-        metrics = {"final_loss": _last_loss(output_dir), "steps": run.step, "nonfinite_total": run.nonfinite_total}
+        metrics = {"final_loss": _last_loss(output_dir), "steps": run.step, "nonfinite_total": run.nonfinite_total,
+                   "trainable_parameters": sum(p.numel() for p in trainable_parameters(run.model)),
+                   **peak_memory(accelerator.device)}  # fmt: skip
         _export(run, _card(run, metrics, grid_path))
         if accelerator.is_main_process:
             write_json_atomic(output_dir / "train_metrics.json", metrics)
@@ -391,6 +393,16 @@ def _export(run: Run, card) -> None:
         else:
             (run.output_dir / "training_options.json").write_text(run.options_json)
     run.accelerator.wait_for_everyone()
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The process's peak memory so far: CUDA's allocator peak on a GPU, else the resident set size
+    (``getrusage``; a process-wide maximum, so compare runs made in separate processes)."""
+    if device.type == "cuda":
+        return {"peak_cuda_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    import resource
+
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _last_loss(output_dir: Path) -> float | None:

@@ -1,0 +1,137 @@
+"""What do skips do to cacheability? Feature change across sampling steps, and the FID cost of caching.
+
+Skip-branch caching (skipdiff.caching) reuses the deep decoder features from the last refresh step. It is
+cheap in quality where those features change slowly from one sampling step to the next. For trained
+models with different skips (full, ScaleLong-scaled, learned; several training seeds each, from a sweep
+such as eval/sweeps/cacheability.yaml), this script measures:
+
+* for each decoder level (the output of ``up_blocks[i]``), the relative change of its features between
+  adjacent DDIM steps, ``|h_t - h_{t-1}| / |h_t|``, mean over the steps and images of a fixed-noise batch;
+* FID uncached and cached at one setting (default: branch 8, interval 3), same noise, same extractor, and
+  the difference: the FID cost of caching.
+
+Results per cell, and mean ± std over training seeds per configuration, go to ``results.json`` and
+``table.md``.
+
+    python eval/cacheability.py runs/sweeps/cacheability --out eval/results/cacheability
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from skipdiff.runfolder import write_json_atomic
+
+
+@torch.no_grad()
+def feature_change(target, images: int = 64, steps: int = 50, seed: int = 0) -> list[float]:
+    """Mean relative change of each up block's output between adjacent sampling steps (decoder order)."""
+    from skipdiff.sampling import denoise_latents, image_generators, initial_noise, sampling_scheduler
+
+    unet = target.unet.eval()
+    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(unet.up_blocks))}
+    handles = [block.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(out.detach().float()))
+               for i, block in enumerate(unet.up_blocks)]  # fmt: skip
+    try:
+        generators = image_generators(seed, list(range(images)))
+        noise = initial_noise(target.latent_shape(), generators)
+        denoise_latents(unet, sampling_scheduler(target.scheduler, "ddim"), noise, steps, generators)
+    finally:
+        for handle in handles:
+            handle.remove()
+    changes = []
+    for i in range(len(unet.up_blocks)):
+        series = outputs[i]  # one (B, C, H, W) per step
+        relative = [((b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()
+                    for a, b in zip(series[:-1], series[1:], strict=True)]  # fmt: skip
+        changes.append(float(torch.stack(relative).mean()))
+    return changes
+
+
+def cached_fid(run: Path, cache: dict, samples: int, seeds: list[int]) -> float:
+    """Mean FID over ``seeds`` of the run sampled with the ``cache`` options (None: uncached)."""
+    from skipdiff.eval import EvalOptions, evaluate
+
+    out = run / "cacheability" / ("uncached" if not cache else "cached")
+    options = EvalOptions(checkpoint=str(run), fid=True, num_samples=samples, seeds=seeds, out=str(out), **(cache or {}))
+    result = evaluate(options)
+    return result["fid"]["summary"]["fid"]["mean"]
+
+
+def measure_cell(run: Path, cache: dict, samples: int, seeds: list[int]) -> dict:
+    from skipdiff.targets import load_target
+
+    change = feature_change(load_target(str(run)))
+    uncached, cached = cached_fid(run, None, samples, seeds), cached_fid(run, cache, samples, seeds)
+    return {"feature_change_by_up_block": change, "fid_uncached": uncached, "fid_cached": cached,
+            "fid_cost": cached - uncached}  # fmt: skip
+
+
+def summarise(cells: list[dict]) -> dict:
+    """Per configuration: mean ± std over training seeds of every figure."""
+    out: dict = {}
+    for cell in cells:
+        out.setdefault(cell["configuration"], []).append(cell)
+    summary = {}
+    for name, rows in out.items():
+        def ms(values):
+            return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+        levels = len(rows[0]["feature_change_by_up_block"])
+        summary[name] = {"seeds": [r["seed"] for r in rows],
+                         "feature_change_by_up_block": [ms([r["feature_change_by_up_block"][i] for r in rows]) for i in range(levels)],
+                         **{key: ms([r[key] for r in rows]) for key in ("fid_uncached", "fid_cached", "fid_cost")}}  # fmt: skip
+    return summary
+
+
+def table(summary: dict) -> str:
+    def pm(entry):
+        return f"{entry['mean']:.3g}" + ("" if entry["std"] is None else f" ± {entry['std']:.2g}")
+
+    levels = len(next(iter(summary.values()))["feature_change_by_up_block"])
+    lines = ["| configuration | seeds | " + " | ".join(f"change up_blocks.{i}" for i in range(levels))
+             + " | FID uncached | FID cached | FID cost |", "|---|---|" + "---|" * (levels + 3)]  # fmt: skip
+    for name, row in summary.items():
+        changes = " | ".join(pm(c) for c in row["feature_change_by_up_block"])
+        lines.append(f"| {name} | {len(row['seeds'])} | {changes} | {pm(row['fid_uncached'])} | {pm(row['fid_cached'])} | "
+                     f"{pm(row['fid_cost'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help="a sweep folder of trained, evaluated diffusion cells")
+    parser.add_argument("--cache_branch", type=int, default=8)
+    parser.add_argument("--cache_interval", type=int, default=3)
+    parser.add_argument("--num_samples", type=int, default=500)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cache = {"cache": "skip_branch", "cache_branch": args.cache_branch, "cache_interval": args.cache_interval}
+    cells = []
+    for record_path in sorted(Path(args.sweep).glob("*/cell.json")):
+        record = json.loads(record_path.read_text())
+        if record.get("status") != "done":
+            continue
+        configuration = ", ".join(f"{a['axis']}={a['label']}" for a in record["axes"] if a["axis"] != "seed")
+        result = measure_cell(record_path.parent, cache, args.num_samples, args.seeds)
+        cells.append({"cell": record["name"], "configuration": configuration, "seed": record["options"]["seed"], **result})
+        print(cells[-1], flush=True)
+    summary = summarise(cells)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", {"cache": cache, "num_samples": args.num_samples, "sampling_seeds": args.seeds,
+                                             "cells": cells, "summary": summary,
+                                             "command": f"python eval/cacheability.py {args.sweep} --out {args.out}"})
+    (out / "table.md").write_text(table(summary))
+    print(table(summary))
+
+
+if __name__ == "__main__":
+    main()
