@@ -39,7 +39,7 @@ def measure(unet, router, latents: torch.Tensor, timesteps: torch.Tensor, factor
         straddling = sum(1 for g in range(groups) if g * size < info.main_channels < (g + 1) * size)
         captured: dict = {}
 
-        def capture(module, args, kwargs):
+        def capture(module, args, kwargs, captured=captured):
             captured["input"], captured["temb"] = args[0], args[1] if len(args) > 1 else kwargs.get("temb")
 
         handle = resnet.register_forward_pre_hook(capture, with_kwargs=True)
