@@ -1,0 +1,122 @@
+"""Does the default model copy its training images? (skipdiff.eval.memorisation on a trained run.)
+
+Samples ``--num_samples`` images per sampling seed and compares them with the run's train and test splits,
+in the FID extractor's feature space and in pixels: nearest-neighbour distances (and their baselines: test
+images to train, train images to other train images), the copy rate, FID against train and against test
+at the same sample count (the test split's size), and precision/recall against each. Writes
+``results.json``, ``table.md`` and ``nearest.png`` (samples next to their nearest training image).
+
+    python eval/memorisation.py runs/digits-latent --out eval/results/memorisation
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+from skipdiff.runfolder import write_json_atomic
+
+
+def evaluate_seed(target, real: dict, extractor, count: int, seed: int) -> dict:
+    """Every figure for one sampling seed's ``count`` samples."""
+    from skipdiff.eval.fid import features_of, features_to_fid, features_to_prc, images_to_uint8
+    from skipdiff.eval.memorisation import memorisation_statistics, pixels_as_features
+    from skipdiff.sampling import sample_images
+
+    samples = images_to_uint8(sample_images(target, count, seed, steps=50, progress=False).images)
+    features = {name: features_of(images.images, extractor) for name, images in real.items()}
+    generated = features_of(samples, extractor)
+    pixels = {name: pixels_as_features(images.images) for name, images in real.items()}
+    size = len(real["test"])  # FID at the same N against both splits
+    return {
+        "seed": seed,
+        "features": memorisation_statistics(generated, features["train"], features["test"]),
+        "pixels": memorisation_statistics(pixels_as_features(samples), pixels["train"], pixels["test"]),
+        "fid_vs_train": features_to_fid(generated[:size], features["train"]),
+        "fid_vs_test": features_to_fid(generated[:size], features["test"]),
+        "fid_test_vs_train": features_to_fid(features["test"], features["train"]),
+        "prc_vs_train": features_to_prc(generated, features["train"]),
+        "prc_vs_test": features_to_prc(generated, features["test"]),
+        "samples": samples,
+    }
+
+
+def nearest_grid(samples: torch.Tensor, train: torch.Tensor, indices: list[int], path: Path, count: int = 16) -> None:
+    """Pairs (sample, nearest training image) side by side, ``count`` rows, as one PNG."""
+    from skipdiff.pipeline import image_grid, numpy_to_pil
+
+    pairs = torch.stack([t for i in range(count) for t in (samples[i], train[indices[i]])])  # (2n, C, H, W)
+    pil = numpy_to_pil((pairs.permute(0, 2, 3, 1).float() / 255.0).numpy())
+    image_grid(pil, columns=8, scale=max(1, 64 // pil[0].width)).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from skipdiff.config import subset
+    from skipdiff.data_options import DataOptions
+    from skipdiff.eval.extractor_choice import resolve_extractor
+    from skipdiff.eval.extractors import create_extractor
+    from skipdiff.eval.fid import real_splits
+    from skipdiff.targets import load_target
+
+    target = load_target(args.run)
+    data = subset(DataOptions, target.training_options)
+    real = real_splits(target.training_options)
+    extractor = create_extractor(resolve_extractor("auto", data=data))
+    per_seed = [evaluate_seed(target, real, extractor, args.num_samples, seed) for seed in args.seeds]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = per_seed[0]
+    nearest_grid(first["samples"], real["train"].images, first["features"]["nearest_train_index"], out / "nearest.png")
+    for row in per_seed:
+        del row["samples"]
+        for space in ("features", "pixels"):
+            del row[space]["nearest_train_index"]
+    result = {"run": args.run, "num_samples": args.num_samples, "seeds": args.seeds, "extractor": extractor.get_name(),
+              "per_seed": per_seed, "summary": summarise(per_seed),
+              "command": f"python eval/memorisation.py {args.run} --out {args.out}"}  # fmt: skip
+    write_json_atomic(out / "results.json", result)
+    (out / "table.md").write_text(markdown(result["summary"]))
+    print(markdown(result["summary"]))
+
+
+def _ms(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean ± std over sampling seeds of the headline figures."""
+    out = {}
+    for space in ("features", "pixels"):
+        for key in ("generated_to_train", "generated_to_test", "test_to_train", "train_to_other_train"):
+            out[f"{space}.{key}.median"] = _ms([r[space][key]["median"] for r in per_seed])
+        out[f"{space}.ratio"] = _ms([r[space]["ratio_median_generated_to_train_over_test_to_train"] for r in per_seed])
+        for key in per_seed[0][space]["copy_rate"]:
+            out[f"{space}.copy_rate.{key}"] = _ms([r[space]["copy_rate"][key] for r in per_seed])
+    for key in ("fid_vs_train", "fid_vs_test", "fid_test_vs_train"):
+        out[key] = _ms([r[key] for r in per_seed])
+    for split in ("train", "test"):
+        for key in ("precision", "recall"):
+            out[f"{key}_vs_{split}"] = _ms([r[f"prc_vs_{split}"][key] for r in per_seed])
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| figure | mean ± std over sampling seeds |", "|---|---|"]
+    for key, entry in summary.items():
+        std = "" if entry["std"] is None else f" ± {entry['std']:.2g}"
+        lines.append(f"| {key} | {entry['mean']:.4g}{std} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
