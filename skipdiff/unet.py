@@ -23,10 +23,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from .config import SHORTCUT_PARTS
 from .gates import SkipSpec
 from .router import SkipRouter, discover_skips, format_skip_table
-
-SHORTCUT_PARTS = ("down", "mid", "up")
 
 
 class ZeroShortcut(nn.Module):
