@@ -237,7 +237,7 @@ def _train_epochs(run: ClassifierRun, progress) -> tuple[dict[str, float], Runni
         loader = accelerator.skip_first_batches(run.loaders["train"], done) if done else run.loaders["train"]
         last_epoch = Running(accelerator.device)
         for batch in loader:
-            log_now = run.step + 1 == 1 or (run.step + 1) % options.log_every == 0
+            log_now = run.step == 0 or (run.step + 1) % options.log_every == 0  # step 1, then every log_every
             losses, logits, grad_norm, flow = _train_step(run, batch, gate_generator, log_now)
             run.step += 1
             running.add(losses, logits, batch["labels"])
