@@ -24,11 +24,14 @@ Columns follow the blocks from input to output, so a :class:`skipdiff.markov.Mar
 pass soft gates (e.g. ``chain.marginals().expand(B, -1)``) or ``None`` (every gate open).
 
 :func:`reference_resnet` builds the well-kept baseline, ``transformers.ResNetForImageClassification``
-with the same widths and depth; :func:`grad_norms_per_block` / :func:`first_last_grad_ratio` measure
-gradient flow after ``backward()`` for all three models.
+with the same widths and depth. :func:`unit_of` groups any of the three models' parameters into stem,
+blocks and head for :func:`skipdiff.gradients.grad_norms_by_block` (gradient norm per block);
+:func:`first_last_grad_ratio` measures gradient flow after ``backward()``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import transformers.initialization as init
@@ -46,7 +49,8 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention, SequenceClassifierOutput
 from transformers.utils import can_return_tuple
 
-GATE_TARGETS = ("residual", "skip")
+from .config import GATE_TARGETS
+from .gradients import grad_norms_by_block
 
 # Keyword arguments that PreTrainedConfig consumes itself (besides its dataclass fields) or that
 # from_pretrained passes along. Any other key that is not a field of the config is rejected, so that
@@ -529,42 +533,40 @@ def reference_resnet(
 # --------------------------------------------------------------------------------------------------
 
 
-def _named_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def unit_of(model: nn.Module) -> Callable[[str], str | None]:
+    """The grouping of a classifier's parameters, by name, into its units from input to output: ``stem``,
+    ``blocks.0`` ... ``blocks.{N-1}``, then the head (``head`` and/or ``classifier``).
+
+    Pass it to :func:`skipdiff.gradients.grad_norms_by_block` for the gradient norm per unit.
+    """
     if isinstance(model, SkipClassifierPreTrainedModel):
-        return model.named_units()
-    if isinstance(model, ResNetForImageClassification):
+        units = model.named_units()
+    elif isinstance(model, ResNetForImageClassification):
         layers = [layer for stage in model.resnet.encoder.stages for layer in stage.layers]
         blocks = [(f"blocks.{k}", layer) for k, layer in enumerate(layers)]
-        return [("stem", model.resnet.embedder), *blocks, ("classifier", model.classifier)]
-    raise ValueError(
-        f"grad_norms_per_block supports SkipResNetForImageClassification, ResidualMLPForClassification and "
-        f"ResNetForImageClassification, got {type(model).__name__}"
-    )
+        units = [("stem", model.resnet.embedder), *blocks, ("classifier", model.classifier)]
+    else:
+        raise ValueError(
+            f"unit_of supports SkipResNetForImageClassification, ResidualMLPForClassification and "
+            f"ResNetForImageClassification, got {type(model).__name__}"
+        )
+    unit_of_parameter = {id(p): name for name, unit in units for p in unit.parameters()}
+    groups = {name: unit_of_parameter.get(id(p)) for name, p in model.named_parameters()}
+    return groups.get
 
 
-def grad_norms_per_block(model: nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient of each unit's parameters, after ``loss.backward()``.
-
-    Keys run from input to output: ``stem``, ``blocks.0`` ... ``blocks.{N-1}``, then the head
-    (``head`` and/or ``classifier``). Parameters without a gradient count as zero.
-    """
-    norms, any_grad = {}, False
-    for name, unit in _named_units(model):
-        squares = [p.grad.detach().float().pow(2).sum() for p in unit.parameters() if p.grad is not None]
-        any_grad = any_grad or bool(squares)
-        norms[name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
-    if not any_grad:
-        raise ValueError(f"no parameter of {type(model).__name__} has a gradient: call loss.backward() first")
-    return norms
+def first_last_ratio(norms: dict[str, float]) -> float:
+    """Gradient norm of the first residual block over that of the last, from per-unit norms (stem and head
+    excluded). Below 1 the gradient shrinks on its way back to the input: the vanishing-gradient signature."""
+    blocks = [norm for name, norm in norms.items() if name.startswith("blocks.")]
+    if not blocks or blocks[-1] == 0.0:
+        raise ValueError("the last block has no or a zero gradient norm: the ratio is undefined")
+    return blocks[0] / blocks[-1]
 
 
 def first_last_grad_ratio(model: nn.Module) -> float:
-    """Gradient norm of the first residual block over that of the last (stem and head excluded).
-
-    Below 1 the gradient shrinks on its way back to the input: the vanishing-gradient signature.
-    """
-    norms = grad_norms_per_block(model)
-    blocks = [norm for name, norm in norms.items() if name.startswith("blocks.")]
-    if blocks[-1] == 0.0:
-        raise ValueError("the last block has a zero gradient norm: the ratio is undefined")
-    return blocks[0] / blocks[-1]
+    """:func:`first_last_ratio` of ``model`` after ``loss.backward()``."""
+    norms = grad_norms_by_block(model, unit_of(model))
+    if not norms:
+        raise ValueError(f"no parameter of {type(model).__name__} has a gradient: call loss.backward() first")
+    return first_last_ratio(norms)

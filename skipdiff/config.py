@@ -30,7 +30,12 @@ class SkipdiffError(RuntimeError):
     """A failure skipdiff expects and explains (a refused folder, too many non-finite steps, no Hub access):
     command lines print its message as one ``error: ...`` line, without a traceback."""
 
+
+# Choices shared by several option sets and the library: defined here, once.
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler names
+SHORTCUT_PARTS = ("down", "mid", "up")  # UNet parts whose resnets' residual shortcuts can be turned off
+GATE_TARGETS = ("residual", "skip")  # what a classifier's block gate multiplies (skipdiff.classifiers)
 
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.ASCII | re.I)

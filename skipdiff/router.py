@@ -14,11 +14,14 @@ all skips of an example jointly) and the (B,) timesteps that timestep-dependent 
 by the first resnet hook that asks for them. That pre-hook does no tensor work on purpose: under
 ``torch.compile`` a module's own hooks run as separate frames, and any op there would be a graph of
 its own, while the resnet hooks are traced inside the UNet's graph.
+The sampling itself is :func:`draw_gate_states`, which the classifiers' block gates
+(:mod:`skipdiff.training.classifier.gates`) call too: one code path, one RNG discipline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -28,6 +31,40 @@ from .markov import MarkovChain, check_options
 from .seeding import rank_share, uniform
 
 INFERENCE_MODES = ("expected", "map", "sample")
+
+
+def draw_gate_states(keep: torch.Tensor, batch_size: int, mode: str, *, generator: torch.Generator | None = None,
+                     chain: MarkovChain | None = None, chain_indices: Sequence[int] = (),
+                     rescale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Per-example states (B, K) of K gates with keep probabilities ``keep`` (K,), on ``keep``'s device,
+    and the chain's unscaled 0/1 path (B, len(chain_indices)) when one was sampled (else None).
+
+    ``mode="sample"``: every gate open with its keep probability, from uniforms (B, K) drawn on the CPU from
+    ``generator`` (None: the global torch RNG) for the whole data-parallel batch (:func:`rank_share`);
+    then the chain samples the columns ``chain_indices`` jointly from the same generator. ``"map"``: open
+    where P(open) >= 0.5, the chain's columns on its Viterbi path. ``"expected"``: each state is its keep
+    probability. Where ``rescale`` (K,) is True a state is divided by its keep probability (inverted
+    dropout; E[state] = 1). ``sample`` and ``expected`` read nothing from the device (``map`` reads the
+    chain's Viterbi path).
+    """
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"unknown gate sampling mode {mode!r}; choose from {INFERENCE_MODES}")
+    device, path = keep.device, None
+    if mode == "sample":
+        draws = rank_share(lambda n: uniform(n, keep.shape[0], generator), batch_size)  # (B, K)
+        states = (draws.to(device) < keep).float()  # (B, K)
+        if chain is not None:
+            path = chain.sample(batch_size, generator)  # (B, K_chain), unscaled 0/1
+            states[:, list(chain_indices)] = path.to(device)
+    elif mode == "map":
+        states = (keep >= 0.5).float().expand(batch_size, -1).clone()  # (B, K)
+        if chain is not None:
+            states[:, list(chain_indices)] = chain.map_path().to(device)
+    else:  # expected: each gate is its marginal keep probability
+        states = keep.expand(batch_size, -1).clone()  # (B, K)
+    if rescale is not None:
+        states = torch.where(rescale, states / keep.clamp_min(1e-6), states)
+    return states, path
 
 
 def discover_skips(unet: nn.Module) -> list[SkipInfo]:
@@ -215,23 +252,13 @@ class SkipRouter(nn.Module):
         if not stochastic:
             return {}
         keep = self.keep_probabilities().to(device)  # (K,)
-        if self.training or self.inference == "sample":
-            generator = None if self.training else self.inference_generator
-            draws = rank_share(lambda n: uniform(n, len(self.gates), generator), batch_size)
-            states = (draws.to(device) < keep).float()  # (B, K)
-            if self.chain is not None:
-                path = self.chain.sample(batch_size, generator)  # (B, K_markov), unscaled 0/1
-                if self.training:
-                    self.last_path = path
-                states[:, self.markov_indices] = path.to(device)
-        elif self.inference == "map":
-            states = (keep >= 0.5).float().expand(batch_size, -1).clone()
-            if self.chain is not None:
-                states[:, self.markov_indices] = self.chain.map_path().to(device)
-        else:  # expected: each gate is its marginal keep probability
-            states = keep.expand(batch_size, -1).clone()
         rescale = torch.tensor([bool(g.stochastic and g.rescale) for g in self.gates], device=device)
-        states = torch.where(rescale, states / keep.clamp_min(1e-6), states)
+        mode = "sample" if self.training else self.inference
+        generator = None if self.training else self.inference_generator
+        states, path = draw_gate_states(keep, batch_size, mode, generator=generator, chain=self.chain,
+                                        chain_indices=self.markov_indices, rescale=rescale)  # fmt: skip
+        if self.training and path is not None:
+            self.last_path = path  # (B, K_markov), for update_chain
         return {g.info.index: states[:, g.info.index] for g in stochastic}
 
     def update_chain(self, losses: torch.Tensor, counted: torch.Tensor | None = None) -> None:

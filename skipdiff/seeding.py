@@ -46,9 +46,10 @@ def uniform(rows, columns: int, generator=None, device=None):
 
 
 def derived_seed(seed: int, index: int, stream: int) -> int:
-    """A seed for one epoch's data order (stream 0) or one step's draws (stream 1 + rank).
+    """A seed for one epoch's data order (stream 0) or one step's draws (stream 1).
 
     Everything random after the weight init is a function of (seed, epoch or step, stream), so a resumed
-    run replays the same draws; different seeds never share a stream.
+    run replays the same draws; different seeds never share a stream. Every process seeds alike and keeps
+    its slice of the global batch's draws (:func:`rank_share`).
     """
     return ((seed * 1_000_003 + index) * 4099 + stream) % (2**63)

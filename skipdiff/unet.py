@@ -24,10 +24,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from .config import SHORTCUT_PARTS
 from .gates import SkipSpec
 from .router import SkipRouter, discover_skips, format_skip_table
-
-SHORTCUT_PARTS = ("down", "mid", "up")
 
 # What a saved config.json says in ``up_block_types`` when the model is not a plain UNet2DModel.
 #

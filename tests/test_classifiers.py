@@ -14,9 +14,10 @@ from skipdiff.classifiers import (
     SkipResNetConfig,
     SkipResNetForImageClassification,
     first_last_grad_ratio,
-    grad_norms_per_block,
     reference_resnet,
+    unit_of,
 )
+from skipdiff.gradients import grad_norms_by_block
 from skipdiff.markov import MarkovChain
 
 torch.set_num_threads(1)
@@ -114,23 +115,28 @@ def test_every_parameter_receives_a_gradient(kind, skip, bn):
         assert param.grad.abs().sum() > 0, name
 
 
-def test_grad_norms_per_block_order_and_errors():
+def test_grad_norms_by_block_order_and_errors():
+    # The classifiers' grouping (unit_of) for the one gradient-norm helper of the training telemetry.
     model = tiny_resnet(widths=(4, 8), depth=2)
     x, y = images()
     with pytest.raises(ValueError, match="backward"):
-        grad_norms_per_block(model)
+        first_last_grad_ratio(model)
     model(x, labels=y).loss.backward()
-    norms = grad_norms_per_block(model)
+    norms = grad_norms_by_block(model, unit_of(model))
     assert list(norms) == ["stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head", "classifier"]
     assert all(value > 0 for value in norms.values())
     assert first_last_grad_ratio(model) == pytest.approx(norms["blocks.0"] / norms["blocks.3"])
+    # each unit's norm is the norm of exactly its own parameters' gradients
+    expected = torch.cat([p.grad.flatten() for p in model.blocks[2].parameters()]).norm()
+    assert norms["blocks.2"] == pytest.approx(float(expected), rel=1e-6)
 
     reference = reference_resnet(num_labels=3, num_channels=1, widths=(4, 8), depth=2)
     reference(pixel_values=x, labels=y).loss.backward()
-    assert list(grad_norms_per_block(reference)) == ["stem", *[f"blocks.{k}" for k in range(4)], "classifier"]
+    reference_norms = grad_norms_by_block(reference, unit_of(reference))
+    assert list(reference_norms) == ["stem", *[f"blocks.{k}" for k in range(4)], "classifier"]
 
     with pytest.raises(ValueError, match="Linear"):
-        grad_norms_per_block(torch.nn.Linear(2, 2))
+        unit_of(torch.nn.Linear(2, 2))
 
 
 def mean_log_ratio(skip: bool, depth: int) -> float:

@@ -238,3 +238,89 @@ def test_accelerate_launch_runs_the_cli_end_to_end(tmp_path):
     )
     assert len(train_records(out)) == 3
     assert list(out.glob("classifier/events.out.tfevents.*")), "no tensorboard events"
+
+
+# ---- block gates: the router's sampling code, seeded per step ----------------------------------------
+
+
+def _router(num_skips: int, entry: dict, markov: dict | None = None):
+    from skipdiff.gates import SkipInfo
+    from skipdiff.router import SkipRouter
+
+    skips = [SkipInfo(k, 0, k, f"source{k}", 4, 2, 2) for k in range(num_skips)]
+    return SkipRouter(skips, [dict(entry) for _ in skips], markov=markov).train()
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "markov"])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_block_gates_are_the_routers_states_for_the_same_rng_state(kind, rescale):
+    from skipdiff.training.classifier import BlockGates
+
+    markov = {"p_init": 0.6, "warmup_steps": 0, "min_count": 1} if kind == "markov" else None
+    entry = {"mode": "bernoulli", "p": 0.7, "rescale": rescale} if kind == "bernoulli" else {"mode": "markov", "rescale": rescale}
+    router = _router(5, entry, markov)
+    gates = BlockGates(kind, 5, 0.7, rescale, markov)
+    for seed in (3, 11):
+        torch.manual_seed(seed)  # the router draws training states from the global RNG
+        states = router.sample_states(64, torch.device("cpu"))
+        expected = torch.stack([states[k] for k in range(5)], dim=1)  # (B, K)
+        sampled = gates.sample(64, torch.Generator().manual_seed(seed))
+        assert torch.equal(sampled, expected)
+        assert (sampled == 0).any() and (sampled > 0).any()  # a real draw: closed and open gates both occur
+        if kind == "markov":
+            assert torch.equal(gates.last_path, router.last_path)  # what each chain learns from
+            losses = torch.rand(64, generator=torch.Generator().manual_seed(seed))
+            gates.update(losses)
+            router.update_chain(losses)
+            assert torch.equal(gates.chain.open_prob, router.chain.open_prob)
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "markov"])
+def test_each_process_gets_its_slice_of_the_global_batchs_gates(kind, monkeypatch):
+    # As for the UNet's skips: 2 processes x batch 8 draw the gates 1 process x batch 16 draws.
+    import skipdiff.seeding
+    from skipdiff.training.classifier import BlockGates
+
+    markov = {"p_init": 0.5} if kind == "markov" else None
+    whole = BlockGates(kind, 4, 0.5, True, markov).sample(16, torch.Generator().manual_seed(7))
+    for rank in (0, 1):
+        monkeypatch.setattr(skipdiff.seeding, "world", lambda rank=rank: (2, rank))
+        part = BlockGates(kind, 4, 0.5, True, markov).sample(8, torch.Generator().manual_seed(7))
+        assert torch.equal(part, whole[8 * rank : 8 * (rank + 1)])
+
+
+def test_eval_gates_are_open_with_rescaling_and_soft_without():
+    from skipdiff.training.classifier import BlockGates
+
+    assert BlockGates("bernoulli", 3, 0.8, True, None).eval_gates(4) is None
+    soft = BlockGates("markov", 3, 0.8, False, {"p_init": 0.8}).eval_gates(4)
+    assert soft.shape == (4, 3) and torch.allclose(soft, torch.full((4, 3), 0.8))
+
+
+def test_resumed_bernoulli_run_continues_the_same_gates_and_logs_each_step_once(tmp_path):
+    gated = dict(gating="bernoulli", gate_keep_prob=0.5, max_train_steps=6)
+    straight = tiny(tmp_path, "straight", **gated)
+    train_classifier(straight)
+    expected = [r["train"]["loss"] for r in train_records(straight.output_dir)]
+
+    resumed = tiny(tmp_path, "resumed", checkpointing_steps=3, **gated)
+    train_classifier(resumed)
+    shutil.rmtree(Path(resumed.output_dir) / "checkpoint-6")
+    train_classifier(tiny(tmp_path, "resumed", resume_from_checkpoint="latest", **gated))
+    records = train_records(resumed.output_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # the log was cut back to the checkpoint
+    assert [r["train"]["loss"] for r in records] == expected
+
+
+def test_every_registered_model_has_a_data_kind_and_the_options_need_no_torch():
+    from skipdiff.training.classifier.models import MODELS
+    from skipdiff.training.classifier.options import MODEL_KINDS
+
+    assert set(MODELS) == set(MODEL_KINDS)
+    code = ("import sys; from skipdiff.cli import train_classifier; "
+            "from skipdiff.training.classifier import ClassifierOptions; "
+            "from skipdiff.config import parse_args; parse_args(ClassifierOptions, ['--depth', '3']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert result.returncode == 0, result.stderr

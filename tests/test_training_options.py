@@ -20,11 +20,11 @@ from helpers.unet_runs import REPO, loss_records, run_train_unet, stats, tiny_ar
 from skipdiff import SkipUNet2DModel
 from skipdiff.config import parse_args
 from skipdiff.encoders import PixelEncoder, batch_latents
+from skipdiff.gradients import block_of, grad_norms_by_block
 from skipdiff.training import runtime
 from skipdiff.training.model_source import skip_unet_from
 from skipdiff.training.options import TrainOptions
 from skipdiff.training.step import draw_noise
-from skipdiff.training.telemetry import block_of, grad_norms_by_block
 
 STOCK_TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                   norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),

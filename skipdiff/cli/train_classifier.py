@@ -20,7 +20,7 @@ from . import run_with_clean_errors
 
 def main(argv: list[str] | None = None) -> int:
     """Parse and check the options, then train; returns the exit code."""
-    from ..training.classifier import ClassifierOptions
+    from ..training.classifier.options import ClassifierOptions
 
     try:
         options = parse_args(ClassifierOptions, argv, description=__doc__)

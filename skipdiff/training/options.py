@@ -13,14 +13,21 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..config import MIXED_PRECISION, check_choice, check_finite, check_positive, option, parse_key_values
+from ..config import (
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    SHORTCUT_PARTS,
+    check_choice,
+    check_finite,
+    check_positive,
+    option,
+    parse_key_values,
+)
 from ..data_options import DataOptions
 from ..presets import UNET_PRESETS
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-SHORTCUT_PARTS = ("down", "mid", "up")  # skipdiff.unet checks the same names (tests keep them equal)
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 TRAIN_ONLY = ("all", "gates", "lora")
 DEFAULT_STEPS = 1200  # the default job, when neither --max_train_steps nor --num_epochs is given

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..adapters import save_skip_gates
 from ..config import parse_args, to_json
 from ..encoders import batch_latents
+from ..gradients import grad_norms_by_block
 from ..router import format_skip_table
 from ..runfolder import locked, read_stats, write_json_atomic
 from ..unet import SkipUNet2DModel
@@ -42,7 +43,7 @@ from .runtime import (
 )  # fmt: skip
 from .startup import StopRequest, TrainingStopped, is_main_process, prepare_output_dir, resume_checkpoint
 from .step import all_finite, batch_loss, draw_noise, gradient_norm, optimizer_step
-from .telemetry import StatsWriter, WindowStats, grad_norms_by_block
+from .telemetry import StatsWriter, WindowStats
 
 __all__ = ["TrainingStopped", "main", "run_cli", "train_unet"]
 
