@@ -389,7 +389,7 @@ def test_a_new_kind_of_cell_needs_no_change_to_the_loop(tmp_path, monkeypatch):
     assert probe.evaluated == ["value-1__seed-0", "value-2__seed-0"]
     with pytest.raises(ValueError, match="already registered"):
         kinds.register_kind(ProbeKind())
-    with pytest.raises(ValueError, match=r"kind must be one of \('diffusion', 'classifier', 'probe'\), got 'nope'"):
+    with pytest.raises(ValueError, match=r"kind must be one of \('diffusion', 'classifier', 'inference', 'probe'\), got 'nope'"):
         sweep.parse_spec({"kind": "nope", "grid": {"seed": [0]}}, "x")
     with pytest.raises(ValueError, match="takes no eval"):
         sweep.parse_spec({"kind": "probe", "grid": {"seed": [0]}, "eval": {"fid": True}}, "x")
