@@ -197,6 +197,14 @@ def parse_key_values(text: str, what: str) -> dict[str, Any]:
     return out
 
 
+def check_output_folder(path, flag: str = "--out") -> None:
+    """Raise ``ValueError`` when an output folder option names an existing file (before any work)."""
+    from pathlib import Path
+
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file, not a folder")
+
+
 def check_positive(owner: Any, names: tuple[str, ...], *, minimum: int = 1, optional: bool = False) -> None:
     """Raise ``ValueError`` naming the first of ``names`` whose value on ``owner`` is below ``minimum``."""
     for name in names:

@@ -47,7 +47,17 @@ PROBE = [
     ("train_classifier", "--widths 0", 2, "--widths must be one or more integers >= 1"),
     ("train_classifier", "--dataset nope", 2, "unknown dataset 'nope'"),
     ("train_classifier", "--gating bernoulli --markov warmup_steps=1", 2, "only used with --gating markov"),
+    ("sweep", "{tmp}/malformed.yaml", 2, "malformed.yaml' is not valid YAML at line 3"),
+    ("sweep", "{tmp}/list.json --out {tmp}/a-file", 2, "--out '{tmp}/a-file' is a file, not a folder"),
+    ("report", "{tmp} --out {tmp}/a-file", 2, "--out '{tmp}/a-file' is a file, not a folder"),
+    ("report", "{tmp}/nowhere", 2, "sweep folder '{tmp}/nowhere' does not exist"),
+    ("eval", "--checkpoint {tmp} --denoise_loss --spike_k -1", 2, "--spike_k must be a positive finite number"),
+    ("eval", "--checkpoint {tmp} --denoise_loss --out {tmp}/a-file", 2, "--out '{tmp}/a-file' is a file, not a folder"),
+    ("eval", "--checkpoint {tmp}/nowhere --denoise_loss", 2, "nowhere"),
 ]  # fmt: skip
+
+# The command lines of the package's __main__ modules (their cli() returns the exit code).
+MODULES = {"sweep": "skipdiff.sweep.__main__", "report": "skipdiff.report.__main__", "eval": "skipdiff.eval.__main__"}
 
 
 @pytest.fixture
@@ -56,6 +66,7 @@ def probe_files(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "unknown-key.json").write_text(json.dumps({"block_out_channels": [8, 16], "bogus_key": 1}))
     (tmp_path / "truncated.json").write_text('{"block_out_channels": [8,')
+    (tmp_path / "malformed.yaml").write_text("kind: diffusion\ngrid: [\n  - a: [1,\n")
     return tmp_path
 
 
@@ -63,7 +74,11 @@ def probe_files(tmp_path):
                          ids=[f"{c}:{' '.join(a.split()[-2:])}" for c, a, _, _ in PROBE])  # fmt: skip
 def test_probe(command, arguments, code, words, probe_files, capsys):
     argv = arguments.format(tmp=probe_files).split()
-    main = importlib.import_module(f"skipdiff.cli.{command}").main
+    words = words.format(tmp=probe_files)
+    if command in MODULES:
+        main = importlib.import_module(MODULES[command]).cli
+    else:
+        main = importlib.import_module(f"skipdiff.cli.{command}").main
     try:
         returned = main(argv)
     except SystemExit as exit_:  # argparse's own usage errors

@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 from ..cache_options import SkipCacheOptions
-from ..config import check_choice, check_positive, option
+from ..config import check_choice, check_output_folder, check_positive, option
 from ..data_options import DataOptions
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
@@ -115,6 +115,7 @@ class EvalOptions(SkipCacheOptions):
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value (nothing is loaded)."""
         super().validate()
+        check_output_folder(self.out)
         if not self.compare and not self.checkpoint:
             raise ValueError("give --checkpoint RUN (or --compare RUN_A RUN_B ...)")
         if self.checkpoint and not self.wants_anything:

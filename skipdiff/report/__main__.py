@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import check_output_folder
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its description is the package docstring."""
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     if not Path(args.sweep).is_dir():
         raise ValueError(f"sweep folder {args.sweep!r} does not exist")
+    check_output_folder(args.out)
     from .write import write_report
 
     path = write_report(args.sweep, args.out, args.reference)

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config import parse_int
+from ..config import check_output_folder, parse_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.num_threads is not None and args.num_threads < 1:
         raise ValueError(f"--num_threads must be >= 1, got {args.num_threads}")
+    check_output_folder(args.out)
     from .runner import run_sweep
     from .spec import load_spec
 

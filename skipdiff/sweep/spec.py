@@ -56,7 +56,13 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"sweep spec {str(path)!r} does not exist")
-    return parse_spec(yaml.safe_load(path.read_text()), path.stem)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ValueError(f"sweep spec {str(path)!r} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+    return parse_spec(data, path.stem)
 
 
 def parse_spec(data: Any, name: str) -> SweepSpec:
