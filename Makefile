@@ -16,8 +16,10 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # The default job: VAE stage (trained once, then reused), latent diffusion on digits, evaluation.
+# Run again, it continues runs/digits-latent from its last checkpoint (a finished run trains no more steps).
 demo: install
-	$(BIN)/accelerate launch --config_file accelerate_config.yaml train_scripts/train_unet.py --num_threads $(THREADS)
+	$(BIN)/accelerate launch --config_file accelerate_config.yaml train_scripts/train_unet.py --num_threads $(THREADS) \
+		--resume_from_checkpoint latest
 	$(BIN)/python -m skipdiff.eval --checkpoint runs/digits-latent --fid --denoise_loss --num_threads $(THREADS)
 
 test: install
