@@ -21,7 +21,7 @@ without importing torch. Evaluation reads output folders and pipelines; it impor
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 # name -> module (relative to this package) that defines it.
 _EXPORTS = {
@@ -84,15 +84,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'skipdiff.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

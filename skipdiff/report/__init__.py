@@ -36,16 +36,11 @@ __main__ (the command line).
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {"write_report": ".write", "default_out": ".write", "compare": ".ranking",
             "choose_reference": ".ranking", "load_sweep": ".read", "main": ".__main__", "cli": ".__main__"}  # fmt: skip
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'skipdiff.report' has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

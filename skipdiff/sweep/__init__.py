@@ -49,7 +49,7 @@ variants), __main__ (the command line).
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 # name -> module (relative to this package) that defines it; imported on first use, so that
 # `python -m skipdiff.sweep --help` answers without importing torch.
@@ -67,9 +67,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'skipdiff.sweep' has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
