@@ -10,10 +10,14 @@ checkpoint and the command that resumes (exit 130).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
-from ..config import SkipdiffError
+from ..config import SkipdiffError, parse_args, to_json
+
+Options = TypeVar("Options")
 
 
 def run_with_clean_errors(function: Callable[[], object]) -> int:
@@ -32,3 +36,21 @@ def run_with_clean_errors(function: Callable[[], object]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_command(options_class: type[Options], train: Callable[[Options], object], argv: list[str] | None,
+                description: str | None) -> int:  # fmt: skip
+    """The shape of every training command line: parse and check ``options_class`` from ``argv`` (no torch
+    yet; a bad value exits 2 naming it), print the resolved options for ``--dry_run`` (a Hub token
+    redacted), else ``train(options)`` with clean errors. Returns the exit code."""
+    try:
+        options = parse_args(options_class, argv, description=description)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if options.dry_run:
+        if getattr(options, "hub_token", None) is not None:
+            options = dataclasses.replace(options, hub_token="<redacted>")
+        print(to_json(options))
+        return 0
+    return run_with_clean_errors(lambda: train(options))

@@ -14,30 +14,20 @@ from __future__ import annotations
 
 import sys
 
-from ..config import parse_args, to_json
-from . import run_with_clean_errors
+from . import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse and check the options, then train; returns the exit code."""
+    """Parse and check the options (no torch yet), then train; returns the exit code."""
     from ..training.classifier.options import ClassifierOptions
 
-    try:
-        options = parse_args(ClassifierOptions, argv, description=__doc__)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if options.dry_run:
-        print(to_json(options))
-        return 0
-
-    def train():
+    def train(options: ClassifierOptions) -> None:
         from ..training.classifier import train_classifier
 
         metrics = train_classifier(options)
         print({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items() if k != "markov"})
 
-    return run_with_clean_errors(train)
+    return run_command(ClassifierOptions, train, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -14,32 +14,21 @@ skipdiff/training/unet_trainer.py. Also: `skipdiff-train-unet`, `python -m skipd
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from ..config import parse_args, to_json
-from . import run_with_clean_errors
+from . import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse and check the options (no torch yet), then train; returns the exit code."""
     from ..training.options import TrainOptions
 
-    try:
-        options = parse_args(TrainOptions, argv, description=__doc__)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if options.dry_run:
-        print(to_json(dataclasses.replace(options, hub_token=None)))
-        return 0
-
-    def train():
+    def train(options: TrainOptions) -> None:
         from ..training.unet_trainer import train_unet
 
         train_unet(options)
 
-    return run_with_clean_errors(train)
+    return run_command(TrainOptions, train, argv, __doc__)
 
 
 if __name__ == "__main__":
