@@ -356,17 +356,23 @@ def test_scalelong_scales_skip_k_by_kappa_to_the_k_minus_1_minus_k(spec, kappa, 
     assert factors[-1] == 1.0 and factors[0] == min(factors)  # innermost scaled most, outermost by 1
     assert all(a < b for a, b in itertools.pairwise(factors))
 
-    # In the forward pass, skip k reaches its resnet multiplied by its factor.
+    assert_forward_scales_skips(model, factors, deep_config, make_inputs)
+
+
+
+def assert_forward_scales_skips(model, factors, deep_config, make_inputs):
+    """In the forward pass, skip k reaches its resnet multiplied by ``factors[k]``, measured against the
+    same weights with every skip kept (the mid-block output, before any skip, is identical)."""
+    model.eval()
     keep = SkipUNet2DModel(**deep_config).eval()
     keep.load_state_dict(model.state_dict())
     for m in (model, keep):
         m.skip_router.record_norms = True
         run(m, make_inputs(deep_config))
-    for k in range(count):
-        scaled, kept = model.skip_router.norms[k][1], keep.skip_router.norms[k][1]
-        assert float(scaled / kept) == pytest.approx(factors[k], rel=1e-5)
-    assert torch.equal(model.skip_router.norms[0][0], keep.skip_router.norms[0][0])  # same mid-block output
-
+    for k, factor in enumerate(factors):
+        ratio = model.skip_router.norms[k][1] / keep.skip_router.norms[k][1]
+        assert float(ratio) == pytest.approx(factor, rel=1e-5), k
+    assert torch.equal(model.skip_router.norms[0][0], keep.skip_router.norms[0][0])
 
 def test_freeu_preset_acts_on_the_first_two_up_blocks(deep_config):
     skips = SkipUNet2DModel(**deep_config).skip_router.skips
@@ -399,15 +405,7 @@ def test_linear_profile_scales_skip_k_linearly_in_depth(outer, inner, deep_confi
     assert factors[0] == inner and factors[-1] == outer
     steps = [b - a for a, b in itertools.pairwise(factors)]
     assert steps == pytest.approx([(outer - inner) / (count - 1)] * (count - 1), abs=1e-12)
-    # In the forward pass, skip k reaches its resnet multiplied by its factor.
-    keep = SkipUNet2DModel(**deep_config).eval()
-    keep.load_state_dict(model.state_dict())
-    for m in (model, keep):
-        m.skip_router.record_norms = True
-        run(m, make_inputs(deep_config))
-    for k in range(count):
-        ratio = model.skip_router.norms[k][1] / keep.skip_router.norms[k][1]
-        assert float(ratio) == pytest.approx(factors[k], rel=1e-5)
+    assert_forward_scales_skips(model, factors, deep_config, make_inputs)
 
 
 def test_freeu2_preset_is_freeu_with_the_structure_aware_factor(deep_config):
