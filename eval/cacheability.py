@@ -13,7 +13,10 @@ such as eval/sweeps/cacheability.yaml), this script measures:
 Results per cell, and mean ± std over training seeds per configuration, go to ``results.json`` and
 ``table.md``.
 
-    python eval/cacheability.py runs/sweeps/cacheability --out eval/results/cacheability
+    python -m skipdiff.sweep eval/sweeps/cacheability.yaml --num_threads 1    # scalelong-0.7, learned x 3 seeds
+    python -m skipdiff.sweep eval/sweeps/markov_matched.yaml --num_threads 1  # full x 3 seeds, same base options
+    python eval/cacheability.py runs/sweeps/cacheability runs/sweeps/markov_matched \
+        --configurations skips=full skips=scalelong-0.7 skips=learned --out eval/results/cacheability
 """
 
 from __future__ import annotations
@@ -103,9 +106,41 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Options that may differ between the cells compared: what the comparison is about, and bookkeeping.
+VARYING = {"skips", "markov", "seed", "output_dir", "resume_from_checkpoint", "logging_dir", "tracker_project_name"}
+
+
+def find_cells(sweeps: list[str], configurations: list[str] | None) -> list[tuple[Path, dict, str]]:
+    """The finished cells of ``sweeps`` (several sweeps may contribute cells trained with the same base options),
+    keeping ``configurations`` when given; refuses cells whose training differs in anything but the skips."""
+    from skipdiff.sweep.spec import results_options
+
+    found = []
+    for sweep in sweeps:
+        for record_path in sorted(Path(sweep).glob("*/cell.json")):
+            record = json.loads(record_path.read_text())
+            if record.get("status") != "done":
+                continue
+            configuration = ", ".join(f"{a['axis']}={a['label']}" for a in record["axes"] if a["axis"] != "seed")
+            if configurations is None or configuration in configurations:
+                found.append((record_path.parent, record, configuration))
+    if not found:
+        raise SystemExit(f"error: no finished cell in {sweeps} matches {configurations}")
+    first_folder, first, _ = found[0]
+    reference = {k: v for k, v in results_options(first["options"]).items() if k not in VARYING}
+    for folder, record, _ in found[1:]:
+        options = {k: v for k, v in results_options(record["options"]).items() if k not in VARYING}
+        differing = sorted(k for k in set(reference) | set(options) if reference.get(k) != options.get(k))
+        if differing:
+            raise SystemExit(f"error: {folder} was trained with other options than {first_folder}: {differing}")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep", help="a sweep folder of trained, evaluated diffusion cells")
+    parser.add_argument("sweeps", nargs="+", help="sweep folders of trained, evaluated diffusion cells")
+    parser.add_argument("--configurations", nargs="+", default=None,
+                        help="only these configurations (as the report names them, e.g. skips=full); default: all")
     parser.add_argument("--cache_branch", type=int, default=8)
     parser.add_argument("--cache_interval", type=int, default=3)
     parser.add_argument("--num_samples", type=int, default=500)
@@ -114,21 +149,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache = {"cache": "skip_branch", "cache_branch": args.cache_branch, "cache_interval": args.cache_interval}
+    records = find_cells(args.sweeps, args.configurations)
     cells = []
-    for record_path in sorted(Path(args.sweep).glob("*/cell.json")):
-        record = json.loads(record_path.read_text())
-        if record.get("status") != "done":
-            continue
-        configuration = ", ".join(f"{a['axis']}={a['label']}" for a in record["axes"] if a["axis"] != "seed")
-        result = measure_cell(record_path.parent, cache, args.num_samples, args.seeds)
-        cells.append({"cell": record["name"], "configuration": configuration, "seed": record["options"]["seed"], **result})
+    for folder, record, configuration in records:
+        result = measure_cell(folder, cache, args.num_samples, args.seeds)
+        cells.append({"cell": str(folder), "configuration": configuration, "seed": record["options"]["seed"], **result})
         print(cells[-1], flush=True)
     summary = summarise(cells)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", {"cache": cache, "num_samples": args.num_samples, "sampling_seeds": args.seeds,
                                              "cells": cells, "summary": summary,
-                                             "command": f"python eval/cacheability.py {args.sweep} --out {args.out}"})
+                                             "command": "python eval/cacheability.py " + " ".join(args.sweeps) + (" --configurations " + " ".join(args.configurations) if args.configurations else "") + f" --out {args.out}"})
     (out / "table.md").write_text(table(summary))
     print(table(summary))
 
