@@ -129,3 +129,32 @@ def test_a_skipped_fused_adamw_step_changes_nothing_and_a_taken_one_equals_plain
         assert torch.isfinite(fused).all()
     assert int(opt_fused.state[fused]["step"]) == int(opt_plain.state[plain]["step"]) == 3
     assert torch.allclose(fused, plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("gating", ["none", "markov", "bernoulli"])
+def test_a_classifier_step_that_does_not_log_reads_nothing_from_the_device(gating, tmp_path, monkeypatch):
+    """The classifier loop keeps the same rule: running sums, gate states and the chain stay on the device."""
+    from skipdiff.training.classifier import ClassifierOptions, loop, train_classifier
+
+    active, reads, per_step = [False], [], []
+    train_step = loop._train_step
+
+    def counted(run, batch, generator, log_now):
+        active[0] = not log_now
+        before = len(reads)
+        try:
+            return train_step(run, batch, generator, log_now)
+        finally:
+            active[0] = False
+            per_step.append((run.step + 1, log_now, reads[before:]))
+
+    monkeypatch.setattr(loop, "_train_step", counted)
+    options = ClassifierOptions(dataset="digits", resolution=8, widths=[4, 8], depth=1, train_batch_size=16,
+                                eval_batch_size=512, max_train_steps=6, log_every=3, num_threads=1, report_to="none",
+                                gating=gating, markov="warmup_steps=1,min_count=1" if gating == "markov" else "",
+                                output_dir=str(tmp_path / "run"))  # fmt: skip
+    with count_host_reads(active, reads):
+        train_classifier(options)
+    quiet = [(step, found) for step, logging, found in per_step if not logging]
+    assert len(quiet) == 3  # steps 2, 4, 5 (step 1 and every third step log)
+    assert all(not found for _, found in quiet), quiet

@@ -6,8 +6,8 @@ Outputs in ``output_dir``: ``stats.jsonl`` (+ tensorboard), ``metrics.json``, th
 ``checkpoint-{step}`` folders. Everything random after the weight init is a function of (seed, epoch or
 step) (:func:`skipdiff.seeding.derived_seed`), so a resumed run replays the same data order and gates.
 
-A step reads the device once (whether the gradient is finite, to skip a non-finite update with a
-non-fused optimizer); loss and accuracy are summed on the device and read when a record is written.
+A step that does not log reads nothing from the device: the fused optimizer skips a non-finite update on
+its ``found_inf`` flag, loss and accuracy are summed on the device and read when a record is written.
 """
 
 from __future__ import annotations
@@ -93,11 +93,12 @@ class ClassifierRun:
 
 
 def make_optimizer(model: nn.Module, options: ClassifierOptions) -> torch.optim.Optimizer:
-    """AdamW, or SGD with Nesterov momentum 0.9."""
+    """AdamW, or SGD with Nesterov momentum 0.9; fused, so a non-finite step is skipped on the device
+    (:func:`~skipdiff.training.step.optimizer_step`) instead of by a host read."""
     if options.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=options.learning_rate, momentum=0.9, nesterov=True,
-                               weight_decay=options.weight_decay)  # fmt: skip
-    return torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
+                               weight_decay=options.weight_decay, fused=True)  # fmt: skip
+    return torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay, fused=True)
 
 
 def _loaders(data: ClassifierData, options: ClassifierOptions, generator: torch.Generator) -> dict[str, DataLoader]:
