@@ -1,0 +1,341 @@
+"""The default-recipe study: cost of each candidate, and its results gathered into a table.
+
+The runs themselves are the cells of ``eval/sweeps/default_recipe.yaml`` (each the default job with one
+change), run one by one with ``python -m skipdiff.sweep ... --only <cell>``. This script adds what the
+sweep runner does not give:
+
+    python eval/default_recipe.py bench --repeats 15        # seconds per UNet step, interleaved, vs the default
+    python eval/default_recipe.py ema                       # the EMA schedule of each EMA candidate at 1200 steps
+    python eval/default_recipe.py recon                     # FID of VAE reconstructions: the latent model's floor
+    python eval/default_recipe.py collect                   # -> eval/results/default_recipe/{results.json,table.md,grids}
+
+Cost (the issue's budget is wall-clock on an idle 2-core CPU, but the machine is shared): ``bench`` times
+one training step of every candidate round-robin against the default in one process, so all of them see
+the same machine state, and reports the ratio of medians; a candidate's cost is ``steps x s/step`` as a
+ratio of the default's 1200 steps, converted to the idle machine with the default job's measured 8 min 58 s
+(VAE stage 70 s of it, the same for every candidate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = REPO / "runs" / "sweeps" / "default_recipe"
+OUT = REPO / "eval" / "results" / "default_recipe"
+DEFAULT_STEPS = 1200
+IDLE_TOTAL_S = 8 * 60 + 58  # the default job on the idle 2-core CPU at 2 threads (README), VAE stage included
+IDLE_VAE_S = 70
+LATENT = (4, 8, 8)  # the default job's latents (C, H, W)
+
+# label -> what changes the cost of a step (everything else in a candidate costs the same per step)
+BENCH = {
+    "default": {},
+    "bs64": {"batch": 64},
+    "bs96": {"batch": 96},
+    "snr5": {"snr_gamma": 5.0},
+    "vpred": {"prediction_type": "v_prediction"},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# bench: seconds per training step, interleaved
+# --------------------------------------------------------------------------------------------------
+
+
+def _step_closure(model_source: str, batch: int, prediction_type: str, snr_gamma: float | None, seed: int = 0):
+    """One training step as the default job takes it: noise, forward, (Min-SNR) MSE, backward, clip to 1,
+    fused AdamW, EMA update. Returns ``step() -> seconds``."""
+    import torch
+
+    from skipdiff.diffusion import make_scheduler, per_example_loss
+    from skipdiff.presets import unet_config
+    from skipdiff.training.ema import WeightEMA
+    from skipdiff.unet import SkipUNet2DModel
+
+    torch.manual_seed(seed)
+    unet = SkipUNet2DModel(**unet_config(model_source, sample_size=LATENT[1], channels=LATENT[0])).train()
+    scheduler = make_scheduler(1000, "squaredcos_cap_v2", prediction_type, sample_range=None)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=1e-4, fused=True)
+    ema = WeightEMA(unet.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, *LATENT, generator=generator)  # (B, 4, 8, 8)
+
+    def step() -> float:
+        start = time.perf_counter()
+        noise = torch.randn(latents.shape)  # (B, 4, 8, 8)
+        timesteps = torch.randint(0, 1000, (batch,))  # (B,)
+        loss = per_example_loss(unet, scheduler, latents, noise, timesteps, snr_gamma=snr_gamma).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step()
+        return time.perf_counter() - start
+
+    return step, sum(p.numel() for p in unet.parameters())
+
+
+def bench(labels: list[str], repeats: int, warmup: int, threads: int, models: dict[str, str]) -> dict:
+    """Median seconds per step of each candidate, timed round-robin (start rotating) with the default."""
+    import torch
+
+    torch.set_num_threads(threads)
+    specs = {label: BENCH.get(label, {}) for label in labels}
+    for label, source in models.items():
+        specs[label] = {"model": source}
+    steps, params = {}, {}
+    for label, spec in specs.items():
+        steps[label], params[label] = _step_closure(spec.get("model", "digits"), spec.get("batch", 128),
+                                                    spec.get("prediction_type", "epsilon"), spec.get("snr_gamma"))  # fmt: skip
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {label: [] for label in steps}
+    names = list(steps)
+    for repeat in range(repeats):
+        start = repeat % len(names)
+        for name in names[start:] + names[:start]:
+            times[name].append(steps[name]())
+    base = statistics.median(times["default"])
+    return {
+        "threads": threads, "repeats": repeats, "warmup": warmup,
+        "candidates": {label: {**specs[label], "parameters": params[label],
+                               "median_s_per_step": statistics.median(t),
+                               "ratio_vs_default": statistics.median(t) / base} for label, t in times.items()},
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# ema: the schedule
+# --------------------------------------------------------------------------------------------------
+
+
+def ema_profile(power: float, max_decay: float, inv_gamma: float = 1.0, steps: int = DEFAULT_STEPS) -> dict:
+    """The EMA of skipdiff.training.ema at the end of ``steps`` updates: the final decay, which updates are
+    capped, and the weight profile over training steps (its mean age and its std relative to the run's
+    length, EDM2's sigma_rel measured on the actual profile, in units of the training length)."""
+    weights = [0.0] * steps
+    decays = []
+    for t in range(steps):  # update t (0-based) contributes weight prod_{s>t} decay_s * (1 - decay_t)
+        decay = 0.0 if t == 0 else min(max_decay, 1.0 - (1.0 + t / inv_gamma) ** -power)
+        decays.append(decay)
+    remaining = 1.0
+    for t in range(steps - 1, -1, -1):
+        weights[t] = remaining * (1.0 - decays[t])
+        remaining *= decays[t]
+    mean = sum((t + 1) * w for t, w in enumerate(weights))
+    var = sum(((t + 1) - mean) ** 2 * w for t, w in enumerate(weights))
+    capped = [t for t, d in enumerate(decays) if d >= max_decay]
+    return {"power": power, "max_decay": max_decay, "inv_gamma": inv_gamma, "steps": steps,
+            "final_decay": decays[-1], "first_capped_update": capped[0] if capped else None,
+            "mean_age_steps": steps - mean, "std_steps": math.sqrt(var),
+            "sigma_rel": math.sqrt(var) / steps, "weight_of_last_10pct": sum(weights[int(0.9 * steps):])}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# recon: the VAE's own floor
+# --------------------------------------------------------------------------------------------------
+
+
+def recon_fid(vae_dir: str, num_samples: int, seeds: list[int]) -> dict:
+    """FID of VAE reconstructions (posterior mean, decoded) of ``num_samples`` train images against the test
+    split, next to the floor: the FID a perfect latent model (one that samples the train latents) would get."""
+    import torch
+
+    from skipdiff.data_options import DataOptions
+    from skipdiff.encoders import load_encoder
+    from skipdiff.eval.features import resolve_extractor
+    from skipdiff.eval.fid import fid_with_floor, real_splits, reference_and_heldout
+
+    options = {**vars(DataOptions())}
+    real = real_splits(options)
+    reference, heldout = reference_and_heldout(real, "test")  # as skipdiff.eval's auto (360 test < 1000)
+    encoder = load_encoder(vae_dir, 1)
+    pixels = heldout.images.float() / 127.5 - 1.0  # (N, 1, 16, 16) in [-1, 1]
+
+    def sample_fn(count: int, seed: int) -> torch.Tensor:
+        pick = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        with torch.no_grad():
+            vae = encoder.vae
+            latents = vae.encode(pixels[pick]).latent_dist.mean  # (n, 4, 8, 8)
+            return vae.decode(latents).sample.clamp(-1, 1)  # (n, 1, 16, 16)
+
+    spec = resolve_extractor("digits", resolution=16)
+    report = fid_with_floor(sample_fn, reference, heldout, spec, num_samples=num_samples, seeds=seeds)
+    print(report.format())
+    return {"vae": vae_dir, "what": "reconstructions of the floor's own train images vs the test split",
+            **report.to_dict()}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# collect: runs -> results.json, table.md, grids
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_run(folder: Path) -> dict | None:
+    cell_path, eval_path = folder / "cell.json", folder / "eval" / "eval.json"
+    if not (cell_path.is_file() and eval_path.is_file()):
+        return None
+    cell, result = json.loads(cell_path.read_text()), json.loads(eval_path.read_text())
+    if cell.get("status") != "done":
+        return None
+    axes = {a["axis"]: a["label"] for a in cell["axes"]}
+    fid = result["fid"]["summary"]
+    stats = [json.loads(line) for line in (folder / "stats.jsonl").read_text().splitlines() if line.strip()]
+    seconds = [r["seconds_per_step"] for r in stats if "seconds_per_step" in r]
+    run = {
+        "cell": cell["name"], "recipe": axes.get("recipe"), "seed": cell["options"]["seed"],
+        "overrides": {k: v for k, v in cell["overrides"].items() if k not in ("output_dir", "num_threads")},
+        "steps": cell["train_metrics"].get("steps"), "final_train_loss": cell["train_metrics"].get("final_loss"),
+        "fid": fid["fid"]["mean"], "fid_std_over_sampling_seeds": fid["fid"]["std"],
+        "floor": fid["floor_fid"]["mean"], "floor_std": fid["floor_fid"]["std"],
+        "fid_per_sampling_seed": [row["fid"] for row in result["fid"]["per_seed"]],
+        "denoise_mse": result.get("denoise", {}).get("mean"),
+        "denoise_target": cell["options"]["prediction_type"],
+        "median_s_per_step_wall_shared_cpu": statistics.median(seconds) if seconds else None,
+        "train_seconds_wall_shared_cpu": cell.get("train_seconds"), "eval_seconds": cell.get("eval_seconds"),
+        "reference": result["fid"]["reference"], "heldout": result["fid"]["heldout"],
+    }  # fmt: skip
+    raw = folder / "eval_raw" / "eval.json"
+    if raw.is_file():
+        raw_fid = json.loads(raw.read_text())["fid"]["summary"]
+        run["raw_weights_fid"] = raw_fid["fid"]["mean"]
+    return run
+
+
+def _grid(src: Path, dst: Path) -> None:
+    from PIL import Image
+
+    image = Image.open(src)
+    image.resize((image.width // 2, image.height // 2), Image.NEAREST).save(dst, optimize=True)
+
+
+def collect(sweep: Path, out: Path) -> dict:
+    """Every finished cell -> ``results.json`` (each run, plus bench.json, ema.json, recon.json when written),
+    ``table.md`` and the sample grids (``grids/<cell>.png``, half size)."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r for folder in sorted(sweep.iterdir()) if folder.is_dir() and (r := _read_run(folder))]
+    results = {"runs": runs}
+    for name in ("bench", "ema", "recon", "notes"):
+        if (out / f"{name}.json").is_file():
+            results[name] = json.loads((out / f"{name}.json").read_text())
+    (out / "grids").mkdir(exist_ok=True)
+    for run in runs:
+        src = sweep / run["cell"] / "eval" / "samples.png"
+        if src.is_file():
+            _grid(src, out / "grids" / f"{run['cell']}.png")
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / "table.md").write_text(table(results))
+    return results
+
+
+def _change(run: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(run["overrides"].items()) if k != "seed") or "(the default job)"
+
+
+def _pm(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _cost(results: dict, run: dict) -> str:
+    """Cost vs the default job: steps/1200 x (s/step ratio from bench, when measured for this change)."""
+    ratios = {k: v["ratio_vs_default"] for k, v in results.get("bench", {}).get("candidates", {}).items()}
+    key = run["recipe"]
+    ratio = ratios.get(key) or ratios.get(key.split("+")[-1]) if key else None
+    steps = run["steps"] / DEFAULT_STEPS
+    if ratio is None:
+        return f"{steps:.2f} x (s/step: same model and batch)" if steps != 1 else "1.00"
+    return f"{steps * ratio:.2f}"
+
+
+def table(results: dict) -> str:
+    """Markdown: the screen (seed 0, one row per recipe) and every recipe run with several seeds (paired)."""
+    runs = results["runs"]
+    by_recipe: dict[str, dict[int, dict]] = {}
+    for run in runs:
+        by_recipe.setdefault(run["recipe"], {})[run["seed"]] = run
+    lines = ["# Default-recipe ablations", "",
+             "Every run is the default job (digits latents, 1200 UNet steps, batch 128) with the change shown; "
+             "FID: digits extractor, 1000 samples x 3 sampling seeds, DDIM-50, reference = the test split (360 "
+             "images), floor = 1000 train images vs the same reference. Generated by `python eval/default_recipe.py "
+             "collect` from the runs of `eval/sweeps/default_recipe.yaml`.", "",
+             "## Screen (training seed 0 only: a screen, not a result)", "",
+             "| recipe | change | FID (± over sampling seeds) | floor | FID / floor | ΔFID vs default | raw-weights FID | "
+             "denoise MSE (own target) | final train loss | cost vs default |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    base = by_recipe.get("default", {}).get(0)
+    for recipe, seeds in sorted(by_recipe.items(), key=lambda kv: (kv[0] != "default", kv[0])):
+        run = seeds.get(0)
+        if run is None:
+            continue
+        delta = f"{run['fid'] - base['fid']:+.3f}" if base else "-"
+        raw = f"{run['raw_weights_fid']:.3f}" if "raw_weights_fid" in run else "-"
+        lines.append(f"| {recipe} | {_change(run)} | {run['fid']:.3f} ± {run['fid_std_over_sampling_seeds']:.3f} | "
+                     f"{run['floor']:.3f} | {run['fid'] / run['floor']:.2f} | {delta} | {raw} | "
+                     f"{run['denoise_mse']:.4f} ({run['denoise_target']}) | {run['final_train_loss']:.4f} | "
+                     f"{_cost(results, run)} |")  # fmt: skip
+    multi = {r: s for r, s in by_recipe.items() if len(s) > 1}
+    if multi:
+        lines += ["", "## Several training seeds (paired by seed)", "",
+                  "| recipe | " + " | ".join(f"FID seed {s}" for s in sorted({s for v in multi.values() for s in v}))
+                  + " | mean ± std (over training seeds) | floor | mean / floor | denoise MSE |", ""]  # fmt: skip
+        all_seeds = sorted({s for v in multi.values() for s in v})
+        lines[-1] = "|---|" + "---|" * len(all_seeds) + "---|---|---|---|"
+        for recipe, seeds in sorted(multi.items(), key=lambda kv: (kv[0] != "default", kv[0])):
+            fids = [seeds[s]["fid"] if s in seeds else None for s in all_seeds]
+            present = [f for f in fids if f is not None]
+            floor = statistics.fmean(r["floor"] for r in seeds.values())
+            lines.append(f"| {recipe} | " + " | ".join("-" if f is None else f"{f:.3f}" for f in fids)
+                         + f" | {_pm(present)} | {floor:.3f} | {statistics.fmean(present) / floor:.2f} | "
+                         f"{_pm([r['denoise_mse'] for r in seeds.values()])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="seconds per UNet step, interleaved with the default")
+    b.add_argument("--labels", nargs="+", default=list(BENCH))
+    b.add_argument("--model", nargs="*", default=[], help="label=config.json: a UNet candidate")
+    b.add_argument("--repeats", type=int, default=15)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("ema", help="the EMA schedule of each candidate")
+    e.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    r = sub.add_parser("recon", help="FID of the VAE's reconstructions")
+    r.add_argument("--vae", required=True)
+    r.add_argument("--num_samples", type=int, default=1000)
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("collect", help="gather finished cells into eval/results/default_recipe")
+    c.add_argument("--sweep", default=str(SWEEP))
+    c.add_argument("--out", default=str(OUT))
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        models = dict(item.split("=", 1) for item in args.model)
+        print(json.dumps(bench(args.labels, args.repeats, args.warmup, args.threads, models), indent=2))
+    elif args.command == "ema":
+        rows = [ema_profile(p, d, steps=args.steps) for p, d in
+                ((0.75, 0.999), (0.75, 0.9995), (0.75, 0.9999), (0.6667, 0.999), (0.85, 0.999), (1.0, 0.999),
+                 (1.0, 0.9995), (1.0, 0.9999))]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+    elif args.command == "recon":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(recon_fid(args.vae, args.num_samples, args.seeds), indent=2))
+    else:
+        collect(Path(args.sweep), Path(args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
