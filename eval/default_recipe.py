@@ -223,7 +223,7 @@ def collect(sweep: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for folder in sorted(sweep.iterdir()) if folder.is_dir() and (r := _read_run(folder))]
     results = {"runs": runs}
-    for name in ("bench", "ema", "recon", "notes"):
+    for name in ("bench", "bench_models", "ema", "recon", "notes"):
         if (out / f"{name}.json").is_file():
             results[name] = json.loads((out / f"{name}.json").read_text())
     (out / "grids").mkdir(exist_ok=True)
@@ -247,14 +247,16 @@ def _pm(values: list[float]) -> str:
 
 
 def _cost(results: dict, run: dict) -> str:
-    """Cost vs the default job: steps/1200 x (s/step ratio from bench, when measured for this change)."""
-    ratios = {k: v["ratio_vs_default"] for k, v in results.get("bench", {}).get("candidates", {}).items()}
-    key = run["recipe"]
-    ratio = ratios.get(key) or ratios.get(key.split("+")[-1]) if key else None
-    steps = run["steps"] / DEFAULT_STEPS
-    if ratio is None:
-        return f"{steps:.2f} x (s/step: same model and batch)" if steps != 1 else "1.00"
-    return f"{steps * ratio:.2f}"
+    """Cost vs the default job: steps / 1200 x the s/step ratio measured (bench.json, bench_models.json) for
+    the run's model and batch size; the other changes screened here leave a step's work unchanged (bench.json:
+    snr5 and vpred within 0.02 of the default)."""
+    candidates = [*results.get("bench", {}).get("candidates", {}).values(),
+                  *results.get("bench_models", {}).get("candidates", {}).values()]  # fmt: skip
+    model = run["overrides"].get("model", "digits")
+    batch = run["overrides"].get("train_batch_size", 128)
+    ratio = next((v["ratio_vs_default"] for v in candidates
+                  if v.get("batch", 128) == batch and v.get("model", "digits") == model), None)  # fmt: skip
+    return "not measured" if ratio is None else f"{run['steps'] / DEFAULT_STEPS * ratio:.2f}"
 
 
 def table(results: dict) -> str:
