@@ -39,6 +39,7 @@ BENCH = {
     "default": {},
     "bs64": {"batch": 64},
     "bs96": {"batch": 96},
+    "bs256": {"batch": 256},
     "snr5": {"snr_gamma": 5.0},
     "vpred": {"prediction_type": "v_prediction"},
 }
@@ -273,7 +274,8 @@ def collect(sweep: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for folder in sorted(sweep.iterdir()) if folder.is_dir() and (r := _read_run(folder))]
     results = {"runs": runs}
-    for name in ("bench", "bench_models", "ema", "recon", "notes"):
+    results["bench"] = {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("bench*.json"))}
+    for name in ("ema", "recon", "notes"):
         if (out / f"{name}.json").is_file():
             results[name] = json.loads((out / f"{name}.json").read_text())
     (out / "grids").mkdir(exist_ok=True)
@@ -297,23 +299,25 @@ def _eps(run: dict) -> str:
     return f"{run['denoise_mse']:.4f} ({run['denoise_target']} target)"
 
 
-def _pm(values: list[float]) -> str:
+def _pm(values: list[float], digits: int = 3) -> str:
+    """mean ± sample std (the value alone for one, '-' for none)."""
+    if not values:
+        return "-"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _cost(results: dict, run: dict) -> str:
-    """Cost vs the default job: steps / 1200 x the s/step ratio measured (bench.json, bench_models.json) for
-    the run's model and batch size; the other changes screened here leave a step's work unchanged (bench.json:
-    snr5 and vpred within 0.02 of the default)."""
-    candidates = [*results.get("bench", {}).get("candidates", {}).values(),
-                  *results.get("bench_models", {}).get("candidates", {}).values()]  # fmt: skip
+    """Cost vs the default job: steps / 1200 x the s/step ratio measured for the run's model and batch size
+    (mean over the bench*.json measurements that timed it); the other changes screened here leave a step's
+    work unchanged (bench.json: snr5 and vpred within 0.02 of the default)."""
     model = run["overrides"].get("model", "digits")
     batch = run["overrides"].get("train_batch_size", 128)
-    ratio = next((v["ratio_vs_default"] for v in candidates
-                  if v.get("batch", 128) == batch and v.get("model", "digits") == model), None)  # fmt: skip
-    return "not measured" if ratio is None else f"{run['steps'] / DEFAULT_STEPS * ratio:.2f}"
+    ratios = [v["ratio_vs_default"] for measured in results.get("bench", {}).values()
+              for v in measured["candidates"].values()
+              if v.get("batch", 128) == batch and v.get("model", "digits") == model]  # fmt: skip
+    return "not measured" if not ratios else f"{run['steps'] / DEFAULT_STEPS * statistics.fmean(ratios):.2f}"
 
 
 def table(results: dict) -> str:
@@ -347,7 +351,7 @@ def table(results: dict) -> str:
     if multi:
         lines += ["", "## Several training seeds (paired by seed)", "",
                   "| recipe | " + " | ".join(f"FID seed {s}" for s in sorted({s for v in multi.values() for s in v}))
-                  + " | mean ± std (over training seeds) | floor | mean / floor | denoise MSE |", ""]  # fmt: skip
+                  + " | mean ± std (over training seeds) | floor | mean / floor | denoise MSE (ε units) |", ""]  # fmt: skip
         all_seeds = sorted({s for v in multi.values() for s in v})
         lines[-1] = "|---|" + "---|" * len(all_seeds) + "---|---|---|---|"
         for recipe, seeds in sorted(multi.items(), key=lambda kv: (kv[0] != "default", kv[0])):
@@ -356,7 +360,7 @@ def table(results: dict) -> str:
             floor = statistics.fmean(r["floor"] for r in seeds.values())
             lines.append(f"| {recipe} | " + " | ".join("-" if f is None else f"{f:.3f}" for f in fids)
                          + f" | {_pm(present)} | {floor:.3f} | {statistics.fmean(present) / floor:.2f} | "
-                         f"{_pm([r.get('denoise_mse_epsilon', math.nan) for r in seeds.values()])} |")  # fmt: skip
+                         f"{_pm([r['denoise_mse_epsilon'] for r in seeds.values() if 'denoise_mse_epsilon' in r], 4)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
