@@ -165,8 +165,8 @@ def resume(out: Path, *extra: str) -> dict:
 
 def test_resume_refuses_changed_options_unless_they_are_named(checkpointed):
     with pytest.raises(ValueError, match=r"other options \(learning_rate: checkpoint 0.002 vs now 0.001; "
-                                         r"prediction_type: checkpoint 'epsilon' vs now 'v_prediction'\)"):  # fmt: skip
-        resume(checkpointed, "--learning_rate", "1e-3", "--prediction_type", "v_prediction")
+                                         r"prediction_type: checkpoint 'v_prediction' vs now 'sample'\)"):  # fmt: skip
+        resume(checkpointed, "--learning_rate", "1e-3", "--prediction_type", "sample")
     assert resume(checkpointed, "--log_every", "2")["steps"] == 2  # logging is not training: free to change
     assert resume(checkpointed, "--learning_rate", "1e-3", "--allow_changed", "learning_rate")["steps"] == 2
 
