@@ -273,7 +273,7 @@ def collect(sweep: Path, out: Path) -> dict:
     ``table.md`` and the sample grids (``grids/<cell>.png``, half size)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for folder in sorted(sweep.iterdir()) if folder.is_dir() and (r := _read_run(folder))]
-    results = {"runs": runs}
+    results = {"runs": runs, "confirmation": confirmation(runs)}
     results["bench"] = {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("bench*.json"))}
     for name in ("ema", "recon", "notes"):
         if (out / f"{name}.json").is_file():
@@ -286,6 +286,20 @@ def collect(sweep: Path, out: Path) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (out / "table.md").write_text(table(results))
     return results
+
+
+def confirmation(runs: list[dict]) -> dict | None:
+    """FID of every recipe trained on several seeds against the default job, paired by training seed and
+    Holm-corrected (skipdiff.report.ranking.compare); None until the default has two seeds."""
+    from skipdiff.report.ranking import compare
+
+    fids: dict[str, dict[int, float]] = {}
+    for run in runs:
+        fids.setdefault(run["recipe"], {})[run["seed"]] = run["fid"]
+    several = {recipe: by_seed for recipe, by_seed in fids.items() if len(by_seed) > 1}
+    if len(several.get("default", {})) < 2 or len(several) < 2:
+        return None
+    return compare(several, "default", lower_is_better=True)
 
 
 def _change(run: dict) -> str:
@@ -361,6 +375,19 @@ def table(results: dict) -> str:
             lines.append(f"| {recipe} | " + " | ".join("-" if f is None else f"{f:.3f}" for f in fids)
                          + f" | {_pm(present)} | {floor:.3f} | {statistics.fmean(present) / floor:.2f} | "
                          f"{_pm([r['denoise_mse_epsilon'] for r in seeds.values() if 'denoise_mse_epsilon' in r], 4)} |")  # fmt: skip
+    if results.get("confirmation"):
+        lines += ["", "## Against the default job (FID, paired by training seed, Holm-corrected)", "",
+                  "| recipe | seeds | mean | Δ vs default (95% CI) | p | Holm p | verdict |", "|---|---|---|---|---|---|---|"]
+        for row in results["confirmation"]["rows"]:
+            ci = f" ({row['ci'][0]:+.3f}, {row['ci'][1]:+.3f})" if row["ci"] else ""
+            p = "-" if row["p"] is None else f"{row['p']:.2g}"
+            holm = "-" if row["p_holm"] is None else f"{row['p_holm']:.2g}"
+            lines.append(f"| {row['configuration']} | {row['seeds']} | {row['mean']:.3f} | {row['delta']:+.3f}{ci} | "
+                         f"{p} | {holm} | {row['verdict']} |")  # fmt: skip
+        paired = results["confirmation"]["detectable"]["paired"]
+        if paired and paired.get("delta") is not None:
+            lines += ["", f"Smallest FID difference detectable at α 0.05 with power 0.8, paired on {paired['n']} seeds: "
+                      f"{paired['delta']:.3f}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
