@@ -190,6 +190,14 @@ def epsilon_view(unet, scheduler):
             super().__init__()
             self.unet = unet
 
+        @property
+        def dtype(self):  # what the denoising loss casts its inputs to
+            return self.unet.dtype
+
+        @property
+        def device(self):
+            return self.unet.device
+
         def forward(self, noisy, timesteps, **kwargs):
             out = self.unet(noisy, timesteps, **kwargs).sample  # (B, C, H, W)
             kind = scheduler.config.prediction_type
