@@ -143,3 +143,14 @@ def test_choose_reference():
     assert choose_reference(["a", "b"], "b", "t") == "b"
     with pytest.raises(ValueError, match=r"--reference 'c' is no configuration of table 't'; choices: \['a', 'b'\]"):
         choose_reference(["a", "b"], "c", "t")
+
+
+def test_a_run_that_logs_no_unet_block_gets_no_gradient_heatmap(tmp_path):
+    # a gate-only run logs the norm of its gates alone: the report must not crash on it, nor link a missing figure
+    from skipdiff.eval import plots
+
+    gate_only = [{"step": s, "grad_norm_by_block": {"gates": 0.01 * s}} for s in (10, 20, 30)]
+    assert plots.grad_norm_heatmap(gate_only, tmp_path / "gates.png") is False
+    assert not (tmp_path / "gates.png").exists()
+    full = [{"step": s, "grad_norm_by_block": {"conv_in": 0.1, "up_blocks.0": 0.2}} for s in (10, 20)]
+    assert plots.grad_norm_heatmap(full, tmp_path / "full.png") is True and (tmp_path / "full.png").is_file()

@@ -48,14 +48,18 @@ def grad_norms_over_training(records: list[dict], path, title: str = "") -> None
     plt.close(fig)
 
 
-def grad_norm_heatmap(records: list[dict], path, title: str = "") -> None:
-    """Blocks x training steps heatmap of log10 gradient norms."""
+def grad_norm_heatmap(records: list[dict], path, title: str = "") -> bool:
+    """Blocks x training steps heatmap of log10 gradient norms; False (nothing written) when the records
+    hold no UNet block's norm (a gate-only run logs its gates' norm alone)."""
     rows = [r for r in records if r.get("grad_norm_by_block")]
     blocks = ordered_blocks({b for r in rows for b in r["grad_norm_by_block"]})
+    if not blocks:
+        return False
     fig = heatmap_figure(rows, "grad_norm_by_block", blocks, title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def heatmap_figure(rows: list[dict], key: str, units: list[str], title: str):

@@ -118,9 +118,9 @@ def write_figures(kind: str, grouped: dict, out: Path) -> dict[str, list[str]]:
             first = trained[0]  # lowest seed
             name = f"grad_{safe_name(first.cell)}.png"
             title = f"{configuration} (seed {first.seed})"
-            if kind == "diffusion" and any(r.get("grad_norm_by_block") for r in first.records):
-                plots.grad_norm_heatmap(dedupe_steps([r for r in first.records if r.get("grad_norm_by_block")]),
-                                        out / name, title)  # fmt: skip
+            if kind == "diffusion" and plots.grad_norm_heatmap(
+                dedupe_steps([r for r in first.records if r.get("grad_norm_by_block")]), out / name, title
+            ):
                 heatmaps.append(f"[{configuration}]({name})")
             elif kind == "classifier" and classifier_heatmap(first.records, out / name, title):
                 heatmaps.append(f"[{configuration}]({name})")
