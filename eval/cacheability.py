@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from skipdiff.runfolder import write_json_atomic
+from skipdiff.runfolder import read_json, write_json_atomic
 
 
 @torch.no_grad()
@@ -92,6 +92,39 @@ def summarise(cells: list[dict]) -> dict:
     return summary
 
 
+def paired_against(cells: list[dict], reference: str = "skips=full") -> dict | None:
+    """Each figure of every configuration against ``reference``, paired by training seed and Holm-corrected
+    over the configurations (skipdiff.report.ranking.compare); None without the reference."""
+    from skipdiff.report.ranking import compare
+
+    if not any(cell["configuration"] == reference for cell in cells):
+        return None
+    levels = len(cells[0]["feature_change_by_up_block"])
+    figures = {key: (lambda cell, key=key: cell[key]) for key in ("fid_cost", "fid_uncached")}
+    figures.update({f"change up_blocks.{i}": (lambda cell, i=i: cell["feature_change_by_up_block"][i]) for i in range(levels)})
+    result = {}
+    for figure, read in figures.items():
+        values: dict[str, dict[int, float]] = {}
+        for cell in cells:
+            values.setdefault(cell["configuration"], {})[cell["seed"]] = read(cell)
+        result[figure] = compare(values, reference, lower_is_better=True)
+    return result
+
+
+def comparison_table(comparisons: dict) -> str:
+    """Markdown: Δ vs the reference with raw and Holm p for every figure and configuration."""
+    lines = ["", "Against the reference, paired by training seed, Holm over the configurations of each figure:", "",
+             "| figure | configuration | Δ vs reference (95% CI) | p | Holm p | verdict |", "|---|---|---|---|---|---|"]
+    for figure, result in comparisons.items():
+        for row in result["rows"]:
+            if row["p"] is None:
+                continue
+            ci = f" ({row['ci'][0]:+.3g}, {row['ci'][1]:+.3g})" if row["ci"] else ""
+            lines.append(f"| {figure} | {row['configuration']} | {row['delta']:+.3g}{ci} | {row['p']:.2g} | "
+                         f"{row['p_holm']:.2g} | {row['verdict']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def table(summary: dict) -> str:
     def pm(entry):
         return f"{entry['mean']:.3g}" + ("" if entry["std"] is None else f" ± {entry['std']:.2g}")
@@ -146,23 +179,30 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--resummarise", action="store_true",
+                        help="redo the summary and comparisons from --out/results.json without measuring again")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache = {"cache": "skip_branch", "cache_branch": args.cache_branch, "cache_interval": args.cache_interval}
-    records = find_cells(args.sweeps, args.configurations)
-    cells = []
-    for folder, record, configuration in records:
-        result = measure_cell(folder, cache, args.num_samples, args.seeds)
-        cells.append({"cell": str(folder), "configuration": configuration, "seed": record["options"]["seed"], **result})
-        print(cells[-1], flush=True)
-    summary = summarise(cells)
     out = Path(args.out)
+    command = ("python eval/cacheability.py " + " ".join(args.sweeps)
+               + (" --configurations " + " ".join(args.configurations) if args.configurations else "") + f" --out {args.out}")
+    if args.resummarise:  # the measured cells as they are; only the summary and the comparisons are redone
+        cells = read_json(out / "results.json", "cacheability results")["cells"]
+    else:
+        cells = []
+        for folder, record, configuration in find_cells(args.sweeps, args.configurations):
+            result = measure_cell(folder, cache, args.num_samples, args.seeds)
+            cells.append({"cell": str(folder), "configuration": configuration, "seed": record["options"]["seed"], **result})
+            print(cells[-1], flush=True)
+    summary, comparisons = summarise(cells), paired_against(cells)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", {"cache": cache, "num_samples": args.num_samples, "sampling_seeds": args.seeds,
-                                             "cells": cells, "summary": summary,
-                                             "command": "python eval/cacheability.py " + " ".join(args.sweeps) + (" --configurations " + " ".join(args.configurations) if args.configurations else "") + f" --out {args.out}"})
-    (out / "table.md").write_text(table(summary))
-    print(table(summary))
+                                             "cells": cells, "summary": summary, "paired_against_full": comparisons,
+                                             "command": command})  # fmt: skip
+    text = table(summary) + (comparison_table(comparisons) if comparisons else "")
+    (out / "table.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
