@@ -112,16 +112,12 @@ def paired_against(cells: list[dict], reference: str = "skips=full") -> dict | N
 
 
 def comparison_table(comparisons: dict) -> str:
-    """Markdown: Δ vs the reference with raw and Holm p for every figure and configuration."""
-    lines = ["", "Against the reference, paired by training seed, Holm over the configurations of each figure:", "",
-             "| figure | configuration | Δ vs reference (95% CI) | p | Holm p | verdict |", "|---|---|---|---|---|---|"]
+    """Markdown: per figure, every configuration against the reference (skipdiff.report's ranking table)."""
+    from skipdiff.report.markdown import detectable_note, ranking_table
+
+    lines = ["", "Against the reference, paired by training seed, Holm over the configurations of each figure."]
     for figure, result in comparisons.items():
-        for row in result["rows"]:
-            if row["p"] is None:
-                continue
-            ci = f" ({row['ci'][0]:+.3g}, {row['ci'][1]:+.3g})" if row["ci"] else ""
-            lines.append(f"| {figure} | {row['configuration']} | {row['delta']:+.3g}{ci} | {row['p']:.2g} | "
-                         f"{row['p_holm']:.2g} | {row['verdict']} |")  # fmt: skip
+        lines += ["", f"### {figure}", "", *ranking_table(result, figure), "", detectable_note(result, figure)]
     return "\n".join(lines) + "\n"
 
 

@@ -384,18 +384,10 @@ def table(results: dict) -> str:
                          + f" | {_pm(present)} | {floor:.3f} | {statistics.fmean(present) / floor:.2f} | "
                          f"{_pm([r['denoise_mse_epsilon'] for r in seeds.values() if 'denoise_mse_epsilon' in r], 4)} |")  # fmt: skip
     if results.get("confirmation"):
+        from skipdiff.report.markdown import detectable_note, ranking_table
+
         lines += ["", "## Against the default job (FID, paired by training seed, Holm-corrected)", "",
-                  "| recipe | seeds | mean | Δ vs default (95% CI) | p | Holm p | verdict |", "|---|---|---|---|---|---|---|"]
-        for row in results["confirmation"]["rows"]:
-            ci = f" ({row['ci'][0]:+.3f}, {row['ci'][1]:+.3f})" if row["ci"] else ""
-            p = "-" if row["p"] is None else f"{row['p']:.2g}"
-            holm = "-" if row["p_holm"] is None else f"{row['p_holm']:.2g}"
-            lines.append(f"| {row['configuration']} | {row['seeds']} | {row['mean']:.3f} | {row['delta']:+.3f}{ci} | "
-                         f"{p} | {holm} | {row['verdict']} |")  # fmt: skip
-        paired = results["confirmation"]["detectable"]["paired"]
-        if paired and paired.get("delta") is not None:
-            lines += ["", f"Smallest FID difference detectable at α 0.05 with power 0.8, paired on {paired['n']} seeds: "
-                      f"{paired['delta']:.3f}."]  # fmt: skip
+                  *ranking_table(results["confirmation"], "FID"), "", detectable_note(results["confirmation"], "FID")]
     return "\n".join(lines) + "\n"
 
 

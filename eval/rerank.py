@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from skipdiff.report.markdown import detectable_note, ranking_table
 from skipdiff.report.ranking import compare
 from skipdiff.runfolder import read_json, write_json_atomic
 
@@ -67,25 +68,12 @@ def markdown(ranking: dict) -> str:
              "Paired t-tests on shared training seeds (a one-seed row against the pooled sd of paired differences; "
              "MAP/inference rows never pooled), Holm's correction over each table. Regenerate with "
              "`python eval/rerank.py " + str(Path(ranking["source"]).parent)
+             + (f" --reference {ranking['reference']}" if ranking["reference"] != "skips=full" else "")
              + (f" --within {ranking['within']}" if ranking.get("within") else "") + "`.", ""]  # fmt: skip
     for dataset, metrics in ranking["datasets"].items():
         for metric, result in metrics.items():
-            lines += [f"## {dataset}: {METRICS[metric]}", "",
-                      "| configuration | seeds | mean | Δ vs reference (95% CI) | test | p | Holm p | verdict |",
-                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-            for row in result["rows"]:
-                ci = row.get("ci") or (None, None)
-                interval = "–" if ci[0] is None else f"{row['delta']:+.3g} ({ci[0]:+.3g}, {ci[1]:+.3g})"
-                p = "–" if row["p"] is None else f"{row['p']:.2g}"
-                holm = "–" if row["p_holm"] is None else f"{row['p_holm']:.2g}"
-                lines.append(f"| {row['configuration']} | {row['seeds']} | {row['mean']:.4g} | {interval} | "
-                             f"{row['test'] or '–'} | {p} | {holm} | {row['verdict']} |")  # fmt: skip
-            detect = result["detectable"]
-            notes = [f"paired on {d['n']} seeds: {d['delta']:.3g}" for d in [detect.get("paired")] if d]
-            notes += [f"one seed (pooled): {d['delta']:.3g}" for d in [detect.get("one_seed")] if d]
-            if notes:
-                lines += ["", "Smallest difference detectable at α 0.05 with power 0.8: " + "; ".join(notes) + "."]
-            lines.append("")
+            lines += [f"## {dataset}: {METRICS[metric]}", "", *ranking_table(result, METRICS[metric]), "",
+                      detectable_note(result, METRICS[metric]), ""]  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -231,7 +231,8 @@ def _method_note(result: dict) -> str:
     return text
 
 
-def _detectable_note(result: dict, metric: str) -> str:
+def detectable_note(result: dict, metric: str) -> str:
+    """One sentence: the smallest difference in ``metric`` the ranking could detect (α, power 0.8)."""
     found, noise = result["detectable"], result["noise"]
     if noise["sd"] is None:
         return ("Smallest detectable difference: not estimable (no configuration shares two seeds with the "
@@ -271,7 +272,7 @@ def ranking_markdown(dataset: str, result: dict, metric: str, lower: bool) -> li
     """The ranking section of one table."""
     heading = f"### {metric} against {result['reference']} ({'lower' if lower else 'higher'} is better)"
     return [heading, "", *ranking_table(result, metric), "", _method_note(result), "",
-            _detectable_note(result, metric), "", _findings(dataset, result, metric), ""]  # fmt: skip
+            detectable_note(result, metric), "", _findings(dataset, result, metric), ""]  # fmt: skip
 
 
 def rank_configurations(configurations: dict[str, list[Result]], key: str, lower: bool, reference: str) -> dict:
