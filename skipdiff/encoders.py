@@ -76,7 +76,10 @@ class VaeEncoder(nn.Module):
         """Mean and std of the scaled latent distribution of ``pixels`` (B, C, H, W) in [-1, 1]."""
         dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         mean = (dist.mean - self.shift_factor) * self.scaling_factor
-        return mean.float(), (dist.std * self.scaling_factor).float()
+        # The posterior's mean and std are channel slices of one tensor, laid out channels-last (strides
+        # (C*H*W, 1, W*C, C)); a channels-last input would switch the UNet's convolutions to that layout
+        # without --channels_last asking for it. The standard layout, as the bare step and pixels have it:
+        return mean.float().contiguous(), (dist.std * self.scaling_factor).float().contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -243,10 +246,19 @@ class CachedLatents(Dataset):
         return len(self.tensors["latent_mean"])
 
     @staticmethod
-    def collate(rows: list[dict]) -> dict:
-        """Stack tensors; captions stay a list of strings."""
+    def collate(rows: list[dict] | dict) -> dict:
+        """Stack tensors; captions stay a list of strings. A batch from :meth:`__getitems__` is one already."""
+        if isinstance(rows, dict):
+            return rows
         return {key: [r[key] for r in rows] if key == "captions" else torch.stack([r[key] for r in rows])
                 for key in rows[0]}  # fmt: skip
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[index] for key, value in self.tensors.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch (the DataLoader's batched fetch): one indexing per tensor rather than a dict per row
+        and a stack, the same values as :meth:`collate` of the rows."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {key: [value[i] for i in indices] if key == "captions" else value[index]
+                for key, value in self.tensors.items()}  # fmt: skip

@@ -19,7 +19,8 @@ import torch
 from diffusers.training_utils import EMAModel
 from helpers.unet_runs import run_train_unet, tiny_args, train_unet_module
 
-from skipdiff.training.ema import WeightEMA
+from skipdiff.training import ema as ema_module
+from skipdiff.training.ema import WeightEMA, lerp_multi_tensor, lerp_per_tensor
 from skipdiff.training.step import optimizer_step
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
@@ -94,7 +95,9 @@ def test_the_wrapper_sees_host_reads():
     assert [r.split(" ")[0] for r in reads] == ["item", "__float__", "__bool__"]
 
 
-def test_the_device_ema_equals_diffusers_ema_including_a_skipped_step():
+@pytest.mark.parametrize("update", [lerp_per_tensor, lerp_multi_tensor], ids=["cpu-lerp", "gpu-multi-tensor"])
+def test_the_device_ema_equals_diffusers_ema_including_a_skipped_step(update, monkeypatch):
+    monkeypatch.setattr(ema_module, "lerp_per_tensor", update)  # the CPU runs the update a GPU would use
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     reference = EMAModel(copy.deepcopy(model).parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)

@@ -81,6 +81,35 @@ def test_random_flip_with_cached_latents_picks_the_cached_mirror_image(tmp_path)
     assert any(flips) and not all(flips)
 
 
+def test_cached_latents_fetch_a_batch_at_once_with_the_rows_values():
+    from torch.utils.data import DataLoader
+
+    from skipdiff.encoders import CachedLatents
+
+    tensors = {"latent_mean": torch.randn(10, 4, 2, 2), "latent_std": torch.rand(10, 4, 2, 2),
+               "labels": torch.arange(10), "captions": [f"caption {i}" for i in range(10)]}  # fmt: skip
+    dataset = CachedLatents(tensors)
+    indices = [7, 2, 2, 9]
+    batched = CachedLatents.collate(dataset.__getitems__(indices))
+    by_rows = CachedLatents.collate([dataset[i] for i in indices])
+    assert batched["captions"] == by_rows["captions"] == ["caption 7", "caption 2", "caption 2", "caption 9"]
+    for key in ("latent_mean", "latent_std", "labels"):
+        assert torch.equal(batched[key], by_rows[key])
+    # The DataLoader takes the batched fetch: the same batches, in the same order, as fetching row by row.
+
+    class RowByRow(CachedLatents):
+        __getitems__ = None  # the DataLoader falls back to one __getitem__ per row
+
+    def batches(data):
+        loader = DataLoader(data, batch_size=4, shuffle=True, drop_last=True, collate_fn=CachedLatents.collate,
+                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+        return [batch["labels"] for batch in loader]
+
+    fast, slow = batches(dataset), batches(RowByRow(tensors))
+    assert len(fast) == 2 and all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert not torch.equal(fast[0], torch.arange(4))  # shuffled
+
+
 def test_block_gradient_norms_survive_a_torch_compile_wrapper():
     assert block_of("_orig_mod.down_blocks.0.resnets.1.conv1.weight") == "down_blocks.0"
     assert block_of("module._orig_mod.skip_router.gates.0.alpha") == "gates"

@@ -45,10 +45,9 @@ class WeightEMA:
         flag = torch.ones((), dtype=torch.bool, device=self.optimization_step.device) if counted is None else counted
         self.optimization_step += flag.to(self.optimization_step.device).long()
         rate = ((1.0 - self.decay()) * flag.double()).float()  # 1 - decay_t, or 0 for a skipped step
-        params = [p.detach() for p in self.parameters]
-        differences = torch._foreach_sub(self.shadow, params)
-        torch._foreach_mul_(differences, rate.to(self.shadow[0].device))
-        torch._foreach_sub_(self.shadow, differences)
+        rate = rate.to(self.shadow[0].device)
+        move_towards = lerp_per_tensor if rate.device.type == "cpu" else lerp_multi_tensor
+        move_towards(self.shadow, self.parameters, rate)
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
@@ -78,3 +77,17 @@ class WeightEMA:
         self.optimization_step = torch.as_tensor(state["optimization_step"], dtype=torch.long).to(device)
         for key in ("max_decay", "min_decay", "inv_gamma", "power"):
             setattr(self, key, float(state.get(key, getattr(self, key))))
+
+
+def lerp_per_tensor(shadow: list[torch.Tensor], weights: list[torch.Tensor], rate: torch.Tensor) -> None:
+    """``shadow += rate * (weights - shadow)`` in one pass per tensor (``rate`` a 0-d device tensor: a Python
+    float would need a host read). The choice on a CPU, where foreach ops are per-tensor loops anyway."""
+    torch._foreach_lerp_(shadow, weights, [rate] * len(shadow))
+
+
+def lerp_multi_tensor(shadow: list[torch.Tensor], weights: list[torch.Tensor], rate: torch.Tensor) -> None:
+    """The same update as three fused multi-tensor kernels: the choice on a GPU, where a lerp with 0-d tensor
+    weights leaves foreach's fused path (one kernel launch per tensor)."""
+    differences = torch._foreach_sub(shadow, weights)
+    torch._foreach_mul_(differences, rate)
+    torch._foreach_sub_(shadow, differences)

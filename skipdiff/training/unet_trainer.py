@@ -9,6 +9,7 @@ device (:mod:`skipdiff.training.step`); bookkeeping reaches the host once per ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -151,6 +152,11 @@ class Run:
     def router(self):
         return self.model.skip_router
 
+    @functools.cached_property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters that train; fixed for the run, so listed once rather than on every step."""
+        return trainable_parameters(self.unet)
+
 
 def _prepare(options, accelerator, source: ModelSource, ema, optimizer, loader, data, output_dir) -> Run:
     """The learning-rate schedule, ``accelerator.prepare``, the stats writer and the options file."""
@@ -271,7 +277,7 @@ def _micro_step(run: Run, batch: dict, logging_step: bool) -> StepDone | None:
         accelerator.backward(loss)
         if not accelerator.sync_gradients:
             return None
-        grad_norm = gradient_norm(accelerator, trainable_parameters(run.unet), options.max_grad_norm)
+        grad_norm = gradient_norm(accelerator, run.trainable, options.max_grad_norm)
         finite = run.pending_finite & torch.isfinite(grad_norm)
         run.pending_finite = None
         block_norms = grad_norms_by_block(run.model) if logging_step else {}
