@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from skipdiff.report.stats import t_interval
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.0  # ours_cached must run at least as many steps per second as the reference
 BARE_TARGET = 0.95  # ... and at least this fraction of the bare step's
@@ -267,7 +269,12 @@ def ratios(per_repeat: dict[str, list[float]]) -> dict:
     def paired(numerator: str, denominator: str) -> dict:
         # steps/s ratio = seconds ratio inverted
         values = [d / n for n, d in zip(per_repeat[numerator], per_repeat[denominator], strict=True)]
-        return {"median": round(statistics.median(values), 4), "per_repeat": [round(v, 4) for v in values]}
+        # A t interval of the mean log ratio over repeats, back on the ratio scale: how well the repeats
+        # pin the ratio down on this machine (None with one repeat).
+        interval = t_interval([math.log(v) for v in values])
+        return {"median": round(statistics.median(values), 4), "per_repeat": [round(v, 4) for v in values],
+                "geometric_mean": round(math.exp(statistics.fmean(math.log(v) for v in values)), 4),
+                "interval_95": [round(math.exp(x), 4) for x in interval] if interval else None}  # fmt: skip
 
     out: dict = {}
     if {"ours_cached", "reference"} <= per_repeat.keys():
@@ -284,6 +291,7 @@ def ratios(per_repeat: dict[str, list[float]]) -> dict:
         out["ratio_ours_cached_to_bare_steps_per_second"] = versus
         out["bare_target_ratio_at_least"] = BARE_TARGET
         out["meets_bare_target"] = versus["median"] >= BARE_TARGET
+        out["bare_target_inside_interval"] = bool(versus["interval_95"]) and versus["interval_95"][0] < BARE_TARGET
     seconds = {name: statistics.median(v) for name, v in per_repeat.items()}
     gap = {
         "ema": ("ours_cached", "ours_no_ema"),

@@ -136,6 +136,9 @@ class _ResnetHook:
         hidden, *rest = args
         split = router.skips[index].main_channels
         main, skip = hidden[:, :split], hidden[:, split:]
+        if gate.is_identity:  # only the norms are wanted: the input goes on as it is (no split and re-cat)
+            router.norms[index] = (main.detach().float().norm(), skip.detach().float().norm())
+            return None
         state = router.state_of(index, hidden) if gate.stochastic else None
         timestep = router.timesteps_of(hidden) if gate.needs_timestep else None
         main, skip = gate(main, skip, state, timestep)
