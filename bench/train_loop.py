@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from skipdiff.cpu_memory import keep_freed_memory
 from skipdiff.report.stats import t_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,6 +318,10 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="calls per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--default_malloc", action="store_true",
+                        help="leave glibc's malloc thresholds at their defaults for every variant (our trainer "
+                             "raises them on a CPU, skipdiff.cpu_memory; by default the bench raises them once "
+                             "for all variants, so that the ratios compare loops, not allocators)")  # fmt: skip
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="which loops to time (default: all); e.g. 'ours_cached bare' for the limit alone")  # fmt: skip
     args = parser.parse_args()
@@ -326,6 +331,12 @@ def main() -> None:
     if args.steps < args.warmup_steps + args.log_every:
         parser.error("--steps must leave at least one window after --warmup_steps")
     torch.set_num_threads(args.threads)
+    if args.default_malloc:  # the trainer would raise them on its first call, for the rest of the process
+        from skipdiff.training import runtime
+
+        runtime.keep_freed_memory = lambda: False
+    else:
+        keep_freed_memory()
 
     with tempfile.TemporaryDirectory(prefix="bench-train-loop-") as scratch:
         scratch = Path(scratch)
@@ -366,6 +377,7 @@ def main() -> None:
         "warmup_steps_dropped": args.warmup_steps,
         "repeats": args.repeats,
         "threads": args.threads,
+        "malloc": "glibc defaults" if args.default_malloc else "thresholds raised for every variant (skipdiff.cpu_memory)",
         "versions": {"torch": torch.__version__},
         "seconds_per_step_median": {name: round(v, 4) for name, v in seconds.items()},
         "seconds_per_step_per_repeat": {name: [round(x, 4) for x in v] for name, v in per_repeat.items()},

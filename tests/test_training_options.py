@@ -81,6 +81,20 @@ def test_random_flip_with_cached_latents_picks_the_cached_mirror_image(tmp_path)
     assert any(flips) and not all(flips)
 
 
+def test_vae_latents_come_in_the_standard_layout_so_the_unet_runs_in_it():
+    from diffusers import AutoencoderKL
+
+    from skipdiff.encoders import VaeEncoder
+    from skipdiff.presets import vae_config
+
+    torch.manual_seed(0)
+    encoder = VaeEncoder(AutoencoderKL(**vae_config("tiny", 1)))
+    mean, std = encoder.latent_params(torch.rand(4, 1, 8, 8) * 2 - 1)
+    assert mean.is_contiguous() and std.is_contiguous()
+    unet = SkipUNet2DModel(**STOCK_TINY | {"in_channels": mean.shape[1], "out_channels": mean.shape[1]})
+    assert unet.conv_in(mean).is_contiguous()  # a channels-last input would have made this channels-last
+
+
 def test_cached_latents_fetch_a_batch_at_once_with_the_rows_values():
     from torch.utils.data import DataLoader
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ...config import to_json
+from ...cpu_memory import keep_freed_memory
 from ...seeding import derived_seed
 from ..checkpoints import check_writable, read_state, resolve_checkpoint, save_checkpoint
 from ..step import optimizer_step
@@ -291,6 +292,8 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
     options.validate()
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
+    if not torch.cuda.is_available():  # the steps run on the CPU: see skipdiff.cpu_memory
+        keep_freed_memory()
     run = _setup(options, accelerator)
     _resume(run)
     accelerator = run.accelerator
