@@ -6,10 +6,11 @@ of its heap grows past ``M_TRIM_THRESHOLD`` and serves blocks above ``M_MMAP_THR
 calls; both thresholds start low (128 KiB) and only adapt as far as the process's history happens to push
 them. Memory handed back is page-faulted and zeroed again on the next step, so the same forward pass runs
 at a speed that depends on what else the process allocated before: inside skipdiff's training loop the
-default model's forward took about 10% longer than in the bare step's plain loop, with the same model,
-inputs, layout, threads and grad mode; with the thresholds raised the two were equal (the README's
-Performance section gives the measurement). PyTorch's CPU performance guide swaps in jemalloc or tcmalloc
-for the same reason; raising glibc's thresholds is the equivalent that needs no install.
+default model's forward ran slower than in the bare step's plain loop, with the same model, inputs,
+layout, threads and grad mode, and as fast with the thresholds raised (``bench/train_loop.py`` with and
+without ``--default_malloc``; the README's Performance section gives the ratios). PyTorch's CPU
+performance guide swaps in jemalloc or tcmalloc for the same reason; raising glibc's thresholds is the
+equivalent that needs no install.
 
 The cost: the process keeps up to ``TRIM_THRESHOLD`` of freed heap resident instead of returning it.
 """
