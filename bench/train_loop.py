@@ -27,6 +27,10 @@ A ratio between two variants is taken within each repeat (they ran minutes apart
 this machine's speed drifts by 10% over minutes) and summarised by the median over repeats, every
 repeat's ratio listed. Wall time per call, start-up included, is reported too. JSON on stdout.
 
+On a CPU our trainer raises glibc's malloc thresholds (:mod:`skipdiff.cpu_memory`) for the rest of its
+process; the bench raises them once before any variant, so that every loop runs with the same allocator
+and the ratios compare loops (``--default_malloc`` leaves glibc's defaults for all of them instead).
+
 The VAE is ``runs/vae-digits-16`` when it exists, else a tiny one trained for a few steps into a
 temporary folder (its quality does not matter for timing).
 
