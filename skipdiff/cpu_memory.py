@@ -12,7 +12,9 @@ without ``--default_malloc``; the README's Performance section gives the ratios)
 performance guide swaps in jemalloc or tcmalloc for the same reason; raising glibc's thresholds is the
 equivalent that needs no install.
 
-The cost: the process keeps up to ``TRIM_THRESHOLD`` of freed heap resident instead of returning it.
+The cost: the process keeps up to ``TRIM_THRESHOLD`` of freed heap resident instead of returning it. The
+trainers call :func:`keep_freed_memory_for_cpu_training`, which leaves the host allocator of a CUDA machine as
+it is (there the activations live in CUDA's own caching allocator).
 """
 
 from __future__ import annotations
@@ -37,3 +39,10 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def keep_freed_memory_for_cpu_training() -> bool:
+    """:func:`keep_freed_memory` when training runs on the CPU (no CUDA GPU); False, and nothing set, otherwise."""
+    import torch
+
+    return not torch.cuda.is_available() and keep_freed_memory()

@@ -43,11 +43,12 @@ def test_freed_memory_stays_in_the_process_only_with_the_thresholds_raised():
 
 
 def test_the_trainers_raise_the_thresholds_on_a_cpu(monkeypatch):
+    from skipdiff import cpu_memory
     from skipdiff.training import runtime
     from skipdiff.training.options import TrainOptions
 
     calls = []
-    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append("cpu") or True)
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append("cpu") or True)
     monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
     runtime.setup_backends(TrainOptions())
     monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)

@@ -663,3 +663,29 @@ def test_rescale_makes_the_expected_skip_the_kept_skip(tiny_config, make_inputs)
     states = model.skip_router.sample_states(1000, torch.device("cpu"))
     assert set(states[0].tolist()) == {0.0, 1 / 0.25}
     assert float(states[0].mean()) == pytest.approx(1.0, abs=0.2)  # E[state] = 1
+
+
+def test_recording_norms_leaves_a_kept_skip_untouched(deep_config, make_inputs):
+    # On a logging step an identity gate's hook only measures: the UNet's output is bit-identical, and every
+    # skip's (backbone, skip) norms are the norms of the two halves of the resnet's input.
+    model = SkipUNet2DModel(**deep_config).eval()
+    inputs = make_inputs(deep_config)
+    plain = run(model, inputs)
+    model.skip_router.record_norms = True
+    seen = {}
+    handles = [
+        model.up_blocks[info.up_block].resnets[info.layer].register_forward_pre_hook(
+            lambda module, args, index=info.index: seen.__setitem__(index, args[0].detach().clone())
+        )
+        for info in model.skip_router.skips
+    ]
+    recorded = run(model, inputs)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(plain, recorded)
+    assert sorted(model.skip_router.norms) == sorted(seen) and len(seen) == len(model.skip_router.skips)
+    for info in model.skip_router.skips:
+        split = info.main_channels
+        backbone, skip = model.skip_router.norms[info.index]
+        assert torch.equal(backbone, seen[info.index][:, :split].float().norm())
+        assert torch.equal(skip, seen[info.index][:, split:].float().norm())

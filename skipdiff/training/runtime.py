@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler
 from torch.utils.data import DataLoader
 
 from ..config import subset
-from ..cpu_memory import keep_freed_memory
+from ..cpu_memory import keep_freed_memory_for_cpu_training
 from ..data import collate_images, dataset_channels, load_image_splits, num_classes, with_pixel_values
 from ..data_options import DataOptions
 from ..encoders import CachedLatents, Encoder, VaeEncoder, cache_encoded, load_encoder
@@ -39,8 +39,7 @@ def setup_backends(options: TrainOptions) -> None:
     """CPU threads, the CPU's allocator, TF32, and the trackers' packages (checked now, not after the VAE stage)."""
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
-    if not torch.cuda.is_available():  # the steps run on the CPU: see skipdiff.cpu_memory
-        keep_freed_memory()
+    keep_freed_memory_for_cpu_training()
     if options.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import subset, to_json
-from ..cpu_memory import keep_freed_memory
+from ..cpu_memory import keep_freed_memory_for_cpu_training
 from ..data import collate_images, dataset_channels, image_transform, load_image_splits, with_pixel_values
 from ..data_options import DataOptions
 from ..encoders import data_scaling_factor
@@ -32,8 +32,7 @@ def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> di
     the first step."""
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
-    if not torch.cuda.is_available():  # the steps run on the CPU: see skipdiff.cpu_memory
-        keep_freed_memory()
+    keep_freed_memory_for_cpu_training()
     out = Path(options.output_dir)
     if (out / "config.json").exists() and not options.overwrite_output_dir:
         raise ValueError(f"output_dir {str(out)!r} already holds a VAE: pass --overwrite_output_dir or another --output_dir")

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ...config import to_json
-from ...cpu_memory import keep_freed_memory
+from ...cpu_memory import keep_freed_memory_for_cpu_training
 from ...seeding import derived_seed
 from ..checkpoints import check_writable, read_state, resolve_checkpoint, save_checkpoint
 from ..step import optimizer_step
@@ -292,8 +292,7 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
     options.validate()
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
-    if not torch.cuda.is_available():  # the steps run on the CPU: see skipdiff.cpu_memory
-        keep_freed_memory()
+    keep_freed_memory_for_cpu_training()
     run = _setup(options, accelerator)
     _resume(run)
     accelerator = run.accelerator
