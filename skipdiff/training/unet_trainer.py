@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from .startup import StopRequest, TrainingStopped, is_main_process, prepare_outp
 from .step import all_finite, batch_loss, draw_noise, gradient_norm, optimizer_step
 from .telemetry import StatsWriter, WindowStats
 
-__all__ = ["TrainingStopped", "main", "run_cli", "train_unet"]
+__all__ = ["MonitorView", "TrainingMonitor", "TrainingStopped", "main", "run_cli", "train_unet"]
 
 NOISE_KEYS = ("num_train_timesteps", "beta_schedule", "prediction_type", "clip_sample")
 
@@ -60,8 +61,13 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> dict:
     return train_unet(options)
 
 
-def train_unet(options: TrainOptions) -> dict:
-    """Train a ``SkipUNet2DModel`` as the options say; returns the final metrics."""
+def train_unet(options: TrainOptions, monitor: TrainingMonitor | None = None) -> dict:
+    """Train a ``SkipUNet2DModel`` as the options say; returns the final metrics.
+
+    ``monitor`` (one process only) is called after the optimizer steps it lists, with the EMA weights in
+    place (what evaluation scores); it may raise to stop the run there, e.g. a search's pruned trial."""
+    if monitor is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("a training monitor (a search trial's pruning) runs in one process only")
     setup_backends(options)
     check_model_options(options)  # a bad --skips or --markov fails now, not after the VAE stage
     check_geometry(options)  # as does a resolution the VAE or the UNet cannot halve evenly
@@ -92,7 +98,7 @@ def train_unet(options: TrainOptions) -> dict:
         _start_log(run, source.encoder_source, data)
 
         # ---- the loop -----------------------------------------------------------------------------------
-        _train(run, stop, repo_id)
+        _train(run, stop, repo_id, monitor)
 
         # ---- outputs ------------------------------------------------------------------------------------
         run.router.record_norms = False
@@ -211,7 +217,7 @@ def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _train(run: Run, stop: StopRequest, repo_id: str | None) -> None:
+def _train(run: Run, stop: StopRequest, repo_id: str | None, monitor: TrainingMonitor | None = None) -> None:
     """Epochs of optimizer steps until ``max_steps``; logs, validates and checkpoints on schedule."""
     options, accelerator = run.options, run.accelerator
     first_epoch = run.step // run.steps_per_epoch
@@ -239,6 +245,9 @@ def _train(run: Run, stop: StopRequest, repo_id: str | None) -> None:
                 window_start = time.perf_counter()
             if options.validation_every and run.step % options.validation_every == 0 and run.step < run.max_steps:
                 _validate(run)
+            if monitor is not None and run.step in monitor.steps:  # before the checkpoint: a resume re-reports
+                with _with_ema_weights(run.model, run.ema):
+                    monitor(run.step, MonitorView(run.model, run.noise_scheduler, run.encoder, run.conditioning))
             if stop.requested(accelerator, logging_step):
                 _checkpoint(run, epoch, repo_id)
                 stop.exit(run.step, checkpoints.list_checkpoints(run.output_dir))
@@ -247,6 +256,26 @@ def _train(run: Run, stop: StopRequest, repo_id: str | None) -> None:
             if run.step >= run.max_steps:
                 break
     progress.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorView:
+    """What a :class:`TrainingMonitor` sees: the plain model (EMA weights in place), the noise scheduler,
+    the encoder and the conditioning, enough to score held-out data as :mod:`skipdiff.eval.denoise` does."""
+
+    model: torch.nn.Module
+    noise_scheduler: object
+    encoder: object
+    conditioning: object
+
+
+class TrainingMonitor:
+    """Called after the optimizer steps in ``steps`` (a host read there is fine: those steps are rare)."""
+
+    steps: frozenset[int] = frozenset()
+
+    def __call__(self, step: int, view: MonitorView) -> None:
+        raise NotImplementedError
 
 
 @dataclasses.dataclass
