@@ -1,0 +1,62 @@
+"""Confirmation without the winner's curse: the top configurations and the reference, run again on fresh seeds.
+
+A search's best value is the best of many noisy draws, biased in its favour. What the search reports
+is this confirmation: the ``confirm.top`` best complete trials and the reference (``confirm.reference``,
+default ``skips: full``), as a sweep in ``<search>/confirm/`` (one cell per configuration and seed:
+training seeds that no trial used, or, for an inference search, fresh sampling seeds shared by every
+row), ranked by :mod:`skipdiff.report` against the reference: paired by seed, Holm over the rows.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..runfolder import write_json_atomic
+from .spec import SearchSpec
+from .trial import read_trial
+
+REFERENCE = "reference"
+CONFIRM_FOLDER = "confirm"
+
+
+def confirmation_sweep(spec: SearchSpec, chosen: list[dict], out: Path) -> dict:
+    """The sweep spec (as a dict) that reruns ``chosen`` trial records and the reference on fresh seeds."""
+    configs: dict[str, dict] = {REFERENCE: dict(spec.confirm["reference"])}
+    for record in chosen:
+        overrides = dict(record["overrides"])
+        if record.get("model"):  # the trial's own UNet config, copied so the confirmation stands alone
+            source = Path(record["options"]["model"])
+            target = out / CONFIRM_FOLDER / "configs" / f"trial-{record['root']:04d}.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            overrides["model"] = str(target)
+        configs[f"trial-{record['root']:04d}"] = overrides
+    if spec.training:
+        grid = {"config": configs, "seed": spec.confirm["seeds"]}
+        return {"kind": "diffusion", "description": f"confirmation of search {spec.name}", "base": spec.base,
+                "grid": grid, "eval": spec.eval}  # fmt: skip
+    base = {**spec.base, "seeds": spec.confirm["seeds"]}
+    return {"kind": "inference", "description": f"confirmation of search {spec.name} on fresh sampling seeds",
+            "base": base, "grid": {"config": configs}}  # fmt: skip
+
+
+def run_confirmation(spec: SearchSpec, study, out: Path, num_threads: int | None = None, log=print) -> Path:
+    """Run the confirmation sweep and its report; returns the report's path."""
+    from ..report.write import write_report
+    from ..sweep.runner import run_sweep
+    from ..sweep.spec import parse_spec
+    from . import engine
+
+    best = engine.best_trials(study, spec.confirm["top"])
+    if not best:
+        raise ValueError(f"search {spec.name}: no complete trial to confirm")
+    chosen = [read_trial(Path(t.user_attrs["folder"])) for t in best]
+    sweep = confirmation_sweep(spec, chosen, out)
+    folder = out / CONFIRM_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "chosen.json", [{"label": f"trial-{r['root']:04d}", "trial": t.number, "params": t.params,
+                                                "search_values": list(t.values)} for r, t in zip(chosen, best, strict=True)])  # fmt: skip
+    log(f"confirmation: {len(chosen)} configuration(s) and the reference on seeds {spec.confirm['seeds']}")
+    run_sweep(parse_spec(sweep, f"{spec.name}-confirm"), folder, num_threads=num_threads, log=log)
+    return write_report(folder, folder / "report", reference=f"config={REFERENCE}")

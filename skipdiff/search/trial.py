@@ -1,0 +1,210 @@
+"""One trial: the suggested configuration -> a normal run folder -> its objective values.
+
+A training trial is a diffusion run (``skipdiff.training.train_unet``, the code a sweep cell runs) in
+``<search>/trials/trial-NNNN/``, followed by ``skipdiff.eval`` into its ``eval/``. With a pruner it reports
+the held-out denoising MSE (the objective itself, on the first ``prune.images`` test images, the same
+noise every time) at ``prune.steps``; a pruned trial stops there. The folder is named after the trial's
+first attempt, so a retried trial (its worker was killed or preempted) resumes from its checkpoint.
+An inference trial is ``skipdiff.eval`` on the base's checkpoint with the trial's skips and options.
+Every trial folder holds ``trial.json``: number, parameters, options, state and values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from ..config import from_dict
+from ..runfolder import read_json, write_json_atomic
+from .objectives import OBJECTIVES, model_record, read_objectives
+from .space import Suggestion, model_config, num_skips_of, suggest
+from .spec import SearchSpec, options_class
+
+TRIAL_FILE = "trial.json"
+
+
+def trial_folder(out: Path, root: int) -> Path:
+    return Path(out) / "trials" / f"trial-{root:04d}"
+
+
+def num_skips_for(spec: SearchSpec):
+    """``model overrides -> number of long skips`` of a trial's UNet (an inference target: loaded once)."""
+    if spec.training:
+        base_model = spec.base.get("model", "digits")
+        return lambda overrides: num_skips_of(model_config(base_model, overrides))
+
+    def of_target(_overrides) -> int:
+        from ..router import discover_skips
+
+        return len(discover_skips(_target(spec).unet))
+
+    return of_target
+
+
+def _target(spec: SearchSpec):
+    from ..sweep.kinds import _loaded_target
+
+    return _loaded_target(from_dict(options_class("inference"), spec.base))
+
+
+def trial_options(spec: SearchSpec, suggestion: Suggestion, folder: Path) -> dict:
+    """The trial's full options (its kind's dataclass, as a dict), its folder set, validated."""
+    values = {**spec.base, **suggestion.options}
+    if spec.training:
+        if suggestion.model:
+            config = model_config(spec.base.get("model", "digits"), suggestion.model)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "unet_config.json"
+            write_json_atomic(path, config)
+            values["model"] = str(path)
+        values["output_dir"] = str(folder)
+    else:
+        values["out"] = str(folder / "eval")
+    options = from_dict(options_class(spec.kind), values)
+    return dataclasses.asdict(options)
+
+
+def check_configuration(spec: SearchSpec, options: dict) -> None:
+    """A trial's skip spec (and chain options) must resolve for its model: ``ValueError`` otherwise."""
+    if spec.training:
+        from ..training.model_source import check_model_options
+        from ..training.options import TrainOptions
+
+        check_model_options(from_dict(TrainOptions, options))
+    else:
+        from ..router import SkipRouter, discover_skips
+
+        SkipRouter(list(discover_skips(_target(spec).unet)), options["skips"] or "full")
+
+
+class PruningMonitor:
+    """Reports the held-out denoising MSE to the trial at ``steps``; prunes when Optuna says so."""
+
+    def __init__(self, trial, spec: SearchSpec, options: dict):
+        self.trial, self.spec = trial, spec
+        self.steps = frozenset(spec.prune["steps"])
+        self.options = options
+        self._batches = None
+
+    def __call__(self, step: int, view) -> None:
+        from ..eval.denoise import denoising_loss_by_bucket
+        from ..eval.run import held_out_batches
+        from .engine import TrialPruned
+
+        if self._batches is None:
+            self._batches, _ = held_out_batches(self.options, 64, limit=self.spec.prune["images"])
+        kwargs = None if view.conditioning.kind == "none" else view.conditioning.unet_kwargs
+        loss = denoising_loss_by_bucket(view.model, view.noise_scheduler, view.encoder, self._batches,
+                                        self.spec.prune["buckets"], seed=0, unet_kwargs=kwargs)["mean"]  # fmt: skip
+        self.trial.report(loss, step)
+        if self.trial.should_prune():
+            raise TrialPruned(f"held-out denoising MSE {loss:.5f} at step {step}")
+
+
+def _model_record(folder: Path) -> dict:
+    """FLOPs and parameters of a trained trial's UNet (its exported ``unet/``)."""
+    from ..unet import SkipUNet2DModel
+
+    unet = SkipUNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+    config = unet.config
+    return model_record(unet, (config.in_channels, config.sample_size, config.sample_size))
+
+
+def run_training_trial(trial, spec: SearchSpec, options: dict, folder: Path) -> tuple[dict, dict]:
+    """Train (or resume) the trial's run and evaluate it; returns ``(eval.json, model record)``."""
+    from ..sweep.kinds import evaluate_run
+    from ..sweep.launch import fresh_accelerate_state
+    from ..training.checkpoints import list_checkpoints
+    from ..training.options import TrainOptions
+    from ..training.unet_trainer import train_unet
+
+    train = dict(options)
+    if (folder / "train_metrics.json").is_file():
+        pass  # trained by an earlier attempt (killed during its evaluation): evaluate only
+    else:
+        if list_checkpoints(folder):
+            train["resume_from_checkpoint"] = "latest"
+        monitor = PruningMonitor(trial, spec, options) if spec.pruned else None
+        with fresh_accelerate_state():
+            train_unet(from_dict(TrainOptions, train), monitor=monitor)
+    evaluation = evaluate_run(folder, spec.eval)
+    return evaluation, _model_record(folder)
+
+
+def run_inference_trial(spec: SearchSpec, options: dict, folder: Path) -> tuple[dict, dict]:
+    """``skipdiff.eval`` on the loaded target with the trial's skips; returns ``(eval.json, {})``."""
+    from ..eval.evaluation import evaluate_target
+
+    eval_options = from_dict(options_class("inference"), options)
+    return evaluate_target(_target(spec), eval_options, out=folder / "eval"), {}
+
+
+def make_objective(spec: SearchSpec, out: Path, log=print):
+    """The function Optuna calls per trial: suggest, check, run, score, record; see the module docstring."""
+    from . import engine
+
+    num_skips = num_skips_for(spec)
+    budget = spec.budget.get("trials")
+
+    def objective(trial):
+        frozen = engine.trials(trial.study)
+        this = next(t for t in frozen if t.number == trial.number)
+        if budget is not None and not engine.is_queued(this) and engine.taken(trial.study, below=trial.number) >= budget:
+            raise engine.OverBudget(f"trial {trial.number}: the budget of {budget} trials is taken")
+        root = engine.root_number(this)
+        folder = trial_folder(out, root)
+        suggestion = suggest(trial, spec.space, num_skips, spec.base)
+        options = trial_options(spec, suggestion, folder)
+        check_configuration(spec, options)
+        trial.set_user_attr("folder", str(folder))
+        record = {"number": trial.number, "root": root, "params": trial.params, "overrides": suggestion.options,
+                  "model": suggestion.model, "options": options, "state": "running"}  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / TRIAL_FILE, record, default=str)
+        start = time.perf_counter()
+        try:
+            if spec.training:
+                evaluation, model = run_training_trial(trial, spec, options, folder)
+            else:
+                evaluation, model = run_inference_trial(spec, options, folder)
+        except engine.TrialPruned as pruned:
+            write_json_atomic(folder / TRIAL_FILE, {**record, "state": "pruned", "reason": str(pruned),
+                                                    "seconds": time.perf_counter() - start}, default=str)  # fmt: skip
+            raise
+        values = read_objectives(spec.objectives, evaluation, model)
+        for key, limit in spec.constraints.items():
+            trial.set_constraint(key, OBJECTIVES[key].read(model if OBJECTIVES[key].from_model else evaluation) - limit)
+        seconds = time.perf_counter() - start
+        trial.set_user_attr("seconds", seconds)
+        write_json_atomic(folder / TRIAL_FILE, {**record, "state": "complete", "values": dict(zip(spec.objectives, values)),
+                                                "model_record": model, "seconds": seconds}, default=str)  # fmt: skip
+        return values[0] if len(values) == 1 else values
+
+    return objective
+
+
+def read_trial(folder: Path) -> dict | None:
+    path = Path(folder) / TRIAL_FILE
+    return read_json(path, "trial record") if path.is_file() else None
+
+
+def example_configurations(spec: SearchSpec) -> dict[str, dict]:
+    """One configuration per skip family of the space (its parameters at their first choices or lower
+    ends), each checked as a trial would be: a typo in a preset's argument, a spec that does not fit the
+    model, or a model that cannot be built fails here, before any study or training."""
+    import tempfile
+
+    from .space import FixedTrial, first_choices
+
+    examples = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for family in spec.space.families or (None,):
+            suggestion = suggest(FixedTrial(first_choices(spec.space, family)), spec.space, num_skips_for(spec), spec.base)
+            try:
+                check_configuration(spec, trial_options(spec, suggestion, Path(scratch) / "trial"))
+            except ValueError as err:
+                raise ValueError(f"space (skips {family or 'as in base'}): {err}") from err
+            examples[family or "base"] = {"options": suggestion.options, "model": suggestion.model}
+    return examples
