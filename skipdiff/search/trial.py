@@ -12,7 +12,6 @@ Every trial folder holds ``trial.json``: number, parameters, options, state and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -178,7 +177,7 @@ def make_objective(spec: SearchSpec, out: Path, log=print):
             trial.set_constraint(key, OBJECTIVES[key].read(model if OBJECTIVES[key].from_model else evaluation) - limit)
         seconds = time.perf_counter() - start
         trial.set_user_attr("seconds", seconds)
-        write_json_atomic(folder / TRIAL_FILE, {**record, "state": "complete", "values": dict(zip(spec.objectives, values)),
+        write_json_atomic(folder / TRIAL_FILE, {**record, "state": "complete", "values": dict(zip(spec.objectives, values, strict=True)),
                                                 "model_record": model, "seconds": seconds}, default=str)  # fmt: skip
         return values[0] if len(values) == 1 else values
 
