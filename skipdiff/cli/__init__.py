@@ -4,8 +4,9 @@
     skipdiff-train-vae ...        python -m skipdiff.cli.train_vae ...        (train_scripts/train_vae.py)
     skipdiff-train-classifier ... python -m skipdiff.cli.train_classifier ... (train_scripts/train_classifier.py)
 
-Known failures print one ``error: ...`` line (exit 1); Ctrl-C during training stops after a step with a
-checkpoint and the command that resumes (exit 130).
+Known failures print one ``error: ...`` line (exit 1); Ctrl-C, SIGTERM or SIGUSR1 during training stops
+after a step with a checkpoint and the command that resumes, and exits with 128 + the signal's number
+(130, 143, 138; :func:`skipdiff.training.startup.interrupted_exit_status`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ Options = TypeVar("Options")
 
 
 def run_with_clean_errors(function: Callable[[], object]) -> int:
-    """Run ``function()``; known failures print ``error: <message>`` (one line) and return 1, Ctrl-C 130."""
+    """Run ``function()``; known failures print ``error: <message>`` (one line) and return 1; a run a signal
+    stopped after its checkpoint returns 128 + the signal's number (Ctrl-C 130, SIGTERM 143, SIGUSR1 138)."""
     try:
         function()
     except KeyboardInterrupt:
@@ -29,9 +31,9 @@ def run_with_clean_errors(function: Callable[[], object]) -> int:
               file=sys.stderr)  # fmt: skip
         return 130
     except SkipdiffError as err:
-        interrupted = type(err).__name__ == "TrainingInterrupted"
+        interrupted = type(err).__name__ == "TrainingInterrupted"  # (its module imports torch)
         print(f"{'stopped' if interrupted else 'error'}: {err}", file=sys.stderr)
-        return 130 if interrupted else 1
+        return getattr(err, "exit_status", 130) if interrupted else 1
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """:func:`main` for a console: bad input prints ``error: ...`` and returns 2, failed cells 1, Ctrl-C 130."""
+    """:func:`main` for a console: bad input prints ``error: ...`` and returns 2, failed cells 1; a training a
+    signal stopped after its checkpoint 128 + the signal's number (Ctrl-C 130, SIGTERM 143, SIGUSR1 138)."""
     from ..config import SkipdiffError
     from .runner import SweepError, interrupted
 
@@ -61,7 +62,7 @@ def cli(argv: list[str] | None = None) -> int:
     except (SweepError, SkipdiffError) as err:
         if interrupted(err):  # the training's own resume hint names its command line, not the sweep's
             print(f"stopped: {str(err).splitlines()[0]}; relaunch the same command to resume the sweep", file=sys.stderr)
-            return 130
+            return getattr(err, "exit_status", 130)
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

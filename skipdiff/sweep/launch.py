@@ -23,7 +23,54 @@ LAUNCHERS = ("inprocess", "accelerate")
 
 
 class LaunchInterrupted(SkipdiffError):
-    """The training subprocess was stopped by Ctrl-C (it checkpoints first): the sweep stops too."""
+    """The training subprocess was stopped by Ctrl-C, SIGTERM or SIGUSR1 (it checkpoints first): the sweep
+    stops too. ``signum`` is the signal, read from the exit status."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+# The signals that stop a training after a checkpoint (skipdiff.training.startup.STOP_SIGNALS, without
+# importing torch here).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def interrupting_signal(returncode: int) -> int | None:
+    """The stop signal a training subprocess's exit status reports (128 + signal after its checkpoint, or
+    -signal when the signal ended it), else None."""
+    for signum in STOP_SIGNALS:
+        if returncode in (128 + signum, -signum):
+            return signum
+    return None
+
+
+@contextlib.contextmanager
+def forwarding_stop_signals(process: subprocess.Popen):
+    """While the sweep waits for a training subprocess, SIGTERM and SIGUSR1 sent to the sweep alone reach the
+    training too (it checkpoints, then exits, and the sweep stops with it), rather than killing the sweep
+    and leaving an orphan. SIGINT is left to the terminal, which sends it to both; the sweep ignores it
+    meanwhile, so that it waits for the training's checkpoint instead of killing it."""
+    previous = {}
+
+    def forward(signum, frame):
+        if process.poll() is None:
+            process.send_signal(signum)
+
+    try:
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else forward)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +135,15 @@ def train_cell(kind: CellKind, options: dict, launcher: Launcher) -> dict:
             return kind.train(options)
     command = accelerate_command(kind, options, launcher.accelerate_args)
     print("$ " + shlex.join(command), flush=True)
-    result = subprocess.run(command, check=False)
-    if result.returncode in (130, -signal.SIGINT):
-        raise LaunchInterrupted(f"training of {Path(options[kind.folder_option]).name} was interrupted; relaunch the "
-                                "sweep to resume it from its checkpoint")  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"training exited with status {result.returncode}: {shlex.join(command)}")
+    process = subprocess.Popen(command)
+    with forwarding_stop_signals(process):
+        returncode = process.wait()
+    signum = interrupting_signal(returncode)
+    if signum is not None:
+        raise LaunchInterrupted(f"training of {Path(options[kind.folder_option]).name} was interrupted "
+                                f"({signal.Signals(signum).name}); relaunch the sweep to resume it from its checkpoint",
+                                signum)  # fmt: skip
+    if returncode != 0:
+        raise RuntimeError(f"training exited with status {returncode}: {shlex.join(command)}")
     metrics = Path(options[kind.folder_option]) / kind.metrics_file
     return read_json(metrics, "training metrics") if metrics.is_file() else {}

@@ -4,8 +4,12 @@
   run refuses, naming the folder and the three ways forward; ``--overwrite_output_dir`` empties it first
   (no stale checkpoint, log or evaluation survives); ``--resume_from_checkpoint`` continues it.
 * While it trains, a run holds its folder's lock (:class:`skipdiff.runfolder.RunLock`).
-* Ctrl-C (SIGINT) stops after the current step with a checkpoint and prints the command that resumes
-  (:class:`StopRequest`); a second Ctrl-C stops at once.
+* Ctrl-C (SIGINT), SIGTERM (what SLURM preemption, ``timeout``, Kubernetes and most schedulers send) and
+  SIGUSR1 (SLURM's ``--signal=USR1@<seconds>`` warning) stop after the current step with a checkpoint and
+  print the command that resumes (:class:`StopRequest`); a second Ctrl-C stops at once, a repeated
+  SIGTERM or SIGUSR1 (a launcher forwarding the scheduler's signal) changes nothing. The command line then
+  exits with ``128 + the signal's number`` (130, 143, 138: what a shell reports for a process that signal
+  stopped), after the checkpoint (:func:`interrupted_exit_status`).
 * Known failures reach the command line as one ``error: ...`` line (:func:`run_with_clean_errors`).
 """
 
@@ -28,7 +32,28 @@ class TrainingStopped(SkipdiffError):
 
 
 class TrainingInterrupted(SkipdiffError):
-    """Ctrl-C: the run stopped after a step, with a checkpoint to resume from."""
+    """Ctrl-C, SIGTERM or SIGUSR1: the run stopped after a step, with a checkpoint to resume from.
+
+    ``signum`` is the signal that asked; :attr:`exit_status` what the command line exits with."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_status(self) -> int:
+        return interrupted_exit_status(self.signum)
+
+
+# The signals that ask a run to checkpoint and stop (SIGUSR1 does not exist on Windows).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def interrupted_exit_status(signum: int) -> int:
+    """The exit status of a run a signal stopped after its checkpoint: 128 + the signal's number, the shell's
+    convention for a process that signal ended (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1), which schedulers and
+    ``accelerate launch`` report the same way; a sweep reads any of them as an interruption."""
+    return 128 + int(signum)
 
 
 def is_main_process() -> bool:
@@ -99,32 +124,45 @@ def resume_command() -> str:
 
 
 class StopRequest:
-    """Turns the first SIGINT into a request to stop after the current step (a second one interrupts).
+    """Turns the first SIGINT, SIGTERM or SIGUSR1 into a request to stop after the current step, with a
+    checkpoint. A second SIGINT interrupts at once (the user insists); a repeated SIGTERM or SIGUSR1 is only
+    noted: a scheduler signals every process of a job and ``accelerate launch`` forwards the signal to its
+    workers again, and neither must cut the checkpoint short.
 
     In one process the loop asks after every step; with several processes only at logging steps, where
     the ranks agree through one all-reduce, so that all of them stop at the same step and write one
-    checkpoint together."""
+    checkpoint together. The previous handlers are restored on exit (the library may run inside a
+    program with its own, e.g. a search worker's)."""
 
     def __init__(self):
         self.flag = False
-        self._previous = None
+        self.signum: int | None = None  # the signal that asked first
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave SIGINT alone
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                break
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.flag:
-            raise KeyboardInterrupt
-        self.flag = True
-        print("\ninterrupt: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            print(f"\n{name}: already stopping after this step", file=sys.stderr, flush=True)
+            return
+        self.flag, self.signum = True, signum
+        again = "Ctrl-C again to stop at once" if signum == signal.SIGINT else "writing a checkpoint first"
+        print(f"\n{'interrupt' if signum == signal.SIGINT else name}: stopping after this step ({again})",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def requested(self, accelerator, logging_step: bool) -> bool:
         if accelerator.num_processes == 1:
@@ -136,7 +174,12 @@ class StopRequest:
         flag = torch.tensor([float(self.flag)], device=accelerator.device)
         return bool(accelerator.reduce(flag, "sum").item() > 0)
 
-    @staticmethod
-    def exit(step: int, saved: list[Path]) -> None:
+    def exit(self, step: int, saved: list[Path]) -> None:
+        """Raise :class:`TrainingInterrupted` naming the step, the checkpoint and the command that resumes.
+        On ranks whose own flag is not set (another rank was signalled), the signal is the first one's
+        SIGINT default."""
         where = saved[-1] if saved else "none"
-        raise TrainingInterrupted(f"interrupted after step {step}; checkpoint {where}. Resume with:\n  {resume_command()}")
+        signum = self.signum or signal.SIGINT
+        how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        raise TrainingInterrupted(f"interrupted{how} after step {step}; checkpoint {where}. Resume with:\n  {resume_command()}",
+                                  signum)  # fmt: skip

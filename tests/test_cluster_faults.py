@@ -1,0 +1,146 @@
+"""A run that a cluster can stop at any time loses nothing: preemption, concurrent writers, full disks and
+files from others (issue 28). Each test failed on the code before its fix.
+
+Signals reach real subprocesses (``tests/helpers/train_unet_signal_at.py`` sends them at a chosen step, so
+the test is deterministic); everything else runs in this process on the tiny pixel-space run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.unet_runs import (
+    ACCELERATE,
+    EMA_WEIGHTS,
+    REPO,
+    UNET_WEIGHTS,
+    free_port,
+    max_abs_difference,
+    run_train_unet,
+    tensors,
+    tiny_args,
+)
+
+from skipdiff.runfolder import LOCK_FILE
+from skipdiff.training import checkpoints
+from skipdiff.training.startup import TrainingInterrupted
+
+SIGNAL_AT = REPO / "tests" / "helpers" / "train_unet_signal_at.py"
+TIMEOUT = 420  # seconds for one launch; a hang fails instead of blocking
+
+
+def env(**extra: str) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1", **extra}  # fmt: skip
+
+
+def weights_equal(a: Path, b: Path) -> None:
+    assert max_abs_difference(tensors(a / UNET_WEIGHTS), tensors(b / UNET_WEIGHTS)) == 0.0
+    assert max_abs_difference(tensors(a / EMA_WEIGHTS), tensors(b / EMA_WEIGHTS)) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM and SIGUSR1 checkpoint after the current step
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_checkpoints_exits_143_and_the_relaunch_ends_with_the_uninterrupted_weights(tmp_path):
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    run_train_unet(tiny_args(straight, "--max_train_steps", "6"))
+    result = subprocess.run([sys.executable, str(SIGNAL_AT), *tiny_args(out, "--max_train_steps", "6")], cwd=REPO,
+                            env=env(SKIPDIFF_TEST_SIGNAL="3:SIGTERM:self"), capture_output=True, text=True,
+                            timeout=TIMEOUT)  # fmt: skip
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "SIGTERM: stopping after this step" in result.stderr and "Traceback" not in result.stderr
+    assert "stopped: interrupted by SIGTERM after step 3" in result.stderr
+    lines = result.stderr.splitlines()
+    assert "--resume_from_checkpoint latest" in lines[lines.index(next(x for x in lines if "Resume with:" in x)) + 1]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-3"]
+    assert not (out / LOCK_FILE).exists() and not (out / EMA_WEIGHTS).exists()
+
+    assert run_train_unet(tiny_args(out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))["steps"] == 6
+    weights_equal(out, straight)
+
+
+def test_sigusr1_in_process_raises_training_interrupted_and_restores_the_handlers(tmp_path, monkeypatch):
+    """SLURM's ``--signal=USR1@90`` warning, in the library: the search package catches
+    ``TrainingInterrupted``; the caller's own handlers are back afterwards."""
+    from skipdiff.training import unet_trainer
+
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    run_train_unet(tiny_args(straight, "--max_train_steps", "4"))
+    mine = lambda signum, frame: None  # noqa: E731  a caller's handler (e.g. a search worker's)
+    previous = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    micro_step = unet_trainer._micro_step
+
+    def signalled(run, batch, logging_step):
+        done = micro_step(run, batch, logging_step)
+        if done is not None and run.step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return done
+
+    try:
+        monkeypatch.setattr(unet_trainer, "_micro_step", signalled)
+        with pytest.raises(TrainingInterrupted, match="interrupted by SIGUSR1 after step 2") as info:
+            run_train_unet(tiny_args(out, "--max_train_steps", "4"))
+        assert info.value.exit_status == 138
+        assert signal.getsignal(signal.SIGUSR1) is mine and signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    monkeypatch.setattr(unet_trainer, "_micro_step", micro_step)
+    run_train_unet(tiny_args(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    weights_equal(out, straight)
+
+
+def test_two_processes_stop_together_on_the_launchers_sigterm_and_resume_to_the_same_weights(tmp_path):
+    """``accelerate launch``'s elastic agent forwards SIGTERM to both gloo workers (what a scheduler's stop
+    does); they agree on a step, write one checkpoint, and the launcher exits 143."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    launch_args = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no"]  # fmt: skip
+    args = ("--max_train_steps", "8")
+
+    def launch(folder: Path, *extra: str, signal_at: str | None = None) -> subprocess.CompletedProcess:
+        variables = {"SKIPDIFF_TEST_SIGNAL": signal_at or "0:SIGTERM:self", "SKIPDIFF_TEST_STEP_SECONDS": "0.1"}
+        return subprocess.run([str(ACCELERATE), "launch", *launch_args, "--main_process_port", str(free_port()),
+                               str(SIGNAL_AT), *tiny_args(folder, *args, *extra)], cwd=tmp_path, env=env(**variables),
+                              capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+
+    assert launch(straight).returncode == 0
+    stopped = launch(out, signal_at="2:SIGTERM:parent")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    saved = checkpoints.list_checkpoints(out)
+    assert len(saved) == 1 and 2 <= checkpoints.read_state(saved[0])["step"] < 8, stopped.stderr[-3000:]
+    assert "interrupted by SIGTERM after step" in stopped.stderr
+    resumed = launch(out, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    weights_equal(out, straight)
+
+
+def test_a_sweep_reads_a_sigterm_stopped_training_as_an_interruption():
+    from skipdiff.sweep.launch import interrupting_signal
+
+    assert interrupting_signal(143) == signal.SIGTERM and interrupting_signal(138) == signal.SIGUSR1
+    assert interrupting_signal(-signal.SIGTERM) == signal.SIGTERM and interrupting_signal(130) == signal.SIGINT
+    assert interrupting_signal(1) is None and interrupting_signal(0) is None
+
+
+def test_a_sweep_passes_sigterm_on_to_the_training_it_waits_for_and_survives_it():
+    from skipdiff.sweep.launch import forwarding_stop_signals
+
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+             "print('ready', flush=True); time.sleep(60)")  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    before = signal.getsignal(signal.SIGTERM)
+    with forwarding_stop_signals(process):
+        os.kill(os.getpid(), signal.SIGTERM)  # sent to the sweep alone: without forwarding it would end pytest
+        assert process.wait(timeout=30) == 143
+    assert signal.getsignal(signal.SIGTERM) is before
