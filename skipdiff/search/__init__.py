@@ -24,7 +24,8 @@ Spec (YAML):
     objectives: [denoise_mse]       # denoise_mse, fid_minus_floor, fid, kid, clip_score, sampling_seconds,
                                     #   flops, parameters (each with its own direction)
     constraints: {flops: 4.0e7}     # upper limits, recorded for the sampler (feasible when <= the limit)
-    pruner: successive_halving      # or hyperband, median, none (single-objective training searches only)
+    pruner: successive_halving      # or hyperband, median, threshold ({name: threshold, upper: 0.5}), none
+                                    #   (single-objective training searches only)
     prune: {steps: [100, 200]}      # report the held-out denoising MSE there (images: 128, buckets: 10)
     sampler: tpe                    # or random, gp, cmaes, nsga2, qmc, grid; {name: tpe, n_startup_trials: 5}
     seed: 0                         # the sampler's seed: the same proposals again

@@ -29,6 +29,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 TrialPruned = optuna.TrialPruned
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # skipdiff prints one line per finished trial itself
+# The heartbeat and its retry callback are marked experimental in Optuna 5; they are what makes a killed
+# worker's trial come back, so skipdiff relies on them on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -42,6 +44,12 @@ def make_storage(url: str, spec_storage: dict) -> RDBStorage:
     if not url.startswith(("sqlite:", "postgresql", "mysql")):
         raise ValueError(f"--storage must be an sqlite:///, postgresql+psycopg:// or mysql:// URL, got {url!r}")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _rdb_storage(url, engine_kwargs, spec_storage)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, spec_storage: dict) -> RDBStorage:
     return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=spec_storage["heartbeat_seconds"],
                       grace_period=spec_storage["grace_seconds"],
                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec_storage["max_retry"]))  # fmt: skip
@@ -80,6 +88,8 @@ def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
                                                  "max_resource": spec.prune["steps"][-1], **options})  # fmt: skip
     if name == "median":
         return optuna.pruners.MedianPruner(**options)
+    if name == "threshold":  # stop trials whose held-out loss passes a bound (diverging runs): {upper: 0.5}
+        return optuna.pruners.ThresholdPruner(**options)
     return optuna.pruners.NopPruner()
 
 

@@ -22,7 +22,7 @@ SPEC_KEYS = ("kind", "description", "base", "space", "objectives", "constraints"
              "prune", "seed", "enqueue", "eval", "confirm", "storage")  # fmt: skip
 KINDS = ("training", "inference")
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2", "grid", "qmc")
-PRUNERS = ("none", "successive_halving", "hyperband", "median")
+PRUNERS = ("none", "successive_halving", "hyperband", "median", "threshold")
 TRAINING_SET_BY_SEARCH = ("output_dir", "resume_from_checkpoint", "dry_run", "overwrite_output_dir")
 INFERENCE_SET_BY_SEARCH = ("out", "compare", "dry_run")
 
@@ -113,6 +113,9 @@ def parse_search_spec(data: Any, name: str) -> SearchSpec:
     cls = options_class(kind)
     fields = {f.name for f in dataclasses.fields(cls)}
     base = _mapping(data.get("base"), "base")
+    objectives = _objectives(data.get("objectives"), training)
+    if not training:  # an inference trial is one evaluation: it computes what the objectives need
+        base = {**needed_eval(objectives), **base}
     set_by_search = TRAINING_SET_BY_SEARCH if training else INFERENCE_SET_BY_SEARCH
     for key in sorted(set(base) & set(set_by_search)):
         raise ValueError(f"base option {key!r} is set by the search for every trial; remove it")
@@ -123,7 +126,6 @@ def parse_search_spec(data: Any, name: str) -> SearchSpec:
     if not training and not base.get("checkpoint"):
         raise ValueError("an inference search needs base: checkpoint (a pipeline folder, run folder or Hub id)")
     space = parse_space(data.get("space"), fields - set(set_by_search), training)
-    objectives = _objectives(data.get("objectives"), training)
     pruner = _pruner(data.get("pruner"), objectives, training)
     spec = SearchSpec(
         name=name, kind=kind, base=base, space=space, objectives=objectives,
@@ -235,6 +237,10 @@ def _eval(raw: Any, objectives: tuple[str, ...], training: bool) -> dict:
     for key in ("checkpoint", "out", "compare"):
         if key in evaluation:
             raise ValueError(f"eval option {key!r} is set by the search; remove it")
+    if not training:
+        if evaluation:
+            raise ValueError("an inference search evaluates with its base options; put evaluation options in base")
+        return {}
     evaluation = {**needed_eval(objectives), **evaluation}
     if training:
         from ..eval.options import EvalOptions
@@ -243,8 +249,6 @@ def _eval(raw: Any, objectives: tuple[str, ...], training: bool) -> dict:
             from_dict(EvalOptions, {**evaluation, "checkpoint": "<trial>"})
         except (ValueError, TypeError) as err:
             raise ValueError(f"eval: {err}") from err
-    elif evaluation:
-        raise ValueError("an inference search evaluates with its base options; put evaluation options in base")
     return evaluation
 
 

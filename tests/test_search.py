@@ -1,0 +1,360 @@
+"""``skipdiff.search``: spec checks, seeded proposals, training and inference searches end to end, pruning,
+two workers on one study (SQLite and a real PostgreSQL server), kill -9 of a worker and a relaunch, and a
+confirmation on fresh seeds. Tiny models: seconds per trial."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from skipdiff.search.spec import parse_search_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+BASE = {"model": "tiny", "vae": "none", "resolution": 8, "max_train_steps": 4, "train_batch_size": 16, "log_every": 2,
+        "validation_every": 0, "num_validation_images": 4, "validation_inference_steps": 2, "checkpointing_steps": 2}  # fmt: skip
+TINY = {
+    "kind": "training",
+    "base": BASE,
+    "space": {"skips": ["full", "per_skip", "scalelong"], "skip": ["keep", "zero", "scale"],
+              "skip.scale": {"low": 0.2, "high": 1.0}, "scalelong.kappa": {"low": 0.5, "high": 0.95},
+              "learning_rate": {"low": 1.0e-4, "high": 3.0e-3, "log": True}},  # fmt: skip
+    "objectives": ["denoise_mse"],
+    "budget": {"trials": 3},
+    "enqueue": [{"skips": "full"}],
+    "eval": {"denoise_loss": True, "grad_stability": False, "buckets": 2},
+}
+
+
+def spec_file(tmp_path: Path, name: str = "tiny", **changes) -> Path:
+    data = copy.deepcopy(TINY)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_search(*args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "skipdiff.search", *args], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=timeout)  # fmt: skip
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def study_trials(out: Path, storage: str | None = None):
+    import optuna
+
+    url = storage or f"sqlite:///{out / 'study.db'}"
+    summaries = optuna.get_all_study_summaries(url)
+    return optuna.load_study(study_name=summaries[0].study_name, storage=url).get_trials(deepcopy=False)
+
+
+def states(trials) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for trial in trials:
+        out[trial.state.name] = out.get(trial.state.name, 0) + 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The spec: refused naming the bad value, before anything runs
+# --------------------------------------------------------------------------------------------------
+
+BAD_SPECS = [
+    ({"colour": 1}, "unknown key(s) ['colour']"),
+    ({"kind": "trainig"}, "kind must be one of"),
+    ({"space": {"learning_rate": {"low": 1.0e-3, "high": 1.0e-4}}}, "empty or inverted range low=0.001 high=0.0001"),
+    ({"space": {"learning_rate": []}}, "has no choices"),
+    ({"space": {"skips": ["full", "scalelog"]}}, "unknown skip family ['scalelog']"),
+    ({"space": {"skip": ["keep", "zeor"]}}, "'zeor'"),
+    ({"space": {"skip": ["keep", "scale"]}}, "needs its factor range"),
+    ({"space": {"learning_rat": [1.0e-3]}}, "'learning_rat' is no option"),
+    ({"space": {"skips": ["full"], "scalelong.kappa": {"low": 0.5, "high": 0.9}}}, "never chooses"),
+    ({"space": {"model.width": [1]}}, "unknown model key 'width'"),
+    ({"objectives": ["denoise_mse", "fid_minus_flor"]}, "unknown objective 'fid_minus_flor'"),
+    ({"objectives": ["denoise_mse", "flops"], "pruner": "median", "prune": {"steps": [2]}}, "single-objective"),
+    ({"pruner": "median"}, "prune steps must be a list"),
+    ({"budget": {"trials": 0}}, "budget trials must be an integer >= 1"),
+    ({"budget": {"hours": 2}}, "budget needs trials and/or minutes"),
+    ({"sampler": "annealing"}, "sampler must be one of"),
+    ({"confirm": {"top": 2, "seeds": [0, 7]}}, "confirm seeds [0] were used by the search's trials"),
+    ({"base": {**BASE, "output_dir": "x"}}, "base option 'output_dir' is set by the search"),
+    ({"base": {**BASE, "max_train_step": 3}}, "max_train_step"),
+    ({"space": {"prediction_type": ["epsilon", "v_prediction"]}}, "prediction_type cannot be searched"),
+    ({"enqueue": [{"skips": "full"}] * 4}, "enqueue lists 4 configurations but budget trials is 3"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD_SPECS)
+def test_bad_specs_are_refused_naming_the_value(changes, message):
+    data = {**copy.deepcopy(TINY), **changes}
+    with pytest.raises(ValueError) as err:
+        parse_search_spec(data, "bad")
+    assert message in str(err.value)
+
+
+def test_a_preset_argument_typo_fails_before_any_trial(tmp_path, capsys):
+    from skipdiff.search.__main__ import cli
+
+    path = spec_file(tmp_path, space={"skips": ["full", "scalelong"], "scalelong.kapa": {"low": 0.5, "high": 0.9}})
+    assert cli([str(path), "--dry_run", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: space (skips scalelong)") and "kapa" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_space_objectives_budget_and_writes_nothing(tmp_path, capsys):
+    from skipdiff.search.__main__ import cli
+
+    assert cli([str(spec_file(tmp_path)), "--dry_run", "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "skip.scale: float in [0.2, 1.0]" in text and "learning_rate: float in [0.0001, 0.003] (log)" in text
+    assert "objectives: denoise_mse (minimize)" in text and '"trials": 3' in text
+    assert '"skips": "scalelong:kappa=0.5"' in text  # one example per family, each checked
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The space: conditional parameters, reproducible proposals
+# --------------------------------------------------------------------------------------------------
+
+
+def _proposals(tmp_path: Path, name: str, seed: int, n: int = 12) -> list[dict]:
+    from skipdiff.search import engine
+    from skipdiff.search.space import suggest
+    from skipdiff.search.trial import num_skips_for
+
+    spec = parse_search_spec({**copy.deepcopy(TINY), "seed": seed, "budget": {"trials": n}}, name)
+    study = engine.open_study(spec, f"sqlite:///{tmp_path / (name + '.db')}")
+    proposed = []
+
+    def objective(trial):
+        suggestion = suggest(trial, spec.space, num_skips_for(spec), spec.base)
+        proposed.append(suggestion.options)
+        return float(len(suggestion.options["skips"])) + trial.params.get("learning_rate", 0)
+
+    study.optimize(objective, n_trials=n)
+    return proposed
+
+
+def test_a_seeded_search_proposes_the_same_parameters_twice(tmp_path):
+    first = _proposals(tmp_path, "a", seed=3)
+    assert first == _proposals(tmp_path, "b", seed=3)
+    assert first != _proposals(tmp_path, "c", seed=4)
+    assert first[0]["skips"] == "full"  # the enqueued configuration comes first
+    per_skip = [o["skips"] for o in first if "," in o["skips"]]
+    assert per_skip and all(len(s.split(",")) == 4 for s in per_skip)  # the tiny UNet has 4 skips
+
+
+def test_conditional_parameters_exist_only_under_their_family(tmp_path):
+    from skipdiff.search.space import FixedTrial, suggest
+
+    spec = parse_search_spec(copy.deepcopy(TINY), "c")
+    full = FixedTrial({"skips": "full", "learning_rate": 1e-3})
+    assert suggest(full, spec.space, lambda _: 4).options == {"learning_rate": 1e-3, "skips": "full"}
+    per = FixedTrial({"skips": "per_skip", "learning_rate": 1e-3, "skip.0": "zero", "skip.1": "scale",
+                      "skip.1.scale": 0.5, "skip.2": "keep", "skip.3": "keep"})  # fmt: skip
+    assert suggest(per, spec.space, lambda _: 4).options["skips"] == "zero,scale:0.5,keep,keep"
+    with pytest.raises(ValueError, match="'scalelong.kappa' is not set"):
+        suggest(FixedTrial({"skips": "scalelong", "learning_rate": 1e-3}), spec.space, lambda _: 4)
+
+
+def test_model_parameters_change_the_number_of_per_skip_parameters():
+    from skipdiff.search.space import model_config, num_skips_of
+
+    assert num_skips_of(model_config("tiny", {})) == 4
+    deeper = model_config("digits", {"layers_per_block": 1, "attention": [False, True, False]})
+    assert num_skips_of(deeper) == 6
+    assert deeper["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    assert deeper["up_block_types"] == ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
+    with pytest.raises(ValueError, match="not divisible by norm_num_groups 8"):
+        model_config("digits", {"block_out_channels": [12, 64, 64]})
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: a training search, pruning, an inference search, confirmation
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory) -> Path:
+    """A 3-trial training search, run once for the tests below."""
+    tmp = tmp_path_factory.mktemp("search")
+    out = tmp / "out"
+    run_search(str(spec_file(tmp)), "--out", str(out))
+    return out
+
+
+def test_a_training_search_runs_its_budget_as_normal_run_folders(finished_search):
+    trials = study_trials(finished_search)
+    assert states(trials) == {"COMPLETE": 3}
+    folders = sorted(p.name for p in (finished_search / "trials").iterdir())
+    assert folders == ["trial-0000", "trial-0001", "trial-0002"]
+    for trial in trials:
+        folder = Path(trial.user_attrs["folder"])
+        record = json.loads((folder / "trial.json").read_text())
+        assert record["state"] == "complete" and record["number"] == trial.number
+        assert record["params"] == trial.params
+        evaluation = json.loads((folder / "eval" / "eval.json").read_text())
+        assert record["values"]["denoise_mse"] == pytest.approx(evaluation["denoise"]["mean"]) == trial.value
+        assert (folder / "unet" / "config.json").is_file()  # a loadable run folder
+    assert json.loads((finished_search / "trials" / "trial-0000" / "trial.json").read_text())["overrides"]["skips"] == "full"
+
+
+def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
+    out = tmp_path / "out"
+    path = spec_file(tmp_path, pruner={"name": "threshold", "upper": 0.0}, prune={"steps": [2], "images": 8, "buckets": 2},
+                     budget={"trials": 2})  # fmt: skip
+    run_search(str(path), "--out", str(out))
+    trials = study_trials(out)
+    assert states(trials) == {"PRUNED": 2}
+    for trial in trials:
+        assert list(trial.intermediate_values) == [2]
+        folder = Path(trial.user_attrs["folder"])
+        record = json.loads((folder / "trial.json").read_text())
+        assert record["state"] == "pruned" and "at step 2" in record["reason"]
+        assert not (folder / "train_metrics.json").exists()  # stopped at step 2 of 4
+        assert [p.name for p in folder.glob("checkpoint-*")] == []  # pruned before its step-2 checkpoint
+
+
+def test_an_inference_search_on_a_trained_run(finished_search, tmp_path):
+    run = finished_search / "trials" / "trial-0000"
+    spec = {"kind": "inference", "base": {"checkpoint": str(run), "denoise_loss": True, "buckets": 2, "seeds": [0]},
+            "space": {"skips": ["full", "scalelong", "per_skip"], "skip": ["keep", "zero"],
+                      "scalelong.kappa": {"low": 0.3, "high": 0.9}},
+            "objectives": ["denoise_mse"], "budget": {"trials": 3}, "enqueue": [{"skips": "full"}]}  # fmt: skip
+    path = tmp_path / "inference.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    run_search(str(path), "--out", str(out))
+    trials = study_trials(out)
+    assert states(trials) == {"COMPLETE": 3}
+    full = next(t for t in trials if t.params["skips"] == "full")
+    trained = json.loads((run / "eval" / "eval.json").read_text())["denoise"]["mean"]
+    assert full.value == pytest.approx(trained, rel=1e-6)  # same weights, same held-out noise
+
+
+def test_inference_search_refuses_training_only_families(finished_search):
+    spec = {"kind": "inference", "base": {"checkpoint": "x"}, "space": {"skips": ["full", "markov"]},
+            "objectives": ["denoise_mse"], "budget": {"trials": 2}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"\['markov'\] need training"):
+        parse_search_spec(spec, "inf")
+
+
+def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
+    out = tmp_path / "out"
+    path = spec_file(tmp_path, budget={"trials": 2}, confirm={"top": 1, "seeds": [5, 6]})
+    run_search(str(path), "--out", str(out))
+    cells = sorted(p.name for p in (out / "confirm").iterdir() if (p / "cell.json").is_file())
+    assert len(cells) == 4  # (the best trial, the reference) x 2 seeds
+    trial_seeds = {json.loads(p.read_text())["options"]["seed"] for p in (out / "trials").glob("*/trial.json")}
+    confirm_seeds = {json.loads((out / "confirm" / c / "cell.json").read_text())["options"]["seed"] for c in cells}
+    assert confirm_seeds == {5, 6} and not confirm_seeds & trial_seeds
+    assert any(c.startswith("config-reference") for c in cells)
+    assert (out / "confirm" / "report" / "report.md").is_file()
+    chosen = json.loads((out / "confirm" / "chosen.json").read_text())
+    best = min(study_trials(out), key=lambda t: t.value)
+    assert chosen[0]["trial"] == best.number
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers: two on one study (SQLite, PostgreSQL), kill -9 and relaunch
+# --------------------------------------------------------------------------------------------------
+
+
+def test_two_workers_share_one_study_through_the_default_storage(tmp_path):
+    out = tmp_path / "out"
+    run_search(str(spec_file(tmp_path, budget={"trials": 4})), "--out", str(out), "--workers", "2")
+    trials = study_trials(out)
+    assert states(trials) == {"COMPLETE": 4}
+    assert len({Path(t.user_attrs["folder"]).name for t in trials}) == 4
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"trial-{i:04d}" for i in range(4)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A PostgreSQL 15 server on 127.0.0.1 and a free port, in a folder of its own; its URL."""
+    if not (PG_BIN / "initdb").is_file():
+        pytest.fail("PostgreSQL 15 is not installed (/usr/lib/postgresql/15/bin); the search test needs it")
+    folder = Path(f"/tmp/skipdiff-pg-{os.getpid()}-{_free_port()}")
+    folder.mkdir()
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    port = _free_port()
+    subprocess.run([*prefix, PG_BIN / "initdb", "-D", folder / "data", "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)  # fmt: skip
+    subprocess.run([*prefix, PG_BIN / "pg_ctl", "-D", folder / "data", "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
+                    "-l", folder / "log", "-w", "start"], check=True, capture_output=True)  # fmt: skip
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, PG_BIN / "pg_ctl", "-D", folder / "data", "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_share_one_study_through_postgresql(tmp_path, postgres):
+    out = tmp_path / "out"
+    run_search(str(spec_file(tmp_path, budget={"trials": 4})), "--out", str(out), "--workers", "2", "--storage", postgres)
+    trials = study_trials(out, postgres)
+    assert states(trials) == {"COMPLETE": 4}
+    assert not (out / "study.db").exists()  # the study lives in the server
+    # a worker joining from "another machine" reads the spec from the study and finds nothing left to do
+    result = subprocess.run([sys.executable, "-m", "skipdiff.search.worker", "--storage", postgres, "--study", "tiny",
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert states(study_trials(out, postgres)) == {"COMPLETE": 4}
+
+
+def test_kill_9_of_a_worker_mid_trial_then_relaunch(tmp_path):
+    """The killed trial is failed by heartbeat and retried in its own folder from its checkpoint; the
+    budget is met exactly, no trial counts twice, no folder is orphaned."""
+    out = tmp_path / "out"
+    base = {**BASE, "max_train_steps": 60, "checkpointing_steps": 5, "log_every": 5}
+    path = spec_file(tmp_path, base=base, budget={"trials": 2}, storage={"heartbeat_seconds": 1, "grace_seconds": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "skipdiff.search", str(path), "--out", str(out)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    folder = out / "trials" / "trial-0000"
+    deadline = time.time() + 120
+    while not list(folder.glob("checkpoint-10")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert list(folder.glob("checkpoint-*")), "the first trial never checkpointed"
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    time.sleep(3)  # past the grace period: the heartbeat is stale
+    result = run_search(str(path), "--out", str(out))
+    trials = study_trials(out)
+    assert states(trials) == {"FAIL": 1, "COMPLETE": 2}
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    retried = next(t for t in trials if t.system_attrs.get("failed_trial") == failed.number)
+    assert retried.state.name == "COMPLETE" and retried.params == failed.params
+    assert Path(retried.user_attrs["folder"]) == folder
+    # one folder per logical trial, named after its first attempt (trial 1 is the retry of trial 0)
+    complete = sorted(Path(t.user_attrs["folder"]).name for t in trials if t.state.name == "COMPLETE")
+    assert sorted(p.name for p in (out / "trials").iterdir()) == complete == ["trial-0000", "trial-0002"]
+    assert "resumed from" in result.stdout + result.stderr
