@@ -6,7 +6,9 @@ Three sources of images, all ending as a ``DatasetDict`` with ``train`` and ``te
 * built-in offline sets (:data:`BUILTIN_IMAGE_DATASETS`): ``digits``, scikit-learn's 1797 8x8
   handwritten digits (UCI), kept at 8x8 here and resized by the transform; ``photo_patches``, 2890
   16x16 colour patches of three photographs bundled with scikit-learn and matplotlib, labelled by
-  photograph (:mod:`skipdiff.photo_patches`);
+  photograph (:mod:`skipdiff.photo_patches`); and sets from other fields cut from scikit-image's
+  bundled images (astronomy, histology, ophthalmology, microscopy, lunar surface, textures, faces;
+  :mod:`skipdiff.field_patches`), which bring their own train/test splits in separate spatial blocks;
 * a Hub dataset id (``dataset_name="cifar10"``), for users with internet;
 * a local folder of images (``train_data_dir``), through ``load_dataset("imagefolder")``.
 
@@ -19,6 +21,7 @@ own ``test`` split.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Callable
@@ -31,13 +34,14 @@ from PIL import Image as PILImage
 from torchvision import transforms
 
 from .data_options import IMAGE_DATASETS, TABULAR_DATASETS, DataOptions
+from .field_patches import FIELD_DATASETS
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 
 
 # --------------------------------------------------------------------------------------------------
-# Built-in sets (shipped with scikit-learn and matplotlib: no network needed)
+# Built-in sets (shipped with scikit-learn, matplotlib and scikit-image: no network needed)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -64,7 +68,28 @@ def _photo_patches() -> Dataset:
     )
 
 
-BUILTIN_IMAGE_DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits, "photo_patches": _photo_patches}
+def _field(name: str) -> DatasetDict:
+    """A field set (:mod:`skipdiff.field_patches`) with its own spatially separated train/test splits."""
+    from .field_patches import field_patches
+
+    patches = field_patches(name)
+    mode = CHANNEL_MODES[FIELD_DATASETS[name].channels]
+    features = Features({"image": Image(), "label": ClassLabel(names=list(patches.class_names))})
+
+    def split(which: str) -> Dataset:
+        index = patches.split(which)
+        images = [PILImage.fromarray(patches.pixels[i].squeeze(-1) if mode == "L" else patches.pixels[i], mode=mode)
+                  for i in index]  # fmt: skip
+        return Dataset.from_dict({"image": images, "label": patches.labels[index].tolist()}, features=features)
+
+    return DatasetDict(train=split("train"), test=split("test"))
+
+
+BUILTIN_IMAGE_DATASETS: dict[str, Callable[[], Dataset | DatasetDict]] = {
+    "digits": _digits,
+    "photo_patches": _photo_patches,
+    **{name: functools.partial(_field, name) for name in FIELD_DATASETS},
+}
 if set(BUILTIN_IMAGE_DATASETS) != set(IMAGE_DATASETS):
     raise ImportError(f"built-in image loaders {sorted(BUILTIN_IMAGE_DATASETS)} != names {sorted(IMAGE_DATASETS)}")
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from .config import option
+from .field_patches import FIELD_DATASETS
 
 # Built-in sets, all shipped inside Python packages (no network): name -> what it is.
 IMAGE_DATASETS = {
@@ -20,6 +21,12 @@ IMAGE_DATASETS = {
     "photo_patches": "natural images: 2890 16x16 colour patches of 3 photographs bundled with scikit-learn "
     "and matplotlib (non-overlapping grid, flat sky dropped), class = photograph",
 }
+_LABELS = {"region": "image quadrant", "source": "source image", "face": "face or not"}
+IMAGE_DATASETS.update({  # other fields, from scikit-image's bundled images (skipdiff/field_patches.py)
+    name: f"{spec.field}: {'colour' if spec.channels == 3 else 'grey'} patches of scikit-image's "
+    f"{', '.join(spec.files)}, train/test in separate spatial blocks, class = {_LABELS[spec.label]}"
+    for name, spec in FIELD_DATASETS.items()
+})
 TABULAR_DATASETS = {
     "breast_cancer": "medicine: 569 tumours, 30 cell-nucleus features, benign/malignant",
     "wine": "chemistry: 178 wines, 13 chemical measurements, 3 cultivars",

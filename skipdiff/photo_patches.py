@@ -73,6 +73,14 @@ def grid_cells(photo: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarr
     return cells.reshape(-1, patch_size, patch_size, channels), corners.reshape(-1, 2)
 
 
+def textured(cells: np.ndarray, min_std: float) -> np.ndarray:
+    """The flat-cell rule: cells (M, P, P, C) -> (M,) bool, True where the standard deviation of the
+    cell's pixels reaches ``min_std`` grey levels in at least one channel (flat only when flat in every
+    channel). Shared by every built-in patch set (:mod:`skipdiff.field_patches` too)."""
+    spread = cells.reshape(len(cells), -1, cells.shape[-1]).std(axis=1)  # (M, C): per channel
+    return spread.max(axis=1) >= min_std
+
+
 def photo_patch_grid(patch_size: int = PATCH_SIZE, min_std: float = MIN_STD) -> PatchGrid:
     """Every non-flat grid cell of every bundled photograph (see the module docstring)."""
     if patch_size < 2:
@@ -82,8 +90,7 @@ def photo_patch_grid(patch_size: int = PATCH_SIZE, min_std: float = MIN_STD) -> 
     pixels, labels, corners = [], [], []
     for label, photo in enumerate(photographs().values()):
         cells, cell_corners = grid_cells(photo, patch_size)  # (M, P, P, 3), (M, 2)
-        spread = cells.reshape(len(cells), -1, cells.shape[-1]).std(axis=1)  # (M, 3): per channel
-        keep = spread.max(axis=1) >= min_std  # (M,): flat only when flat in every channel
+        keep = textured(cells, min_std)  # (M,)
         pixels.append(cells[keep])
         corners.append(cell_corners[keep])
         labels.append(np.full(int(keep.sum()), label, dtype=np.int64))
