@@ -358,3 +358,26 @@ def test_kill_9_of_a_worker_mid_trial_then_relaunch(tmp_path):
     complete = sorted(Path(t.user_attrs["folder"]).name for t in trials if t.state.name == "COMPLETE")
     assert sorted(p.name for p in (out / "trials").iterdir()) == complete == ["trial-0000", "trial-0002"]
     assert "resumed from" in result.stdout + result.stderr
+
+
+def test_sigterm_to_a_worker_requeues_its_trial_which_resumes(tmp_path):
+    """A scheduler's SIGTERM: the trial checkpoints after its step, is re-queued at once (no heartbeat
+    wait), the worker exits 143; a relaunch resumes the trial in its folder and meets the budget."""
+    out = tmp_path / "out"
+    base = {**BASE, "max_train_steps": 60, "checkpointing_steps": 5, "log_every": 5}
+    path = spec_file(tmp_path, base=base, budget={"trials": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "skipdiff.search", str(path), "--out", str(out)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    folder = out / "trials" / "trial-0000"
+    deadline = time.time() + 120
+    while not list(folder.glob("checkpoint-5")) and time.time() < deadline:
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 143, err[-2000:]
+    assert states(study_trials(out)) == {"FAIL": 1, "WAITING": 1}
+    result = run_search(str(path), "--out", str(out))
+    assert states(study_trials(out)) == {"FAIL": 1, "COMPLETE": 1}
+    assert "resumed from" in result.stdout + result.stderr
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["trial-0000"]

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from ..config import check_output_folder, parse_int
+
+INTERRUPTED = (130, 128 + signal.SIGTERM, 128 + signal.SIGUSR1)  # a worker's status when it was stopped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +79,17 @@ def launch_workers(args, spec_path: str, out: Path, storage: str, study: str, de
         command = [sys.executable, "-m", "skipdiff.search.worker", "--storage", storage, "--study", study,
                    "--out", str(out), "--num_threads", str(threads)]  # fmt: skip
         procs.append(subprocess.Popen(command, env=env))
-    return [p.wait() for p in procs]
+
+    def forward(signum, frame):  # a scheduler signals the launcher: every worker checkpoints and re-queues
+        for proc in procs:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return [p.wait() for p in procs]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(spec, out, storage)
     else:
         statuses = launch_workers(args, args.spec, out, storage, spec.name, devices)
-        if any(s == 130 for s in statuses):
+        stopped = [s for s in statuses if s in INTERRUPTED]
+        if stopped:
             print("stopped; relaunch the same command to continue the search", file=sys.stderr)
-            return 130
+            return stopped[0]
         if any(statuses):
             raise RuntimeError(f"worker exit statuses {statuses}")
     counts = engine.counts(study)
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` for a console: bad input ``error: ...`` and 2, Ctrl-C 130, a failed worker 1."""
     from ..config import SkipdiffError
-    from .worker import _interrupted
+    from .worker import _interrupted, exit_status
 
     try:
         return main(argv)
@@ -145,7 +159,7 @@ def cli(argv: list[str] | None = None) -> int:
     except BaseException as err:  # noqa: BLE001
         if _interrupted(err):
             print("stopped; relaunch the same command to continue the search", file=sys.stderr)
-            return 130
+            return exit_status(err)
         if isinstance(err, SkipdiffError | RuntimeError):
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -148,6 +148,7 @@ def make_objective(spec: SearchSpec, out: Path, log=print):
     budget = spec.budget.get("trials")
 
     def objective(trial):
+        objective.current = trial.number  # the worker re-queues this trial if it is preempted
         frozen = engine.trials(trial.study)
         this = next(t for t in frozen if t.number == trial.number)
         if budget is not None and not engine.is_queued(this) and engine.taken(trial.study, below=trial.number) >= budget:
@@ -181,6 +182,7 @@ def make_objective(spec: SearchSpec, out: Path, log=print):
                                                 "model_record": model, "seconds": seconds}, default=str)  # fmt: skip
         return values[0] if len(values) == 1 else values
 
+    objective.current = None
     return objective
 
 

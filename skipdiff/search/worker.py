@@ -6,8 +6,9 @@ joins a study from another machine or a scheduler's job (the spec is read from t
 ``python -m skipdiff.search SPEC --workers N`` starts N of these on this machine. Budget: ``trials``
 counts finished (complete or pruned) trials of the whole study, over every worker and launch;
 ``minutes`` is per launch (no new trial starts after it). A worker stopped by Ctrl-C or a scheduler's
-SIGTERM/SIGUSR1 (the training checkpoints first) re-queues its trial, which resumes from the trial's
-checkpoint, and exits with status 130; a worker killed outright is noticed by its missing heartbeat.
+SIGTERM/SIGUSR1 (the training checkpoints after its current step) re-queues its trial at once, which
+resumes from the trial's checkpoint, and exits as the training does (130, 143, 138); a worker killed
+outright is noticed by its missing heartbeat and its trial re-queued by the next worker.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from .spec import SearchSpec, parse_search_spec
 
 def _interrupted(err: BaseException) -> bool:
     return isinstance(err, KeyboardInterrupt) or type(err).__name__ == "TrainingInterrupted"
+
+
+def exit_status(err: BaseException) -> int:
+    """The training's own status for the signal that stopped it (143 SIGTERM, 138 SIGUSR1, 130 Ctrl-C)."""
+    return int(getattr(err, "exit_status", 130))
 
 
 def progress_line(study, spec: SearchSpec, started: float, finished_here: int) -> str:
@@ -59,13 +65,12 @@ def run_worker(spec: SearchSpec, out: Path, storage_url: str, study_name: str | 
         if minutes is not None and time.perf_counter() - started > 60 * minutes:
             log(f"worker {os.getpid()}: {minutes} min of this launch are up; relaunch to continue")
             break
-        before = {t.number for t in engine.trials(study)}
+        objective.current = None
         try:
             engine.run_one(study, objective)
         except BaseException as err:
-            mine = [t for t in engine.trials(study) if t.number not in before]
-            if _interrupted(err) and mine:
-                engine.retry(study, mine[-1].number, None)  # a preemption is no failure: no retry limit
+            if _interrupted(err) and objective.current is not None:
+                engine.retry(study, objective.current, None)  # a preemption is no failure: no retry limit
             raise
         ran += 1
         log(progress_line(study, spec, started, ran))
@@ -108,7 +113,7 @@ def cli(argv: list[str] | None = None) -> int:
     except BaseException as err:  # noqa: BLE001
         if _interrupted(err):
             print("stopped; the trial was re-queued and resumes from its checkpoint on relaunch", file=sys.stderr)
-            return 130
+            return exit_status(err)
         if isinstance(err, SkipdiffError):
             print(f"error: {err}", file=sys.stderr)
             return 1
