@@ -219,6 +219,19 @@ def test_a_training_search_runs_its_budget_as_normal_run_folders(finished_search
     assert json.loads((finished_search / "trials" / "trial-0000" / "trial.json").read_text())["overrides"]["skips"] == "full"
 
 
+def test_the_report_of_a_search(finished_search, tmp_path):
+    from skipdiff.report.__main__ import main
+
+    path = main([str(finished_search), "--out", str(tmp_path / "report")])
+    text = path.read_text()
+    summary = json.loads((tmp_path / "report" / "search_summary.json").read_text())
+    assert summary["counts"] == {"complete": 3} and len(summary["trials"]) == 3
+    best = min(study_trials(finished_search), key=lambda t: t.value)
+    assert f"| {best.number} | {best.value:.5g} |" in text  # the best trial heads the table
+    assert "winner's curse" in text and "Confirmation" in text
+    assert (tmp_path / "report" / "history.png").stat().st_size > 1000
+
+
 def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
     out = tmp_path / "out"
     path = spec_file(tmp_path, pruner={"name": "threshold", "upper": 0.0}, prune={"steps": [2], "images": 8, "buckets": 2},

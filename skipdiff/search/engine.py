@@ -120,6 +120,12 @@ def stored_spec(storage_url: str, study_name: str, spec_storage: dict | None = N
     return study.user_attrs["spec"], study.user_attrs.get("spec_name", study_name)
 
 
+def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
+    """A study as stored (no sampler state needed: for reports)."""
+    return optuna.load_study(study_name=study_name, storage=make_storage(storage_url, {"heartbeat_seconds": 60,
+                             "grace_seconds": 120, "max_retry": 3}))  # fmt: skip
+
+
 def trials(study: optuna.Study, states=None) -> list:
     """The study's trials (frozen), optionally of ``states`` only."""
     return study.get_trials(deepcopy=False, states=states)
@@ -182,9 +188,13 @@ def best_trials(study: optuna.Study, k: int) -> list:
 
 
 def importance(study: optuna.Study) -> dict[str, float]:
-    """Parameter importance (Optuna's default evaluator) of the first objective; {} when too few trials."""
+    """Parameter importance (Optuna's default evaluator, PED-ANOVA, which scores what leads to low values:
+    a maximised objective is negated) of the first objective; {} when too few trials."""
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
     try:
-        return dict(optuna.importance.get_param_importances(study, target=lambda t: t.values[0]))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+            return dict(optuna.importance.get_param_importances(study, target=lambda t: sign * t.values[0]))
     except (RuntimeError, ValueError, ZeroDivisionError) as err:
         logging.getLogger(__name__).info("no parameter importance: %s", err)
         return {}

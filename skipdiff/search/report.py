@@ -1,0 +1,150 @@
+"""A search folder -> its report: ``report.md``, ``search_summary.json``, the optimisation history, parameter
+importance, the Pareto front (several objectives), the skip table of each confirmed configuration and the
+confirmation's ranking (``python -m skipdiff.report <search folder>``).
+
+The search's best value is selected from many noisy trials and is biased in its favour; the report says
+so and calls the confirmation (fresh seeds, paired against the reference) the result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..runfolder import read_json, write_json_atomic
+
+
+def trial_rows(study) -> list[dict]:
+    """One row per trial: number, state, parameters, objective values, intermediate values, seconds, folder."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        rows.append({"number": trial.number, "state": trial.state.name.lower(), "params": trial.params,
+                     "values": trial.values, "intermediate": {str(k): v for k, v in trial.intermediate_values.items()},
+                     "retry_of": trial.system_attrs.get("failed_trial"), "seconds": trial.user_attrs.get("seconds"),
+                     "folder": trial.user_attrs.get("folder")})  # fmt: skip
+    return rows
+
+
+def _history(rows: list[dict], objective: str, minimize: bool, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["state"] == "complete"]
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    xs, ys = [r["number"] for r in done], [r["values"][0] for r in done]
+    ax.scatter(xs, ys, s=14, label="complete trial")
+    best, line = None, []
+    for y in ys:
+        best = y if best is None or (y < best if minimize else y > best) else best
+        line.append(best)
+    ax.step(xs, line, where="post", color="C1", label="best so far")
+    pruned = [r for r in rows if r["state"] == "pruned" and r["intermediate"]]
+    if pruned:
+        ax.scatter([r["number"] for r in pruned], [list(r["intermediate"].values())[-1] for r in pruned], marker="x",
+                   color="grey", s=14, label="pruned (last reported)")  # fmt: skip
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(objective)
+    ax.set_title(f"optimisation history ({objective}, {'lower' if minimize else 'higher'} is better)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pareto(rows: list[dict], front: set[int], objectives: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["state"] == "complete"]
+    fig, ax = plt.subplots(figsize=(5, 4), layout="constrained")
+    for on_front in (False, True):
+        chosen = [r for r in done if (r["number"] in front) == on_front]
+        ax.scatter([r["values"][1] for r in chosen], [r["values"][0] for r in chosen], s=16,
+                   color="C3" if on_front else "C0", label="Pareto front" if on_front else "trial")  # fmt: skip
+    ax.set_xlabel(objectives[1])
+    ax.set_ylabel(objectives[0])
+    ax.set_title("quality against compute")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _skip_table(folder: str | None) -> str | None:
+    """The skip table of a trial's trained UNet (training searches), or its skip spec (inference)."""
+    if folder is None:
+        return None
+    trial = read_json(Path(folder) / "trial.json", "trial record")
+    if (Path(folder) / "unet" / "config.json").is_file():
+        from ..unet import SkipUNet2DModel
+
+        return SkipUNet2DModel.from_pretrained(folder, subfolder="unet").skip_table()
+    return f"skips: {trial['options'].get('skips')}"
+
+
+def write_search_report(folder: str | Path, out: str | Path | None = None) -> Path:
+    """Write the search's report into ``out`` (default ``<folder>/report``); returns ``report.md``'s path."""
+    from .engine import best_trials, importance, load_existing_study
+
+    folder = Path(folder)
+    search = read_json(folder / "search.json", "search record")
+    out = Path(out) if out is not None else folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    study = load_existing_study(search["storage"], search["name"])
+    rows = trial_rows(study)
+    objectives, minimize = search["objectives"], search["directions"][0] == "minimize"
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    summary = {"name": search["name"], "objectives": objectives, "directions": search["directions"], "counts": counts,
+               "importance": importance(study) if counts.get("complete", 0) >= 2 else {}, "trials": rows}  # fmt: skip
+    lines = [f"# Search {search['name']} ({search['kind']})", "",
+             f"Trials: {json.dumps(counts)}. Objectives: " + ", ".join(f"{o} ({d})" for o, d in
+                                                                     zip(objectives, search["directions"], strict=True)), ""]  # fmt: skip
+    if counts.get("complete"):
+        _history(rows, objectives[0], minimize, out / "history.png")
+        lines += ["![optimisation history](history.png)", ""]
+    best = best_trials(study, 5)
+    if len(objectives) > 1 and best:
+        front = {t.number for t in study.best_trials}
+        summary["pareto_front"] = sorted(front)
+        _pareto(rows, front, objectives, out / "pareto.png")
+        lines += ["![Pareto front](pareto.png)", ""]
+    lines += ["## Best trials seen during the search", "",
+              "Selected as the best of many noisy trials, these values are biased in their favour (the winner's "
+              "curse): the result is the confirmation below, on seeds no trial used.", "",
+              "| trial | " + " | ".join(objectives) + " | parameters |", "|---|" + "---|" * len(objectives) + "---|"]  # fmt: skip
+    for trial in best:
+        values = " | ".join(f"{v:.5g}" for v in trial.values)
+        lines.append(f"| {trial.number} | {values} | `{json.dumps(trial.params, sort_keys=True)}` |")
+    if summary["importance"]:
+        lines += ["", f"## Parameter importance ({objectives[0]}, Optuna's default evaluator)", "",
+                  "| parameter | importance |", "|---|---|"]  # fmt: skip
+        lines += [f"| {name} | {value:.3f} |" for name, value in summary["importance"].items()]
+    lines += _confirmation_lines(folder)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_json_atomic(out / "search_summary.json", summary, default=str)
+    return out / "report.md"
+
+
+def _confirmation_lines(folder: Path) -> list[str]:
+    chosen_path = folder / "confirm" / "chosen.json"
+    if not chosen_path.is_file():
+        return ["", "## Confirmation", "", "Not run yet: the search's result is its confirmation (`confirm:` in the "
+                "spec; it runs when the budget is reached)."]  # fmt: skip
+    chosen = read_json(chosen_path, "confirmation choice")
+    lines = ["", "## Confirmation (the result)", "",
+             "The configurations below and the reference, retrained (or resampled) on fresh seeds and ranked "
+             "against the reference, paired by seed with Holm's correction: "
+             "[confirm/report/report.md](../confirm/report/report.md).", ""]  # fmt: skip
+    for entry in chosen:
+        table = _skip_table(next((str(p.parent) for p in (folder / "trials").glob("*/trial.json")
+                                  if json.loads(p.read_text())["number"] == entry["trial"]), None))  # fmt: skip
+        lines += [f"### {entry['label']} (trial {entry['trial']}; search value {entry['search_values']})", "",
+                  "```", table or json.dumps(entry["params"]), "```", ""]  # fmt: skip
+    ranking = folder / "confirm" / "report" / "report.md"
+    if ranking.is_file():
+        lines += ["### Ranking on fresh seeds", "", *ranking.read_text().splitlines()[1:]]
+    return lines
