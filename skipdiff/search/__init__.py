@@ -32,7 +32,8 @@ Spec (YAML):
     enqueue: [{skips: full}]        # known configurations, tried first
     budget: {trials: 30, minutes: 60}   # trials: finished trials of the study; minutes: per launch
     eval: {denoise_loss: true}      # skipdiff.eval options per trial (the objectives add what they need)
-    confirm: {top: 3, seeds: [100, 101, 102], reference: {skips: full}}   # fresh seeds, after the search
+    confirm: {top: 3, seeds: [100, 101, 102], reference: {skips: full}, eval: {fid: true, denoise_loss: true}}
+                                    # fresh seeds, after the search (eval: default the search's)
     storage: {heartbeat_seconds: 60, grace_seconds: 120, max_retry: 3}
 
 Layout of --out: ``search.json`` (the spec as run), ``study.db`` (the default storage: SQLite),

@@ -35,7 +35,7 @@ def confirmation_sweep(spec: SearchSpec, chosen: list[dict], out: Path) -> dict:
     if spec.training:
         grid = {"config": configs, "seed": spec.confirm["seeds"]}
         return {"kind": "diffusion", "description": f"confirmation of search {spec.name}", "base": spec.base,
-                "grid": grid, "eval": spec.eval}  # fmt: skip
+                "grid": grid, "eval": spec.confirm.get("eval", spec.eval)}  # fmt: skip
     base = {**spec.base, "seeds": spec.confirm["seeds"]}
     return {"kind": "inference", "description": f"confirmation of search {spec.name} on fresh sampling seeds",
             "base": base, "grid": {"config": configs}}  # fmt: skip

@@ -266,9 +266,9 @@ def _confirm(raw: Any, base: dict, space: Space, training: bool) -> dict:
     confirm = _mapping(raw, "confirm")
     if not confirm:
         return {}
-    unknown = sorted(set(confirm) - {"top", "seeds", "reference"})
+    unknown = sorted(set(confirm) - {"top", "seeds", "reference", "eval"})
     if unknown:
-        raise ValueError(f"confirm: unknown key(s) {unknown}; confirm takes top, seeds, reference")
+        raise ValueError(f"confirm: unknown key(s) {unknown}; confirm takes top, seeds, reference, eval")
     top = _int(confirm.get("top", 3), "confirm top", 1)
     seeds = confirm.get("seeds")
     if not isinstance(seeds, list) or len(seeds) < 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
@@ -277,7 +277,12 @@ def _confirm(raw: Any, base: dict, space: Space, training: bool) -> dict:
     if reused:
         raise ValueError(f"confirm seeds {reused} were used by the search's trials: confirmation needs fresh seeds")
     reference = _mapping(confirm.get("reference", {"skips": "full"}), "confirm reference")
-    return {"top": top, "seeds": list(seeds), "reference": reference}
+    out = {"top": top, "seeds": list(seeds), "reference": reference}
+    if "eval" in confirm:  # e.g. FID for the confirmation only, where the search scores the denoising loss
+        if not training:
+            raise ValueError("confirm eval: an inference confirmation evaluates with the base options")
+        out["eval"] = _eval(confirm["eval"], (), training)
+    return out
 
 
 def _storage(raw: Any) -> dict:
