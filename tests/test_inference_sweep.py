@@ -76,3 +76,19 @@ def test_inference_cells_must_share_their_sampling_seeds(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="same sampling seeds"):
         run_sweep(load_spec(path), tmp_path / "out", dry_run=True, log=lambda line: None)
+
+
+def test_a_skip_spec_typo_is_refused_before_any_cell_runs(tmp_path):
+    """Issue 31: a typo in one cell's skips fails the whole sweep (and its --dry_run) up front, naming the cell."""
+    import pytest
+
+    pipeline = ddpm_pipeline(tmp_path / "ddpm")
+    spec = {"kind": "inference", "base": {"checkpoint": str(pipeline), "denoise_loss": True, "buckets": 2,
+                                          "train_data_dir": str(captioned_images(tmp_path / "images")), "resolution": 8},
+            "grid": {"skips": {"full": "full", "typo": "zeor,keep,keep,keep"}}}  # fmt: skip
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    for dry_run in (True, False):
+        with pytest.raises(ValueError, match="cell 'skips-typo'.*zeor"):
+            run_sweep(load_spec(path), tmp_path / "sweep", dry_run=dry_run, log=lambda line: None)
+    assert not (tmp_path / "sweep").exists()  # not even the first cell ran

@@ -238,6 +238,15 @@ def test_dry_run_prints_the_resolved_options_and_writes_nothing(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("skips", "named"), [("scalelog:kappa=0.7", "scalelog"), ("scalelong:kapa=0.7", "kapa")])
+def test_dry_run_refuses_what_a_real_run_refuses(tmp_path, monkeypatch, skips, named):
+    """Issue 31: --dry_run checked nothing, so a preset or argument typo passed it and failed 10 s into a run."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=named):
+        run_train_unet(tiny_args(tmp_path / "run", "--dry_run", "--skips", skips))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def empty_folder(tmp_path) -> Path:
     folder = tmp_path / "images"

@@ -230,6 +230,22 @@ def _loaded_target(options) -> Any:
     return _TARGETS[key]
 
 
+def check_inference_skip_specs(cells: list[Cell], options) -> None:
+    """Every cell's skip spec must resolve on the target's UNet (loaded once, as the cells will use it), so a
+    typo such as ``zeor`` is refused before the first cell runs (and by ``--dry_run``), naming the cell."""
+    from ..router import SkipRouter, discover_skips
+
+    specs = {c.options.get("skips") for c in cells} - {None, ""}
+    if not specs:
+        return
+    skips = list(discover_skips(_loaded_target(options).unet))
+    for cell in (c for c in cells if c.options.get("skips")):
+        try:
+            SkipRouter(skips, cell.options["skips"])
+        except ValueError as err:
+            raise ValueError(f"cell {cell.name!r}: {err}") from err
+
+
 class InferenceKind(CellKind):
     """``skipdiff.eval`` on one pretrained pipeline (or run folder: ``checkpoint`` in ``base``) with each
     cell's skip specification (and any other evaluation option of the grid), nothing trained. A cell's
@@ -253,6 +269,7 @@ class InferenceKind(CellKind):
         seeds = {tuple(c.options["seeds"]) for c in cells}
         if len(seeds) > 1:
             raise ValueError(f"every inference cell must use the same sampling seeds (the rows are paired by them), got {sorted(seeds)}")
+        check_inference_skip_specs(cells, from_dict(self.options_class(), cells[0].options))
 
     def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:
         from ..eval.evaluation import evaluate_target

@@ -55,7 +55,9 @@ NOISE_KEYS = ("num_train_timesteps", "beta_schedule", "prediction_type", "clip_s
 def main(argv: list[str] | None = None, description: str = __doc__) -> dict:
     """Parse a command line and train (``--dry_run``: print the resolved options and return)."""
     options = parse_args(TrainOptions, argv, description=description)
-    if options.dry_run:
+    if options.dry_run:  # the same checks a real run makes before its VAE stage (a typo fails here too)
+        check_model_options(options)
+        check_geometry(options)
         print(to_json(dataclasses.replace(options, hub_token=None)))
         return {}
     return train_unet(options)
