@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -107,9 +108,26 @@ def _argparse_type(parse, kind: str):
 _PARSERS = {int: _argparse_type(parse_int, "int"), float: _argparse_type(parse_float, "float")}
 
 
+def closest(name: str, names) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to a misspelt one, else an empty string."""
+    match = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+class OptionParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: an unknown flag names the closest known one instead of
+    printing the whole usage (70+ lines for training)."""
+
+    def error(self, message: str):
+        flags = [f for action in self._actions for f in action.option_strings]
+        unknown = re.findall(r"(--?[A-Za-z0-9_-]+)", message.split(":", 1)[1]) if "unrecognized" in message else []
+        hints = "".join(closest(flag.split("=")[0], flags) for flag in unknown)
+        self.exit(2, f"{self.prog}: error: {message}{hints}; see --help\n")
+
+
 def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with one flag per field of the dataclass ``cls`` (no abbreviations)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser = OptionParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         kind, is_list = _base_type(hints[field.name])
@@ -142,7 +160,8 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}")
+        hints = "".join(closest(name, names) for name in unknown)
+        raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}{hints}")
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         _check_type(name, value, hints[name])

@@ -287,6 +287,22 @@ def test_an_unknown_option_is_refused_by_name(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_option_typo_is_one_line_naming_the_closest_option(tmp_path, capsys):
+    """Issue 31: a typo printed the whole usage (75 lines) without a suggestion."""
+    with pytest.raises(SystemExit):
+        run_train_unet(tiny_args(tmp_path / "run", "--learning_rat", "3e-4"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(did you mean '--learning_rate'?)" in err[0]
+
+
+def test_an_unknown_key_in_a_spec_names_the_closest_option():
+    from skipdiff.config import from_dict
+    from skipdiff.training.options import TrainOptions
+
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['max_train_step'\].*did you mean 'max_train_steps'"):
+        from_dict(TrainOptions, {"max_train_step": 3})
+
+
 def test_resuming_a_checkpoint_of_another_model_names_what_differs(launched_run, tmp_path):
     out = tmp_path / "run"
     checkpoint = launched_run / "checkpoint-5"
