@@ -92,12 +92,23 @@ def read_skip_gates(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     return config, load_file(str(weights_path))
 
 
+ARTEFACT_FOLDER = "skip_gates"  # where a gate-tuning run saves its artefact, inside the run folder
+
+
+def default_name(folder: str | os.PathLike) -> str:
+    """The name gates load under by default: the folder's name, or the run's name for a run's own
+    ``<run>/skip_gates`` (so that artefacts of two runs stack without ``name=``)."""
+    path = Path(folder).resolve()
+    return path.parent.name if path.name == ARTEFACT_FOLDER else path.name
+
+
 def load_skip_gates(target, folder: str | os.PathLike, name: str | None = None) -> SkipRouter:
     """Put the gates saved in ``folder`` on ``target`` (a pipeline or a UNet); returns their router.
 
     Raises ``ValueError`` when the UNet's skips differ from those the gates were made for (count or
     channels), naming both. Gates loaded earlier stay and compose with these (stacking); ``name``
-    (default: the folder's name) is what :func:`unload_skip_gates` takes."""
+    (default :func:`default_name`: the folder's name, the run's for ``<run>/skip_gates``) is what
+    :func:`unload_skip_gates` takes."""
     unet = _unet_of(target)
     config, state = read_skip_gates(folder)
     skips = discover_skips(unet)
@@ -117,7 +128,7 @@ def load_skip_gates(target, folder: str | os.PathLike, name: str | None = None) 
     if loaded is None:
         loaded = {}
         object.__setattr__(unet, LOADED_ATTRIBUTE, loaded)  # a plain dict: not a submodule, not in the state dict
-    key = name or Path(folder).name
+    key = name or default_name(folder)
     if key in loaded:
         raise ValueError(f"skip gates named {key!r} are loaded already; unload them first or pass another name")
     loaded[key] = router.attach(unet)

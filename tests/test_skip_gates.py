@@ -104,6 +104,20 @@ def test_loaded_gates_stack_and_unload_by_name(base, tmp_path):
     assert torch.equal(unet(sample, t).sample, plain)
 
 
+def test_two_runs_artefacts_stack_by_default_under_their_run_names(base, tmp_path):
+    """Issue 31: every run saves <run>/skip_gates, so the default name was "skip_gates" for all of them and
+    the second load raised; the default is now the run's name."""
+    from skipdiff.adapters import loaded_skip_gates
+
+    unet = UNet2DModel.from_pretrained(base, subfolder="unet")
+    for run in ("run-a", "run-b"):
+        save_skip_gates(SkipUNet2DModel(**STOCK_TINY, skips="scale:0.5"), tmp_path / run / "skip_gates")
+        load_skip_gates(unet, tmp_path / run / "skip_gates")
+    assert list(loaded_skip_gates(unet)) == ["run-a", "run-b"]
+    unload_skip_gates(unet, "run-a")
+    assert list(loaded_skip_gates(unet)) == ["run-b"]
+
+
 def test_an_incompatible_unet_is_refused_naming_both_geometries(tuned):
     other = UNet2DModel(**{**STOCK_TINY, "block_out_channels": (4, 8), "norm_num_groups": 2})
     with pytest.raises(ValueError, match=r"made for 4 skips with \(skip, backbone\) channels \[.*\] .* but this "

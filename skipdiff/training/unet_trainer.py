@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..adapters import save_skip_gates
+from ..adapters import ARTEFACT_FOLDER, save_skip_gates
 from ..config import parse_args, to_json
 from ..encoders import batch_latents
 from ..gradients import grad_norms_by_block
@@ -424,7 +424,7 @@ def _export(run: Run, card) -> None:
     if run.accelerator.is_main_process:
         if run.options.train_only == "gates":
             with _with_ema_weights(run.model, run.ema):
-                save_skip_gates(run.model, run.output_dir / "skip_gates", run.options.pretrained_model_name_or_path)
+                save_skip_gates(run.model, run.output_dir / ARTEFACT_FOLDER, run.options.pretrained_model_name_or_path)
         if isinstance(run.model, SkipUNet2DModel):
             save_outputs(run.output_dir, run.model, run.ema, run.noise_scheduler, run.encoder, run.options_json)
             card.save(run.output_dir / "README.md")
