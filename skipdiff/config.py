@@ -216,6 +216,29 @@ def parse_key_values(text: str, what: str) -> dict[str, Any]:
     return out
 
 
+def looks_local(source: str) -> bool:
+    """Whether a model source is meant as a local path rather than a Hub id (``user/name``): absolute or
+    relative to ``.``/``..``/``~``, more than one slash, or a first component that is a local folder."""
+    import os
+
+    if source.startswith(("/", "./", "../", "~", ".\\")) or source in (".", "..") or "\\" in source:
+        return True
+    parts = source.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def check_local_source(source: str, flag: str) -> None:
+    """A local-looking source that does not exist is refused at once (not after a Hub lookup), naming the
+    closest sibling when one is near."""
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if looks_local(source) and not path.exists():
+        siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+        raise ValueError(f"{flag} {source!r} does not exist (a local path; a Hub id looks like user/name)"
+                         f"{closest(path.name, siblings)}")  # fmt: skip
+
+
 def check_output_folder(path, flag: str = "--out") -> None:
     """Raise ``ValueError`` when an output folder option names an existing file (before any work)."""
     from pathlib import Path

@@ -154,6 +154,17 @@ def test_bad_option_values_are_named(values, message):
         from_dict(EvalOptions, values)
 
 
+def test_a_local_looking_checkpoint_that_does_not_exist_is_refused_at_once(tmp_path, monkeypatch):
+    """Issue 31: a misspelt run folder became a 20 s Hub lookup before the error."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "digits-latent").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"'runs/digits-latnet' does not exist.*did you mean 'digits-latent'"):
+        from_dict(EvalOptions, {"checkpoint": "runs/digits-latnet", "denoise_loss": True})
+    with pytest.raises(ValueError, match="--compare './nope' does not exist"):
+        from_dict(EvalOptions, {"compare": ["runs/digits-latent", "./nope"], "denoise_loss": True})
+    from_dict(EvalOptions, {"checkpoint": "google/ddpm-cifar10-32", "denoise_loss": True})  # a Hub id stays one
+
+
 def test_missing_or_mismatched_checkpoints_fail_clearly(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         evaluate(from_dict(EvalOptions, {"checkpoint": str(tmp_path / "nope"), "denoise_loss": True}))

@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 from ..cache_options import SkipCacheOptions
-from ..config import check_choice, check_output_folder, check_positive, option
+from ..config import check_choice, check_local_source, check_output_folder, check_positive, option
 from ..data_options import DataOptions
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
@@ -118,6 +118,8 @@ class EvalOptions(SkipCacheOptions):
         check_output_folder(self.out)
         if not self.compare and not self.checkpoint:
             raise ValueError("give --checkpoint RUN (or --compare RUN_A RUN_B ...)")
+        for source in [self.checkpoint, *self.compare] if self.checkpoint else list(self.compare):
+            check_local_source(source, "--checkpoint" if source == self.checkpoint else "--compare")
         if self.checkpoint and not self.wants_anything:
             raise ValueError(
                 "nothing to do: add --fid, --clip_score, --grid, --denoise_loss, --grad_stability and/or --skip_importance"

@@ -113,6 +113,8 @@ def train_unet(options: TrainOptions, monitor: TrainingMonitor | None = None) ->
             write_json_atomic(output_dir / "train_metrics.json", metrics)
             if repo_id:
                 hub.upload(output_dir, repo_id, options.hub_token, f"final model after {run.step} steps")
+            accelerator.print(f"trained {run.step} steps: the run is in {output_dir} (evaluate it with "
+                              f"python -m skipdiff.eval --checkpoint {output_dir} --fid --denoise_loss)")  # fmt: skip
         accelerator.end_training()
     return metrics
 
