@@ -287,6 +287,12 @@ def test_an_unknown_option_is_refused_by_name(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_training_ends_by_saying_where_the_run_is(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_train_unet(tiny_args(out, "--max_train_steps", "2"))
+    assert f"trained 2 steps: the run is in {out}" in capsys.readouterr().out
+
+
 def test_an_option_typo_is_one_line_naming_the_closest_option(tmp_path, capsys):
     """Issue 31: a typo printed the whole usage (75 lines) without a suggestion."""
     with pytest.raises(SystemExit):
