@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of skipdiff's training loop: one GPU, under 8 minutes.
+# The GPU check of skipdiff's training loop and of one search trial of each kind: one GPU, under 12 minutes.
 #
 #   bash bench/gpu.sh                      # on a machine with a GPU and skipdiff's dependencies
 #
@@ -17,7 +17,8 @@ PYTHON=${PYTHON:-python3}
 
 if [[ "${1:-}" == "--download-wheels" ]]; then
     mkdir -p .whl
-    for spec in "diffusers==0.42.1" "datasets==5.2.0" "torch-fidelity==0.4.0" "dill" "multiprocess"; do
+    for spec in "diffusers==0.42.1" "datasets==5.2.0" "torch-fidelity==0.4.0" "dill" "multiprocess" \
+                "optuna==5.1.0" "sqlalchemy" "alembic" "colorlog" "Mako" "greenlet"; do
         $PYTHON -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             --platform any -d .whl "$spec"
@@ -39,3 +40,6 @@ timeout 470 $PYTHON bench/gpu_throughput.py "$@" > "$out.tmp"
 mv "$out.tmp" "$out"
 cat "$out"
 echo "wrote $out" >&2
+# One search trial of each kind (bench/search_trial.py): what a trial costs on this GPU.
+search_out="bench/results/gpu-search-$(date +%Y-%m-%d)-${device}.json"
+if timeout 240 $PYTHON bench/search_trial.py > "$search_out.tmp"; then mv "$search_out.tmp" "$search_out"; cat "$search_out"; fi
