@@ -9,7 +9,14 @@ import pytest
 from scipy import stats as scipy_stats
 
 from skipdiff.report import stats
-from skipdiff.report.ranking import choose_reference, compare
+from skipdiff.report.ranking import (
+    adjust_family,
+    choose_reference,
+    compare,
+    parse_margins,
+    rank_against,
+    verdicts,
+)
 
 
 def seeded_values(delta: float, seed_effect: float, noise: float, seeds: int, rng: np.random.Generator):
@@ -43,22 +50,43 @@ def test_welch_test_is_scipys_unequal_variance_ttest():
     assert stats.welch_test([1.0], ref) is None
 
 
-def test_pooled_paired_test():
-    # Pooled over exactly the tested differences, it is the paired test itself.
-    row, ref = [3.0, 2.5, 4.1], [1.0, 1.2, 2.0]
-    differences = [a - b for a, b in zip(row, ref, strict=True)]
-    sd, df = stats.pooled_sd([differences])
-    pooled = stats.pooled_paired_test(differences, sd, df)
-    assert df == 2 and pooled.p == pytest.approx(scipy_stats.ttest_rel(row, ref).pvalue, rel=1e-10)
-    # One difference against the pooled sd of two groups (and a group of one, which adds nothing).
-    groups = [[0.1, 0.4, -0.2], [1.0, 1.5], [7.0]]
-    sd, df = stats.pooled_sd(groups)
-    hand = math.sqrt((np.var(groups[0], ddof=1) * 2 + np.var(groups[1], ddof=1) * 1) / 3)
-    assert df == 3 and sd == pytest.approx(hand, rel=1e-12)
-    one = stats.pooled_paired_test([0.9], sd, df)
-    assert one.p == pytest.approx(2 * scipy_stats.t.sf(0.9 / hand, 3), rel=1e-10)
-    assert stats.pooled_sd([[1.0], [2.0]]) == (pytest.approx(math.nan, nan_ok=True), 0)
-    assert stats.pooled_paired_test([0.9], math.nan, 0) is None
+def test_sign_flip_test_is_scipys_exact_permutation_test():
+    rng = np.random.default_rng(3)
+    for n in (6, 7, 9):
+        d = rng.normal(0.4, 1.0, n)
+        exact = scipy_stats.permutation_test((d,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples",
+                                             n_resamples=np.inf).pvalue  # fmt: skip
+        assert float(stats.sign_flip_arrays(d)) == pytest.approx(exact, rel=1e-12), n
+    assert float(stats.sign_flip_arrays(np.arange(1.0, 7.0))) == pytest.approx(2 / 64)  # its smallest p at n = 6
+    assert stats.sign_flip_test([1.0] * 5, [0.0] * 5) is None  # below 6 pairs it could never reach 0.05
+    test = stats.sign_flip_test(list(np.arange(1.0, 7.0)), [0.0] * 6)
+    assert test.name == "sign-flip" and test.p == pytest.approx(2 / 64) and test.df == 5
+
+
+def test_tost_is_the_one_minus_two_alpha_interval_inside_the_margin():
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        d = list(rng.normal(rng.uniform(-0.2, 0.2), rng.uniform(0.01, 0.3), int(rng.integers(2, 7))))
+        margin = float(rng.uniform(0.05, 0.5))
+        p = stats.tost_paired(d, margin)
+        low, high = scipy_stats.t.interval(0.90, len(d) - 1, loc=np.mean(d), scale=scipy_stats.sem(d))
+        assert (p <= 0.05) == (-margin < low and high < margin)
+        one_sided = max(scipy_stats.ttest_1samp(d, -margin, alternative="greater").pvalue,
+                        scipy_stats.ttest_1samp(d, margin, alternative="less").pvalue)  # fmt: skip
+        assert p == pytest.approx(one_sided, rel=1e-9)
+    assert stats.tost_paired([0.1], 1.0) is None
+    with pytest.raises(ValueError, match="margin must be positive"):
+        stats.tost_paired([0.1, 0.2], 0.0)
+    # the sign-flip TOST: 6 differences well inside ±1 reach the smallest p, 1/64, on both sides
+    assert stats.tost_sign_flip([0.1, -0.1, 0.05, 0.0, 0.02, -0.03], 1.0) == pytest.approx(1 / 64)
+
+
+def test_holm_with_a_bound_on_true_nulls_is_shaffers():
+    # 4 hypotheses, at most 2 true at once: the factors are min(2, 4 - j + 1) = 2, 2, 2, 1.
+    assert stats.holm([0.01, 0.02, 0.04, 0.03], max_true=2) == pytest.approx([0.02, 0.04, 0.06, 0.06])
+    assert stats.holm([0.01, 0.02], max_true=5) == stats.holm([0.01, 0.02])  # a loose bound is plain Holm
+    p = np.random.default_rng(5).uniform(0, 1, (100, 8))
+    assert np.all(stats.holm_arrays(p, max_true=4) <= stats.holm_arrays(p) + 1e-15)
 
 
 def test_zero_standard_error_is_no_evidence():
@@ -110,21 +138,73 @@ def test_t_interval_is_scipys():
     assert stats.t_interval([1.0]) is None
 
 
-def test_inference_rows_never_enter_the_pooled_noise():
+def test_a_one_seed_row_is_exploratory_and_borrows_nothing():
     values = {"full": {0: 1.0, 1: 2.0, 2: 3.0}, "a": {0: 1.5, 1: 2.4, 2: 3.6},
               "a · map (inference)": {0: 9.0, 1: 2.0, 2: 30.0}, "one": {0: 1.3}}  # fmt: skip
     result = compare(values, "full", True, inference=["a · map (inference)"])
-    assert result["noise"]["from"] == ["a"]
-    sd = float(np.std([0.5, 0.4, 0.6], ddof=1))
-    assert result["noise"]["sd"] == pytest.approx(sd, rel=1e-12) and result["noise"]["df"] == 2
     rows = {r["configuration"]: r for r in result["rows"]}
-    assert rows["one"]["p"] == pytest.approx(2 * scipy_stats.t.sf(0.3 / sd, 2), rel=1e-10)
-    # The map row itself is tested (paired), and counted by Holm with the two others.
+    assert rows["one"]["exploratory"] and rows["one"]["p"] is None and rows["one"]["test"] is None
+    assert rows["one"]["verdict"].startswith("exploratory: 1 shared seed")
+    assert rows["one"]["values_by_seed"] == {"0": 1.3} and rows["one"]["delta"] == pytest.approx(0.3)
+    # The map row is tested (paired), and Holm counts it with a: two tests, first step at 0.05 / 2.
     assert rows["a · map (inference)"]["test"] == "paired"
-    p = [rows[n]["p"] for n in ("a", "a · map (inference)", "one")]
-    assert [rows[n]["p_holm"] for n in ("a", "a · map (inference)", "one")] == pytest.approx(stats.holm(p))
-    assert result["detectable"]["paired"]["delta"] == pytest.approx(stats.detectable_difference(sd, 3, 2))
-    assert result["detectable"]["one_seed"]["delta"] == pytest.approx(stats.detectable_difference(sd, 1, 2))
+    p = [rows[n]["p"] for n in ("a", "a · map (inference)")]
+    assert [rows[n]["p_holm"] for n in ("a", "a · map (inference)")] == pytest.approx(stats.holm(p))
+    assert result["family"] == {"scope": "table", "tables": 1, "rows_tested": 2, "hypotheses": 2,
+                                "first_step_alpha": 0.025}  # fmt: skip
+    # Detectable differences: each row's own sd of differences, at Holm's first-step level.
+    sd = float(np.std([0.5, 0.4, 0.6], ddof=1))
+    assert rows["a"]["detectable"] == pytest.approx(stats.detectable_difference(sd, 3, 2, 0.025))
+    assert rows["a"]["detectable"] > stats.detectable_difference(sd, 3, 2, 0.05)
+
+
+def test_margins_give_equivalence_verdicts_and_holm_counts_them():
+    ref = {s: 10.0 + s for s in range(4)}
+    values = {"ref": ref, "same": {s: v + 0.01 * (-1) ** s for s, v in ref.items()},
+              "worse": {s: v + 1.0 + 0.01 * s for s, v in ref.items()},
+              "noisy": {s: v + (0.5 if s % 2 else -0.5) for s, v in ref.items()}}  # fmt: skip
+    result = compare(values, "ref", True, margin=0.1)
+    verdict = {r["configuration"]: r["verdict"] for r in result["rows"]}
+    assert verdict == {"ref": "reference", "same": "equivalent within ±0.1", "worse": "worse",
+                       "noisy": "undecided at this seed count"}  # fmt: skip
+    rows = {r["configuration"]: r for r in result["rows"]}
+    raw = [rows[n][k] for k in ("p", "tost_p") for n in ("same", "worse", "noisy")]
+    adjusted = [rows[n][k] for k in ("p_holm", "tost_p_holm") for n in ("same", "worse", "noisy")]
+    assert adjusted == pytest.approx(stats.holm(raw, max_true=3))
+    assert result["family"]["hypotheses"] == 6 and result["family"]["first_step_alpha"] == pytest.approx(0.05 / 3)
+    assert rows["same"]["equivalent_within"] < 0.1 < rows["noisy"]["equivalent_within"]
+    # Without a margin nothing is called equivalent: the same row is undecided.
+    plain = {r["configuration"]: r["verdict"] for r in compare(values, "ref", True)["rows"]}
+    assert plain["same"] == "undecided at this seed count" and "equivalent" not in " ".join(plain.values())
+
+
+def test_a_family_of_tables_is_adjusted_together():
+    a = compare({"r": {0: 1.0, 1: 2.0, 2: 3.0}, "x": {0: 1.5, 1: 2.6, 2: 3.4}}, "r", True, family=None)
+    b = compare({"r": {0: 5.0, 1: 6.0, 2: 7.0}, "y": {0: 6.1, 1: 7.0, 2: 8.05}}, "r", True, family=None)
+    assert a["rows"][0]["verdict"] is None  # unset until the family is adjusted
+    adjust_family([a, b], "section")
+    rows = [r for res in (a, b) for r in res["rows"] if r["p"] is not None]
+    assert [r["p_holm"] for r in rows] == pytest.approx(stats.holm([r["p"] for r in rows]))
+    assert a["family"] == b["family"] and a["family"]["scope"] == "section" and a["family"]["tables"] == 2
+
+
+def test_rank_against_is_compare_for_per_seed_values():
+    ranked = rank_against({0: 1.0, 1: 1.2, 2: 0.9}, {"t1": {0: 1.01, 1: 1.22, 2: 0.9}, "t2": {5: 3.0}},
+                          margin=0.1, family="confirmation")  # fmt: skip
+    assert verdicts(ranked)["reference"] == "reference" and ranked["family"]["scope"] == "confirmation"
+    assert verdicts(ranked)["t1"] == "equivalent within ±0.1" and verdicts(ranked)["t2"].startswith("exploratory")
+    assert ranked["margin"] == 0.1
+    with pytest.raises(ValueError, match="reference's name"):
+        rank_against({0: 1.0}, {"reference": {0: 1.0}})
+
+
+def test_parse_margins():
+    assert parse_margins(["fid_minus_floor=0.1", "denoise_mse=5e-4", "kid=0.01"]) == {"fid": 0.1, "denoise": 0.0005,
+                                                                                        "kid": 0.01}  # fmt: skip
+    assert parse_margins(None) == {} and parse_margins({"fid": 0.2}) == {"fid": 0.2}
+    for bad, message in (("fid", "expected metric=value"), ("fid=x", "not a number"), ("fid=-1", "positive")):
+        with pytest.raises(ValueError, match=message):
+            parse_margins([bad])
 
 
 def test_rows_without_shared_seeds_use_welch_and_partial_overlap_pairs_what_it_can():

@@ -17,13 +17,16 @@ seed; a ranking against a reference configuration; the Markov chain's learned pr
 Classifier sweeps get test accuracy and loss instead.
 
 Is a difference real? Every row is tested against one named reference configuration (--reference;
-default skips=full, else the table's first row) on the training seeds they share: a paired t-test
-(the same seed gives the same initial weights, data order and noise); a row with one shared seed
-against the seed noise of paired differences pooled over the trained rows with two or more; Welch's
-test without shared seeds. Rows scored another way (MAP path, inference variants) are tested but never
-pooled. The p-values of a table are adjusted by Holm and shown next to the raw ones; each table states
-the smallest difference it can detect at its seed count (alpha 0.05, power 0.8). Details:
-skipdiff.report.ranking and skipdiff.report.stats.
+default skips=full, else the table's first row) on the training seeds they share, on its own paired
+differences: a paired t-test (the same seed gives the same initial weights, data order and noise), or with
+--test sign-flip the exact sign-flip test for rows with 6 or more pairs; Welch's test without shared seeds.
+A row with too few seeds for its test (one shared seed) is exploratory: its values, no p-value. With
+--margin METRIC=M (e.g. fid_minus_floor=0.1, denoise_mse=0.0005; recorded in summary.json) each row also
+gets two one-sided tests of equivalence within ±M (TOST). The p-values of a table are one Holm family
+(difference and equivalence p's together, at most one true null per row); each row's verdict is better,
+worse, "equivalent within ±M" or "undecided at this seed count"; each row states the smallest difference it
+can detect at the level Holm applies at its first step (power 0.8). Details: skipdiff.report.ranking
+(``compare``, ``rank_against``, ``adjust_family``) and skipdiff.report.stats.
 
 Deterministic: rows, datasets and files are sorted or in the spec's order, floats have fixed formats,
 no timestamps or absolute paths, and PNGs are written by Agg with fixed metadata, so running the
@@ -38,8 +41,9 @@ from __future__ import annotations
 
 from ..lazy import lazy_exports
 
-_EXPORTS = {"write_report": ".write", "default_out": ".write", "compare": ".ranking",
-            "choose_reference": ".ranking", "load_sweep": ".read", "main": ".__main__", "cli": ".__main__"}  # fmt: skip
+_EXPORTS = {"write_report": ".write", "default_out": ".write", "compare": ".ranking", "rank_against": ".ranking",
+            "adjust_family": ".ranking", "parse_margins": ".ranking", "choose_reference": ".ranking",
+            "load_sweep": ".read", "main": ".__main__", "cli": ".__main__"}  # fmt: skip
 
 __all__ = sorted(_EXPORTS)
 

@@ -182,13 +182,13 @@ def markov_markdown(configuration: str, rows: list[Result]) -> list[str]:
 
 
 def _test_text(row: dict) -> str:
-    if row["test"] == "paired":
+    if row["test"] in ("paired", "sign-flip"):
         left_out = row["seeds"] - row["shared_seeds"]  # seeds the reference lacks: not in the test
-        return f"paired ({row['shared_seeds']} seeds" + (f"; {left_out} unshared left out)" if left_out else ")")
-    if row["test"] == "pooled paired":
-        return f"pooled paired (1 shared seed, df {row['df']})"
+        return f"{row['test']} ({row['shared_seeds']} seeds" + (f"; {left_out} unshared left out)" if left_out else ")")
     if row["test"] == "welch":
         return f"Welch (df {row['df']:.2g})"
+    if row.get("exploratory"):
+        return f"none ({row['shared_seeds']} shared seed(s))"
     return "–"
 
 
@@ -200,71 +200,85 @@ def _delta_text(row: dict, reference: str) -> str:
 
 
 def ranking_table(result: dict, metric: str) -> list[str]:
-    """The ranking's rows: every configuration against the reference, best difference first."""
+    """The ranking's rows: every configuration against the reference, best difference first (with a TOST
+    column when the metric has an equivalence margin)."""
     reference, n_ref = result["reference"], result["reference_seeds"]
-    lines = [f"| # | configuration | seeds | {metric} | Δ vs reference [95% CI] | test | p | p (Holm) | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    margin = result.get("margin")
+    tost = f" TOST ±{margin:g} p (Holm) |" if margin is not None else ""
+    lines = [f"| # | configuration | seeds | {metric} | Δ vs reference [95% CI] | test | p | p (Holm) |{tost} verdict |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if tost else "") + "---|"]  # fmt: skip
     for i, row in enumerate(result["rows"], 1):
         name = f"**{row['configuration']}**" if row["configuration"] == reference else row["configuration"]
         verdict = row["verdict"] + (f"; fewer seeds than the reference ({row['seeds']} of {n_ref})"
                                     if row["seeds"] < n_ref else "")  # fmt: skip
+        tost_cell = f" {_p(row.get('tost_p_holm'))} |" if tost else ""
         lines.append(f"| {i} | {name} | {row['seeds']} | {_pm(row['mean'], row['std'])} | "
-                     f"{_delta_text(row, reference)} | {_test_text(row)} | {_p(row['p'])} | {_p(row['p_holm'])} | "
-                     f"{verdict} |")  # fmt: skip
+                     f"{_delta_text(row, reference)} | {_test_text(row)} | {_p(row['p'])} | {_p(row['p_holm'])} |"
+                     f"{tost_cell} {verdict} |")  # fmt: skip
     return lines
 
 
+def family_text(result: dict) -> str:
+    """Which Holm family a ranking's adjusted p's belong to."""
+    family = result["family"]
+    scope = {"table": "this table"}.get(family["scope"], f"the family `{family['scope']}`")
+    tables = f" in {family['tables']} tables" if family["tables"] > 1 else ""
+    return (f"Holm over {scope} ({family['rows_tested']} tested row(s){tables}, {family['hypotheses']} "
+            f"hypotheses; first step at α/{family['rows_tested'] or 1} = {family['first_step_alpha']:.3g})")
+
+
 def _method_note(result: dict) -> str:
-    noise, tests = result["noise"], [r for r in result["rows"] if r["p"] is not None]
+    test = ("`sign-flip` = the exact sign-flip test of the paired differences (rows with 6 or more pairs; "
+            "`paired` = the paired t-test below that); " if result.get("test") == "sign-flip" else
+            "`paired` = paired t-test on those seeds; ")  # fmt: skip
     text = (f"Reference: **{result['reference']}** ({result['reference_seeds']} training seed(s); another with "
             "`--reference`). Each row is compared with it on the training seeds they share (a seed fixes the initial "
-            "weights, the data order and the noise, so the values are paired): `paired` = paired t-test on those "
-            "seeds; `Welch` = Welch's t-test, for rows with no seed in common. ")  # fmt: skip
-    if noise["sd"] is not None:
-        text += (f"`pooled paired` = a row sharing one seed: its difference against the sd of paired differences "
-                 f"pooled over the {len(noise['from'])} trained configuration(s) sharing two or more seeds with the "
-                 f"reference (σ = {noise['sd']:.3g}, df {noise['df']}; it assumes they all have that seed noise). ")  # fmt: skip
-    text += ("Rows marked (inference) are the same trained models scored another way: tested, never pooled. "
-             f"p (Holm) = Holm's adjustment over the {len(tests)} test(s) of this table; verdicts read it at "
-             f"α = {result['alpha']}. Δ = mean of (row − reference) over the shared seeds (difference of means "
-             "without shared seeds), with its unadjusted 95% interval.")  # fmt: skip
+            "weights, the data order and the noise, so the values are paired), on its own differences only: "
+            + test + "`Welch` = Welch's t-test, for rows with no seed in common; a row with fewer seeds than its "
+            "test needs is exploratory (values shown, no p). ")  # fmt: skip
+    if result.get("margin") is not None:
+        text += (f"Equivalence: two one-sided tests (TOST) of |Δ| < {result['margin']:g}, the declared margin; "
+                 "their p's are Holm-adjusted with the difference tests (at most one true null per row). ")
+    text += (f"p (Holm) = {family_text(result)}; verdicts read it at α = {result['alpha']}: better/worse, "
+             "equivalent within the margin, or undecided at this seed count. Δ = mean of (row − reference) over the "
+             "shared seeds (difference of means without shared seeds), with its unadjusted 95% interval.")  # fmt: skip
     return text
 
 
 def detectable_note(result: dict, metric: str) -> str:
-    """One sentence: the smallest difference in ``metric`` the ranking could detect (α, power 0.8)."""
-    found, noise = result["detectable"], result["noise"]
-    if noise["sd"] is None:
-        return ("Smallest detectable difference: not estimable (no configuration shares two seeds with the "
-                "reference, so the seed noise of differences is unknown).")  # fmt: skip
+    """One sentence: the smallest difference in ``metric`` each row's test could detect, at the level Holm
+    applies at its first step (power 0.8)."""
+    found = result["detectable"]
+    if not found["by_design"]:
+        return ("Smallest detectable difference: not estimable (no row shares two seeds with the reference and "
+                "varies between them).")  # fmt: skip
     parts = []
-    if found["paired"]:
-        parts.append(f"|Δ| ≥ {found['paired']['delta']:.3g} by the paired test on {found['paired']['n']} seeds "
-                     f"(df {found['paired']['df']})")  # fmt: skip
-    if found["one_seed"]:
-        parts.append(f"|Δ| ≥ {found['one_seed']['delta']:.3g} for a row with one seed (pooled test, df "
-                     f"{found['one_seed']['df']})")  # fmt: skip
-    if not parts:
-        return f"Smallest detectable difference: not estimable with {result['reference_seeds']} reference seed(s)."
-    return (f"Smallest detectable difference in {metric} (α = {result['alpha']} two-sided, power "
-            f"{found['power']}, taking the pooled sd of paired differences σ = {noise['sd']:.3g} as the truth): "
-            + "; ".join(parts) + ". Smaller true differences are likely to read \"not distinguishable\".")
+    for design in found["by_design"]:
+        span = (f"{design['min']:.3g}" if design["rows"] == 1 else
+                f"{design['min']:.3g} ({design['min_row']}) to {design['max']:.3g} ({design['max_row']})")  # fmt: skip
+        parts.append(f"|Δ| ≥ {span} by the paired test on {design['n']} seeds (df {design['df']})")
+    return (f"Smallest detectable difference in {metric} (power {found['power']}, two-sided at {found['alpha']:.3g}, "
+            "the level Holm applies at its first step, taking each row's own sd of paired differences as the "
+            "truth): " + "; ".join(parts) + ". A smaller true difference is likely to read \"undecided\".")
 
 
 def _findings(dataset: str, result: dict, metric: str) -> str:
     rows = [r for r in result["rows"] if r["configuration"] != result["reference"]]
-    groups = {}
-    for label in ("worse than the reference", "better than the reference", "not distinguishable from the reference"):
-        groups[label] = [f"{r['configuration']} ({r['delta']:+.3g})" for r in rows if r["verdict"] == label]
-    untested = [r["configuration"] for r in rows if r["p"] is None]
-    fewer = [r["configuration"] for r in rows if r["seeds"] < result["reference_seeds"]]
+    labels = [ranking_module.WORSE, ranking_module.BETTER]
+    if result.get("margin") is not None:
+        labels.append(ranking_module.equivalent_verdict(result["margin"]))
+    labels.append(ranking_module.UNDECIDED)
+    groups = {label: [f"{r['configuration']} ({r['delta']:+.3g})" for r in rows if r["verdict"] == label]
+              for label in labels}  # fmt: skip
+    exploratory = [r["configuration"] for r in rows if r["exploratory"]]
+    untested = [r["configuration"] for r in rows if r["p"] is None and not r["exploratory"]]
     tests = sum(r["p"] is not None for r in rows)
     text = f"**Findings ({dataset}, {metric} against {result['reference']}, Holm over {tests} test(s)):** "
     text += "; ".join(f"{label}: {', '.join(names) if names else 'none'}" for label, names in groups.items()) + "."
+    if exploratory:
+        text += f" Exploratory (too few seeds for a test): {', '.join(exploratory)}."
     if untested:
         text += f" Not testable: {', '.join(untested)}."
-    if fewer:
-        text += f" Fewer seeds than the reference: {', '.join(fewer)}."
     return text
 
 
@@ -275,11 +289,12 @@ def ranking_markdown(dataset: str, result: dict, metric: str, lower: bool) -> li
             detectable_note(result, metric), "", _findings(dataset, result, metric), ""]  # fmt: skip
 
 
-def rank_configurations(configurations: dict[str, list[Result]], key: str, lower: bool, reference: str) -> dict:
-    """:func:`ranking.compare` on the table's per-seed values of ``key``."""
+def rank_configurations(configurations: dict[str, list[Result]], key: str, lower: bool, reference: str,
+                        margins: dict[str, float] | None = None, test: str = "t") -> dict:  # fmt: skip
+    """:func:`ranking.compare` on the table's per-seed values of ``key`` (one Holm family per table)."""
     values = {name: {r.seed: r.metrics.get(key) for r in rows} for name, rows in configurations.items()}
     inference = [name for name in configurations if name.endswith(INFERENCE)]
-    return ranking_module.compare(values, reference, lower, inference)
+    return ranking_module.compare(values, reference, lower, inference, margin=(margins or {}).get(key), test=test)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +323,8 @@ def _header(sweep: dict, cells: list[dict]) -> list[str]:
 
 
 def dataset_section(kind: str, dataset: str, configurations: dict[str, list[Result]], reference: str,
-                    figures: list[str]) -> tuple[list[str], dict]:  # fmt: skip
+                    figures: list[str], margins: dict[str, float] | None = None,
+                    test: str = "t") -> tuple[list[str], dict]:  # fmt: skip
     """One dataset's table, floor line, ranking, chains and figures, and its summary entry."""
     table_lines, table = configuration_table(kind, configurations)
     lines = [f"## {dataset}", "", *table_lines, "", TABLE_NOTES[kind], ""]
@@ -320,7 +336,7 @@ def dataset_section(kind: str, dataset: str, configurations: dict[str, list[Resu
     metric = ranking_metric(kind, configurations)
     if metric:
         key, name, lower = metric
-        result = rank_configurations(configurations, key, lower, reference)
+        result = rank_configurations(configurations, key, lower, reference, margins, test)
         entry["ranking"] = {"metric": key, "lower_is_better": lower, **result}
         lines += ranking_markdown(dataset, result, name, lower)
     for name, rows in configurations.items():
@@ -331,13 +347,16 @@ def dataset_section(kind: str, dataset: str, configurations: dict[str, list[Resu
 
 
 def results_to_markdown(sweep: dict, cells: list[dict], grouped: dict, references: dict[str, str],
-                        figures: dict[str, list[str]]) -> tuple[str, dict]:  # fmt: skip
-    """The report's Markdown and the summary dict behind it (``references``: dataset -> reference row)."""
+                        figures: dict[str, list[str]], margins: dict[str, float] | None = None,
+                        test: str = "t") -> tuple[str, dict]:  # fmt: skip
+    """The report's Markdown and the summary dict behind it (``references``: dataset -> reference row;
+    ``margins``: metric key -> equivalence margin; ``test``: "t" or "sign-flip")."""
     lines = _header(sweep, cells)
-    summary: dict = {"name": sweep["name"], "kind": sweep["kind"], "datasets": {}}
+    summary: dict = {"name": sweep["name"], "kind": sweep["kind"], "margins": dict(margins or {}), "test": test,
+                     "datasets": {}}
     for dataset, configurations in grouped.items():
         section, entry = dataset_section(sweep["kind"], dataset, configurations, references[dataset],
-                                         figures.get(dataset, []))  # fmt: skip
+                                         figures.get(dataset, []), margins, test)  # fmt: skip
         lines += section
         summary["datasets"][dataset] = entry
     return "\n".join(lines).rstrip("\n") + "\n", summary

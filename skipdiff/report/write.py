@@ -27,15 +27,23 @@ def references_for(grouped: dict, requested: str | None) -> dict[str, str]:
             for dataset, configurations in grouped.items()}  # fmt: skip
 
 
-def write_report(sweep_folder: str | Path, out: str | Path | None = None, reference: str | None = None) -> Path:
+def write_report(sweep_folder: str | Path, out: str | Path | None = None, reference: str | None = None,
+                 margins: dict[str, float] | None = None, test: str = "t") -> Path:
     """Read a sweep folder, write ``report.md``, ``summary.json`` and the PNGs to ``out`` (default
     ``<sweep_folder>/report``); returns the path of ``report.md``.
 
     ``reference``: the configuration label every row is tested against (default ``skips=full`` when a
     table has it, else the table's first row); a label missing from a table is a ``ValueError`` naming
-    the choices.
+    the choices. ``margins``: metric key (``fid``, ``denoise``, ...; aliases in
+    :data:`ranking.METRIC_ALIASES`) -> equivalence margin, recorded in summary.json. ``test``: "t" (paired
+    t-tests) or "sign-flip" (exact sign-flip tests where a row has 6 or more pairs).
     """
     from .figures import write_figures  # matplotlib: only once the input is known to be good
+    from .ranking import TESTS, parse_margins
+
+    if test not in TESTS:
+        raise ValueError(f"test {test!r}: choose one of {TESTS}")
+    margins = parse_margins(margins)
 
     sweep, cells = load_sweep(sweep_folder)
     grouped = group(cells_to_results(cells, sweep["kind"]))
@@ -43,7 +51,7 @@ def write_report(sweep_folder: str | Path, out: str | Path | None = None, refere
     out = Path(out) if out is not None else default_out(sweep_folder)
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(sweep["kind"], grouped, out)
-    markdown, summary = results_to_markdown(sweep, cells, grouped, references, figures)
+    markdown, summary = results_to_markdown(sweep, cells, grouped, references, figures, margins, test)
     (out / "report.md").write_text(markdown)
     write_json_atomic(out / "summary.json", summary)
     return out / "report.md"
