@@ -207,11 +207,15 @@ def test_parse_margins():
             parse_margins([bad])
 
 
-def test_rows_without_shared_seeds_use_welch_and_partial_overlap_pairs_what_it_can():
-    values = {"full": {0: 1.0, 1: 1.4, 2: 0.8}, "late": {5: 2.0, 6: 2.6}, "part": {1: 1.9, 2: 1.1, 7: 5.0}}
+def test_rows_without_shared_seeds_use_welch_from_five_a_side_and_partial_overlap_pairs_what_it_can():
+    values = {"full": {0: 1.0, 1: 1.4, 2: 0.8, 3: 1.1, 4: 0.9}, "late": {5: 2.0, 6: 2.6, 7: 2.2, 8: 2.9, 9: 2.1},
+              "few": {5: 2.0, 6: 2.6}, "part": {1: 1.9, 2: 1.1, 7: 5.0}}  # fmt: skip
     rows = {r["configuration"]: r for r in compare(values, "full", True)["rows"]}
     assert rows["late"]["test"] == "welch"
-    assert rows["late"]["p"] == pytest.approx(scipy_stats.ttest_ind([2.0, 2.6], [1.0, 1.4, 0.8], equal_var=False).pvalue)
+    late, full = list(values["late"].values()), list(values["full"].values())
+    assert rows["late"]["p"] == pytest.approx(scipy_stats.ttest_ind(late, full, equal_var=False).pvalue)
+    # 2 against 5 unpaired seeds: Welch's size reaches 10% there (tests/test_report_size.py), so no test.
+    assert rows["few"]["exploratory"] and rows["few"]["p"] is None and "Welch's test needs 5" in rows["few"]["verdict"]
     assert rows["part"]["test"] == "paired" and rows["part"]["shared_seeds"] == 2  # seeds 1 and 2 only
     assert rows["part"]["p"] == pytest.approx(scipy_stats.ttest_rel([1.9, 1.1], [1.4, 0.8]).pvalue)
     assert rows["part"]["mean"] == pytest.approx(8.0 / 3)  # the table shows all its seeds

@@ -19,8 +19,8 @@ Classifier sweeps get test accuracy and loss instead.
 Is a difference real? Every row is tested against one named reference configuration (--reference;
 default skips=full, else the table's first row) on the training seeds they share, on its own paired
 differences: a paired t-test (the same seed gives the same initial weights, data order and noise), or with
---test sign-flip the exact sign-flip test for rows with 6 or more pairs; Welch's test without shared seeds.
-A row with too few seeds for its test (one shared seed) is exploratory: its values, no p-value. With
+--test sign-flip the exact sign-flip test for rows with 6 or more pairs; Welch's test without shared seeds
+(5 or more a side). A row with too few seeds for its test (one shared seed) is exploratory: its values, no p-value. With
 --margin METRIC=M (e.g. fid_minus_floor=0.1, denoise_mse=0.0005; recorded in summary.json) each row also
 gets two one-sided tests of equivalence within ±M (TOST). The p-values of a table are one Holm family
 (difference and equivalence p's together, at most one true null per row); each row's verdict is better,

@@ -234,7 +234,7 @@ def _method_note(result: dict) -> str:
     text = (f"Reference: **{result['reference']}** ({result['reference_seeds']} training seed(s); another with "
             "`--reference`). Each row is compared with it on the training seeds they share (a seed fixes the initial "
             "weights, the data order and the noise, so the values are paired), on its own differences only: "
-            + test + "`Welch` = Welch's t-test, for rows with no seed in common; a row with fewer seeds than its "
+            + test + "`Welch` = Welch's t-test, for rows with no seed in common (5 or more seeds a side); a row with fewer seeds than its "
             "test needs is exploratory (values shown, no p). ")  # fmt: skip
     if result.get("margin") is not None:
         text += (f"Equivalence: two one-sided tests (TOST) of |Δ| < {result['margin']:g}, the declared margin; "

@@ -7,8 +7,9 @@ on its own paired differences (:mod:`.stats`); nothing is borrowed from other ro
 
 * two or more shared seeds: the paired t-test on them (the seeds not shared are left out, and said so),
   or with ``test="sign-flip"`` the exact sign-flip test where a row has 6 or more pairs (paired t below);
-* no shared seeds: Welch's test when both sides have two or more seeds;
-* otherwise (one shared seed, or one seed on a side): **exploratory**, its values shown, no p-value. The
+* no shared seeds: Welch's test when both sides have 5 or more seeds (``stats.WELCH_MIN_SEEDS``: with
+  fewer its size runs up to 10% at nominal 5% under unequal variances);
+* otherwise (one shared seed, or too few seeds for Welch): **exploratory**, its values shown, no p. The
   one-seed test against seed noise pooled over other rows is gone: their sds of paired differences
   differ by up to 70x in the committed sweeps, which made its size anything from 0% to 22%.
 
@@ -134,12 +135,12 @@ def _row(name: str, mine: dict[int, float], ref: dict[int, float], is_reference:
         return row
     if len(shared) >= 2:
         row.update(_paired(mine, ref, shared, test, margin, alpha))
-    elif not shared and len(mine) >= 2 and len(ref) >= 2:
+    elif not shared and min(len(mine), len(ref)) >= stats.WELCH_MIN_SEEDS:
         row.update(_welch(mine, ref, margin, alpha))
     else:
         row["exploratory"] = True
         row["why_untested"] = (f"exploratory: {len(shared)} shared seed(s); a paired test needs 2" if shared else
-                               "exploratory: no shared seed and one seed on a side; Welch's test needs 2 each")  # fmt: skip
+                               f"exploratory: no shared seed; Welch's test needs {stats.WELCH_MIN_SEEDS} a side")  # fmt: skip
     return row
 
 
