@@ -177,6 +177,26 @@ def test_conditional_parameters_exist_only_under_their_family(tmp_path):
         suggest(FixedTrial({"skips": "scalelong", "learning_rate": 1e-3}), spec.space, lambda _: 4)
 
 
+def test_chain_parameters_are_suggested_only_under_markov(tmp_path):
+    """A trial that chose another family must not carry (or be steered by) the chain's parameters."""
+    from skipdiff.search import engine
+    from skipdiff.search.space import suggest
+
+    space = {"skips": ["full", "learned", "markov"], "markov.p_init": {"low": 0.6, "high": 0.95},
+             "markov.warmup_steps": [1]}  # fmt: skip
+    spec = parse_search_spec({**copy.deepcopy(TINY), "space": space, "enqueue": None, "budget": {"trials": 12}}, "m")
+    study = engine.open_study(spec, f"sqlite:///{tmp_path / 'm.db'}")
+    study.optimize(lambda t: float(len(suggest(t, spec.space, lambda _: 4).options)), n_trials=12)
+    for trial in study.trials:
+        chain = {n for n in trial.params if n.startswith("markov.")}
+        assert chain == ({"markov.p_init", "markov.warmup_steps"} if trial.params["skips"] == "markov" else set())
+    markov = next(t for t in study.trials if t.params["skips"] == "markov")
+    from skipdiff.search.space import FixedTrial
+
+    options = suggest(FixedTrial(markov.params), spec.space, lambda _: 4).options
+    assert options["markov"] == f"p_init={markov.params['markov.p_init']:.6g},warmup_steps=1"
+
+
 def test_model_parameters_change_the_number_of_per_skip_parameters():
     from skipdiff.search.space import model_config, num_skips_of
 
@@ -230,6 +250,16 @@ def test_the_report_of_a_search(finished_search, tmp_path):
     assert f"| {best.number} | {best.value:.5g} |" in text  # the best trial heads the table
     assert "winner's curse" in text and "Confirmation" in text
     assert (tmp_path / "report" / "history.png").stat().st_size > 1000
+
+
+def test_a_configuration_proposed_again_reuses_its_values_without_training(tmp_path):
+    out = tmp_path / "out"
+    path = spec_file(tmp_path, space={"skips": ["full"]}, enqueue=None, budget={"trials": 2})  # one point: proposed twice
+    run_search(str(path), "--out", str(out))
+    first, second = sorted(study_trials(out), key=lambda t: t.number)
+    assert second.user_attrs["duplicate_of"] == first.number and second.value == first.value
+    assert "folder" not in second.user_attrs
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["trial-0000"]
 
 
 def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):

@@ -178,12 +178,12 @@ class OverBudget(Exception):
 
 def best_trials(study: optuna.Study, k: int) -> list:
     """The best ``k`` complete trials: by the objective (one), or the Pareto front ordered by the first
-    objective (several)."""
+    objective (several); a repeated configuration counts once (its first trial)."""
     if len(study.directions) == 1:
-        done = [t for t in trials(study, (TrialState.COMPLETE,)) if t.value is not None]
+        done = [t for t in trials(study, (TrialState.COMPLETE,)) if t.value is not None and "duplicate_of" not in t.user_attrs]
         sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
         return sorted(done, key=lambda t: sign * t.value)[:k]
-    front = sorted(study.best_trials, key=lambda t: t.values[0] * (1 if study.directions[0].name == "MINIMIZE" else -1))
+    front = sorted((t for t in study.best_trials if "duplicate_of" not in t.user_attrs), key=lambda t: t.values[0] * (1 if study.directions[0].name == "MINIMIZE" else -1))
     return front[:k]
 
 

@@ -224,10 +224,11 @@ def suggest(trial, space: Space, num_skips: Callable[[dict], int], base: dict | 
     if families:
         family = space.params[FAMILY].suggest(trial) if FAMILY in space.params else PER_SKIP
         options["skips"] = _skip_spec(trial, space, family, num_skips(model))
-        chain = {arg: p.suggest(trial, f"markov.{arg}") for arg, p in space.family_params("markov").items()}
-        if family == "markov" and chain:
-            given = (base or {}).get("markov") or ""
-            options["markov"] = ",".join([given, *(f"{k}={_text(v)}" for k, v in chain.items())]).strip(",")
+        if family == "markov":  # the chain's parameters exist only in trials that chose the chain
+            chain = {arg: p.suggest(trial, f"markov.{arg}") for arg, p in space.family_params("markov").items()}
+            if chain:
+                given = (base or {}).get("markov") or ""
+                options["markov"] = ",".join([given, *(f"{k}={_text(v)}" for k, v in chain.items())]).strip(",")
     return Suggestion(options, model)
 
 

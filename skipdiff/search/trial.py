@@ -12,6 +12,7 @@ Every trial folder holds ``trial.json``: number, parameters, options, state and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -140,6 +141,11 @@ def run_inference_trial(spec: SearchSpec, options: dict, folder: Path) -> tuple[
     return evaluate_target(_target(spec), eval_options, out=folder / "eval"), {}
 
 
+def configuration_key(suggestion: Suggestion) -> str:
+    """What decides a trial's result beyond the base options: its option and model overrides, as JSON."""
+    return json.dumps({"options": suggestion.options, "model": suggestion.model}, sort_keys=True)
+
+
 def make_objective(spec: SearchSpec, out: Path, log=print):
     """The function Optuna calls per trial: suggest, check, run, score, record; see the module docstring."""
     from . import engine
@@ -156,6 +162,13 @@ def make_objective(spec: SearchSpec, out: Path, log=print):
         root = engine.root_number(this)
         folder = trial_folder(out, root)
         suggestion = suggest(trial, spec.space, num_skips, spec.base)
+        configuration = configuration_key(suggestion)
+        trial.set_user_attr("configuration", configuration)
+        twin = next((t for t in frozen if t.state.name == "COMPLETE" and t.user_attrs.get("configuration") == configuration), None)
+        if twin is not None:  # e.g. a family without parameters proposed again: the same run, so its values
+            trial.set_user_attr("duplicate_of", twin.number)
+            log(f"trial {trial.number}: the configuration of trial {twin.number}; its values, nothing trained")
+            return twin.values[0] if len(twin.values) == 1 else list(twin.values)
         options = trial_options(spec, suggestion, folder)
         check_configuration(spec, options)
         trial.set_user_attr("folder", str(folder))
