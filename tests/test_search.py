@@ -256,10 +256,14 @@ def test_a_configuration_proposed_again_reuses_its_values_without_training(tmp_p
     out = tmp_path / "out"
     path = spec_file(tmp_path, space={"skips": ["full"]}, enqueue=None, budget={"trials": 2})  # one point: proposed twice
     run_search(str(path), "--out", str(out))
-    first, second = sorted(study_trials(out), key=lambda t: t.number)
+    first, second = sorted(study_trials(out), key=lambda t: t.number)[:2]
     assert second.user_attrs["duplicate_of"] == first.number and second.value == first.value
     assert "folder" not in second.user_attrs
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["trial-0000"]
+    # a repeat does not count against the budget: a one-point space never reaches 2, and the worker stops
+    # after 25 repeats in a row instead of looping
+    complete = [t for t in study_trials(out) if t.state.name == "COMPLETE"]
+    assert len(complete) == 26 and sum("duplicate_of" in t.user_attrs for t in complete) == 25
 
 
 def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):

@@ -140,8 +140,15 @@ def counts(study: optuna.Study) -> dict[str, int]:
 
 
 def taken(study: optuna.Study, below: int | None = None) -> int:
-    """Trials that count against the budget: finished or still running (numbers below ``below`` only)."""
-    return sum(1 for t in trials(study, (*FINISHED, TrialState.RUNNING)) if below is None or t.number < below)
+    """Trials that count against the budget: finished or still running (numbers below ``below`` only); a
+    repeated configuration (answered from its twin, nothing trained) does not count."""
+    return sum(1 for t in trials(study, (*FINISHED, TrialState.RUNNING))
+               if (below is None or t.number < below) and "duplicate_of" not in t.user_attrs)  # fmt: skip
+
+
+def is_duplicate(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number`` was a repeated configuration."""
+    return any(t.number == number and "duplicate_of" in t.user_attrs for t in trials(study))
 
 
 def is_queued(trial) -> bool:

@@ -5,7 +5,8 @@
 joins a study from another machine or a scheduler's job (the spec is read from the study itself);
 ``python -m skipdiff.search SPEC --workers N`` starts N of these on this machine. Budget: ``trials``
 counts finished (complete or pruned) trials of the whole study, over every worker and launch;
-``minutes`` is per launch (no new trial starts after it). A worker stopped by Ctrl-C or a scheduler's
+``minutes`` is per launch (no new trial starts after it). A configuration proposed again is answered from
+its first trial without training and does not count; 25 of them in a row end the worker (the space is spent). A worker stopped by Ctrl-C or a scheduler's
 SIGTERM/SIGUSR1 (the training checkpoints after its current step) re-queues its trial at once, which
 resumes from the trial's checkpoint, and exits as the training does (130, 143, 138); a worker killed
 outright is noticed by its missing heartbeat and its trial re-queued by the next worker.
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from ..config import parse_int
 from .spec import SearchSpec, parse_search_spec
+
+MAX_REPEATS_IN_ROW = 25  # repeated configurations are answered for free but must not loop forever
 
 
 def _interrupted(err: BaseException) -> bool:
@@ -57,7 +60,7 @@ def run_worker(spec: SearchSpec, out: Path, storage_url: str, study_name: str | 
     study = engine.open_study(spec, storage_url, study_name)
     objective = make_objective(spec, out, log)
     budget, minutes = spec.budget.get("trials"), spec.budget.get("minutes")
-    started, ran = time.perf_counter(), 0
+    started, ran, repeats = time.perf_counter(), 0, 0
     while True:
         engine.fail_stale(study)  # a dead worker's trial goes back to the queue before we count
         if budget is not None and engine.taken(study) >= budget:
@@ -72,6 +75,13 @@ def run_worker(spec: SearchSpec, out: Path, storage_url: str, study_name: str | 
             if _interrupted(err) and objective.current is not None:
                 engine.retry(study, objective.current, None)  # a preemption is no failure: no retry limit
             raise
+        if engine.is_duplicate(study, objective.current):
+            repeats += 1
+            if repeats >= MAX_REPEATS_IN_ROW:  # the sampler keeps proposing tried points: the space is spent
+                log(f"{repeats} repeated configurations in a row: the space looks exhausted; stopping this worker")
+                break
+            continue
+        repeats = 0
         ran += 1
         log(progress_line(study, spec, started, ran))
     return ran
