@@ -159,10 +159,10 @@ def test_a_local_looking_checkpoint_that_does_not_exist_is_refused_at_once(tmp_p
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "digits-latent").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"'runs/digits-latnet' does not exist.*did you mean 'digits-latent'"):
-        from_dict(EvalOptions, {"checkpoint": "runs/digits-latnet", "denoise_loss": True})
+        evaluate(from_dict(EvalOptions, {"checkpoint": "runs/digits-latnet", "denoise_loss": True}))
     with pytest.raises(ValueError, match="--compare './nope' does not exist"):
-        from_dict(EvalOptions, {"compare": ["runs/digits-latent", "./nope"], "denoise_loss": True})
-    from_dict(EvalOptions, {"checkpoint": "google/ddpm-cifar10-32", "denoise_loss": True})  # a Hub id stays one
+        from_dict(EvalOptions, {"compare": ["runs/digits-latent", "./nope"], "denoise_loss": True}).check_sources()
+    from_dict(EvalOptions, {"checkpoint": "google/ddpm-cifar10-32", "denoise_loss": True}).check_sources()  # a Hub id
 
 
 def test_missing_or_mismatched_checkpoints_fail_clearly(tiny_run, tmp_path):

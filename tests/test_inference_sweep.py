@@ -92,3 +92,7 @@ def test_a_skip_spec_typo_is_refused_before_any_cell_runs(tmp_path):
         with pytest.raises(ValueError, match="cell 'skips-typo'.*zeor"):
             run_sweep(load_spec(path), tmp_path / "sweep", dry_run=dry_run, log=lambda line: None)
     assert not (tmp_path / "sweep").exists()  # not even the first cell ran
+    spec["base"]["checkpoint"] = "someone/a-hub-pipeline"  # not downloaded for the check: names only
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="cell 'skips-typo': unknown skip mode or preset 'zeor' \\(did you mean 'zero'"):
+        run_sweep(load_spec(path), tmp_path / "sweep", dry_run=True, log=lambda line: None)

@@ -396,14 +396,16 @@ def test_kill_9_of_a_worker_mid_trial_then_relaunch(tmp_path):
     time.sleep(3)  # past the grace period: the heartbeat is stale
     result = run_search(str(path), "--out", str(out))
     trials = study_trials(out)
-    assert states(trials) == {"FAIL": 1, "COMPLETE": 2}
+    counted = [t for t in trials if "duplicate_of" not in t.user_attrs]  # a repeat is answered, not counted
+    assert states(counted) == {"FAIL": 1, "COMPLETE": 2}
     failed = next(t for t in trials if t.state.name == "FAIL")
     retried = next(t for t in trials if t.system_attrs.get("failed_trial") == failed.number)
     assert retried.state.name == "COMPLETE" and retried.params == failed.params
     assert Path(retried.user_attrs["folder"]) == folder
     # one folder per logical trial, named after its first attempt (trial 1 is the retry of trial 0)
-    complete = sorted(Path(t.user_attrs["folder"]).name for t in trials if t.state.name == "COMPLETE")
-    assert sorted(p.name for p in (out / "trials").iterdir()) == complete == ["trial-0000", "trial-0002"]
+    complete = sorted(Path(t.user_attrs["folder"]).name for t in counted if t.state.name == "COMPLETE")
+    assert sorted(p.name for p in (out / "trials").iterdir()) == complete
+    assert len(complete) == 2 and complete[0] == "trial-0000"
     assert "resumed from" in result.stdout + result.stderr
 
 

@@ -30,6 +30,7 @@ from .options import EvalOptions
 def main(argv: list[str] | None = None) -> None:
     """Parse, check and run; failures raise (``ValueError`` for bad input). :func:`cli` prints them."""
     options = parse_args(EvalOptions, argv, description=__doc__)
+    options.check_sources()
     import torch
 
     from .evaluation import default_out, evaluate

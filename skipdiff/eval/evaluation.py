@@ -37,6 +37,7 @@ from .run import check_data_matches, data_dict, held_out_batches, sampling_promp
 
 def evaluate(options: EvalOptions) -> dict:
     """Load ``options.checkpoint`` (run folder, pipeline folder or Hub id) and evaluate it."""
+    options.check_sources()
     target = load_target(options.checkpoint, subfolder=options.subfolder, revision=options.revision,
                          variant=options.variant, torch_dtype=options.torch_dtype, use_ema=not options.no_ema,
                          cache_dir=options.cache_dir)  # fmt: skip

@@ -112,14 +112,19 @@ class EvalOptions(SkipCacheOptions):
     out: str | None = option(None, "output folder (default <checkpoint>/eval, or <checkpoint>/eval-<skips>)")
     num_threads: int | None = option(None, "torch CPU threads")
 
+    def check_sources(self) -> None:
+        """A local-looking ``--checkpoint``/``--compare`` path that does not exist is refused at once, not
+        after a Hub lookup. (Called when an evaluation starts, not in :meth:`validate`: a spec may name a
+        run folder that an earlier step has still to make.)"""
+        for source in [self.checkpoint, *self.compare] if self.checkpoint else list(self.compare):
+            check_local_source(source, "--checkpoint" if source == self.checkpoint else "--compare")
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value (nothing is loaded)."""
         super().validate()
         check_output_folder(self.out)
         if not self.compare and not self.checkpoint:
             raise ValueError("give --checkpoint RUN (or --compare RUN_A RUN_B ...)")
-        for source in [self.checkpoint, *self.compare] if self.checkpoint else list(self.compare):
-            check_local_source(source, "--checkpoint" if source == self.checkpoint else "--compare")
         if self.checkpoint and not self.wants_anything:
             raise ValueError(
                 "nothing to do: add --fid, --clip_score, --grid, --denoise_loss, --grad_stability and/or --skip_importance"

@@ -230,13 +230,29 @@ def _loaded_target(options) -> Any:
     return _TARGETS[key]
 
 
+def check_spec_names(spec: str, cell: str) -> None:
+    """Every mode or preset named in a skip spec string must exist (the check that needs no model)."""
+    from ..config import closest
+    from ..gates import GATES, PRESETS
+
+    for entry in spec.split(","):
+        name = entry.strip().split(":")[0]
+        if name not in GATES and name not in PRESETS:
+            raise ValueError(f"cell {cell!r}: unknown skip mode or preset {name!r}{closest(name, [*GATES, *PRESETS])}")
+
+
 def check_inference_skip_specs(cells: list[Cell], options) -> None:
     """Every cell's skip spec must resolve on the target's UNet (loaded once, as the cells will use it), so a
-    typo such as ``zeor`` is refused before the first cell runs (and by ``--dry_run``), naming the cell."""
+    typo such as ``zeor`` is refused before the first cell runs (and by ``--dry_run``), naming the cell. A
+    Hub target is not downloaded for the check: its specs' mode and preset names are checked instead."""
     from ..router import SkipRouter, discover_skips
 
     specs = {c.options.get("skips") for c in cells} - {None, ""}
     if not specs:
+        return
+    if not Path(options.checkpoint).exists():  # a Hub id: check the names without downloading the pipeline
+        for cell in (c for c in cells if c.options.get("skips")):
+            check_spec_names(cell.options["skips"], cell.name)
         return
     skips = list(discover_skips(_loaded_target(options).unet))
     for cell in (c for c in cells if c.options.get("skips")):
