@@ -317,7 +317,10 @@ def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
     assert confirm_seeds == {5, 6} and not confirm_seeds & trial_seeds
     assert any(c.startswith("config-reference") for c in cells)
     assert (out / "confirm" / "report" / "report.md").is_file()
-    chosen = json.loads((out / "confirm" / "chosen.json").read_text())
+    from skipdiff.report.__main__ import main
+
+    assert "Confirmation (the result)" in main([str(out)]).read_text()
+    chosen = json.loads((out / "confirm" / "chosen.json").read_text())["chosen"]
     best = min(study_trials(out), key=lambda t: t.value)
     assert chosen[0]["trial"] == best.number
 

@@ -134,7 +134,7 @@ def _confirmation_lines(folder: Path) -> list[str]:
     if not chosen_path.is_file():
         return ["", "## Confirmation", "", "Not run yet: the search's result is its confirmation (`confirm:` in the "
                 "spec; it runs when the budget is reached)."]  # fmt: skip
-    chosen = read_json(chosen_path, "confirmation choice")
+    chosen = read_json(chosen_path, "confirmation choice")["chosen"]
     lines = ["", "## Confirmation (the result)", "",
              "The configurations below and the reference, retrained (or resampled) on fresh seeds and ranked "
              "against the reference, paired by seed with Holm's correction: "
