@@ -21,7 +21,7 @@ IMAGE_DATASETS = {
     "photo_patches": "natural images: 2890 16x16 colour patches of 3 photographs bundled with scikit-learn "
     "and matplotlib (non-overlapping grid, flat sky dropped), class = photograph",
 }
-_LABELS = {"region": "image quadrant", "source": "source image", "face": "face or not"}
+_LABELS = {"region": "image quadrant", "source": "source image", "face": "face or not", "field": "field"}
 IMAGE_DATASETS.update({  # other fields, from scikit-image's bundled images (skipdiff/field_patches.py)
     name: f"{spec.field}: {'colour' if spec.channels == 3 else 'grey'} patches of scikit-image's "
     f"{', '.join(spec.files)}, train/test in separate spatial blocks, class = {_LABELS[spec.label]}"

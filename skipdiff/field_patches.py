@@ -22,6 +22,10 @@ Astronomy, histology, ophthalmology, microscopy, the lunar surface, textures and
   non-faces cut from the backgrounds of the same LFW photographs); image ``k`` is a test image when
   ``k % 5 == 4`` (20 faces and 20 non-faces), kept at 25 x 25 (the data transform resizes them).
 * **Channels.** Colour images stay RGB, grey images stay grey (``L``).
+* **Groups.** ``fields_colour`` (hubble, histology, retina) and ``fields_grey`` (cells, moon, textures)
+  pool their members' splits unchanged, labelled by member (``field``): what the FID feature extractor
+  of every member trains on (:mod:`skipdiff.eval.extractor_choice`), since a quadrant is a poor thing
+  for a classifier to learn from one image (docs/datasets.md). ``faces`` (25 x 25) is in neither.
 
 The split is fixed by these rules: ``--split_seed`` and ``--test_fraction`` do not apply to these sets
 (as for a Hub dataset with its own test split). Deterministic given the decoded files (PNG exactly; the
@@ -51,12 +55,12 @@ class FieldSpec:
     field: str  # the field, e.g. "astronomy"
     sources: tuple[str, ...]  # skimage.data function names, in label order for label="source"
     files: tuple[str, ...]  # the files they read inside skimage/data/
-    label: str  # "region" (image quadrant), "source" (which image) or "face" (face / non-face)
+    label: str  # "region" (image quadrant), "source" (which image), "face" (face / non-face) or "field"
     channels: int  # 1 (grey) or 3 (RGB), as the files are
 
     def class_names(self) -> tuple[str, ...]:
-        """The names of the label's classes, in class-index order."""
-        return {"region": QUADRANTS, "source": self.sources, "face": FACE_CLASSES}[self.label]
+        """The names of the label's classes, in class-index order (a group's: its member sets)."""
+        return {"region": QUADRANTS, "source": self.sources, "face": FACE_CLASSES, "field": self.sources}[self.label]
 
 
 FIELD_DATASETS: dict[str, FieldSpec] = {
@@ -72,6 +76,19 @@ FIELD_DATASETS: dict[str, FieldSpec] = {
     ),
     "faces": FieldSpec("faces (LFW)", ("lfw_subset",), ("lfw_subset.npy",), "face", 1),
 }
+FIELD_GROUPS = {"fields_colour": ("hubble", "histology", "retina"), "fields_grey": ("cells", "moon", "textures")}
+FIELD_DATASETS.update({  # a group's sources are its member sets, its label the member
+    group: FieldSpec(f"all colour fields ({', '.join(members)})" if group == "fields_colour" else
+                     f"all grey fields ({', '.join(members)})", members,
+                     tuple(file for member in members for file in FIELD_DATASETS[member].files), "field",
+                     FIELD_DATASETS[members[0]].channels)
+    for group, members in FIELD_GROUPS.items()
+})  # fmt: skip
+
+
+def field_group(name: str) -> str | None:
+    """The group a field set belongs to (``fields_colour`` / ``fields_grey``), else None."""
+    return next((group for group, members in FIELD_GROUPS.items() if name in members), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,4 +216,18 @@ def field_patches(
         raise ValueError(f"min_std must be >= 0, got {min_std}")
     if name == "faces":
         return face_patches(min_std)
+    if name in FIELD_GROUPS:
+        return group_patches(name, patch_size, block, min_std)
     return grid_patches(name, patch_size, block, min_std)
+
+
+def group_patches(group: str, patch_size: int, block: int, min_std: float) -> FieldPatches:
+    """A group's members, splits unchanged, label = member index; ``sources`` numbered across members
+    (member k's images follow member k-1's), corners in the member's images."""
+    parts, offset = [], 0
+    for label, member in enumerate(FIELD_GROUPS[group]):
+        cut = grid_patches(member, patch_size, block, min_std)
+        parts.append((cut.pixels, np.full(len(cut), label, dtype=np.int64), cut.test, cut.sources + offset, cut.corners))
+        offset += len(FIELD_DATASETS[member].sources)
+    pixels, labels, test, sources, corners = (np.concatenate(column) for column in zip(*parts, strict=True))
+    return FieldPatches(pixels, labels, test, sources, corners, FIELD_DATASETS[group].class_names())

@@ -15,9 +15,11 @@ from skipdiff.data import BUILTIN_IMAGE_DATASETS, dataset_channels, image_transf
 from skipdiff.data_options import IMAGE_DATASETS, DataOptions
 from skipdiff.field_patches import (
     FIELD_DATASETS,
+    FIELD_GROUPS,
     MIN_STD,
     PATCH_SIZE,
     block_test_mask,
+    field_group,
     field_patches,
     source_images,
     touching,
@@ -27,6 +29,7 @@ from skipdiff.field_patches import (
 COUNTS = {
     "hubble": (2198, 752), "histology": (654, 254), "retina": (3233, 1311), "cells": (743, 249),
     "moon": (396, 171), "textures": (1842, 700), "faces": (158, 38),
+    "fields_colour": (6085, 2317), "fields_grey": (2981, 1120),
 }  # fmt: skip
 NAMES = sorted(FIELD_DATASETS)
 
@@ -42,7 +45,8 @@ def splits():
 
 
 def test_every_field_set_is_a_built_in_image_set_with_its_documented_counts(splits):
-    assert set(COUNTS) == set(FIELD_DATASETS) and len({spec.field for spec in FIELD_DATASETS.values()}) == 7
+    assert set(COUNTS) == set(FIELD_DATASETS)
+    assert len({spec.field for name, spec in FIELD_DATASETS.items() if name not in FIELD_GROUPS}) == 7
     for name in NAMES:
         assert name in IMAGE_DATASETS and name in BUILTIN_IMAGE_DATASETS
         assert (len(splits[name]["train"]), len(splits[name]["test"])) == COUNTS[name], name
@@ -91,7 +95,7 @@ def test_no_test_patch_overlaps_or_touches_a_train_patch(patches):
 
 def test_patches_are_exact_distinct_crops_of_their_image(patches):
     for name in NAMES:
-        if name == "faces":
+        if name == "faces" or name in FIELD_GROUPS:
             continue
         cut, images = patches[name], source_images(name)
         for source, image in enumerate(images):
@@ -136,6 +140,31 @@ def test_labels_are_the_quadrant_the_source_or_face(patches):
     faces = patches["faces"]
     np.testing.assert_array_equal(faces.labels, (faces.sources >= 100).astype(int))
     assert faces.class_names == ("face", "non-face")
+
+
+def test_a_group_pools_its_members_splits_labelled_by_member(patches):
+    for group, members in FIELD_GROUPS.items():
+        cut = patches[group]
+        assert (
+            cut.class_names == members
+            and FIELD_DATASETS[group].channels == FIELD_DATASETS[members[0]].channels
+        )
+        for label, member in enumerate(members):
+            mine = cut.labels == label
+            for field in ("pixels", "test", "corners"):
+                np.testing.assert_array_equal(getattr(cut, field)[mine], getattr(patches[member], field))
+        assert len(np.unique(cut.sources)) == sum(len(FIELD_DATASETS[m].sources) for m in members)
+        assert field_group(members[0]) == group
+    assert field_group("faces") is None
+
+
+def test_fid_uses_the_sets_own_extractor_except_where_the_groups_measured_better():
+    from skipdiff.eval.extractor_choice import EXTRACTOR_CHOICES, auto_extractor
+
+    assert auto_extractor(DataOptions(dataset="moon")) == "fields_grey"
+    for name in ("hubble", "histology", "retina", "cells", "textures", "faces", "fields_grey"):
+        assert auto_extractor(DataOptions(dataset=name)) == name
+    assert set(FIELD_DATASETS) <= set(EXTRACTOR_CHOICES)
 
 
 def test_one_test_block_in_every_aligned_two_by_two_group_and_the_guard_ring():

@@ -1,7 +1,8 @@
 """Which feature extractor FID uses: a CLI choice and the run's data -> :class:`ExtractorSpec`.
 
 * ``auto``: the built-in image set's own domain extractor when the run uses one (``digits``,
-  ``photo_patches``), Inception-v3 otherwise (a Hub dataset or an image folder);
+  ``photo_patches``, the field sets; for ``moon`` its group's, ``fields_grey``, whose train split is
+  the union of its members' train splits), Inception-v3 otherwise (a Hub dataset or an image folder);
 * a built-in image set's name: its domain extractor (:mod:`.domain_extractor`), trained on the run's
   train split when the run uses that set, else on the set's default split at the run's resolution;
 * ``inception-v3-compat`` (or ``inception``): see :func:`~skipdiff.eval.inception.inception_kwargs`;
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 from ..data_options import IMAGE_DATASETS, DataOptions
+from ..field_patches import field_group
 from .domain_extractor import cached_domain_extractor
 from .extractors import ExtractorSpec, extractor_info, load_extractor, register_classifier_extractor
 from .inception import INCEPTION, inception_kwargs
@@ -23,9 +25,19 @@ from .inception import INCEPTION, inception_kwargs
 EXTRACTOR_CHOICES = ("auto", *IMAGE_DATASETS, INCEPTION)  # offered to the CLI; a classifier folder also works
 
 
+# Field sets whose FID uses their group's extractor (trained on every member's train split to tell the
+# members apart) rather than their own: where only the group's told real from degraded images
+# (eval/extractor_checks.py --dataset fields --extractor own / group; docs/datasets.md).
+GROUP_EXTRACTOR = ("moon",)
+
+
 def auto_extractor(data: DataOptions) -> str:
-    """``auto``'s choice for ``data``: the built-in image set's name, else Inception."""
-    return data.builtin_image_dataset() or INCEPTION
+    """``auto``'s choice for ``data``: the built-in image set's name (for a set in
+    :data:`GROUP_EXTRACTOR`, its group's: ``fields_grey``), else Inception."""
+    name = data.builtin_image_dataset()
+    if name is None:
+        return INCEPTION
+    return field_group(name) if name in GROUP_EXTRACTOR else name
 
 
 def resolve_extractor(
