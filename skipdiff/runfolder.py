@@ -41,11 +41,17 @@ def write_json_atomic(path: str | os.PathLike, payload, **dumps) -> None:
     """Write ``payload`` as JSON to ``path`` through a temporary file and a rename (``os.replace``).
 
     The temporary file is removed when writing fails (disk full, unwritable folder)."""
+    dumps = {"indent": 2, "sort_keys": True, **dumps}
+    write_text_atomic(path, json.dumps(payload, **dumps) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename: a reader sees
+    the old file or the new one, never half of one; the temporary file is removed when writing fails."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    dumps = {"indent": 2, "sort_keys": True, **dumps}
     try:
-        tmp.write_text(json.dumps(payload, **dumps) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ the test is deterministic); everything else runs in this process on the tiny pix
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def test_sigusr1_in_process_raises_training_interrupted_and_restores_the_handler
     run_train_unet(tiny_args(straight, "--max_train_steps", "4"))
     mine = lambda signum, frame: None  # noqa: E731  a caller's handler (e.g. a search worker's)
     previous = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    sigint_before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
     micro_step = unet_trainer._micro_step
 
     def signalled(run, batch, logging_step):
@@ -90,7 +92,7 @@ def test_sigusr1_in_process_raises_training_interrupted_and_restores_the_handler
             run_train_unet(tiny_args(out, "--max_train_steps", "4"))
         assert info.value.exit_status == 138
         assert signal.getsignal(signal.SIGUSR1) is mine and signal.getsignal(signal.SIGTERM) is mine
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is sigint_before
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -144,3 +146,93 @@ def test_a_sweep_passes_sigterm_on_to_the_training_it_waits_for_and_survives_it(
         os.kill(os.getpid(), signal.SIGTERM)  # sent to the sweep alone: without forwarding it would end pytest
         assert process.wait(timeout=30) == 143
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --------------------------------------------------------------------------------------------------
+# Untrusted files: a checkpoint from someone else runs nothing
+# --------------------------------------------------------------------------------------------------
+
+
+class RunsCode:
+    """Pickles as a call of ``os.system``: loading it with plain pickle would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    run_train_unet(tiny_args(out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    return out
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "custom_checkpoint_0.pkl", "optimizer.bin"])
+def test_a_planted_pickle_that_would_run_code_is_refused_by_name_and_never_runs(checkpointed, tmp_path, name):
+    import torch
+
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed, out)
+    marker = tmp_path / "ran"
+    torch.save({"state": RunsCode(marker)}, out / "checkpoint-2" / name)
+    before = (out / "training_options.json").read_bytes()
+    with pytest.raises(ValueError, match=rf"{name}' would run code to load \(\S*system\).*refused, nothing in it was run"):
+        run_train_unet(tiny_args(out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                                 "--resume_from_checkpoint", "latest", "--allow_changed", "max_train_steps"))  # fmt: skip
+    assert not marker.exists()
+    assert (out / "training_options.json").read_bytes() == before  # a refused resume rewrites nothing
+
+
+def test_the_state_files_skipdiff_writes_load_without_running_code(checkpointed):
+    for path in sorted((checkpointed / "checkpoint-2").glob("*.[pb][ki][ln]")):
+        assert isinstance(checkpoints.load_state_file(path), dict), path
+
+
+# --------------------------------------------------------------------------------------------------
+# --overwrite_output_dir deletes only what skipdiff wrote; a refused or failed start changes nothing
+# --------------------------------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_a_folder_holding_files_skipdiff_never_writes_and_deletes_nothing(checkpointed, tmp_path):
+    repo = tmp_path / "repo"  # what `--output_dir .` in a clone is: eval/ makes it look like a run
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / "skipdiff").mkdir()
+    (repo / "skipdiff" / "unet.py").write_text("# source\n")
+    (repo / "eval").mkdir()
+    (repo / "eval" / "results.md").write_text("numbers\n")
+    before = snapshot(repo)
+    with pytest.raises(ValueError, match=r"--overwrite_output_dir refused: .*repo' holds files that skipdiff never "
+                                         r"writes in a run folder \(\.git/, eval/results\.md, skipdiff/\)"):  # fmt: skip
+        run_train_unet(tiny_args(repo, "--max_train_steps", "1", "--overwrite_output_dir"))
+    assert snapshot(repo) == before
+
+    run = tmp_path / "run"  # a real run with one user file in it
+    shutil.copytree(checkpointed, run)
+    (run / "notes.txt").write_text("my notes\n")
+    before = snapshot(run)
+    with pytest.raises(ValueError, match=r"\(notes\.txt\)"):
+        run_train_unet(tiny_args(run, "--max_train_steps", "1", "--overwrite_output_dir"))
+    assert snapshot(run) == before
+
+
+def test_a_failed_start_leaves_no_options_file_that_makes_the_next_fresh_run_refuse(tmp_path, monkeypatch):
+    from skipdiff.training import unet_trainer
+
+    def tracker_fails(*args):
+        raise OSError("the tracker could not start")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(unet_trainer, "_start_log", tracker_fails)
+    with pytest.raises(OSError, match="tracker could not start"):
+        run_train_unet(tiny_args(out, "--max_train_steps", "1"))
+    assert not (out / "training_options.json").exists()
+    monkeypatch.undo()
+    assert run_train_unet(tiny_args(out, "--max_train_steps", "1"))["steps"] == 1  # not refused as "another run"

@@ -91,17 +91,59 @@ def check_compatible(checkpoint: Path, unet_config: dict, key: str = "unet_confi
 def verify_state_files(checkpoint: Path, num_processes: int, num_custom: int) -> None:
     """Every file an exact resume reads must be there and load: the optimizer, the LR scheduler, one RNG
     state per process and ``num_custom`` registered objects (the EMA). A missing, truncated or corrupt
-    one is a ``ValueError`` naming it, before any state is loaded."""
+    one is a ``ValueError`` naming it, before any state is loaded; so is one whose pickle would run code
+    (:func:`load_state_file`: nothing in it runs)."""
     names = ["optimizer.bin", "scheduler.bin", *(f"random_states_{rank}.pkl" for rank in range(num_processes)),
              *(f"custom_checkpoint_{i}.pkl" for i in range(num_custom))]  # fmt: skip
     for name in names:
         path = checkpoint / name
         if not path.is_file():
             raise ValueError(f"checkpoint {str(checkpoint)!r} lacks {name}: it cannot be resumed exactly")
-        try:
-            torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001  pickle raises many types for damaged files
-            raise ValueError(f"checkpoint file {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err})") from err
+        load_state_file(path)
+
+
+def _safe_globals() -> list:
+    """What a state file may name besides tensors and plain containers: exactly what Accelerate's own
+    ``load`` allows (numpy arrays, dtypes and ``_codecs.encode`` for the RNG states), so that a file that
+    passes here is one Accelerate loads too (it silently skips RNG states it cannot load)."""
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+    except ImportError:  # an Accelerate without the list: the same types, named here
+        import codecs
+
+        import numpy as np
+
+        return [np._core.multiarray._reconstruct, np.ndarray, codecs.encode, np.dtype, np.dtypes.UInt32DType]
+    return list(TORCH_SAFE_GLOBALS)
+
+
+# torch's weights-only unpickler names what it refused: "Unsupported global: GLOBAL posix.system ..." or
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked".
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global[: ]+)?(?:GLOBAL )?([\w.]+)", re.IGNORECASE)
+
+
+def load_state_file(path: Path):
+    """One of a checkpoint's pickled state files (``optimizer.bin``, ``random_states_0.pkl``, ...), loaded
+    without running code: ``torch.load(weights_only=True)`` with only :func:`_safe_globals` allowed.
+
+    A checkpoint folder may come from someone else; a pickle that names any other function or class
+    (``os.system``, a module of its own) is refused, naming the file and what it asked for; nothing of
+    it runs. A truncated or corrupt file is refused as such."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused or "weights_only" in str(err).lower() or "weights only" in str(err).lower():
+            what = refused.group(1) if refused else "an object that is not plain state"
+            raise ValueError(f"checkpoint file {str(path)!r} would run code to load ({what}), which no state file "
+                             "skipdiff or Accelerate writes needs: refused, nothing in it was run; use checkpoints "
+                             "only from people you trust, or resume from another checkpoint") from None  # fmt: skip
+        raise ValueError(f"checkpoint file {str(path)!r} is truncated or corrupt (UnpicklingError: {err})") from err
+    except Exception as err:  # noqa: BLE001  torch and zipfile raise many types for damaged files
+        raise ValueError(f"checkpoint file {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err})") from err
 
 
 def check_resumable(checkpoint: Path, unet_config: dict, options, num_processes: int, num_custom: int) -> None:

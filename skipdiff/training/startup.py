@@ -2,7 +2,9 @@
 
 * A folder that holds another run is never written into by accident (:func:`prepare_output_dir`): the
   run refuses, naming the folder and the three ways forward; ``--overwrite_output_dir`` empties it first
-  (no stale checkpoint, log or evaluation survives); ``--resume_from_checkpoint`` continues it.
+  (no stale checkpoint, log or evaluation survives), deleting only what skipdiff writes: a folder that
+  holds anything else (``.git``, a user's notes, a source tree) is refused, naming it, and nothing is
+  deleted (:func:`check_overwritable`); ``--resume_from_checkpoint`` continues it.
 * While it trains, a run holds its folder's lock (:class:`skipdiff.runfolder.RunLock`).
 * Ctrl-C (SIGINT), SIGTERM (what SLURM preemption, ``timeout``, Kubernetes and most schedulers send) and
   SIGUSR1 (SLURM's ``--signal=USR1@<seconds>`` warning) stop after the current step with a checkpoint and
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -83,14 +86,51 @@ def prepare_output_dir(options) -> Path:
                 f"output_dir {str(folder)!r} holds another run ({', '.join(holds)}): resume it with "
                 "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another --output_dir"
             )
+        check_overwritable(folder)  # on every process: all refuse, or none does
         if is_main_process():
             _empty(folder)
     checkpoints.check_writable(folder)
     return folder
 
 
+# Everything skipdiff writes at the top of a run folder (training, export, evaluation, sweeps, trackers):
+# --overwrite_output_dir deletes these, and only these.
+RUN_ENTRIES = frozenset({OPTIONS_FILE, STATS_FILE, LOCK_FILE, ".write-test", "model_index.json", "skipdiff_pipeline.py",
+                         "README.md", "train_metrics.json", "cell.json", "unet", "unet_raw", "unet_ema", "vae",
+                         "scheduler", "skip_gates", "samples", "logs", "wandb", "eval", "variants"})  # fmt: skip
+RUN_ENTRY_PATTERN = re.compile(r"^(checkpoint-\d+|\.checkpoint-\d+\.(tmp|old|deleting)|eval-.+|\..+\.tmp\d+)$")
+# ... and inside its evaluation folders (eval/, eval-<skips>/).
+EVAL_ENTRY_PATTERN = re.compile(r"^(eval\.json|eval\.md|[^/]+\.png|\.eval\.lock|\..+\.tmp\d+)$")
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What of ``folder`` skipdiff never writes into a run folder (relative paths, sorted)."""
+    foreign = []
+    for path in sorted(folder.iterdir()):
+        if path.name not in RUN_ENTRIES and not RUN_ENTRY_PATTERN.match(path.name):
+            foreign.append(path.name + ("/" if path.is_dir() else ""))
+        elif path.name == "eval" or path.name.startswith("eval-"):
+            if path.is_dir() and not path.is_symlink():
+                foreign += [f"{path.name}/{p.name}" for p in sorted(path.iterdir()) if not EVAL_ENTRY_PATTERN.match(p.name)]
+            else:
+                foreign.append(path.name)
+    return foreign
+
+
+def check_overwritable(folder: Path) -> None:
+    """Refuse ``--overwrite_output_dir`` on a folder that holds anything skipdiff did not write (``.git``, a
+    source tree, a user's files), naming the folder and the first entries; nothing is deleted."""
+    foreign = foreign_entries(folder)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise ValueError(f"--overwrite_output_dir refused: {str(folder)!r} holds files that skipdiff never writes in a "
+                         f"run folder ({shown}), so it is not only a skipdiff run; nothing was deleted. Choose another "
+                         "--output_dir, or move those files away first")  # fmt: skip
+
+
 def _empty(folder: Path) -> None:
-    """Delete everything in ``folder`` (refused while another live process holds the run's lock)."""
+    """Delete everything in ``folder``, a skipdiff run (:func:`check_overwritable`; refused while another live
+    process holds the run's lock)."""
     lock = RunLock(folder)
     owner = lock.owner()
     if owner is not None and not RunLock._is_stale(owner):

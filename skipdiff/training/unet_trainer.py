@@ -24,7 +24,7 @@ from ..config import parse_args, to_json
 from ..encoders import batch_latents
 from ..gradients import grad_norms_by_block
 from ..router import format_skip_table
-from ..runfolder import locked, read_stats, write_json_atomic
+from ..runfolder import OPTIONS_FILE, locked, read_stats, write_json_atomic, write_text_atomic
 from ..unet import SkipUNet2DModel
 from . import checkpoints, hub
 from .model_source import ModelSource, check_model_options, load_model_source, trainable_parameters
@@ -98,6 +98,8 @@ def train_unet(options: TrainOptions, monitor: TrainingMonitor | None = None) ->
         elif options.resume_from_checkpoint == "latest":
             accelerator.print(f"no checkpoint in {output_dir} yet: starting from scratch")
         _start_log(run, source.encoder_source, data)
+        if accelerator.is_main_process:  # only once the run starts: a refused resume or a failed start leaves
+            write_text_atomic(output_dir / OPTIONS_FILE, run.options_json)  # the folder's options as they were
 
         # ---- the loop -----------------------------------------------------------------------------------
         _train(run, stop, repo_id, monitor)
@@ -185,8 +187,6 @@ def _prepare(options, accelerator, source: ModelSource, ema, optimizer, loader, 
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     options_json = to_json(dataclasses.replace(options, hub_token=None))  # the token never reaches a file
-    if accelerator.is_main_process:
-        (output_dir / "training_options.json").write_text(options_json)
     window = WindowStats(options.timestep_buckets, options.num_train_timesteps, accelerator.device)
     # The plain module (no DDP or torch.compile wrapper): its parameter names are the model's own, so
     # gradient norms group by block and the saved weights carry no wrapper prefix.
