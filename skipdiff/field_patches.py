@@ -60,7 +60,9 @@ class FieldSpec:
 
     def class_names(self) -> tuple[str, ...]:
         """The names of the label's classes, in class-index order (a group's: its member sets)."""
-        return {"region": QUADRANTS, "source": self.sources, "face": FACE_CLASSES, "field": self.sources}[self.label]
+        return {"region": QUADRANTS, "source": self.sources, "face": FACE_CLASSES, "field": self.sources}[
+            self.label
+        ]
 
 
 FIELD_DATASETS: dict[str, FieldSpec] = {
@@ -76,14 +78,21 @@ FIELD_DATASETS: dict[str, FieldSpec] = {
     ),
     "faces": FieldSpec("faces (LFW)", ("lfw_subset",), ("lfw_subset.npy",), "face", 1),
 }
-FIELD_GROUPS = {"fields_colour": ("hubble", "histology", "retina"), "fields_grey": ("cells", "moon", "textures")}
-FIELD_DATASETS.update({  # a group's sources are its member sets, its label the member
-    group: FieldSpec(f"all colour fields ({', '.join(members)})" if group == "fields_colour" else
-                     f"all grey fields ({', '.join(members)})", members,
-                     tuple(file for member in members for file in FIELD_DATASETS[member].files), "field",
-                     FIELD_DATASETS[members[0]].channels)
-    for group, members in FIELD_GROUPS.items()
-})  # fmt: skip
+FIELD_GROUPS = {
+    "fields_colour": ("hubble", "histology", "retina"),
+    "fields_grey": ("cells", "moon", "textures"),
+}
+
+
+def _group_spec(members: tuple[str, ...]) -> FieldSpec:
+    """A group's spec: its sources are its member sets, its label the member (members share channels)."""
+    channels = FIELD_DATASETS[members[0]].channels
+    files = tuple(file for member in members for file in FIELD_DATASETS[member].files)
+    kind = "colour" if channels == 3 else "grey"
+    return FieldSpec(f"all {kind} fields ({', '.join(members)})", members, files, "field", channels)
+
+
+FIELD_DATASETS.update({group: _group_spec(members) for group, members in FIELD_GROUPS.items()})
 
 
 def field_group(name: str) -> str | None:
@@ -227,7 +236,15 @@ def group_patches(group: str, patch_size: int, block: int, min_std: float) -> Fi
     parts, offset = [], 0
     for label, member in enumerate(FIELD_GROUPS[group]):
         cut = grid_patches(member, patch_size, block, min_std)
-        parts.append((cut.pixels, np.full(len(cut), label, dtype=np.int64), cut.test, cut.sources + offset, cut.corners))
+        parts.append(
+            (
+                cut.pixels,
+                np.full(len(cut), label, dtype=np.int64),
+                cut.test,
+                cut.sources + offset,
+                cut.corners,
+            )
+        )
         offset += len(FIELD_DATASETS[member].sources)
     pixels, labels, test, sources, corners = (np.concatenate(column) for column in zip(*parts, strict=True))
     return FieldPatches(pixels, labels, test, sources, corners, FIELD_DATASETS[group].class_names())
