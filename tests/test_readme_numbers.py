@@ -1,10 +1,19 @@
-"""Every result the README quotes is in a committed JSON under eval/results/.
+"""Every measured number in the README's "Results so far" names the committed JSON value it reports, and is
+that value, with its sign, at the precision written.
 
-The README marks a quoted measurement in bold (``**0.92**``, ``**0.92 ± 0.05**``, ``**44%**``). Each bold
-number must be found, at the precision written, among the numbers of the JSON files of the results folder
-that the same section links to last before it (``eval/results/<name>/...``; bench JSON under
-``eval/results`` too). A percentage may also match a fraction (44% ~ 0.44). A bold number in a section
-that links to no results folder fails: it has no source.
+A quoted number is bold and followed at once by an HTML comment naming its source (invisible when
+rendered)::
+
+    <!-- from markov/ranking.json datasets/digits, 16px/fid -->      sets the file (under eval/results/) and a base path
+    FID **4.441**<!-- rows/[configuration=skips=markov]/mean -->       a path below that base
+    **0.655**<!-- default_job/eval.json:fid/summary/fid/mean -->      or a file and a path of its own
+
+A path is ``/``-separated keys; ``[key=value]`` picks the element of a list of dicts with that key; an
+integer picks a list element. ``A / B`` or ``A - B`` binds a ratio or a difference of two paths. A number
+written as a percentage (``44%``) is compared with 100 x the value. The written number must equal the
+value rounded to the written decimals (``0.050`` for 0.052 fails; ``9.9e-05`` is read to its mantissa's
+last digit), with the same sign. Outside bold, "Results so far" holds no decimal numbers and no percentages:
+a setting (``κ = 0.7``, a command) goes in a code span, and any other measured number must be bound.
 """
 
 from __future__ import annotations
@@ -17,81 +26,138 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 RESULTS = REPO / "eval" / "results"
-BOLD = re.compile(r"\*\*([^*]+)\*\*")
-NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d+|\d+|\.\d+)(?:e[-+]?\d+)?(%?)", re.I)
-SOURCE = re.compile(r"eval/results/([A-Za-z0-9_.-]+)")
-# Bold text that holds numbers without being a measurement (a command, a setting) is written in code spans.
-SETTING = re.compile(r"`[^`]*`")
+SECTION = "## Results so far"
+NUMBER = r"[-+−]?(?:\d+\.\d+|\d+|\.\d+)(?:e[-+]?\d+)?%?"
+BOUND = re.compile(r"\*\*(" + NUMBER + r")\*\*<!--\s*(.*?)\s*-->", re.I)
+FROM = re.compile(r"<!--\s*from\s+(\S+\.json)(?:\s+(.*?))?\s*-->")
+CODE = re.compile(r"`[^`]*`")
+LINK_TARGET = re.compile(r"\]\([^)]*\)")
+COMMENT = re.compile(r"<!--.*?-->")
+LOOSE = re.compile(r"(?<![\w.])[-+−]?(?:\d+\.\d+|\.\d+|\d+(?:\.\d+)?%)(?![\w.])")  # a decimal, or a percentage
 
 
-def json_numbers(folder: Path) -> list[float]:
-    """Every number (not bool) anywhere in the JSON files below ``folder``."""
-    found: list[float] = []
+def section(text: str) -> str:
+    """The README's "Results so far" section (to the next ``## `` heading)."""
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return text[start : end if end >= 0 else len(text)]
 
-    def walk(value):
-        if isinstance(value, bool):
-            return
-        if isinstance(value, int | float):
-            if math.isfinite(value):
-                found.append(float(value))
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
+
+def resolve(path: str, source: tuple[str, str] | None):
+    """The JSON value at ``path`` ("file.json:keys" or keys below the current ``from`` source)."""
+    if ".json:" in path:
+        file, keys = path.split(".json:", 1)
+        file, keys = file + ".json", keys
+    else:
+        if source is None:
+            raise KeyError(f"{path!r}: no file named and no <!-- from ... --> before it")
+        file, base = source
+        keys = f"{base}/{path}" if base else path
+    value = json.loads((RESULTS / file).read_text())
+    for key in (k for k in keys.split("/") if k):
+        match = re.fullmatch(r"\[(.+?)=(.*)\]", key)
+        if match:
+            field, wanted = match.groups()
+            found = [item for item in value if isinstance(item, dict) and str(item.get(field)) == wanted]
+            if len(found) != 1:
+                raise KeyError(f"{file}:{keys}: {len(found)} list elements with {field}={wanted}")
+            value = found[0]
         elif isinstance(value, list):
-            for item in value:
-                walk(item)
+            value = value[int(key)]
+        else:
+            if key not in value:
+                raise KeyError(f"{file}:{keys}: no key {key!r} (keys: {sorted(value)[:12]})")
+            value = value[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise KeyError(f"{file}:{keys} is {value!r}, not a number")
+    return float(value)
 
-    for path in sorted(folder.rglob("*.json")):
-        walk(json.loads(path.read_text()))
+
+def evaluate(expression: str, source) -> float:
+    """A path, or ``A / B`` / ``A - B`` of two paths."""
+    for operator in (" / ", " - "):
+        if operator in expression:
+            left, right = (evaluate(part, source) for part in expression.split(operator, 1))
+            return left / right if operator == " / " else left - right
+    return resolve(expression, source)
+
+
+def agrees(written: str, value: float) -> bool:
+    """``written`` is ``value`` rounded to the written precision, with its sign (a percentage: 100 x value)."""
+    text = written.replace("−", "-").lstrip("+")
+    if text.endswith("%"):
+        text, value = text[:-1], 100 * value
+    number = float(text)
+    if "e" in text.lower():
+        mantissa, exponent = text.lower().split("e")
+        decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+        tolerance = 0.5 * 10 ** (int(exponent) - decimals)
+    else:
+        decimals = len(text.split(".")[1]) if "." in text else 0
+        tolerance = 0.5 * 10**-decimals
+    same_sign = number == 0 or value == 0 or (number > 0) == (value > 0)
+    return same_sign and math.isfinite(value) and abs(number - value) <= tolerance * (1 + 1e-9) + 1e-15
+
+
+def problems(text: str) -> list[str]:
+    """Every number of ``text``'s "Results so far" that is not bound to the value it writes."""
+    found, source = [], None
+    results = section(text)
+    # code spans may run over a line break: blank them (keeping the line count) before looking for loose numbers
+    uncoded = CODE.sub(lambda m: "\n" * m.group(0).count("\n"), results).splitlines()
+    for number, line in enumerate(results.splitlines(), 1):
+        events = sorted([(m.start(), "from", m) for m in FROM.finditer(line)] +
+                        [(m.start(), "bound", m) for m in BOUND.finditer(line)])  # fmt: skip
+        for _, kind, match in events:
+            if kind == "from":
+                source = (match.group(1), (match.group(2) or "").strip())
+                continue
+            written, expression = match.groups()
+            try:
+                value = evaluate(expression, source)
+            except (KeyError, IndexError, ValueError, OSError) as err:
+                found.append(f"line {number}: **{written}**: {err}")
+                continue
+            if not agrees(written, value):
+                found.append(f"line {number}: **{written}** but {expression} is {value:.6g}")
+        rest = LINK_TARGET.sub("", COMMENT.sub("", BOUND.sub("", uncoded[number - 1])))
+        rest = re.sub(r"\*\*[^*]*\*\*", lambda m: "" if not LOOSE.search(m.group(0)) else m.group(0), rest)
+        for loose in LOOSE.finditer(rest):
+            found.append(f"line {number}: {loose.group(0)!r} is a measured-looking number bound to no JSON value "
+                         "(bold it and name its source, or put a setting in a code span)")  # fmt: skip
     return found
 
 
-def matches(text: str, percent: bool, values: list[float]) -> bool:
-    """``text`` (as written) equals some value rounded to the written precision (or as a percentage)."""
-    written = float(text)
-    decimals = len(text.split(".")[1]) if "." in text and "e" not in text.lower() else 0
-    if "e" in text.lower():
-        tolerance = abs(written) * 0.05
-    else:
-        tolerance = 0.5 * 10**-decimals + 1e-12
-    candidates = values if not percent else [v * 100 for v in values] + values
-    return any(abs(abs(v) - abs(written)) <= tolerance for v in candidates)
+def test_every_number_in_results_so_far_is_bound_to_its_json_value():
+    text = README.read_text()
+    assert len(BOUND.findall(section(text))) > 50, "Results so far binds almost no number"
+    assert not problems(text), "\n".join(problems(text))
 
 
-def quoted_numbers() -> list[tuple[str, int, str, str | None]]:
-    """(number, README line, bold text, the results folder it must come from) for every bold number."""
-    quoted, source = [], None
-    for number, line in enumerate(README.read_text().splitlines(), 1):
-        if line.startswith("## "):
-            source = None  # a section's sources are its own
-        for bold in BOLD.findall(SETTING.sub("", line)):
-            for match in NUMBER.finditer(bold):
-                quoted.append((match.group(0), number, bold, source, bool(match.group(1))))
-        found = SOURCE.findall(line)
-        if found:
-            source = found[-1]
-    return quoted
+def test_a_planted_wrong_number_fails():
+    text = README.read_text()
+    assert not problems(text)
+    raw_p = "[configuration=skips=none: effect under epsilon − under v_prediction]/p_holm"
+    plants = {  # each a realistic mistake; every one must be caught
+        "a flipped sign": ("Δ **-0.370**", "Δ **0.370**"),
+        "a raw p for a Holm p": (f"**0.022**<!-- {raw_p}", f"**0.0056**<!-- {raw_p}"),  # 0.0056: its raw p
+        "a per-seed value for a mean": ("FID **0.655**<!-- summary/fid/mean", "FID **0.751**<!-- summary/fid/mean"),
+        "0.052 written as 0.050": ("**0.052**<!-- [configuration=skips=stochastic-depth]/p_holm",
+                                   "**0.050**<!-- [configuration=skips=stochastic-depth]/p_holm"),  # fmt: skip
+        "an unbound measurement": ("**0.1314**<!-- [configuration=cache=b8-N3]/delta -->", "0.1314"),
+        "a path to nothing": ("/p_holm -->", "/p_holmes -->"),
+        "a mean bound to the wrong row": ("**6.44**<!-- [configuration=skips=full, prediction_type=epsilon]/mean",
+                                          "**6.44**<!-- [configuration=skips=full, prediction_type=sample]/mean"),  # fmt: skip
+    }
+    for name, (right, wrong) in plants.items():
+        assert right in text, f"the plant {name!r} needs {right!r} in the README"
+        assert problems(text.replace(right, wrong, 1)), f"{name} went unnoticed"
 
 
-def test_every_bold_number_in_the_readme_is_in_its_committed_results():
-    numbers_by_folder: dict[str, list[float]] = {}
-    missing = []
-    quoted = quoted_numbers()
-    assert quoted, "the README quotes no measured number in bold"
-    for text, line, bold, source, percent in quoted:
-        value_text = text.rstrip("%")
-        if source is None or not (RESULTS / source).is_dir():
-            missing.append(f"README:{line} **{bold}**: no eval/results/<folder> linked before it in its section")
-            continue
-        if source not in numbers_by_folder:
-            numbers_by_folder[source] = json_numbers(RESULTS / source)
-        if not matches(value_text, percent, numbers_by_folder[source]):
-            missing.append(f"README:{line} {text} (in **{bold}**) not found in eval/results/{source}/*.json")
-    assert not missing, "\n".join(missing)
-
-
-def test_the_matcher_reads_precision_and_percentages():
-    values = [0.9173, 0.44, 35.36, 2.2e-4]
-    assert matches("0.92", False, values) and not matches("0.93", False, values)
-    assert matches("44", True, values) and matches("35.4", False, values) and not matches("35.5", False, values)
-    assert matches("2.2e-4", False, values)
+def test_the_matcher_reads_precision_signs_and_percentages():
+    assert agrees("0.92", 0.9173) and not agrees("0.93", 0.9173)
+    assert agrees("44%", 0.44) and agrees("35.4", 35.36) and not agrees("35.5", 35.36)
+    assert agrees("2.2e-4", 2.2e-4) and agrees("9.9e-05", 9.93e-05) and not agrees("9.9e-05", 9.97e-05)
+    assert not agrees("0.050", 0.052) and agrees("0.052", 0.0524)
+    assert not agrees("0.37", -0.37) and agrees("-0.37", -0.3702) and agrees("−0.37", -0.3702)
+    assert agrees("+1.8", 1.78) and agrees("0", 0.0)
