@@ -30,6 +30,7 @@ from .config import SkipdiffError
 STATS_FILE = "stats.jsonl"
 OPTIONS_FILE = "training_options.json"
 LOCK_FILE = ".skipdiff.lock"
+EVAL_LOCK_FILE = ".eval.lock"  # an evaluation's output folder, while it runs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,8 +169,10 @@ class RunLock:
     replaced, with a note. A live owner makes :meth:`acquire` raise :class:`RunLockedError` naming it.
     """
 
-    def __init__(self, folder: str | os.PathLike):
-        self.path = Path(folder) / LOCK_FILE
+    def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE, holder: str = "training process",
+                 hint: str = "wait for it to finish or choose another --output_dir"):  # fmt: skip
+        self.path = Path(folder) / name
+        self.holder, self.hint = holder, hint  # for the refusal: who holds the folder, what to do
         self.held = False
         self.replaced_stale: dict | None = None
 
@@ -196,8 +199,8 @@ class RunLock:
                     self.path.unlink(missing_ok=True)
                     continue
                 raise RunLockedError(
-                    f"{str(self.path.parent)!r} is in use by another training process (pid {owner.get('pid')} on "
-                    f"{owner.get('host')}); wait for it to finish or choose another --output_dir"
+                    f"{str(self.path.parent)!r} is in use by another {self.holder} (pid {owner.get('pid')} on "
+                    f"{owner.get('host')}); {self.hint}"
                 ) from None
             with os.fdopen(fd, "w") as handle:
                 json.dump(mine, handle)

@@ -236,3 +236,64 @@ def test_a_failed_start_leaves_no_options_file_that_makes_the_next_fresh_run_ref
     assert not (out / "training_options.json").exists()
     monkeypatch.undo()
     assert run_train_unet(tiny_args(out, "--max_train_steps", "1"))["steps"] == 1  # not refused as "another run"
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation never silently replaces results
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_cli(*argv: str) -> int:
+    from skipdiff.eval.__main__ import cli
+
+    return cli(["--buckets", "2", "--denoise_images", "8", "--num_threads", "1", *argv])  # later options win
+
+
+def test_evaluations_with_agreeing_settings_merge_and_differing_ones_are_refused_unless_overwrite(checkpointed,
+                                                                                                  tmp_path, capsys):  # fmt: skip
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed, run)
+    results = run / "eval" / "eval.json"
+    assert evaluate_cli("--checkpoint", str(run), "--denoise_loss") == 0  # as the README's first line
+    first = json.loads(results.read_text())
+    assert evaluate_cli("--checkpoint", str(run), "--grad_stability") == 0  # ... then its third: both kept
+    merged = json.loads(results.read_text())
+    assert merged["denoise"] == first["denoise"] and "grad_stability" in merged
+    assert merged["settings"]["denoise_loss"] and merged["settings"]["grad_stability"]
+
+    capsys.readouterr()
+    before = results.read_bytes()
+    out = ("--out", str(run / "eval"))
+    assert evaluate_cli("--checkpoint", str(run), "--denoise_loss", "--skips", "zero", *out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "skips: existing None vs now 'zero'" in err[0], err
+    assert "--overwrite" in err[0] and results.read_bytes() == before
+    assert evaluate_cli("--checkpoint", str(run), "--denoise_loss", "--buckets", "3", "--grad_stability") == 2
+    assert "buckets: existing 2 vs now 3" in capsys.readouterr().err
+
+    assert evaluate_cli("--checkpoint", str(run), "--denoise_loss", "--skips", "zero", *out, "--overwrite") == 0
+    replaced = json.loads(results.read_text())
+    assert replaced["skip_spec"] == "zero" and "grad_stability" not in replaced
+
+
+def test_a_second_evaluation_into_a_folder_in_use_is_refused_naming_it(checkpointed, tmp_path, capsys):
+    import socket
+
+    from skipdiff.runfolder import EVAL_LOCK_FILE
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / EVAL_LOCK_FILE).write_text(f'{{"pid": {sleeper.pid}, "host": "{socket.gethostname()}", "started": 0}}')
+        assert evaluate_cli("--checkpoint", str(checkpointed), "--denoise_loss", "--out", str(out)) == 2
+        err = capsys.readouterr().err
+        assert f"'{out}' is in use by another evaluation (pid {sleeper.pid}" in err and "another --out" in err
+        assert not (out / "eval.json").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert evaluate_cli("--checkpoint", str(checkpointed), "--denoise_loss", "--out", str(out)) == 0  # stale: taken over
+    assert (out / "eval.json").is_file() and not (out / EVAL_LOCK_FILE).exists()

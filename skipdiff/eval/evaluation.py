@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from ..runfolder import read_stats
+from ..runfolder import EVAL_LOCK_FILE, RunLock, read_stats
 from ..sampling import Samples, sample_images
 from ..targets import StudyTarget, load_target
 from . import plots
 from .options import EvalOptions
-from .results import write_results
+from .results import check_can_write, write_results
 from .run import check_data_matches, data_dict, held_out_batches, sampling_prompts
 
 
@@ -84,6 +84,24 @@ def evaluate_target(target: StudyTarget, options: EvalOptions, out: str | Path |
     ``eval.md`` and plots to ``out`` (default ``options.out``, else :func:`default_out`). Returns the result."""
     run = _Evaluation(target, options, Path(out or options.out or default_out(options, target.source)))
     _check(run)
+    run.out.mkdir(parents=True, exist_ok=True)
+    with RunLock(run.out, EVAL_LOCK_FILE, "evaluation", "wait for it to finish or choose another --out"):
+        # Before any work: a result with other settings in the folder is never silently replaced.
+        check_can_write(run.out, dataclasses.asdict(options), target.weights, _sections(options), options.overwrite)
+        return _evaluate(run)
+
+
+def _sections(options: EvalOptions) -> list[str]:
+    """The ``eval.json`` sections these options compute (``map`` is added later, for stochastic skips)."""
+    wanted = {"grid": options.wants_samples, "fid": options.fid, "clip_score": options.clip_score,
+              "denoise": options.denoise_loss or options.skip_importance, "skip_importance": options.skip_importance,
+              "grad_stability": options.grad_stability, "cache": _cache(options) is not None}  # fmt: skip
+    return [section for section, yes in wanted.items() if yes]
+
+
+def _evaluate(run: _Evaluation) -> dict:
+    """Every requested measurement, then ``eval.json`` (merged with the folder's, as checked)."""
+    target, options = run.target, run.options
     result = {"checkpoint": options.checkpoint or target.source, "ema": target.identity.get("ema"),
               "target": {**target.describe(), "folder": None if target.folder is None else str(target.folder.resolve())},
               "weights": target.weights, "settings": dataclasses.asdict(options),
@@ -110,8 +128,7 @@ def evaluate_target(target: StudyTarget, options: EvalOptions, out: str | Path |
         if options.map and _has_stochastic_skips(target.unet, router):
             result["map"] = _timed(run, "map_seconds", _score_map, run, router)
     result["timings"] = run.timings
-    write_results(run.out, result, Path(target.source).name)
-    return result
+    return write_results(run.out, result, Path(target.source).name, overwrite=options.overwrite)
 
 
 def _timed(run: _Evaluation, key: str, function, *args):

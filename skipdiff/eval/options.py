@@ -110,6 +110,10 @@ class EvalOptions(SkipCacheOptions):
     # ---- output -----------------------------------------------------------------------------------
     compare: list[str] = option([], "evaluated folders to put side by side (reads each <run>/eval/eval.json)")
     out: str | None = option(None, "output folder (default <checkpoint>/eval, or <checkpoint>/eval-<skips>)")
+    overwrite: bool = option(
+        False, "replace an eval.json in --out whose settings differ (default: refused; an evaluation with the same "
+        "settings adds its sections to it)",
+    )  # fmt: skip
     num_threads: int | None = option(None, "torch CPU threads")
 
     def check_sources(self) -> None:

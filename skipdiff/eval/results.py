@@ -2,16 +2,19 @@
 
 ``eval.json`` holds every number, the settings that produced it, what was loaded (``target``) and which
 weights were scored (``weights``: a digest of the weight files per component, or the Hub commit). A
+second evaluation into the same folder adds its sections to ``eval.json`` when the settings both depend on
+agree, and is refused otherwise (``--overwrite`` replaces the file; :func:`check_can_write`). A
 result is *current* while the folder's weights still have that digest (:func:`result_is_current`);
 :func:`compare` refuses results whose weights changed since they were computed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from ..runfolder import read_json, write_json_atomic
+from ..runfolder import read_json, write_json_atomic, write_text_atomic
 
 RESULTS_FILE = "eval.json"
 SUMMARY_FILE = "eval.md"
@@ -20,11 +23,122 @@ SHOWN_SETTINGS = ("skips", "num_samples", "seeds", "sampler", "steps", "guidance
                   "feature_extractor", "reference", "buckets", "denoise_images", "torch_dtype", "no_ema")  # fmt: skip
 
 
-def write_results(folder: Path, result: dict, label: str) -> None:
-    """``eval.json`` (atomically) and ``eval.md`` in ``folder``."""
+# --------------------------------------------------------------------------------------------------
+# Several evaluations into one folder: sections merge, differing settings are refused
+# --------------------------------------------------------------------------------------------------
+
+# The measured sections of eval.json, and the settings (EvalOptions fields) each one's numbers depend on.
+_SAMPLING = ("num_samples", "seeds", "sampler", "steps", "guidance_scale", "negative_prompt", "prompts")
+_DENOISING = ("buckets", "denoise_images")
+SECTION_SETTINGS = {
+    "fid": (*_SAMPLING, "feature_extractor", "inception_weights", "reference"),
+    "clip_score": (*_SAMPLING, "clip_model"),
+    "safety_checker_flagged": _SAMPLING,
+    "grid": (*_SAMPLING, "grid_size", "grid_variants"),
+    "denoise": _DENOISING,
+    "skip_importance": (*_DENOISING, "importance_factors"),
+    "grad_stability": ("spike_window", "spike_k"),
+    "map": (*_SAMPLING, "feature_extractor", "inception_weights", "reference", *_DENOISING),
+    "cache": (),
+}
+# Settings that change no number (speed, where to write, what to run): never a conflict. The checkpoint's
+# path is not compared either: the weights' digest says whether two results scored the same model (a
+# moved or copied run folder is the same model).
+NEUTRAL_SETTINGS = frozenset({"checkpoint", "num_threads", "out", "compare", "sample_batch_size", "denoise_batch_size", "cache_dir",
+                              "overwrite", "fid", "kid", "prc", "clip_score", "grid", "denoise_loss", "skip_importance",
+                              "grad_stability", "map"})  # fmt: skip
+_SECTION_KEYS = frozenset(k for keys in SECTION_SETTINGS.values() for k in keys)
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))  # tuples and lists compare equal, as saved
+
+
+def _common_settings(settings: dict) -> set[str]:
+    """The settings every section depends on: what was loaded (checkpoint, dtype, EMA), the skips, the cache
+    and the data; every setting that is neither a section's own nor neutral."""
+    return set(settings) - NEUTRAL_SETTINGS - _SECTION_KEYS
+
+
+def result_conflicts(existing: dict, new: dict) -> list[str]:
+    """Why ``new`` (a result about to be written) cannot join ``existing`` (the folder's eval.json, of the
+    same weights): a setting every section depends on, or a setting of a section both hold, that differs,
+    each as ``name: existing X vs now Y``. Empty: they merge."""
+    before, now = _plain(existing.get("settings")), _plain(new.get("settings", {}))
+    if not isinstance(before, dict):
+        return ["settings: the existing eval.json records none"]
+    conflicts = []
+    keys = _common_settings(now) | _common_settings(before)
+    for section in SECTION_SETTINGS:
+        if section in existing and section in new:
+            keys |= set(SECTION_SETTINGS[section])
+    for key in sorted(keys):
+        if before.get(key) != now.get(key):
+            conflicts.append(f"{key}: existing {before.get(key)!r} vs now {now.get(key)!r}")
+    return conflicts
+
+
+def merge_results(existing: dict, new: dict) -> dict:
+    """``new``'s sections over ``existing``'s: a section both hold is ``new``'s (same settings: the same
+    numbers again), the others are kept; ``settings`` keeps each kept section's own settings and the flags
+    of both evaluations."""
+    merged = {**existing, **new}
+    settings = dict(existing["settings"])
+    computed = [section for section in SECTION_SETTINGS if section in new]
+    for key, value in new["settings"].items():
+        if key in _common_settings(new["settings"]) or any(key in SECTION_SETTINGS[s] for s in computed):
+            settings[key] = value
+        elif key in NEUTRAL_SETTINGS and isinstance(value, bool):
+            settings[key] = bool(settings.get(key)) or value  # what was measured, by either evaluation
+        elif key not in settings:
+            settings[key] = value
+    merged["settings"] = settings
+    merged["timings"] = {**existing.get("timings", {}), **new.get("timings", {})}
+    return merged
+
+
+def check_can_write(folder: Path, new_settings: dict, weights, sections: list[str], overwrite: bool) -> None:
+    """Before any work: refuse (``ValueError``) an evaluation whose settings differ from those of the
+    folder's eval.json, naming the folder and the differing settings, unless ``overwrite``. ``sections``:
+    the sections the new evaluation will compute."""
+    path = Path(folder) / RESULTS_FILE
+    if overwrite or not path.is_file():
+        return
+    existing = read_json(path, "evaluation result")
+    if _stale(existing, weights):
+        return
+    conflicts = result_conflicts(existing, {"settings": new_settings, "weights": weights, **dict.fromkeys(sections)})
+    if conflicts:
+        raise ValueError(f"{str(path)!r} holds results of an evaluation with other settings ({'; '.join(conflicts)}): "
+                         "choose another --out to keep both, or replace it with --overwrite")  # fmt: skip
+
+
+def _stale(existing: dict, weights) -> bool:
+    """Whether ``existing`` scored other weights than ``weights`` (the folder's now): its numbers describe
+    weights that are gone, so a new evaluation replaces it whole instead of merging with it."""
+    return existing.get("weights") is not None and existing.get("weights") != _plain(weights)
+
+
+def write_results(folder: Path, result: dict, label: str, overwrite: bool = False) -> dict:
+    """``eval.json`` (atomically) and ``eval.md`` in ``folder``: merged with the eval.json there when its
+    settings agree (:func:`merge_results`), replaced with ``overwrite`` or when it scored other weights
+    (stale), else refused (:func:`check_can_write`, which the evaluation calls before any work). Returns
+    what was written."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / RESULTS_FILE, result, default=float, sort_keys=False)
-    (folder / SUMMARY_FILE).write_text(summary_markdown([(label, result)]))
+    path = folder / RESULTS_FILE
+    existing = read_json(path, "evaluation result") if path.is_file() and not overwrite else None
+    if existing is not None and _stale(existing, result.get("weights")):
+        print(f"note: {str(path)!r} scored other weights than these (retrained since?): replaced", flush=True)
+        existing = None
+    if existing is not None:
+        conflicts = result_conflicts(existing, result)
+        if conflicts:
+            raise ValueError(f"{str(path)!r} holds results of an evaluation with other settings "
+                             f"({'; '.join(conflicts)}): replace it with --overwrite")  # fmt: skip
+        result = merge_results(existing, result)
+    write_json_atomic(path, result, default=float, sort_keys=False)
+    write_text_atomic(folder / SUMMARY_FILE, summary_markdown([(label, result)]))
+    return result
 
 
 def result_is_current(result: dict, folder: str | os.PathLike | None = None) -> str | None:
