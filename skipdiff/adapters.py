@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .router import SkipRouter, discover_skips
+from .runfolder import follow_umask
 
 WEIGHTS_NAME = "skip_gates.safetensors"
 CONFIG_NAME = "skip_gates_config.json"
@@ -76,6 +77,7 @@ def save_skip_gates(target, folder: str | os.PathLike, base_model: str | None = 
         "num_parameters": sum(p.numel() for p in router.parameters()),
     }
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
+    follow_umask(folder)  # safetensors writes its files 0600
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 
 from . import __version__
-from .runfolder import write_json_atomic
+from .runfolder import follow_umask, write_json_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PIPELINE_MODULE = "skipdiff_pipeline"  # <folder>/skipdiff_pipeline.py
@@ -228,4 +228,7 @@ def export_pipeline(pipeline, folder: str | os.PathLike, raw_unet=None) -> Path:
     if raw_unet is not None:
         raw_unet.save_pretrained(folder / "unet_raw")
     write_remote_code(folder, pipeline.components)
+    for name in [*pipeline.components, "unet_raw"]:  # safetensors writes 0600: follow the umask instead
+        if (folder / name).is_dir():
+            follow_umask(folder / name)
     return folder

@@ -111,6 +111,29 @@ def truncate_stats(path: str | os.PathLike, last_step: int) -> int:
     return len(lines) - len(kept)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give every file below ``folder`` the mode the umask gives a new file (0644 under 022, 0664 under
+    002). safetensors creates its files 0600, whatever the umask: a run folder copied to a group's shared
+    results folder could not be read by the group."""
+    mode = 0o666 & ~current_umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 # --------------------------------------------------------------------------------------------------
 # Names and fingerprints
 # --------------------------------------------------------------------------------------------------

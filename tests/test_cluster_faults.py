@@ -297,3 +297,22 @@ def test_a_second_evaluation_into_a_folder_in_use_is_refused_naming_it(checkpoin
         sleeper.wait()
     assert evaluate_cli("--checkpoint", str(checkpointed), "--denoise_loss", "--out", str(out)) == 0  # stale: taken over
     assert (out / "eval.json").is_file() and not (out / EVAL_LOCK_FILE).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# File modes follow the umask, weights included
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_file_of_a_run_follows_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        out = tmp_path / "run"
+        run_train_unet(tiny_args(out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert UNET_WEIGHTS in modes and "checkpoint-2/model.safetensors" in modes
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != 0o666 & ~umask}
+    assert not wrong, wrong

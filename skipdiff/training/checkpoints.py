@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..runfolder import read_json
+from ..runfolder import follow_umask, read_json
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "skipdiff_state.json"
@@ -185,6 +185,7 @@ def save_checkpoint(
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2, default=list))
+            follow_umask(tmp)  # safetensors writes its files 0600
             _fsync_tree(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

@@ -20,6 +20,7 @@ from ..data import collate_images, dataset_channels, image_transform, load_image
 from ..data_options import DataOptions
 from ..encoders import data_scaling_factor
 from ..presets import vae_config
+from ..runfolder import follow_umask
 from .checkpoints import check_writable
 from .vae_options import VaeOptions
 
@@ -90,6 +91,7 @@ def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> di
         vae.save_pretrained(out)
         (out / "vae_metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "training_options.json").write_text(to_json(options))
+        follow_umask(out)  # safetensors writes its files 0600
     accelerator.wait_for_everyone()
     return metrics
 
