@@ -316,3 +316,34 @@ def test_every_file_of_a_run_follows_the_umask(tmp_path, umask):
     assert UNET_WEIGHTS in modes and "checkpoint-2/model.safetensors" in modes
     wrong = {name: oct(mode) for name, mode in modes.items() if mode != 0o666 & ~umask}
     assert not wrong, wrong
+
+
+# --------------------------------------------------------------------------------------------------
+# A full disk is one line
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_safetensors_writes_a_checkpoint_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import accelerate.utils.other
+    from safetensors import SafetensorError
+
+    from skipdiff.cli.train_unet import main
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", disk_full)
+    out = tmp_path / "run"
+    from helpers.unet_runs import reset_accelerate_state
+
+    reset_accelerate_state()
+    try:
+        code = main(tiny_args(out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    finally:
+        reset_accelerate_state()
+    text = capsys.readouterr().err  # (after tqdm's progress line, which ends in a carriage return)
+    err = [line[line.index("error: "):] for line in text.splitlines() if "error: " in line]
+    assert "Traceback" not in text
+    assert code == 1 and len(err) == 1, err
+    assert "could not write checkpoint" in err[0] and "checkpoint-1" in err[0] and "No space left" in err[0]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")] and not checkpoints.list_checkpoints(out)

@@ -198,8 +198,9 @@ def save_checkpoint(
     except BaseException as err:  # disk full, permissions, Ctrl-C: no temporary folder is left behind
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise OSError(f"could not write checkpoint {str(final)!r}: {err}; earlier checkpoints are intact") from err
+        if isinstance(err, OSError | SafetensorError):  # safetensors reports a full disk as its own error type
+            raise OSError(f"could not write checkpoint {str(final)!r}: {err}; earlier checkpoints are intact; free "
+                          "space or make the folder writable, then resume with --resume_from_checkpoint latest") from err
         raise
     if accelerator.is_main_process:
         rotate_checkpoints(root, total_limit)
