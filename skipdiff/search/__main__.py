@@ -147,23 +147,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """:func:`main` for a console: bad input ``error: ...`` and 2, Ctrl-C 130, a failed worker 1."""
-    from ..config import SkipdiffError
-    from .worker import _interrupted, exit_status
+    """:func:`main` for a console: bad input ``error: ...`` and 2, stopped 130/143/138, a failed worker 1."""
+    from .worker import console
 
-    try:
-        return main(argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except BaseException as err:  # noqa: BLE001
-        if _interrupted(err):
-            print("stopped; relaunch the same command to continue the search", file=sys.stderr)
-            return exit_status(err)
-        if isinstance(err, SkipdiffError | RuntimeError):
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        raise
+    return console(lambda: main(argv), "stopped; relaunch the same command to continue the search")
 
 
 if __name__ == "__main__":

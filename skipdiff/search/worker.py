@@ -111,24 +111,29 @@ def main(argv: list[str] | None = None) -> int:
     return run_worker(spec, Path(args.out or Path("runs") / "searches" / args.study), args.storage, args.study)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """:func:`main` for a console: bad input 2, interrupted 130 (the trial is re-queued), done 0."""
+def console(run, stopped: str) -> int:
+    """Run ``run()`` for a console: bad input ``error: ...`` and 2; stopped by a signal the training's status
+    (130, 143, 138) with ``stopped``; a known failure ``error: ...`` and 1; else ``run()``'s status or 0."""
     from ..config import SkipdiffError
 
     try:
-        main(argv)
+        return run() or 0
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BaseException as err:  # noqa: BLE001
         if _interrupted(err):
-            print("stopped; the trial was re-queued and resumes from its checkpoint on relaunch", file=sys.stderr)
+            print(stopped, file=sys.stderr)
             return exit_status(err)
-        if isinstance(err, SkipdiffError):
+        if isinstance(err, SkipdiffError | RuntimeError):
             print(f"error: {err}", file=sys.stderr)
             return 1
         raise
-    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` for a console (see :func:`console`); done 0."""
+    return console(lambda: main(argv) and 0, "stopped; the trial was re-queued and resumes from its checkpoint on relaunch")
 
 
 if __name__ == "__main__":
