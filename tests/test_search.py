@@ -319,7 +319,11 @@ def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
     assert (out / "confirm" / "report" / "report.md").is_file()
     from skipdiff.report.__main__ import main
 
-    assert "Confirmation (the result)" in main([str(out)]).read_text()
+    text = main([str(out)]).read_text()
+    assert "Confirmation (the result)" in text and "### The search's objective (denoise_mse) on the fresh seeds" in text
+    summary = json.loads((out / "report" / "search_summary.json").read_text())["confirmation"]["ranking"]
+    reference = next(r for r in summary["rows"] if r["configuration"] == "reference")
+    assert sorted(int(seed) for seed in reference["values_by_seed"]) == [5, 6]  # paired on the fresh seeds
     chosen = json.loads((out / "confirm" / "chosen.json").read_text())["chosen"]
     best = min(study_trials(out), key=lambda t: t.value)
     assert chosen[0]["trial"] == best.number

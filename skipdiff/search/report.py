@@ -123,13 +123,50 @@ def write_search_report(folder: str | Path, out: str | Path | None = None) -> Pa
         lines += ["", f"## Parameter importance ({objectives[0]}, Optuna's default evaluator)", "",
                   "| parameter | importance |", "|---|---|"]  # fmt: skip
         lines += [f"| {name} | {value:.3f} |" for name, value in summary["importance"].items()]
-    lines += _confirmation_lines(folder)
+    lines += _confirmation_lines(folder, summary)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     write_json_atomic(out / "search_summary.json", summary, default=str)
     return out / "report.md"
 
 
-def _confirmation_lines(folder: Path) -> list[str]:
+def confirmed_values(folder: Path, read) -> dict[str, dict[int, float]]:
+    """label -> {training seed: value} of the confirmation's finished cells (``read(eval.json)``)."""
+    values: dict[str, dict[int, float]] = {}
+    for cell_file in sorted((folder / "confirm").glob("*/cell.json")):
+        cell = read_json(cell_file, "cell record")
+        evaluation = cell_file.parent / "eval" / "eval.json"
+        if cell.get("status") != "done" or not evaluation.is_file():
+            continue
+        label = next(a["label"] for a in cell["axes"] if a["axis"] == "config")
+        values.setdefault(label, {})[int(cell["options"]["seed"])] = read(read_json(evaluation, "evaluation"))
+    return values
+
+
+def _objective_ranking(folder: Path, summary: dict | None = None) -> list[str]:
+    """The search's own (first) objective on the fresh seeds, paired against the reference (Holm over the
+    confirmed configurations), as the report's ranking table."""
+    from ..report.markdown import ranking_table
+    from ..report.ranking import rank_against
+    from .confirm import REFERENCE
+    from .objectives import OBJECTIVES
+
+    search = read_json(folder / "search.json", "search record")
+    name = search["objectives"][0]
+    objective = OBJECTIVES[name]
+    if objective.from_model or not search["spec"].get("kind") == "training":
+        return []
+    values = confirmed_values(folder, objective.read)
+    if REFERENCE not in values or len(values) < 2:
+        return []
+    rows = {label: v for label, v in values.items() if label != REFERENCE}
+    result = rank_against(values[REFERENCE], rows, lower_is_better=objective.direction == "minimize",
+                          reference_name=REFERENCE)  # fmt: skip
+    if summary is not None:
+        summary["confirmation"] = {"objective": name, "ranking": result}
+    return ["", f"### The search's objective ({name}) on the fresh seeds", "", *ranking_table(result, name), ""]
+
+
+def _confirmation_lines(folder: Path, summary: dict) -> list[str]:
     chosen_path = folder / "confirm" / "chosen.json"
     if not chosen_path.is_file():
         return ["", "## Confirmation", "", "Not run yet: the search's result is its confirmation (`confirm:` in the "
@@ -137,13 +174,14 @@ def _confirmation_lines(folder: Path) -> list[str]:
     chosen = read_json(chosen_path, "confirmation choice")["chosen"]
     lines = ["", "## Confirmation (the result)", "",
              "The configurations below and the reference, retrained (or resampled) on fresh seeds and ranked "
-             "against the reference, paired by seed with Holm's correction: "
-             "[confirm/report/report.md](../confirm/report/report.md).", ""]  # fmt: skip
+             "against the reference, paired by seed with Holm's correction (the full report: "
+             "`<search folder>/confirm/report/report.md`).", ""]  # fmt: skip
     for entry in chosen:
         table = _skip_table(next((str(p.parent) for p in (folder / "trials").glob("*/trial.json")
                                   if json.loads(p.read_text())["number"] == entry["trial"]), None))  # fmt: skip
         lines += [f"### {entry['label']} (trial {entry['trial']}; search value {entry['search_values']})", "",
                   "```", table or json.dumps(entry["params"]), "```", ""]  # fmt: skip
+    lines += _objective_ranking(folder, summary)
     ranking = folder / "confirm" / "report" / "report.md"
     if ranking.is_file():
         lines += ["### Ranking on fresh seeds", "", *ranking.read_text().splitlines()[1:]]
