@@ -67,7 +67,7 @@ def show_plan(spec, examples: dict, out: Path, storage: str, workers: int, log=p
         log(f"example ({family}): {json.dumps(example, sort_keys=True)}")
 
 
-def launch_workers(args, spec_path: str, out: Path, storage: str, study: str, devices) -> list[int]:
+def launch_workers(args, out: Path, storage: str, study: str, devices) -> list[int]:
     """``--workers N``: N worker processes on one study; returns their exit statuses."""
     procs = []
     for i in range(args.workers):
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_worker(spec, out, storage)
     else:
-        statuses = launch_workers(args, args.spec, out, storage, spec.name, devices)
+        statuses = launch_workers(args, out, storage, spec.name, devices)
         stopped = [s for s in statuses if s in INTERRUPTED]
         if stopped:
             print("stopped; relaunch the same command to continue the search", file=sys.stderr)

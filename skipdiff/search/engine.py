@@ -23,7 +23,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from .spec import SearchSpec
+from .spec import SearchSpec, default_storage_settings
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 TrialPruned = optuna.TrialPruned
@@ -112,7 +112,7 @@ def open_study(spec: SearchSpec, storage_url: str, study_name: str | None = None
 
 def stored_spec(storage_url: str, study_name: str, spec_storage: dict | None = None) -> tuple[dict, str]:
     """``(raw spec, spec name)`` kept in the study (what a worker joining from another machine runs)."""
-    storage = make_storage(storage_url, spec_storage or {"heartbeat_seconds": 60, "grace_seconds": 120, "max_retry": 3})
+    storage = make_storage(storage_url, spec_storage or default_storage_settings())
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
@@ -122,8 +122,7 @@ def stored_spec(storage_url: str, study_name: str, spec_storage: dict | None = N
 
 def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
     """A study as stored (no sampler state needed: for reports)."""
-    return optuna.load_study(study_name=study_name, storage=make_storage(storage_url, {"heartbeat_seconds": 60,
-                             "grace_seconds": 120, "max_retry": 3}))  # fmt: skip
+    return optuna.load_study(study_name=study_name, storage=make_storage(storage_url, default_storage_settings()))
 
 
 def trials(study: optuna.Study, states=None) -> list:

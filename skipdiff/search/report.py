@@ -72,10 +72,8 @@ def _pareto(rows: list[dict], front: set[int], objectives: list[str], path: Path
     plt.close(fig)
 
 
-def _skip_table(folder: str | None) -> str | None:
+def _skip_table(folder: str) -> str:
     """The skip table of a trial's trained UNet (training searches), or its skip spec (inference)."""
-    if folder is None:
-        return None
     trial = read_json(Path(folder) / "trial.json", "trial record")
     if (Path(folder) / "unet" / "config.json").is_file():
         from ..unet import SkipUNet2DModel
@@ -177,10 +175,9 @@ def _confirmation_lines(folder: Path, summary: dict) -> list[str]:
              "against the reference, paired by seed with Holm's correction (the full report: "
              "`<search folder>/confirm/report/report.md`).", ""]  # fmt: skip
     for entry in chosen:
-        table = _skip_table(next((str(p.parent) for p in (folder / "trials").glob("*/trial.json")
-                                  if json.loads(p.read_text())["number"] == entry["trial"]), None))  # fmt: skip
+        table = _skip_table(str(folder / "trials" / entry["label"]))  # the label is the trial folder's name
         lines += [f"### {entry['label']} (trial {entry['trial']}; search value {entry['search_values']})", "",
-                  "```", table or json.dumps(entry["params"]), "```", ""]  # fmt: skip
+                  "```", table, "```", ""]  # fmt: skip
     lines += _objective_ranking(folder, summary)
     ranking = folder / "confirm" / "report" / "report.md"
     if ranking.is_file():

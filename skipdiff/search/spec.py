@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import from_dict
 from .objectives import OBJECTIVES, needed_eval
 from .space import Space, parse_space
@@ -75,14 +73,9 @@ def options_class(kind: str) -> type:
 
 def load_search_spec(path: str | os.PathLike) -> SearchSpec:
     """Read and check a YAML spec; the search's (and its study's) name is the file's stem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"search spec {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"search spec {str(path)!r} is not valid YAML: {err}") from None
-    return parse_search_spec(data, path.stem)
+    from ..sweep.spec import read_yaml_spec
+
+    return parse_search_spec(read_yaml_spec(path, "search spec"), Path(path).stem)
 
 
 def _mapping(value: Any, what: str) -> dict:
@@ -283,6 +276,11 @@ def _confirm(raw: Any, base: dict, space: Space, training: bool) -> dict:
             raise ValueError("confirm eval: an inference confirmation evaluates with the base options")
         out["eval"] = _eval(confirm["eval"], (), training)
     return out
+
+
+def default_storage_settings() -> dict:
+    """The ``storage:`` settings of a spec that gives none (heartbeat 60 s, grace 120 s, 3 retries)."""
+    return _storage(None)
 
 
 def _storage(raw: Any) -> dict:

@@ -51,18 +51,22 @@ class Cell:
     folder: Path
 
 
-def load_spec(path: str | os.PathLike) -> SweepSpec:
-    """Read and check a YAML spec; the sweep's name is the file's stem."""
+def read_yaml_spec(path: str | os.PathLike, what: str = "sweep spec") -> Any:
+    """A YAML spec file's contents; ``ValueError`` naming the file (and the line and column of a syntax error)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"sweep spec {str(path)!r} does not exist")
+        raise ValueError(f"{what} {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ValueError(f"sweep spec {str(path)!r} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
-    return parse_spec(data, path.stem)
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read and check a YAML spec; the sweep's name is the file's stem."""
+    return parse_spec(read_yaml_spec(path), Path(path).stem)
 
 
 def parse_spec(data: Any, name: str) -> SweepSpec:
