@@ -98,9 +98,31 @@ BAD_SPECS = [
     ({"confirm": {"top": 2, "seeds": [0, 7]}}, "confirm seeds [0] were used by the search's trials"),
     ({"base": {**BASE, "output_dir": "x"}}, "base option 'output_dir' is set by the search"),
     ({"base": {**BASE, "max_train_step": 3}}, "max_train_step"),
-    ({"space": {"prediction_type": ["epsilon", "v_prediction"]}}, "prediction_type cannot be searched"),
+    ({"space": {"prediction_type": ["epsilon", "v_prediction"]}, "enqueue": None}, "prediction_type cannot be searched"),
     ({"enqueue": [{"skips": "full"}] * 4}, "enqueue lists 4 configurations but budget trials is 3"),
+    ({"enqueue": [{"skips": "ful"}]}, "skips: 'ful' is not one of"),
+    ({"enqueue": [{"scalelong.kapa": 0.7}]}, "'scalelong.kapa' is no parameter of the space"),
+    ({"enqueue": [{"scalelong.kappa": 1.5}]}, "scalelong.kappa: 1.5 is not a number in [0.5, 0.95]"),
+    ({"enqueue": [{"skip.12.scale": "x"}]}, "skip.scale: 'x' is not a number"),
 ]
+
+
+def test_enqueued_list_choices_reach_the_trial_as_lists():
+    """Optuna's categorical choices are scalars, so a list choice (block widths) travels as JSON text: an
+    enqueued list must be stored the same way, or Optuna refuses it ("not in choices") at the first trial."""
+    import optuna
+
+    from skipdiff.search.space import suggest
+
+    space = {"skips": ["full", "per_skip"], "skip": ["keep", "zero"],
+             "model.block_out_channels": [[16, 32], [8, 16]], "model.layers_per_block": [1, 2]}  # fmt: skip
+    queued = [{"skips": "per_skip", "skip.0": "zero", "model.block_out_channels": [8, 16], "model.layers_per_block": 2}]
+    spec = parse_search_spec({**copy.deepcopy(TINY), "space": space, "enqueue": queued}, "m")
+    study = optuna.create_study()
+    study.enqueue_trial(spec.enqueue[0])
+    suggestion = suggest(study.ask(), spec.space, lambda config: 3, spec.base)
+    assert suggestion.model == {"block_out_channels": [8, 16], "layers_per_block": 2}
+    assert suggestion.options["skips"].split(",")[0] == "zero"
 
 
 @pytest.mark.parametrize(("changes", "message"), BAD_SPECS)

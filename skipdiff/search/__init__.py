@@ -23,7 +23,7 @@ Spec (YAML):
       learning_rate: {low: 3.0e-4, high: 3.0e-3, log: true}   # any other option of a trial
     objectives: [denoise_mse]       # denoise_mse, fid_minus_floor, fid, kid, clip_score, sampling_seconds,
                                     #   flops, parameters (each with its own direction)
-    constraints: {flops: 4.0e7}     # upper limits, recorded for the sampler (feasible when <= the limit)
+    constraints: {flops: 4.0e+7}    # upper limits, recorded for the sampler (feasible when <= the limit)
     pruner: successive_halving      # or hyperband, median, threshold ({name: threshold, upper: 0.5}), none
                                     #   (single-objective training searches only)
     prune: {steps: [100, 200]}      # report the held-out denoising MSE there (images: 128, buckets: 10)

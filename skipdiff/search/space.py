@@ -60,6 +60,17 @@ class Param:
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
+    def queued(self, value: Any) -> Any:
+        """``value`` as Optuna stores it for this parameter (for ``study.enqueue_trial``); ``ValueError``
+        naming the value when it is no choice or lies outside the range."""
+        if self.choices is not None:
+            if _encode(value) not in [_encode(c) for c in self.choices]:
+                raise ValueError(f"{self.name}: {value!r} is not one of {list(self.choices)}")
+            return _encode(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not self.low <= value <= self.high:
+            raise ValueError(f"{self.name}: {value!r} is not a number in [{self.low}, {self.high}]")
+        return value
+
     def describe(self) -> str:
         if self.choices is not None:
             return f"one of {list(self.choices)}"
@@ -138,6 +149,16 @@ class Space:
     def option_params(self) -> dict[str, Param]:
         """Parameters that are plain options of a trial (no prefix, not the family)."""
         return {n: p for n, p in self.params.items() if n != FAMILY and "." not in n and n != "skip"}
+
+    def param_of(self, name: str) -> Param | None:
+        """The parameter that decides ``name``: itself, or for a per-skip ``skip.<k>`` / ``skip.<k>.scale``
+        the shared ``skip`` / ``skip.scale`` parameter."""
+        if name in self.params:
+            return self.params[name]
+        parts = name.split(".")
+        if parts[0] == "skip" and len(parts) in (2, 3) and parts[1].isdigit() and parts[2:] in ([], ["scale"]):
+            return self.params.get(".".join(["skip", *parts[2:]]))
+        return None
 
     def describe(self) -> list[str]:
         return [f"  {name}: {param.describe()}" for name, param in self.params.items()]

@@ -124,7 +124,7 @@ def parse_search_spec(data: Any, name: str) -> SearchSpec:
         name=name, kind=kind, base=base, space=space, objectives=objectives,
         constraints=_constraints(data.get("constraints"), objectives), budget=_budget(data.get("budget")),
         sampler=_sampler(data.get("sampler"), len(objectives)), pruner=pruner, prune=_prune(data.get("prune"), pruner),
-        seed=_int(data.get("seed", 0), "seed"), enqueue=_enqueue(data.get("enqueue")),
+        seed=_int(data.get("seed", 0), "seed"), enqueue=_enqueue(data.get("enqueue"), space),
         eval=_eval(data.get("eval"), objectives, training), confirm=_confirm(data.get("confirm"), base, space, training),
         storage=_storage(data.get("storage")), description=str(data.get("description") or ""), raw=data,
     )  # fmt: skip
@@ -217,12 +217,26 @@ def _prune(raw: Any, pruner: dict) -> dict:
             "buckets": _int(prune.get("buckets", 10), "prune buckets", 1)}  # fmt: skip
 
 
-def _enqueue(raw: Any) -> tuple[dict, ...]:
+def _enqueue(raw: Any, space: Space) -> tuple[dict, ...]:
+    """The known configurations, each parameter checked against the space and stored as Optuna stores it
+    (a list choice such as ``model.block_out_channels: [32, 64, 64]`` travels as its JSON text)."""
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(e, dict) and e for e in raw):
         raise ValueError(f"enqueue must be a list of parameter mappings (e.g. - {{skips: full}}), got {raw!r}")
-    return tuple(dict(e) for e in raw)
+    queued = []
+    for entry in raw:
+        params = {}
+        for name, value in entry.items():
+            param = space.param_of(str(name))
+            if param is None:
+                raise ValueError(f"enqueue {entry}: {name!r} is no parameter of the space; space: {sorted(space.params)}")
+            try:
+                params[name] = param.queued(value)
+            except ValueError as err:
+                raise ValueError(f"enqueue {entry}: {err}") from None
+        queued.append(params)
+    return tuple(queued)
 
 
 def _eval(raw: Any, objectives: tuple[str, ...], training: bool) -> dict:
