@@ -3,7 +3,7 @@
     python eval/atlas.py specs                  # write eval/searches/atlas_<field>.yaml from eval/atlas/template.yaml
     python eval/atlas.py search                 # each field's search (no confirmation yet), one after another
     python eval/atlas.py confirm                # each field's top 3 and full on 6 fresh seeds (FID, KID, MSE)
-    python eval/atlas.py report                 # -> eval/results/atlas/ (per field and the atlas table)
+    python eval/atlas.py report                 # -> eval/results/atlas/atlas.md (python -m skipdiff.search.atlas)
     python eval/atlas.py all                    # the three stages in order
     python eval/atlas.py search --fields hubble moon     # some fields only
 
@@ -68,8 +68,12 @@ def search(field: str, confirm: bool) -> int:
 
 
 def report() -> int:
-    return _run([sys.executable, "-m", "skipdiff.atlas_report", *[str(search_folder(f)) for f in FIELDS],
-                 "--out", str(RESULTS)])  # fmt: skip
+    """The atlas table over the fields whose search report exists (eval/results/atlas/<field>/)."""
+    ready = [str(RESULTS / f) for f in FIELDS if (RESULTS / f / "search_summary.json").is_file()]
+    if not ready:
+        print("error: no field's search has finished yet (eval/results/atlas/<field>/search_summary.json)", file=sys.stderr)
+        return 2
+    return _run([sys.executable, "-m", "skipdiff.search.atlas", *ready, "--out", str(RESULTS)])
 
 
 def main(argv=None) -> int:

@@ -15,14 +15,36 @@ from ..runfolder import read_json, write_json_atomic
 
 
 def trial_rows(study) -> list[dict]:
-    """One row per trial: number, state, parameters, objective values, intermediate values, seconds, folder."""
+    """One row per trial: number, state, parameters, objective values, intermediate values, seconds, folder,
+    and what its run folder adds (:func:`trial_extras`)."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
+        folder = trial.user_attrs.get("folder")
         rows.append({"number": trial.number, "state": trial.state.name.lower(), "params": trial.params,
                      "values": trial.values, "intermediate": {str(k): v for k, v in trial.intermediate_values.items()},
                      "retry_of": trial.system_attrs.get("failed_trial"), "seconds": trial.user_attrs.get("seconds"),
-                     "folder": trial.user_attrs.get("folder")})  # fmt: skip
+                     "folder": folder, **(trial_extras(Path(folder)) if folder else {})})  # fmt: skip
     return rows
+
+
+def trial_extras(folder: Path) -> dict:
+    """From a trial's run folder: its UNet's ``flops`` per forward and ``parameters`` (a complete trial's
+    ``trial.json``), and for a Markov-chain trial the chain's learned open rate per skip at the last logged
+    step (``markov_open``: UNet skip index -> P(open), from ``stats.jsonl``)."""
+    extras = {}
+    record = folder / "trial.json"
+    if record.is_file():
+        extras.update(read_json(record, "trial record").get("model_record") or {})
+    stats = folder / "stats.jsonl"
+    if stats.is_file():
+        last = None
+        for line in stats.read_text().splitlines():
+            if '"markov"' in line:
+                last = line
+        if last is not None:
+            chain = json.loads(last)["markov"]
+            extras["markov_open"] = {str(k): p for k, p in zip(chain["skips"], chain["marginals"], strict=True)}
+    return extras
 
 
 def _history(rows: list[dict], objective: str, minimize: bool, path: Path) -> None:

@@ -1,0 +1,269 @@
+"""Several fields' searches side by side: the skip atlas.
+
+    python -m skipdiff.search.atlas eval/results/atlas/digits eval/results/atlas/hubble ... \\
+        --out eval/results/atlas --margin denoise_mse=0.003 --margin fid=0.3
+
+Each input is a search's report folder (``python -m skipdiff.report <search folder> --out <folder>``): its
+``search_summary.json`` and, once the confirmation ran, ``confirmation/summary.json``. The folder's name
+is the field's label. Writes into ``--out``:
+
+* ``atlas.json``: per field the search (trials, CPU time, the best trial seen, flagged as biased), the
+  confirmation (every confirmed configuration against the field's ``full`` on the fresh seeds, by the
+  held-out denoising MSE and by FID, paired by seed), parameter importance, the quality-against-FLOPs
+  front and the Markov chain's learned open rates;
+* ``atlas.md``: the same as tables; ``importance.png`` (field x parameter) and ``front.png``.
+
+The confirmations' tests form **one declared Holm family per metric over the whole atlas** (every field's
+rows), because the atlas's claims ("on which fields does a searched configuration beat full") are read
+across fields; each row also gets a TOST p of equivalence within the declared margin, so "no better than
+full" is claimed only where equivalence is shown. A field whose confirmation has not run is listed with
+its search alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from ..runfolder import read_json, write_json_atomic
+
+REFERENCE = "reference"  # the confirmation's name for the reference row (skipdiff.search.confirm)
+# the report's metric names (skipdiff.report.ranking.METRIC_ALIASES: --margin denoise_mse=... means "denoise")
+DEFAULT_MARGINS = {"denoise": 0.003, "fid": 0.3}
+METRICS = {"denoise": "held-out denoising MSE", "fid": "FID (differences equal FID minus floor's)"}
+
+
+def _label(name: str) -> str:
+    return name.removeprefix("config=")
+
+
+def confirmed_values(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """metric -> configuration -> {training seed: value} of a field's confirmation (empty when not run)."""
+    values: dict[str, dict[str, dict[int, float]]] = {}
+    summary = read_json(folder / "search_summary.json", "search summary")
+    ranking = (summary.get("confirmation") or {}).get("ranking")
+    if ranking:
+        values["denoise"] = {_label(r["configuration"]): {int(s): v for s, v in r["values_by_seed"].items()}
+                                 for r in ranking["rows"]}  # fmt: skip
+    sweep = folder / "confirmation" / "summary.json"
+    if sweep.is_file():
+        tables = read_json(sweep, "confirmation summary")["datasets"]
+        table = next(iter(tables.values()))
+        fid = table.get("ranking")
+        if fid and fid.get("metric") == "fid":
+            values["fid"] = {_label(r["configuration"]): {int(s): v for s, v in r["values_by_seed"].items()}
+                             for r in fid["rows"]}  # fmt: skip
+            values["fid_floor"] = {"mean": table.get("fid_floor", {}).get("mean")}  # type: ignore[dict-item]
+    return values
+
+
+def field_record(folder: Path) -> dict:
+    """What the atlas keeps of one field's search report folder."""
+    summary = read_json(folder / "search_summary.json", "search summary")
+    trials = summary["trials"]
+    counted = [t for t in trials if t["state"] in ("complete", "pruned")]
+    complete = [t for t in trials if t["state"] == "complete" and t["values"]]
+    best = min(complete, key=lambda t: t["values"][0]) if complete else None
+    markov = [t for t in complete if t.get("markov_open")]
+    best_markov = min(markov, key=lambda t: t["values"][0]) if markov else None
+    return {
+        "field": folder.name,
+        "search": summary["name"],
+        "counts": summary["counts"],
+        "trials_counted": len(counted),
+        "cpu_minutes": sum(t["seconds"] or 0.0 for t in trials) / 60,
+        "best_seen": None if best is None else {"trial": best["number"], "value": best["values"][0],
+                                                "params": best["params"], "biased": True},  # fmt: skip
+        "importance": summary.get("importance") or {},
+        "front": pareto_front([(t["flops"], t["values"][0], t["number"]) for t in complete if "flops" in t]),
+        "markov_open": None if best_markov is None else {"trial": best_markov["number"],
+                                                         "open": best_markov["markov_open"]},  # fmt: skip
+        "trials": [{k: t.get(k) for k in ("number", "state", "params", "values", "folder", "flops", "seconds")}
+                   for t in trials],  # fmt: skip
+    }
+
+
+def pareto_front(points: list[tuple[float, float, int]]) -> list[dict]:
+    """The (flops, value, trial) points no other point beats on both (lower is better on each)."""
+    front, best = [], float("inf")
+    for flops, value, number in sorted(points):
+        if value < best:
+            front.append({"flops": flops, "value": value, "trial": number})
+            best = value
+    return front
+
+
+def rank_fields(values_by_field: dict[str, dict], margins: dict[str, float]) -> dict[str, dict[str, dict]]:
+    """metric -> field -> ranking (:func:`skipdiff.report.ranking.compare`), Holm over every field's rows of
+    that metric as one family (scope "atlas")."""
+    from ..report.ranking import adjust_family, compare
+
+    rankings: dict[str, dict[str, dict]] = {}
+    for metric in METRICS:
+        per_field = {f: v[metric] for f, v in values_by_field.items() if metric in v and REFERENCE in v[metric]}
+        results = {f: compare(v, REFERENCE, lower_is_better=True, margin=margins.get(metric), family=None)
+                   for f, v in per_field.items() if len(v) >= 2}  # fmt: skip
+        adjust_family(list(results.values()), scope="atlas")
+        rankings[metric] = results
+    return rankings
+
+
+def write_atlas(folders: list[Path], out: Path, margins: dict[str, float] | None = None) -> Path:
+    """Write ``atlas.json``, ``atlas.md`` and the figures for the field report ``folders``; returns atlas.md."""
+    margins = {**DEFAULT_MARGINS, **(margins or {})}
+    out.mkdir(parents=True, exist_ok=True)
+    fields = [field_record(f) for f in folders]
+    values = {f.name: confirmed_values(f) for f in folders}
+    rankings = rank_fields(values, margins)
+    for record in fields:
+        record["fid_floor"] = (values[record["field"]].get("fid_floor") or {}).get("mean")
+        record["confirmation"] = {m: rankings[m][record["field"]] for m in METRICS if record["field"] in rankings[m]}
+    atlas = {"fields": fields, "margins": margins, "family": "atlas: Holm over every field's confirmed rows, per metric"}
+    write_json_atomic(out / "atlas.json", atlas, default=str)
+    _importance_figure(fields, out / "importance.png")
+    _front_figure(fields, out / "front.png")
+    (out / "atlas.md").write_text("\n".join(atlas_lines(atlas)) + "\n")
+    return out / "atlas.md"
+
+
+def _fmt(value, spec=".4g") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def atlas_lines(atlas: dict) -> list[str]:
+    """The atlas as Markdown: the headline table, then search costs, importance and open rates."""
+    margins = atlas["margins"]
+    lines = ["# The skip atlas", "",
+             "Per field: the configurations the search ranked best, retrained on fresh seeds against the field's "
+             f"`full` (keep every skip), paired by seed. Holm's correction runs over every field's rows of a metric "
+             f"(one declared family); equivalence is TOST within ±{margins['denoise']} MSE and "
+             f"±{margins['fid']} FID.", "",
+             "| field | configuration | seeds | Δ MSE vs full [95% CI] | Holm p | verdict (MSE) | Δ FID [95% CI] | "
+             "Holm p | verdict (FID) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for record in atlas["fields"]:
+        confirmation = record.get("confirmation") or {}
+        if not confirmation:
+            lines.append(f"| {record['field']} | not confirmed yet (search: {record['trials_counted']} trials) "
+                         "| | | | | | | |")  # fmt: skip
+            continue
+        mse = {r["configuration"]: r for r in confirmation.get("denoise", {}).get("rows", [])}
+        fid = {r["configuration"]: r for r in confirmation.get("fid", {}).get("rows", [])}
+        for name in sorted(set(mse) | set(fid)):
+            m, f = mse.get(name), fid.get(name)
+            if (m or f)["is_reference"]:
+                above = None if f is None or record["fid_floor"] is None else f["mean"] - record["fid_floor"]
+                mean = f"MSE {_fmt(m['mean'] if m else None)}, FID−floor {_fmt(above, '.3f')}"
+                lines.append(f"| {record['field']} | full (reference: {mean}) | {(m or f)['seeds']} | | | | | | |")
+                continue
+            lines.append(f"| {record['field']} | {name} `{_params(record, name)}` | {(m or f)['shared_seeds']} | "
+                         f"{_delta(m)} | {_fmt(m['p_holm'] if m else None, '.3f')} | {m['verdict'] if m else '–'} | "
+                         f"{_delta(f)} | {_fmt(f['p_holm'] if f else None, '.3f')} | {f['verdict'] if f else '–'} |")  # fmt: skip
+    lines += ["", "## The searches", "",
+              "The best trial's value is the best of many noisy draws, biased in its favour; the table above is the result.",
+              "", "| field | trials (complete/pruned) | CPU minutes | best trial seen | its MSE | parameters |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for record in atlas["fields"]:
+        best = record["best_seen"] or {}
+        counts = record["counts"]
+        lines.append(f"| {record['field']} | {counts.get('complete', 0)}/{counts.get('pruned', 0)} | "
+                     f"{record['cpu_minutes']:.1f} | {best.get('trial', '–')} | {_fmt(best.get('value'), '.5f')} | "
+                     f"`{json.dumps(best.get('params', {}), sort_keys=True)}` |")  # fmt: skip
+    lines += ["", "## What matters: parameter importance per field (Optuna's default evaluator)", "",
+              "![importance](importance.png)", "", "![MSE against FLOPs](front.png)", ""]
+    lines += ["## The Markov chain's learned open rates (its best trial per field)", "",
+              "| field | trial | P(open) per skip |", "|---|---|---|"]
+    for record in atlas["fields"]:
+        chain = record["markov_open"]
+        if chain:
+            rates = ", ".join(f"{k}: {p:.2f}" for k, p in chain["open"].items())
+            lines.append(f"| {record['field']} | {chain['trial']} | {rates} |")
+    return lines
+
+
+def _delta(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    ci = row.get("ci")
+    return f"{row['delta']:+.4g}" + (f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "")
+
+
+def _params(record: dict, label: str) -> str:
+    """A confirmed row's searched parameters (its label is its trial folder's name)."""
+    entry = next((t for t in record["trials"] if (t.get("folder") or "").endswith(label)), None)
+    return json.dumps(entry["params"], sort_keys=True) if entry else ""
+
+
+def _importance_figure(fields: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = sorted({p for f in fields for p in f["importance"]})
+    if not names:
+        return
+    grid = np.array([[f["importance"].get(p, np.nan) for p in names] for f in fields])
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(names), 2.4 + 0.4 * len(fields)), layout="constrained")
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(fields)), [f["field"] for f in fields])
+    ax.set_xlabel("searched parameter (blank: not sampled on that field)")
+    ax.set_title("parameter importance for the held-out denoising MSE")
+    fig.colorbar(image, ax=ax, label="importance (fraction, per field)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _front_figure(fields: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = [f for f in fields if f["front"]]
+    if not drawn:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for record in drawn:
+        front = record["front"]
+        ax.plot([p["flops"] / 1e6 for p in front], [p["value"] for p in front], marker="o", label=record["field"])
+    ax.set_xlabel("UNet forward cost (MFLOPs per sample)")
+    ax.set_ylabel("held-out denoising MSE (search trials)")
+    ax.set_title("quality against compute: each field's front")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from ..report.ranking import parse_margins
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="search report folders, one per field")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--margin", action="append", default=[], help="metric=margin (denoise_mse, fid; defaults: %s)" % DEFAULT_MARGINS)
+    args = parser.parse_args(argv)
+    missing = [str(f) for f in args.folders if not (f / "search_summary.json").is_file()]
+    if missing:
+        print(f"error: no search_summary.json in {missing} (run python -m skipdiff.report <search> --out <folder>)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        margins = parse_margins(args.margin)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(margins) - set(METRICS))
+    if unknown:
+        print(f"error: --margin for {unknown}: the atlas tests {sorted(METRICS)}", file=sys.stderr)
+        return 2
+    print(write_atlas(args.folders, args.out, margins))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The skip atlas: every field's spec comes from one template, and the atlas table ranks every field's
+confirmed rows against that field's full with one Holm family over the atlas and equivalence margins."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from skipdiff.search.atlas import main, pareto_front, write_atlas
+from skipdiff.search.spec import load_search_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _atlas_driver():
+    spec = importlib.util.spec_from_file_location("atlas_driver", ROOT / "eval" / "atlas.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_field_spec_is_the_template_with_its_dataset_and_parses():
+    driver = _atlas_driver()
+    spaces = set()
+    for field in driver.FIELDS:
+        path = driver.spec_path(field)
+        assert path.read_text() == driver.spec_text(field), f"{path} is stale: run python eval/atlas.py specs"
+        spec = load_search_spec(path)
+        assert spec.base["dataset"] == field
+        spaces.add(json.dumps(spec.raw["space"], sort_keys=True))
+    assert len(spaces) == 1  # one space for every field, so importances and configurations compare
+    assert len(driver.FIELDS) >= 5
+
+
+def test_the_driver_refuses_a_stale_spec(tmp_path, monkeypatch, capsys):
+    driver = _atlas_driver()
+    monkeypatch.setattr(driver, "spec_path", lambda field: tmp_path / f"atlas_{field}.yaml")
+    (tmp_path / "atlas_moon.yaml").write_text("kind: training\n")
+    assert driver.main(["search", "--fields", "moon"]) == 2
+    assert "out of date" in capsys.readouterr().err
+
+
+def _field(folder: Path, mse: dict, fid: dict | None, floor: float = 0.4) -> Path:
+    """A search report folder as ``python -m skipdiff.report`` writes it, with per-seed confirmation values."""
+    folder.mkdir(parents=True)
+    trials = [{"number": 0, "state": "complete", "params": {"skips": "full"}, "values": [0.30], "seconds": 60.0,
+               "folder": "runs/x/trials/trial-0000", "flops": 4.5e7},
+              {"number": 1, "state": "complete", "params": {"skips": "linear"}, "values": [0.29], "seconds": 60.0,
+               "folder": "runs/x/trials/trial-0001", "flops": 3.0e7, "markov_open": {"0": 0.9, "8": 0.6}},
+              {"number": 2, "state": "pruned", "params": {"skips": "per_skip"}, "values": None, "seconds": 20.0,
+               "folder": "runs/x/trials/trial-0002"}]  # fmt: skip
+    rows = [{"configuration": name, "values_by_seed": {str(s): v for s, v in values.items()}} for name, values in mse.items()]
+    summary = {"name": folder.name, "counts": {"complete": 2, "pruned": 1}, "importance": {"skips": 0.7, "linear.inner": 0.3},
+               "trials": trials, "confirmation": {"objective": "denoise_mse", "ranking": {"rows": rows}}}  # fmt: skip
+    (folder / "search_summary.json").write_text(json.dumps(summary))
+    if fid is not None:
+        (folder / "confirmation").mkdir()
+        table = {"fid_floor": {"mean": floor}, "ranking": {"metric": "fid", "rows": [
+            {"configuration": f"config={n}", "values_by_seed": {str(s): v for s, v in vals.items()}} for n, vals in fid.items()]}}  # fmt: skip
+        (folder / "confirmation" / "summary.json").write_text(json.dumps({"datasets": {"x, 16px": table}}))
+    return folder
+
+
+SEEDS = range(100, 106)
+
+
+def test_atlas_ranks_every_field_against_its_full_in_one_holm_family(tmp_path):
+    ref = {s: 0.30 + 0.001 * (s % 3) for s in SEEDS}
+    better = {s: v - 0.02 + 0.0005 * (s % 2) for s, v in ref.items()}  # clearly lower on every seed
+    same = {s: v + 0.0002 * (-1) ** s for s, v in ref.items()}  # within ±0.003 on every seed
+    a = _field(tmp_path / "hubble", {"reference": ref, "trial-0001": better}, {"reference": {s: 3.0 for s in SEEDS},
+               "trial-0001": {s: 3.0 + 0.01 * (-1) ** s for s in SEEDS}})  # fmt: skip
+    b = _field(tmp_path / "moon", {"reference": ref, "trial-0001": same}, None)
+    c = _field(tmp_path / "cells", {"reference": ref, "trial-0001": better}, None)
+    (c / "search_summary.json").write_text(json.dumps({**json.loads((c / "search_summary.json").read_text()),
+                                                        "confirmation": None}))  # not confirmed yet  # fmt: skip
+    md = write_atlas([a, b, c], tmp_path / "atlas")
+    atlas = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
+    by_field = {f["field"]: f for f in atlas["fields"]}
+    hubble = {r["configuration"]: r for r in by_field["hubble"]["confirmation"]["denoise"]["rows"]}
+    moon = {r["configuration"]: r for r in by_field["moon"]["confirmation"]["denoise"]["rows"]}
+    assert hubble["trial-0001"]["verdict"] == "better"
+    assert moon["trial-0001"]["verdict"].startswith("equivalent within")
+    family = by_field["hubble"]["confirmation"]["denoise"]["family"]
+    assert family["scope"] == "atlas" and family["rows_tested"] == 2  # hubble's and moon's rows: one family
+    assert by_field["moon"]["confirmation"]["denoise"]["family"] == family
+    assert hubble["trial-0001"]["p_holm"] >= hubble["trial-0001"]["p"]
+    fid = {r["configuration"]: r for r in by_field["hubble"]["confirmation"]["fid"]["rows"]}
+    assert fid["trial-0001"]["verdict"].startswith("equivalent within ±0.3")
+    assert by_field["cells"]["confirmation"] == {}
+    text = md.read_text()
+    assert "| cells | not confirmed yet (search: 3 trials)" in text
+    assert "FID−floor 2.600" in text  # the reference's FID (3.0) minus its floor (0.4)
+    assert '`{"skips": "linear"}`' in text  # the confirmed row's parameters, from its trial folder's name
+    assert by_field["hubble"]["markov_open"] == {"trial": 1, "open": {"0": 0.9, "8": 0.6}}
+    assert (tmp_path / "atlas" / "importance.png").is_file() and (tmp_path / "atlas" / "front.png").is_file()
+
+
+def test_pareto_front_keeps_only_points_nothing_beats_on_both():
+    points = [(3e7, 0.29, 1), (4.5e7, 0.30, 0), (1e7, 0.35, 2), (2e7, 0.31, 3), (2e7, 0.36, 4)]
+    assert [p["trial"] for p in pareto_front(points)] == [2, 3, 1]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--margin", "fid=-1"], "a margin must be a positive number"),
+    (["--margin", "kid=0.1"], "the atlas tests"),
+])  # fmt: skip
+def test_atlas_command_line_refuses_bad_margins(tmp_path, capsys, argv, message):
+    folder = _field(tmp_path / "moon", {"reference": {100: 0.3}}, None)
+    assert main([str(folder), "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_atlas_command_line_names_a_folder_without_a_report(tmp_path, capsys):
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_trial_extras_reads_flops_and_the_chains_last_open_rates(tmp_path):
+    from skipdiff.search.report import trial_extras
+
+    (tmp_path / "trial.json").write_text(json.dumps({"model_record": {"flops": 4.5e7, "parameters": 1624900}}))
+    chain = {"skips": [0, 4, 8], "marginals": [0.9, 0.5, 0.7]}
+    lines = [{"step": 5, "loss": 1.0}, {"step": 10, "loss": 0.9, "markov": {**chain, "marginals": [0.8, 0.8, 0.8]}},
+             {"step": 15, "loss": 0.8, "markov": chain}, {"step": 20, "loss": 0.7}]  # fmt: skip
+    (tmp_path / "stats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert trial_extras(tmp_path) == {"flops": 4.5e7, "parameters": 1624900, "markov_open": {"0": 0.9, "4": 0.5, "8": 0.7}}
+    assert trial_extras(tmp_path / "missing") == {}
