@@ -3,8 +3,9 @@
     python eval/atlas.py specs                  # write eval/searches/atlas_<field>.yaml from eval/atlas/template.yaml
     python eval/atlas.py search                 # each field's search (no confirmation yet), one after another
     python eval/atlas.py confirm                # each field's top 3 and full on 6 fresh seeds (FID, KID, MSE)
+    python eval/atlas.py transfer               # every field's confirmed best trained on every other field
     python eval/atlas.py report                 # -> eval/results/atlas/atlas.md (python -m skipdiff.search.atlas)
-    python eval/atlas.py all                    # the three stages in order
+    python eval/atlas.py all                    # the four stages in order
     python eval/atlas.py search --fields hubble moon     # some fields only
 
 Every stage resumes: a search continues its study (SQLite in ``runs/searches/atlas_<field>/study.db``) to its
@@ -18,7 +19,9 @@ finished part can be committed while the rest runs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "eval" / "atlas" / "template.yaml"
 FIELDS = ("digits", "photo_patches", "hubble", "textures", "moon")  # FID is usable on each (docs/datasets.md)
 RESULTS = ROOT / "eval" / "results" / "atlas"
+TRANSFER_SEEDS = 3  # the first confirmation seeds: each transfer run pairs with the target's own full and best
 
 
 def spec_path(field: str) -> Path:
@@ -64,6 +68,60 @@ def search(field: str, confirm: bool) -> int:
     status = _run(command + ([] if confirm else ["--no_confirm"]))
     if status == 0:
         status = _run([sys.executable, "-m", "skipdiff.report", str(search_folder(field)), "--out", str(RESULTS / field)])
+    confirmation = search_folder(field) / "confirm"
+    if status == 0 and confirm and (confirmation / "sweep.json").is_file():  # its own report, next to the search's
+        status = _run([sys.executable, "-m", "skipdiff.report", str(confirmation), "--out",
+                       str(RESULTS / field / "confirmation"), "--reference", "config=reference"])  # fmt: skip
+    return status
+
+
+def transfer_sweep(target: str, sources) -> dict:
+    """The sweep spec (a dict) that trains each source field's confirmed best on ``target`` (base options and
+    evaluation of the target's search and confirmation, its first confirmation seeds); {} when no source
+    has a confirmed best yet."""
+    from skipdiff.search.atlas import confirmed_best, confirmed_values
+    from skipdiff.search.spec import load_search_spec
+
+    spec = load_search_spec(spec_path(target))
+    configs = {}
+    for source in sources:
+        if source == target or not (RESULTS / source / "search_summary.json").is_file():
+            continue
+        best = confirmed_best(confirmed_values(RESULTS / source))
+        if best is None:
+            continue
+        record = json.loads((search_folder(source) / "trials" / best / "trial.json").read_text())
+        overrides = dict(record["overrides"])
+        if record.get("model"):  # the trial's own UNet config, copied so the transfer stands alone
+            copy = search_folder(target) / "transfer-configs" / f"{source}-{best}.json"
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(record["options"]["model"], copy)
+            overrides["model"] = str(copy)
+        configs[f"from-{source}"] = overrides
+    if not configs:
+        return {}
+    return {"kind": "diffusion", "description": f"skip atlas: other fields' confirmed best configurations on {target}",
+            "base": spec.base, "grid": {"config": configs, "seed": spec.confirm["seeds"][:TRANSFER_SEEDS]},
+            "eval": spec.confirm.get("eval", spec.eval)}  # fmt: skip
+
+
+def transfer(target: str) -> int:
+    """Train the other fields' confirmed bests on ``target`` (a sweep: resumes), then its report."""
+    import yaml
+
+    if not (RESULTS / target / "confirmation" / "summary.json").is_file():
+        print(f"{target}: its confirmation has not run; no transfer onto it yet")
+        return 0
+    sweep = transfer_sweep(target, FIELDS)
+    if not sweep:
+        print(f"{target}: no other field has a confirmed best yet")
+        return 0
+    path = search_folder(target) / "transfer.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    folder = search_folder(target) / "transfer"
+    status = _run([sys.executable, "-m", "skipdiff.sweep", str(path), "--out", str(folder), "--num_threads", "1"])
+    if status == 0:
+        status = _run([sys.executable, "-m", "skipdiff.report", str(folder), "--out", str(RESULTS / target / "transfer")])
     return status
 
 
@@ -78,7 +136,7 @@ def report() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["specs", "search", "confirm", "report", "all"])
+    parser.add_argument("stage", choices=["specs", "search", "confirm", "transfer", "report", "all"])
     parser.add_argument("--fields", nargs="+", default=list(FIELDS), choices=FIELDS)
     parser.add_argument("--jobs", type=int, default=1, help="fields run side by side (one thread each)")
     args = parser.parse_args(argv)
@@ -90,10 +148,13 @@ def main(argv=None) -> int:
         print(f"error: eval/searches/atlas_<field>.yaml out of date with the template for {stale}: "
               "run `python eval/atlas.py specs`", file=sys.stderr)  # fmt: skip
         return 2
-    stages = ["search", "confirm", "report"] if args.stage == "all" else [args.stage]
+    stages = ["search", "confirm", "transfer", "report"] if args.stage == "all" else [args.stage]
     for stage in stages:
         if stage == "report":
             status = report()
+        elif stage == "transfer":
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                status = max(pool.map(transfer, args.fields))
         else:
             with ThreadPoolExecutor(max_workers=args.jobs) as pool:
                 status = max(pool.map(lambda f: search(f, confirm=stage == "confirm"), args.fields))

@@ -130,3 +130,44 @@ def test_trial_extras_reads_flops_and_the_chains_last_open_rates(tmp_path):
     (tmp_path / "stats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert trial_extras(tmp_path) == {"flops": 4.5e7, "parameters": 1624900, "markov_open": {"0": 0.9, "4": 0.5, "8": 0.7}}
     assert trial_extras(tmp_path / "missing") == {}
+
+
+def test_transfer_matrix_pairs_each_source_with_the_targets_full_and_own_best(tmp_path):
+    ref = {s: 0.30 + 0.001 * (s % 3) for s in SEEDS}
+    best = {s: v - 0.01 for s, v in ref.items()}
+    fields = [_field(tmp_path / name, {"reference": ref, "trial-0001": best}, None) for name in ("hubble", "moon")]
+    transfer = {"datasets": {"moon, 16px": {"configurations": {
+        "config=from-hubble": {"seeds": [100, 101, 102], "values": {"denoise": [0.28, 0.281, 0.282], "fid": [None] * 3}}}}}}  # fmt: skip
+    (fields[1] / "transfer").mkdir()
+    (fields[1] / "transfer" / "summary.json").write_text(json.dumps(transfer))
+    md = write_atlas(fields, tmp_path / "atlas").read_text()
+    atlas = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
+    moon = {r["configuration"]: r for r in atlas["transfer"]["denoise"]["moon"]["rows"]}
+    assert set(moon) == {"reference", "from-hubble", "own best (trial-0001)"}
+    assert moon["from-hubble"]["pairs"] == 3 and moon["own best (trial-0001)"]["pairs"] == 6
+    assert atlas["transfer"]["denoise"]["moon"]["family"]["scope"] == "transfer"
+    assert "hubble" not in atlas["transfer"]["denoise"]  # no transfer onto hubble was run
+    assert "| moon | " in md and (tmp_path / "atlas" / "transfer.png").is_file()
+
+
+def test_transfer_sweep_trains_each_sources_confirmed_best_with_its_own_unet(tmp_path, monkeypatch):
+    driver = _atlas_driver()
+    results, searches = tmp_path / "results", tmp_path / "searches"
+    monkeypatch.setattr(driver, "RESULTS", results)
+    monkeypatch.setattr(driver, "search_folder", lambda field: searches / f"atlas_{field}")
+    ref = {s: 0.30 for s in SEEDS}
+    _field(results / "hubble", {"reference": ref, "trial-0003": {s: 0.29 for s in SEEDS},
+                                "trial-0005": {s: 0.295 for s in SEEDS}}, None)  # fmt: skip
+    trial = searches / "atlas_hubble" / "trials" / "trial-0003"
+    trial.mkdir(parents=True)
+    (trial / "model.json").write_text('{"block_out_channels": [16, 32, 64]}')
+    (trial / "trial.json").write_text(json.dumps({"overrides": {"skips": "scalelong:kappa=0.6"},
+                                                   "model": {"block_out_channels": [16, 32, 64]},
+                                                   "options": {"model": str(trial / "model.json")}}))  # fmt: skip
+    sweep = driver.transfer_sweep("moon", driver.FIELDS)
+    config = sweep["grid"]["config"]["from-hubble"]
+    assert config["skips"] == "scalelong:kappa=0.6"
+    assert Path(config["model"]).read_text() == '{"block_out_channels": [16, 32, 64]}'
+    assert Path(config["model"]).is_relative_to(searches / "atlas_moon")  # a copy: the transfer stands alone
+    assert sweep["grid"]["seed"] == [100, 101, 102] and sweep["base"]["dataset"] == "moon"
+    assert list(sweep["grid"]["config"]) == ["from-hubble"]  # the other fields have no confirmation yet

@@ -11,7 +11,10 @@ is the field's label. Writes into ``--out``:
   confirmation (every confirmed configuration against the field's ``full`` on the fresh seeds, by the
   held-out denoising MSE and by FID, paired by seed), parameter importance, the quality-against-FLOPs
   front and the Markov chain's learned open rates;
-* ``atlas.md``: the same as tables; ``importance.png`` (field x parameter) and ``front.png``.
+* ``atlas.md``: the same as tables; ``importance.png`` (field x parameter) and ``front.png``;
+* with transfer runs (``<field>/transfer/summary.json``: every other field's confirmed best trained on this
+  field, on the first confirmation seeds), the field x configuration matrix ``transfer.png``: each
+  configuration against the target field's ``full``, paired by seed, Holm over the whole matrix.
 
 The confirmations' tests form **one declared Holm family per metric over the whole atlas** (every field's
 rows), because the atlas's claims ("on which fields does a searched configuration beat full") are read
@@ -58,6 +61,51 @@ def confirmed_values(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
                              for r in fid["rows"]}  # fmt: skip
             values["fid_floor"] = {"mean": table.get("fid_floor", {}).get("mean")}  # type: ignore[dict-item]
     return values
+
+
+def confirmed_best(values: dict[str, dict[str, dict[int, float]]]) -> str | None:
+    """The label of a field's confirmed best configuration: the lowest mean held-out MSE on the fresh seeds
+    among the confirmed rows (not the reference); None before the confirmation."""
+    rows = {k: v for k, v in values.get("denoise", {}).items() if k != REFERENCE and v}
+    return min(rows, key=lambda k: statistics.fmean(rows[k].values())) if rows else None
+
+
+def transfer_values(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """metric -> source label (``from-<field>``) -> {training seed: value} of a field's transfer sweep."""
+    path = folder / "transfer" / "summary.json"
+    if not path.is_file():
+        return {}
+    table = next(iter(read_json(path, "transfer summary")["datasets"].values()))
+    values: dict[str, dict[str, dict[int, float]]] = {}
+    for name, configuration in table["configurations"].items():
+        for metric, key in (("denoise", "denoise"), ("fid", "fid")):
+            found = configuration["values"].get(key) or []
+            pairs = {int(s): v for s, v in zip(configuration["seeds"], found, strict=True) if v is not None}
+            if pairs:
+                values.setdefault(metric, {})[_label(name)] = pairs
+    return values
+
+
+def rank_transfer(values_by_field: dict[str, dict], transfer_by_field: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """metric -> target field -> ranking of its own confirmed best and every transferred configuration
+    against the target's full on the seeds they share; Holm over the whole matrix (scope "transfer")."""
+    from ..report.ranking import adjust_family, compare
+
+    rankings: dict[str, dict[str, dict]] = {}
+    for metric in METRICS:
+        results = {}
+        for field, transferred in transfer_by_field.items():
+            own = values_by_field[field].get(metric, {})
+            best = confirmed_best(values_by_field[field])
+            if REFERENCE not in own or metric not in transferred:
+                continue
+            rows = {REFERENCE: own[REFERENCE], **transferred[metric]}
+            if best is not None:
+                rows[f"own best ({best})"] = own[best]
+            results[field] = compare(rows, REFERENCE, lower_is_better=True, family=None)
+        adjust_family(list(results.values()), scope="transfer")
+        rankings[metric] = results
+    return rankings
 
 
 def field_record(folder: Path) -> dict:
@@ -118,10 +166,16 @@ def write_atlas(folders: list[Path], out: Path, margins: dict[str, float] | None
     fields = [field_record(f) for f in folders]
     values = {f.name: confirmed_values(f) for f in folders}
     rankings = rank_fields(values, margins)
+    transferred = {f.name: t for f in folders if (t := transfer_values(f))}
+    transfer = rank_transfer(values, transferred)
     for record in fields:
         record["fid_floor"] = (values[record["field"]].get("fid_floor") or {}).get("mean")
         record["confirmation"] = {m: rankings[m][record["field"]] for m in METRICS if record["field"] in rankings[m]}
-    atlas = {"fields": fields, "margins": margins, "family": "atlas: Holm over every field's confirmed rows, per metric"}
+        record["confirmed_best"] = confirmed_best(values[record["field"]])
+    atlas = {"fields": fields, "margins": margins, "family": "atlas: Holm over every field's confirmed rows, per metric",
+             "transfer": transfer}  # fmt: skip
+    if transfer["denoise"]:
+        _transfer_figure(transfer["denoise"], out / "transfer.png")
     write_json_atomic(out / "atlas.json", atlas, default=str)
     _importance_figure(fields, out / "importance.png")
     _front_figure(fields, out / "front.png")
@@ -173,6 +227,7 @@ def atlas_lines(atlas: dict) -> list[str]:
                      f"`{json.dumps(best.get('params', {}), sort_keys=True)}` |")  # fmt: skip
     lines += ["", "## What matters: parameter importance per field (Optuna's default evaluator)", "",
               "![importance](importance.png)", "", "![MSE against FLOPs](front.png)", ""]
+    lines += transfer_lines(atlas["transfer"])
     lines += ["## The Markov chain's learned open rates (its best trial per field)", "",
               "| field | trial | P(open) per skip |", "|---|---|---|"]
     for record in atlas["fields"]:
@@ -181,6 +236,53 @@ def atlas_lines(atlas: dict) -> list[str]:
             rates = ", ".join(f"{k}: {p:.2f}" for k, p in chain["open"].items())
             lines.append(f"| {record['field']} | {chain['trial']} | {rates} |")
     return lines
+
+
+def transfer_lines(transfer: dict) -> list[str]:
+    """The transfer matrix as Markdown: target field x configuration, Δ MSE vs the target's full."""
+    rankings = transfer.get("denoise") or {}
+    if not rankings:
+        return ["## Transfer", "", "Not run yet (`python eval/atlas.py transfer`, after the confirmations).", ""]
+    columns = sorted({r["configuration"] for t in rankings.values() for r in t["rows"] if not r["is_reference"]})
+    lines = ["## Transfer: each field's confirmed best, trained on the other fields", "",
+             "Δ held-out MSE against the target field's `full` on the seeds both ran (paired), with the Holm p over "
+             "the whole matrix; `own best` is the target's own confirmed best on the same seeds.", "",
+             "![transfer matrix](transfer.png)", "",
+             "| target field | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]  # fmt: skip
+    for field, ranking in rankings.items():
+        rows = {r["configuration"]: r for r in ranking["rows"]}
+        cells = [f"{_delta(rows.get(c))} (p {_fmt(rows[c]['p_holm'], '.2f')}, {rows[c]['verdict']})" if c in rows
+                 else "–" for c in columns]  # fmt: skip
+        lines.append(f"| {field} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _transfer_figure(rankings: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = sorted({r["configuration"] for t in rankings.values() for r in t["rows"] if not r["is_reference"]})
+    targets = list(rankings)
+    grid = np.full((len(targets), len(columns)), np.nan)
+    for i, field in enumerate(targets):
+        reference = next(r for r in rankings[field]["rows"] if r["is_reference"])["mean"]
+        for row in rankings[field]["rows"]:
+            if not row["is_reference"]:
+                grid[i, columns.index(row["configuration"])] = 100 * row["delta"] / reference
+    bound = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    fig, ax = plt.subplots(figsize=(3.0 + 1.1 * len(columns), 2.4 + 0.5 * len(targets)), layout="constrained")
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(targets)), targets)
+    ax.set_xlabel("configuration (found on the field it names)")
+    ax.set_ylabel("target field")
+    ax.set_title("transfer: Δ held-out MSE vs the target's full")
+    fig.colorbar(image, ax=ax, label="Δ MSE, % of full (blue: better)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _delta(row: dict | None) -> str:
@@ -227,14 +329,18 @@ def _front_figure(fields: list[dict], path: Path) -> None:
     drawn = [f for f in fields if f["front"]]
     if not drawn:
         return
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    for record in drawn:
+    fig, axes = plt.subplots(1, len(drawn), figsize=(3.0 * len(drawn), 3.2), layout="constrained", squeeze=False,
+                             sharex=True)  # one panel per field: the fields' MSEs are on different scales  # fmt: skip
+    for ax, record in zip(axes[0], drawn, strict=True):
         front = record["front"]
-        ax.plot([p["flops"] / 1e6 for p in front], [p["value"] for p in front], marker="o", label=record["field"])
-    ax.set_xlabel("UNet forward cost (MFLOPs per sample)")
-    ax.set_ylabel("held-out denoising MSE (search trials)")
-    ax.set_title("quality against compute: each field's front")
-    ax.legend(fontsize=8)
+        ax.plot([p["flops"] / 1e6 for p in front], [p["value"] for p in front], marker="o")
+        for point in front:
+            ax.annotate(str(point["trial"]), (point["flops"] / 1e6, point["value"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))  # fmt: skip
+        ax.set_title(record["field"])
+        ax.set_xlabel("UNet forward (MFLOPs/sample)")
+    axes[0][0].set_ylabel("held-out denoising MSE")
+    fig.suptitle("quality against compute: each field's front of search trials (labels: trial numbers)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
