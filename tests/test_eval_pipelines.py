@@ -161,3 +161,31 @@ def test_a_missing_feature_extractor_fails_before_any_sampling(assets, tmp_path,
     capsys.readouterr()
     assert cli(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: Inception-v3 weights are not cached (offline)"
+
+
+def test_eval_md_and_compare_state_what_was_computed_with_the_cache_and_its_bound(assets, tmp_path):
+    """Issue 31: eval.md listed FID settings of a grid-only evaluation, the requested --denoise_images instead of
+    the images used, and no cache (cached and uncached rows looked alike); a text pipeline's eval.json cache held
+    only the options, not the FLOP bound."""
+    folder = sd_pipeline(tmp_path / "sd")
+    base = ["--checkpoint", str(folder), "--train_data_dir", str(assets["images"]), "--caption_column", "text",
+            "--prompts", str(assets["prompts"]), "--grid", "--grid_size", "2", "--steps", "3", "--denoise_loss",
+            "--buckets", "2", "--denoise_images", "1000", "--num_threads", "1"]  # fmt: skip
+    main([*base, "--out", str(tmp_path / "plain")])
+    main([*base, "--cache", "skip_branch", "--cache_interval", "3", "--out", str(tmp_path / "cached")])
+    cached = json.loads((tmp_path / "cached" / "eval.json").read_text())
+    compute = cached["cache"]["compute"]  # the FLOP bound, for a text-conditioned UNet too
+    assert compute["probe"]["conditioning"] == "text" and compute["branch"] == 3
+    assert 0 < compute["cached_fraction"] < 1 and 1 < compute["bound_run"] <= 3
+    used = cached["denoise"]["settings"]["num_images"]
+    assert used < 1000
+    summary = (tmp_path / "cached" / "eval.md").read_text()
+    footer = summary.split("\n\n", 1)[1]
+    assert f"skip cache skip_branch at branch 3, a refresh every 3 steps, FLOP bound {compute['bound_run']:.3g}x" in footer
+    assert f"{used} held-out (test split) images" in footer and "1000" not in footer
+    assert "FID" not in footer and "samples per seed" not in footer and "CLIP" not in footer  # not computed
+    assert "no skip cache" in (tmp_path / "plain" / "eval.md").read_text()
+    main(["--compare", str(tmp_path / "plain"), str(tmp_path / "cached"), "--out", str(tmp_path / "cmp")])
+    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+            if line.startswith("| plain") or line.startswith("| cached")}  # fmt: skip
+    assert rows["plain"].endswith("| none |") and f"skip_branch b3 N3 (≤ {compute['bound_run']:.3g}x)" in rows["cached"]

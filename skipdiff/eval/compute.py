@@ -95,7 +95,8 @@ def cache_compute(
     Returns ``flops_full``, ``flops_cached``, ``cached_fraction`` (f), ``cached_bytes`` (the features
     kept between refreshes, for this batch), ``num_steps``, ``refresh_steps`` (R of them in a run of
     ``num_steps``), ``bound_interval`` (N / (1 + (N-1) f)) and ``bound_run`` (T / (R + (T - R) f), the
-    bound for that run's actual schedule). Works on the meta device (no compute, same counts).
+    bound for that run's actual schedule), and ``branch`` (the skip branch a ``skip_branch`` cache uses, its
+    default resolved; None for encoder propagation). Works on the meta device (no compute, same counts).
     """
     kwargs = kwargs or {}
     # Which modules a cached step skips depends on mode and branch only: probe with refresh, cached.
@@ -112,6 +113,7 @@ def cache_compute(
     fraction = cached / full
     refreshes = len(refresh_steps(options, num_steps))
     return {
+        "branch": cache.options.cache_branch,
         "flops_full": full,
         "flops_cached": cached,
         "cached_fraction": fraction,

@@ -200,21 +200,29 @@ def _sample(run: _Evaluation, count: int, seed: int, prompts: list[str] | None =
 
 
 def _cache_summary(run: _Evaluation) -> dict:
-    """The cache settings and, for targets without text, what a cached step still computes and the speed-up
-    bound that allows (:func:`skipdiff.eval.compute.cache_compute`, one image, the run's step count)."""
+    """The cache settings, what a cached step still computes and the speed-up bound that allows
+    (:func:`skipdiff.eval.compute.cache_compute`), for every kind of target: one image at the size it is
+    sampled at, the run's step count; class labels or, for a text-conditioned UNet, one empty prompt through
+    the pipeline's own text encoder(s) (the fraction is per image, so guidance's doubled batch leaves it as
+    it is)."""
     import dataclasses as dc
 
     from .compute import cache_compute
 
-    cache = _cache(run.options)
-    summary = {"options": dc.asdict(cache)}
-    if not run.target.text_conditioned:
-        sample = torch.zeros(1, *run.target.latent_shape(None), device=run.target.device, dtype=run.target.unet.dtype)
-        kwargs = {"class_labels": torch.zeros(1, dtype=torch.long, device=run.target.device)} \
-            if run.target.conditioning.kind == "class" else {}  # fmt: skip
-        timestep = torch.tensor([500], device=run.target.device)
-        summary["compute"] = cache_compute(run.target.unet, cache, (sample, timestep), kwargs, num_steps=run.options.steps)
-    return summary
+    target, cache = run.target, _cache(run.options)
+    side = run.data.resolution if target.text_conditioned and run.data is not None else target.resolution
+    shape = target.latent_shape(side)
+    sample = torch.zeros(1, *shape, device=target.device, dtype=target.unet.dtype)  # (1, C, h, w)
+    kwargs = {}
+    if target.conditioning.kind == "class":
+        kwargs = {"class_labels": torch.zeros(1, dtype=torch.long, device=target.device)}
+    elif target.text_conditioned:
+        pixels = torch.zeros(1, target.image_channels, side, side)  # only its size is read (SDXL's time ids)
+        kwargs = target.conditioning.unet_kwargs({"captions": [""], "pixel_values": pixels})
+    timestep = torch.tensor([500], device=target.device)
+    compute = cache_compute(target.unet, cache, (sample, timestep), kwargs, num_steps=run.options.steps)
+    compute["probe"] = {"batch": 1, "shape": list(shape), "conditioning": target.conditioning.kind}
+    return {"options": dc.asdict(cache), "compute": compute}
 
 
 def _cache(options: EvalOptions):
@@ -251,7 +259,7 @@ def _grid(run: _Evaluation) -> dict:
 
 
 def _fid(run: _Evaluation) -> dict:
-    from .fid import fid_with_floor, images_to_uint8, real_splits, reference_and_heldout
+    from .fid import fid_with_floor, real_splits, reference_and_heldout
 
     options, data = run.options, run.data
     real = real_splits(data_dict(data))
@@ -261,9 +269,7 @@ def _fid(run: _Evaluation) -> dict:
     reference_images, heldout = reference_and_heldout(real, reference)
 
     def sample_fn(count: int, seed: int) -> torch.Tensor:
-        samples = _sample(run, count, seed)
-        run.samples[seed] = Samples(images_to_uint8(samples.images), samples.prompts, samples.flagged)
-        return samples.images
+        return _scored_samples(run, count, seed).images
 
     report = fid_with_floor(sample_fn, reference_images, heldout, run.extractor, num_samples=options.num_samples,
                             seeds=options.seeds, kid=options.kid, prc=options.prc)  # fmt: skip
@@ -279,16 +285,31 @@ def _extractor(options: EvalOptions, data):
     return resolve_extractor(options.feature_extractor, data=data, inception_weights=options.inception_weights)
 
 
+def _scored_samples(run: _Evaluation, count: int, seed: int) -> Samples:
+    """``count`` images of sampling seed ``seed`` for FID and CLIP score, kept (uint8) in ``run.samples`` and
+    timed: eval.json's ``timings.sampling`` holds images and seconds per seed (the images are on the host
+    when sampling returns, so the time is the whole sampling), what a report's measured speed-up reads."""
+    from .fid import images_to_uint8
+
+    start = time.perf_counter()
+    samples = _sample(run, count, seed)
+    seconds = time.perf_counter() - start
+    run.samples[seed] = Samples(images_to_uint8(samples.images), samples.prompts, samples.flagged)
+    sampling = run.timings.setdefault("sampling", {"per_seed": {}})
+    sampling["per_seed"][str(seed)] = {"images": count, "seconds": seconds}
+    sampling["images"] = sum(row["images"] for row in sampling["per_seed"].values())
+    sampling["seconds"] = sum(row["seconds"] for row in sampling["per_seed"].values())
+    return samples
+
+
 def _clip(run: _Evaluation) -> dict:
     from .clip import clip_score_summary
-    from .fid import images_to_uint8
 
     options = run.options
     model, processor = run.clip
     for seed in options.seeds:
         if seed not in run.samples:
-            samples = _sample(run, options.num_samples, seed)
-            run.samples[seed] = Samples(images_to_uint8(samples.images), samples.prompts, samples.flagged)
+            _scored_samples(run, options.num_samples, seed)
     per_seed = {seed: (s.images, s.prompts) for seed, s in run.samples.items() if seed in options.seeds}
     return clip_score_summary(per_seed, options.clip_model, model, processor)
 
@@ -373,8 +394,12 @@ def _score_map(run: _Evaluation, router) -> dict:
             result["denoise"] = denoise
         if options.fid:
             samples, run.samples = run.samples, {}
+            sampling = run.timings.pop("sampling", None)  # the timings are of the model as it samples
             result["fid"] = _fid(run)
             run.samples = samples
+            run.timings.pop("sampling", None)
+            if sampling is not None:
+                run.timings["sampling"] = sampling
     finally:
         router.set_inference(previous)
     return result

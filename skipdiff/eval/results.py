@@ -18,9 +18,6 @@ from ..runfolder import read_json, write_json_atomic, write_text_atomic
 
 RESULTS_FILE = "eval.json"
 SUMMARY_FILE = "eval.md"
-# Settings that change the numbers; shown once when every compared result shares them, else per result.
-SHOWN_SETTINGS = ("skips", "num_samples", "seeds", "sampler", "steps", "guidance_scale", "negative_prompt",
-                  "feature_extractor", "reference", "buckets", "denoise_images", "torch_dtype", "no_ema")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,46 +210,156 @@ def compare(runs: list[str], out: str | None) -> str:
 
 
 def summary_markdown(results) -> str:
-    """One table, one row per result: FID (± std, floor), CLIP score, denoising loss, stability, parameters;
-    then the settings (once when shared, else one line per result). ``results``: ``[(label, result)]`` or a
-    dict label -> result."""
+    """One table, one row per result: FID (± std, floor), CLIP score, denoising loss, stability, parameters
+    (and the skip cache with its FLOP bound, when any result sampled with one); then what each result
+    computed and with which settings (once when every result says the same, else one line per result).
+    ``results``: ``[(label, result)]`` or a dict label -> result."""
     rows = list(results.items()) if isinstance(results, dict) else list(results)
-    lines = ["| run | FID (mean ± std) | floor | CLIP score | denoise MSE | first/last grad | grad CV | loss spikes | "
-             "shattering lag-1 | parameters |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    cached = any("cache" in result for _, result in rows)
+    header = ["run", "FID (mean ± std)", "floor", "CLIP score", "denoise MSE", "first/last grad", "grad CV",
+              "loss spikes", "shattering lag-1", "parameters"] + (["skip cache (FLOP bound)"] if cached else [])  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, result in rows:
         fid = result.get("fid", {}).get("summary", {})
         clip = result.get("clip_score", {}).get("summary", {})
         stability = result.get("grad_stability", {})
-        lines.append("| " + " | ".join([
+        cells = [
             label,
             _pm(fid.get("fid")), _pm(fid.get("floor_fid")), _pm(clip.get("clip_score")),
             _num(result.get("denoise", {}).get("mean")),
             _num(stability.get("first_to_last_ratio_median")), _num(stability.get("grad_norm_cv")),
             str(stability.get("loss_spikes", "")), _num(stability.get("shattering", {}).get("lag1_autocorrelation")),
             f"{result.get('parameters', 0):,}",
-        ]) + " |")  # fmt: skip
+        ]  # fmt: skip
+        if cached:
+            cells.append(cache_label(result.get("cache")))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + [""] + settings_lines(rows)) + "\n"
 
 
 def settings_lines(rows: list[tuple[str, dict]]) -> list[str]:
-    """The settings behind the numbers: one line when every result shares them, else one per result."""
-    shown = [{key: result.get("settings", {}).get(key) for key in SHOWN_SETTINGS} for _, result in rows]
-    if all(s == shown[0] for s in shown):
-        return [_settings_text(shown[0])]
+    """What each result computed and with which settings: one line when every result says the same, else one
+    per result (:func:`computed_text`)."""
+    texts = [computed_text(result) for _, result in rows]
+    if all(text == texts[0] for text in texts):
+        return [texts[0]]
     return ["Settings differ between these results:", ""] + [
-        f"- {label}: {_settings_text(settings)}" for (label, _), settings in zip(rows, shown, strict=True)
+        f"- {label}: {text}" for (label, _), text in zip(rows, texts, strict=True)
     ]
 
 
-def _settings_text(s: dict) -> str:
+# The eval.json sections that sample images (with the sampler, steps, guidance and skip cache).
+SAMPLED_SECTIONS = ("fid", "clip_score", "grid")
+
+
+def computed_text(result: dict) -> str:
+    """One sentence per measurement ``result`` holds, with the settings it was computed with; nothing about
+    measurements it does not hold. Sample counts come from the sections themselves (what was used), not
+    from the options (what was asked for)."""
+    s = result.get("settings", {})
     parts = [f"skips {s['skips']}"] if s.get("skips") else []
-    guidance = "" if s.get("guidance_scale") is None else f", guidance {s['guidance_scale']}"
-    parts.append(f"samples per seed: {s.get('num_samples')}, seeds {s.get('seeds')}, {s.get('sampler')}-{s.get('steps')}"
-                 f"{guidance}")  # fmt: skip
-    images = "" if s.get("denoise_images") is None else f" (first {s['denoise_images']} images)"
-    parts.append(f"denoising loss: {s.get('buckets')} timestep buckets, fixed noise per image (seed 0), test split{images}")
+    sampled = [name for name in SAMPLED_SECTIONS if name in result]
+    cache = result.get("cache")
+    if sampled:
+        guidance = "" if s.get("guidance_scale") is None else f", guidance {s['guidance_scale']}"
+        negative = "" if s.get("negative_prompt") is None else f", negative prompt {s['negative_prompt']!r}"
+        parts.append(f"sampling ({', '.join(sampled)}): {s.get('sampler')}-{s.get('steps')}{guidance}{negative}, "
+                     + (cache_text(cache) if cache else "no skip cache"))  # fmt: skip
+    elif cache:
+        parts.append(cache_text(cache) + " (its FLOP bound only: nothing was sampled)")
+    if "fid" in result:
+        parts.append(_fid_text(result["fid"], s))
+    if "clip_score" in result:
+        clip = result["clip_score"]
+        counts = sorted({row.get("num_images") for row in clip.get("per_seed", [])} - {None})
+        seeds = [row["seed"] for row in clip.get("per_seed", [])]
+        parts.append(f"CLIP score: {clip.get('model')}, {'/'.join(map(str, counts))} images per seed, seeds {seeds}")
+    if "grid" in result:
+        parts.append(_grid_text(result["grid"], s))
+    if "denoise" in result:
+        settings = result["denoise"].get("settings", {})
+        images = settings.get("num_images")
+        parts.append(f"denoising loss: {settings.get('buckets', s.get('buckets'))} timestep buckets, "
+                     f"{'' if images is None else f'{images} '}held-out (test split) images, fixed noise per image "
+                     f"(seed {settings.get('seed', 0)})")  # fmt: skip
+    if "skip_importance" in result:
+        factors = list(result["skip_importance"].get("factors", {})) or s.get("importance_factors")
+        parts.append(f"skip importance: each skip alone scaled by {', '.join(map(str, factors))}, on the denoising "
+                     "loss's images and noise")  # fmt: skip
+    if "grad_stability" in result:
+        parts.append(f"gradient stability: stats.jsonl, spike rule median + {s.get('spike_k')}·MAD over "
+                     f"{s.get('spike_window')} records")  # fmt: skip
+    if "map" in result:
+        scored = [name for name in ("denoise", "fid") if name in result["map"]]
+        parts.append("MAP path of the stochastic skips: FLOPs" + "".join(f", {name}" for name in scored))
     parts.append(f"dtype {s.get('torch_dtype') or 'float32'}" + ("; raw weights" if s.get("no_ema") else ""))
     return "; ".join(parts) + "."
+
+
+def _fid_text(fid: dict, settings: dict) -> str:
+    """The FID's sample count, seeds, extractor, reference and floor split, as computed (the report's own)."""
+    seeds = fid.get("seeds", settings.get("seeds"))
+    text = f"FID: {fid.get('num_samples', settings.get('num_samples'))} samples per seed, seeds {seeds}"
+    if "extractor" in fid:
+        text += f", extractor {fid['extractor']}"
+    if "reference" in fid:
+        text += (f", against {fid['reference']} ({fid.get('reference_size')} images), floor from "
+                 f"{fid.get('heldout')} ({fid.get('heldout_size')} images)")  # fmt: skip
+    extras = [name for name, key in (("KID", "kid_mean"), ("precision/recall", "precision"))
+              if key in fid.get("summary", {})]  # fmt: skip
+    return text + (f", with {' and '.join(extras)}" if extras else "")
+
+
+def _grid_text(grid: dict, settings: dict) -> str:
+    """The sample grid's layout: rows x columns (a column per skip variant, or ``grid_size`` of one variant)."""
+    variants = grid.get("variants", [None])
+    size = settings.get("grid_size")
+    names = ", ".join("original" if v is None else str(v) for v in variants)
+    if len(variants) > 1:
+        return f"sample grid ({grid.get('file', 'samples.png')}): {size} rows x {len(variants)} columns ({names}), seed {grid.get('seed')}"
+    per_row = "prompt" if grid.get("rows") else "noise"
+    return (f"sample grid ({grid.get('file', 'samples.png')}): {size} rows (a {per_row} each) x {size} images "
+            f"({names}), seed {grid.get('seed')}")  # fmt: skip
+
+
+def _cache_words(cache: dict) -> tuple[str, str]:
+    """``(settings, bound)`` of an eval.json ``cache`` section in words."""
+    options, compute = cache.get("options", {}), cache.get("compute") or {}
+    mode = options.get("cache")
+    if options.get("cache_key_steps") is not None:
+        when = f"refreshes at steps {list(options['cache_key_steps'])}"
+    elif options.get("cache_schedule") == "non_uniform" and options.get("cache_interval", 1) > 1:
+        when = (f"1 refresh per {options['cache_interval']} steps, crowded at {options.get('cache_center')} of the "
+                f"run (power {options.get('cache_power')})")  # fmt: skip
+    else:
+        when = f"a refresh every {options.get('cache_interval')} steps"
+    branch = compute.get("branch", options.get("cache_branch"))
+    where = "" if mode != "skip_branch" else (" at branch K-1" if branch is None else f" at branch {branch}")
+    if not compute:
+        bound = "FLOP bound not recorded"
+    else:
+        bound = (f"FLOP bound {compute['bound_run']:.3g}x (full forwards at {compute['refresh_steps']} of "
+                 f"{compute['num_steps']} steps; a cached step computes {compute['cached_fraction']:.0%} of one)")  # fmt: skip
+    return f"skip cache {mode}{where}, {when}", bound
+
+
+def cache_text(cache: dict) -> str:
+    """An eval.json ``cache`` section as one phrase: mode, branch, refresh schedule and FLOP bound."""
+    settings, bound = _cache_words(cache)
+    return f"{settings}, {bound}"
+
+
+def cache_label(cache: dict | None) -> str:
+    """A table cell for an eval.json ``cache`` section: ``skip_branch b8 N3 (≤ 2.1x)``, ``none`` without one."""
+    if not cache:
+        return "none"
+    options, compute = cache.get("options", {}), cache.get("compute") or {}
+    branch = compute.get("branch", options.get("cache_branch"))
+    mode = options.get("cache")
+    label = mode + (f" b{branch}" if mode == "skip_branch" and branch is not None else "")
+    label += " key steps" if options.get("cache_key_steps") is not None else f" N{options.get('cache_interval')}"
+    label += "" if options.get("cache_schedule") != "non_uniform" else " non-uniform"
+    return label + (f" (≤ {compute['bound_run']:.3g}x)" if compute else "")
 
 
 def _pm(entry) -> str:
