@@ -147,7 +147,8 @@ def test_compare_keys_results_by_full_path_and_shows_mixed_settings(tmp_path):
                     str(tmp_path / "cmp"))  # fmt: skip
     assert "| a/run | 1 |" in table and "| b/run | 2 |" in table and table.count("/run |") == 2
     assert "Settings differ" in table
-    assert "- a/run: samples per seed: 100" in table and "- b/run: samples per seed: 200" in table
+    assert "- a/run: sampling (fid): ddim-50, no skip cache; FID: 100 samples per seed" in table
+    assert "- b/run: sampling (fid): ddim-50, no skip cache; FID: 200 samples per seed" in table
     write_results(tmp_path / "c" / "other" / "eval", fake_result(100, 3.0), "other")
     shared = compare([str(tmp_path / "a" / "run"), str(tmp_path / "c" / "other")], str(tmp_path / "cmp2"))
     assert "| run | 1 |" in shared and "| other | 3 |" in shared and "Settings differ" not in shared
