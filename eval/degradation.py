@@ -225,7 +225,7 @@ def summary_to_plot(summary: list[dict], runs: list[dict], lr: float, path: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    figure, axes = plt.subplots(2, 3, figsize=(14, 7.5), layout="constrained")
     styles = {(True, True): ("C0", "-"), (True, False): ("C0", "--"), (False, True): ("C3", "-"), (False, False): ("C3", "--")}
     main = [r for r in summary if r["learning_rate"] == lr]
     deepest = max(r["depth"] for r in summary)
@@ -242,13 +242,12 @@ def summary_to_plot(summary: list[dict], runs: list[dict], lr: float, path: str 
             else:
                 values = [max(r[f"{name}_geomean"], 1e-12) for r in rows]  # 0 (vanished) drawn at 1e-12
                 axis.plot(x, values, color=color, linestyle=line, marker="o", label=variant_name(skip, bn))
-        axis.set(yscale=scale, xlabel="residual blocks (3 stages)", title=f"{title}, lr {lr:g}")
+        axis.set(yscale=scale, xlabel="residual blocks (3 stages)", ylabel=title, title=f"{title}, lr {lr:g}")
     _plot_sweep(axes.flat[4], summary, deepest, styles)
     _plot_curves(axes.flat[5], runs, deepest, lr, styles)
     for axis in axes.flat:
         axis.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
 
@@ -262,7 +261,7 @@ def _plot_sweep(axis, summary: list[dict], depth: int, styles: dict) -> None:
                   label=f"{variant_name(skip, bn)} train")  # fmt: skip
         axis.plot(lrs, [r["test_accuracy_mean"] for r in rows], color=color, marker="x", linestyle=":", alpha=0.7)
     blocks = next(r["num_blocks"] for r in summary if r["depth"] == depth)
-    axis.set(xscale="log", xlabel="learning rate", title=f"{blocks} blocks: train (o) and test (x, dotted) accuracy")
+    axis.set(xscale="log", xlabel="learning rate", ylabel="accuracy", title=f"{blocks} blocks: train (o) and test (x, dotted) accuracy")
 
 
 def _plot_curves(axis, runs: list[dict], depth: int, lr: float, styles: dict) -> None:
@@ -272,7 +271,7 @@ def _plot_curves(axis, runs: list[dict], depth: int, lr: float, styles: dict) ->
         if run is not None:
             train = run["curves"]["train"]
             axis.plot([t["step"] for t in train], [max(t["loss"], 1e-6) for t in train], color=color, linestyle=line)
-    axis.set(yscale="log", xlabel="step", title=f"deepest nets, lr {lr:g}: train loss per epoch")
+    axis.set(yscale="log", xlabel="step", ylabel="train loss (log)", title=f"deepest nets, lr {lr:g}: train loss per epoch")
 
 
 # --------------------------------------------------------------------------------------------------

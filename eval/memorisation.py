@@ -45,12 +45,15 @@ def evaluate_seed(target, real: dict, extractor, count: int, seed: int) -> dict:
 
 
 def nearest_grid(samples: torch.Tensor, train: torch.Tensor, indices: list[int], path: Path, count: int = 16) -> None:
-    """Pairs (sample, nearest training image) side by side, ``count`` rows, as one PNG."""
-    from skipdiff.pipeline import image_grid, numpy_to_pil
+    """Pairs (sample, its nearest training image) side by side, four pairs a row, labelled, as one PNG."""
+    from diffusers.utils import numpy_to_pil
+
+    from skipdiff.grids import image_grid
 
     pairs = torch.stack([t for i in range(count) for t in (samples[i], train[indices[i]])])  # (2n, C, H, W)
     pil = numpy_to_pil((pairs.permute(0, 2, 3, 1).float() / 255.0).numpy())
-    image_grid(pil, columns=8, scale=max(1, 64 // pil[0].width)).save(path)
+    image_grid(pil, columns=8, column_labels=["sample", "nearest train"] * 4,
+               legend="nearest neighbour in the FID extractor's features").save(path)  # fmt: skip
 
 
 def main() -> None:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import numpy_to_pil
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
-from PIL import Image
 
 from .encoders import PixelEncoder, VaeEncoder
 from .unet import SkipUNet2DModel
@@ -181,23 +180,3 @@ def _download(repo_id: str, use_ema: bool, kwargs: dict) -> Path:
     weights = ["unet_ema/*"] if use_ema else ["unet_raw/*"]  # unet_ema/: repos saved before unet/ held the EMA
     patterns = ["model_index.json", "scheduler/*", "vae/*", "unet/*", *weights]
     return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*.py"], **hub))
-
-
-def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
-    """(B, H, W, C) floats in [0, 1] -> PIL images (grey when C == 1)."""
-    images = (images * 255).round().astype("uint8")
-    if images.shape[-1] == 1:
-        return [Image.fromarray(image[..., 0], mode="L") for image in images]
-    return [Image.fromarray(image) for image in images]
-
-
-def image_grid(images: list[Image.Image], columns: int = 8, scale: int = 1) -> Image.Image:
-    """Tile PIL images into one grid (rows filled left to right), optionally upscaled."""
-    width, height = images[0].size
-    rows = -(-len(images) // columns)
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    if scale != 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    return grid

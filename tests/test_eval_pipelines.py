@@ -78,11 +78,13 @@ def test_eval_cli_end_to_end_on_a_tiny_pipeline(kind, assets, tmp_path):
         clip = result["clip_score"]
         assert [row["num_images"] for row in clip["per_seed"]] == [3, 3]
         assert 0 <= clip["summary"]["clip_score"]["mean"] <= 100
-    if kind in ("ldm", "sd"):  # a prompt (or seed) per row, a variant per column, scaled up to 64 px a tile
+    if kind in ("ldm", "sd"):  # a prompt (or seed) per row, a variant per column, scaled up to 64 px a cell
         columns = 3 if kind == "sd" else 2
         grid = Image.open(tmp_path / "eval" / "samples.png")
-        tile = 64 if kind == "sd" else 64
-        assert grid.size == (columns * tile, 2 * tile)
+        layout = result["grid"]["layout"]
+        assert (layout["rows"], layout["columns"], layout["cell"]) == (2, columns, [64, 64])
+        assert grid.size == tuple(layout["size"]) and layout["gap"] > 0  # spaced cells
+        assert layout["top"] > 0 and layout["left"] > 0 and layout["bottom"] > 0  # variant, row labels, legend
         assert result["grid"]["variants"][0] is None and len(result["grid"]["variants"]) == columns
     # A second run gives the same numbers, bit for bit.
     main([*base, *(["--resolution", "8"] if kind == "ddpm" else []),

@@ -236,8 +236,11 @@ def _cache(options: EvalOptions):
 
 def _grid(run: _Evaluation) -> dict:
     """``samples.png``: one prompt (or seed) per row, one skip variant per column, every column on the same
-    noise; with a single variant, each row holds ``grid_size`` images of its prompt."""
-    from ..pipeline import image_grid, numpy_to_pil
+    noise; with a single variant, each row holds ``grid_size`` images of its prompt. Columns are labelled by
+    variant, rows by prompt (or image index), the settings in the legend (:func:`skipdiff.grids.image_grid`)."""
+    from diffusers.utils import numpy_to_pil
+
+    from ..grids import grid_layout, image_grid
 
     options, size, seed = run.options, run.options.grid_size, run.options.seeds[0]
     variants = [("original", None)] + ([("skips", options.skips)] if options.skips else [])
@@ -245,17 +248,45 @@ def _grid(run: _Evaluation) -> dict:
     rows = [run.prompts[i % len(run.prompts)] for i in range(size)] if run.prompts else None
     if len(variants) == 1:  # rows of `size` images of one prompt each
         prompts = [rows[i // size] for i in range(size * size)] if rows else None
-        images, columns = _sample(run, size * size, seed, prompts).images, size
+        images, columns, column_labels = _sample(run, size * size, seed, prompts).images, size, None
     else:
         columns_images = []
         for _, spec in variants:
             with run.target.skips_applied(spec):
                 columns_images.append(_sample(run, size, seed, rows).images)  # (size, C, H, W)
         images = torch.stack(columns_images, dim=1).flatten(0, 1)  # row-major: row i, variant j
-        columns = len(variants)
+        columns, column_labels = len(variants), [_variant_label(spec) for _, spec in variants]
+    row_labels = rows if rows else ([f"image {i}" for i in range(size)] if len(variants) > 1 else None)
     pil = numpy_to_pil(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
-    image_grid(pil, columns=columns, scale=max(1, 64 // pil[0].width)).save(run.out_dir("samples.png"))
-    return {"file": "samples.png", "variants": [spec for _, spec in variants], "rows": rows, "seed": seed}
+    style = dict(columns=columns, column_labels=column_labels, row_labels=row_labels,
+                 legend=_grid_legend(run, seed, len(variants) > 1))  # fmt: skip
+    image_grid(pil, **style).save(run.out_dir("samples.png"))
+    layout, _ = grid_layout(len(pil), image_size=pil[0].size, **style)  # where each cell is (report sample sheets)
+    return {"file": "samples.png", "variants": [spec for _, spec in variants], "rows": rows, "seed": seed,
+            "layout": dataclasses.asdict(layout)}  # fmt: skip
+
+
+def _variant_label(spec: str | None) -> str:
+    """A grid column's label for a skip spec: ``original`` for None; a per-skip list that changes few skips
+    names them (``skip 11: zero``) instead of listing every ``keep``."""
+    if spec is None:
+        return "original"
+    entries = [e.strip() for e in spec.split(",")] if "," in spec else [spec]
+    changed = [(k, e) for k, e in enumerate(entries) if e != "keep"]
+    if len(entries) > 1 and 0 < len(changed) <= 2:
+        return "; ".join(f"skip {k}: {e}" for k, e in changed)
+    return spec
+
+
+def _grid_legend(run: _Evaluation, seed: int, variants: bool) -> str:
+    """The settings of ``samples.png``, written under it."""
+    options, target = run.options, run.target
+    parts = [str(target.source), f"{options.sampler}, {options.steps} steps", f"sampling seed {seed}"]
+    if options.guidance_scale is not None:
+        parts.append(f"guidance {options.guidance_scale:g}")
+    if variants:
+        parts.append("each row one noise, the same in every column")
+    return " · ".join(parts)
 
 
 def _fid(run: _Evaluation) -> dict:

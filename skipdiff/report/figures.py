@@ -1,7 +1,8 @@
-"""The report's PNGs: training loss per configuration, gradient-norm heatmaps, Markov chains over training.
+"""The report's PNGs: training loss per configuration, gradient-norm heatmaps, Markov chains over training,
+and a sample sheet per dataset (each configuration's own samples, cut from its evaluation grid).
 
-Written by Agg with fixed metadata (no matplotlib version in the file), so the same JSON gives the same
-bytes.
+Made and written by :mod:`skipdiff.eval.plots` (constrained layout, so nothing is clipped; Agg with fixed
+metadata, no matplotlib version in the file), so the same JSON gives the same bytes.
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ from ..eval import plots  # noqa: E402
 from ..runfolder import safe_name  # noqa: E402
 from .read import Result, dedupe_steps  # noqa: E402
 
-PNG_METADATA = {"Software": None}  # no matplotlib version in the file: same bytes across versions where possible
-REPORT_FILES = ("loss_", "grad_", "markov_")
+REPORT_FILES = ("loss_", "grad_", "markov_", "samples_")
+SHEET_IMAGES = 8  # samples per configuration in a sample sheet
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata=PNG_METADATA)
-    plt.close(fig)
+    plots.save_figure(fig, path, dpi=100)
 
 
 def _loss_series(records: list[dict]) -> dict[int, float]:
@@ -36,7 +35,7 @@ def _loss_series(records: list[dict]) -> dict[int, float]:
 
 def loss_curves(configurations: dict[str, list[Result]], path: Path, title: str) -> bool:
     """Training loss per configuration (mean over seeds at the steps all seeds logged), log scale."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plots.new_figure(8, 4)
     colours = [plt.cm.tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]  # distinct hues first
     drawn = 0
     for name, rows in configurations.items():
@@ -52,11 +51,12 @@ def loss_curves(configurations: dict[str, list[Result]], path: Path, title: str)
         plt.close(fig)
         return False
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean over seeds)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss, mean over seeds (log)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    fig.legend(fontsize=6, ncol=1 + drawn // 20, loc="outside right upper", title="configuration (seeds)",
+               title_fontsize=6)  # fmt: skip
     _save(fig, path)
     return True
 
@@ -84,18 +84,49 @@ def markov_plot(records: list[dict], path: Path, title: str) -> bool:
             return False
         units = list(rows[0]["gates"]["keep_prob"])
         series = np.array([[r["gates"]["keep_prob"][u] for u in units] for r in rows]).T
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plots.new_figure(8, 3.5)
     colours = plt.cm.viridis(np.linspace(0, 1, max(len(units), 2)))
     steps = [r["step"] for r in rows]
     for colour, unit, values in zip(colours, units, series, strict=False):
         ax.plot(steps, values, color=colour, lw=1, label=unit)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("P(open)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("P(open), per example")
     ax.set_title(title)
-    ax.legend(fontsize=6, ncol=3)
+    fig.legend(fontsize=6, ncol=1 + len(units) // 16, loc="outside right upper")
     ax.grid(alpha=0.3)
     _save(fig, path)
+    return True
+
+
+def sample_sheet(configurations: dict[str, list[Result]], path: Path, title: str) -> bool:
+    """One row per configuration (its lowest seed's model), the first samples of its evaluation grid, image
+    *i* of every row from the same noise (``skipdiff.seeding.derived_seed``); False when no configuration's
+    grid recorded where its cells are."""
+    from PIL import Image
+
+    from ..grids import cut_cells, image_grid
+
+    rows, labels, seeds = [], [], set()
+    for name, results in configurations.items():
+        drawn = sorted((r for r in results if r.samples is not None), key=lambda r: r.seed)
+        if not drawn:
+            continue
+        own = drawn[0].samples
+        with Image.open(own["path"]) as grid:
+            cells = cut_cells(grid, own["layout"], own["column"], SHEET_IMAGES)
+        rows.append(cells)
+        labels.append(name)
+        seeds.add(own["seed"])
+    count = min((len(cells) for cells in rows), default=0)
+    sizes = {cells[0].size for cells in rows}
+    if not count or len(sizes) != 1:
+        return False
+    images = [cell for cells in rows for cell in cells[:count]]
+    legend = (f"{title}: each configuration's own samples (lowest training seed), sampling seed "
+              f"{', '.join(str(s) for s in sorted(seeds, key=str))}; column i starts from the same noise in every row")  # fmt: skip
+    image_grid(images, columns=count, row_labels=labels, column_labels=[f"image {i}" for i in range(count)],
+               legend=legend).save(path)  # fmt: skip
     return True
 
 
@@ -110,6 +141,9 @@ def write_figures(kind: str, grouped: dict, out: Path) -> dict[str, list[str]]:
         name = f"loss_{safe_name(dataset)}.png"
         if loss_curves(configurations, out / name, f"{dataset}: training loss"):
             shown.append(f"![training loss, {dataset}]({name})")
+        name = f"samples_{safe_name(dataset)}.png"
+        if kind != "classifier" and sample_sheet(configurations, out / name, dataset):
+            shown.append(f"![samples, {dataset}]({name})")
         heatmaps, chains = [], []
         for configuration, rows in configurations.items():
             trained = [r for r in rows if r.variant is None]

@@ -30,6 +30,7 @@ class Result:
     variant: str | None = None  # None: the trained model as it samples; "map" or a variant label otherwise
     chain: dict | None = None  # the Markov chain's final state (see :func:`final_chain`)
     floors: dict[int, float] = dataclasses.field(default_factory=dict)  # sampling seed -> real-vs-real FID
+    samples: dict | None = None  # the model's own column of its eval grid (:func:`grid_samples`), if drawn
 
 
 def load_sweep(folder: str | Path) -> tuple[dict, list[dict]]:
@@ -131,6 +132,18 @@ def final_chain(state: dict | None, unit: str) -> dict | None:
             "p_closed": [p[0] for p in state["open_prob"]], "p_prev_open": [p[1] for p in state["open_prob"]]}  # fmt: skip
 
 
+def grid_samples(folder: Path, evaluation: dict) -> dict | None:
+    """Where the evaluated model's own samples are in its ``samples.png``: ``{"path", "layout", "column",
+    "seed"}`` (the column of ``--skips`` when it was given, else the original's), or None for a grid drawn
+    before grids recorded their layout, or none at all."""
+    grid = evaluation.get("grid")
+    if not grid or "layout" not in grid or not (folder / grid["file"]).is_file():
+        return None
+    variants = grid.get("variants") or [None]
+    column = 1 if evaluation.get("skip_spec") and len(variants) > 1 else 0  # one variant: every cell is its own
+    return {"path": str(folder / grid["file"]), "layout": grid["layout"], "column": column, "seed": grid.get("seed")}
+
+
 def _diffusion_results(cell: dict, common: dict, records: list[dict]) -> list[Result]:
     """The trained model, its MAP path (stochastic skips) and its inference variants."""
     folder, configuration = cell["folder"], configuration_of(cell)
@@ -138,7 +151,7 @@ def _diffusion_results(cell: dict, common: dict, records: list[dict]) -> list[Re
     chains = [r["markov"] for r in dedupe_steps([r for r in records if r.get("markov")])]
     results = [Result(configuration=configuration, metrics=diffusion_metrics(evaluation, records), records=records,
                       chain=final_chain(chains[-1] if chains else None, "skip"), floors=fid_floors(evaluation),
-                      **common)]  # fmt: skip
+                      samples=grid_samples(folder / "eval", evaluation), **common)]  # fmt: skip
     scored = [("map", evaluation["map"])] if "map" in evaluation else []
     for label in cell.get("variants", {}):
         scored.append((label, read_json(folder / "variants" / label / "eval" / "eval.json", "evaluation")))
@@ -165,6 +178,7 @@ def _inference_results(cell: dict, common: dict) -> list[Result]:
                    "clip_score": clip.get("clip_score")}  # fmt: skip
         results.append(Result(configuration=configuration_of(cell), metrics=metrics, records=[],
                               floors={seed: fid["floor_fid"]} if fid.get("floor_fid") is not None else {},
+                              samples=grid_samples(cell["folder"] / "eval", evaluation) if i == 0 else None,
                               **{**common, "seed": seed}))  # fmt: skip
     return results
 

@@ -23,7 +23,8 @@ from ..data import collate_images, dataset_channels, load_image_splits, num_clas
 from ..data_options import DataOptions
 from ..encoders import CachedLatents, Encoder, VaeEncoder, cache_encoded, load_encoder
 from ..export import export_pipeline
-from ..pipeline import SkipDiffPipeline, image_grid
+from ..grids import image_grid
+from ..pipeline import SkipDiffPipeline
 from ..presets import UNET_PRESETS, VAE_PRESETS
 from .ema import WeightEMA
 from .model_source import plain_model, trainable_parameters
@@ -245,8 +246,10 @@ def make_pipeline(unet, scheduler, encoder: Encoder) -> SkipDiffPipeline:
 
 
 @torch.no_grad()
-def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: TrainingData, seed: int = 0):
-    """A grid of validation samples (one row per class when class-conditional), seeded."""
+def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: TrainingData, seed: int = 0,
+                step: int | None = None):  # fmt: skip
+    """A grid of validation samples, seeded: one column per class when class-conditional (labelled), cells
+    upscaled and spaced by :func:`skipdiff.grids.image_grid`, the sampling settings in its legend."""
     count, classes = options.num_validation_images, data.classes
     labels = [i % classes for i in range(count)] if classes else None
     was_training = pipeline.unet.training
@@ -256,13 +259,24 @@ def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: Trainin
                       show_progress=False).images  # fmt: skip
     pipeline.unet.train(was_training)
     columns = classes if classes and classes <= 16 else 8
-    return image_grid(images, columns=columns, scale=max(1, 128 // images[0].width))
+    column_labels = [f"class {k}" for k in range(columns)] if classes and classes <= 16 else None
+    return image_grid(images, columns=columns, column_labels=column_labels,
+                      legend=_validation_legend(options, step, seed))  # fmt: skip
+
+
+def _validation_legend(options: TrainOptions, step: int | None, seed: int) -> str:
+    """The settings a validation grid was drawn with, for its legend."""
+    at = f"step {step} · " if step is not None else ""
+    weights = "EMA weights" if options.use_ema else "raw weights"
+    return f"{at}skips {options.skips} · {weights} · DDIM-{options.validation_inference_steps} · seed {seed}"
 
 
 @torch.no_grad()
-def text_sample_grid(target, options: TrainOptions, data: TrainingData):
+def text_sample_grid(target, options: TrainOptions, data: TrainingData, step: int | None = None):
     """Validation samples of a text-conditioned pipeline: ``--validation_prompts`` (else the first four
-    test captions), one column per prompt, through the pipeline's own sampler with the run's gates."""
+    test captions), one labelled column per prompt, through the pipeline's own sampler with the run's gates."""
+    from diffusers.utils import numpy_to_pil
+
     from ..sampling import sample_images
 
     prompts = list(options.validation_prompts) or [str(c) for c in data.splits["test"]["caption"][:4]]
@@ -272,10 +286,8 @@ def text_sample_grid(target, options: TrainOptions, data: TrainingData):
     samples = sample_images(target, len(prompts) * rows, seed=0, steps=options.validation_inference_steps,
                             prompts=prompts, resolution=options.resolution, progress=False)  # fmt: skip
     target.unet.train(was_training)
-    from ..pipeline import numpy_to_pil
-
     images = numpy_to_pil(((samples.images + 1) / 2).permute(0, 2, 3, 1).numpy())
-    return image_grid(images, columns=len(prompts), scale=max(1, 128 // images[0].width))
+    return image_grid(images, columns=len(prompts), column_labels=prompts, legend=_validation_legend(options, step, 0))
 
 
 def save_outputs(output_dir: Path, unet, ema: WeightEMA | None, scheduler, encoder: Encoder, options_json: str) -> None:

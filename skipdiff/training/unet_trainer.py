@@ -396,9 +396,10 @@ def _validate(run: Run):
         return None
     with _with_ema_weights(run.model, run.ema):
         if run.conditioning.kind == "text":
-            grid = text_sample_grid(run.target, run.options, run.data)
+            grid = text_sample_grid(run.target, run.options, run.data, step=run.step)
         else:
-            grid = sample_grid(make_pipeline(run.model, run.noise_scheduler, run.encoder), run.options, run.data)
+            grid = sample_grid(make_pipeline(run.model, run.noise_scheduler, run.encoder), run.options, run.data,
+                               step=run.step)  # fmt: skip
     path = run.output_dir / "samples" / f"step-{run.step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -1,0 +1,117 @@
+"""Every kind of figure skipdiff writes, rendered on tiny data: nothing drawn outside the canvas (the tight
+bounding box of everything drawn lies inside the figure), and every axis says what it measures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+
+from skipdiff.eval import plots  # noqa: E402
+from skipdiff.eval.importance import importance_heatmap  # noqa: E402
+from skipdiff.report import figures  # noqa: E402
+from skipdiff.report.read import Result  # noqa: E402
+from skipdiff.search import report as search_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def outside_canvas(fig: Figure) -> list[str]:
+    """What of ``fig``'s tight bounding box lies outside its canvas (more than a pixel), after drawing."""
+    fig.canvas.draw()
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    width, height = fig.get_size_inches()
+    tolerance = 1.0 / fig.dpi
+    sides = {"left": -box.x0, "bottom": -box.y0, "right": box.x1 - width, "top": box.y1 - height}
+    return [f"{side} by {over:.2f} in" for side, over in sides.items() if over > tolerance]
+
+
+def unlabelled_axes(fig: Figure) -> list[str]:
+    """Axes without an x or y label (a colour bar needs its own label on its long side)."""
+    missing = []
+    for ax in fig.axes:
+        colorbar = getattr(ax, "_colorbar", None)
+        if colorbar is not None:
+            label = ax.get_ylabel() if colorbar.orientation == "vertical" else ax.get_xlabel()
+            missing += [] if label else ["colour bar"]
+            continue
+        missing += [f"x of {ax.get_title()!r}"] if not ax.get_xlabel() else []
+        missing += [f"y of {ax.get_title()!r}"] if not ax.get_ylabel() else []
+    return missing
+
+
+@pytest.fixture
+def saved(monkeypatch):
+    """Every figure saved while the test runs: its clipping and labelling problems, by file name."""
+    found: dict[str, list[str]] = {}
+    original = Figure.savefig
+
+    def checking_savefig(fig, path, *args, **kwargs):
+        found[Path(path).name] = outside_canvas(fig) + [f"unlabelled {a}" for a in unlabelled_axes(fig)]
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", checking_savefig)
+    return found
+
+
+def _records(steps=5):
+    blocks = ["conv_in", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1", "conv_out"]
+    return [{"step": 10 * (i + 1), "loss": 1.0 / (i + 1), "grad_norm_by_block": {b: 0.1 * (i + 1) * (k + 1)
+             for k, b in enumerate(blocks)}, "markov": {"skips": list(range(9)), "marginals": [0.5] * 9},
+             "grad_norm": {"stem": 0.3, "block 0": 0.2 + i, "head": 0.1}} for i in range(steps)]  # fmt: skip
+
+
+def _importance(skips=12, buckets=10):
+    edges = [(100 * b, 100 * b + 99) for b in range(buckets)]
+    delta = [[0.001 * (k - b) for b in range(buckets)] for k in range(skips)]
+    return {"buckets": edges, "skips": [{"index": k, "resolution": 64 // 2 ** (k // 3)} for k in range(skips)],
+            "factors": {"0.0": {"delta": delta}, "0.5": {"delta": delta}}}  # fmt: skip
+
+
+def test_every_figure_fits_its_canvas_and_names_its_axes(saved, tmp_path):
+    records = _records()
+    denoise = {"buckets": [{"t_min": 100 * b, "t_max": 100 * b + 99, "loss": 0.1 + 0.01 * b} for b in range(10)]}
+    plots.loss_by_timestep({"runs/a-long-run-name": denoise, "runs/b": denoise}, tmp_path / "loss_by_timestep.png")
+    plots.grad_norms_over_training(records, tmp_path / "grad_norms.png", "digits-latent")
+    assert plots.grad_norm_heatmap(records, tmp_path / "grad_norm_heatmap.png", "digits-latent")
+    importance_heatmap(_importance(), "0.0", tmp_path / "skip_importance_0.0.png")
+    importance_heatmap(_importance(skips=3, buckets=2), "0.5", tmp_path / "skip_importance_small.png")
+    configurations = {f"skips=config-{k}": [Result(cell=f"c{k}", configuration=f"skips=config-{k}", dataset="digits",
+                                                   seed=0, metrics={}, records=records)] for k in range(12)}  # fmt: skip
+    assert figures.loss_curves(configurations, tmp_path / "loss_digits.png", "digits, 16px: training loss")
+    assert figures.classifier_heatmap(records, tmp_path / "grad_classifier.png", "skip-resnet (seed 0)")
+    assert figures.markov_plot(records, tmp_path / "markov.png", "skips=markov (seed 0): P(open)")
+    rows = [{"number": i, "state": "pruned" if i % 3 == 2 else "complete", "values": [1.0 / (i + 1), 1e6 * i],
+             "intermediate": {"100": 0.5}} for i in range(8)]  # fmt: skip
+    search_report._history(rows, "denoise_mse", True, tmp_path / "history.png")
+    search_report._pareto(rows, {0, 3}, ["denoise_mse", "flops"], tmp_path / "pareto.png")
+    degradation = _degradation_module()
+    results = json.loads((ROOT / "eval" / "results" / "degradation" / "results.json").read_text())
+    degradation.summary_to_plot(results["summary"], results["runs"], 3e-3, tmp_path / "degradation.png")
+    assert len(saved) == 11, sorted(saved)
+    assert {name: problems for name, problems in saved.items() if problems} == {}
+
+
+def test_the_check_sees_a_clipped_title_and_a_missing_label(tmp_path):
+    """The check above can fail: a long title in a figure without layout runs off both sides."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.set_title("a title far too long for a two-inch figure without any layout engine")
+    assert {p.split()[0] for p in outside_canvas(fig)} >= {"left", "right"}
+    title = "'a title far too long for a two-inch figure without any layout engine'"
+    assert unlabelled_axes(fig) == [f"x of {title}", f"y of {title}"]
+    plt.close(fig)
+
+
+def _degradation_module():
+    spec = importlib.util.spec_from_file_location("degradation_script", ROOT / "eval" / "degradation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
