@@ -372,3 +372,20 @@ def test_digits_extractor_trains_caches_and_registers(monkeypatch, tmp_path):
     assert resolve_extractor("digits", data=digits, cache_dir=tmp_path) == spec  # the cached one
     assert resolve_extractor("auto", data=digits, cache_dir=tmp_path) == spec  # auto: the set's own extractor
     assert resolve_extractor(str(folder)) == spec  # the same weights by path
+
+
+def test_fid_warns_on_too_few_reference_images_and_on_a_channel_mismatch(tmp_path, extractor):
+    """Issue 31: an FID on 3 reference images, and colour samples scored by a grey extractor, said nothing."""
+    import warnings
+
+    run = dict(cuda=False, cache_root=str(tmp_path), num_samples=10, seeds=[0])
+    few = RealImages(random_uint8(20, seed=1), "toy-few")
+    with pytest.warns(UserWarning, match=r"FID against 20 reference images \(toy-few\), fewer than the 500"):
+        fid_with_floor(noisy_copies(few.images, 0.1), few, few, extractor, **run)
+    many = RealImages(random_uint8(fid_module.MIN_FID_REFERENCE_IMAGES, seed=2), "toy-many")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough images, matching channels: no warning
+        fid_with_floor(noisy_copies(many.images, 0.1), many, many, extractor, **run)
+    colour = RealImages(random_uint8(fid_module.MIN_FID_REFERENCE_IMAGES, channels=3, seed=3), "toy-colour")
+    with pytest.warns(UserWarning, match="3-channel images with the 1-channel feature extractor .*reduced to grey"):
+        fid_with_floor(noisy_copies(colour.images, 0.1), colour, colour, extractor, **run)

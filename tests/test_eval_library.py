@@ -174,6 +174,23 @@ def test_results_are_invalidated_when_the_weights_change(tmp_path):
     assert read_results(folder, check_weights=False)["weights"] == result["weights"]
 
 
+def test_a_colour_pipeline_scored_against_grey_images_is_warned(tmp_path):
+    """Issue 31: an RGB pipeline scored against grey digits (converted to RGB on the way) said nothing."""
+    import warnings
+
+    from helpers.tiny_pipelines import ddpm_pipeline
+
+    from skipdiff.eval import evaluate
+
+    folder = ddpm_pipeline(tmp_path / "ddpm")  # 8x8 RGB
+    options = dict(checkpoint=str(folder), denoise_loss=True, buckets=2, denoise_images=4, resolution=8)
+    with pytest.warns(UserWarning, match="makes 3-channel images but the reference images are 1-channel.*grey repeated"):
+        evaluate(EvalOptions(**options, dataset="digits", out=str(tmp_path / "digits")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # colour reference images: nothing to say
+        evaluate(EvalOptions(**options, dataset="photo_patches", out=str(tmp_path / "photos")))
+
+
 def save_run(folder: Path, layout: str) -> None:
     """A skipdiff run folder: EMA in unet/ and raw in unet_raw/ (``new``), or EMA in unet_ema/ (``old``)."""
     from skipdiff.pipeline import SkipDiffPipeline

@@ -9,6 +9,7 @@ the skip importance; FID compares samples with the reference split (:mod:`.fid`)
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -49,6 +50,14 @@ def check_data_matches(target, data: DataOptions, channels: int) -> None:
     if target.image_channels != channels:
         raise ValueError(f"the model makes {target.image_channels}-channel images but the dataset has {channels} "
                          "channels (--image_channels)")  # fmt: skip
+    if target.training_options is None and data.image_channels is not None:  # a pipeline: converted to its channels
+        own = dataset_channels(load_image_splits(data))
+        if own != channels:
+            how = "grey repeated to 3 channels" if own == 1 else "colour reduced to grey (luma)"
+            warnings.warn(f"the model makes {channels}-channel images but the reference images are {own}-channel: "
+                          f"they are converted ({how}) to score it, so its FID and denoising loss measure it against "
+                          f"{'grey' if own == 1 else 'colour'} images it may never have been trained on",
+                          UserWarning, stacklevel=2)  # fmt: skip
 
 
 def read_prompts(path: str) -> list[str]:
