@@ -197,6 +197,46 @@ class SkipUNet2DModel(UNet2DModel):
         )
         self.skip_router.attach(self)
 
+    @classmethod
+    def from_unet(cls, unet: nn.Module, skips: SkipSpec | None = "full", residual_shortcuts: dict | None = None,
+                  markov: dict | None = None, strict: bool = False) -> SkipUNet2DModel:  # fmt: skip
+        """A new ``SkipUNet2DModel`` with ``unet``'s architecture and weights and the given skips, as
+        diffusers' ``ControlNetModel.from_unet`` builds one model from another.
+
+        ``unet``: a ``UNet2DModel`` or a ``SkipUNet2DModel`` (its skip settings are replaced, not merged).
+        ``skips``, ``residual_shortcuts``, ``markov``: as in the constructor. The backbone's weights load
+        strictly. With ``strict=False`` (a new model to train), where the new model reads fewer channels
+        (``remove`` skips) or has no shortcut (``residual_shortcuts`` false), the weights that read what was
+        dropped are cut away and a message names them, and gates with parameters start fresh. With
+        ``strict=True`` (an inference variant of a trained model) the whole state dict, gates included,
+        must fit: ``ValueError`` otherwise. For a temporary change of an existing model's skips use
+        :func:`apply_skip_spec` or :func:`skipdiff.targets.skip_spec_applied` instead."""
+        own = ("skips", "residual_shortcuts", "markov")
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_") and k not in own}
+        model = cls(**config, skips=skips, residual_shortcuts=residual_shortcuts, markov=markov)
+        if strict:
+            try:
+                model.load_state_dict(unet.state_dict(), strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"the weights do not fit skips {skips!r} (strict: the gates must be parameter-free "
+                                 f"on both sides or match): {err}") from err  # fmt: skip
+            return model
+        state = {k: v for k, v in unet.state_dict().items() if not k.startswith("skip_router.")}
+        target = model.state_dict()
+        dropped = []
+        for key, value in list(state.items()):
+            if key not in target:
+                dropped.append(key)
+                del state[key]
+            elif target[key].shape != value.shape:
+                state[key] = _cut_to(value, target[key].shape)
+                dropped.append(f"{key} {tuple(value.shape)} -> {tuple(target[key].shape)}")
+        state.update({k: v for k, v in target.items() if k.startswith("skip_router.")})
+        model.load_state_dict(state, strict=True)
+        if dropped:
+            print(f"pretrained weights: dropped what reads removed skips or disabled shortcuts: {'; '.join(dropped)}")
+        return model
+
     def _remove_skip_channels(self) -> None:
         for gate in self.skip_router.gates:
             if gate.removes_skip:
@@ -245,6 +285,13 @@ class SkipUNet2DModel(UNet2DModel):
     @property
     def num_skips(self) -> int:
         return len(self.skip_router.skips)
+
+
+def _cut_to(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The leading slice of ``value`` with ``shape`` (the backbone channels come first in the concatenation)."""
+    if value.ndim != len(shape) or any(new > old for new, old in zip(shape, value.shape, strict=True)):
+        raise ValueError(f"cannot cut pretrained weights of shape {tuple(value.shape)} to {tuple(shape)}")
+    return value[tuple(slice(0, n) for n in shape)].clone()
 
 
 def apply_skip_spec(unet: nn.Module, spec: SkipSpec, markov: dict | None = None) -> SkipRouter:

@@ -299,3 +299,23 @@ def test_attention_runs_through_pytorch_sdpa():
     model = SkipUNet2DModel(**STOCK_TINY, skips="learned")
     processors = [m.processor for m in model.modules() if isinstance(m, Attention)]
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
+
+
+def test_from_unet_is_the_one_way_to_a_new_skip_model_and_skip_unet_from_is_deprecated(tmp_path):
+    from skipdiff import SkipUNet2DModel
+
+    torch.manual_seed(0)
+    stock = UNet2DModel(**STOCK_TINY)
+    scaled = SkipUNet2DModel.from_unet(stock, skips="scale:0.5", residual_shortcuts={"mid": False})
+    assert [e["mode"] for e in scaled.config.skips] == ["scale"] * scaled.num_skips
+    assert scaled.config.residual_shortcuts == {"down": True, "mid": False, "up": True}
+    scaled.save_pretrained(tmp_path / "unet")
+    again = SkipUNet2DModel.from_pretrained(tmp_path / "unet")
+    sample, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 50])
+    torch.testing.assert_close(again(sample, t).sample, scaled(sample, t).sample)
+    back = SkipUNet2DModel.from_unet(scaled, skips="full", residual_shortcuts={"mid": False})  # replaced, not merged
+    assert [e["mode"] for e in back.config.skips] == ["keep"] * back.num_skips
+    with pytest.raises(ValueError, match="do not fit skips"):
+        SkipUNet2DModel.from_unet(scaled, skips="learned", strict=True)  # learned gates have parameters
+    with pytest.warns(DeprecationWarning, match="SkipUNet2DModel.from_unet"):
+        skip_unet_from(stock, "full", [], {})

@@ -64,20 +64,12 @@ def check_variant_specs(models: set[str], variants: dict[str, str]) -> None:
 
 
 def with_skips(unet, spec: str):
-    """A trained ``SkipUNet2DModel`` rebuilt with the skip spec ``spec`` and the same weights.
-
-    The state dict is loaded strictly; weights that do not fit the new gates raise ``ValueError``.
-    """
+    """A trained ``SkipUNet2DModel`` rebuilt with the skip spec ``spec`` and the same weights, in eval mode:
+    :meth:`SkipUNet2DModel.from_unet` with ``strict=True`` (``ValueError`` where the weights do not fit)."""
     from ..unet import SkipUNet2DModel
 
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    variant = SkipUNet2DModel(**{**config, "skips": spec})
-    try:
-        variant.load_state_dict(unet.state_dict(), strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"the trained weights do not fit skips {spec!r} (inference variants must be "
-                         f"parameter-free on both sides): {err}") from err  # fmt: skip
-    return variant.eval()
+    config = unet.config
+    return SkipUNet2DModel.from_unet(unet, spec, config.get("residual_shortcuts"), config.get("markov"), strict=True).eval()
 
 
 def make_inference_variant(run: Path, spec: str, folder: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -149,7 +150,8 @@ def _pipeline_source(options, data) -> ModelSource:
         unet = target.unet
         unet.skip_router = apply_skip_spec(unet, options.skips, options.markov_options())
     else:
-        unet = skip_unet_from(target.unet, options.skips, options.disable_shortcuts, options.markov_options())
+        unet = SkipUNet2DModel.from_unet(target.unet, options.skips, _shortcuts_off(options.disable_shortcuts),
+                                         options.markov_options())  # fmt: skip
     if data.classes and not target.conditioning.kind == "class":
         raise ValueError(f"--class_conditional, but the pipeline {source!r} is not class-conditional")
     unet.train()
@@ -253,7 +255,8 @@ def _pretrained(options, encoder) -> tuple[nn.Module, object]:
     else:
         base = UNet2DModel.from_pretrained(source, **kwargs) if config.get("_class_name") == "UNet2DModel" \
             else SkipUNet2DModel.from_pretrained(source, **kwargs)  # fmt: skip
-        unet = skip_unet_from(base, options.skips, options.disable_shortcuts, options.markov_options())
+        unet = SkipUNet2DModel.from_unet(base, options.skips, _shortcuts_off(options.disable_shortcuts),
+                                         options.markov_options())  # fmt: skip
     scheduler = _pretrained_scheduler(options, subfolder, encoder)
     if scheduler is None:
         from ..diffusion import make_scheduler
@@ -294,32 +297,12 @@ def _pretrained_scheduler(options, unet_subfolder: str | None, encoder):
 
 
 def skip_unet_from(base: nn.Module, skips, disable_shortcuts: list[str], markov: dict) -> SkipUNet2DModel:
-    """A ``SkipUNet2DModel`` with ``base``'s architecture and weights and the given skips.
-
-    Weights load strictly. Where the new model has fewer input channels (``remove`` skips) or no shortcut
-    (``disable_shortcuts``), the weights that read the dropped channels are cut away, and a message names them."""
-    config = {k: v for k, v in base.config.items() if not k.startswith("_") and k not in ("skips", "residual_shortcuts", "markov")}
-    shortcuts = {part: False for part in disable_shortcuts} or None
-    unet = SkipUNet2DModel(**config, skips=skips, residual_shortcuts=shortcuts, markov=markov)
-    state = {k: v for k, v in base.state_dict().items() if not k.startswith("skip_router.")}
-    target = unet.state_dict()
-    dropped = []
-    for key, value in list(state.items()):
-        if key not in target:
-            dropped.append(key)
-            del state[key]
-        elif target[key].shape != value.shape:
-            state[key] = _cut_to(value, target[key].shape)
-            dropped.append(f"{key} {tuple(value.shape)} -> {tuple(target[key].shape)}")
-    state.update({k: v for k, v in target.items() if k.startswith("skip_router.")})
-    unet.load_state_dict(state, strict=True)
-    if dropped:
-        print(f"pretrained weights: dropped what reads removed skips or disabled shortcuts: {'; '.join(dropped)}")
-    return unet
+    """Deprecated: :meth:`SkipUNet2DModel.from_unet` (``residual_shortcuts={part: False}`` per disabled part)."""
+    warnings.warn("skip_unet_from is deprecated; use SkipUNet2DModel.from_unet(unet, skips=..., "
+                  "residual_shortcuts=..., markov=...)", DeprecationWarning, stacklevel=2)  # fmt: skip
+    return SkipUNet2DModel.from_unet(base, skips, _shortcuts_off(disable_shortcuts), markov)
 
 
-def _cut_to(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The leading slice of ``value`` with ``shape`` (the backbone channels come first in the concatenation)."""
-    if value.ndim != len(shape) or any(new > old for new, old in zip(shape, value.shape, strict=True)):
-        raise ValueError(f"cannot cut pretrained weights of shape {tuple(value.shape)} to {tuple(shape)}")
-    return value[tuple(slice(0, n) for n in shape)].clone()
+def _shortcuts_off(parts: list[str]) -> dict | None:
+    """``--disable_shortcuts down mid`` -> ``{"down": False, "mid": False}`` (None: every shortcut kept)."""
+    return {part: False for part in parts} or None
