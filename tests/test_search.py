@@ -459,3 +459,19 @@ def test_sigterm_to_a_worker_requeues_its_trial_which_resumes(tmp_path):
     assert states(study_trials(out)) == {"FAIL": 1, "COMPLETE": 1}
     assert "resumed from" in result.stdout + result.stderr
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["trial-0000"]
+
+
+def test_progress_line_counts_trials_as_the_budget_does():
+    """A repeated configuration (answered from its twin) is no trial: the line said "trials 17/16"."""
+    import time
+
+    import optuna
+
+    from skipdiff.search.worker import progress_line
+
+    spec = parse_search_spec(copy.deepcopy(TINY), "m")
+    study = optuna.create_study()
+    for number, attrs in enumerate([{}, {}, {"duplicate_of": 0}]):
+        study.add_trial(optuna.trial.create_trial(value=0.3 + 0.01 * number, user_attrs=attrs))
+    line = progress_line(study, spec, time.perf_counter(), 0)
+    assert line.startswith("trials 2/3 (0 pruned, 0 running, 1 repeated configuration(s) not counted)")

@@ -41,7 +41,9 @@ def progress_line(study, spec: SearchSpec, started: float, finished_here: int) -
     from . import engine
 
     count = engine.counts(study)
-    done = count.get("complete", 0) + count.get("pruned", 0)
+    running = count.get("running", 0)
+    done = engine.taken(study) - running  # as the budget counts: repeated configurations are not trials
+    repeats = count.get("complete", 0) + count.get("pruned", 0) - done
     budget = spec.budget.get("trials")
     best = engine.best_trials(study, 1)
     best_text = f"best {spec.objectives[0]} {best[0].values[0]:.5g} (trial {best[0].number})" if best else "no complete trial yet"
@@ -49,7 +51,8 @@ def progress_line(study, spec: SearchSpec, started: float, finished_here: int) -
     if budget and finished_here:
         each = (time.perf_counter() - started) / finished_here
         eta = f"; ETA {duration(each * max(budget - done, 0))} at {duration(each)} per trial in this worker"
-    return f"trials {done}/{budget or '-'} ({count.get('pruned', 0)} pruned, {count.get('running', 0)} running); {best_text}{eta}"
+    extra = f", {repeats} repeated configuration(s) not counted" if repeats else ""
+    return f"trials {done}/{budget or '-'} ({count.get('pruned', 0)} pruned, {running} running{extra}); {best_text}{eta}"
 
 
 def run_worker(spec: SearchSpec, out: Path, storage_url: str, study_name: str | None = None, log=print) -> int:
