@@ -212,20 +212,28 @@ def replay_flops(unet, router, sample: torch.Tensor, timesteps: torch.Tensor, un
 def importance_heatmap(result: dict, factor: str, path) -> None:
     """Save the skip x timestep delta-loss matrix of one factor as a PNG heatmap: one row per skip (its index
     and the resolution at which it joins the decoder), one column per timestep bucket, colour = the change in
-    held-out denoising MSE when that skip alone is scaled by ``factor`` (red: the loss rises without it)."""
+    held-out denoising MSE when that skip alone is scaled by ``factor`` (red: the loss rises without it).
+    Each cell is annotated with its value in units of 10^-k, k chosen so the largest prints as 3 digits."""
     from .plots import new_figure, save_figure
 
     delta = np.array(result["factors"][factor]["delta"])
-    fig, ax = new_figure(max(4.5, 2.6 + 0.45 * delta.shape[1]), max(3.0, 1.6 + 0.3 * delta.shape[0]))
-    limit = np.abs(delta).max() or 1.0
-    image = ax.imshow(delta, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    limit = float(np.abs(delta).max()) or 1.0
+    exponent = 2 - int(np.floor(np.log10(limit)))  # largest |delta| x 10^exponent in [100, 1000)
+    scaled = delta * 10.0**exponent
+    fig, ax = new_figure(max(4.5, 2.6 + 0.5 * delta.shape[1]), max(3.0, 1.6 + 0.3 * delta.shape[0]))
+    bound = limit * 10.0**exponent
+    image = ax.imshow(scaled, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    if scaled.size <= 400:  # small enough to print every value
+        for (k, b), value in np.ndenumerate(scaled):
+            ax.text(b, k, f"{round(value):d}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(value) > 0.6 * bound else "black")  # fmt: skip
     ax.set_xticks(range(delta.shape[1]), [f"{lo}-{hi}" for lo, hi in result["buckets"]], rotation=60, fontsize=7)
     ax.set_yticks(range(delta.shape[0]), [f"{s['index']} ({s['resolution']}×{s['resolution']})" for s in result["skips"]],
                   fontsize=7)  # fmt: skip
-    ax.set_xlabel("timestep bucket (t from-to)")
+    ax.set_xlabel("timestep bucket (t from-to; low t: little noise)")
     ax.set_ylabel("skip index (resolution)")
     ablation = "zeroed" if float(factor) == 0 else f"scaled by {factor}"
-    ax.set_title(f"change in denoising loss, each skip {ablation}", fontsize=9)
-    fig.colorbar(image, ax=ax, label="Δ loss (MSE, ablated − all kept)")
+    ax.set_title(f"change in denoising loss, each skip alone {ablation}", fontsize=9)
+    fig.colorbar(image, ax=ax, label=f"Δ loss × $10^{{{exponent}}}$\n(MSE, ablated − all kept)")
     save_figure(fig, path)
 
