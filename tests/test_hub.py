@@ -156,3 +156,23 @@ def test_a_repo_that_cannot_be_created_fails_before_training(tmp_path, monkeypat
         run_train_unet(tiny_args(out, "--push_to_hub", "--hub_model_id", "user/test"))
     assert [c["name"] for c in fake_hub.calls] == ["whoami", "create_repo"]
     assert not (out / "stats.jsonl").exists()
+
+
+def test_pushing_offline_names_hf_hub_offline_and_leaves_no_output_folder(tmp_path, monkeypatch):
+    """Issue 31: the offline push error did not mention HF_HUB_OFFLINE, suggested the old `huggingface-cli login`
+    and left an empty output folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as the tests run anyway; the real client, which then refuses
+    out = tmp_path / "run"
+    with pytest.raises(hub.HubAccessError, match=r"cannot push to the Hub repo 'user/test': HF_HUB_OFFLINE is set"):
+        run_train_unet(tiny_args(out, "--push_to_hub", "--hub_model_id", "user/test"))
+    assert not out.exists()
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)  # online, but no token: today's login command
+
+    class NoToken:
+        def whoami(self, token=None):
+            raise OSError("Token is required to call the /whoami-v2 endpoint, but no token found.")
+
+    with pytest.raises(hub.HubAccessError, match=r"no valid token or no network \(OSError: Token is required.*Log in "
+                                                 r"with `hf auth login`") as err:  # fmt: skip
+        hub.prepare_repo("user/test", None, False, api=NoToken())
+    assert "huggingface-cli" not in str(err.value)

@@ -1,12 +1,13 @@
 """Pushing runs to the Hugging Face Hub, with a generated model card.
 
-The repository is created and write access checked *before* training (no token, no network or no
-permission fails at once). Uploads use ``HfApi.upload_folder``; tests replace the client.
+The repository is created and write access checked *before* training, before the output folder is made
+(offline mode, no token, no network or no permission fails at once and leaves nothing behind). Uploads use ``HfApi.upload_folder``; tests replace the client.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
@@ -29,9 +30,15 @@ def prepare_repo(repo_id: str, token: str | None, private: bool, api: HfApi | No
     try:
         user = api.whoami(token=token)
     except Exception as err:  # noqa: BLE001  the client raises several types (HTTP, offline, auth)
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if hub_offline():  # the client then fails however good the token: say so first
+            raise HubAccessError(
+                f"cannot push to the Hub repo {repo_id!r}: HF_HUB_OFFLINE is set, so nothing may reach the Hub "
+                f"({why}). Unset it (HF_HUB_OFFLINE=0) to push, or drop --push_to_hub and upload the run later"
+            ) from err
         raise HubAccessError(
-            f"cannot push to the Hub repo {repo_id!r}: no valid token or no network ({type(err).__name__}: {err}). "
-            "Run `huggingface-cli login` or pass --hub_token."
+            f"cannot push to the Hub repo {repo_id!r}: no valid token or no network ({why}). Log in with "
+            "`hf auth login` or pass --hub_token."
         ) from err
     try:
         url = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
@@ -39,6 +46,15 @@ def prepare_repo(repo_id: str, token: str | None, private: bool, api: HfApi | No
         name = user.get("name", "?") if isinstance(user, dict) else "?"
         raise HubAccessError(f"cannot create or write the Hub repo {repo_id!r} as {name!r}: {err}") from err
     return getattr(url, "repo_id", repo_id)
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub's offline mode is on: ``HF_HUB_OFFLINE`` now, or when huggingface_hub was
+    imported (it reads the variable once)."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return now or bool(constants.HF_HUB_OFFLINE)
 
 
 def prepare_repo_if_asked(options, is_main_process: bool) -> str | None:

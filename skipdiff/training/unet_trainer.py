@@ -73,12 +73,13 @@ def train_unet(options: TrainOptions, monitor: TrainingMonitor | None = None) ->
     setup_backends(options)
     check_model_options(options)  # a bad --skips or --markov fails now, not after the VAE stage
     check_geometry(options)  # as does a resolution the VAE or the UNet cannot halve evenly
+    # Before the output folder is made or emptied: an offline or unwritable Hub repo leaves nothing behind.
+    repo_id = hub.prepare_repo_if_asked(options, is_main_process())
     output_dir = prepare_output_dir(options)
     resume_from = resume_checkpoint(options)
     with locked(output_dir, enabled=is_main_process()), StopRequest() as stop:
         accelerator = make_accelerator(options)
         set_seed(options.seed)
-        repo_id = hub.prepare_repo_if_asked(options, accelerator.is_main_process)
 
         # ---- data, encoder, model, noise scheduler, optimizer, loader -----------------------------
         data = load_training_data(options)
