@@ -42,6 +42,12 @@ from .router import SkipRouter, discover_skips, format_skip_table
 # (every skip ``keep``, every shortcut on: :meth:`SkipUNet2DModel.is_plain_unet`) saves plain names,
 # and UNet2DModel loads it correctly (same weights, same outputs).
 PLAIN_LOADER_NOTE = " [skipdiff: load with SkipUNet2DModel or trust_remote_code=True]"
+# The config keys only SkipUNet2DModel reads. Before that error, UNet2DModel's loader would log that they
+# "were passed to UNet2DModel, but are not expected and will be ignored": words that say the opposite of
+# the refusal that follows. A saved (non-plain) config therefore lists them under diffusers' own
+# ``_use_default_values`` (keys its loader drops silently: how it marks a value that was never passed),
+# and SkipUNet2DModel.extract_init_dict takes them back out of that list, so it reads them.
+SKIPDIFF_CONFIG_KEYS = ("markov", "residual_shortcuts", "skips")
 
 
 def without_note(block_types) -> tuple[str, ...]:
@@ -269,7 +275,15 @@ class SkipUNet2DModel(UNet2DModel):
             return text
         config = json.loads(text)
         config["up_block_types"] = [t + PLAIN_LOADER_NOTE for t in without_note(config["up_block_types"])]
+        config["_use_default_values"] = list(SKIPDIFF_CONFIG_KEYS)  # see SKIPDIFF_CONFIG_KEYS
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' own, except that skipdiff's keys are read even where a saved config lists them under
+        ``_use_default_values`` for plain loaders (:data:`SKIPDIFF_CONFIG_KEYS`)."""
+        defaults = [k for k in config_dict.get("_use_default_values", []) if k not in SKIPDIFF_CONFIG_KEYS]
+        return super().extract_init_dict({**config_dict, "_use_default_values": defaults}, **kwargs)
 
     # ---- inspection ----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ the latent space of a small random VAE.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -284,6 +285,25 @@ def test_a_hub_repo_is_downloaded_without_its_code_and_loads(pixel_run, tmp_path
 # --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def diffusers_log():
+    """The messages diffusers logs (at any level) inside the block, as a list filled while it runs."""
+    import logging
+
+    messages: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def test_plain_unet2dmodel_refuses_the_runs_gated_unet_by_name(pixel_run):
     with pytest.raises(ValueError, match=re.escape(f"UpBlock2D{PLAIN_LOADER_NOTE} does not exist")):
         UNet2DModel.from_pretrained(pixel_run, subfolder="unet")
@@ -299,8 +319,10 @@ def test_plain_unet2dmodel_refuses_every_checkpoint_it_would_load_wrongly(tiny_c
     model = SkipUNet2DModel(**tiny_config, **kwargs).eval()
     assert not model.is_plain_unet()
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=re.escape(f"{PLAIN_LOADER_NOTE} does not exist")):
+    with diffusers_log() as log, pytest.raises(ValueError, match=re.escape(f"{PLAIN_LOADER_NOTE} does not exist")):
         UNet2DModel.from_pretrained(tmp_path)
+    # Issue 31: no "... were passed to UNet2DModel, but are not expected and will be ignored" before the refusal.
+    assert not [line for line in log if "will be ignored" in line or "not expected" in line], log
     # The note is only in the file: skipdiff reads it back to the same model and the same config.
     loaded = SkipUNet2DModel.from_pretrained(tmp_path)
     assert loaded.config.up_block_types == model.config.up_block_types == tuple(tiny_config["up_block_types"])
