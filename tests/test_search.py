@@ -475,3 +475,27 @@ def test_progress_line_counts_trials_as_the_budget_does():
         study.add_trial(optuna.trial.create_trial(value=0.3 + 0.01 * number, user_attrs=attrs))
     line = progress_line(study, spec, time.perf_counter(), 0)
     assert line.startswith("trials 2/3 (0 pruned, 0 running, 1 repeated configuration(s) not counted)")
+
+
+def test_architecture_constraints_are_set_from_the_model_before_any_pruning():
+    """FLOPs are known before training: a pruned trial must carry its constraint too, so the monitor sets it
+    at its first report, counted on a fresh copy of the trial's architecture."""
+    from skipdiff import SkipUNet2DModel
+    from skipdiff.presets import unet_config
+    from skipdiff.search.objectives import model_record
+    from skipdiff.search.trial import set_model_constraints
+
+    class Recorder:
+        def __init__(self):
+            self.constraints = {}
+
+        def set_constraint(self, key, value):
+            self.constraints[key] = value
+
+    spec = parse_search_spec({**copy.deepcopy(TINY), "constraints": {"flops": 1.0e6, "parameters": 5.0e4}}, "m")
+    unet = SkipUNet2DModel(**unet_config("tiny", sample_size=8, channels=1, skips="scale:0.5")).train()
+    trial = Recorder()
+    set_model_constraints(trial, spec, unet)
+    expected = model_record(SkipUNet2DModel(**unet_config("tiny", sample_size=8, channels=1)).eval(), (1, 8, 8))
+    assert trial.constraints == {"flops": expected["flops"] - 1.0e6, "parameters": expected["parameters"] - 5.0e4}
+    assert unet.training  # the trained model itself is left as it was

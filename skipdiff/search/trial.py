@@ -87,12 +87,16 @@ class PruningMonitor:
         self.steps = frozenset(spec.prune["steps"])
         self.options = options
         self._batches = None
+        self._constrained = False
 
     def __call__(self, step: int, view) -> None:
         from ..eval.denoise import denoising_loss_by_bucket
         from ..eval.run import held_out_batches
         from .engine import TrialPruned
 
+        if not self._constrained:  # at the first report: a trial pruned there carries its constraints too
+            self._constrained = True
+            set_model_constraints(self.trial, self.spec, getattr(view.model, "module", view.model))
         if self._batches is None:
             self._batches, _ = held_out_batches(self.options, 64, limit=self.spec.prune["images"])
         kwargs = None if view.conditioning.kind == "none" else view.conditioning.unet_kwargs
@@ -101,6 +105,22 @@ class PruningMonitor:
         self.trial.report(loss, step)
         if self.trial.should_prune():
             raise TrialPruned(f"held-out denoising MSE {loss:.5f} at step {step}")
+
+
+def set_model_constraints(trial, spec: SearchSpec, unet) -> None:
+    """The constraints a trial's architecture decides (FLOPs, parameters), set as soon as training starts, so
+    that a pruned trial carries them too (the sampler's feasibility then covers every finished trial). The
+    FLOPs are counted on a fresh CPU copy of the architecture in eval mode, as after training."""
+    from ..unet import SkipUNet2DModel
+
+    keys = [key for key in spec.constraints if OBJECTIVES[key].from_model]
+    if not keys:
+        return
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    copy = SkipUNet2DModel(**config).eval()
+    record = model_record(copy, (config["in_channels"], config["sample_size"], config["sample_size"]))
+    for key in keys:
+        trial.set_constraint(key, OBJECTIVES[key].read(record) - spec.constraints[key])
 
 
 def _model_record(folder: Path) -> dict:
