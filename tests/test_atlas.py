@@ -123,12 +123,13 @@ def test_atlas_command_line_names_a_folder_without_a_report(tmp_path, capsys):
 def test_trial_extras_reads_flops_and_the_chains_last_open_rates(tmp_path):
     from skipdiff.search.report import trial_extras
 
-    (tmp_path / "trial.json").write_text(json.dumps({"model_record": {"flops": 4.5e7, "parameters": 1624900}}))
+    (tmp_path / "trial.json").write_text(json.dumps({"model_record": {"flops": 4.5e7, "parameters": 1624900}, "seconds": 61.5}))
     chain = {"skips": [0, 4, 8], "marginals": [0.9, 0.5, 0.7]}
     lines = [{"step": 5, "loss": 1.0}, {"step": 10, "loss": 0.9, "markov": {**chain, "marginals": [0.8, 0.8, 0.8]}},
              {"step": 15, "loss": 0.8, "markov": chain}, {"step": 20, "loss": 0.7}]  # fmt: skip
     (tmp_path / "stats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert trial_extras(tmp_path) == {"flops": 4.5e7, "parameters": 1624900, "markov_open": {"0": 0.9, "4": 0.5, "8": 0.7}}
+    assert trial_extras(tmp_path) == {"flops": 4.5e7, "parameters": 1624900, "seconds": 61.5,
+                                      "markov_open": {"0": 0.9, "4": 0.5, "8": 0.7}}  # fmt: skip
     assert trial_extras(tmp_path / "missing") == {}
 
 

@@ -20,21 +20,27 @@ def trial_rows(study) -> list[dict]:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         folder = trial.user_attrs.get("folder")
+        extras = trial_extras(Path(folder)) if folder else {}
+        seconds = trial.user_attrs.get("seconds", extras.pop("seconds", None))  # trial.json: pruned trials' too
+        extras.pop("seconds", None)
         rows.append({"number": trial.number, "state": trial.state.name.lower(), "params": trial.params,
                      "values": trial.values, "intermediate": {str(k): v for k, v in trial.intermediate_values.items()},
-                     "retry_of": trial.system_attrs.get("failed_trial"), "seconds": trial.user_attrs.get("seconds"),
-                     "folder": folder, **(trial_extras(Path(folder)) if folder else {})})  # fmt: skip
+                     "retry_of": trial.system_attrs.get("failed_trial"), "seconds": seconds, "folder": folder,
+                     **extras})  # fmt: skip
     return rows
 
 
 def trial_extras(folder: Path) -> dict:
     """From a trial's run folder: its UNet's ``flops`` per forward and ``parameters`` (a complete trial's
-    ``trial.json``), and for a Markov-chain trial the chain's learned open rate per skip at the last logged
+    ``trial.json``), the ``seconds`` it took (complete or pruned), and for a Markov-chain trial the chain's learned open rate per skip at the last logged
     step (``markov_open``: UNet skip index -> P(open), from ``stats.jsonl``)."""
     extras = {}
     record = folder / "trial.json"
     if record.is_file():
-        extras.update(read_json(record, "trial record").get("model_record") or {})
+        found = read_json(record, "trial record")
+        extras.update(found.get("model_record") or {})
+        if found.get("seconds") is not None:
+            extras["seconds"] = found["seconds"]
     stats = folder / "stats.jsonl"
     if stats.is_file():
         last = None

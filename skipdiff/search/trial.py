@@ -203,8 +203,10 @@ def make_objective(spec: SearchSpec, out: Path, log=print):
             else:
                 evaluation, model = run_inference_trial(spec, options, folder)
         except engine.TrialPruned as pruned:
+            seconds = time.perf_counter() - start
+            trial.set_user_attr("seconds", seconds)  # a pruned trial's time counts in the search's cost too
             write_json_atomic(folder / TRIAL_FILE, {**record, "state": "pruned", "reason": str(pruned),
-                                                    "seconds": time.perf_counter() - start}, default=str)  # fmt: skip
+                                                    "seconds": seconds}, default=str)  # fmt: skip
             raise
         values = read_objectives(spec.objectives, evaluation, model)
         for key, limit in spec.constraints.items():
