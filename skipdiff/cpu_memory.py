@@ -8,7 +8,7 @@ them. Memory handed back is page-faulted and zeroed again on the next step, so t
 at a speed that depends on what else the process allocated before: inside skipdiff's training loop the
 default model's forward ran slower than in the bare step's plain loop, with the same model, inputs,
 layout, threads and grad mode, and as fast with the thresholds raised (``bench/train_loop.py`` with and
-without ``--default_malloc``; the README's Performance section gives the ratios). PyTorch's CPU
+without ``--default_malloc``; docs/performance.md gives the ratios). PyTorch's CPU
 performance guide swaps in jemalloc or tcmalloc for the same reason; raising glibc's thresholds is the
 equivalent that needs no install.
 

@@ -231,7 +231,7 @@ def _readable(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-# How a file's pixels become the model's: one rule for every source (documented in the README).
+# How a file's pixels become the model's: one rule for every source (documented in docs/training.md).
 #   * grey modes ("1", "L", "LA", "I", "I;16*", "F") are grey; every other mode is colour;
 #   * 16-bit and 32-bit integer images are scaled to 8 bits (value / 257; "I" images whose values all
 #     fit in 0..255 are taken as 8-bit), float images ("F") are taken as [0, 1] when they lie in it

@@ -1,5 +1,5 @@
-"""Every measured number in the README's "Results so far" names the committed JSON value it reports, and is
-that value, with its sign, at the precision written.
+"""Every measured number on the results page (docs/results.md) and in the README names the committed JSON
+value it reports, and is that value, with its sign, at the precision written.
 
 A quoted number is bold and followed at once by an HTML comment naming its source (invisible when
 rendered)::
@@ -12,8 +12,9 @@ A path is ``/``-separated keys; ``[key=value]`` picks the element of a list of d
 integer picks a list element. ``A / B`` or ``A - B`` binds a ratio or a difference of two paths. A number
 written as a percentage (``44%``) is compared with 100 x the value. The written number must equal the
 value rounded to the written decimals (``0.050`` for 0.052 fails; ``9.9e-05`` is read to its mantissa's
-last digit), with the same sign. Outside bold, "Results so far" holds no decimal numbers and no percentages:
-a setting (``κ = 0.7``, a command) goes in a code span, and any other measured number must be bound.
+last digit), with the same sign. Outside bold, neither page holds decimal numbers or percentages in its prose:
+a setting (``κ = 0.7``, a command) goes in a code span or a fenced code block, and any other measured number
+must be bound.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+RESULTS_PAGE = REPO / "docs" / "results.md"
 RESULTS = REPO / "eval" / "results"
-SECTION = "## Results so far"
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 NUMBER = r"[-+−]?(?:\d+\.\d+|\d+|\.\d+)(?:e[-+]?\d+)?%?"
 BOUND = re.compile(r"\*\*(" + NUMBER + r")\*\*<!--\s*(.*?)\s*-->", re.I)
 FROM = re.compile(r"<!--\s*from\s+(\S+\.json)(?:\s+(.*?))?\s*-->")
@@ -36,11 +38,9 @@ COMMENT = re.compile(r"<!--.*?-->")
 LOOSE = re.compile(r"(?<![\w.])[-+−]?(?:\d+\.\d+|\.\d+|\d+(?:\.\d+)?%)(?![\w.])")  # a decimal, or a percentage
 
 
-def section(text: str) -> str:
-    """The README's "Results so far" section (to the next ``## `` heading)."""
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
-    return text[start : end if end >= 0 else len(text)]
+def prose(text: str) -> str:
+    """``text`` with its fenced code blocks blanked (commands hold settings, not results), lines kept."""
+    return FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
 
 
 def resolve(path: str, source: tuple[str, str] | None):
@@ -100,9 +100,9 @@ def agrees(written: str, value: float) -> bool:
 
 
 def problems(text: str) -> list[str]:
-    """Every number of ``text``'s "Results so far" that is not bound to the value it writes."""
+    """Every number of the page ``text`` (outside fenced code) that is not bound to the value it writes."""
     found, source = [], None
-    results = section(text)
+    results = prose(text)
     # code spans may run over a line break: blank them (keeping the line count) before looking for loose numbers
     uncoded = CODE.sub(lambda m: "\n" * m.group(0).count("\n"), results).splitlines()
     for number, line in enumerate(results.splitlines(), 1):
@@ -128,14 +128,20 @@ def problems(text: str) -> list[str]:
     return found
 
 
-def test_every_number_in_results_so_far_is_bound_to_its_json_value():
+def test_every_number_on_the_results_page_is_bound_to_its_json_value():
+    text = RESULTS_PAGE.read_text()
+    assert len(BOUND.findall(prose(text))) > 50, "the results page binds almost no number"
+    assert not problems(text), "\n".join(problems(text))
+
+
+def test_every_number_in_the_readme_is_bound_to_its_json_value():
     text = README.read_text()
-    assert len(BOUND.findall(section(text))) > 50, "Results so far binds almost no number"
+    assert len(BOUND.findall(prose(text))) >= 2, "the README's measured times are not bound"
     assert not problems(text), "\n".join(problems(text))
 
 
 def test_a_planted_wrong_number_fails():
-    text = README.read_text()
+    text = RESULTS_PAGE.read_text()
     assert not problems(text)
     raw_p = "[configuration=skips=none: effect under epsilon − under v_prediction]/p_holm"
     plants = {  # each a realistic mistake; every one must be caught
@@ -148,10 +154,25 @@ def test_a_planted_wrong_number_fails():
         "a path to nothing": ("/p_holm -->", "/p_holmes -->"),
         "a mean bound to the wrong row": ("**6.44**<!-- [configuration=skips=full, prediction_type=epsilon]/mean",
                                           "**6.44**<!-- [configuration=skips=full, prediction_type=sample]/mean"),  # fmt: skip
+        "a skip's importance for another's": ("**0.129**<!-- delta_mean/6 -->", "**0.129**<!-- delta_mean/7 -->"),
+    }
+    for name, (right, wrong) in plants.items():
+        assert right in text, f"the plant {name!r} needs {right!r} in docs/results.md"
+        assert problems(text.replace(right, wrong, 1)), f"{name} went unnoticed"
+
+
+def test_a_planted_wrong_number_in_the_readme_fails():
+    text = README.read_text()
+    assert not problems(text)
+    plants = {
+        "a wrong time": ("**19.25**<!--", "**19.5**<!--"),
+        "an unbound time": ("**8.9**<!-- default_job/commands.json:make_test/minutes -->", "8.9"),
+        "a result in the prose": ("## Five things", "Skip 8 costs 0.917 MSE.\n\n## Five things"),
     }
     for name, (right, wrong) in plants.items():
         assert right in text, f"the plant {name!r} needs {right!r} in the README"
         assert problems(text.replace(right, wrong, 1)), f"{name} went unnoticed"
+    assert not problems(text + "\n```bash\npython bench/x.py --lr 0.5\n```\n")  # a setting in a command is no result
 
 
 def test_the_matcher_reads_precision_signs_and_percentages():
