@@ -1,5 +1,7 @@
 """The report's PNGs: training loss per configuration, gradient-norm heatmaps, Markov chains over training,
-and a sample sheet per dataset (each configuration's own samples, cut from its evaluation grid).
+and a sample sheet per dataset (each configuration's own samples, cut from its evaluation grid); for
+inference sweeps, the ranking metric of every configuration by sampling seed and, with a skip cache, the
+metric against the measured speed-up and its FLOP bound.
 
 Made and written by :mod:`skipdiff.eval.plots` (constrained layout, so nothing is clipped; Agg with fixed
 metadata, no matplotlib version in the file), so the same JSON gives the same bytes.
@@ -18,9 +20,9 @@ import numpy as np  # noqa: E402
 
 from ..eval import plots  # noqa: E402
 from ..runfolder import safe_name  # noqa: E402
-from .read import Result, dedupe_steps  # noqa: E402
+from .read import Result, dedupe_steps, paired_speedups  # noqa: E402
 
-REPORT_FILES = ("loss_", "grad_", "markov_", "samples_")
+REPORT_FILES = ("loss_", "grad_", "markov_", "samples_", "metric_", "speed_")
 SHEET_IMAGES = 8  # samples per configuration in a sample sheet
 
 
@@ -130,8 +132,110 @@ def sample_sheet(configurations: dict[str, list[Result]], path: Path, title: str
     return True
 
 
-def write_figures(kind: str, grouped: dict, out: Path) -> dict[str, list[str]]:
-    """Every PNG of the report; returns the Markdown lines that show them, per dataset."""
+# --------------------------------------------------------------------------------------------------
+# Inference sweeps: one model, a setting per row, values per sampling seed
+# --------------------------------------------------------------------------------------------------
+
+# The metric an inference figure shows (the first every row has): key, axis label, lower is better.
+INFERENCE_METRICS = (("fid", "FID", True), ("clip_score", "CLIP score", False), ("denoise", "denoising MSE", True))
+
+
+def _values(rows: list[Result], key: str) -> list[float]:
+    return [r.metrics[key] for r in rows if r.metrics.get(key) is not None]
+
+
+def inference_metric(configurations: dict[str, list[Result]]) -> tuple[str, str, bool] | None:
+    """The first of :data:`INFERENCE_METRICS` that every configuration has a value of."""
+    for key, label, lower in INFERENCE_METRICS:
+        if all(_values(rows, key) for rows in configurations.values()):
+            return key, label, lower
+    return None
+
+
+def metric_plot(configurations: dict[str, list[Result]], metric: tuple[str, str, bool], reference: str | None,
+                path: Path, title: str) -> bool:  # fmt: skip
+    """One row per configuration (spec order, top down): its value at each sampling seed (dots) and their
+    mean ± sample std (bar), the reference in colour, FID's real-vs-real floor as a dashed line."""
+    key, label, lower = metric
+    names = [name for name, rows in configurations.items() if _values(rows, key)]
+    if not names:
+        return False
+    fig, ax = plots.new_figure(7, 1.2 + 0.3 * len(names))
+    for y, name in enumerate(names):
+        values = _values(configurations[name], key)
+        colour = "tab:orange" if name == reference else "black"
+        ax.scatter(values, [y] * len(values), s=14, color="tab:blue", alpha=0.6, zorder=3)
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        ax.errorbar(statistics.fmean(values), y, xerr=spread, fmt="o", ms=4, color=colour, capsize=3, zorder=4)
+    floors = [v for name in names for r in configurations[name] for v in r.floors.values()]
+    if key == "fid" and floors:
+        ax.axvline(statistics.fmean(floors), color="grey", ls="--", lw=1, label="real-vs-real floor (mean)")
+        ax.legend(fontsize=7, loc="best")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{label} ({'lower' if lower else 'higher'} is better): per sampling seed (dots), mean ± std (bar)")
+    ax.set_ylabel("configuration")
+    ax.set_title(title + (f" (reference {reference} in orange)" if reference in names else ""))
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+    return True
+
+
+def speed_plot(configurations: dict[str, list[Result]], metric: tuple[str, str, bool], reference: str,
+               path: Path, title: str) -> bool:  # fmt: skip
+    """The metric (mean ± std over sampling seeds) against the measured sampling speed-up over ``reference``
+    (mean over the seeds both were timed at; filled) and against each skip cache's FLOP bound (hollow, joined
+    to its measured point): the quality a setting pays for its speed. False without a timed cached row."""
+    key, label, lower = metric
+    speedups = paired_speedups(configurations, reference)
+    points = []
+    for name, rows in configurations.items():
+        values = _values(rows, key)
+        measured = 1.0 if name == reference else (statistics.fmean(speedups[name]) if speedups.get(name) else None)
+        bound = next((r.metrics["cache_bound"] for r in rows if r.metrics.get("cache_bound")), None)
+        if values and measured is not None:
+            points.append((name, measured, bound, statistics.fmean(values),
+                           statistics.stdev(values) if len(values) > 1 else 0.0))  # fmt: skip
+    if not any(bound for _, _, bound, _, _ in points):
+        return False
+    fig, ax = plots.new_figure(7, 4.5)
+    for name, measured, bound, mean, spread in points:
+        colour = "tab:orange" if name == reference else "tab:blue"
+        ax.errorbar(measured, mean, yerr=spread, fmt="o", ms=5, color=colour, capsize=3, zorder=3)
+        ax.annotate(name, (measured, mean), xytext=(4, 4), textcoords="offset points", fontsize=6)
+        if bound:
+            ax.plot([measured, bound], [mean, mean], color="grey", lw=0.8, ls=":", zorder=2)
+            ax.scatter([bound], [mean], s=28, facecolors="none", edgecolors="grey", zorder=3)
+    ax.scatter([], [], s=28, color="tab:blue", label="measured speed-up (mean over sampling seeds)")
+    ax.scatter([], [], s=28, facecolors="none", edgecolors="grey", label="FLOP bound of the skip cache")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel(f"sampling speed-up over {reference} (x)")
+    ax.set_ylabel(f"{label}, mean ± std over sampling seeds ({'lower' if lower else 'higher'} is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def inference_figures(dataset: str, configurations: dict[str, list[Result]], reference: str | None,
+                      out: Path) -> list[str]:  # fmt: skip
+    """The inference figures of one dataset (:func:`metric_plot`, :func:`speed_plot`) and their Markdown."""
+    metric = inference_metric(configurations)
+    if metric is None:
+        return []
+    shown = []
+    name = f"metric_{safe_name(dataset)}.png"
+    if metric_plot(configurations, metric, reference, out / name, f"{dataset}: {metric[1]} by configuration"):
+        shown.append(f"![{metric[1]} by configuration, {dataset}]({name})")
+    name = f"speed_{safe_name(dataset)}.png"
+    if reference and speed_plot(configurations, metric, reference, out / name, f"{dataset}: {metric[1]} against speed"):
+        shown.append(f"![{metric[1]} against the measured speed-up, {dataset}]({name})")
+    return shown
+
+
+def write_figures(kind: str, grouped: dict, out: Path, references: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Every PNG of the report; returns the Markdown lines that show them, per dataset (``references``:
+    dataset -> the reference configuration, for the inference figures)."""
     for old in sorted(out.glob("*.png")):
         if old.name.startswith(REPORT_FILES):
             old.unlink()  # a regenerated report holds exactly its own figures
@@ -144,6 +248,8 @@ def write_figures(kind: str, grouped: dict, out: Path) -> dict[str, list[str]]:
         name = f"samples_{safe_name(dataset)}.png"
         if kind != "classifier" and sample_sheet(configurations, out / name, dataset):
             shown.append(f"![samples, {dataset}]({name})")
+        if kind == "inference":
+            shown += inference_figures(dataset, configurations, (references or {}).get(dataset), out)
         heatmaps, chains = [], []
         for configuration, rows in configurations.items():
             trained = [r for r in rows if r.variant is None]

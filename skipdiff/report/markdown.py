@@ -8,11 +8,13 @@ reference), no timestamps or absolute paths.
 from __future__ import annotations
 
 import math
+import shlex
 import statistics
+from pathlib import Path
 
 from . import ranking as ranking_module
 from . import stats
-from .read import INFERENCE, Result
+from .read import INFERENCE, Result, paired_speedups
 
 # Columns of the tables: (key, header, format). Metrics the ranking can use: (key, name, lower is better).
 DIFFUSION_COLUMNS = [("fid", "FID ↓", "pm"), ("fid_floor", "FID floor", "floor"), ("kid", "KID ↓", "kid"),
@@ -41,10 +43,11 @@ TABLE_NOTES = {
     "inference only, or (`map`) a model with stochastic skips (markov, bernoulli) run on its most likely path, with "
     "the fraction of skips that path closes and the FLOPs of one UNet forward saved by removing them "
     "(skipdiff.eval.compute); the model's own row samples with every stochastic gate at its expected value.",
-    "inference": "No training: one pretrained model, each row a skip specification applied at inference "
-    "(weights untouched). Seeds are sampling seeds, shared by every row (image i of seed s starts from the same "
-    "noise in every row), so rows are compared pairwise by seed: mean ± sample std over sampling seeds. The "
-    "denoising loss is seed-free (every held-out image noised once per timestep bucket from fixed seeds).",
+    "inference": "No training: one pretrained model, each row a setting applied at inference only (a skip "
+    "specification, a skip cache; weights untouched). Seeds are sampling seeds, shared by every row (image i of "
+    "seed s starts from the same noise in every row), so rows are compared pairwise by seed: mean ± sample std "
+    "over sampling seeds. The denoising loss is seed-free (every held-out image noised once per timestep bucket "
+    "from fixed seeds).",
     "classifier": "Mean ± sample std over training seeds. Test accuracy and loss on the held-out split after "
     "the last epoch; train loss in eval mode over the whole train split; first/last grad = the first "
     "residual block's gradient norm over the last one's, at step 1 (init) and at the last logged step "
@@ -227,13 +230,20 @@ def family_text(result: dict) -> str:
             f"hypotheses; first step at α/{family['rows_tested'] or 1} = {family['first_step_alpha']:.3g})")
 
 
-def _method_note(result: dict) -> str:
+# What a seed is, and why two rows' values at one seed are paired, by kind of sweep.
+SEEDS = {"inference": ("sampling", "image i of a sampling seed starts from the same noise in every row"),
+         "diffusion": ("training", "a seed fixes the initial weights, the data order and the noise"),
+         "classifier": ("training", "a seed fixes the initial weights and the data order")}  # fmt: skip
+
+
+def _method_note(result: dict, kind: str = "diffusion") -> str:
+    seed, why = SEEDS.get(kind, SEEDS["diffusion"])
     test = ("`sign-flip` = the exact sign-flip test of the paired differences (rows with 6 or more pairs; "
             "`paired` = the paired t-test below that); " if result.get("test") == "sign-flip" else
             "`paired` = paired t-test on those seeds; ")  # fmt: skip
-    text = (f"Reference: **{result['reference']}** ({result['reference_seeds']} training seed(s); another with "
-            "`--reference`). Each row is compared with it on the training seeds they share (a seed fixes the initial "
-            "weights, the data order and the noise, so the values are paired), on its own differences only: "
+    text = (f"Reference: **{result['reference']}** ({result['reference_seeds']} {seed} seed(s); another with "
+            f"`--reference`). Each row is compared with it on the {seed} seeds they share ({why}, so the values "
+            "are paired), on its own differences only: "
             + test + "`Welch` = Welch's t-test, for rows with no seed in common (5 or more seeds a side); a row with fewer seeds than its "
             "test needs is exploratory (values shown, no p). ")  # fmt: skip
     if result.get("margin") is not None:
@@ -282,10 +292,10 @@ def _findings(dataset: str, result: dict, metric: str) -> str:
     return text
 
 
-def ranking_markdown(dataset: str, result: dict, metric: str, lower: bool) -> list[str]:
-    """The ranking section of one table."""
+def ranking_markdown(dataset: str, result: dict, metric: str, lower: bool, kind: str = "diffusion") -> list[str]:
+    """The ranking section of one table (``kind``: the sweep's, which says what its seeds are)."""
     heading = f"### {metric} against {result['reference']} ({'lower' if lower else 'higher'} is better)"
-    return [heading, "", *ranking_table(result, metric), "", _method_note(result), "",
+    return [heading, "", *ranking_table(result, metric), "", _method_note(result, kind), "",
             detectable_note(result, metric), "", _findings(dataset, result, metric), ""]  # fmt: skip
 
 
@@ -298,11 +308,82 @@ def rank_configurations(configurations: dict[str, list[Result]], key: str, lower
 
 
 # --------------------------------------------------------------------------------------------------
+# Sampling speed (inference sweeps with a skip cache)
+# --------------------------------------------------------------------------------------------------
+
+SPEED_NOTE = ("Measured: wall-clock seconds per image of each row's FID / CLIP-score sampling in this sweep "
+              "(decoding included, feature extraction not), mean ± sample std over sampling seeds; the speed-up is "
+              "the reference's seconds over the row's at each sampling seed, mean [min, max] over the seeds they share. "
+              "The cells ran one after another on one machine, not interleaved (bench/skip_cache.py interleaves "
+              "repeats for timings to quote). FLOP bound: T / (R + (T − R) f) for the run's T steps with R full "
+              "forwards, f the FLOPs a cached step still computes (eval.json's cache section).")  # fmt: skip
+
+
+def speed_section(configurations: dict[str, list[Result]], reference: str) -> tuple[list[str], dict | None]:
+    """A table of sampling seconds per image, the measured speed-up against ``reference`` (paired by
+    sampling seed) and the FLOP bound of each row's skip cache; ``([], None)`` when no row used a cache."""
+    bounds = {name: next((r.metrics.get("cache_bound") for r in rows if r.metrics.get("cache_bound")), None)
+              for name, rows in configurations.items()}  # fmt: skip
+    if not any(bounds.values()):
+        return [], None
+    speedups = paired_speedups(configurations, reference)
+    lines = [f"### Sampling speed against {reference}", "",
+             "| configuration | s/image | measured speed-up | FLOP bound |", "|---|---|---|---|"]  # fmt: skip
+    summary: dict = {"reference": reference, "rows": {}}
+    for name, rows in configurations.items():
+        seconds = {r.seed: r.metrics["seconds_per_image"] for r in rows if r.metrics.get("seconds_per_image")}
+        ratios = speedups.get(name, [])
+        mean, std = mean_std(list(seconds.values()))
+        if name == reference:
+            measured = "1 (reference)" if seconds else "–"
+        elif ratios:
+            measured = f"{statistics.fmean(ratios):.3g} [{min(ratios):.3g}, {max(ratios):.3g}]"
+        else:
+            measured = "–"
+        bound = "–" if bounds[name] is None else f"{bounds[name]:.3g}"
+        lines.append(f"| {name} | {_pm(mean, std)} | {measured} | {bound} |")
+        summary["rows"][name] = {"seconds_per_image": {str(k): v for k, v in sorted(seconds.items())},
+                                 "speedup_by_seed": ratios if name != reference else None,
+                                 "speedup": statistics.fmean(ratios) if ratios and name != reference else None,
+                                 "flop_bound": bounds[name]}  # fmt: skip
+    return lines + ["", SPEED_NOTE, ""], summary
+
+
+# --------------------------------------------------------------------------------------------------
 # The document
 # --------------------------------------------------------------------------------------------------
 
 
-def _header(sweep: dict, cells: list[dict]) -> list[str]:
+def shown_path(path: str | Path) -> str | None:
+    """``path`` as a report may name it: relative as given, an absolute one relative to the working directory
+    when it lies inside it, else None (reports name no absolute paths: committed copies must not carry a
+    machine's folders, and the same JSON must give the same bytes wherever it is read)."""
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return None
+
+
+def command_text(command: dict) -> str:
+    """A command recorded in sweep.json (:func:`skipdiff.sweep.runner.spec_command`) as a shell line, its
+    paths as :func:`shown_path` shows them (``<spec>``, ``<folder>`` where it shows none)."""
+    parts = ["python", "-m", command["module"], _quoted(command["spec"], "<spec>")]
+    if command.get("out") is not None:
+        parts += ["--out", _quoted(command["out"], "<folder>")]
+    return " ".join(parts)
+
+
+def _quoted(path: str, placeholder: str) -> str:
+    shown = shown_path(path)
+    return placeholder if shown is None else shlex.quote(shown)
+
+
+def _header(sweep: dict, cells: list[dict], folder: str) -> list[str]:
+    """Title, description, cell counts, and the commands that regenerate the report from ``folder`` (the
+    sweep folder it was read from) and finish missing cells (the command sweep.json records)."""
     counts: dict[str, int] = {}
     for cell in cells:
         counts[cell.get("status", "missing")] = counts.get(cell.get("status", "missing"), 0) + 1
@@ -310,10 +391,18 @@ def _header(sweep: dict, cells: list[dict]) -> list[str]:
     lines = [f"# Sweep `{name}`", ""]
     if sweep.get("description"):
         lines += [sweep["description"].strip(), ""]
+    shown = _quoted(folder, "<folder>")
+    command = sweep.get("relaunch")
+    relaunch = (f"relaunching `{command_text(command)}` finishes missing cells" if command else
+                f"relaunching its spec (`python -m skipdiff.sweep <spec> --out {shown}`; this sweep.json does not "
+                "record which file) finishes missing cells")  # fmt: skip
     lines += [f"Kind: {sweep['kind']}; {len(cells)} cells (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ").",
-              f"Regenerate with `python -m skipdiff.report runs/sweeps/{name}` (written to runs/sweeps/{name}/report/; "
-              f"`--out eval/results/{name}` replaces the committed copy); relaunching "
-              f"`python -m skipdiff.sweep eval/sweeps/{name}.yaml` finishes missing cells.", ""]  # fmt: skip
+              f"Regenerate with `python -m skipdiff.report {shown}` (written to {shown}/report/; `--out` writes it "
+              f"elsewhere, e.g. a committed copy under eval/results/); {relaunch}."]  # fmt: skip
+    hidden = [path for path in [folder, *((command or {}).get(k) for k in ("spec", "out"))] if path is not None]
+    if any(shown_path(path) is None for path in hidden):
+        lines.append("(A path outside the working directory is not written into a report: fill in `<spec>` / `<folder>`.)")
+    lines.append("")
     if sweep.get("eval"):
         lines += ["Evaluation (`python -m skipdiff.eval`): " + ", ".join(f"{k}={v}" for k, v in sorted(sweep["eval"].items())) + ".", ""]  # fmt: skip
     unfinished = [f"`{c['name']}` ({c.get('status', 'missing')})" for c in cells if c.get("status") != "done"]
@@ -338,7 +427,12 @@ def dataset_section(kind: str, dataset: str, configurations: dict[str, list[Resu
         key, name, lower = metric
         result = rank_configurations(configurations, key, lower, reference, margins, test)
         entry["ranking"] = {"metric": key, "lower_is_better": lower, **result}
-        lines += ranking_markdown(dataset, result, name, lower)
+        lines += ranking_markdown(dataset, result, name, lower, kind)
+    if kind == "inference":
+        speed_lines, speed = speed_section(configurations, reference)
+        if speed:
+            lines += speed_lines
+            entry["speed"] = speed
     for name, rows in configurations.items():
         lines += markov_markdown(name, rows)
     if figures:
@@ -348,10 +442,11 @@ def dataset_section(kind: str, dataset: str, configurations: dict[str, list[Resu
 
 def results_to_markdown(sweep: dict, cells: list[dict], grouped: dict, references: dict[str, str],
                         figures: dict[str, list[str]], margins: dict[str, float] | None = None,
-                        test: str = "t") -> tuple[str, dict]:  # fmt: skip
+                        test: str = "t", folder: str | None = None) -> tuple[str, dict]:  # fmt: skip
     """The report's Markdown and the summary dict behind it (``references``: dataset -> reference row;
-    ``margins``: metric key -> equivalence margin; ``test``: "t" or "sign-flip")."""
-    lines = _header(sweep, cells)
+    ``margins``: metric key -> equivalence margin; ``test``: "t" or "sign-flip"; ``folder``: the sweep
+    folder read, named in the regenerate command)."""
+    lines = _header(sweep, cells, folder or str(sweep.get("folder", f"runs/sweeps/{sweep['name']}")))
     summary: dict = {"name": sweep["name"], "kind": sweep["kind"], "margins": dict(margins or {}), "test": test,
                      "datasets": {}}
     for dataset, configurations in grouped.items():

@@ -91,6 +91,18 @@ def fid_floors(evaluation: dict) -> dict[int, float]:
     return {int(row["seed"]): row["floor_fid"] for row in rows if row.get("floor_fid") is not None}
 
 
+def seconds_per_image(evaluation: dict) -> dict[int, float]:
+    """Sampling seed -> seconds per generated image of the FID / CLIP score samples (eval.json's
+    ``timings.sampling``; a result written before it: the FID's per-seed ``sample_seconds``)."""
+    per_seed = ((evaluation.get("timings") or {}).get("sampling") or {}).get("per_seed")
+    if per_seed:
+        return {int(seed): row["seconds"] / row["images"] for seed, row in per_seed.items() if row.get("images")}
+    fid = evaluation.get("fid") or {}
+    count = fid.get("num_samples")
+    return {int(row["seed"]): row["sample_seconds"] / count for row in fid.get("per_seed", [])
+            if count and row.get("sample_seconds") is not None}  # fmt: skip
+
+
 def diffusion_metrics(evaluation: dict, records: list[dict], variant: bool = False) -> dict:
     """Table values of one diffusion model from its eval.json (and its training records)."""
     fid = evaluation.get("fid", {}).get("summary", {})
@@ -109,6 +121,7 @@ def diffusion_metrics(evaluation: dict, records: list[dict], variant: bool = Fal
         "first_last": stability.get("first_to_last_ratio_median"),
         "closed": evaluation.get("fraction_closed"),  # only in eval.json's "map" block
         "flops_saved": evaluation.get("flops_saved_fraction"),
+        "cache_bound": ((evaluation.get("cache") or {}).get("compute") or {}).get("bound_run"),  # with --cache
         "parameters": evaluation.get("parameters"),
         "seconds_per_step": None if variant else seconds_per_step(records),
     }
@@ -169,13 +182,14 @@ def _inference_results(cell: dict, common: dict) -> list[Result]:
     summary = diffusion_metrics(evaluation, [], variant=True)
     fid_rows = {int(r["seed"]): r for r in evaluation.get("fid", {}).get("per_seed", [])}
     clip_rows = {int(r["seed"]): r for r in evaluation.get("clip_score", {}).get("per_seed", [])}
+    seconds = seconds_per_image(evaluation)
     seeds = sorted(set(fid_rows) | set(clip_rows)) or [0]
     results = []
     for i, seed in enumerate(seeds):
         fid, clip = fid_rows.get(seed, {}), clip_rows.get(seed, {})
         metrics = {**{k: (v if i == 0 else None) for k, v in summary.items()},
                    "fid": fid.get("fid"), "fid_floor": fid.get("floor_fid"), "kid": fid.get("kid_mean"),
-                   "clip_score": clip.get("clip_score")}  # fmt: skip
+                   "clip_score": clip.get("clip_score"), "seconds_per_image": seconds.get(seed)}  # fmt: skip
         results.append(Result(configuration=configuration_of(cell), metrics=metrics, records=[],
                               floors={seed: fid["floor_fid"]} if fid.get("floor_fid") is not None else {},
                               samples=grid_samples(cell["folder"] / "eval", evaluation) if i == 0 else None,
@@ -213,3 +227,19 @@ def group(results: list[Result]) -> dict[str, dict[str, list[Result]]]:
         dataset: {name: sorted(rows, key=lambda r: (r.seed, r.cell)) for name, rows in grouped[dataset].items()}
         for dataset in sorted(grouped)
     }
+
+
+def paired_speedups(configurations: dict[str, list[Result]], reference: str) -> dict[str, list[float]]:
+    """Configuration -> the ``reference`` row's seconds per image over its own, at each sampling seed both
+    were timed at (inference sweeps: :func:`seconds_per_image`); the reference itself is left out."""
+
+    def timed(rows: list[Result]) -> dict[int, float]:
+        return {r.seed: r.metrics["seconds_per_image"] for r in rows if r.metrics.get("seconds_per_image")}
+
+    base = timed(configurations.get(reference, []))
+    out = {}
+    for name, rows in configurations.items():
+        own = timed(rows)
+        if name != reference:
+            out[name] = [base[seed] / own[seed] for seed in sorted(set(own) & set(base))]
+    return out

@@ -50,8 +50,9 @@ def write_report(sweep_folder: str | Path, out: str | Path | None = None, refere
     references = references_for(grouped, reference)
     out = Path(out) if out is not None else default_out(sweep_folder)
     out.mkdir(parents=True, exist_ok=True)
-    figures = write_figures(sweep["kind"], grouped, out)
-    markdown, summary = results_to_markdown(sweep, cells, grouped, references, figures, margins, test)
+    figures = write_figures(sweep["kind"], grouped, out, references)
+    markdown, summary = results_to_markdown(sweep, cells, grouped, references, figures, margins, test,
+                                            folder=str(sweep_folder))  # fmt: skip
     (out / "report.md").write_text(markdown)
     write_json_atomic(out / "summary.json", summary)
     return out / "report.md"

@@ -41,6 +41,14 @@ def confirmation_sweep(spec: SearchSpec, chosen: list[dict], out: Path) -> dict:
             "base": base, "grid": {"config": configs}}  # fmt: skip
 
 
+def search_command(spec: SearchSpec, out: Path) -> dict | None:
+    """The command that runs the search ``spec`` in ``out`` again: it finishes the budget, then the
+    confirmation's missing cells (None when the spec was not read from a file)."""
+    from ..sweep.runner import spec_command
+
+    return spec_command("skipdiff.search", spec.source, out, Path("runs") / "searches" / spec.name)
+
+
 def run_confirmation(spec: SearchSpec, study, out: Path, num_threads: int | None = None, log=print) -> Path:
     """Run the confirmation sweep and its report; returns the report's path."""
     from ..report.write import write_report
@@ -58,5 +66,6 @@ def run_confirmation(spec: SearchSpec, study, out: Path, num_threads: int | None
     write_json_atomic(folder / "chosen.json", {"reference": spec.confirm["reference"], "chosen": [{"label": f"trial-{r['root']:04d}", "trial": t.number, "params": t.params,
                                                 "search_values": list(t.values)} for r, t in zip(chosen, best, strict=True)]})  # fmt: skip
     log(f"confirmation: {len(chosen)} configuration(s) and the reference on seeds {spec.confirm['seeds']}")
-    run_sweep(parse_spec(sweep, f"{spec.name}-confirm"), folder, num_threads=num_threads, log=log)
+    run_sweep(parse_spec(sweep, f"{spec.name}-confirm"), folder, num_threads=num_threads, log=log,
+              relaunch=search_command(spec, out))  # fmt: skip
     return write_report(folder, folder / "report", reference=f"config={REFERENCE}")

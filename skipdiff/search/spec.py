@@ -46,6 +46,7 @@ class SearchSpec:
     storage: dict
     description: str = ""
     raw: dict = dataclasses.field(default_factory=dict)
+    source: str | None = None  # the YAML file it was read from
 
     @property
     def training(self) -> bool:
@@ -75,7 +76,8 @@ def load_search_spec(path: str | os.PathLike) -> SearchSpec:
     """Read and check a YAML spec; the search's (and its study's) name is the file's stem."""
     from ..sweep.spec import read_yaml_spec
 
-    return parse_search_spec(read_yaml_spec(path, "search spec"), Path(path).stem)
+    spec = parse_search_spec(read_yaml_spec(path, "search spec"), Path(path).stem)
+    return dataclasses.replace(spec, source=str(path))
 
 
 def _mapping(value: Any, what: str) -> dict:

@@ -49,12 +49,28 @@ def show_plan(spec: SweepSpec, cells: list[Cell], selected: list[Cell], out: Pat
         log(line)
 
 
+def spec_command(module: str, spec_file: str | None, out: str | os.PathLike, default_out: Path) -> dict | None:
+    """The command ``python -m <module> <spec file> [--out <out>]`` as sweep.json records it: ``{"module",
+    "spec", "out"}``, ``out`` None where it is the command's default folder; None without a spec file (a spec
+    built in code). The report writes it out (:func:`skipdiff.report.markdown.command_text`)."""
+    if spec_file is None:
+        return None
+    return {"module": module, "spec": str(spec_file), "out": None if Path(out) == default_out else str(out)}
+
+
+def relaunch_command(spec: SweepSpec, out: str | os.PathLike) -> dict | None:
+    """The command that finishes this sweep's missing cells (its spec file and folder)."""
+    return spec_command("skipdiff.sweep", spec.source, out, Path("runs") / "sweeps" / spec.name)
+
+
 def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = None, dry_run: bool = False,
               launcher: str = "inprocess", accelerate_args: Sequence[str] = (), num_threads: int | None = None,
-              log: Log = print) -> list[dict]:  # fmt: skip
+              log: Log = print, relaunch: dict | None = None) -> list[dict]:  # fmt: skip
     """Validate every cell, then run the unfinished ones (those whose name contains ``only``).
 
     Returns the ``cell.json`` records of the selected cells (nothing is run or written when ``dry_run``).
+    ``relaunch``: the command that finishes missing cells, recorded in sweep.json for the report (default
+    :func:`relaunch_command`; a sweep built in code, e.g. a search's confirmation, names its own).
     """
     launch_with = Launcher(launcher, tuple(accelerate_args))  # checked before any work
     out = Path(out)
@@ -71,8 +87,9 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
         torch.set_num_threads(num_threads)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "sweep.json", {"name": spec.name, "kind": spec.kind, "description": spec.description,
-                                           "spec": spec.raw, "eval": spec.eval, "cells": [c.name for c in cells]},
-                      default=str)  # fmt: skip
+                                           "spec": spec.raw, "spec_file": spec.source, "folder": str(out),
+                                           "relaunch": relaunch or relaunch_command(spec, out), "eval": spec.eval,
+                                           "cells": [c.name for c in cells]}, default=str)  # fmt: skip
     kind = get_kind(spec.kind)
     records, failed = [], []
     for i, cell in enumerate(selected, 1):

@@ -38,6 +38,7 @@ class SweepSpec:
     inference_variants: dict[str, str]
     description: str = ""
     raw: dict = dataclasses.field(default_factory=dict)  # as written, for sweep.json
+    source: str | None = None  # the YAML file it was read from (None: built in code, e.g. a confirmation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def read_yaml_spec(path: str | os.PathLike, what: str = "sweep spec") -> Any:
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
     """Read and check a YAML spec; the sweep's name is the file's stem."""
-    return parse_spec(read_yaml_spec(path), Path(path).stem)
+    return dataclasses.replace(parse_spec(read_yaml_spec(path), Path(path).stem), source=str(path))
 
 
 def parse_spec(data: Any, name: str) -> SweepSpec:
