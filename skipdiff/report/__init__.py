@@ -6,15 +6,18 @@
 
 Reads sweep.json and, for every cell, cell.json, stats.jsonl and eval/eval.json
 (variants/<label>/eval/eval.json for inference variants) or, for classifiers, metrics.json. Writes
-report.md, summary.json (the same numbers) and loss_*.png, grad_*.png, markov_*.png to --out, by
-default <sweep>/report: committed results are replaced only when --out names them.
+report.md, summary.json (the same numbers) and loss_*.png, grad_*.png, markov_*.png, samples_*.png
+(inference sweeps: metric_*.png, speed_*.png) to --out, by default <sweep>/report: committed results are
+replaced only when --out names them.
 
 report.md, per dataset: one row per configuration (the grid labels without the seed and the dataset)
 with mean ± std over training seeds of FID (next to the real-vs-real floor, mean ± std over sampling
 seeds, and KID with its interval when evaluated with --kid), the held-out denoising loss, the final
 training loss, gradient stability, parameters and seconds per step; the FID floor at each sampling
 seed; a ranking against a reference configuration; the Markov chain's learned probabilities; figures.
-Classifier sweeps get test accuracy and loss instead.
+Classifier sweeps get test accuracy and loss instead. Inference sweeps (one model, a setting per row) are
+compared on sampling seeds; with a skip cache they add each row's seconds per image, its measured speed-up
+over the reference (paired by sampling seed) and its FLOP bound.
 
 Is a difference real? Every row is tested against one named reference configuration (--reference;
 default skips=full, else the table's first row) on the training seeds they share, on its own paired
