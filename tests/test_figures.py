@@ -33,8 +33,11 @@ def outside_canvas(fig: Figure) -> list[str]:
 
 
 def unlabelled_axes(fig: Figure) -> list[str]:
-    """Axes without an x or y label (a colour bar needs its own label on its long side)."""
+    """Axes without an x or y label (a colour bar needs its own label on its long side; panels in a row of
+    subplots may share the first panel's y label)."""
     missing = []
+    labelled_rows = {ax.get_subplotspec().rowspan.start for ax in fig.axes
+                     if ax.get_subplotspec() is not None and ax.get_ylabel()}  # fmt: skip
     for ax in fig.axes:
         colorbar = getattr(ax, "_colorbar", None)
         if colorbar is not None:
@@ -42,7 +45,8 @@ def unlabelled_axes(fig: Figure) -> list[str]:
             missing += [] if label else ["colour bar"]
             continue
         missing += [f"x of {ax.get_title()!r}"] if not ax.get_xlabel() else []
-        missing += [f"y of {ax.get_title()!r}"] if not ax.get_ylabel() else []
+        shared = ax.get_subplotspec() is not None and ax.get_subplotspec().rowspan.start in labelled_rows
+        missing += [f"y of {ax.get_title()!r}"] if not ax.get_ylabel() and not shared else []
     return missing
 
 
@@ -108,6 +112,21 @@ def test_the_check_sees_a_clipped_title_and_a_missing_label(tmp_path):
     title = "'a title far too long for a two-inch figure without any layout engine'"
     assert unlabelled_axes(fig) == [f"x of {title}", f"y of {title}"]
     plt.close(fig)
+
+
+def test_the_atlas_figures_fit_their_canvas(saved, tmp_path):
+    from skipdiff.search import atlas
+
+    fields = [{"field": name, "importance": {"skip.family": 0.6, "model.block_out_channels": 0.3, "learning_rate": 0.1},
+               "front": [{"flops": 1e6 * (k + 1), "value": 0.3 - 0.01 * k, "trial": k} for k in range(3)]}
+              for name in ("digits", "photo_patches", "hubble")]  # fmt: skip
+    atlas._importance_figure(fields, tmp_path / "importance.png")
+    atlas._front_figure(fields, tmp_path / "front.png")
+    rows = [{"configuration": "full", "is_reference": True, "mean": 0.3, "delta": 0.0},
+            {"configuration": "hubble best", "is_reference": False, "mean": 0.31, "delta": 0.01}]  # fmt: skip
+    atlas._transfer_figure({"digits": {"rows": rows}, "moon": {"rows": rows}}, tmp_path / "transfer.png")
+    assert len(saved) == 3, sorted(saved)
+    assert {name: problems for name, problems in saved.items() if problems} == {}
 
 
 def _degradation_module():

@@ -309,12 +309,14 @@ def _importance_figure(fields: list[dict], path: Path) -> None:
     if not names:
         return
     grid = np.array([[f["importance"].get(p, np.nan) for p in names] for f in fields])
-    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(names), 2.4 + 0.4 * len(fields)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.45 * len(names)), max(4.2, 2.4 + 0.4 * len(fields))),
+                           layout="constrained")
     image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(fields)), [f["field"] for f in fields])
     ax.set_xlabel("searched parameter (blank: not sampled on that field)")
-    ax.set_title("parameter importance for the held-out denoising MSE")
+    ax.set_ylabel("field")
+    ax.set_title("parameter importance for the held-out denoising MSE", fontsize=10)
     fig.colorbar(image, ax=ax, label="importance (fraction, per field)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
