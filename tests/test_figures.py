@@ -90,6 +90,13 @@ def test_every_figure_fits_its_canvas_and_names_its_axes(saved, tmp_path):
     assert figures.loss_curves(configurations, tmp_path / "loss_digits.png", "digits, 16px: training loss")
     assert figures.classifier_heatmap(records, tmp_path / "grad_classifier.png", "skip-resnet (seed 0)")
     assert figures.markov_plot(records, tmp_path / "markov.png", "skips=markov (seed 0): P(open)")
+    inference = {name: [Result(cell=name, configuration=name, dataset="ddpm", seed=seed, records=[],
+                               metrics={"fid": 10.0 + k + seed, "seconds_per_image": 1.0 / (1 + k),
+                                        "cache_bound": 1.5 + k if k else None}, floors={seed: 2.0})
+                        for seed in (0, 1)] for k, name in enumerate(["cache=off", "cache=b8-N2", "cache=b8-N3"])}  # fmt: skip
+    metric = figures.inference_metric(inference)
+    assert figures.metric_plot(inference, metric, "cache=off", tmp_path / "metric_ddpm.png", "ddpm: FID by configuration")
+    assert figures.speed_plot(inference, metric, "cache=off", tmp_path / "speed_ddpm.png", "ddpm: FID against speed")
     rows = [{"number": i, "state": "pruned" if i % 3 == 2 else "complete", "values": [1.0 / (i + 1), 1e6 * i],
              "intermediate": {"100": 0.5}} for i in range(8)]  # fmt: skip
     search_report._history(rows, "denoise_mse", True, tmp_path / "history.png")
@@ -97,7 +104,7 @@ def test_every_figure_fits_its_canvas_and_names_its_axes(saved, tmp_path):
     degradation = _degradation_module()
     results = json.loads((ROOT / "eval" / "results" / "degradation" / "results.json").read_text())
     degradation.summary_to_plot(results["summary"], results["runs"], 3e-3, tmp_path / "degradation.png")
-    assert len(saved) == 11, sorted(saved)
+    assert len(saved) == 13, sorted(saved)
     assert {name: problems for name, problems in saved.items() if problems} == {}
 
 
