@@ -31,10 +31,11 @@ def prepare_repo(repo_id: str, token: str | None, private: bool, api: HfApi | No
         user = api.whoami(token=token)
     except Exception as err:  # noqa: BLE001  the client raises several types (HTTP, offline, auth)
         why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        if hub_offline():  # the client then fails however good the token: say so first
+        if hub_offline():  # the client then fails however good the token: say why
             raise HubAccessError(
-                f"cannot push to the Hub repo {repo_id!r}: HF_HUB_OFFLINE is set, so nothing may reach the Hub "
-                f"({why}). Unset it (HF_HUB_OFFLINE=0) to push, or drop --push_to_hub and upload the run later"
+                f"cannot push to the Hub repo {repo_id!r}: no valid token or no network: HF_HUB_OFFLINE is set, so "
+                f"nothing may reach the Hub ({why}). Unset it (HF_HUB_OFFLINE=0) to push (and log in with "
+                "`hf auth login` if you have not), or drop --push_to_hub and upload the run later"
             ) from err
         raise HubAccessError(
             f"cannot push to the Hub repo {repo_id!r}: no valid token or no network ({why}). Log in with "
