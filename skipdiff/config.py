@@ -205,6 +205,42 @@ def to_json(options) -> str:
     return json.dumps(dataclasses.asdict(options), indent=2, sort_keys=True)
 
 
+# Options whose values never reach a file, a log line, a tracker or a model card.
+SECRET_OPTIONS = frozenset({"hub_token"})
+REDACTED = "<redacted>"
+
+
+def redact(options: T, mark: str | None = None) -> T:
+    """``options`` with their secrets (:data:`SECRET_OPTIONS`) hidden: the one place that decides what a
+    run may show of them. ``options`` is left as it is.
+
+    * a dataclass -> a copy whose secrets are None, or ``mark`` where one was given (``--dry_run`` prints
+      ``"<redacted>"``, so a token that was passed is seen to be there);
+    * a dict (``vars(options)``, a sweep cell's options) -> a copy without the secret keys;
+    * a command line (a list of strings) -> a copy with each secret's value replaced by ``mark`` or
+      ``"<redacted>"`` (both ``--hub_token X`` and ``--hub_token=X``).
+    """
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        hidden = {f.name: None if getattr(options, f.name) is None else mark
+                  for f in dataclasses.fields(options) if f.name in SECRET_OPTIONS}  # fmt: skip
+        return dataclasses.replace(options, **hidden)
+    if isinstance(options, dict):
+        return {key: value for key, value in options.items() if key not in SECRET_OPTIONS}
+    if isinstance(options, list | tuple):
+        argv, hide_next = [], False
+        for part in options:
+            flag, equals, _ = part.partition("=")
+            secret = flag.startswith("--") and flag[2:] in SECRET_OPTIONS
+            if hide_next:
+                part = mark or REDACTED
+            elif secret and equals:
+                part = f"{flag}={mark or REDACTED}"
+            argv.append(part)
+            hide_next = secret and not equals
+        return argv
+    raise TypeError(f"redact() takes options (a dataclass or a dict) or a command line, got {type(options).__name__}")
+
+
 def parse_key_values(text: str, what: str) -> dict[str, Any]:
     """``"a=1,b=true"`` -> ``{"a": 1, "b": True}`` (for small option groups such as the chain's)."""
     out: dict[str, Any] = {}

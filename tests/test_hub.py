@@ -178,3 +178,11 @@ def test_pushing_offline_names_hf_hub_offline_and_leaves_no_output_folder(tmp_pa
                                                  r"with `hf auth login`") as err:  # fmt: skip
         hub.prepare_repo("user/test", None, False, api=NoToken())
     assert "huggingface-cli" not in str(err.value)
+
+
+def test_no_file_the_run_wrote_holds_the_token(pushed_run):
+    """Uploaded or not: training_options.json, the checkpoints' state, the tensorboard config, the card."""
+    out, _ = pushed_run
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert any(p.parent.name.startswith("checkpoint-") for p in files) and any("logs" in p.parts for p in files)
+    assert [str(p.relative_to(out)) for p in files if TOKEN.encode() in p.read_bytes()] == []

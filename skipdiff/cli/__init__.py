@@ -11,12 +11,11 @@ after a step with a checkpoint and the command that resumes, and exits with 128 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..config import SkipdiffError, parse_args, to_json
+from ..config import REDACTED, SkipdiffError, parse_args, redact, to_json
 
 Options = TypeVar("Options")
 
@@ -51,8 +50,6 @@ def run_command(options_class: type[Options], train: Callable[[Options], object]
         print(f"error: {err}", file=sys.stderr)
         return 2
     if options.dry_run:
-        if getattr(options, "hub_token", None) is not None:
-            options = dataclasses.replace(options, hub_token="<redacted>")
-        print(to_json(options))
+        print(to_json(redact(options, REDACTED)))
         return 0
     return run_with_clean_errors(lambda: train(options))

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import redact
 from ..runfolder import read_json, write_json_atomic
 from . import launch
 from .kinds import CellKind, get_kind
@@ -65,7 +66,7 @@ def check_unchanged(cell: Cell) -> None:
     """A cell already (partly) run must have been run with the same result-deciding options."""
     record = read_cell(cell.folder)
     if record and record.get("options"):
-        before, now = results_options(record["options"]), results_options(cell.options)
+        before, now = (results_options(redact(options)) for options in (record["options"], cell.options))
         differing = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if differing:
             raise ValueError(f"cell {cell.name!r} was run with other options ({', '.join(differing)}): "
@@ -73,8 +74,8 @@ def check_unchanged(cell: Cell) -> None:
 
 
 def _base_record(spec: SweepSpec, cell: Cell) -> dict:
-    return {"name": cell.name, "kind": spec.kind, "axes": cell.axes, "options": cell.options,
-            "overrides": cell.overrides, "variants": spec.inference_variants}  # fmt: skip
+    return {"name": cell.name, "kind": spec.kind, "axes": cell.axes, "options": redact(cell.options),
+            "overrides": redact(cell.overrides), "variants": spec.inference_variants}  # fmt: skip
 
 
 def _prepare_folder(cell: Cell, kind: CellKind, record: dict, log: Log) -> dict:

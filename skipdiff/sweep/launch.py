@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import SkipdiffError
+from ..config import SkipdiffError, redact
 from ..runfolder import read_json
 from .kinds import CellKind
 
@@ -134,7 +134,7 @@ def train_cell(kind: CellKind, options: dict, launcher: Launcher) -> dict:
         with fresh_accelerate_state():
             return kind.train(options)
     command = accelerate_command(kind, options, launcher.accelerate_args)
-    print("$ " + shlex.join(command), flush=True)
+    print("$ " + shlex.join(redact(command)), flush=True)
     process = subprocess.Popen(command)
     with forwarding_stop_signals(process):
         returncode = process.wait()
@@ -144,6 +144,6 @@ def train_cell(kind: CellKind, options: dict, launcher: Launcher) -> dict:
                                 f"({signal.Signals(signum).name}); relaunch the sweep to resume it from its checkpoint",
                                 signum)  # fmt: skip
     if returncode != 0:
-        raise RuntimeError(f"training exited with status {returncode}: {shlex.join(command)}")
+        raise RuntimeError(f"training exited with status {returncode}: {shlex.join(redact(command))}")
     metrics = Path(options[kind.folder_option]) / kind.metrics_file
     return read_json(metrics, "training metrics") if metrics.is_file() else {}

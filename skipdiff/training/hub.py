@@ -13,7 +13,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from .. import __version__
-from ..config import SkipdiffError
+from ..config import SkipdiffError, redact
 from ..data_options import IMAGE_DATASETS
 
 
@@ -178,7 +178,7 @@ def model_card(
         f"| {s['skip_channels']} | `{s['gate']}` |"
         for s in skip_table
     )
-    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(options.items()) if k != "hub_token")
+    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(redact(options).items()))
     metric_rows = (
         "\n".join(f"| {k} | {v} |" for k, v in sorted((metrics or {}).items())) or "| (none yet) | |"
     )
