@@ -186,6 +186,27 @@ def test_lora_training_saves_a_plain_model_with_the_adapters_merged(base, tmp_pa
     assert changed and all(k.rsplit(".", 2)[-2] in ("conv1", "conv2", "to_q", "to_k", "to_v", "0") for k in changed)
 
 
+def test_without_peft_lora_is_refused_naming_its_extra_and_other_runs_do_not_need_it(base, tmp_path, monkeypatch):
+    import sys
+
+    import diffusers.utils.import_utils
+
+    from skipdiff.presets import unet_config
+    from skipdiff.training.model_source import plain_model
+
+    for name in [m for m in sys.modules if m == "peft" or m.startswith("peft.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError: not installed
+    monkeypatch.setattr(diffusers.utils.import_utils, "_peft_available", False)  # as diffusers then finds it
+    argv = tiny_args(tmp_path / "lora", "--pretrained_model_name_or_path", str(base), "--train_only", "lora")
+    index = argv.index("--model")
+    with pytest.raises(ValueError, match=r'--train_only lora needs peft: pip install "skipdiff\[lora\]"'):
+        run_train_unet(argv[:index] + argv[index + 2 :])
+    assert not (tmp_path / "lora" / "stats.jsonl").exists()  # refused before training
+    unet = SkipUNet2DModel(**unet_config("tiny", sample_size=8, channels=1))
+    assert plain_model(unet) is unet  # the export of every other run does not import peft
+
+
 # --------------------------------------------------------------------------------------------------
 # Stable Diffusion: gates on a UNet2DConditionModel, captions through the pipeline's own text encoder
 # --------------------------------------------------------------------------------------------------

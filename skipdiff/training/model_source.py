@@ -225,8 +225,10 @@ def plain_model(unet: nn.Module) -> nn.Module:
     ``SkipUNet2DModel`` that loads anywhere); ``unet`` itself when it has no adapters."""
     import copy
 
-    from peft.tuners.lora import LoraLayer
-
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # without peft there are no adapters (only --train_only lora needs it)
+        return unet
     if not any(isinstance(m, LoraLayer) for m in unet.modules()):
         return unet
     merged = copy.deepcopy(unet)
