@@ -123,7 +123,7 @@ def _sample_unconditional(target, indices, generators, steps, sampler, resolutio
 def _sample_text(target, prompts, generators, steps, sampler, guidance_scale, negative_prompt, resolution, cache=None):
     """Images (B, 3, H, W) in [-1, 1] from the pipeline's own ``__call__``, and how many it flagged."""
     pipeline = target.pipeline
-    guidance = (guidance_scale if guidance_scale is not None else _default_guidance(pipeline)) > 1
+    guidance = (guidance_scale if guidance_scale is not None else default_guidance_scale(pipeline)) > 1
     embeddings = target.conditioning.prompt_embeddings(prompts, guidance, negative_prompt)
     side = resolution or target.resolution
     noise = initial_noise(target.latent_shape(side), generators).to(target.device, target.unet.dtype)
@@ -141,7 +141,9 @@ def _sample_text(target, prompts, generators, steps, sampler, guidance_scale, ne
     return out.images.float() * 2 - 1, flagged
 
 
-def _default_guidance(pipeline) -> float:
+def default_guidance_scale(pipeline) -> float:
+    """The classifier-free guidance scale a pipeline's ``__call__`` uses when none is given (7.5 for Stable
+    Diffusion; above 1, every step runs the UNet on a doubled batch)."""
     import inspect
 
     return inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default

@@ -319,3 +319,36 @@ def test_from_unet_is_the_one_way_to_a_new_skip_model_and_skip_unet_from_is_depr
         SkipUNet2DModel.from_unet(scaled, skips="learned", strict=True)  # learned gates have parameters
     with pytest.warns(DeprecationWarning, match="SkipUNet2DModel.from_unet"):
         skip_unet_from(stock, "full", [], {})
+
+
+def test_validation_is_sized_to_the_run_and_states_its_cost(tmp_path, capsys):
+    """Issue 31: 64 validation images every 400 steps, one column per prompt (512 x 32768 px for the README's SD 1.5
+    command) cost ~26 PFLOP there, more than the ~19 PFLOP of the training it watched."""
+    from skipdiff.config import from_dict
+    from skipdiff.training.options import TrainOptions
+    from skipdiff.training.runtime import text_grid_layout, validation_cost, validation_images
+
+    # The README's SD 1.5 command: 2000 steps at batch 4, 512 px, one validation prompt, guidance 7.5.
+    sd = from_dict(TrainOptions, {"resolution": 512, "train_batch_size": 4, "max_train_steps": 2000,
+                                  "validation_prompts": ["a ninja with blue eyes"]})  # fmt: skip
+    images = validation_images(sd, text_conditioned=True)
+    assert images == 4 and text_grid_layout(images, sd.validation_prompts) == (4, 2, None)  # 2 x 2: 1024 x 1024 px
+    cost = validation_cost(sd, 2000, images, guidance=True)
+    assert (cost["grids"], cost["unet_forwards"], cost["training_forwards"]) == (5, 5 * 4 * 50 * 2, 2000 * 4 * 3)
+    # At the README's 0.80 TFLOP per forward: 1.6 PFLOP, about 8% of the training (the old 64 images: 133%).
+    assert 0.8e12 * cost["unet_forwards"] == pytest.approx(1.6e15) and cost["fraction_of_training"] < 0.1
+    assert validation_cost(sd, 2000, 64, guidance=True)["fraction_of_training"] > 1
+    assert text_grid_layout(4, ["a", "b"]) == (4, 2, ["a", "b"])  # a labelled column per prompt
+    # Other UNets: as many images as fill a ~1024 px square grid, 4 to 64.
+    for resolution, expected in ((8, 64), (16, 64), (128, 64), (256, 16), (512, 4), (1024, 4)):
+        assert validation_images(from_dict(TrainOptions, {"resolution": resolution}), False) == expected
+    assert validation_images(from_dict(TrainOptions, {"num_validation_images": 7}), True) == 7  # as asked
+    with pytest.raises(ValueError, match="num_validation_images"):
+        from_dict(TrainOptions, {"num_validation_images": 0})
+    # A run says what its validation costs, and records it.
+    out = tmp_path / "run"
+    run_train_unet(tiny_args(out, "--max_train_steps", "3", "--validation_every", "2"))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("validation:"))
+    assert line.startswith("validation: 2 grid(s) (every 2 steps and at the end) of 4 images x 2 DDIM steps = 16 UNet "
+                           "forwards, 11.1% of the training's 144")  # 3 steps x 16 images x 3 forwards
+    assert stats(out)[0]["validation"]["unet_forwards"] == 16

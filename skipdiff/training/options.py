@@ -123,7 +123,10 @@ class TrainOptions(DataOptions):
     log_every: int = option(10, "steps between stats.jsonl/tracker records (host reads happen only then)")
     timestep_buckets: int = option(4, "equal-width timestep buckets for the per-bucket loss")
     validation_every: int = option(400, "steps between validation sample grids (0: only at the end)")
-    num_validation_images: int = option(64, "images per validation grid")
+    num_validation_images: int | None = option(
+        None, "images per validation grid (default: sized to the run: 4 for a text-conditioned UNet, else as many "
+        "as fill a 1024 px grid, at most 64); the run prints what validation costs against the training",
+    )  # fmt: skip
     validation_inference_steps: int = option(50, "DDIM steps for validation samples")
     validation_prompts: list[str] = option([], "prompts for validation grids of text-conditioned UNets")
     checkpointing_steps: int = option(400, "steps between checkpoints (0: none)")
@@ -147,9 +150,9 @@ class TrainOptions(DataOptions):
         """Raise ``ValueError`` naming the first bad value (called before any work starts)."""
         super().validate()
         check_positive(self, ("train_batch_size", "gradient_accumulation_steps", "lora_rank", "num_train_timesteps", "log_every",
-                              "timestep_buckets", "num_validation_images", "validation_inference_steps",
-                              "max_nonfinite_in_row"))  # fmt: skip
-        check_positive(self, ("max_train_steps", "num_epochs", "num_threads", "checkpoints_total_limit"), optional=True)
+                              "timestep_buckets", "validation_inference_steps", "max_nonfinite_in_row"))  # fmt: skip
+        check_positive(self, ("max_train_steps", "num_epochs", "num_threads", "checkpoints_total_limit",
+                              "num_validation_images"), optional=True)  # fmt: skip
         check_positive(self, ("checkpointing_steps", "validation_every", "lr_warmup_steps", "dataloader_num_workers"),
                        minimum=0)  # fmt: skip
         check_finite(self, ("learning_rate", "max_grad_norm", "adam_weight_decay", "adam_epsilon", "noise_offset",

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -37,8 +38,7 @@ from .vae import VaeOptions, train_vae
 
 
 def setup_backends(options: TrainOptions) -> None:
-    """CPU threads, the CPU's allocator, TF32, and the optional packages the options need (wandb, bitsandbytes,
-    peft: checked now, not after the VAE stage)."""
+    """CPU threads, the CPU's allocator, TF32, and the trackers' packages (checked now, not after the VAE stage)."""
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
     keep_freed_memory_for_cpu_training()
@@ -50,8 +50,6 @@ def setup_backends(options: TrainOptions) -> None:
     if options.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
 
-    if options.train_only == "lora" and importlib.util.find_spec("peft") is None:
-        raise ValueError('--train_only lora needs peft: pip install "skipdiff[lora]"')
 
 def resolve_mixed_precision(requested: str | None) -> str | None:
     """fp16 needs a GPU: on a CPU-only machine it falls back to fp32 with a warning.
@@ -248,12 +246,71 @@ def make_pipeline(unet, scheduler, encoder: Encoder) -> SkipDiffPipeline:
     return SkipDiffPipeline(unet=unet, scheduler=scheduler, vae=vae)
 
 
+# ---- validation: sized to the run ------------------------------------------------------------------
+# A text-conditioned UNet (Stable Diffusion and the like) draws this many images per grid by default: at
+# 512 px a 2 x 2 grid, at the README's SD 1.5 settings 1.6 PFLOP over the run against the 19 PFLOP it
+# trains (64 images, the old default, were 26 PFLOP: more than the training).
+VALIDATION_TEXT_IMAGES = 4
+VALIDATION_TEXT_PROMPTS = 2  # test captions drawn when --validation_prompts is not given (a column each)
+# Other UNets (small images) fill a square grid of about this many pixels, with 4 to 64 images.
+VALIDATION_GRID_PIXELS = 1024
+MAX_VALIDATION_IMAGES = 64
+TRAINING_FORWARDS_PER_IMAGE = 3  # a training step's forward + backward costs about three forwards
+
+
+def validation_images(options: TrainOptions, text_conditioned: bool) -> int:
+    """Images per validation grid: ``--num_validation_images``, else sized to the run: a few
+    (:data:`VALIDATION_TEXT_IMAGES`) for a text-conditioned UNet, else as many as fill a
+    :data:`VALIDATION_GRID_PIXELS`-pixel square at the run's resolution (4 to :data:`MAX_VALIDATION_IMAGES`)."""
+    if options.num_validation_images is not None:
+        return options.num_validation_images
+    if text_conditioned:
+        return VALIDATION_TEXT_IMAGES
+    side = max(2, VALIDATION_GRID_PIXELS // options.resolution)  # images per row and column
+    return min(MAX_VALIDATION_IMAGES, side * side)
+
+
+def validation_cost(options: TrainOptions, max_steps: int, images: int, guidance: bool, num_processes: int = 1) -> dict:
+    """What validation costs over a run of ``max_steps``, in UNet forwards, against the training's: a grid
+    every ``--validation_every`` steps and one at the end, ``images`` x ``--validation_inference_steps``
+    forwards each (twice with classifier-free guidance); the training counts
+    :data:`TRAINING_FORWARDS_PER_IMAGE` forwards per image of every optimizer step."""
+    every = options.validation_every
+    grids = ((max_steps - 1) // every if every else 0) + 1  # steps every, 2 every, ... below max_steps; the end
+    forwards = grids * images * options.validation_inference_steps * (2 if guidance else 1)
+    batch = options.train_batch_size * options.gradient_accumulation_steps * num_processes
+    training = max_steps * batch * TRAINING_FORWARDS_PER_IMAGE
+    return {"grids": grids, "images": images, "steps": options.validation_inference_steps, "guidance": guidance,
+            "unet_forwards": forwards, "training_forwards": training, "fraction_of_training": forwards / training}  # fmt: skip
+
+
+def validation_line(cost: dict, every: int) -> str:
+    """:func:`validation_cost` as the line a run prints at its start."""
+    when = f"every {every} steps and at the end" if every else "at the end"
+    guided = " x 2 (guidance)" if cost["guidance"] else ""
+    return (f"validation: {cost['grids']} grid(s) ({when}) of {cost['images']} images x {cost['steps']} DDIM steps"
+            f"{guided} = {cost['unet_forwards']:,} UNet forwards, {cost['fraction_of_training']:.1%} of the "
+            f"training's {cost['training_forwards']:,} (forward + backward ~ {TRAINING_FORWARDS_PER_IMAGE} forwards "
+            "per image); --num_validation_images, --validation_every and --validation_inference_steps change it")  # fmt: skip
+
+
+def text_grid_layout(count: int, prompts: list[str]) -> tuple[int, int, list[str] | None]:
+    """``(images, columns, column_labels)`` of a text-conditioned validation grid of about ``count`` images:
+    one labelled column per prompt (``count // len(prompts)`` rows, at least one), or for a single prompt a
+    near-square grid of its ``count`` images (the prompt goes to the legend)."""
+    if len(prompts) == 1:
+        return count, max(1, math.ceil(math.sqrt(count))), None
+    rows = max(1, count // len(prompts))
+    return rows * len(prompts), len(prompts), list(prompts)
+
+
 @torch.no_grad()
 def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: TrainingData, seed: int = 0,
                 step: int | None = None):  # fmt: skip
-    """A grid of validation samples, seeded: one column per class when class-conditional (labelled), cells
-    upscaled and spaced by :func:`skipdiff.grids.image_grid`, the sampling settings in its legend."""
-    count, classes = options.num_validation_images, data.classes
+    """A grid of validation samples (:func:`validation_images` of them), seeded: one column per class when
+    class-conditional (labelled), else a near-square grid; cells upscaled and spaced by
+    :func:`skipdiff.grids.image_grid`, the sampling settings in its legend."""
+    count, classes = validation_images(options, False), data.classes
     labels = [i % classes for i in range(count)] if classes else None
     was_training = pipeline.unet.training
     pipeline.unet.eval()
@@ -261,7 +318,7 @@ def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: Trainin
                       generator=torch.Generator().manual_seed(seed), sampler="ddim",
                       show_progress=False).images  # fmt: skip
     pipeline.unet.train(was_training)
-    columns = classes if classes and classes <= 16 else 8
+    columns = classes if classes and classes <= 16 else max(1, math.ceil(math.sqrt(count)))
     column_labels = [f"class {k}" for k in range(columns)] if classes and classes <= 16 else None
     return image_grid(images, columns=columns, column_labels=column_labels,
                       legend=_validation_legend(options, step, seed))  # fmt: skip
@@ -276,21 +333,23 @@ def _validation_legend(options: TrainOptions, step: int | None, seed: int) -> st
 
 @torch.no_grad()
 def text_sample_grid(target, options: TrainOptions, data: TrainingData, step: int | None = None):
-    """Validation samples of a text-conditioned pipeline: ``--validation_prompts`` (else the first four
-    test captions), one labelled column per prompt, through the pipeline's own sampler with the run's gates."""
+    """Validation samples of a text-conditioned pipeline: ``--validation_prompts`` (else the first
+    :data:`VALIDATION_TEXT_PROMPTS` test captions), laid out by :func:`text_grid_layout` (a labelled column per
+    prompt), through the pipeline's own sampler with the run's gates."""
     from diffusers.utils import numpy_to_pil
 
     from ..sampling import sample_images
 
-    prompts = list(options.validation_prompts) or [str(c) for c in data.splits["test"]["caption"][:4]]
-    rows = max(1, options.num_validation_images // len(prompts))
+    prompts = list(options.validation_prompts) or [str(c) for c in data.splits["test"]["caption"][:VALIDATION_TEXT_PROMPTS]]
+    count, columns, labels = text_grid_layout(validation_images(options, True), prompts)
     was_training = target.unet.training
     target.unet.eval()
-    samples = sample_images(target, len(prompts) * rows, seed=0, steps=options.validation_inference_steps,
+    samples = sample_images(target, count, seed=0, steps=options.validation_inference_steps,
                             prompts=prompts, resolution=options.resolution, progress=False)  # fmt: skip
     target.unet.train(was_training)
     images = numpy_to_pil(((samples.images + 1) / 2).permute(0, 2, 3, 1).numpy())
-    return image_grid(images, columns=len(prompts), column_labels=prompts, legend=_validation_legend(options, step, 0))
+    legend = _validation_legend(options, step, 0) + ("" if labels else f"\nprompt: {prompts[0]}")
+    return image_grid(images, columns=columns, column_labels=labels, legend=legend)
 
 
 def save_outputs(output_dir: Path, unet, ema: WeightEMA | None, scheduler, encoder: Encoder, options_json: str) -> None:

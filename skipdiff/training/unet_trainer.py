@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..adapters import ARTEFACT_FOLDER, save_skip_gates
-from ..config import REDACTED, parse_args, redact, to_json
+from ..config import parse_args, to_json
 from ..encoders import batch_latents
 from ..gradients import grad_norms_by_block
 from ..router import format_skip_table
@@ -42,6 +42,9 @@ from .runtime import (
     setup_backends,
     text_sample_grid,
     train_loader,
+    validation_cost,
+    validation_images,
+    validation_line,
 )  # fmt: skip
 from .startup import StopRequest, TrainingStopped, is_main_process, prepare_output_dir, resume_checkpoint
 from .step import all_finite, batch_loss, draw_noise, gradient_norm, optimizer_step
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> dict:
     if options.dry_run:  # the same checks a real run makes before its VAE stage (a typo fails here too)
         check_model_options(options)
         check_geometry(options)
-        print(to_json(redact(options, REDACTED)))
+        print(to_json(dataclasses.replace(options, hub_token=None)))
         return {}
     return train_unet(options)
 
@@ -187,7 +190,7 @@ def _prepare(options, accelerator, source: ModelSource, ema, optimizer, loader, 
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    options_json = to_json(redact(options))  # the token never reaches a file
+    options_json = to_json(dataclasses.replace(options, hub_token=None))  # the token never reaches a file
     window = WindowStats(options.timestep_buckets, options.num_train_timesteps, accelerator.device)
     # The plain module (no DDP or torch.compile wrapper): its parameter names are the model's own, so
     # gradient norms group by block and the saved weights carry no wrapper prefix.
@@ -201,10 +204,12 @@ def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
     """Trackers, the skip table, and the ``start`` record (a resumed run keeps its log up to its checkpoint)."""
     options, accelerator = run.options, run.accelerator
     if accelerator.is_main_process:
-        config = {k: str(v) for k, v in redact(vars(options)).items()}
+        config = {k: str(v) for k, v in vars(options).items() if k != "hub_token"}
         init_kwargs = {"wandb": {"dir": str(run.output_dir), "name": run.output_dir.name}}
         accelerator.init_trackers(options.tracker_project_name, config=config, init_kwargs=init_kwargs)
         accelerator.print(format_skip_table(run.router.describe()))
+    validation = _validation_cost(run)
+    accelerator.print(validation_line(validation, options.validation_every))
     run.stats.truncate_after(run.step if run.step else -1)  # a fresh start drops an earlier attempt's records
     if run.step == 0:
         run.stats.write({"event": "start", "vae": vae_source, "encoder": run.encoder.describe(),
@@ -214,7 +219,18 @@ def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
                          "train_images": len(data.splits["train"]), "test_images": len(data.splits["test"]),
                          "image_channels": data.channels, "max_train_steps": run.max_steps,
                          "noise_scheduler": {k: run.noise_scheduler.config[k] for k in NOISE_KEYS},
-                         "skips": run.router.describe()}, step=0)  # fmt: skip
+                         "skips": run.router.describe(), "validation": validation}, step=0)  # fmt: skip
+
+
+def _validation_cost(run: Run) -> dict:
+    """What the run's validation grids cost against its training (:func:`validation_cost`), printed at the
+    start: a text-conditioned pipeline samples with its own guidance (two UNet forwards a step above 1)."""
+    from ..sampling import default_guidance_scale
+
+    text = run.conditioning.kind == "text"
+    guidance = text and default_guidance_scale(run.target.pipeline) > 1
+    images = validation_images(run.options, text)
+    return validation_cost(run.options, run.max_steps, images, guidance, run.accelerator.num_processes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,8 +375,8 @@ def _log(run: Run, done: StepDone, epoch: int, seconds: float, progress) -> None
 
 
 def _checkpoint(run: Run, epoch: int, repo_id: str | None) -> None:
-    state = {"epoch": epoch, "unet_config": dict(run.model.config),
-             "training_options": dataclasses.asdict(redact(run.options))}  # fmt: skip
+    state = {"epoch": epoch, "unet_config": dict(run.model.config), "training_options": dataclasses.asdict(
+        dataclasses.replace(run.options, hub_token=None))}  # fmt: skip
     path = checkpoints.save_checkpoint(run.accelerator, run.output_dir, run.step, state,
                                        run.options.checkpoints_total_limit)  # fmt: skip
     if repo_id:
