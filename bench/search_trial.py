@@ -47,7 +47,8 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(json.dumps({"device": device, "training_trial_seconds_with_startup": training,
                       "training_trial_seconds": record["seconds"], "inference_trial_seconds_with_startup": seconds,
-                      "steps": TRAINING["base"]["max_train_steps"], "note": "digits 16x16 pixel space, UNet preset digits, batch 128"}, indent=1))  # fmt: skip
+                      "steps": TRAINING["base"]["max_train_steps"],
+                      "note": "digits 16x16 pixel space, UNet preset digits, batch 128"}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

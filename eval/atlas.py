@@ -19,6 +19,7 @@ finished part can be committed while the rest runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
                 status = max(pool.map(transfer, args.fields))
         else:
             with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-                status = max(pool.map(lambda f: search(f, confirm=stage == "confirm"), args.fields))
+                status = max(pool.map(functools.partial(search, confirm=stage == "confirm"), args.fields))
         if status:
             return status
     return 0

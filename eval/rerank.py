@@ -168,7 +168,8 @@ def markdown(ranking: dict) -> str:
             lines += [f"## {dataset}: interaction, {METRICS[metric]}", "",
                       f"Per training seed, a configuration's paired difference from the reference under "
                       f"{ranking['within']}={ranking['interaction']} minus the same difference under another value, "
-                      "against 0 (Δ > 0: the effect is larger under the first).", "", *ranking_table(result, f"{METRICS[metric]} effect difference"), "",
+                      "against 0 (Δ > 0: the effect is larger under the first).", "",
+                      *ranking_table(result, f"{METRICS[metric]} effect difference"), "",
                       f"p (Holm): {family_text(result)}.", "", detectable_note(result, METRICS[metric]), ""]  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
 

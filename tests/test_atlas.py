@@ -58,8 +58,9 @@ def _field(folder: Path, mse: dict, fid: dict | None, floor: float = 0.4) -> Pat
     (folder / "search_summary.json").write_text(json.dumps(summary))
     if fid is not None:
         (folder / "confirmation").mkdir()
-        table = {"fid_floor": {"mean": floor}, "ranking": {"metric": "fid", "rows": [
-            {"configuration": f"config={n}", "values_by_seed": {str(s): v for s, v in vals.items()}} for n, vals in fid.items()]}}  # fmt: skip
+        rows = [{"configuration": f"config={n}", "values_by_seed": {str(s): v for s, v in vals.items()}}
+                for n, vals in fid.items()]  # fmt: skip
+        table = {"fid_floor": {"mean": floor}, "ranking": {"metric": "fid", "rows": rows}}
         (folder / "confirmation" / "summary.json").write_text(json.dumps({"datasets": {"x, 16px": table}}))
     return folder
 

@@ -45,7 +45,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_training_into_a_folder_that_holds_a_run_refuses_and_changes_nothing(finished_run):
     before = snapshot(finished_run)
-    with pytest.raises(ValueError, match=r"holds another run .*--resume_from_checkpoint latest.*--overwrite_output_dir.*--output_dir") as info:
+    refusal = r"holds another run .*--resume_from_checkpoint latest.*--overwrite_output_dir.*--output_dir"
+    with pytest.raises(ValueError, match=refusal) as info:
         run_train_unet(tiny_args(finished_run, "--max_train_steps", "2"))
     assert str(finished_run) in str(info.value)
     assert snapshot(finished_run) == before

@@ -385,8 +385,8 @@ def test_a_nonfinite_step_leaves_the_weights_as_they_were(tmp_path):
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp_path):
     out = tmp_path / "run"
     module = train_unet_module()
-    with pytest.raises(module.TrainingStopped,
-                       match=r"stopping at step 4: 3 non-finite losses or gradients in a row \(last good checkpoint: .*checkpoint-1\)"):  # fmt: skip
+    stopped = r"stopping at step 4: 3 non-finite losses or gradients in a row \(last good checkpoint: .*checkpoint-1\)"
+    with pytest.raises(module.TrainingStopped, match=stopped):
         run_train_unet(tiny_args(out, "--inject_nonfinite_steps", "2", "3", "4", "--max_nonfinite_in_row", "3",
                                  "--checkpointing_steps", "1", "--max_train_steps", "6"))  # fmt: skip
     events = [(r["step"], r["in_row"]) for r in stats(out) if r.get("event") == "nonfinite"]

@@ -9,9 +9,10 @@ cell (``options.skips``): the specification is applied for the evaluation only (
 detached afterwards).
 
 Order of work: every check that can fail (options against the target, data and its resolution and
-channels, prompts, skip specs, the FID feature extractor, the CLIP model) runs before any sampling; then the sample grid (one column per skip variant, all on the
-same noise), FID and CLIP score (the same samples), the denoising loss and the skip importance (one
-noised batch per bucket, every ablation on it), training stability and the MAP configuration of
+channels, prompts, skip specs, the FID feature extractor, the CLIP model) runs before any sampling; then
+the sample grid (one column per skip variant, all on the same noise), FID and CLIP score (the same
+samples), the denoising loss and the skip importance (one noised batch per bucket, every ablation on
+it), training stability and the MAP configuration of
 stochastic skips (skipdiff runs). Results are written atomically with what was loaded and which weights
 (:mod:`.results`).
 """

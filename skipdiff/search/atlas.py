@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="search report folders, one per field")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--margin", action="append", default=[], help="metric=margin (denoise_mse, fid; defaults: %s)" % DEFAULT_MARGINS)
+    parser.add_argument("--margin", action="append", default=[], help=f"metric=margin (denoise_mse, fid; defaults: {DEFAULT_MARGINS})")
     args = parser.parse_args(argv)
     missing = [str(f) for f in args.folders if not (f / "search_summary.json").is_file()]
     if missing:

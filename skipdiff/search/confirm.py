@@ -63,8 +63,9 @@ def run_confirmation(spec: SearchSpec, study, out: Path, num_threads: int | None
     sweep = confirmation_sweep(spec, chosen, out)
     folder = out / CONFIRM_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "chosen.json", {"reference": spec.confirm["reference"], "chosen": [{"label": f"trial-{r['root']:04d}", "trial": t.number, "params": t.params,
-                                                "search_values": list(t.values)} for r, t in zip(chosen, best, strict=True)]})  # fmt: skip
+    picked = [{"label": f"trial-{r['root']:04d}", "trial": t.number, "params": t.params, "search_values": list(t.values)}
+              for r, t in zip(chosen, best, strict=True)]  # fmt: skip
+    write_json_atomic(folder / "chosen.json", {"reference": spec.confirm["reference"], "chosen": picked})
     log(f"confirmation: {len(chosen)} configuration(s) and the reference on seeds {spec.confirm['seeds']}")
     run_sweep(parse_spec(sweep, f"{spec.name}-confirm"), folder, num_threads=num_threads, log=log,
               relaunch=search_command(spec, out))  # fmt: skip

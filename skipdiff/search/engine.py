@@ -189,7 +189,8 @@ def best_trials(study: optuna.Study, k: int) -> list:
         done = [t for t in trials(study, (TrialState.COMPLETE,)) if t.value is not None and "duplicate_of" not in t.user_attrs]
         sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
         return sorted(done, key=lambda t: sign * t.value)[:k]
-    front = sorted((t for t in study.best_trials if "duplicate_of" not in t.user_attrs), key=lambda t: t.values[0] * (1 if study.directions[0].name == "MINIMIZE" else -1))
+    sign = 1 if study.directions[0].name == "MINIMIZE" else -1
+    front = sorted((t for t in study.best_trials if "duplicate_of" not in t.user_attrs), key=lambda t: sign * t.values[0])
     return front[:k]
 
 

@@ -32,8 +32,8 @@ def trial_rows(study) -> list[dict]:
 
 def trial_extras(folder: Path) -> dict:
     """From a trial's run folder: its UNet's ``flops`` per forward and ``parameters`` (a complete trial's
-    ``trial.json``), the ``seconds`` it took (complete or pruned), and for a Markov-chain trial the chain's learned open rate per skip at the last logged
-    step (``markov_open``: UNet skip index -> P(open), from ``stats.jsonl``)."""
+    ``trial.json``), the ``seconds`` it took (complete or pruned), and for a Markov-chain trial the chain's
+    learned open rate per skip at the last logged step (``markov_open``: UNet skip index -> P(open), from ``stats.jsonl``)."""
     extras = {}
     record = folder / "trial.json"
     if record.is_file():

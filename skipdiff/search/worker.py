@@ -6,10 +6,11 @@ joins a study from another machine or a scheduler's job (the spec is read from t
 ``python -m skipdiff.search SPEC --workers N`` starts N of these on this machine. Budget: ``trials``
 counts finished (complete or pruned) trials of the whole study, over every worker and launch;
 ``minutes`` is per launch (no new trial starts after it). A configuration proposed again is answered from
-its first trial without training and does not count; 25 of them in a row end the worker (the space is spent). A worker stopped by Ctrl-C or a scheduler's
-SIGTERM/SIGUSR1 (the training checkpoints after its current step) re-queues its trial at once, which
-resumes from the trial's checkpoint, and exits as the training does (130, 143, 138); a worker killed
-outright is noticed by its missing heartbeat and its trial re-queued by the next worker.
+its first trial without training and does not count; 25 of them in a row end the worker (the space is
+spent). A worker stopped by Ctrl-C or a scheduler's SIGTERM/SIGUSR1 (the training checkpoints after its
+current step) re-queues its trial at once, which resumes from the trial's checkpoint, and exits as the
+training does (130, 143, 138); a worker killed outright is noticed by its missing heartbeat and its trial
+re-queued by the next worker.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Pushing runs to the Hugging Face Hub, with a generated model card.
 
 The repository is created and write access checked *before* training, before the output folder is made
-(offline mode, no token, no network or no permission fails at once and leaves nothing behind). Uploads use ``HfApi.upload_folder``; tests replace the client.
+(offline mode, no token, no network or no permission fails at once and leaves nothing behind). Uploads
+use ``HfApi.upload_folder``; tests replace the client.
 """
 
 from __future__ import annotations
