@@ -409,13 +409,27 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run_with_its_checkpoint_inta
 # --------------------------------------------------------------------------------------------------
 
 
-def test_two_processes_train_one_model_and_only_the_main_one_writes(tmp_path):
-    out = tmp_path / "run"
-    dump_ranks = REPO / "tests" / "helpers" / "train_unet_rank_weights.py"
-    args = tiny_args(out, "--skips", "markov", "--max_train_steps", "4", "--checkpointing_steps", "2")
-    launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(dump_ranks), *args], cwd=tmp_path)  # fmt: skip
+# Both two-process tests of Markov skips: the chain learns from step 2 (warmup_steps=1, min_count=1), so it
+# changes during the run and the ranks must agree on it; checkpoints at steps 2 and 4.
+MARKOV_TWO_PROCESS = ["--skips", "markov", "--markov", "warmup_steps=1,min_count=1", "--max_train_steps", "4",
+                      "--use_ema", "--checkpointing_steps", "2"]  # fmt: skip
 
+
+@pytest.fixture(scope="module")
+def markov_two_processes(tmp_path_factory) -> Path:
+    """One 2-process gloo run of Markov skips (batch 16 each) that also saves every rank's final weights
+    (``rank{i}.safetensors``, tests/helpers/train_unet_rank_weights.py); read by the two tests below."""
+    cwd = tmp_path_factory.mktemp("two_processes")
+    out = cwd / "run"
+    dump_ranks = REPO / "tests" / "helpers" / "train_unet_rank_weights.py"
+    args = tiny_args(out, *MARKOV_TWO_PROCESS, "--train_batch_size", "16")
+    launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(dump_ranks), *args], cwd=cwd)  # fmt: skip
+    return out
+
+
+def test_two_processes_train_one_model_and_only_the_main_one_writes(markov_two_processes):
+    out = markov_two_processes
     records = stats(out)
     assert records[0]["event"] == "start" and records[0]["num_processes"] == 2
     steps = [r["step"] for r in records]
@@ -439,19 +453,21 @@ def test_two_processes_train_one_model_and_only_the_main_one_writes(tmp_path):
 
 
 @pytest.mark.parametrize("skips", ["full", "markov"])
-def test_two_processes_match_one_process_with_the_same_global_batch(skips, tmp_path):
+def test_two_processes_match_one_process_with_the_same_global_batch(skips, tmp_path, request):
     """1 process x batch 32 vs 2 gloo processes x batch 16: accelerate gives the ranks the two halves of
     the single process's batch, and every rank draws the global batch's noise, timesteps and gate
     states and keeps its slice, so only float summation order differs. Stated tolerance: 1e-4
     absolute on every weight and on every logged loss (the learning rate is <= 1.6e-4 in these steps)."""
-    markov = ["--markov", "warmup_steps=1,min_count=1"] if skips == "markov" else []  # refused for other skips
-    extra = ["--skips", skips, *markov, "--max_train_steps", "4", "--use_ema"]
+    extra = MARKOV_TWO_PROCESS if skips == "markov" else ["--skips", skips, "--max_train_steps", "4", "--use_ema"]
     single = tmp_path / "single"
     run_train_unet(tiny_args(single, *extra, "--train_batch_size", "32"))
-    double = tmp_path / "double"
-    launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT),
-            *tiny_args(double, *extra, "--train_batch_size", "16")], cwd=tmp_path)  # fmt: skip
+    if skips == "markov":  # the run the test above reads
+        double = request.getfixturevalue("markov_two_processes")
+    else:
+        double = tmp_path / "double"
+        launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT),
+                *tiny_args(double, *extra, "--train_batch_size", "16")], cwd=tmp_path)  # fmt: skip
 
     one, two = tensors(single / UNET_WEIGHTS), tensors(double / UNET_WEIGHTS)
     assert max_abs_difference(one, two) <= 1e-4
