@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import ranking as ranking_module
 from . import stats
-from .read import INFERENCE, Result, paired_speedups
+from .read import INFERENCE, Result, paired_speedups, seconds_by_seed
 
 # Columns of the tables: (key, header, format). Metrics the ranking can use: (key, name, lower is better).
 DIFFUSION_COLUMNS = [("fid", "FID ↓", "pm"), ("fid_floor", "FID floor", "floor"), ("kid", "KID ↓", "kid"),
@@ -331,7 +331,7 @@ def speed_section(configurations: dict[str, list[Result]], reference: str) -> tu
              "| configuration | s/image | measured speed-up | FLOP bound |", "|---|---|---|---|"]  # fmt: skip
     summary: dict = {"reference": reference, "rows": {}}
     for name, rows in configurations.items():
-        seconds = {r.seed: r.metrics["seconds_per_image"] for r in rows if r.metrics.get("seconds_per_image")}
+        seconds = seconds_by_seed(rows)
         ratios = speedups.get(name, [])
         mean, std = mean_std(list(seconds.values()))
         if name == reference:
@@ -404,8 +404,7 @@ def _header(sweep: dict, cells: list[dict], folder: str) -> list[str]:
         lines.append("(A path outside the working directory is not written into a report: fill in `<spec>` / `<folder>`.)")
     lines.append("")
     if sweep.get("eval"):
-        settings = ", ".join(f"{k}={v}" for k, v in sorted(sweep["eval"].items()))
-        lines += [f"Evaluation (`python -m skipdiff.eval`): {settings}.", ""]
+        lines += ["Evaluation (`python -m skipdiff.eval`): " + ", ".join(f"{k}={v}" for k, v in sorted(sweep["eval"].items())) + ".", ""]  # fmt: skip
     unfinished = [f"`{c['name']}` ({c.get('status', 'missing')})" for c in cells if c.get("status") != "done"]
     if unfinished:
         lines += ["Not in the tables (not done): " + ", ".join(unfinished) + ".", ""]

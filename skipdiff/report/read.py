@@ -229,17 +229,18 @@ def group(results: list[Result]) -> dict[str, dict[str, list[Result]]]:
     }
 
 
+def seconds_by_seed(rows: list[Result]) -> dict[int, float]:
+    """Sampling seed -> seconds per image of a configuration's rows (inference sweeps: :func:`seconds_per_image`)."""
+    return {r.seed: r.metrics["seconds_per_image"] for r in rows if r.metrics.get("seconds_per_image")}
+
+
 def paired_speedups(configurations: dict[str, list[Result]], reference: str) -> dict[str, list[float]]:
     """Configuration -> the ``reference`` row's seconds per image over its own, at each sampling seed both
-    were timed at (inference sweeps: :func:`seconds_per_image`); the reference itself is left out."""
-
-    def timed(rows: list[Result]) -> dict[int, float]:
-        return {r.seed: r.metrics["seconds_per_image"] for r in rows if r.metrics.get("seconds_per_image")}
-
-    base = timed(configurations.get(reference, []))
+    were timed at (:func:`seconds_by_seed`); the reference itself is left out."""
+    base = seconds_by_seed(configurations.get(reference, []))
     out = {}
     for name, rows in configurations.items():
-        own = timed(rows)
+        own = seconds_by_seed(rows)
         if name != reference:
             out[name] = [base[seed] / own[seed] for seed in sorted(set(own) & set(base))]
     return out
