@@ -404,7 +404,8 @@ def _header(sweep: dict, cells: list[dict], folder: str) -> list[str]:
         lines.append("(A path outside the working directory is not written into a report: fill in `<spec>` / `<folder>`.)")
     lines.append("")
     if sweep.get("eval"):
-        lines += ["Evaluation (`python -m skipdiff.eval`): " + ", ".join(f"{k}={v}" for k, v in sorted(sweep["eval"].items())) + ".", ""]  # fmt: skip
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(sweep["eval"].items()))
+        lines += [f"Evaluation (`python -m skipdiff.eval`): {settings}.", ""]
     unfinished = [f"`{c['name']}` ({c.get('status', 'missing')})" for c in cells if c.get("status") != "done"]
     if unfinished:
         lines += ["Not in the tables (not done): " + ", ".join(unfinished) + ".", ""]
