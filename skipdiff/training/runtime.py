@@ -38,7 +38,8 @@ from .vae import VaeOptions, train_vae
 
 
 def setup_backends(options: TrainOptions) -> None:
-    """CPU threads, the CPU's allocator, TF32, and the trackers' packages (checked now, not after the VAE stage)."""
+    """CPU threads, the CPU's allocator, TF32, and the optional packages the options need (wandb, bitsandbytes,
+    peft: checked now, not after the VAE stage)."""
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
     keep_freed_memory_for_cpu_training()
@@ -49,6 +50,8 @@ def setup_backends(options: TrainOptions) -> None:
         raise ValueError(f"--report_to {options.report_to} needs wandb: pip install wandb (or --report_to tensorboard)")
     if options.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if options.train_only == "lora" and importlib.util.find_spec("peft") is None:
+        raise ValueError('--train_only lora needs peft: pip install "skipdiff[lora]"')
 
 
 def resolve_mixed_precision(requested: str | None) -> str | None:

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..adapters import ARTEFACT_FOLDER, save_skip_gates
-from ..config import parse_args, to_json
+from ..config import REDACTED, parse_args, redact, to_json
 from ..encoders import batch_latents
 from ..gradients import grad_norms_by_block
 from ..router import format_skip_table
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, description: str = __doc__) -> dict:
     if options.dry_run:  # the same checks a real run makes before its VAE stage (a typo fails here too)
         check_model_options(options)
         check_geometry(options)
-        print(to_json(dataclasses.replace(options, hub_token=None)))
+        print(to_json(redact(options, REDACTED)))
         return {}
     return train_unet(options)
 
@@ -190,7 +190,7 @@ def _prepare(options, accelerator, source: ModelSource, ema, optimizer, loader, 
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    options_json = to_json(dataclasses.replace(options, hub_token=None))  # the token never reaches a file
+    options_json = to_json(redact(options))  # the token never reaches a file
     window = WindowStats(options.timestep_buckets, options.num_train_timesteps, accelerator.device)
     # The plain module (no DDP or torch.compile wrapper): its parameter names are the model's own, so
     # gradient norms group by block and the saved weights carry no wrapper prefix.
@@ -204,7 +204,7 @@ def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
     """Trackers, the skip table, and the ``start`` record (a resumed run keeps its log up to its checkpoint)."""
     options, accelerator = run.options, run.accelerator
     if accelerator.is_main_process:
-        config = {k: str(v) for k, v in vars(options).items() if k != "hub_token"}
+        config = {k: str(v) for k, v in redact(vars(options)).items()}
         init_kwargs = {"wandb": {"dir": str(run.output_dir), "name": run.output_dir.name}}
         accelerator.init_trackers(options.tracker_project_name, config=config, init_kwargs=init_kwargs)
         accelerator.print(format_skip_table(run.router.describe()))
@@ -375,8 +375,8 @@ def _log(run: Run, done: StepDone, epoch: int, seconds: float, progress) -> None
 
 
 def _checkpoint(run: Run, epoch: int, repo_id: str | None) -> None:
-    state = {"epoch": epoch, "unet_config": dict(run.model.config), "training_options": dataclasses.asdict(
-        dataclasses.replace(run.options, hub_token=None))}  # fmt: skip
+    state = {"epoch": epoch, "unet_config": dict(run.model.config),
+             "training_options": dataclasses.asdict(redact(run.options))}  # fmt: skip
     path = checkpoints.save_checkpoint(run.accelerator, run.output_dir, run.step, state,
                                        run.options.checkpoints_total_limit)  # fmt: skip
     if repo_id:
