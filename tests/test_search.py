@@ -178,6 +178,7 @@ def _proposals(tmp_path: Path, name: str, seed: int, n: int = 12) -> list[dict]:
     return proposed
 
 
+@pytest.mark.slow
 def test_a_seeded_search_proposes_the_same_parameters_twice(tmp_path):
     first = _proposals(tmp_path, "a", seed=3)
     assert first == _proposals(tmp_path, "b", seed=3)
@@ -246,6 +247,7 @@ def finished_search(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_training_search_runs_its_budget_as_normal_run_folders(finished_search):
     trials = study_trials(finished_search)
     assert states(trials) == {"COMPLETE": 3}
@@ -262,6 +264,7 @@ def test_a_training_search_runs_its_budget_as_normal_run_folders(finished_search
     assert json.loads((finished_search / "trials" / "trial-0000" / "trial.json").read_text())["overrides"]["skips"] == "full"
 
 
+@pytest.mark.slow
 def test_the_report_of_a_search(finished_search, tmp_path):
     from skipdiff.report.__main__ import main
 
@@ -275,6 +278,7 @@ def test_the_report_of_a_search(finished_search, tmp_path):
     assert (tmp_path / "report" / "history.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_a_configuration_proposed_again_reuses_its_values_without_training(tmp_path):
     out = tmp_path / "out"
     path = spec_file(tmp_path, space={"skips": ["full"]}, enqueue=None, budget={"trials": 2})  # one point: proposed twice
@@ -289,6 +293,7 @@ def test_a_configuration_proposed_again_reuses_its_values_without_training(tmp_p
     assert len(complete) == 26 and sum("duplicate_of" in t.user_attrs for t in complete) == 25
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
     out = tmp_path / "out"
     path = spec_file(tmp_path, pruner={"name": "threshold", "upper": 0.0}, prune={"steps": [2], "images": 8, "buckets": 2},
@@ -306,6 +311,7 @@ def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
         assert [p.name for p in folder.glob("checkpoint-*")] == []  # pruned before its step-2 checkpoint
 
 
+@pytest.mark.slow
 def test_an_inference_search_on_a_trained_run(finished_search, tmp_path):
     run = finished_search / "trials" / "trial-0000"
     spec = {"kind": "inference", "base": {"checkpoint": str(run), "denoise_loss": True, "buckets": 2, "seeds": [0]},
@@ -323,13 +329,14 @@ def test_an_inference_search_on_a_trained_run(finished_search, tmp_path):
     assert full.value == pytest.approx(trained, rel=1e-6)  # same weights, same held-out noise
 
 
-def test_inference_search_refuses_training_only_families(finished_search):
+def test_inference_search_refuses_training_only_families():
     spec = {"kind": "inference", "base": {"checkpoint": "x"}, "space": {"skips": ["full", "markov"]},
             "objectives": ["denoise_mse"], "budget": {"trials": 2}}  # fmt: skip
     with pytest.raises(ValueError, match=r"\['markov'\] need training"):
         parse_search_spec(spec, "inf")
 
 
+@pytest.mark.slow
 def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
     out = tmp_path / "out"
     path = spec_file(tmp_path, budget={"trials": 2}, confirm={"top": 1, "seeds": [5, 6]})
@@ -349,8 +356,30 @@ def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
     reference = next(r for r in summary["rows"] if r["configuration"] == "reference")
     assert sorted(int(seed) for seed in reference["values_by_seed"]) == [5, 6]  # paired on the fresh seeds
     chosen = json.loads((out / "confirm" / "chosen.json").read_text())["chosen"]
-    best = min(study_trials(out), key=lambda t: t.value)
+    best = min(study_trials(out), key=lambda t: t.value)  # every trial searches the learning rate: none is the reference
     assert chosen[0]["trial"] == best.number
+
+
+def test_confirmation_never_retrains_the_reference_under_a_trials_name():
+    """A search whose best trial is `full` at the base model would confirm the reference against itself
+    (every paired difference 0): that trial is passed over and the next best confirmed instead."""
+    from types import SimpleNamespace
+
+    from skipdiff.search.confirm import choose, runs_the_reference
+
+    space = {"skips": ["full", "scalelong"], "scalelong.kappa": {"low": 0.5, "high": 0.9},
+             "model.layers_per_block": [1, 2]}  # fmt: skip
+    spec = parse_search_spec({**copy.deepcopy(TINY), "space": space, "confirm": {"top": 2, "seeds": [5, 6]}}, "m")
+    tiny_layers = 1  # the tiny preset's own depth, so this model override is the base model itself
+    records = {0: {"overrides": {"skips": "full"}, "model": {"layers_per_block": tiny_layers}},
+               1: {"overrides": {"skips": "full"}, "model": {"layers_per_block": 2}},
+               2: {"overrides": {"skips": "scalelong:kappa=0.7"}, "model": {}},
+               3: {"overrides": {"skips": "full"}, "model": {}}}  # fmt: skip
+    assert [runs_the_reference(spec, r) for r in records.values()] == [True, False, False, True]
+    ranked = [SimpleNamespace(number=n, user_attrs={"folder": str(n)}) for n in (0, 3, 1, 2)]
+    said = []
+    chosen = choose(spec, ranked, read=lambda folder: records[int(folder.name)], log=said.append)
+    assert [trial.number for _, trial in chosen] == [1, 2] and len(said) == 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,6 +387,7 @@ def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_through_the_default_storage(tmp_path):
     out = tmp_path / "out"
     run_search(str(spec_file(tmp_path, budget={"trials": 4})), "--out", str(out), "--workers", "2")
@@ -395,6 +425,7 @@ def postgres(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_through_postgresql(tmp_path, postgres):
     out = tmp_path / "out"
     run_search(str(spec_file(tmp_path, budget={"trials": 4})), "--out", str(out), "--workers", "2", "--storage", postgres)
@@ -408,6 +439,7 @@ def test_two_workers_share_one_study_through_postgresql(tmp_path, postgres):
     assert states(study_trials(out, postgres)) == {"COMPLETE": 4}
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_worker_mid_trial_then_relaunch(tmp_path, capfd):
     """The killed trial is failed by heartbeat and retried in its own folder from its checkpoint; the
     budget is met exactly, no trial counts twice, no folder is orphaned."""
@@ -440,6 +472,7 @@ def test_kill_9_of_a_worker_mid_trial_then_relaunch(tmp_path, capfd):
     assert "resumed from" in "".join(capfd.readouterr())
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_worker_requeues_its_trial_which_resumes(tmp_path, capfd):
     """A scheduler's SIGTERM: the trial checkpoints after its step, is re-queued at once (no heartbeat
     wait), the worker exits 143; a relaunch resumes the trial in its folder and meets the budget."""

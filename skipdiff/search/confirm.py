@@ -20,6 +20,33 @@ REFERENCE = "reference"
 CONFIRM_FOLDER = "confirm"
 
 
+def runs_the_reference(spec: SearchSpec, record: dict) -> bool:
+    """Whether a trial ran the reference's own configuration (the same options and UNet): confirming it would
+    retrain the reference under another name and test it against itself (every paired difference 0)."""
+    from .space import model_config
+
+    if record.get("model"):
+        base = spec.base.get("model", "digits")
+        if not spec.training or model_config(base, record["model"]) != model_config(base, {}):
+            return False
+    return {**spec.base, **record["overrides"]} == {**spec.base, **spec.confirm["reference"]}
+
+
+def choose(spec: SearchSpec, ranked: list, read=read_trial, log=print) -> list[tuple]:
+    """The ``confirm.top`` best of ``ranked`` (trials, best first) that are not the reference's own
+    configuration, as ``(trial record, trial)`` pairs."""
+    chosen = []
+    for trial in ranked:
+        record = read(Path(trial.user_attrs["folder"]))
+        if runs_the_reference(spec, record):
+            log(f"confirmation: trial {trial.number} ran the reference's configuration; the next best takes its place")
+            continue
+        chosen.append((record, trial))
+        if len(chosen) == spec.confirm["top"]:
+            break
+    return chosen
+
+
 def confirmation_sweep(spec: SearchSpec, chosen: list[dict], out: Path) -> dict:
     """The sweep spec (as a dict) that reruns ``chosen`` trial records and the reference on fresh seeds."""
     configs: dict[str, dict] = {REFERENCE: dict(spec.confirm["reference"])}
@@ -56,10 +83,10 @@ def run_confirmation(spec: SearchSpec, study, out: Path, num_threads: int | None
     from ..sweep.spec import parse_spec
     from . import engine
 
-    best = engine.best_trials(study, spec.confirm["top"])
-    if not best:
-        raise ValueError(f"search {spec.name}: no complete trial to confirm")
-    chosen = [read_trial(Path(t.user_attrs["folder"])) for t in best]
+    pairs = choose(spec, engine.best_trials(study, len(study.trials)), log=log)
+    if not pairs:
+        raise ValueError(f"search {spec.name}: no complete trial other than the reference's configuration to confirm")
+    chosen, best = [record for record, _ in pairs], [trial for _, trial in pairs]
     sweep = confirmation_sweep(spec, chosen, out)
     folder = out / CONFIRM_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
