@@ -5,7 +5,7 @@ VENV ?= .venv
 THREADS ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: install demo test docs lint bench clean-runs
+.PHONY: install demo test test-fast docs lint bench clean-runs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ demo: install
 		--resume_from_checkpoint latest
 	$(BIN)/python -m skipdiff.eval --checkpoint runs/digits-latent --fid --denoise_loss --num_threads $(THREADS)
 
+# The whole suite, the PostgreSQL test included (it starts its own server); `pytest -m extended` adds two
+# longer scenarios.
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the tests marked slow (subprocesses, launches, compile, searches).
+test-fast: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
 
 # The documentation site (mkdocs, material theme, API reference from the docstrings) into site/, in strict
 # mode: a broken link, a page left out of the navigation or a docstring naming a missing object fails it.

@@ -68,6 +68,7 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- exactness -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unet2d", "gated", "classes", "cond"])
 def test_interval_one_is_bit_identical_to_no_caching(kind, deep_config):
     unet, kwargs = _model(kind, deep_config)

@@ -50,6 +50,7 @@ def weights_equal(a: Path, b: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_the_relaunch_ends_with_the_uninterrupted_weights(tmp_path):
     straight, out = tmp_path / "straight", tmp_path / "run"
     run_train_unet(tiny_args(straight, "--max_train_steps", "6"))
@@ -68,6 +69,7 @@ def test_sigterm_checkpoints_exits_143_and_the_relaunch_ends_with_the_uninterrup
     weights_equal(out, straight)
 
 
+@pytest.mark.slow
 def test_sigusr1_in_process_raises_training_interrupted_and_restores_the_handlers(tmp_path, monkeypatch):
     """SLURM's ``--signal=USR1@90`` warning, in the library: the search package catches
     ``TrainingInterrupted``; the caller's own handlers are back afterwards."""
@@ -101,6 +103,7 @@ def test_sigusr1_in_process_raises_training_interrupted_and_restores_the_handler
     weights_equal(out, straight)
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_on_the_launchers_sigterm_and_resume_to_the_same_weights(tmp_path):
     """``accelerate launch``'s elastic agent forwards SIGTERM to both gloo workers (what a scheduler's stop
     does); they agree on a step, write one checkpoint, and the launcher exits 143."""
@@ -170,6 +173,7 @@ def checkpointed(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["random_states_0.pkl", "custom_checkpoint_0.pkl", "optimizer.bin"])
 def test_a_planted_pickle_that_would_run_code_is_refused_by_name_and_never_runs(checkpointed, tmp_path, name):
     import torch
@@ -223,6 +227,7 @@ def test_overwrite_refuses_a_folder_holding_files_skipdiff_never_writes_and_dele
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_no_options_file_that_makes_the_next_fresh_run_refuse(tmp_path, monkeypatch):
     from skipdiff.training import unet_trainer
 
@@ -249,6 +254,7 @@ def evaluate_cli(*argv: str) -> int:
     return cli(["--buckets", "2", "--denoise_images", "8", "--num_threads", "1", *argv])  # later options win
 
 
+@pytest.mark.slow
 def test_evaluations_with_agreeing_settings_merge_and_differing_ones_are_refused_unless_overwrite(checkpointed,
                                                                                                   tmp_path, capsys):  # fmt: skip
     import json
@@ -304,6 +310,7 @@ def test_a_second_evaluation_into_a_folder_in_use_is_refused_naming_it(checkpoin
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_every_file_of_a_run_follows_the_umask(tmp_path, umask):
     previous = os.umask(umask)

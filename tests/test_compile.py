@@ -17,6 +17,7 @@ from torch._dynamo.testing import CompileCounter
 
 from skipdiff import SkipUNet2DModel
 
+pytestmark = pytest.mark.slow  # torch.compile: 3-9 s a test here
 torch.set_num_threads(1)
 
 # One gate of every deterministic kind on the 9 skips of the deep UNet (resolutions 4, 8 and 16).

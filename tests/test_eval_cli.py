@@ -114,6 +114,7 @@ def test_shattering_probe_separates_smooth_from_white_noise_gradients():
     assert shattered < 0.5
 
 
+@pytest.mark.slow
 def test_cli_writes_json_markdown_and_plots(tiny_run, tmp_path):
     out = tmp_path / "eval"
     main(["--checkpoint", str(tiny_run), "--denoise_loss", "--grad_stability", "--skip_importance", "--buckets", "4",
@@ -181,6 +182,7 @@ def test_missing_or_mismatched_checkpoints_fail_clearly(tiny_run, tmp_path):
         evaluate(from_dict(EvalOptions, {"checkpoint": str(mismatched), "denoise_loss": True}))
 
 
+@pytest.mark.slow
 def test_stochastic_skips_are_also_scored_under_their_map_path(tiny_run, tmp_path):
     run = tmp_path / "markov"
     run_train_unet(tiny_args(run, "--max_train_steps", "4", "--skips", "markov", "--markov", "warmup_steps=0,min_count=1"))
@@ -199,6 +201,7 @@ def test_stochastic_skips_are_also_scored_under_their_map_path(tiny_run, tmp_pat
     assert "map" not in json.loads((tmp_path / "d" / "eval.json").read_text())  # deterministic skips only
 
 
+@pytest.mark.slow
 def test_evaluation_samples_with_a_skip_cache_and_records_its_bound(tiny_run, tmp_path):
     """--cache: FID of cached sampling next to the FLOP bound; interval 1 scores exactly as no cache."""
     common = ["--checkpoint", str(tiny_run), "--fid", "--num_samples", "20", "--seeds", "0", "--steps", "6",

@@ -29,6 +29,7 @@ from skipdiff.eval import extractors as extractors_module
 from skipdiff.eval import inception as inception_module
 
 
+@pytest.mark.slow
 def test_photo_patches_extractor_is_accurate_cached_and_named_by_its_weights(monkeypatch, tmp_path):
     run = DataOptions(dataset="photo_patches", resolution=16)
     spec = resolve_extractor("auto", data=run, cache_dir=tmp_path)  # trains on first use
@@ -64,6 +65,7 @@ def _rows(x: torch.Tensor) -> set[bytes]:
     return {row.numpy().tobytes() for row in x}
 
 
+@pytest.mark.slow
 def test_extractor_trains_on_the_runs_train_split(tmp_path, recorded_fit):
     training = {"dataset": "photo_patches", "split_seed": 3, "test_fraction": 0.25, "max_train_samples": 100,
                 "resolution": 16, "learning_rate": 1e-3}  # a run's training_options.json  # fmt: skip

@@ -361,6 +361,7 @@ def test_fid_with_floor_rejects_bad_requests(tmp_path, extractor):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_digits_extractor_trains_caches_and_registers(monkeypatch, tmp_path):
     digits = DataOptions(dataset="digits", resolution=16)
     spec = resolve_extractor("digits", data=digits, cache_dir=tmp_path)

@@ -31,6 +31,7 @@ def tiny_sd_unet() -> UNet2DConditionModel:
                                 norm_num_groups=2, attention_head_dim=2).eval()  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["full", "freeu", "learned:init=0.5"])
 def test_importance_replay_equals_full_recomputation_bit_for_bit(spec):
     unet = SkipUNet2DModel(**DEEP, skips=spec).eval()
@@ -231,6 +232,7 @@ def test_every_export_is_what_it_names_even_after_its_submodules_are_imported():
     assert not shadowed
 
 
+@pytest.mark.slow
 def test_evaluation_imports_no_training_code_and_help_needs_no_torch():
     code = ("import sys, skipdiff.eval.evaluation, skipdiff.eval.results, skipdiff.report, skipdiff.targets; "
             "from skipdiff.eval import evaluate, evaluate_target, skip_importance; "

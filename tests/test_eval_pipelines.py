@@ -45,6 +45,7 @@ def numbers(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("timings", "settings")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddpm", "ldm", "sd"])
 def test_eval_cli_end_to_end_on_a_tiny_pipeline(kind, assets, tmp_path):
     folder = BUILDERS[kind](tmp_path / kind)

@@ -44,6 +44,7 @@ def splits():
     return {name: load_image_splits(DataOptions(dataset=name)) for name in NAMES}
 
 
+@pytest.mark.slow
 def test_every_field_set_is_a_built_in_image_set_with_its_documented_counts(splits):
     assert set(COUNTS) == set(FIELD_DATASETS)
     assert len({spec.field for name, spec in FIELD_DATASETS.items() if name not in FIELD_GROUPS}) == 7
@@ -52,6 +53,7 @@ def test_every_field_set_is_a_built_in_image_set_with_its_documented_counts(spli
         assert (len(splits[name]["train"]), len(splits[name]["test"])) == COUNTS[name], name
 
 
+@pytest.mark.slow
 def test_the_data_layer_rows_are_the_patches_of_each_split(patches, splits):
     for name in NAMES:
         for which in ("train", "test"):
@@ -64,6 +66,7 @@ def test_the_data_layer_rows_are_the_patches_of_each_split(patches, splits):
             assert rows["label"] == patches[name].labels[index].tolist()
 
 
+@pytest.mark.slow
 def test_sizes_channels_and_value_ranges_are_as_documented(patches, splits):
     for name in NAMES:
         spec, cut = FIELD_DATASETS[name], patches[name]

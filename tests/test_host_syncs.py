@@ -60,6 +60,7 @@ def count_host_reads(active: list[bool], reads: list[str]):
     ],
     ids=["full", "markov", "stochastic-depth", "learned-accumulation"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_a_step_that_does_not_log_reads_nothing_from_the_device(extra, tmp_path, monkeypatch):
     module = train_unet_module()
     active, reads, per_step = [False], [], []
@@ -134,6 +135,7 @@ def test_a_skipped_fused_adamw_step_changes_nothing_and_a_taken_one_equals_plain
     assert torch.allclose(fused, plain, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gating", ["none", "markov", "bernoulli"])
 def test_a_classifier_step_that_does_not_log_reads_nothing_from_the_device(gating, tmp_path, monkeypatch):
     """The classifier loop keeps the same rule: running sums, gate states and the chain stay on the device."""

@@ -87,6 +87,7 @@ PIPELINE_FILES = {"model_index.json", "scheduler/scheduler_config.json", "unet/c
                   "skipdiff_pipeline.py", "unet/skipdiff_unet.py"}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_repo_is_created_before_training_and_the_run_uploaded_at_checkpoints_and_the_end(pushed_run):
     out, calls = pushed_run
     assert [c["name"] for c in calls] == ["whoami", "create_repo", "upload_folder", "upload_folder", "upload_folder"]
@@ -112,6 +113,7 @@ def test_the_repo_is_created_before_training_and_the_run_uploaded_at_checkpoints
     assert json.loads(uploads[2]["contents"]["train_metrics.json"])["steps"] == 4
 
 
+@pytest.mark.slow
 def test_the_model_card_describes_the_model_and_its_training(pushed_run):
     out, calls = pushed_run
     card = calls[-1]["contents"]["README.md"].decode()
@@ -141,6 +143,7 @@ def test_the_model_card_describes_the_model_and_its_training(pushed_run):
     assert TOKEN not in card and "hub_token" not in card
 
 
+@pytest.mark.slow
 def test_no_uploaded_file_holds_the_token(pushed_run):
     _, calls = pushed_run
     leaking = sorted({name for c in calls if c["name"] == "upload_folder" for name, data in c["contents"].items()
@@ -180,6 +183,7 @@ def test_pushing_offline_names_hf_hub_offline_and_leaves_no_output_folder(tmp_pa
     assert "huggingface-cli" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_no_file_the_run_wrote_holds_the_token(pushed_run):
     """Uploaded or not: training_options.json, the checkpoints' state, the tensorboard config, the card."""
     out, _ = pushed_run

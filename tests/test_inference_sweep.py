@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from helpers.tiny_pipelines import captioned_images, ddpm_pipeline
@@ -28,6 +29,7 @@ def write_spec(path, pipeline, images, extractor_dir):
     return path
 
 
+@pytest.mark.slow
 def test_an_inference_sweep_evaluates_every_spec_once_and_the_report_pairs_them(tmp_path):
     from skipdiff.classifiers import SkipResNetConfig, SkipResNetForImageClassification
 

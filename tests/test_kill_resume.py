@@ -21,7 +21,7 @@ next to a state file that claims step 8): a resume that looked at temporary fold
 pick it. Every relaunch gets its own ``PYTHONHASHSEED``, as separate launches do in real life.
 
 The default suite runs three kills (~1.5 min on a busy 2-core CPU, most of it interpreter start-up);
-``-m slow`` adds seven kills in one run.
+``-m extended`` adds seven kills in one run. Every test here is ``slow`` (``make test-fast`` leaves them out).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every scenario launches training processes (a minute or more)
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "train_unet.py"
 MAX_STEPS = 8
@@ -345,7 +346,7 @@ def test_three_kills_mid_step_mid_checkpoint_write_and_while_exporting(tmp_path)
     assert_same_as_uninterrupted(outcome)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_killed_at_every_checkpoint_and_between_them(tmp_path):
     rng = random.Random(1)
     kills = [appears("checkpoint-2"), mid_write(rng), mid_step(5, rng), mid_write(rng), mid_step(7, rng),

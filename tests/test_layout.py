@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "skipdiff"
 
@@ -50,6 +52,7 @@ def test_the_library_starts_no_script_by_file_path():
     assert not found
 
 
+@pytest.mark.slow
 def test_evaluation_and_report_import_no_training_or_sweep_module():
     code = """
 import importlib, pkgutil, sys

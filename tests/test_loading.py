@@ -166,6 +166,7 @@ def without_skipdiff(pixel_run, latent_run, tmp_path_factory) -> tuple[dict, dic
     return json.loads((work / "report.json").read_text()), images
 
 
+@pytest.mark.slow
 def test_diffusers_alone_loads_the_run_with_its_bundled_code(without_skipdiff):
     report, _ = without_skipdiff
     assert report["skipdiff_importable"] is False and report["modules"] == []
@@ -177,6 +178,7 @@ def test_diffusers_alone_loads_the_run_with_its_bundled_code(without_skipdiff):
     assert report["latent"]["skips"] == [{"mode": "keep"}] * 4
 
 
+@pytest.mark.slow
 def test_diffusers_alone_samples_what_skipdiff_samples(without_skipdiff, pixel_run, latent_run):
     _, images = without_skipdiff
     for name, run in (("pixel", pixel_run), ("latent", latent_run)):
@@ -190,6 +192,7 @@ def test_diffusers_alone_samples_what_skipdiff_samples(without_skipdiff, pixel_r
         assert np.abs(raw - expected).max() > 1e-4  # EMA and raw weights are different models
 
 
+@pytest.mark.slow
 def test_without_trust_remote_code_every_loader_refuses_and_says_why(without_skipdiff, pixel_run):
     report, _ = without_skipdiff
     for run in ("pixel", "latent"):
@@ -204,6 +207,7 @@ def test_without_trust_remote_code_every_loader_refuses_and_says_why(without_ski
         DiffusionPipeline.from_pretrained(pixel_run)
 
 
+@pytest.mark.slow
 def test_the_model_cards_diffusers_snippet_runs_with_diffusers_alone(without_skipdiff):
     report, _ = without_skipdiff
     assert report["snippet_ran"] is True

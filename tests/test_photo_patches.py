@@ -72,6 +72,7 @@ def _positions(split, grid) -> list[tuple[int, int, int]]:
     return positions
 
 
+@pytest.mark.slow
 def test_split_is_deterministic_stratified_and_spatially_disjoint(grid, splits):
     assert len(splits["train"]) == 2312 and len(splits["test"]) == 578
     train, test = _positions(splits["train"], grid), _positions(splits["test"], grid)

@@ -164,6 +164,7 @@ def resume(out: Path, *extra: str) -> dict:
                                     "--resume_from_checkpoint", "latest", *extra))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_options_unless_they_are_named(checkpointed):
     with pytest.raises(ValueError, match=r"other options \(learning_rate: checkpoint 0.002 vs now 0.001; "
                                          r"prediction_type: checkpoint 'v_prediction' vs now 'sample'\)"):  # fmt: skip
@@ -172,6 +173,7 @@ def test_resume_refuses_changed_options_unless_they_are_named(checkpointed):
     assert resume(checkpointed, "--learning_rate", "1e-3", "--allow_changed", "learning_rate")["steps"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin", "custom_checkpoint_0.pkl", "scheduler.bin"])
 def test_a_truncated_or_missing_state_file_is_named(checkpointed, name):
     path = checkpointed / "checkpoint-2" / name
@@ -183,6 +185,7 @@ def test_a_truncated_or_missing_state_file_is_named(checkpointed, name):
         resume(checkpointed)
 
 
+@pytest.mark.slow
 def test_latest_without_a_state_file_is_a_clear_error(checkpointed):
     (checkpointed / "checkpoint-2" / checkpoints.STATE_FILE).unlink()
     with pytest.raises(ValueError, match=r"the latest checkpoint .*checkpoint-2' has no skipdiff_state.json"):
@@ -226,6 +229,7 @@ def test_an_unwritable_vae_folder_fails_before_training(tmp_path):
     assert time.perf_counter() - start < 10
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_a_step_with_a_checkpoint_and_the_resume_command(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -157,6 +157,7 @@ def test_the_card_is_valid_hub_metadata_naming_the_base_model(tuned, tmp_path):
     assert "load_skip_gates" in card.text and "<placeholder>" not in card.text
 
 
+@pytest.mark.slow
 def test_lora_training_saves_a_plain_model_with_the_adapters_merged(base, tmp_path):
     from skipdiff.training.model_source import add_lora, plain_model
 

@@ -62,6 +62,7 @@ def micro_sweep(tmp_path_factory) -> Path:
     return folder / "out"
 
 
+@pytest.mark.slow
 def test_micro_sweep_trains_and_evaluates_every_cell(micro_sweep):
     names = json.loads((micro_sweep / "sweep.json").read_text())["cells"]
     assert names == ["skips-full__seed-0", "skips-none__seed-0"]
@@ -84,6 +85,7 @@ def test_micro_sweep_trains_and_evaluates_every_cell(micro_sweep):
         assert same == (name == "skips-full__seed-0")
 
 
+@pytest.mark.slow
 def test_relaunch_skips_finished_cells(micro_sweep, monkeypatch):
     counter = Counter(monkeypatch)
     before = {p: p.stat().st_mtime_ns for p in micro_sweep.glob("*/cell.json")}
@@ -92,6 +94,7 @@ def test_relaunch_skips_finished_cells(micro_sweep, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in micro_sweep.glob("*/cell.json")} == before
 
 
+@pytest.mark.slow
 def test_interrupted_cell_resumes_from_its_checkpoint(micro_sweep, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(micro_sweep, out)
@@ -169,6 +172,7 @@ def test_with_skips_keeps_the_weights_and_refuses_parameter_changes():
         sweep.with_skips(unet, "rezero")
 
 
+@pytest.mark.slow
 def test_report_regenerates_byte_identically(micro_sweep, tmp_path):
     first = write_report(micro_sweep, tmp_path / "a")
     second = write_report(micro_sweep, tmp_path / "b")
@@ -183,6 +187,7 @@ def test_report_regenerates_byte_identically(micro_sweep, tmp_path):
     assert str(micro_sweep) not in text  # no absolute paths
 
 
+@pytest.mark.slow
 def test_report_adds_a_map_row_for_stochastic_skips(micro_sweep, tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(micro_sweep, copy)
@@ -262,6 +267,7 @@ def test_builtin_specs_are_valid():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_report_never_overwrites_committed_results_by_default(micro_sweep, tmp_path, monkeypatch, capsys):
     shutil.copytree(micro_sweep, tmp_path / "runs" / "sweeps" / "micro")
     committed = tmp_path / "eval" / "results" / "micro"  # as in a checkout: a committed report of this sweep
@@ -279,6 +285,7 @@ def test_report_never_overwrites_committed_results_by_default(micro_sweep, tmp_p
     assert (committed / "loss_digits_8px.png").read_bytes() != files["loss_digits_8px.png"]
 
 
+@pytest.mark.slow
 def test_report_reference_is_checked_before_anything_is_written(micro_sweep, tmp_path):
     with pytest.raises(ValueError, match=r"--reference 'skips=half' is no configuration of table 'digits, 8px'; "
                                          r"choices: \['skips=full', "):  # fmt: skip
@@ -313,6 +320,7 @@ def add_seeds(sweep: Path, fids: dict[str, dict[int, float]], floors: dict[int, 
     (sweep / "sweep.json").write_text(json.dumps({**meta, "cells": names}))
 
 
+@pytest.mark.slow
 def test_report_pairs_seeds_shows_floors_per_sampling_seed_and_kid(micro_sweep, tmp_path):
     from scipy.stats import t, ttest_rel
 
@@ -409,6 +417,7 @@ CLASSIFIER = {"kind": "classifier",
               "grid": {"data": {"iris": {"dataset": "iris"}}, "seed": [0]}}  # fmt: skip
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_accelerate_launcher_trains_outside_the_source_tree(tmp_path, monkeypatch):
     """A real `accelerate launch -m skipdiff.cli.train_classifier` from a folder that is no checkout (~1 min)."""

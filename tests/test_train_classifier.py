@@ -160,6 +160,7 @@ def test_bad_options_fail_before_anything_is_written(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_loss_curve(tmp_path):
     losses = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -182,6 +183,7 @@ def test_markov_gating_runs_and_updates_the_chain(tmp_path):
     assert (Path(options.output_dir) / "markov_chain.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_the_same_loss_curve(tmp_path):
     markov = dict(gating="markov", markov="warmup_steps=1,min_count=1", max_train_steps=6)
     straight = tiny(tmp_path, "straight", **markov)
@@ -210,6 +212,7 @@ def test_resume_from_a_checkpoint_continues_the_same_loss_curve(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_cli_end_to_end(tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     launch = (
@@ -297,6 +300,7 @@ def test_eval_gates_are_open_with_rescaling_and_soft_without():
     assert soft.shape == (4, 3) and torch.allclose(soft, torch.full((4, 3), 0.8))
 
 
+@pytest.mark.slow
 def test_resumed_bernoulli_run_continues_the_same_gates_and_logs_each_step_once(tmp_path):
     gated = dict(gating="bernoulli", gate_keep_prob=0.5, max_train_steps=6)
     straight = tiny(tmp_path, "straight", **gated)

@@ -80,6 +80,7 @@ def launched_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_launched_run_writes_a_pipeline_that_loads_and_samples(launched_run):
     out = launched_run
     for name in ("unet/config.json", UNET_WEIGHTS, "unet_raw/config.json", EMA_WEIGHTS, "scheduler/scheduler_config.json",
@@ -103,6 +104,7 @@ def test_launched_run_writes_a_pipeline_that_loads_and_samples(launched_run):
     assert pixels.shape == (2, 1, 8, 8) and torch.isfinite(pixels).all()
 
 
+@pytest.mark.slow
 def test_stats_records_hold_what_a_skip_study_needs(launched_run):
     records = stats(launched_run)
     start, steps = records[0], loss_records(launched_run)
@@ -126,6 +128,7 @@ def test_stats_records_hold_what_a_skip_study_needs(launched_run):
     assert last != first  # the learned gates are trained and the log follows them
 
 
+@pytest.mark.slow
 def test_checkpoints_are_rotated_under_the_total_limit(launched_run):
     assert [p.name for p in checkpoints.list_checkpoints(launched_run)] == ["checkpoint-4", "checkpoint-5"]
     assert not [p for p in launched_run.iterdir() if p.name.startswith("checkpoint-") and p.name not in
@@ -151,6 +154,7 @@ def straight_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_resume_from_latest_continues_at_the_right_step_and_matches_an_uninterrupted_run(straight_run, tmp_path, capsys):
     out = tmp_path / "interrupted"
     common = ("--use_ema", "--seed", "0", "--checkpointing_steps", "3")
@@ -176,6 +180,7 @@ def test_resume_from_latest_continues_at_the_right_step_and_matches_an_uninterru
     assert max_abs_difference(tensors(out / "checkpoint-3" / "model.safetensors"), tensors(out / UNET_WEIGHTS)) > 0
 
 
+@pytest.mark.slow
 def test_a_run_resumed_in_another_process_ends_where_the_uninterrupted_one_did(launched_run, tmp_path):
     """Resume the launched run's step-4 checkpoint here (a new process) and train its last step again."""
     out = tmp_path / "run"
@@ -189,6 +194,7 @@ def test_a_run_resumed_in_another_process_ends_where_the_uninterrupted_one_did(l
     assert max_abs_difference(tensors(out / EMA_WEIGHTS), tensors(launched_run / EMA_WEIGHTS)) == 0.0
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_loss_curve_and_another_seed_does_not(straight_run, tmp_path):
     run_train_unet(tiny_args(tmp_path / "again", "--max_train_steps", "6", "--use_ema", "--seed", "0"))
     run_train_unet(tiny_args(tmp_path / "other", "--max_train_steps", "6", "--use_ema", "--seed", "1"))
@@ -309,6 +315,7 @@ def test_an_unknown_key_in_a_spec_names_the_closest_option():
         from_dict(TrainOptions, {"max_train_step": 3})
 
 
+@pytest.mark.slow
 def test_resuming_a_checkpoint_of_another_model_names_what_differs(launched_run, tmp_path):
     out = tmp_path / "run"
     checkpoint = launched_run / "checkpoint-5"
@@ -318,6 +325,7 @@ def test_resuming_a_checkpoint_of_another_model_names_what_differs(launched_run,
     assert not (out / "stats.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_resuming_a_truncated_checkpoint_says_so(launched_run, tmp_path):
     checkpoint = tmp_path / "checkpoint-5"
     shutil.copytree(launched_run / "checkpoint-5", checkpoint)
@@ -428,6 +436,7 @@ def markov_two_processes(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model_and_only_the_main_one_writes(markov_two_processes):
     out = markov_two_processes
     records = stats(out)
@@ -452,6 +461,7 @@ def test_two_processes_train_one_model_and_only_the_main_one_writes(markov_two_p
     assert SkipDiffPipeline.from_pretrained(out).unet.skip_router.chain is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skips", ["full", "markov"])
 def test_two_processes_match_one_process_with_the_same_global_batch(skips, tmp_path, request):
     """1 process x batch 32 vs 2 gloo processes x batch 16: accelerate gives the ranks the two halves of

@@ -190,6 +190,7 @@ def test_scale_lr_multiplies_by_the_global_batch_and_max_train_samples_subsets(t
     assert start["train_images"] == 40 and start["test_images"] == 360
 
 
+@pytest.mark.slow
 def test_channels_last_and_dataloader_workers_train_the_same_model(tmp_path):
     base = run_train_unet(tiny_args(tmp_path / "base", "--max_train_steps", "3"))
     last = run_train_unet(tiny_args(tmp_path / "last", "--max_train_steps", "3", "--channels_last",
@@ -217,6 +218,7 @@ def test_8bit_adam_without_bitsandbytes_is_refused_before_any_work(tmp_path, mon
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_wandb_in_offline_mode_writes_its_run_files(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
