@@ -210,6 +210,14 @@ SECRET_OPTIONS = frozenset({"hub_token"})
 REDACTED = "<redacted>"
 
 
+def redact_spec(raw: dict) -> dict:
+    """A sweep or search spec (as read from YAML) with the secrets of its ``base`` options hidden
+    (:func:`redact`), for the records a run writes (sweep.json, search.json)."""
+    if isinstance(raw.get("base"), dict):
+        return {**raw, "base": redact(raw["base"])}
+    return dict(raw)
+
+
 def redact(options: T, mark: str | None = None) -> T:
     """``options`` with their secrets (:data:`SECRET_OPTIONS`) hidden: the one place that decides what a
     run may show of them. ``options`` is left as it is.

@@ -70,6 +70,10 @@ def test_a_sweep_cell_records_and_prints_its_options_without_the_token(tmp_path,
             sweep.run_sweep(spec, tmp_path / "out", log=lambda line: None)
     record = (tmp_path / "out" / "seed-0" / "cell.json").read_text()
     assert TOKEN not in record and "hub_token" not in json.loads(record)["options"]
+    assert TOKEN not in (tmp_path / "out" / "sweep.json").read_text()  # the spec as recorded, too
+    lines = []
+    sweep.run_sweep(spec, tmp_path / "out", dry_run=True, log=lines.append)
+    assert TOKEN not in "\n".join(lines)  # nor the --dry_run plan
 
     class FailedProcess:
         def __init__(self, command):
@@ -85,3 +89,21 @@ def test_a_sweep_cell_records_and_prints_its_options_without_the_token(tmp_path,
         train_cell(sweep.get_kind("diffusion"), cell.options, launch.Launcher("accelerate"))
     printed = capsys.readouterr().out
     assert "--hub_token=<redacted>" in printed and TOKEN not in printed + str(failure.value)
+
+
+def test_a_search_records_its_spec_and_trials_without_the_token(tmp_path):
+    import yaml
+
+    from skipdiff.search.__main__ import cli
+
+    base = dict(model="tiny", vae="none", resolution=8, max_train_steps=2, train_batch_size=16, log_every=1,
+                validation_every=0, num_validation_images=4, validation_inference_steps=2, checkpointing_steps=2,
+                report_to="none", hub_token=TOKEN)  # fmt: skip
+    spec = {"kind": "training", "base": base, "space": {"skips": ["full", "none"]}, "objectives": ["denoise_mse"],
+            "budget": {"trials": 1}, "eval": {"denoise_loss": True, "grad_stability": False, "buckets": 2}}  # fmt: skip
+    path = tmp_path / "secret.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert cli([str(path), "--out", str(tmp_path / "out"), "--no_confirm", "--num_threads", "1"]) == 0
+    written = [p for p in (tmp_path / "out").rglob("*.json")]
+    assert any(p.name == "trial.json" for p in written) and any(p.name == "search.json" for p in written)
+    assert not [p for p in written if TOKEN in p.read_text()]

@@ -110,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         show_plan(spec, examples, out, storage, args.workers)
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    from ..config import redact_spec
     from ..runfolder import write_json_atomic
 
     write_json_atomic(out / "search.json", {"name": spec.name, "kind": spec.kind, "storage": storage,
                                             "objectives": list(spec.objectives), "directions": spec.directions,
-                                            "spec": spec.raw})  # fmt: skip
+                                            "spec": redact_spec(spec.raw)})  # fmt: skip
     study = engine.open_study(spec, storage)  # created (and enqueued) once, before the workers join
     if args.workers == 1:
         if args.num_threads:

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from ..config import from_dict
+from ..config import from_dict, redact
 from ..runfolder import read_json, write_json_atomic
 from .objectives import OBJECTIVES, model_record, read_objectives
 from .space import Suggestion, model_config, num_skips_of, suggest
@@ -193,7 +193,7 @@ def make_objective(spec: SearchSpec, out: Path, log=print):
         check_configuration(spec, options)
         trial.set_user_attr("folder", str(folder))
         record = {"number": trial.number, "root": root, "params": trial.params, "overrides": suggestion.options,
-                  "model": suggestion.model, "options": options, "state": "running"}  # fmt: skip
+                  "model": suggestion.model, "options": redact(options), "state": "running"}  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / TRIAL_FILE, record, default=str)
         start = time.perf_counter()

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..config import redact, redact_spec
 from ..runfolder import write_json_atomic
 from .cells import cell_status, check_unchanged, read_cell, record_failure, run_cell
 from .kinds import get_kind
@@ -43,7 +44,7 @@ def show_plan(spec: SweepSpec, cells: list[Cell], selected: list[Cell], out: Pat
     kind = get_kind(spec.kind)
     log(f"sweep {spec.name} ({spec.kind}): {len(selected)} of {len(cells)} cells -> {out}")
     for i, cell in enumerate(selected, 1):
-        shown = {k: v for k, v in cell.overrides.items() if k != kind.folder_option}
+        shown = redact({k: v for k, v in cell.overrides.items() if k != kind.folder_option})
         log(f"[{i}/{len(selected)}] {cell.name} ({cell_status(cell, kind)})\n    {json.dumps(shown, sort_keys=True)}")
     for line in kind.describe(spec):
         log(line)
@@ -87,7 +88,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
         torch.set_num_threads(num_threads)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "sweep.json", {"name": spec.name, "kind": spec.kind, "description": spec.description,
-                                           "spec": spec.raw, "spec_file": spec.source, "folder": str(out),
+                                           "spec": redact_spec(spec.raw), "spec_file": spec.source, "folder": str(out),
                                            "relaunch": relaunch or relaunch_command(spec, out), "eval": spec.eval,
                                            "cells": [c.name for c in cells]}, default=str)  # fmt: skip
     kind = get_kind(spec.kind)
