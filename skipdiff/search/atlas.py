@@ -43,24 +43,33 @@ def _label(name: str) -> str:
     return name.removeprefix("config=")
 
 
+def _by_seed(rows: list[dict]) -> dict[str, dict[int, float]]:
+    """A ranking's rows -> configuration -> {training seed: value}."""
+    return {_label(r["configuration"]): {int(s): v for s, v in r["values_by_seed"].items()} for r in rows}
+
+
+def _confirmation_table(folder: Path) -> dict | None:
+    """The confirmation sweep's (only) table of its report's summary.json; None before it ran."""
+    path = folder / "confirmation" / "summary.json"
+    return next(iter(read_json(path, "confirmation summary")["datasets"].values())) if path.is_file() else None
+
+
 def confirmed_values(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
     """metric -> configuration -> {training seed: value} of a field's confirmation (empty when not run)."""
     values: dict[str, dict[str, dict[int, float]]] = {}
     summary = read_json(folder / "search_summary.json", "search summary")
     ranking = (summary.get("confirmation") or {}).get("ranking")
     if ranking:
-        values["denoise"] = {_label(r["configuration"]): {int(s): v for s, v in r["values_by_seed"].items()}
-                                 for r in ranking["rows"]}  # fmt: skip
-    sweep = folder / "confirmation" / "summary.json"
-    if sweep.is_file():
-        tables = read_json(sweep, "confirmation summary")["datasets"]
-        table = next(iter(tables.values()))
-        fid = table.get("ranking")
-        if fid and fid.get("metric") == "fid":
-            values["fid"] = {_label(r["configuration"]): {int(s): v for s, v in r["values_by_seed"].items()}
-                             for r in fid["rows"]}  # fmt: skip
-            values["fid_floor"] = {"mean": table.get("fid_floor", {}).get("mean")}  # type: ignore[dict-item]
+        values["denoise"] = _by_seed(ranking["rows"])
+    fid = (_confirmation_table(folder) or {}).get("ranking")
+    if fid and fid.get("metric") == "fid":
+        values["fid"] = _by_seed(fid["rows"])
     return values
+
+
+def confirmation_floor(folder: Path) -> float | None:
+    """The mean real-vs-real FID floor of a field's confirmation (the same for every row)."""
+    return ((_confirmation_table(folder) or {}).get("fid_floor") or {}).get("mean")
 
 
 def confirmed_best(values: dict[str, dict[str, dict[int, float]]]) -> str | None:
@@ -168,8 +177,8 @@ def write_atlas(folders: list[Path], out: Path, margins: dict[str, float] | None
     rankings = rank_fields(values, margins)
     transferred = {f.name: t for f in folders if (t := transfer_values(f))}
     transfer = rank_transfer(values, transferred)
-    for record in fields:
-        record["fid_floor"] = (values[record["field"]].get("fid_floor") or {}).get("mean")
+    for record, folder in zip(fields, folders, strict=True):
+        record["fid_floor"] = confirmation_floor(folder)
         record["confirmation"] = {m: rankings[m][record["field"]] for m in METRICS if record["field"] in rankings[m]}
         record["confirmed_best"] = confirmed_best(values[record["field"]])
     atlas = {"fields": fields, "margins": margins, "family": "atlas: Holm over every field's confirmed rows, per metric",

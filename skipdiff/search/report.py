@@ -21,8 +21,8 @@ def trial_rows(study) -> list[dict]:
     for trial in study.get_trials(deepcopy=False):
         folder = trial.user_attrs.get("folder")
         extras = trial_extras(Path(folder)) if folder else {}
-        seconds = trial.user_attrs.get("seconds", extras.pop("seconds", None))  # trial.json: pruned trials' too
-        extras.pop("seconds", None)
+        seconds = extras.pop("seconds", None)  # trial.json's: pruned trials' too
+        seconds = trial.user_attrs.get("seconds", seconds)
         rows.append({"number": trial.number, "state": trial.state.name.lower(), "params": trial.params,
                      "values": trial.values, "intermediate": {str(k): v for k, v in trial.intermediate_values.items()},
                      "retry_of": trial.system_attrs.get("failed_trial"), "seconds": seconds, "folder": folder,
