@@ -51,7 +51,9 @@ def _field(folder: Path, mse: dict, fid: dict | None, floor: float = 0.4) -> Pat
               {"number": 1, "state": "complete", "params": {"skips": "linear"}, "values": [0.29], "seconds": 60.0,
                "folder": "runs/x/trials/trial-0001", "flops": 3.0e7, "markov_open": {"0": 0.9, "8": 0.6}},
               {"number": 2, "state": "pruned", "params": {"skips": "per_skip"}, "values": None, "seconds": 20.0,
-               "folder": "runs/x/trials/trial-0002"}]  # fmt: skip
+               "folder": "runs/x/trials/trial-0002"},
+              {"number": 3, "state": "complete", "params": {"skips": "full"}, "values": [0.30], "seconds": None,
+               "folder": None, "duplicate_of": 0}]  # a repeat: answered from trial 0, not counted  # fmt: skip
     rows = [{"configuration": name, "values_by_seed": {str(s): v for s, v in values.items()}} for name, values in mse.items()]
     summary = {"name": folder.name, "counts": {"complete": 2, "pruned": 1}, "importance": {"skips": 0.7, "linear.inner": 0.3},
                "trials": trials, "confirmation": {"objective": "denoise_mse", "ranking": {"rows": rows}}}  # fmt: skip

@@ -291,6 +291,11 @@ def test_a_configuration_proposed_again_reuses_its_values_without_training(tmp_p
     # after 25 repeats in a row instead of looping
     complete = [t for t in study_trials(out) if t.state.name == "COMPLETE"]
     assert len(complete) == 26 and sum("duplicate_of" in t.user_attrs for t in complete) == 25
+    from skipdiff.search.report import write_search_report
+
+    write_search_report(out)
+    rows = json.loads((out / "report" / "search_summary.json").read_text())["trials"]
+    assert [r["duplicate_of"] for r in rows[:3]] == [None, 0, 0]  # the report says which rows were repeats
 
 
 @pytest.mark.slow

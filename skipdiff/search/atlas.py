@@ -121,7 +121,7 @@ def field_record(folder: Path) -> dict:
     """What the atlas keeps of one field's search report folder."""
     summary = read_json(folder / "search_summary.json", "search summary")
     trials = summary["trials"]
-    counted = [t for t in trials if t["state"] in ("complete", "pruned")]
+    counted = [t for t in trials if t["state"] in ("complete", "pruned") and t.get("duplicate_of") is None]
     complete = [t for t in trials if t["state"] == "complete" and t["values"]]
     best = min(complete, key=lambda t: t["values"][0]) if complete else None
     markov = [t for t in complete if t.get("markov_open")]

@@ -16,7 +16,8 @@ from ..runfolder import read_json, write_json_atomic
 
 def trial_rows(study) -> list[dict]:
     """One row per trial: number, state, parameters, objective values, intermediate values, seconds, folder,
-    and what its run folder adds (:func:`trial_extras`)."""
+    the trial it repeated (``duplicate_of``: answered from that twin, not counted) and what its run folder
+    adds (:func:`trial_extras`)."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
         folder = trial.user_attrs.get("folder")
@@ -26,7 +27,7 @@ def trial_rows(study) -> list[dict]:
         rows.append({"number": trial.number, "state": trial.state.name.lower(), "params": trial.params,
                      "values": trial.values, "intermediate": {str(k): v for k, v in trial.intermediate_values.items()},
                      "retry_of": trial.system_attrs.get("failed_trial"), "seconds": seconds, "folder": folder,
-                     **extras})  # fmt: skip
+                     "duplicate_of": trial.user_attrs.get("duplicate_of"), **extras})  # fmt: skip
     return rows
 
 
