@@ -539,3 +539,25 @@ def test_architecture_constraints_are_set_from_the_model_before_any_pruning():
     expected = model_record(SkipUNet2DModel(**unet_config("tiny", sample_size=8, channels=1)).eval(), (1, 8, 8))
     assert trial.constraints == {"flops": expected["flops"] - 1.0e6, "parameters": expected["parameters"] - 5.0e4}
     assert unet.training  # the trained model itself is left as it was
+
+
+def test_a_running_confirmation_is_reported_as_running_not_as_the_result(tmp_path):
+    """Ranked on the seeds finished so far, a half-run confirmation would read as the search's result (and the
+    atlas would take it for one): the report says how far it is and records no ranking."""
+    from skipdiff.search.report import _confirmation_lines
+
+    confirm = tmp_path / "confirm"
+    confirm.mkdir()
+    chosen = [{"label": "trial-0003", "trial": 3, "params": {}, "search_values": [0.3]}]
+    (confirm / "chosen.json").write_text(json.dumps({"reference": {"skips": "full"}, "chosen": chosen}))
+    names = ["config-reference__seed-5", "config-trial-0003__seed-5"]
+    (confirm / "sweep.json").write_text(json.dumps({"cells": names}))
+    cell = confirm / names[0]
+    (cell / "eval").mkdir(parents=True)
+    (cell / "cell.json").write_text(json.dumps({"status": "done", "axes": [{"axis": "config", "label": "reference"}],
+                                                "options": {"seed": 5}}))  # fmt: skip
+    (cell / "eval" / "eval.json").write_text(json.dumps({"denoise": {"mean": 0.3}}))
+    summary = {}
+    text = "\n".join(_confirmation_lines(tmp_path, summary))
+    assert "Running: 1 of 2 runs finished (trial-0003 and the reference" in text
+    assert "(the result)" not in text and "confirmation" not in summary

@@ -156,14 +156,21 @@ def write_search_report(folder: str | Path, out: str | Path | None = None) -> Pa
     return out / "report.md"
 
 
-def confirmed_values(folder: Path, read) -> dict[str, dict[int, float]]:
-    """label -> {training seed: value} of the confirmation's finished cells (``read(eval.json)``)."""
-    values: dict[str, dict[int, float]] = {}
+def finished_cells(folder: Path) -> list[tuple[dict, Path]]:
+    """``(cell record, eval.json path)`` of the confirmation's cells that trained and evaluated."""
+    finished = []
     for cell_file in sorted((folder / "confirm").glob("*/cell.json")):
         cell = read_json(cell_file, "cell record")
         evaluation = cell_file.parent / "eval" / "eval.json"
-        if cell.get("status") != "done" or not evaluation.is_file():
-            continue
+        if cell.get("status") == "done" and evaluation.is_file():
+            finished.append((cell, evaluation))
+    return finished
+
+
+def confirmed_values(folder: Path, read) -> dict[str, dict[int, float]]:
+    """label -> {training seed: value} of the confirmation's finished cells (``read(eval.json)``)."""
+    values: dict[str, dict[int, float]] = {}
+    for cell, evaluation in finished_cells(folder):
         label = next(a["label"] for a in cell["axes"] if a["axis"] == "config")
         values.setdefault(label, {})[int(cell["options"]["seed"])] = read(read_json(evaluation, "evaluation"))
     return values
@@ -199,6 +206,13 @@ def _confirmation_lines(folder: Path, summary: dict) -> list[str]:
         return ["", "## Confirmation", "", "Not run yet: the search's result is its confirmation (`confirm:` in the "
                 "spec; it runs when the budget is reached)."]  # fmt: skip
     chosen = read_json(chosen_path, "confirmation choice")["chosen"]
+    sweep = folder / "confirm" / "sweep.json"
+    cells = read_json(sweep, "confirmation sweep")["cells"] if sweep.is_file() else []
+    done = len(finished_cells(folder))
+    if done < len(cells) or not cells:  # a ranking on the seeds finished so far is no result
+        return ["", "## Confirmation", "", f"Running: {done} of {len(cells)} runs finished "
+                f"({', '.join(e['label'] for e in chosen)} and the reference on seeds no trial used); its ranking "
+                "is the search's result once every run has finished (relaunch the search to continue it)."]  # fmt: skip
     lines = ["", "## Confirmation (the result)", "",
              "The configurations below and the reference, retrained (or resampled) on fresh seeds and ranked "
              "against the reference, paired by seed with Holm's correction (the full report: "
