@@ -35,6 +35,19 @@ def test_every_field_spec_is_the_template_with_its_dataset_and_parses():
     assert len(driver.FIELDS) >= 5
 
 
+def test_every_fields_confirmation_asks_no_more_fid_samples_than_its_floor_can_match():
+    """The FID floor compares as many held-out real images as samples: moon's confirmation at 500 failed in
+    every cell (its train split has 396), after 12 trainings."""
+    from skipdiff.data import load_image_splits
+    from skipdiff.data_options import DataOptions
+
+    driver = _atlas_driver()
+    for field in driver.FIELDS:
+        splits = load_image_splits(DataOptions(dataset=field))
+        wanted = load_search_spec(driver.spec_path(field)).confirm["eval"]["num_samples"]
+        assert wanted <= max(len(splits["train"]), len(splits["test"])), field
+
+
 def test_the_driver_refuses_a_stale_spec(tmp_path, monkeypatch, capsys):
     driver = _atlas_driver()
     monkeypatch.setattr(driver, "spec_path", lambda field: tmp_path / f"atlas_{field}.yaml")
