@@ -561,3 +561,19 @@ def test_a_running_confirmation_is_reported_as_running_not_as_the_result(tmp_pat
     text = "\n".join(_confirmation_lines(tmp_path, summary))
     assert "Running: 1 of 2 runs finished (trial-0003 and the reference" in text
     assert "(the result)" not in text and "confirmation" not in summary
+
+
+def test_a_study_refuses_another_spec_but_takes_new_confirmation_settings(tmp_path):
+    """A relaunch with another space or budget would mix two searches in one study; the confirmation runs
+    after the search and no trial reads it, so its settings (seeds, evaluation) may change."""
+    from skipdiff.search import engine
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = parse_search_spec({**copy.deepcopy(TINY), "confirm": {"top": 1, "seeds": [5, 6]}}, "s")
+    engine.open_study(spec, url)
+    confirm = parse_search_spec({**copy.deepcopy(TINY), "confirm": {"top": 1, "seeds": [5, 6, 7]}}, "s")
+    study = engine.open_study(confirm, url)
+    assert study.user_attrs["spec"]["confirm"]["seeds"] == [5, 6, 7]  # workers that join read the new one
+    budget = parse_search_spec({**copy.deepcopy(TINY), "budget": {"trials": 2}, "confirm": {"top": 1, "seeds": [5, 6, 7]}}, "s")
+    with pytest.raises(ValueError, match=r"created from another spec \(it differs in \['budget'\]\)"):
+        engine.open_study(budget, url)

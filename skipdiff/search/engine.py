@@ -93,6 +93,9 @@ def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+AFTER_THE_SEARCH = "confirm"  # the one spec section no trial reads: it may change between launches
+
+
 def open_study(spec: SearchSpec, storage_url: str, study_name: str | None = None) -> optuna.Study:
     """Create the study or join it (the same call from every worker); enqueues the spec's known
     configurations once (a duplicate enqueue from a second worker is skipped)."""
@@ -100,11 +103,16 @@ def open_study(spec: SearchSpec, storage_url: str, study_name: str | None = None
     name = study_name or spec.name
     study = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec),
                                 directions=spec.directions, load_if_exists=True)  # fmt: skip
-    if study.user_attrs.get("spec") is None:
+    stored = study.user_attrs.get("spec")
+    if stored is None:
         study.set_user_attr("spec", spec.raw)
         study.set_user_attr("spec_name", spec.name)
-    elif study.user_attrs["spec"] != spec.raw:
-        raise ValueError(f"study {name!r} in {storage_url} was created from another spec; use another --out/--storage")
+    elif stored != spec.raw:
+        changed = sorted(k for k in set(stored) | set(spec.raw) if stored.get(k) != spec.raw.get(k))
+        if changed != [AFTER_THE_SEARCH]:
+            raise ValueError(f"study {name!r} in {storage_url} was created from another spec (it differs in "
+                             f"{changed}); use another --out/--storage")  # fmt: skip
+        study.set_user_attr("spec", spec.raw)  # the confirmation's settings may change: no trial depends on them
     for params in spec.enqueue:
         study.enqueue_trial(params, skip_if_exists=True)
     return study
