@@ -3,6 +3,7 @@
     python eval/atlas.py specs                  # write eval/searches/atlas_<field>.yaml from eval/atlas/template.yaml
     python eval/atlas.py search                 # each field's search (no confirmation yet), one after another
     python eval/atlas.py confirm                # each field's top 3 and full on 6 fresh seeds (FID, KID, MSE)
+    python eval/atlas.py vae                    # each field's VAE stage, as its search trained it (transfer does it)
     python eval/atlas.py transfer               # every field's confirmed best trained on every other field
     python eval/atlas.py report                 # -> eval/results/atlas/atlas.md (python -m skipdiff.search.atlas)
     python eval/atlas.py all                    # the four stages in order
@@ -22,7 +23,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -81,34 +81,77 @@ def search(field: str, confirm: bool) -> int:
     return status
 
 
+def confirmed_configuration(field: str) -> tuple[str, dict] | None:
+    """``(label, overrides)`` of ``field``'s confirmed best, rebuilt from its committed search report (the
+    trial's parameters), so a transfer needs no run folder of that field's search; its UNet config, when the
+    trial chose one, is written next to the transfer sweep. None before the field's confirmation."""
+    from skipdiff.search.atlas import confirmed_best, confirmed_values
+    from skipdiff.search.space import model_config
+    from skipdiff.search.spec import load_search_spec
+    from skipdiff.search.trial import configuration_of
+
+    if not (RESULTS / field / "search_summary.json").is_file():
+        return None
+    best = confirmed_best(confirmed_values(RESULTS / field))
+    if best is None:
+        return None
+    rows = json.loads((RESULTS / field / "search_summary.json").read_text())["trials"]
+    row = next(r for r in rows if r["state"] == "complete" and r.get("duplicate_of") is None
+               and r["folder"] and Path(r["folder"]).name == best)  # fmt: skip
+    spec = load_search_spec(spec_path(field))
+    suggestion = configuration_of(spec, row["params"])
+    overrides = dict(suggestion.options)
+    if suggestion.model:  # the trial's own UNet, so the transfer stands alone
+        overrides["model"] = model_config(spec.base.get("model", "digits"), suggestion.model)
+    return best, overrides
+
+
 def transfer_sweep(target: str, sources) -> dict:
     """The sweep spec (a dict) that trains each source field's confirmed best on ``target`` (base options and
     evaluation of the target's search and confirmation, its first confirmation seeds); {} when no source
     has a confirmed best yet."""
-    from skipdiff.search.atlas import confirmed_best, confirmed_values
+    from skipdiff.runfolder import write_json_atomic
     from skipdiff.search.spec import load_search_spec
 
     spec = load_search_spec(spec_path(target))
     configs = {}
     for source in sources:
-        if source == target or not (RESULTS / source / "search_summary.json").is_file():
+        found = None if source == target else confirmed_configuration(source)
+        if found is None:
             continue
-        best = confirmed_best(confirmed_values(RESULTS / source))
-        if best is None:
-            continue
-        record = json.loads((search_folder(source) / "trials" / best / "trial.json").read_text())
-        overrides = dict(record["overrides"])
-        if record.get("model"):  # the trial's own UNet config, copied so the transfer stands alone
-            copy = search_folder(target) / "transfer-configs" / f"{source}-{best}.json"
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(record["options"]["model"], copy)
-            overrides["model"] = str(copy)
+        best, overrides = found
+        if isinstance(overrides.get("model"), dict):
+            path = search_folder(target) / "transfer-configs" / f"{source}-{best}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, overrides["model"])
+            overrides["model"] = str(path)
         configs[f"from-{source}"] = overrides
     if not configs:
         return {}
     return {"kind": "diffusion", "description": f"skip atlas: other fields' confirmed best configurations on {target}",
             "base": spec.base, "grid": {"config": configs, "seed": spec.confirm["seeds"][:TRANSFER_SEEDS]},
             "eval": spec.confirm.get("eval", spec.eval)}  # fmt: skip
+
+
+def search_vae(field: str) -> None:
+    """Train ``field``'s ``--vae auto`` stage as its search did, unless it exists (runs/vae-<field>-...).
+
+    The first run of a split trains the VAE with its own seed: the search's first trial (seed 0) did, and
+    the confirmation encoded with that VAE. A transfer run starts from seed 100, so without this its VAE
+    would be another one, and its values would not pair with the committed confirmation's."""
+    import dataclasses
+
+    from skipdiff.config import from_dict
+    from skipdiff.search.spec import load_search_spec
+    from skipdiff.training.options import TrainOptions
+    from skipdiff.training.runtime import auto_vae_options
+    from skipdiff.training.vae import train_vae
+
+    options = auto_vae_options(from_dict(TrainOptions, load_search_spec(spec_path(field)).base))
+    if (Path(options.output_dir) / "config.json").is_file():
+        return
+    print(f"{field}: training the VAE stage its search used into {options.output_dir} (seed {options.seed})")
+    train_vae(dataclasses.replace(options, num_threads=1))
 
 
 def transfer(target: str) -> int:
@@ -122,6 +165,9 @@ def transfer(target: str) -> int:
     if not sweep:
         print(f"{target}: no other field has a confirmed best yet")
         return 0
+    status = _run([sys.executable, __file__, "vae", "--fields", target])  # its own process: torch in one thread
+    if status:
+        return status
     path = search_folder(target) / "transfer.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     folder = search_folder(target) / "transfer"
@@ -142,7 +188,7 @@ def report() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["specs", "search", "confirm", "transfer", "report", "all"])
+    parser.add_argument("stage", choices=["specs", "search", "confirm", "vae", "transfer", "report", "all"])
     parser.add_argument("--fields", nargs="+", default=list(FIELDS), choices=FIELDS)
     parser.add_argument("--jobs", type=int, default=1, help="fields run side by side (one thread each)")
     args = parser.parse_args(argv)
@@ -158,6 +204,10 @@ def main(argv=None) -> int:
     for stage in stages:
         if stage == "report":
             status = report()
+        elif stage == "vae":
+            for field in args.fields:
+                search_vae(field)
+            status = 0
         elif stage == "transfer":
             with ThreadPoolExecutor(max_workers=args.jobs) as pool:
                 status = max(pool.map(transfer, args.fields))

@@ -167,24 +167,28 @@ def test_transfer_matrix_pairs_each_source_with_the_targets_full_and_own_best(tm
     assert "| moon | " in md and (tmp_path / "atlas" / "transfer.png").is_file()
 
 
-def test_transfer_sweep_trains_each_sources_confirmed_best_with_its_own_unet(tmp_path, monkeypatch):
+def test_transfer_sweep_rebuilds_each_sources_confirmed_best_from_its_committed_report(tmp_path, monkeypatch):
+    """The transfer reads a source's best from eval/results (its trial's parameters in the search report),
+    not from the search's run folders, which a fresh checkout does not have."""
     driver = _atlas_driver()
     results, searches = tmp_path / "results", tmp_path / "searches"
     monkeypatch.setattr(driver, "RESULTS", results)
     monkeypatch.setattr(driver, "search_folder", lambda field: searches / f"atlas_{field}")
     ref = {s: 0.30 for s in SEEDS}
-    _field(results / "hubble", {"reference": ref, "trial-0003": {s: 0.29 for s in SEEDS},
-                                "trial-0005": {s: 0.295 for s in SEEDS}}, None)  # fmt: skip
-    trial = searches / "atlas_hubble" / "trials" / "trial-0003"
-    trial.mkdir(parents=True)
-    (trial / "model.json").write_text('{"block_out_channels": [16, 32, 64]}')
-    (trial / "trial.json").write_text(json.dumps({"overrides": {"skips": "scalelong:kappa=0.6"},
-                                                   "model": {"block_out_channels": [16, 32, 64]},
-                                                   "options": {"model": str(trial / "model.json")}}))  # fmt: skip
+    folder = _field(results / "hubble", {"reference": ref, "trial-0005": {s: 0.29 for s in SEEDS},
+                                         "trial-0001": {s: 0.295 for s in SEEDS}}, None)  # fmt: skip
+    summary = json.loads((folder / "search_summary.json").read_text())
+    params = {"skips": "scalelong", "scalelong.kappa": 0.6, "model.block_out_channels": "[16, 32, 64]",
+              "model.layers_per_block": 1}  # as Optuna stores them: a list choice as its JSON text  # fmt: skip
+    summary["trials"].append({"number": 5, "state": "complete", "params": params, "values": [0.29],
+                              "folder": "runs/gone/trials/trial-0005"})  # fmt: skip
+    (folder / "search_summary.json").write_text(json.dumps(summary))
     sweep = driver.transfer_sweep("moon", driver.FIELDS)
     config = sweep["grid"]["config"]["from-hubble"]
     assert config["skips"] == "scalelong:kappa=0.6"
-    assert Path(config["model"]).read_text() == '{"block_out_channels": [16, 32, 64]}'
-    assert Path(config["model"]).is_relative_to(searches / "atlas_moon")  # a copy: the transfer stands alone
+    assert Path(config["model"]).is_relative_to(searches / "atlas_moon")  # written next to the transfer
+    model = json.loads(Path(config["model"]).read_text())
+    assert model["block_out_channels"] == [16, 32, 64] and model["layers_per_block"] == 1
+    assert model["down_block_types"][-1] == "AttnDownBlock2D"  # the rest is the preset's, as the trial's was
     assert sweep["grid"]["seed"] == [100, 101, 102] and sweep["base"]["dataset"] == "moon"
     assert list(sweep["grid"]["config"]) == ["from-hubble"]  # the other fields have no confirmation yet

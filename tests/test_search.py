@@ -126,6 +126,31 @@ def test_enqueued_list_choices_reach_the_trial_as_lists():
     assert suggestion.options["skips"].split(",")[0] == "zero"
 
 
+def test_a_configuration_is_rebuilt_from_its_trials_parameters_alone():
+    """What a report records of a trial (its Optuna params) is enough to train its configuration again:
+    per-skip modes and factors, a preset's arguments, the chain's options and a UNet of its own."""
+    import optuna
+
+    from skipdiff.search.space import suggest
+    from skipdiff.search.trial import configuration_of, num_skips_for
+
+    space = {"skips": ["per_skip", "linear", "markov"], "skip": ["keep", "zero", "scale"], "skip.scale": {"low": 0.1, "high": 1.0},
+             "linear.outer": {"low": 0.5, "high": 1.5}, "markov.p_init": {"low": 0.6, "high": 0.9},
+             "model.block_out_channels": [[16, 32], [8, 16]], "model.layers_per_block": [1, 2]}  # fmt: skip
+    spec = parse_search_spec({**copy.deepcopy(TINY), "space": space, "enqueue": None}, "m")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        suggestion = suggest(trial, spec.space, num_skips_for(spec), spec.base)
+        study.tell(trial, 0.0)
+        assert configuration_of(spec, trial.params) == suggestion
+        seen.add(suggestion.options["skips"].split(":")[0] if "," not in suggestion.options["skips"] else "per_skip")
+    assert seen == {"per_skip", "linear", "markov"}  # every family was rebuilt at least once
+    with pytest.raises(ValueError, match="linear.outer"):
+        configuration_of(spec, {"skips": "linear", "model.block_out_channels": "[8, 16]", "model.layers_per_block": 1})
+
+
 @pytest.mark.parametrize(("changes", "message"), BAD_SPECS)
 def test_bad_specs_are_refused_naming_the_value(changes, message):
     data = {**copy.deepcopy(TINY), **changes}
@@ -249,6 +274,8 @@ def finished_search(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_training_search_runs_its_budget_as_normal_run_folders(finished_search):
+    from skipdiff.search.trial import configuration_of
+
     trials = study_trials(finished_search)
     assert states(trials) == {"COMPLETE": 3}
     folders = sorted(p.name for p in (finished_search / "trials").iterdir())
@@ -261,6 +288,8 @@ def test_a_training_search_runs_its_budget_as_normal_run_folders(finished_search
         evaluation = json.loads((folder / "eval" / "eval.json").read_text())
         assert record["values"]["denoise_mse"] == pytest.approx(evaluation["denoise"]["mean"]) == trial.value
         assert (folder / "unet" / "config.json").is_file()  # a loadable run folder
+        rebuilt = configuration_of(parse_search_spec(TINY, "tiny"), trial.params)
+        assert (rebuilt.options, rebuilt.model) == (record["overrides"], record["model"])
     assert json.loads((finished_search / "trials" / "trial-0000" / "trial.json").read_text())["overrides"]["skips"] == "full"
 
 

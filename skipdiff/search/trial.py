@@ -226,6 +226,16 @@ def read_trial(folder: Path) -> dict | None:
     return read_json(path, "trial record") if path.is_file() else None
 
 
+def configuration_of(spec: SearchSpec, params: dict) -> Suggestion:
+    """The configuration a trial with these Optuna ``params`` ran (its option and model overrides), rebuilt
+    from the parameters alone, as a search report records them: a configuration can be trained again
+    (confirmed elsewhere, carried to another dataset) without the search's run folders. ``ValueError``
+    naming a parameter the space needs and ``params`` lacks."""
+    from .space import FixedTrial
+
+    return suggest(FixedTrial(params), spec.space, num_skips_for(spec), spec.base)
+
+
 def example_configurations(spec: SearchSpec) -> dict[str, dict]:
     """One configuration per skip family of the space (its parameters at their first choices or lower
     ends), each checked as a trial would be: a typo in a preset's argument, a spec that does not fit the

@@ -173,6 +173,14 @@ def auto_vae_dir(options: TrainOptions) -> Path:
     return Path("runs") / f"vae-{data.source()}-{data.resolution}-{data.split_key()}{preset}"
 
 
+def auto_vae_options(options: TrainOptions) -> VaeOptions:
+    """The VAE stage that ``--vae auto`` trains for this run: its data, VAE preset and seed, saved in
+    :func:`auto_vae_dir`. The first run of a split trains it, so its seed is that run's: a study that must
+    encode with one field's VAE whatever seed comes first trains it up front from these options."""
+    data = dataclasses.asdict(subset(DataOptions, options))
+    return VaeOptions(**data, preset=options.vae_preset, seed=options.seed, output_dir=str(auto_vae_dir(options)))
+
+
 def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_channels: int) -> tuple[Encoder, str]:
     """Load the encoder; with ``--vae auto`` train the VAE stage first unless it exists."""
     vae = options.vae
@@ -180,8 +188,7 @@ def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_chann
         folder = auto_vae_dir(options)
         if not (folder / "config.json").exists():
             accelerator.print(f"--vae auto: training the VAE stage into {folder} (reused by later runs)")
-            data = dataclasses.asdict(subset(DataOptions, options))
-            train_vae(VaeOptions(**data, preset=options.vae_preset, seed=options.seed, output_dir=str(folder)))
+            train_vae(auto_vae_options(options))
             # train_vae makes its own Accelerator object (sharing the process state), so the VAE never
             # joins this run's checkpoints.
         vae = str(folder)
