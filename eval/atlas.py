@@ -36,6 +36,7 @@ RESULTS = ROOT / "eval" / "results" / "atlas"
 # and moon's train split has 396 (its confirmation at 500 failed in every cell); FID is compared within a field
 # only, against that field's full at the same N.
 FID_SAMPLES = {"moon": 390}
+RERUN = "full-rerun"  # the transfer's null control: the target's reference trained again on the same seeds
 TRANSFER_SEEDS = 3  # the first confirmation seeds: each transfer run pairs with the target's own full and best
 
 
@@ -128,6 +129,9 @@ def transfer_sweep(target: str, sources) -> dict:
         configs[f"from-{source}"] = overrides
     if not configs:
         return {}
+    # The target's full again: a null control (its Δ against the confirmation's full is the rerun's noise:
+    # another session, the VAE retrained), so the matrix shows how much of a cell's difference that explains.
+    configs[RERUN] = dict(spec.confirm["reference"])
     return {"kind": "diffusion", "description": f"skip atlas: other fields' confirmed best configurations on {target}",
             "base": spec.base, "grid": {"config": configs, "seed": spec.confirm["seeds"][:TRANSFER_SEEDS]},
             "eval": spec.confirm.get("eval", spec.eval)}  # fmt: skip

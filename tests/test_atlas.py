@@ -191,4 +191,5 @@ def test_transfer_sweep_rebuilds_each_sources_confirmed_best_from_its_committed_
     assert model["block_out_channels"] == [16, 32, 64] and model["layers_per_block"] == 1
     assert model["down_block_types"][-1] == "AttnDownBlock2D"  # the rest is the preset's, as the trial's was
     assert sweep["grid"]["seed"] == [100, 101, 102] and sweep["base"]["dataset"] == "moon"
-    assert list(sweep["grid"]["config"]) == ["from-hubble"]  # the other fields have no confirmation yet
+    assert list(sweep["grid"]["config"]) == ["from-hubble", "full-rerun"]  # the others have no confirmation yet
+    assert sweep["grid"]["config"]["full-rerun"] == {"skips": "full"}  # the null control: the target's full again
