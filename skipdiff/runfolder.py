@@ -221,15 +221,23 @@ class RunLock:
                     self.replaced_stale = owner
                     self.path.unlink(missing_ok=True)
                     continue
-                raise RunLockedError(
-                    f"{str(self.path.parent)!r} is in use by another {self.holder} (pid {owner.get('pid')} on "
-                    f"{owner.get('host')}); {self.hint}"
-                ) from None
+                raise RunLockedError(self._refusal(owner)) from None
             with os.fdopen(fd, "w") as handle:
                 json.dump(mine, handle)
             self.held = True
             return self
         raise RunLockedError(f"could not take the lock {str(self.path)!r}")
+
+    def check_free(self) -> None:
+        """Raise :class:`RunLockedError` naming the owner when a live process holds the lock, without taking
+        it (a stale lock counts as free): for a caller about to delete the folder, not to write into it."""
+        owner = self.owner()
+        if owner is not None and not self._is_stale(owner):
+            raise RunLockedError(self._refusal(owner))
+
+    def _refusal(self, owner: dict) -> str:
+        return (f"{str(self.path.parent)!r} is in use by another {self.holder} (pid {owner.get('pid')} on "
+                f"{owner.get('host')}); {self.hint}")
 
     @staticmethod
     def _is_stale(owner: dict) -> bool:

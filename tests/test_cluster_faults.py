@@ -354,3 +354,50 @@ def test_a_full_disk_while_safetensors_writes_a_checkpoint_is_one_error_line(tmp
     assert code == 1 and len(err) == 1, err
     assert "could not write checkpoint" in err[0] and "checkpoint-1" in err[0] and "No space left" in err[0]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")] and not checkpoints.list_checkpoints(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every stage writes atomically or is detected as unfinished; nobody deletes a folder another holds
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_sweep_leaves_a_cell_another_process_is_training_untouched(tmp_path, monkeypatch):
+    """A second sweep on the same ``--out`` finds a cell without a checkpoint yet (the first is still in its
+    first steps): it used to delete the folder as an earlier attempt and train it again; both said done."""
+    import json
+    import socket
+
+    from skipdiff import sweep
+    from skipdiff.sweep import launch
+    from skipdiff.sweep.runner import SweepError
+
+    spec = sweep.parse_spec({"kind": "diffusion", "base": {"model": "tiny", "vae": "none", "resolution": 8},
+                             "grid": {"skips": {"none": "none"}, "seed": [0]}, "eval": {"denoise_loss": True}},
+                            "micro")  # fmt: skip
+    out = tmp_path / "out"
+    cell = out / "skips-none__seed-0"
+    cell.mkdir(parents=True)  # as the first sweep left it a few steps into training
+    (cell / "cell.json").write_text(json.dumps({"name": cell.name, "status": "running"}))
+    (cell / "stats.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    trained = []
+
+    def train_cell(kind, options, *args):  # records that training started, then stops the cell there
+        trained.append(options)
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(launch, "train_cell", train_cell)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lines = []
+    try:
+        (cell / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": 0}))
+        before = snapshot(cell)
+        with pytest.raises(SweepError, match=r"1 cell\(s\) in use by another process were left to it .*skips-none"):
+            sweep.run_sweep(spec, out, log=lines.append)
+        assert snapshot(cell) == before and not trained  # nothing deleted, rewritten or trained
+        assert any(f"skipped, '{cell}' is in use by another training process (pid {sleeper.pid}" in x for x in lines)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.raises(SweepError, match=r"1 cell\(s\) failed"):  # its owner gone, the lock is stale: the cell runs
+        sweep.run_sweep(spec, out, log=lines.append)
+    assert len(trained) == 1 and not (cell / "stats.jsonl").exists()  # restarted in a clean folder

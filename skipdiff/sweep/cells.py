@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import redact
-from ..runfolder import read_json, write_json_atomic
+from ..runfolder import RunLock, read_json, write_json_atomic
 from . import launch
 from .kinds import CellKind, get_kind
 from .spec import Cell, SweepSpec, results_options
@@ -79,7 +79,12 @@ def _base_record(spec: SweepSpec, cell: Cell) -> dict:
 
 
 def _prepare_folder(cell: Cell, kind: CellKind, record: dict, log: Log) -> dict:
-    """The cell's options for this launch: resume from the latest checkpoint, or start in a clean folder."""
+    """The cell's options for this launch: resume from the latest checkpoint, or start in a clean folder.
+
+    A cell whose folder another live process is training into (another sweep on the same ``--out``: its
+    training lock) raises :class:`~skipdiff.runfolder.RunLockedError` before anything is deleted or written:
+    without a checkpoint yet, that folder would look like an earlier attempt to delete."""
+    RunLock(cell.folder, hint="the sweep leaves this cell to it: relaunch once it finishes").check_free()
     options = dict(cell.options)
     found = _checkpoints(cell.folder) if kind.trains else []
     if found:

@@ -1,7 +1,8 @@
 """The sweep loop: validate every cell, then run the unfinished ones one after the other, with an ETA.
 
-A cell that raises is recorded as failed and the loop goes on; :class:`SweepError` at the end lists the
-failed cells (relaunching retries them).
+A cell that raises is recorded as failed and the loop goes on; a cell another live process is training
+(another sweep on the same folder) is left untouched; :class:`SweepError` at the end lists both (relaunching
+retries them).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..config import redact, redact_spec
-from ..runfolder import write_json_atomic
+from ..runfolder import RunLockedError, write_json_atomic
 from .cells import cell_status, check_unchanged, read_cell, record_failure, run_cell
 from .kinds import get_kind
 from .launch import Launcher, LaunchInterrupted
@@ -92,7 +93,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
                                            "relaunch": relaunch or relaunch_command(spec, out), "eval": spec.eval,
                                            "cells": [c.name for c in cells]}, default=str)  # fmt: skip
     kind = get_kind(spec.kind)
-    records, failed = [], []
+    records, failed, in_use = [], [], []
     for i, cell in enumerate(selected, 1):
         status = cell_status(cell, kind)
         if status == "done":
@@ -102,14 +103,21 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
         log(f"[{i}/{len(selected)}] {cell.name}: {status}{eta(out, len(selected) - i + 1)}")
         try:
             records.append(run_cell(spec, cell, launch_with, log))
+        except RunLockedError as err:  # another sweep trains it: nothing of it is touched, nor recorded as failed
+            log(f"[{i}/{len(selected)}] {cell.name}: skipped, {err}")
+            in_use.append(cell.name)
         except Exception as err:  # noqa: BLE001  one failing cell (e.g. diverged) must not stop the sweep
             if interrupted(err):
                 raise  # its checkpoint is written and its cell.json says running: a relaunch resumes it
             log(f"[{i}/{len(selected)}] {cell.name} FAILED:\n{traceback.format_exc()}")
             failed.append(cell.name)
             records.append(record_failure(cell, err))
-    if failed:
-        raise SweepError(f"{len(failed)} cell(s) failed (relaunch to retry them): {failed}")
+    problems = [f"{len(failed)} cell(s) failed (relaunch to retry them): {failed}"] if failed else []
+    if in_use:  # not "done": this launch did not finish them
+        problems.append(f"{len(in_use)} cell(s) in use by another process were left to it (relaunch once it "
+                        f"finishes to evaluate them here): {in_use}")  # fmt: skip
+    if problems:
+        raise SweepError("; ".join(problems))
     log(f"sweep {spec.name}: {len(selected)} cell(s) done in {out}; report: python -m skipdiff.report {out}")
     return records
 
