@@ -121,18 +121,37 @@ def test_the_check_sees_a_clipped_title_and_a_missing_label(tmp_path):
 
 
 def test_the_atlas_figures_fit_their_canvas(saved, tmp_path):
-    from skipdiff.search import atlas
+    from skipdiff.search import atlas_figures
 
     fields = [{"field": name, "importance": {"skip.family": 0.6, "model.block_out_channels": 0.3, "learning_rate": 0.1},
                "front": [{"flops": 1e6 * (k + 1), "value": 0.3 - 0.01 * k, "trial": k} for k in range(3)]}
               for name in ("digits", "photo_patches", "hubble")]  # fmt: skip
-    atlas._importance_figure(fields, tmp_path / "importance.png")
-    atlas._front_figure(fields, tmp_path / "front.png")
+    atlas_figures.importance_figure(fields, tmp_path / "importance.png")
+    atlas_figures.front_figure(fields, tmp_path / "front.png")
     rows = [{"configuration": "full", "is_reference": True, "mean": 0.3, "delta": 0.0},
             {"configuration": "hubble best", "is_reference": False, "mean": 0.31, "delta": 0.01}]  # fmt: skip
-    atlas._transfer_figure({"digits": {"rows": rows}, "moon": {"rows": rows}}, tmp_path / "transfer.png")
-    assert len(saved) == 3, sorted(saved)
+    atlas_figures.transfer_figure({"digits": {"rows": rows}, "moon": {"rows": rows}}, tmp_path / "transfer.png")
+    confirmed = {"configuration": "trial-0007", "is_reference": False, "delta": 0.002, "ci": [-0.001, 0.005],
+                 "verdict": "undecided at this seed count"}  # fmt: skip
+    record = {"field": "photo_patches", "trials": [{"folder": "runs/x/trials/trial-0007", "params": {
+        "skips": "linear", "linear.inner": 0.57, "linear.outer": 1.03, "model.block_out_channels": "[32, 32, 64]"}}],
+        "confirmation": {"denoise": {"rows": [confirmed]}, "fid": {"rows": [{**confirmed, "verdict": "worse"}]}}}
+    atlas_figures.confirmation_figure({"fields": [record, {**record, "field": "digits"}],
+                                       "margins": {"denoise": 0.003, "fid": 0.3}}, tmp_path / "confirmation.png")
+    assert len(saved) == 4, sorted(saved)
     assert {name: problems for name, problems in saved.items() if problems} == {}
+
+
+def test_an_atlas_configuration_has_a_short_name():
+    from skipdiff.search.atlas_figures import short_name
+
+    assert short_name({"skips": "learned", "model.block_out_channels": "[32, 64, 64]", "model.layers_per_block": 2}) == "learned"
+    assert short_name({"skips": "linear", "linear.inner": 0.002, "linear.outer": 0.518,
+                       "model.block_out_channels": "[32, 32, 64]"}) == "linear inner 0.00 outer 0.52 · [32, 32, 64]"
+    assert short_name({"skips": "per_skip", "skip.0": "zero", "skip.1": "keep", "skip.10": "zero",
+                       "model.layers_per_block": 1}) == "per-skip 2 of 3 zeroed · 1 layer(s)/block"
+    assert short_name({"skips": "markov", "markov.p_init": 0.94, "markov.cost": 0.2, "markov.min_count": 16}) == (
+        "markov cost 0.20 p_init 0.94")
 
 
 def _degradation_module():

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from ..runfolder import read_json, write_json_atomic
+from . import atlas_figures as figures
 
 REFERENCE = "reference"  # the confirmation's name for the reference row (skipdiff.search.confirm)
 # the report's metric names (skipdiff.report.ranking.METRIC_ALIASES: --margin denoise_mse=... means "denoise")
@@ -138,7 +139,7 @@ def field_record(folder: Path) -> dict:
         "front": pareto_front([(t["flops"], t["values"][0], t["number"]) for t in complete if "flops" in t]),
         "markov_open": None if best_markov is None else {"trial": best_markov["number"],
                                                          "open": best_markov["markov_open"]},  # fmt: skip
-        "trials": [{k: t.get(k) for k in ("number", "state", "params", "values", "folder", "flops", "seconds")}
+        "trials": [{k: t.get(k) for k in ("number", "state", "params", "values", "folder", "flops", "seconds", "duplicate_of")}
                    for t in trials],  # fmt: skip
     }
 
@@ -184,10 +185,11 @@ def write_atlas(folders: list[Path], out: Path, margins: dict[str, float] | None
     atlas = {"fields": fields, "margins": margins, "family": "atlas: Holm over every field's confirmed rows, per metric",
              "transfer": transfer}  # fmt: skip
     if transfer["denoise"]:
-        _transfer_figure(transfer["denoise"], out / "transfer.png")
+        figures.transfer_figure(transfer["denoise"], out / "transfer.png")
     write_json_atomic(out / "atlas.json", atlas, default=str)
-    _importance_figure(fields, out / "importance.png")
-    _front_figure(fields, out / "front.png")
+    figures.confirmation_figure(atlas, out / "confirmation.png")
+    figures.importance_figure(fields, out / "importance.png")
+    figures.front_figure(fields, out / "front.png")
     (out / "atlas.md").write_text("\n".join(atlas_lines(atlas)) + "\n")
     return out / "atlas.md"
 
@@ -203,7 +205,8 @@ def atlas_lines(atlas: dict) -> list[str]:
              "Per field: the configurations the search ranked best, retrained on fresh seeds against the field's "
              f"`full` (keep every skip), paired by seed. Holm's correction runs over every field's rows of a metric "
              f"(one declared family); equivalence is TOST within ±{margins['denoise']} MSE and "
-             f"±{margins['fid']} FID.", "",
+             f"±{margins['fid']} FID. Intervals are each row's own 95% CI (unadjusted); the verdicts use the Holm p.",
+             "", "![each field's confirmed configurations against its full](confirmation.png)", "",
              "| field | configuration | seeds | Δ MSE vs full [95% CI] | Holm p | verdict (MSE) | Δ FID [95% CI] | "
              "Holm p | verdict (FID) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for record in atlas["fields"]:
@@ -226,12 +229,13 @@ def atlas_lines(atlas: dict) -> list[str]:
                          f"{_delta(f)} | {_fmt(f['p_holm'] if f else None, '.3f')} | {f['verdict'] if f else '–'} |")  # fmt: skip
     lines += ["", "## The searches", "",
               "The best trial's value is the best of many noisy draws, biased in its favour; the table above is the result.",
-              "", "| field | trials (complete/pruned) | CPU minutes | best trial seen | its MSE | parameters |",
+              "", "| field | trials (complete/pruned; repeats not counted) | CPU minutes | best trial seen | its MSE | parameters |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for record in atlas["fields"]:
         best = record["best_seen"] or {}
-        counts = record["counts"]
-        lines.append(f"| {record['field']} | {counts.get('complete', 0)}/{counts.get('pruned', 0)} | "
+        counted = [t for t in record["trials"] if t.get("duplicate_of") is None]  # a repeat trained nothing
+        complete = sum(t["state"] == "complete" for t in counted)
+        lines.append(f"| {record['field']} | {complete}/{sum(t['state'] == 'pruned' for t in counted)} | "
                      f"{record['cpu_minutes']:.1f} | {best.get('trial', '–')} | {_fmt(best.get('value'), '.5f')} | "
                      f"`{json.dumps(best.get('params', {}), sort_keys=True)}` |")  # fmt: skip
     lines += ["", "## What matters: parameter importance per field (Optuna's default evaluator)", "",
@@ -266,34 +270,6 @@ def transfer_lines(transfer: dict) -> list[str]:
     return lines + [""]
 
 
-def _transfer_figure(rankings: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    columns = sorted({r["configuration"] for t in rankings.values() for r in t["rows"] if not r["is_reference"]})
-    targets = list(rankings)
-    grid = np.full((len(targets), len(columns)), np.nan)
-    for i, field in enumerate(targets):
-        reference = next(r for r in rankings[field]["rows"] if r["is_reference"])["mean"]
-        for row in rankings[field]["rows"]:
-            if not row["is_reference"]:
-                grid[i, columns.index(row["configuration"])] = 100 * row["delta"] / reference
-    bound = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
-    fig, ax = plt.subplots(figsize=(3.0 + 1.1 * len(columns), 2.4 + 0.5 * len(targets)), layout="constrained")
-    image = ax.imshow(grid, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
-    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(targets)), targets)
-    ax.set_xlabel("configuration (found on the field it names)")
-    ax.set_ylabel("target field")
-    ax.set_title("transfer: Δ held-out MSE vs the target's full")
-    fig.colorbar(image, ax=ax, label="Δ MSE, % of full (blue: better)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _delta(row: dict | None) -> str:
     if row is None:
         return "–"
@@ -305,55 +281,6 @@ def _params(record: dict, label: str) -> str:
     """A confirmed row's searched parameters (its label is its trial folder's name)."""
     entry = next((t for t in record["trials"] if (t.get("folder") or "").endswith(label)), None)
     return json.dumps(entry["params"], sort_keys=True) if entry else ""
-
-
-def _importance_figure(fields: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = sorted({p for f in fields for p in f["importance"]})
-    if not names:
-        return
-    grid = np.array([[f["importance"].get(p, np.nan) for p in names] for f in fields])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.45 * len(names)), max(4.2, 2.4 + 0.4 * len(fields))),
-                           layout="constrained")
-    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(fields)), [f["field"] for f in fields])
-    ax.set_xlabel("searched parameter (blank: not sampled on that field)")
-    ax.set_ylabel("field")
-    ax.set_title("parameter importance for the held-out denoising MSE", fontsize=10)
-    fig.colorbar(image, ax=ax, label="importance (fraction, per field)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _front_figure(fields: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    drawn = [f for f in fields if f["front"]]
-    if not drawn:
-        return
-    fig, axes = plt.subplots(1, len(drawn), figsize=(3.0 * len(drawn), 3.2), layout="constrained", squeeze=False,
-                             sharex=True)  # one panel per field: the fields' MSEs are on different scales  # fmt: skip
-    for ax, record in zip(axes[0], drawn, strict=True):
-        front = record["front"]
-        ax.plot([p["flops"] / 1e6 for p in front], [p["value"] for p in front], marker="o")
-        for point in front:
-            ax.annotate(str(point["trial"]), (point["flops"] / 1e6, point["value"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))  # fmt: skip
-        ax.set_title(record["field"])
-        ax.set_xlabel("UNet forward (MFLOPs/sample)")
-    axes[0][0].set_ylabel("held-out denoising MSE")
-    fig.suptitle("quality against compute: each field's front of search trials (labels: trial numbers)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
