@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -160,8 +161,10 @@ def test_transfer_matrix_pairs_each_source_with_the_targets_full_and_own_best(tm
     md = write_atlas(fields, tmp_path / "atlas").read_text()
     atlas = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
     moon = {r["configuration"]: r for r in atlas["transfer"]["denoise"]["moon"]["rows"]}
-    assert set(moon) == {"reference", "from-hubble", "own best (trial-0001)"}
-    assert moon["from-hubble"]["pairs"] == 3 and moon["own best (trial-0001)"]["pairs"] == 6
+    assert set(moon) == {"reference", "from-hubble", "own best"} and atlas["transfer"]["own_best"] == {"moon": "trial-0001"}
+    assert moon["from-hubble"]["pairs"] == 3 and moon["own best"]["pairs"] == 3  # on the transfer's seeds only
+    own = {r["configuration"]: r for r in atlas["transfer"]["against_own_best"]["denoise"]["moon"]["rows"]}
+    assert own["from-hubble"]["delta"] == pytest.approx(0.281 - statistics.fmean(best[s] for s in (100, 101, 102)))
     assert atlas["transfer"]["denoise"]["moon"]["family"]["scope"] == "transfer"
     assert "hubble" not in atlas["transfer"]["denoise"]  # no transfer onto hubble was run
     assert "| moon | " in md and (tmp_path / "atlas" / "transfer.png").is_file()

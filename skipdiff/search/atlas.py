@@ -34,6 +34,7 @@ from pathlib import Path
 from ..runfolder import read_json, write_json_atomic
 from . import atlas_figures as figures
 
+RERUN = "full-rerun"  # the transfer's null control (eval/atlas.py): the target's full trained again
 REFERENCE = "reference"  # the confirmation's name for the reference row (skipdiff.search.confirm)
 # the report's metric names (skipdiff.report.ranking.METRIC_ALIASES: --margin denoise_mse=... means "denoise")
 DEFAULT_MARGINS = {"denoise": 0.003, "fid": 0.3}
@@ -96,25 +97,37 @@ def transfer_values(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
     return values
 
 
-def rank_transfer(values_by_field: dict[str, dict], transfer_by_field: dict[str, dict]) -> dict[str, dict[str, dict]]:
-    """metric -> target field -> ranking of its own confirmed best and every transferred configuration
-    against the target's full on the seeds they share; Holm over the whole matrix (scope "transfer")."""
+OWN_BEST = "own best"  # the transfer matrix's column of the target's own confirmed best
+
+
+def rank_transfer(values_by_field: dict[str, dict], transfer_by_field: dict[str, dict]) -> dict:
+    """The transfer matrix, ranked twice per metric, each on the transfer's seeds, paired by seed, with Holm
+    over each whole matrix (scope "transfer"): ``transfer[metric][target]`` ranks every transferred
+    configuration and the target's own confirmed best against the target's full;
+    ``transfer["against_own_best"][metric][target]`` ranks the transferred configurations against that own
+    best (does a field's best carry over as well as the target's own?); ``transfer["own_best"][target]`` is
+    the own best's label."""
     from ..report.ranking import adjust_family, compare
 
-    rankings: dict[str, dict[str, dict]] = {}
+    rankings: dict = {"own_best": {}, "against_own_best": {}}
     for metric in METRICS:
-        results = {}
+        against_full, against_own = {}, {}
         for field, transferred in transfer_by_field.items():
             own = values_by_field[field].get(metric, {})
             best = confirmed_best(values_by_field[field])
             if REFERENCE not in own or metric not in transferred:
                 continue
+            seeds = {s for values in transferred[metric].values() for s in values}
             rows = {REFERENCE: own[REFERENCE], **transferred[metric]}
             if best is not None:
-                rows[f"own best ({best})"] = own[best]
-            results[field] = compare(rows, REFERENCE, lower_is_better=True, family=None)
-        adjust_family(list(results.values()), scope="transfer")
-        rankings[metric] = results
+                rankings["own_best"][field] = best
+                rows[OWN_BEST] = {s: v for s, v in own[best].items() if s in seeds}  # the same seeds as every column
+                against_own[field] = compare({k: v for k, v in rows.items() if k != REFERENCE}, OWN_BEST,
+                                             lower_is_better=True, family=None)  # fmt: skip
+            against_full[field] = compare(rows, REFERENCE, lower_is_better=True, family=None)
+        adjust_family(list(against_full.values()), scope="transfer")
+        adjust_family(list(against_own.values()), scope="transfer")
+        rankings[metric], rankings["against_own_best"][metric] = against_full, against_own
     return rankings
 
 
@@ -252,21 +265,31 @@ def atlas_lines(atlas: dict) -> list[str]:
 
 
 def transfer_lines(transfer: dict) -> list[str]:
-    """The transfer matrix as Markdown: target field x configuration, Δ MSE vs the target's full."""
+    """The transfer matrix as Markdown: target field x configuration, Δ MSE against the target's full, and the
+    verdict against the target's own best."""
     rankings = transfer.get("denoise") or {}
     if not rankings:
         return ["## Transfer", "", "Not run yet (`python eval/atlas.py transfer`, after the confirmations).", ""]
     columns = sorted({r["configuration"] for t in rankings.values() for r in t["rows"] if not r["is_reference"]})
+    against_own = (transfer.get("against_own_best") or {}).get("denoise", {})
     lines = ["## Transfer: each field's confirmed best, trained on the other fields", "",
-             "Δ held-out MSE against the target field's `full` on the seeds both ran (paired), with the Holm p over "
-             "the whole matrix; `own best` is the target's own confirmed best on the same seeds.", "",
+             "Each cell: Δ held-out MSE against the target field's `full` on the transfer's seeds (paired; 95% CI), "
+             "the Holm p over the whole matrix and the verdict; below it the verdict against the target's own "
+             f"confirmed best on the same seeds (`{OWN_BEST}`, its trial in the first column). `{RERUN}` is the "
+             "target's full trained again: its difference is the rerun's own noise.", "",
              "![transfer matrix](transfer.png)", "",
-             "| target field | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]  # fmt: skip
+             "| target field (own best) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]  # fmt: skip
     for field, ranking in rankings.items():
         rows = {r["configuration"]: r for r in ranking["rows"]}
-        cells = [f"{_delta(rows.get(c))} (p {_fmt(rows[c]['p_holm'], '.2f')}, {rows[c]['verdict']})" if c in rows
-                 else "–" for c in columns]  # fmt: skip
-        lines.append(f"| {field} | " + " | ".join(cells) + " |")
+        own = {r["configuration"]: r for r in against_own.get(field, {}).get("rows", [])}
+        cells = []
+        for column in columns:
+            row = rows.get(column)
+            cell = "–" if row is None else f"{_delta(row)} (p {_fmt(row['p_holm'], '.2f')}, {row['verdict']})"
+            if column in own and not own[column]["is_reference"]:
+                cell += f"<br>vs own best: {own[column]['verdict']}"
+            cells.append(cell)
+        lines.append(f"| {field} ({transfer.get('own_best', {}).get(field, '–')}) | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
