@@ -188,13 +188,18 @@ def _load_vae(path: str, cache_dir: str | None) -> AutoencoderKL:
 
     local = Path(path)
     if local.exists():
-        if (local / "config.json").exists():
-            return AutoencoderKL.from_pretrained(local)
-        if (local / "vae" / "config.json").exists():
-            return AutoencoderKL.from_pretrained(local, subfolder="vae")
-        raise ValueError(
-            f"--vae {path!r} is a folder without an AutoencoderKL (no config.json or vae/config.json)"
-        )
+        subfolder = None if (local / "config.json").exists() else "vae"
+        if subfolder and not (local / "vae" / "config.json").exists():
+            raise ValueError(
+                f"--vae {path!r} is a folder without an AutoencoderKL (no config.json or vae/config.json)"
+            )
+        try:
+            return AutoencoderKL.from_pretrained(local, subfolder=subfolder)
+        except (OSError, ValueError) as err:  # diffusers' "Unable to load weights ..." names no remedy
+            where = local / (subfolder or "")
+            raise ValueError(f"--vae {path!r}: the AutoencoderKL in {str(where)!r} cannot be loaded (missing, "
+                             f"truncated or half-written weights?): {str(err).splitlines()[0]}; train or "
+                             "download it again") from err  # fmt: skip
     errors = []
     for subfolder in (None, "vae"):
         try:

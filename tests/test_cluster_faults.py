@@ -401,3 +401,123 @@ def test_a_sweep_leaves_a_cell_another_process_is_training_untouched(tmp_path, m
     with pytest.raises(SweepError, match=r"1 cell\(s\) failed"):  # its owner gone, the lock is stale: the cell runs
         sweep.run_sweep(spec, out, log=lines.append)
     assert len(trained) == 1 and not (cell / "stats.jsonl").exists()  # restarted in a clean folder
+
+
+def five_images(folder: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def vae_options(images: Path, out: Path, **changes):
+    from skipdiff.training.vae_options import VaeOptions
+
+    fields = dict(train_data_dir=str(images), test_fraction=0.4, preset="tiny", train_batch_size=2, max_train_steps=2,
+                  num_threads=1, output_dir=str(out))  # fmt: skip
+    return VaeOptions(**{**fields, **changes})
+
+
+def test_a_vae_stage_stopped_while_saving_leaves_no_folder_a_later_run_would_reuse(tmp_path, monkeypatch):
+    """The VAE folder was written in place: a full disk (or a kill) after config.json left a folder that
+    ``--vae auto`` reused, failing later with diffusers' "Unable to load weights" and no hint."""
+    import errno
+
+    from diffusers import AutoencoderKL
+
+    from skipdiff.training import vae as stage
+
+    images, out = five_images(tmp_path / "images"), tmp_path / "vae"
+
+    def disk_full_after_the_config(self, folder, **kwargs):
+        self.save_config(folder)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(AutoencoderKL, "save_pretrained", disk_full_after_the_config)
+    with pytest.raises(OSError, match=rf"could not write the VAE stage to '{out}': .*No space left.*nothing of it"):
+        stage.train_vae(vae_options(images, out))
+    assert stage.vae_folder_state(out) == ("none", []) and not list(out.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    monkeypatch.undo()
+    stage.train_vae(vae_options(images, out))  # the folder is free: the same command trains it
+    assert stage.vae_folder_state(out) == ("finished", [])
+
+
+def test_two_runs_training_one_vae_stage_together_keep_the_first_saved(tmp_path, monkeypatch, capsys):
+    """Two runs of one split start ``--vae auto`` together: the second to finish keeps the first's VAE (both
+    runs and every later one encode with it) instead of replacing it under the first run."""
+    from diffusers import AutoencoderKL
+
+    from skipdiff.training import vae as stage
+
+    images, first, out = five_images(tmp_path / "images"), tmp_path / "first", tmp_path / "vae"
+    first_metrics = stage.train_vae(vae_options(images, first))
+    save = AutoencoderKL.save_pretrained
+
+    def the_other_run_saves_first(self, folder, **kwargs):
+        shutil.copytree(first, out, dirs_exist_ok=True)
+        return save(self, folder, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "save_pretrained", the_other_run_saves_first)
+    assert stage.train_vae(vae_options(images, out, seed=1)) == first_metrics
+    assert snapshot(out) == snapshot(first) and "that one is kept and used" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_half_written_vae_folder_is_refused_by_name_and_never_reused(tmp_path, monkeypatch):
+    """What an in-place save killed after its config.json left (the save is atomic now; older folders remain)."""
+    from skipdiff.encoders import load_encoder
+    from skipdiff.training import runtime
+    from skipdiff.training import vae as stage
+    from skipdiff.training.options import TrainOptions
+
+    monkeypatch.chdir(tmp_path)
+    images = five_images(tmp_path / "images")
+    options = TrainOptions(vae="auto", train_data_dir=str(images), test_fraction=0.4, resolution=16)
+    folder = runtime.auto_vae_dir(options)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    monkeypatch.setattr(runtime, "train_vae", lambda *args: pytest.fail("trained instead of refusing"))
+    with pytest.raises(ValueError, match=rf"'{folder}' holds an unfinished VAE stage \(no diffusion_pytorch_model"
+                                         r"\.safetensors, vae_metrics\.json: .*delete the folder"):  # fmt: skip
+        runtime.prepare_encoder(options, None, 1)
+    with pytest.raises(ValueError, match=r"cannot be loaded \(missing, truncated or half-written weights\?\)"):
+        load_encoder(str(folder), 1)  # named by hand (--vae FOLDER): a remedy instead of diffusers' bare error
+    with pytest.raises(ValueError, match=r"unfinished VAE stage .*pass --overwrite_output_dir to train it again"):
+        stage.train_vae(vae_options(images, folder))
+    stage.train_vae(vae_options(images, folder, overwrite_output_dir=True))
+    assert stage.vae_folder_state(folder) == ("finished", []) and load_encoder(str(folder), 1).downscale == 2
+
+    (folder / "notes.txt").write_text("mine\n")  # overwriting replaces the stage's files, and only them
+    before = (folder / stage.VAE_WEIGHTS).read_bytes()
+    stage.train_vae(vae_options(images, folder, overwrite_output_dir=True, seed=1))
+    assert (folder / "notes.txt").read_text() == "mine\n" and (folder / stage.VAE_WEIGHTS).read_bytes() != before
+    assert stage.vae_folder_state(folder) == ("finished", [])
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_sigterm_during_the_vae_stage_stops_it_after_the_current_step(tmp_path, monkeypatch):
+    """Inside a diffusion run (``--vae auto``), whose handler used to note the signal and act only once the
+    whole VAE stage had ended."""
+    from skipdiff.training import vae as stage
+    from skipdiff.training.startup import StopRequest
+
+    class SignalledAtStep2(stage.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.n == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(stage, "tqdm", SignalledAtStep2)
+    out = tmp_path / "vae"
+    with StopRequest() as run:
+        outer = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(TrainingInterrupted, match=r"interrupted by SIGTERM after step 2 of 400; .*nothing of it "
+                                                      r"was saved") as info:  # fmt: skip
+            stage.train_vae(vae_options(five_images(tmp_path / "images"), out, max_train_steps=400))
+        assert signal.getsignal(signal.SIGTERM) == outer and not run.flag  # the run's own handler is back
+    assert info.value.exit_status == 143 and stage.vae_folder_state(out) == ("none", [])

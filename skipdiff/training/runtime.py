@@ -30,7 +30,7 @@ from ..presets import UNET_PRESETS, VAE_PRESETS
 from .ema import WeightEMA
 from .model_source import plain_model, trainable_parameters
 from .options import TrainOptions
-from .vae import VaeOptions, train_vae
+from .vae import VaeOptions, train_vae, unfinished_vae_error, vae_folder_state
 
 # ---------------------------------------------------------------------------------------------------
 # Backends and the accelerator
@@ -182,11 +182,15 @@ def auto_vae_options(options: TrainOptions) -> VaeOptions:
 
 
 def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_channels: int) -> tuple[Encoder, str]:
-    """Load the encoder; with ``--vae auto`` train the VAE stage first unless it exists."""
+    """Load the encoder; with ``--vae auto`` train the VAE stage first unless it exists. A folder holding
+    part of one (a stage killed while saving in place, before saves were atomic) is refused, naming it."""
     vae = options.vae
     if vae == "auto":
         folder = auto_vae_dir(options)
-        if not (folder / "config.json").exists():
+        state, missing = vae_folder_state(folder)
+        if state == "unfinished":
+            raise unfinished_vae_error(folder, missing, "delete the folder; the next run trains it again")
+        if state == "none":
             accelerator.print(f"--vae auto: training the VAE stage into {folder} (reused by later runs)")
             train_vae(auto_vae_options(options))
             # train_vae makes its own Accelerator object (sharing the process state), so the VAE never
