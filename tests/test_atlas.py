@@ -36,6 +36,15 @@ def test_every_field_spec_is_the_template_with_its_dataset_and_parses():
     assert len(driver.FIELDS) >= 5
 
 
+def test_the_gpu_spec_is_the_templates_space_at_cifar10_scale():
+    driver = _atlas_driver()
+    assert driver.GPU_SPEC.read_text() == driver.gpu_spec_text(), "run `python eval/atlas.py specs --gpu`"
+    gpu, cpu = load_search_spec(driver.GPU_SPEC), load_search_spec(driver.spec_path("digits"))
+    assert gpu.base["dataset_name"] == "cifar10" and gpu.base["model"] == "cifar10" and gpu.base["vae"] == "none"
+    assert set(gpu.space.params) == {k for k in cpu.space.params if not k.startswith("model.")}  # the same skip space
+    assert gpu.prune["steps"] == [16000, 33000] and gpu.base["max_train_steps"] == 50000 and not gpu.constraints
+
+
 def test_every_fields_confirmation_asks_no_more_fid_samples_than_its_floor_can_match():
     """The FID floor compares as many held-out real images as samples: moon's confirmation at 500 failed in
     every cell (its train split has 396), after 12 trainings."""

@@ -151,6 +151,16 @@ def test_a_configuration_is_rebuilt_from_its_trials_parameters_alone():
         configuration_of(spec, {"skips": "linear", "model.block_out_channels": "[8, 16]", "model.layers_per_block": 1})
 
 
+def test_every_committed_search_spec_parses():
+    from skipdiff.search.spec import load_search_spec
+
+    paths = sorted((ROOT / "eval" / "searches").glob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        spec = load_search_spec(path)
+        assert spec.space.params and spec.budget, path
+
+
 @pytest.mark.parametrize(("changes", "message"), BAD_SPECS)
 def test_bad_specs_are_refused_naming_the_value(changes, message):
     data = {**copy.deepcopy(TINY), **changes}
