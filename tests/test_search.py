@@ -179,6 +179,19 @@ def test_a_preset_argument_typo_fails_before_any_trial(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_confirmation_asking_more_fid_samples_than_the_data_holds_fails_before_any_trial(tmp_path, capsys):
+    """The atlas's first moon spec asked 500 FID samples of a field with 396 train images: its confirmation
+    failed in every cell after training. The search's checks now refuse it up front, naming the split sizes."""
+    from skipdiff.search.__main__ import cli
+
+    confirm = {"top": 1, "seeds": [5, 6], "eval": {"fid": True, "num_samples": 5000, "denoise_loss": True}}
+    path = spec_file(tmp_path, confirm=confirm)
+    assert cli([str(path), "--dry_run", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "confirmation: eval num_samples=5000" in err and "train 1437 / test 360" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_prints_space_objectives_budget_and_writes_nothing(tmp_path, capsys):
     from skipdiff.search.__main__ import cli
 

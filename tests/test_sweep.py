@@ -135,6 +135,10 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path, monkeypatch, capsys):
         ({"eval": {"fid": True, "num_samples": 1}}, "num_samples must be >= 2"),
         ({"inference_variants": {"bad": "learned"}}, "adds parameters"),
         ({"colour": "blue"}, r"unknown key\(s\) \['colour'\]"),
+        ({"eval": {"fid": True, "num_samples": 1500}}, r"needs as many held-out real images .* train 1437 / test 360"),
+        ({"eval_by": {"sed": {"0": {"buckets": 2}}}}, "eval_by: 'sed' is not a grid axis"),
+        ({"eval_by": {"skips": {"nope": {"buckets": 2}}}}, r"eval_by.skips: 'nope' is not one of its labels"),
+        ({"eval_by": {"skips": {"none": {"fid": True, "num_samples": 1}}}}, "num_samples must be >= 2"),
     ],
 )
 def test_bad_specs_raise_before_anything_runs(tmp_path, monkeypatch, change, message):
@@ -142,6 +146,13 @@ def test_bad_specs_raise_before_anything_runs(tmp_path, monkeypatch, change, mes
     with pytest.raises(ValueError, match=message):
         sweep.main([str(write_spec(tmp_path, {**MICRO, **change})), "--out", str(tmp_path / "out")])
     assert counter.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_eval_by_overrides_the_evaluation_of_one_label_only():
+    spec = sweep.parse_spec({**MICRO, "eval_by": {"skips": {"none": {"buckets": 3, "denoise_loss": False}}}}, "by")
+    cells = {c.name: c for c in sweep.expand_cells(spec, "out")}
+    assert spec.eval_for(cells["skips-none__seed-0"].axes) == {**MICRO["eval"], "buckets": 3, "denoise_loss": False}
+    assert spec.eval_for(cells["skips-full__seed-0"].axes) == MICRO["eval"]
 
 
 def test_cell_names_and_union_of_grids():

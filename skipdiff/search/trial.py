@@ -248,9 +248,16 @@ def example_configurations(spec: SearchSpec) -> dict[str, dict]:
     with tempfile.TemporaryDirectory() as scratch:
         for family in spec.space.families or (None,):
             suggestion = suggest(FixedTrial(first_choices(spec.space, family)), spec.space, num_skips_for(spec), spec.base)
+            options = trial_options(spec, suggestion, Path(scratch) / "trial")
             try:
-                check_configuration(spec, trial_options(spec, suggestion, Path(scratch) / "trial"))
+                check_configuration(spec, options)
             except ValueError as err:
                 raise ValueError(f"space (skips {family or 'as in base'}): {err}") from err
             examples[family or "base"] = {"options": suggestion.options, "model": suggestion.model}
+    if spec.training:  # FID's floor must fit the data: checked now, not after a trial's or a confirmation's training
+        from ..sweep.kinds import check_fid_samples
+
+        check_fid_samples(spec.eval, options, f"search {spec.name}'s trials")
+        if spec.confirm:
+            check_fid_samples(spec.confirm.get("eval", spec.eval), options, f"search {spec.name}'s confirmation")
     return examples

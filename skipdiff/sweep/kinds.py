@@ -11,6 +11,7 @@ spec and ``--help`` stay fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -151,11 +152,13 @@ class DiffusionKind(CellKind):
         from .skips import check_skip_specs, check_variant_specs
 
         eval_options, _ = eval_api()
-        try:
-            from_dict(eval_options, {**spec.eval, "checkpoint": "<cell>"})
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"eval: {err}") from err
+        for cell in cells:
+            try:
+                from_dict(eval_options, {**spec.eval_for(cell.axes), "checkpoint": "<cell>"})
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"eval{' (eval_by, cell ' + cell.name + ')' if spec.eval_by else ''}: {err}") from err
         check_skip_specs(cells)
+        check_fid_sample_sizes(spec, cells)
         if spec.inference_variants:
             check_variant_specs({c.options["model"] for c in cells}, spec.inference_variants)
 
@@ -165,16 +168,20 @@ class DiffusionKind(CellKind):
         return train_unet(from_dict(self.options_class(), options))
 
     def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:
+        from .cells import read_cell
         from .skips import make_inference_variant
 
-        evaluate_run(folder, spec.eval)
-        variant_eval = {**spec.eval, "grad_stability": False}  # stability is the training run's
+        evaluation = spec.eval_for(read_cell(folder)["axes"])
+        evaluate_run(folder, evaluation)
+        variant_eval = {**evaluation, "grad_stability": False}  # stability is the training run's
         for label, skips in spec.inference_variants.items():
             log(f"  inference variant {label}: skips {skips}")
             evaluate_run(make_inference_variant(folder, skips, folder / "variants" / label), variant_eval)
 
     def describe(self, spec: SweepSpec) -> list[str]:
         lines = [f"eval: {json.dumps(spec.eval, sort_keys=True)}"]
+        if spec.eval_by:
+            lines.append(f"eval_by: {json.dumps(spec.eval_by, sort_keys=True)}")
         if spec.inference_variants:
             lines.append(f"inference variants: {json.dumps(spec.inference_variants, sort_keys=True)}")
         return lines
@@ -213,6 +220,42 @@ class ClassifierKind(CellKind):
 # --------------------------------------------------------------------------------------------------
 
 _TARGETS: dict[tuple, Any] = {}  # loading options -> the loaded StudyTarget, reused by every cell of a sweep
+
+
+def check_fid_sample_sizes(spec: SweepSpec, cells: list[Cell]) -> None:
+    """:func:`check_fid_samples` for every cell of a diffusion sweep, with its own evaluation (``eval_by``)."""
+    splits: dict[str, tuple[int, int]] = {}
+    for cell in cells:
+        check_fid_samples(spec.eval_for(cell.axes), cell.options, f"cell {cell.name}", splits)
+
+
+def check_fid_samples(evaluation: dict, options: dict, what: str, splits: dict | None = None) -> None:
+    """FID's floor needs ``num_samples`` held-out real images: a run on a built-in or local dataset that holds
+    fewer in the split the evaluation would hold out fails here, naming the dataset and its split sizes, not
+    after its training (a Hub dataset is not loaded at planning time; an evaluation that names its own
+    reference data is checked when it runs). ``splits`` caches split sizes across calls."""
+    from ..config import subset
+    from ..data import load_image_splits
+    from ..data_options import DataOptions
+    from ..eval.options import EvalOptions
+
+    own_reference = any(evaluation.get(k) is not None for k in ("dataset", "dataset_name", "train_data_dir"))
+    if not evaluation.get("fid") or own_reference or options.get("dataset_name") is not None:
+        return
+    splits = {} if splits is None else splits
+    data = subset(DataOptions, options)
+    key = json.dumps(dataclasses.asdict(data), sort_keys=True, default=str)
+    if key not in splits:
+        loaded = load_image_splits(data)
+        splits[key] = (len(loaded["train"]), len(loaded["test"]))
+    train, test = splits[key]
+    wanted = int(evaluation.get("num_samples", EvalOptions.num_samples))
+    reference = evaluation.get("reference", "auto")
+    heldout = {"train": test, "test": train, "auto": max(train, test)}[reference]
+    if heldout < wanted:
+        raise ValueError(f"{what}: eval num_samples={wanted} needs as many held-out real images for the FID floor, "
+                         f"but {data.source()} has train {train} / test {test} (reference {reference!r}): lower "
+                         f"num_samples to at most {heldout} (in a sweep, eval_by can set it for one dataset)")  # fmt: skip
 
 
 def _loaded_target(options) -> Any:

@@ -91,7 +91,8 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
     write_json_atomic(out / "sweep.json", {"name": spec.name, "kind": spec.kind, "description": spec.description,
                                            "spec": redact_spec(spec.raw), "spec_file": spec.source, "folder": str(out),
                                            "relaunch": relaunch or relaunch_command(spec, out), "eval": spec.eval,
-                                           "cells": [c.name for c in cells]}, default=str)  # fmt: skip
+                                           "eval_by": spec.eval_by, "cells": [c.name for c in cells]},
+                     default=str)  # fmt: skip
     kind = get_kind(spec.kind)
     records, failed, in_use = [], [], []
     for i, cell in enumerate(selected, 1):

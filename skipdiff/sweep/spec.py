@@ -20,7 +20,7 @@ from ..config import from_dict
 from ..runfolder import safe_name
 from .kinds import CellKind, get_kind
 
-SPEC_KEYS = ("kind", "description", "base", "grid", "eval", "inference_variants")
+SPEC_KEYS = ("kind", "description", "base", "grid", "eval", "eval_by", "inference_variants")
 # Run settings that do not change results: a relaunch may change them without invalidating finished cells.
 NOT_RESULTS = ("num_threads", "output_dir", "resume_from_checkpoint", "dataloader_num_workers", "report_to")
 MAX_NAME = 100
@@ -39,6 +39,15 @@ class SweepSpec:
     description: str = ""
     raw: dict = dataclasses.field(default_factory=dict)  # as written, for sweep.json
     source: str | None = None  # the YAML file it was read from (None: built in code, e.g. a confirmation)
+    eval_by: dict = dataclasses.field(default_factory=dict)  # grid axis -> label -> eval overrides of its cells
+
+    def eval_for(self, axes: list[dict]) -> dict:
+        """The evaluation of a cell on these grid ``axes`` (a :class:`Cell`'s): ``eval`` with the
+        ``eval_by`` overrides of the cell's labels (e.g. fewer FID samples on a smaller dataset)."""
+        evaluation = dict(self.eval)
+        for entry in axes:
+            evaluation.update(self.eval_by.get(entry["axis"], {}).get(entry["label"], {}))
+        return evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +98,35 @@ def parse_spec(data: Any, name: str) -> SweepSpec:
     grid = [_parse_grid(_mapping(g, f"grid[{i}]"), kind) for i, g in enumerate(grids)]
     evaluation = kind.parse_eval(data.get("eval"))
     variants = kind.parse_variants(data.get("inference_variants"), evaluation)
+    eval_by = _parse_eval_by(data.get("eval_by"), grid, kind, evaluation)
     return SweepSpec(name=name, kind=kind.name, base=base, grid=grid, eval=evaluation, inference_variants=variants,
-                     description=str(data.get("description") or ""), raw=data)  # fmt: skip
+                     description=str(data.get("description") or ""), raw=data, eval_by=eval_by)  # fmt: skip
+
+
+def _parse_eval_by(raw: Any, grid: list, kind, evaluation: dict) -> dict:
+    """``eval_by: {axis: {label: {eval option: value}}}``: per-label evaluation overrides, each axis one of the
+    grid's and each label one of that axis's; the merged evaluation must still parse."""
+    if raw is None:
+        return {}
+    raw = _mapping(raw, "eval_by")
+    if not evaluation:
+        raise ValueError(f"eval_by needs an eval: section to override (kind {kind.name!r} has none)")
+    labels: dict[str, set[str]] = {}
+    for axes in grid:
+        for axis, values in axes:
+            labels.setdefault(axis, set()).update(label for label, _ in values)
+    parsed = {}
+    for axis, by_label in raw.items():
+        if axis not in labels:
+            raise ValueError(f"eval_by: {axis!r} is not a grid axis; axes: {sorted(labels)}")
+        parsed[axis] = {}
+        for label, overrides in _mapping(by_label, f"eval_by.{axis}").items():
+            if str(label) not in labels[axis]:
+                raise ValueError(f"eval_by.{axis}: {label!r} is not one of its labels {sorted(labels[axis])}")
+            overrides = _mapping(overrides, f"eval_by.{axis}.{label}")
+            kind.parse_eval({**evaluation, **overrides})
+            parsed[axis][str(label)] = dict(overrides)
+    return parsed
 
 
 def _mapping(value: Any, what: str) -> dict:
