@@ -24,6 +24,7 @@ import ast
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from . import __version__
@@ -222,13 +223,46 @@ def export_pipeline(pipeline, folder: str | os.PathLike, raw_unet=None) -> Path:
     its EMA weights, as diffusers' training examples save them), and the bundled code
     (:func:`write_remote_code`). The folder then loads with
     ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (diffusers only) and with
-    ``SkipDiffPipeline.from_pretrained(folder)`` (skipdiff installed). Returns the folder."""
+    ``SkipDiffPipeline.from_pretrained(folder)`` (skipdiff installed). Returns the folder.
+
+    Everything is written to a temporary folder inside ``folder`` first, so a full disk or a missing
+    permission while writing (an ``OSError`` naming the folder) leaves an earlier export as it was. The
+    files are then moved in, ``model_index.json`` last, while the folder holds
+    :data:`~skipdiff.pipeline.UNFINISHED_EXPORT`: a kill while moving leaves it, and evaluation and
+    ``SkipDiffPipeline.from_pretrained`` refuse the folder instead of loading weights that may be missing."""
+    from safetensors import SafetensorError
+
     folder = Path(folder)
-    pipeline.save_pretrained(folder)
-    if raw_unet is not None:
-        raw_unet.save_pretrained(folder / "unet_raw")
-    write_remote_code(folder, pipeline.components)
-    for name in [*pipeline.components, "unet_raw"]:  # safetensors writes 0600: follow the umask instead
-        if (folder / name).is_dir():
-            follow_umask(folder / name)
+    tmp = folder / f".export.tmp{os.getpid()}"  # a name --overwrite_output_dir knows as skipdiff's
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        pipeline.save_pretrained(tmp)
+        if raw_unet is not None:
+            raw_unet.save_pretrained(tmp / "unet_raw")
+        write_remote_code(tmp, pipeline.components)
+        follow_umask(tmp)  # safetensors writes 0600: follow the umask instead
+        _move_in(tmp, folder)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
+        raise OSError(f"could not export the pipeline to {str(folder)!r}: {err}; what it held before is intact; free "
+                      "space or make the folder writable, then export again (a training run: its command with "
+                      "--resume_from_checkpoint latest)") from err  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _move_in(tmp: Path, folder: Path) -> None:
+    """Move an export's entries from ``tmp`` into ``folder``, replacing earlier ones, ``model_index.json`` last,
+    with :data:`~skipdiff.pipeline.UNFINISHED_EXPORT` present from before the first move to after the last."""
+    from .pipeline import UNFINISHED_EXPORT
+
+    marker = folder / UNFINISHED_EXPORT
+    marker.write_text("an export is moving its files into this folder; it is unfinished while this file exists\n")
+    for entry in sorted(tmp.iterdir(), key=lambda path: path.name == "model_index.json"):
+        target = folder / entry.name
+        aside = folder / f".{entry.name}.old.tmp{os.getpid()}"
+        if target.is_dir() and entry.is_dir():  # a folder cannot be renamed over a non-empty one
+            os.replace(target, aside)
+        os.replace(entry, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    marker.unlink()

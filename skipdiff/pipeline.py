@@ -27,6 +27,18 @@ from .encoders import PixelEncoder, VaeEncoder
 from .unet import SkipUNet2DModel
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+# Present in a folder while an export moves its files in (skipdiff.export.export_pipeline): a folder that still
+# holds it was stopped mid-way (a full disk, a kill), its weights possibly missing (no unet_raw/) or mixed.
+UNFINISHED_EXPORT = ".export-unfinished"
+
+
+def check_export_finished(folder: str | os.PathLike) -> None:
+    """Refuse a folder whose export did not finish (:data:`UNFINISHED_EXPORT`): a ``ValueError`` naming it
+    and what to do, instead of loading weights that may be missing or from two exports."""
+    if (Path(folder) / UNFINISHED_EXPORT).exists():
+        raise ValueError(f"{str(folder)!r} holds an unfinished export ({UNFINISHED_EXPORT}: it was stopped while "
+                         "writing, by a full disk or a kill), so its weights may be missing or mixed: write it again "
+                         "(a training run: its command with --resume_from_checkpoint latest)")  # fmt: skip
 
 
 def weights_layout(folder: str | os.PathLike) -> dict[str, str | None]:
@@ -81,6 +93,7 @@ class SkipDiffPipeline(DiffusionPipeline):
         resolve, and so need to trust, the code the repo bundles, which this class replaces."""
         source = str(pretrained_model_name_or_path)
         folder = Path(source) if Path(source).is_dir() else _download(source, use_ema, kwargs)
+        check_export_finished(folder)
         subfolder = weights_subfolder(folder, use_ema)
         if subfolder != "unet" and "unet" not in kwargs:
             dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))

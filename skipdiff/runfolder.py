@@ -16,6 +16,7 @@ files safely:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -49,14 +50,50 @@ def write_json_atomic(path: str | os.PathLike, payload, **dumps) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename: a reader sees
     the old file or the new one, never half of one; the temporary file is removed when writing fails."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_path(path) as tmp:`` write the file at ``tmp`` (same folder, hidden); it replaces ``path``
+    when the block ends, and is removed when the block raises (a full disk, a missing permission, Ctrl-C), so
+    ``path`` is the old file or the new one. Writers that pick a format by the suffix need it given (PNG)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# Errors of a write that a user can act on (errno -> words); other OSErrors keep their own message.
+_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+         errno.EROFS: "the file system is read-only"}  # fmt: skip
+_DENIED = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+_TEMPORARY_NAME = re.compile(r"^\.(.+)\.tmp\d+$")  # atomic_path's name for a file being written
+
+
+def io_error_line(err: OSError, where: str | os.PathLike | None = None) -> str:
+    """One line for an ``OSError`` of a command line. A full disk, an exceeded quota, a read-only file system or
+    a missing permission names the file (its final name, not the temporary one; ``where`` when the error names
+    none) and what to do; any other error keeps its own message."""
+    failure = _FULL.get(err.errno) or _DENIED.get(err.errno)
+    if failure is None:
+        return str(err)
+    target = where
+    if err.filename:
+        name = Path(os.fsdecode(err.filename))
+        match = _TEMPORARY_NAME.match(name.name)
+        target = name.with_name(match.group(1)) if match else name
+    place = f" {str(target)!r}" if target is not None else ""
+    if err.errno in _DENIED:
+        return (f"{failure} on{place}: give yourself access to it or write somewhere else (--out), then run the "
+                "command again; files written before are unchanged")  # fmt: skip
+    return (f"could not write{place}: {failure}; free space or write somewhere else (--out), then run the command "
+            "again; files written before are unchanged and no temporary file is left")  # fmt: skip
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:

@@ -258,6 +258,12 @@ def read_model_index(checkpoint: str, revision: str | None = None,
     is downloaded."""
     path = Path(checkpoint)
     if path.exists():
+        from .pipeline import check_export_finished
+
+        check_export_finished(path)
+        if not (path / MODEL_INDEX).is_file() and (path / OPTIONS_FILE).is_file():
+            raise ValueError(f"--checkpoint {checkpoint!r} is a skipdiff run without its exported pipeline (no "
+                             f"{MODEL_INDEX}: it has not finished); finish it with --resume_from_checkpoint latest")  # fmt: skip
         if not (path / MODEL_INDEX).is_file():
             raise ValueError(
                 f"--checkpoint {checkpoint!r} is not a skipdiff run folder or a diffusers pipeline (no {MODEL_INDEX})"

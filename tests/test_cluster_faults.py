@@ -521,3 +521,155 @@ def test_sigterm_during_the_vae_stage_stops_it_after_the_current_step(tmp_path, 
             stage.train_vae(vae_options(five_images(tmp_path / "images"), out, max_train_steps=400))
         assert signal.getsignal(signal.SIGTERM) == outer and not run.flag  # the run's own handler is back
     assert info.value.exit_status == 143 and stage.vae_folder_state(out) == ("none", [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Export and evaluation: a full disk is one line, writes whole or detected as unfinished
+# --------------------------------------------------------------------------------------------------
+
+
+def error_lines(text: str) -> list[str]:
+    """The ``error:`` lines of a command's stderr (after tqdm's progress, which ends in a carriage return)."""
+    return [line[line.index("error: "):] for line in text.splitlines() if "error: " in line]
+
+
+def no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def raw_weights_do_not_fit(monkeypatch) -> None:
+    """The disk fills while the export writes ``unet_raw/`` (after model_index.json and unet/)."""
+    from skipdiff.unet import SkipUNet2DModel
+
+    save = SkipUNet2DModel.save_pretrained
+
+    def save_pretrained(self, folder, **kwargs):
+        return no_space() if Path(folder).name == "unet_raw" else save(self, folder, **kwargs)
+
+    monkeypatch.setattr(SkipUNet2DModel, "save_pretrained", save_pretrained)
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_leaves_no_run_that_looks_finished(tmp_path, monkeypatch,
+                                                                                          capsys):  # fmt: skip
+    """It left model_index.json and unet/ without unet_raw/: evaluation read the EMA weights as the raw ones."""
+    from helpers.unet_runs import reset_accelerate_state
+
+    from skipdiff.cli.train_unet import main
+
+    raw_weights_do_not_fit(monkeypatch)
+    out = tmp_path / "run"
+    args = tiny_args(out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    reset_accelerate_state()
+    try:
+        code = main(args)
+    finally:
+        reset_accelerate_state()
+    text = capsys.readouterr().err
+    err = error_lines(text)
+    assert code == 1 and len(err) == 1 and "Traceback" not in text, err
+    assert f"could not export the pipeline to '{out}'" in err[0] and "No space left" in err[0]
+    assert "--resume_from_checkpoint latest" in err[0]
+    assert not (out / "model_index.json").exists() and not [p for p in out.iterdir() if ".tmp" in p.name]
+    monkeypatch.undo()
+
+    assert evaluate_cli("--checkpoint", str(out), "--denoise_loss") == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "is a skipdiff run without its exported pipeline" in err[0], err
+    assert run_train_unet([*args, "--resume_from_checkpoint", "latest"])["steps"] == 2  # what the error says to do
+    assert (out / "unet_raw").is_dir() and evaluate_cli("--checkpoint", str(out), "--denoise_loss") == 0
+
+
+def test_a_failed_export_into_an_exported_run_changes_nothing_in_it(checkpointed, tmp_path, monkeypatch):
+    import torch
+
+    from skipdiff.export import export_pipeline
+    from skipdiff.pipeline import SkipDiffPipeline
+
+    run = Path(shutil.copytree(checkpointed, tmp_path / "run"))
+    pipeline = SkipDiffPipeline.from_pretrained(run)
+    with torch.no_grad():
+        next(pipeline.unet.parameters()).add_(1.0)  # other weights than the folder's, as a later export has
+    before = snapshot(run)
+    raw_weights_do_not_fit(monkeypatch)
+    with pytest.raises(OSError, match=rf"could not export the pipeline to '{run}': .*No space left.*is intact"):
+        export_pipeline(pipeline, run, raw_unet=pipeline.unet)
+    assert snapshot(run) == before  # unet/ was rewritten in place before the failure
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in checkpointed.iterdir())
+
+
+def test_an_export_stopped_while_moving_its_files_in_is_refused_by_name(checkpointed, tmp_path, monkeypatch, capsys):
+    """A kill between its moves leaves the folder without unet_raw/; the marker left with it tells."""
+    from skipdiff import export
+    from skipdiff.pipeline import UNFINISHED_EXPORT, SkipDiffPipeline
+
+    run = Path(shutil.copytree(checkpointed, tmp_path / "run"))
+    pipeline = SkipDiffPipeline.from_pretrained(run)
+    replace = os.replace
+
+    def killed_before_unet_raw(source, target):
+        if Path(target).name == "unet_raw":
+            raise KeyboardInterrupt  # (a kill -9 would also leave the temporary folder: a hidden name, never read)
+        return replace(source, target)
+
+    monkeypatch.setattr(export.os, "replace", killed_before_unet_raw)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_pipeline(pipeline, run, raw_unet=pipeline.unet)
+    monkeypatch.undo()
+    assert (run / UNFINISHED_EXPORT).is_file() and not (run / "unet_raw").exists()
+    assert evaluate_cli("--checkpoint", str(run), "--denoise_loss") == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and f"'{run}' holds an unfinished export" in err[0] and "write it again" in err[0], err
+    with pytest.raises(ValueError, match="holds an unfinished export"):
+        SkipDiffPipeline.from_pretrained(run)
+    export.export_pipeline(pipeline, run, raw_unet=pipeline.unet)  # exported again: whole, and loads
+    assert not (run / UNFINISHED_EXPORT).exists() and SkipDiffPipeline.from_pretrained(run).unet is not None
+
+
+def test_a_full_disk_while_evaluation_writes_its_results_is_one_line_and_keeps_the_earlier_ones(checkpointed,
+                                                                                                 tmp_path, monkeypatch,
+                                                                                                 capsys):  # fmt: skip
+    import pathlib
+
+    run = Path(shutil.copytree(checkpointed, tmp_path / "run"))
+    assert evaluate_cli("--checkpoint", str(run), "--denoise_loss") == 0
+    before = snapshot(run / "eval")
+    capsys.readouterr()
+
+    def half_written_then_full(self, data, *args, **kwargs):  # a real full disk: part of the file, then ENOSPC
+        with open(self, "w") as handle:
+            handle.write(data[: len(data) // 2])
+        no_space()
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_written_then_full)
+    assert evaluate_cli("--checkpoint", str(run), "--denoise_loss") == 2
+    monkeypatch.undo()
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"error: could not write '{run / 'eval'}': no space left"), err
+    assert "free space or write somewhere else (--out)" in err[0]
+    assert snapshot(run / "eval") == before and not [p for p in (run / "eval").iterdir() if ".tmp" in p.name]
+
+
+def test_a_full_disk_while_a_plot_is_written_leaves_the_old_plot(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from skipdiff.eval import plots
+
+    path = tmp_path / "loss.png"
+    fig, ax = plots.new_figure(2, 2)
+    ax.plot([0, 1], [1, 0])
+    plots.save_figure(fig, path)
+    before = path.read_bytes()
+    savefig = matplotlib.figure.Figure.savefig
+
+    def half_written_then_full(self, target, **kwargs):
+        savefig(self, target, **kwargs)
+        Path(target).write_bytes(Path(target).read_bytes()[:100])
+        no_space()
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_written_then_full)
+    fig, ax = plots.new_figure(2, 2)
+    with pytest.raises(OSError, match="No space left"):
+        plots.save_figure(fig, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]

@@ -57,7 +57,10 @@ def saved(monkeypatch):
     found: dict[str, list[str]] = {}
 
     def checking_savefig(fig, path, *args, **kwargs):
-        found[Path(path).name] = outside_canvas(fig) + [f"unlabelled {a}" for a in unlabelled_axes(fig)]
+        name = Path(path).name  # figures are written atomically, through a temporary '.<name>.tmp<pid>'
+        name = name[1 : name.rindex(".tmp")] if name.startswith(".") and ".tmp" in name else name
+        found[name] = outside_canvas(fig) + [f"unlabelled {a}" for a in unlabelled_axes(fig)]
+        Path(path).write_bytes(b"")  # (for the rename that follows)
 
     monkeypatch.setattr(Figure, "savefig", checking_savefig)
     return found

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..config import REDACTED, SkipdiffError, parse_args, redact, to_json
+from ..runfolder import io_error_line
 
 Options = TypeVar("Options")
 
@@ -34,7 +35,7 @@ def run_with_clean_errors(function: Callable[[], object]) -> int:
         print(f"{'stopped' if interrupted else 'error'}: {err}", file=sys.stderr)
         return getattr(err, "exit_status", 130) if interrupted else 1
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {io_error_line(err) if isinstance(err, OSError) else err}", file=sys.stderr)
         return 1
     return 0
 

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from ..config import SkipdiffError, parse_args
+from ..runfolder import io_error_line
 from .options import EvalOptions
 
 
@@ -38,12 +39,16 @@ def main(argv: list[str] | None = None) -> None:
 
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
-    if options.compare:
-        print(compare(options.compare, options.out))
-        return
-    result = evaluate(options)
+    out = Path(options.out or ("runs/compare" if options.compare else default_out(options)))
+    try:
+        if options.compare:
+            print(compare(options.compare, options.out))
+            return
+        result = evaluate(options)
+    except OSError as err:  # a full disk or a read-only --out: one line naming the file (or the folder)
+        raise OSError(io_error_line(err, out)) from err
     print(summary_markdown({Path(options.checkpoint).name: result}))
-    print(f"wrote {Path(options.out or default_out(options))}/eval.json")
+    print(f"wrote {out}/eval.json")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..runfolder import EVAL_LOCK_FILE, RunLock, read_stats
+from ..runfolder import EVAL_LOCK_FILE, RunLock, atomic_path, read_stats
 from ..sampling import Samples, sample_images
 from ..targets import StudyTarget, load_target
 from . import plots
@@ -261,7 +261,8 @@ def _grid(run: _Evaluation) -> dict:
     pil = numpy_to_pil(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
     style = dict(columns=columns, column_labels=column_labels, row_labels=row_labels,
                  legend=_grid_legend(run, seed, len(variants) > 1))  # fmt: skip
-    image_grid(pil, **style).save(run.out_dir("samples.png"))
+    with atomic_path(run.out_dir("samples.png")) as tmp:
+        image_grid(pil, **style).save(tmp, format="PNG")
     layout, _ = grid_layout(len(pil), image_size=pil[0].size, **style)  # where each cell is (report sample sheets)
     return {"file": "samples.png", "variants": [spec for _, spec in variants], "rows": rows, "seed": seed,
             "layout": dataclasses.asdict(layout)}  # fmt: skip

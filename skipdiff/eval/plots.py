@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..runfolder import atomic_path  # noqa: E402
 from .stability import ordered_blocks  # noqa: E402
 
 PNG_METADATA = {"Software": None}  # no matplotlib version in the file: same bytes across versions where possible
@@ -24,9 +25,13 @@ def new_figure(width: float, height: float, **subplots):
 
 
 def save_figure(fig, path, dpi: int = 120) -> None:
-    """Write ``fig`` as PNG at ``dpi`` with fixed metadata, and close it."""
-    fig.savefig(path, dpi=dpi, metadata=PNG_METADATA)
-    plt.close(fig)
+    """Write ``fig`` as PNG at ``dpi`` with fixed metadata (atomically: a full disk leaves the old file), and
+    close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, metadata=PNG_METADATA)
+    finally:
+        plt.close(fig)
 
 
 def loss_by_timestep(results: dict[str, dict], path) -> None:

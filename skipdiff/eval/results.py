@@ -197,7 +197,7 @@ def compare(runs: list[str], out: str | None) -> str:
     folder = Path(out or "runs/compare")
     folder.mkdir(parents=True, exist_ok=True)
     table = summary_markdown(rows)
-    (folder / "compare.md").write_text(table)
+    write_text_atomic(folder / "compare.md", table)
     denoised = {label: result["denoise"] for label, result in rows if "denoise" in result}
     if denoised:
         plots.loss_by_timestep(denoised, folder / "loss_by_timestep.png")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import check_output_folder
+from ..runfolder import io_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,24 +35,27 @@ def main(argv: list[str] | None = None) -> Path:
     if not Path(args.sweep).is_dir():
         raise ValueError(f"sweep folder {args.sweep!r} does not exist")
     check_output_folder(args.out)
-    if (Path(args.sweep) / "search.json").is_file():  # a search folder (python -m skipdiff.search)
-        from ..search.report import write_search_report
+    try:
+        if (Path(args.sweep) / "search.json").is_file():  # a search folder (python -m skipdiff.search)
+            from ..search.report import write_search_report
 
-        path = write_search_report(args.sweep, args.out)
-        print(f"wrote {path}")
-        return path
-    from .write import write_report
+            path = write_search_report(args.sweep, args.out)
+        else:
+            from .write import write_report
 
-    path = write_report(args.sweep, args.out, args.reference)
+            path = write_report(args.sweep, args.out, args.reference)
+    except OSError as err:  # a full disk or a read-only --out: one line naming the file (or the folder)
+        raise OSError(io_error_line(err, args.out or Path(args.sweep) / "report")) from err
     print(f"wrote {path}")
     return path
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """:func:`main` for a console: bad input prints ``error: ...`` and returns 2."""
+    """:func:`main` for a console: bad input, a full disk or a folder it may not write print ``error: ...``
+    and return 2."""
     try:
         main(argv)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..eval import plots  # noqa: E402
-from ..runfolder import safe_name  # noqa: E402
+from ..runfolder import atomic_path, safe_name  # noqa: E402
 from .read import Result, dedupe_steps, paired_speedups  # noqa: E402
 
 REPORT_FILES = ("loss_", "grad_", "markov_", "samples_", "metric_", "speed_")
@@ -127,8 +127,9 @@ def sample_sheet(configurations: dict[str, list[Result]], path: Path, title: str
     images = [cell for cells in rows for cell in cells[:count]]
     legend = (f"{title}: each configuration's own samples (lowest training seed), sampling seed "
               f"{', '.join(str(s) for s in sorted(seeds, key=str))}; column i starts from the same noise in every row")  # fmt: skip
-    image_grid(images, columns=count, row_labels=labels, column_labels=[f"image {i}" for i in range(count)],
-               legend=legend).save(path)  # fmt: skip
+    with atomic_path(path) as tmp:
+        image_grid(images, columns=count, row_labels=labels, column_labels=[f"image {i}" for i in range(count)],
+                   legend=legend).save(tmp, format="PNG")  # fmt: skip
     return True
 
 

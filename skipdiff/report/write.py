@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runfolder import write_json_atomic
+from ..runfolder import write_json_atomic, write_text_atomic
 from .markdown import results_to_markdown
 from .ranking import choose_reference
 from .read import cells_to_results, group, load_sweep
@@ -53,6 +53,6 @@ def write_report(sweep_folder: str | Path, out: str | Path | None = None, refere
     figures = write_figures(sweep["kind"], grouped, out, references)
     markdown, summary = results_to_markdown(sweep, cells, grouped, references, figures, margins, test,
                                             folder=str(sweep_folder))  # fmt: skip
-    (out / "report.md").write_text(markdown)
+    write_text_atomic(out / "report.md", markdown)
     write_json_atomic(out / "summary.json", summary)
     return out / "report.md"

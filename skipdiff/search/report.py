@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..runfolder import read_json, write_json_atomic
+from ..runfolder import atomic_path, read_json, write_json_atomic, write_text_atomic
 
 
 def trial_rows(study) -> list[dict]:
@@ -77,7 +77,8 @@ def _history(rows: list[dict], objective: str, minimize: bool, path: Path) -> No
     ax.set_ylabel(objective)
     ax.set_title(f"optimisation history ({objective}, {'lower' if minimize else 'higher'} is better)")
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # a full disk leaves the old file
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -97,7 +98,8 @@ def _pareto(rows: list[dict], front: set[int], objectives: list[str], path: Path
     ax.set_ylabel(objectives[0])
     ax.set_title("quality against compute")
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # a full disk leaves the old file
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -151,7 +153,7 @@ def write_search_report(folder: str | Path, out: str | Path | None = None) -> Pa
                   "| parameter | importance |", "|---|---|"]  # fmt: skip
         lines += [f"| {name} | {value:.3f} |" for name, value in summary["importance"].items()]
     lines += _confirmation_lines(folder, summary)
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     write_json_atomic(out / "search_summary.json", summary, default=str)
     return out / "report.md"
 

@@ -97,7 +97,8 @@ def prepare_output_dir(options) -> Path:
 # --overwrite_output_dir deletes these, and only these.
 RUN_ENTRIES = frozenset({OPTIONS_FILE, STATS_FILE, LOCK_FILE, ".write-test", "model_index.json", "skipdiff_pipeline.py",
                          "README.md", "train_metrics.json", "cell.json", "unet", "unet_raw", "unet_ema", "vae",
-                         "scheduler", "skip_gates", "samples", "logs", "wandb", "eval", "variants"})  # fmt: skip
+                         "scheduler", "skip_gates", "samples", "logs", "wandb", "eval", "variants",
+                         ".export-unfinished"})  # fmt: skip
 RUN_ENTRY_PATTERN = re.compile(r"^(checkpoint-\d+|\.checkpoint-\d+\.(tmp|old|deleting)|eval-.+|\..+\.tmp\d+)$")
 # ... and inside its evaluation folders (eval/, eval-<skips>/).
 EVAL_ENTRY_PATTERN = re.compile(r"^(eval\.json|eval\.md|[^/]+\.png|\.eval\.lock|\..+\.tmp\d+)$")
