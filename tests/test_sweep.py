@@ -279,6 +279,33 @@ def test_builtin_specs_are_valid():
 
 
 @pytest.mark.slow
+def test_a_full_disk_while_the_report_is_written_is_one_line_and_keeps_the_earlier_report(micro_sweep, tmp_path,
+                                                                                           monkeypatch, capsys):  # fmt: skip
+    """It was a traceback, and report.md was left half written (issue 28)."""
+    import errno
+    import pathlib
+
+    from skipdiff.report.__main__ import cli
+
+    out = tmp_path / "report"
+    assert cli([str(micro_sweep), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def half_written_then_full(self, data, *args, **kwargs):  # a real full disk: part of the file, then ENOSPC
+        with open(self, "w") as handle:
+            handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_written_then_full)
+    assert cli([str(micro_sweep), "--out", str(out)]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: could not write '{out}': no space left on the device"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, nothing half written
+
+
+@pytest.mark.slow
 def test_report_never_overwrites_committed_results_by_default(micro_sweep, tmp_path, monkeypatch, capsys):
     shutil.copytree(micro_sweep, tmp_path / "runs" / "sweeps" / "micro")
     committed = tmp_path / "eval" / "results" / "micro"  # as in a checkout: a committed report of this sweep
