@@ -38,6 +38,7 @@ RESULTS = ROOT / "eval" / "results" / "atlas"
 # only, against that field's full at the same N.
 FID_SAMPLES = {"moon": 390}
 RERUN = "full-rerun"  # the transfer's null control: the target's reference trained again on the same seeds
+OWN_RERUN = "own-best-rerun"  # the target's own confirmed best trained again with the transferred ones
 TRANSFER_SEEDS = 3  # the first confirmation seeds: each transfer run pairs with the target's own full and best
 
 
@@ -147,11 +148,23 @@ def confirmed_configuration(field: str) -> tuple[str, dict] | None:
     return best, overrides
 
 
+def _with_model_file(target: str, source: str, best: str, overrides: dict) -> dict:
+    """``overrides`` with a UNet config (a dict) written next to ``target``'s transfer and named by its path."""
+    from skipdiff.runfolder import write_json_atomic
+
+    overrides = dict(overrides)
+    if isinstance(overrides.get("model"), dict):
+        path = search_folder(target) / "transfer-configs" / f"{source}-{best}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, overrides["model"])
+        overrides["model"] = str(path)
+    return overrides
+
+
 def transfer_sweep(target: str, sources) -> dict:
     """The sweep spec (a dict) that trains each source field's confirmed best on ``target`` (base options and
     evaluation of the target's search and confirmation, its first confirmation seeds); {} when no source
     has a confirmed best yet."""
-    from skipdiff.runfolder import write_json_atomic
     from skipdiff.search.spec import load_search_spec
 
     spec = load_search_spec(spec_path(target))
@@ -160,18 +173,16 @@ def transfer_sweep(target: str, sources) -> dict:
         found = None if source == target else confirmed_configuration(source)
         if found is None:
             continue
-        best, overrides = found
-        if isinstance(overrides.get("model"), dict):
-            path = search_folder(target) / "transfer-configs" / f"{source}-{best}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, overrides["model"])
-            overrides["model"] = str(path)
-        configs[f"from-{source}"] = overrides
+        configs[f"from-{source}"] = _with_model_file(target, source, *found)
     if not configs:
         return {}
-    # The target's full again: a null control (its Δ against the confirmation's full is the rerun's noise:
-    # another session, the VAE retrained), so the matrix shows how much of a cell's difference that explains.
+    # The target's full and own best again, in the same session and with the same VAE as every transferred
+    # configuration, so the matrix pairs like with like; the full's rerun against the confirmation's full is
+    # the null control (another session, the VAE retrained: digits reproduces to 1e-6, photo_patches not).
     configs[RERUN] = dict(spec.confirm["reference"])
+    own = confirmed_configuration(target)
+    if own is not None:
+        configs[OWN_RERUN] = _with_model_file(target, target, *own)
     return {"kind": "diffusion", "description": f"skip atlas: other fields' confirmed best configurations on {target}",
             "base": spec.base, "grid": {"config": configs, "seed": spec.confirm["seeds"][:TRANSFER_SEEDS]},
             "eval": spec.confirm.get("eval", spec.eval)}  # fmt: skip

@@ -179,6 +179,33 @@ def test_transfer_matrix_pairs_each_source_with_the_targets_full_and_own_best(tm
     assert "| moon | " in md and (tmp_path / "atlas" / "transfer.png").is_file()
 
 
+def test_transfer_matrix_pairs_within_the_transfer_sweep_when_it_retrained_full_and_own_best(tmp_path):
+    """Another session (the VAE retrained) moved photo_patches' full: the transferred configurations are
+    compared with the full and own best the transfer sweep trained beside them, and the rerun's distance from
+    the confirmation's full is reported as the null control."""
+    ref = {s: 0.30 + 0.001 * (s % 3) for s in SEEDS}
+    best = {s: v - 0.01 for s, v in ref.items()}
+    fields = [_field(tmp_path / name, {"reference": ref, "trial-0001": best}, None) for name in ("hubble", "moon")]
+    seeds = [100, 101, 102]
+    shifted = [ref[s] + 0.005 for s in seeds]  # the rerun lands 0.005 above the confirmation's full
+    configurations = {"config=from-hubble": [v - 0.002 for v in shifted], "config=full-rerun": shifted,
+                      "config=own-best-rerun": [v - 0.01 for v in shifted]}  # fmt: skip
+    transfer = {"datasets": {"moon, 16px": {"configurations": {
+        name: {"seeds": seeds, "values": {"denoise": values, "fid": [None] * 3}} for name, values in configurations.items()}}}}
+    (fields[1] / "transfer").mkdir()
+    (fields[1] / "transfer" / "summary.json").write_text(json.dumps(transfer))
+    md = write_atlas(fields, tmp_path / "atlas").read_text()
+    atlas = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
+    moon = {r["configuration"]: r for r in atlas["transfer"]["denoise"]["moon"]["rows"]}
+    assert set(moon) == {"reference", "from-hubble", "own best"}  # the reruns are the reference and the own best
+    assert moon["from-hubble"]["delta"] == pytest.approx(-0.002) and moon["own best"]["delta"] == pytest.approx(-0.01)
+    own = {r["configuration"]: r for r in atlas["transfer"]["against_own_best"]["denoise"]["moon"]["rows"]}
+    assert own["from-hubble"]["delta"] == pytest.approx(0.008)
+    control = next(r for r in atlas["transfer"]["null_control"]["denoise"]["moon"]["rows"] if not r["is_reference"])
+    assert control["delta"] == pytest.approx(0.005) and control["pairs"] == 3
+    assert "The null control" in md and "| moon | +0.005" in md
+
+
 def test_transfer_sweep_rebuilds_each_sources_confirmed_best_from_its_committed_report(tmp_path, monkeypatch):
     """The transfer reads a source's best from eval/results (its trial's parameters in the search report),
     not from the search's run folders, which a fresh checkout does not have."""

@@ -98,36 +98,55 @@ def transfer_values(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
 
 
 OWN_BEST = "own best"  # the transfer matrix's column of the target's own confirmed best
+OWN_RERUN = "own-best-rerun"  # the target's own best, trained again by the transfer sweep (eval/atlas.py)
+
+
+def _transfer_rows(own: dict[str, dict[int, float]], best: str | None, transferred: dict[str, dict[int, float]]) -> dict:
+    """The matrix's rows of one target and metric: its full and own best from the transfer sweep itself
+    (trained in the same session, with the same VAE, as every transferred configuration) where it ran them,
+    else from the confirmation on the transfer's seeds; then each transferred configuration."""
+    seeds = {s for values in transferred.values() for s in values}
+    reference = transferred.get(RERUN) or {s: v for s, v in own[REFERENCE].items() if s in seeds}
+    rows = {REFERENCE: reference, **{k: v for k, v in transferred.items() if k not in (RERUN, OWN_RERUN)}}
+    if OWN_RERUN in transferred:
+        rows[OWN_BEST] = transferred[OWN_RERUN]
+    elif best is not None:
+        rows[OWN_BEST] = {s: v for s, v in own[best].items() if s in seeds}
+    return rows
 
 
 def rank_transfer(values_by_field: dict[str, dict], transfer_by_field: dict[str, dict]) -> dict:
-    """The transfer matrix, ranked twice per metric, each on the transfer's seeds, paired by seed, with Holm
-    over each whole matrix (scope "transfer"): ``transfer[metric][target]`` ranks every transferred
-    configuration and the target's own confirmed best against the target's full;
-    ``transfer["against_own_best"][metric][target]`` ranks the transferred configurations against that own
-    best (does a field's best carry over as well as the target's own?); ``transfer["own_best"][target]`` is
-    the own best's label."""
+    """The transfer matrix per metric, on the transfer's seeds, paired by seed, Holm over each whole matrix
+    (scope "transfer"): ``transfer[metric][target]`` ranks every transferred configuration and the target's
+    own best against the target's full; ``transfer["against_own_best"][metric][target]`` ranks the transferred
+    configurations against that own best (does a field's best carry over as well as the target's own?);
+    ``transfer["null_control"][metric][target]`` ranks the full trained again by the transfer sweep against
+    the confirmation's full on the same seeds (how far a rerun in another session lands from it: the reason
+    the matrix pairs within the transfer sweep); ``transfer["own_best"][target]`` names the own best."""
     from ..report.ranking import adjust_family, compare
 
-    rankings: dict = {"own_best": {}, "against_own_best": {}}
+    rankings: dict = {"own_best": {}, "against_own_best": {}, "null_control": {}}
     for metric in METRICS:
-        against_full, against_own = {}, {}
+        against_full, against_own, control = {}, {}, {}
         for field, transferred in transfer_by_field.items():
             own = values_by_field[field].get(metric, {})
-            best = confirmed_best(values_by_field[field])
             if REFERENCE not in own or metric not in transferred:
                 continue
-            seeds = {s for values in transferred[metric].values() for s in values}
-            rows = {REFERENCE: own[REFERENCE], **transferred[metric]}
+            best = confirmed_best(values_by_field[field])
+            rows = _transfer_rows(own, best, transferred[metric])
             if best is not None:
                 rankings["own_best"][field] = best
-                rows[OWN_BEST] = {s: v for s, v in own[best].items() if s in seeds}  # the same seeds as every column
+            if OWN_BEST in rows:
                 against_own[field] = compare({k: v for k, v in rows.items() if k != REFERENCE}, OWN_BEST,
                                              lower_is_better=True, family=None)  # fmt: skip
             against_full[field] = compare(rows, REFERENCE, lower_is_better=True, family=None)
+            if RERUN in transferred[metric]:
+                control[field] = compare({"confirmation's full": own[REFERENCE], RERUN: transferred[metric][RERUN]},
+                                         "confirmation's full", lower_is_better=True, family="table")  # fmt: skip
         adjust_family(list(against_full.values()), scope="transfer")
         adjust_family(list(against_own.values()), scope="transfer")
         rankings[metric], rankings["against_own_best"][metric] = against_full, against_own
+        rankings["null_control"][metric] = control
     return rankings
 
 
@@ -275,8 +294,8 @@ def transfer_lines(transfer: dict) -> list[str]:
     lines = ["## Transfer: each field's confirmed best, trained on the other fields", "",
              "Each cell: Δ held-out MSE against the target field's `full` on the transfer's seeds (paired; 95% CI), "
              "the Holm p over the whole matrix and the verdict; below it the verdict against the target's own "
-             f"confirmed best on the same seeds (`{OWN_BEST}`, its trial in the first column). `{RERUN}` is the "
-             "target's full trained again: its difference is the rerun's own noise.", "",
+             f"confirmed best on the same seeds (`{OWN_BEST}`, its trial in the first column). The target's full "
+             "and own best are trained again by the transfer sweep, so every pair shares its session and VAE.", "",
              "![transfer matrix](transfer.png)", "",
              "| target field (own best) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]  # fmt: skip
     for field, ranking in rankings.items():
@@ -290,6 +309,14 @@ def transfer_lines(transfer: dict) -> list[str]:
                 cell += f"<br>vs own best: {own[column]['verdict']}"
             cells.append(cell)
         lines.append(f"| {field} ({transfer.get('own_best', {}).get(field, '–')}) | " + " | ".join(cells) + " |")
+    control = (transfer.get("null_control") or {}).get("denoise", {})
+    if control:
+        lines += ["", "The null control: each target's full trained again by the transfer sweep (same seeds, another "
+                  "session, the VAE stage retrained with the search's seed) against its confirmation's full.", "",
+                  "| target field | Δ MSE, rerun − confirmation [95% CI] | p |", "|---|---|---|"]  # fmt: skip
+        for field, ranking in control.items():
+            row = next(r for r in ranking["rows"] if not r["is_reference"])
+            lines.append(f"| {field} | {_delta(row)} | {_fmt(row['p'], '.3f')} |")
     return lines + [""]
 
 
