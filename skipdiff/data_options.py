@@ -39,6 +39,12 @@ def dataset_kind(name: str) -> str:
     return "tabular" if name in TABULAR_DATASETS else "image"
 
 
+# The options that decide which images land in each split (DataOptions.split_key): a run's test split is
+# held out only while these stay as the run was trained with.
+SPLIT_FIELDS = ("dataset", "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "test_fraction",
+                "split_seed", "max_train_samples", "skip_corrupt_images", "keep_labels")  # fmt: skip
+
+
 @dataclasses.dataclass
 class DataOptions:
     """Which images (or rows) a run uses and how they become tensors: one object, shared by every
@@ -110,9 +116,7 @@ class DataOptions:
     def split_key(self) -> str:
         """12 hex digits identifying which images land in each split (source, columns, split seed and
         fraction, subset, corrupt-image rule): caches of anything trained on the train split carry it."""
-        fields = ("dataset", "dataset_name", "dataset_config_name", "train_data_dir", "image_column",
-                  "test_fraction", "split_seed", "max_train_samples", "skip_corrupt_images", "keep_labels")  # fmt: skip
-        values = {name: getattr(self, name) for name in fields}
+        values = {name: getattr(self, name) for name in SPLIT_FIELDS}
         if values["train_data_dir"]:
             values["train_data_dir"] = str(Path(values["train_data_dir"]).resolve())
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]

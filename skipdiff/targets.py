@@ -383,7 +383,9 @@ def _training_options(checkpoint: str, local: Path | None, source: dict) -> dict
         path = local / OPTIONS_FILE
         if not path.is_file():
             raise ValueError(f"{checkpoint!r} is a SkipDiffPipeline without {OPTIONS_FILE}: not a skipdiff run folder")
-        return json.loads(path.read_text())
+        options = json.loads(path.read_text())
+        check_split_agrees(local, options)
+        return options
     from huggingface_hub import hf_hub_download
 
     try:
@@ -391,6 +393,28 @@ def _training_options(checkpoint: str, local: Path | None, source: dict) -> dict
     except Exception as err:  # noqa: BLE001  offline, missing file, ...
         raise ValueError(f"{checkpoint!r} has no {OPTIONS_FILE}: {err}") from err
     return json.loads(Path(path).read_text())
+
+
+def check_split_agrees(folder: Path, options: dict) -> None:
+    """Refuse a run folder whose ``training_options.json`` names another train/test split
+    (:data:`~skipdiff.data_options.SPLIT_FIELDS`) than the options its latest checkpoint saved: the file is the
+    run's to read and edit, so an edit (a ``split_seed``, a ``test_fraction``) would silently score another test
+    split, training images among it. A run without checkpoints has nothing to compare."""
+    from .data_options import SPLIT_FIELDS
+    from .training.checkpoints import STATE_FILE, list_checkpoints, read_state
+
+    latest = next((c for c in reversed(list_checkpoints(folder)) if (c / STATE_FILE).is_file()), None)
+    saved = read_state(latest).get("training_options") if latest is not None else None
+    if saved is None:  # no checkpoint, or one written before checkpoints kept the options
+        return
+    differing = [name for name in SPLIT_FIELDS if name in saved and saved[name] != options.get(name)]
+    if differing:
+        details = "; ".join(f"{name}: {OPTIONS_FILE} {options.get(name)!r} vs checkpoint {saved[name]!r}"
+                            for name in differing)  # fmt: skip
+        raise ValueError(f"{str(folder / OPTIONS_FILE)!r} names another train/test split than the run was trained "
+                         f"with ({details}; its {latest.name}/{STATE_FILE} keeps the options it trained with): "
+                         f"evaluating it would score other test images, training images among them; restore "
+                         f"{OPTIONS_FILE} to those values")  # fmt: skip
 
 
 # ---- a diffusers pipeline ------------------------------------------------------------------------

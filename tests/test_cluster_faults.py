@@ -284,6 +284,28 @@ def test_evaluations_with_agreeing_settings_merge_and_differing_ones_are_refused
     assert replaced["skip_spec"] == "zero" and "grad_stability" not in replaced
 
 
+def test_an_edited_split_in_training_options_is_refused_against_the_checkpoints_own_copy(checkpointed, tmp_path,
+                                                                                          capsys):  # fmt: skip
+    """With ``split_seed`` edited, evaluation scored a test split holding training images, and said nothing."""
+    import json
+
+    from skipdiff.eval.run import load_run
+
+    run = Path(shutil.copytree(checkpointed, tmp_path / "run"))
+    options_file = run / "training_options.json"
+    trained = json.loads(options_file.read_text())
+    options_file.write_text(json.dumps({**trained, "split_seed": trained["split_seed"] + 7, "test_fraction": 0.5}))
+    assert evaluate_cli("--checkpoint", str(run), "--denoise_loss") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{options_file}' names another train/test split" in err[0], err
+    assert f"split_seed: training_options.json {trained['split_seed'] + 7} vs checkpoint {trained['split_seed']}" in err[0]
+    assert "test_fraction: training_options.json 0.5 vs checkpoint" in err[0] and "checkpoint-2/skipdiff_state.json" in err[0]
+    assert not (run / "eval").exists()
+
+    options_file.write_text(json.dumps({**trained, "learning_rate": 1.0}))  # not the split: the run still loads
+    assert load_run(str(run))[1]["learning_rate"] == 1.0
+
+
 def test_a_second_evaluation_into_a_folder_in_use_is_refused_naming_it(checkpointed, tmp_path, capsys):
     import socket
 
