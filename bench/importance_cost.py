@@ -41,8 +41,8 @@ from skipdiff.conditioning import TextConditioning  # noqa: E402
 from skipdiff.encoders import VaeEncoder  # noqa: E402
 from skipdiff.eval.denoise import denoising_loss_by_bucket  # noqa: E402
 from skipdiff.eval.importance import gate_override, replay_flops, skip_importance  # noqa: E402
+from skipdiff.skips.unet import apply_skip_spec  # noqa: E402
 from skipdiff.targets import StudyTarget, load_target  # noqa: E402
-from skipdiff.unet import apply_skip_spec  # noqa: E402
 
 SD15_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                 up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,

@@ -1,4 +1,4 @@
-"""Sampling speed-up of feature caching (``skipdiff.caching``) against its FLOP bound.
+"""Sampling speed-up of feature caching (``skipdiff.skips.caching``) against its FLOP bound.
 
 For each (branch, interval) of skip-branch caching, and encoder propagation at each interval, on two
 UNets with random weights (speed does not depend on what the weights learned):
@@ -42,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import parse_timing_args, time_interleaved  # noqa: E402  (bench/ is not a package)
 
 from skipdiff import SkipUNet2DModel  # noqa: E402
-from skipdiff.cache_options import SkipCacheOptions  # noqa: E402
-from skipdiff.caching import skip_cache  # noqa: E402
 from skipdiff.diffusion import make_scheduler  # noqa: E402
 from skipdiff.eval.compute import cache_compute, speedup_bound  # noqa: E402
 from skipdiff.pipeline import SkipDiffPipeline  # noqa: E402
 from skipdiff.presets import unet_config  # noqa: E402
-from skipdiff.router import discover_skips  # noqa: E402
+from skipdiff.skips.cache_options import SkipCacheOptions  # noqa: E402
+from skipdiff.skips.caching import skip_cache  # noqa: E402
+from skipdiff.skips.router import discover_skips  # noqa: E402
 
 TARGET_RATIO = 0.9  # measured speed-up >= 0.9 of the FLOP bound (digits, batch 64, CPU)
 

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from skipdiff.encoders import CachedLatents
     from skipdiff.presets import unet_config
+    from skipdiff.skips.unet import SkipUNet2DModel
     from skipdiff.training import ema as ema_module
     from skipdiff.training.ema import WeightEMA
-    from skipdiff.unet import SkipUNet2DModel
 
     model = SkipUNet2DModel(**unet_config("digits", sample_size=8, channels=4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

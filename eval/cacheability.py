@@ -1,6 +1,6 @@
 """What do skips do to cacheability? Feature change across sampling steps, and the FID cost of caching.
 
-Skip-branch caching (skipdiff.caching) reuses the deep decoder features from the last refresh step. It is
+Skip-branch caching (skipdiff.skips.caching) reuses the deep decoder features from the last refresh step. It is
 cheap in quality where those features change slowly from one sampling step to the next. For trained
 models with different skips (full, ScaleLong-scaled, learned; several training seeds each, from a sweep
 such as eval/sweeps/cacheability.yaml), this script measures:

@@ -57,8 +57,8 @@ def _step_closure(model_source: str, batch: int, prediction_type: str, snr_gamma
 
     from skipdiff.diffusion import make_scheduler, per_example_loss
     from skipdiff.presets import unet_config
+    from skipdiff.skips.unet import SkipUNet2DModel
     from skipdiff.training.ema import WeightEMA
-    from skipdiff.unet import SkipUNet2DModel
 
     torch.manual_seed(seed)
     unet = SkipUNet2DModel(**unet_config(model_source, sample_size=LATENT[1], channels=LATENT[0])).train()

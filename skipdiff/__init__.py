@@ -10,31 +10,33 @@ from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# name -> module (relative to this package) that defines it.
+# name -> module (relative to this package) that defines it; the skip names come through the front door
+# of skipdiff.skips, the package that decides what a skip does.
 _EXPORTS = {
-    "GATES": ".gates",
-    "PRESETS": ".gates",
-    "SkipGate": ".gates",
-    "SkipInfo": ".gates",
-    "register_gate": ".gates",
-    "register_preset": ".gates",
-    "resolve_spec": ".gates",
-    "MarkovChain": ".markov",
-    "SkipRouter": ".router",
-    "discover_skips": ".router",
-    "format_skip_table": ".router",
-    "SkipUNet2DModel": ".unet",
-    "apply_skip_spec": ".unet",
+    "GATES": ".skips",
+    "PRESETS": ".skips",
+    "SkipGate": ".skips",
+    "SkipInfo": ".skips",
+    "register_gate": ".skips",
+    "register_preset": ".skips",
+    "resolve_spec": ".skips",
+    "MarkovChain": ".skips",
+    "SkipRouter": ".skips",
+    "discover_skips": ".skips",
+    "format_skip_table": ".skips",
+    "SkipUNet2DModel": ".skips",
+    "apply_skip_spec": ".skips",
+    "skip_spec_applied": ".skips",
     "SkipDiffPipeline": ".pipeline",
     "StudyTarget": ".targets",
     "load_target": ".targets",
-    "enable_skip_cache": ".caching",
-    "disable_skip_cache": ".caching",
-    "skip_cache": ".caching",
-    "SkipCacheOptions": ".cache_options",
-    "load_skip_gates": ".adapters",
-    "save_skip_gates": ".adapters",
-    "unload_skip_gates": ".adapters",
+    "enable_skip_cache": ".skips",
+    "disable_skip_cache": ".skips",
+    "skip_cache": ".skips",
+    "SkipCacheOptions": ".skips",
+    "load_skip_gates": ".skips",
+    "save_skip_gates": ".skips",
+    "unload_skip_gates": ".skips",
     # diffusers' pipeline loader looks up its loadable base classes (ModelMixin, SchedulerMixin, ...)
     # in the top-level module of a component's library, so a saved DDPMPipeline holding a
     # SkipUNet2DModel only loads if ``skipdiff.ModelMixin`` exists.

@@ -19,7 +19,7 @@ The ablation is the config (one round trip through ``save_pretrained`` / ``from_
 Gate hook. ``forward(..., block_gates=G)`` with G of shape (B, num_blocks) multiplies, per example,
 either the residual branch F (``gate_target="residual"``: stochastic depth, Huang et al. 2016; g = 0
 reduces the block to its shortcut) or the skip S (``gate_target="skip"``: g = 0 makes the block plain).
-Columns follow the blocks from input to output, so a :class:`skipdiff.markov.MarkovChain` with
+Columns follow the blocks from input to output, so a :class:`skipdiff.skips.markov.MarkovChain` with
 ``num_links=model.num_blocks`` gates them with ``block_gates=chain.sample(B, generator)``; at inference
 pass soft gates (e.g. ``chain.marginals().expand(B, -1)``) or ``None`` (every gate open).
 

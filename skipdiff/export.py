@@ -35,7 +35,7 @@ PIPELINE_MODULE = "skipdiff_pipeline"  # <folder>/skipdiff_pipeline.py
 UNET_MODULE = "skipdiff_unet"  # <folder>/<component>/skipdiff_unet.py
 # The bundled classes and the skipdiff module each one comes from (the bundle's roots).
 PIPELINE_CLASS, UNET_CLASS = "SkipDiffPipeline", "SkipUNet2DModel"
-BUNDLES = {PIPELINE_MODULE: "pipeline", UNET_MODULE: "unet"}
+BUNDLES = {PIPELINE_MODULE: "pipeline", UNET_MODULE: "skips/unet"}  # paths in the package
 
 # The patterns diffusers' dynamic_modules_utils reads a module's imports with (get_relative_imports,
 # check_imports): they see every matching line, docstrings included.
@@ -48,23 +48,35 @@ _ABSOLUTE_IMPORT = re.compile(r"^\s*(?:import\s+(\S+)\s*$|from\s+(\S+)\s+import)
 # --------------------------------------------------------------------------------------------------
 
 
+def _dotted(name: str) -> str:
+    """``skips/unet`` -> ``skipdiff.skips.unet`` (bundled modules are named by their path in the package)."""
+    return "skipdiff." + name.replace("/", ".")
+
+
 def _parse(name: str) -> ast.Module:
     path = PACKAGE_DIR / f"{name}.py"
     if not path.is_file():
-        raise ValueError(f"cannot bundle skipdiff.{name}: only modules directly in the package are supported ({path})")
+        raise ValueError(f"cannot bundle {_dotted(name)}: no such module file ({path}); only modules of the "
+                         "package are bundled, not packages")  # fmt: skip
     return ast.parse(path.read_text(), filename=str(path))
 
 
 def _relative_imports(tree: ast.Module) -> list[ast.ImportFrom]:
-    """Every ``from .x import y`` of a module, at any depth."""
+    """Every ``from .x import y`` (or ``from ..x import y``) of a module, at any depth."""
     return [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
 
 
 def _imported_module(node: ast.ImportFrom, where: str) -> str:
-    if node.level != 1 or not node.module or any(alias.name == "*" for alias in node.names):
-        raise ValueError(f"cannot bundle skipdiff.{where}: only `from .module import name` is supported "
+    """The bundled name (path in the package, e.g. ``skips/router``) of the module ``node`` imports from,
+    resolved against the package of ``where`` (``..config`` from ``skips/unet`` is ``config``)."""
+    if not node.module or any(alias.name == "*" for alias in node.names):
+        raise ValueError(f"cannot bundle {_dotted(where)}: only `from .module import name` is supported "
                          f"(line {node.lineno})")  # fmt: skip
-    return node.module
+    package = where.split("/")[:-1]
+    if node.level - 1 > len(package):
+        raise ValueError(f"cannot bundle {_dotted(where)}: line {node.lineno} imports from outside skipdiff")
+    base = package[: len(package) - (node.level - 1)]
+    return "/".join([*base, *node.module.split(".")])
 
 
 def import_order(root: str) -> list[str]:
@@ -119,14 +131,15 @@ def _module_text(name: str, tree: ast.Module, defined: set[str]) -> str:
     edits: list[tuple[ast.stmt, list[str]]] = []
     for node in ast.walk(tree):
         if any(module.split(".")[0] == "skipdiff" for module in _absolute_imports(node)):
-            raise ValueError(f"cannot bundle skipdiff.{name}: it imports skipdiff by name (line {node.lineno}); "
+            raise ValueError(f"cannot bundle {_dotted(name)}: it imports skipdiff by name (line {node.lineno}); "
                              "import from the package relatively")  # fmt: skip
         if isinstance(node, ast.ImportFrom) and node.module == "__future__":
             edits.append((node, []))
         elif isinstance(node, ast.ImportFrom) and node.level:
             missing = [a.name for a in node.names if a.name not in defined]
             if missing:
-                raise ValueError(f"cannot bundle skipdiff.{name}: {missing} from .{node.module} are not module-level names")
+                raise ValueError(f"cannot bundle {_dotted(name)}: {missing} from {'.' * node.level}{node.module} are not "
+                                 "module-level names")  # fmt: skip
             indent = " " * node.col_offset
             aliases = [f"{indent}{a.asname} = {a.name}" for a in node.names if a.asname and a.asname != a.name]
             # Inside a function the import may be the only statement of its block.
@@ -137,7 +150,8 @@ def _module_text(name: str, tree: ast.Module, defined: set[str]) -> str:
 
 
 def bundle_source(root: str) -> str:
-    """skipdiff module ``root`` and everything it imports from skipdiff as one module (Python source).
+    """skipdiff module ``root`` (its path in the package: ``pipeline``, ``skips/unet``) and everything it
+    imports from skipdiff as one module (Python source).
 
     Raises ``ValueError`` when the modules cannot share one namespace (a name defined in two of them)
     or import in a way the bundle cannot follow."""
@@ -148,7 +162,7 @@ def bundle_source(root: str) -> str:
         for binding, kind in _top_level_names(trees[name]).items():
             previous = owners.setdefault(binding, (name, kind))
             if previous != (name, kind) and not (kind == previous[1] and kind.startswith("import:")):
-                raise ValueError(f"cannot bundle skipdiff.{root}: {binding!r} is defined in both "
+                raise ValueError(f"cannot bundle {_dotted(root)}: {binding!r} is defined in both "
                                  f"skipdiff/{previous[0]}.py and skipdiff/{name}.py")  # fmt: skip
     parts = [
         f'"""skipdiff {__version__} as one module: {", ".join(f"skipdiff/{n}.py" for n in order)}.\n\n'
@@ -169,12 +183,12 @@ def _check_loadable(source: str, root: str) -> None:
     """What diffusers will do with the file must work where only diffusers is installed: it must
     compile, and the import lines diffusers' loader reads (docstrings too) may not be relative or
     name skipdiff."""
-    compile(source, f"<bundle of skipdiff.{root}>", "exec")
+    compile(source, f"<bundle of {_dotted(root)}>", "exec")
     relative = [m.group(0).strip() for m in _RELATIVE_IMPORT.finditer(source)]
     own = [m.group(0).strip() for m in _ABSOLUTE_IMPORT.finditer(source)
            if (m.group(1) or m.group(2)).split(".")[0] == "skipdiff"]  # fmt: skip
     if relative or own:
-        raise ValueError(f"the bundle of skipdiff.{root} would make diffusers look for other files: {relative + own}")
+        raise ValueError(f"the bundle of {_dotted(root)} would make diffusers look for other files: {relative + own}")
 
 
 # --------------------------------------------------------------------------------------------------

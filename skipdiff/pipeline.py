@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
 from .encoders import PixelEncoder, VaeEncoder
-from .unet import SkipUNet2DModel
+from .skips.unet import SkipUNet2DModel
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 # Present in a folder while an export moves its files in (skipdiff.export.export_pipeline): a folder that still
@@ -129,8 +129,8 @@ class SkipDiffPipeline(DiffusionPipeline):
             sampler: ``"ddpm"`` or ``"ddim"`` to sample with that scheduler built from the
                 pipeline's scheduler config; ``None`` uses the pipeline's scheduler as it is.
             output_type: ``"pil"``, ``"np"`` (B, H, W, C) in [0, 1], or ``"pt"`` (B, C, H, W) in [-1, 1].
-            cache: a :class:`~skipdiff.cache_options.SkipCacheOptions` to sample with skip-branch caching or
-                encoder propagation for this call (``skipdiff.caching``); None samples as the UNet is (a
+            cache: a :class:`~skipdiff.skips.cache_options.SkipCacheOptions` to sample with skip-branch caching or
+                encoder propagation for this call (``skipdiff.skips.caching``); None samples as the UNet is (a
                 cache put on it with ``enable_skip_cache`` follows this call's scheduler).
         """
         if output_type not in ("pil", "np", "pt"):
@@ -144,7 +144,7 @@ class SkipDiffPipeline(DiffusionPipeline):
         latents = randn_tensor((batch_size, config.in_channels, *size), generator=generator, device=self.device,
                                dtype=self.unet.dtype)  # fmt: skip
         latents = latents * scheduler.init_noise_sigma
-        from .caching import skip_cache
+        from .skips.caching import skip_cache
 
         with skip_cache(self.unet, cache, scheduler):
             scheduler.set_timesteps(num_inference_steps, device=self.device)

@@ -24,8 +24,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
-from .caching import skip_cache
 from .seeding import derived_seed
+from .skips.caching import skip_cache
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 SAMPLER_CHOICES = ("ddim", "ddpm", "pipeline")
@@ -85,7 +85,7 @@ def sample_images(target, count: int, seed: int, *, steps: int = 50, sampler: st
 
     Text targets need ``prompts`` (image ``i`` gets ``prompts[i % len(prompts)]``); class-conditional ones
     get labels ``i % num_classes``. ``guidance_scale`` None keeps the pipeline's default. ``cache`` (a
-    :class:`~skipdiff.cache_options.SkipCacheOptions`) samples with skip-branch caching or encoder propagation.
+    :class:`~skipdiff.skips.cache_options.SkipCacheOptions`) samples with skip-branch caching or encoder propagation.
     """
     if count < 1 or batch_size < 1:
         raise ValueError(f"count and batch_size must be >= 1, got {count} and {batch_size}")

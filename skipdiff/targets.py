@@ -27,7 +27,6 @@ an inference-time skip specification for the length of a ``with`` block (weights
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -43,6 +42,7 @@ from .config import subset
 from .data_options import DataOptions
 from .encoders import Encoder, PixelEncoder, VaeEncoder, VqEncoder
 from .runfolder import OPTIONS_FILE, weights_digest
+from .skips.unet import skip_spec_applied
 
 # Pipelines skipdiff knows how to sample and condition: class name -> kind of target.
 PIPELINE_KINDS = {
@@ -122,7 +122,8 @@ class StudyTarget:
 
     def skips_applied(self, spec):
         """``with target.skips_applied(spec):`` the UNet runs with skip specification ``spec`` (None: as it
-        is), its weights untouched; afterwards it is bit for bit the model it was. Yields the router."""
+        is), its weights untouched; afterwards it is bit for bit the model it was. Yields the router
+        (:func:`skipdiff.skips.unet.skip_spec_applied`)."""
         return skip_spec_applied(self.unet, spec)
 
     def data_options(self, given: dict) -> DataOptions:
@@ -143,61 +144,6 @@ class StudyTarget:
         """What was loaded (for results): identity, encoder, conditioning."""
         return {**self.identity, "kind": self.kind, "encoder": self.encoder.describe(),
                 "conditioning": self.conditioning.describe(), "resolution": self.resolution}  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------------
-# Inference-time skip specifications
-# --------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def skip_spec_applied(unet: nn.Module, spec):
-    """Gate ``unet``'s skips with ``spec`` for the length of the block, then restore it exactly.
-
-    A stock diffusers UNet gets :func:`~skipdiff.unet.apply_skip_spec` and ``detach()``. A
-    :class:`~skipdiff.unet.SkipUNet2DModel` already routes its skips: its router is set aside and a
-    router for ``spec`` takes its place (its trained gates, learned ones included, come back afterwards).
-    ``None`` changes nothing and yields the UNet's own router (None for a stock UNet).
-    """
-    from .router import SkipRouter
-    from .unet import SkipUNet2DModel, apply_skip_spec
-
-    if spec is None:
-        yield getattr(unet, "skip_router", None)
-        return
-    if not isinstance(unet, SkipUNet2DModel):
-        router = apply_skip_spec(unet, spec)
-        try:
-            yield router
-        finally:
-            router.detach()
-        return
-    original = unet.skip_router
-    replacement = SkipRouter(original.skips, spec, dict(unet.config.markov or {}))
-    _check_removed_skips(original, replacement, spec)
-    parameter = next(unet.parameters())
-    replacement.to(device=parameter.device, dtype=parameter.dtype).train(unet.training)
-    replacement.inference = original.inference
-    original.detach()
-    unet.skip_router = replacement.attach(unet)
-    try:
-        yield replacement
-    finally:
-        replacement.detach()
-        unet.skip_router = original.attach(unet)
-
-
-def _check_removed_skips(original, replacement, spec) -> None:
-    """A skip removed in training has no channels in its resnet: only ``remove`` fits it, and no other skip
-    can be removed without rebuilding the model."""
-    was = [g.info.index for g in original.gates if g.removes_skip]
-    wants = [g.info.index for g in replacement.gates if g.removes_skip]
-    if was != wants:
-        raise ValueError(
-            f"skips {spec!r} cannot be applied to this model: its removed skips {was} have no channels to gate "
-            f"and a skip cannot be removed at inference (the spec removes {wants}); use 'zero' instead of "
-            "'remove' and keep 'remove' where the model has it"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,7 +291,7 @@ def _run_target(source: dict, index: dict, local: Path | None, use_ema: bool) ->
     import diffusers
 
     from .pipeline import SkipDiffPipeline
-    from .unet import SkipUNet2DModel
+    from .skips.unet import SkipUNet2DModel
 
     checkpoint = source["checkpoint"]
     options = _training_options(checkpoint, local, source)

@@ -1,4 +1,4 @@
-"""Feature caching across sampling steps (skipdiff.caching): exactness, step bookkeeping, errors."""
+"""Feature caching across sampling steps (skipdiff.skips.caching): exactness, step bookkeeping, errors."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
 
 from skipdiff import SkipUNet2DModel, apply_skip_spec
-from skipdiff.cache_options import FASTER_DIFFUSION_SD_KEY_STEPS, SkipCacheOptions, refresh_steps
-from skipdiff.caching import disable_skip_cache, enable_skip_cache, reused_modules, skip_cache, skip_cache_of
 from skipdiff.eval.compute import cache_compute, count_flops, flop_counter, speedup_bound
 from skipdiff.pipeline import SkipDiffPipeline
-from skipdiff.router import discover_skips
+from skipdiff.skips.cache_options import FASTER_DIFFUSION_SD_KEY_STEPS, SkipCacheOptions, refresh_steps
+from skipdiff.skips.caching import disable_skip_cache, enable_skip_cache, reused_modules, skip_cache, skip_cache_of
+from skipdiff.skips.router import discover_skips
 
 # Non-trivial gates on all 9 skips of the DEEP layout: scaled, zeroed, learned (non-zero), FreeU-filtered.
 GATES = "keep,scale:0.5,fourier:backbone=1.2:skip=0.5,learned:init=0.7,zero,scale:1.5,keep,learned:init=0.3,scale:0.8"
@@ -513,9 +513,9 @@ def test_skipdiff_pipeline_samples_with_a_cache_for_one_call():
     """SkipDiffPipeline(cache=...): interval 1 equals no cache; interval 3 differs and leaves no cache on."""
     from diffusers import DDPMScheduler
 
-    from skipdiff.cache_options import SkipCacheOptions
-    from skipdiff.caching import skip_cache_of
     from skipdiff.pipeline import SkipDiffPipeline
+    from skipdiff.skips.cache_options import SkipCacheOptions
+    from skipdiff.skips.caching import skip_cache_of
 
     torch.manual_seed(0)
     unet = SkipUNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),

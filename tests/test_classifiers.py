@@ -18,7 +18,7 @@ from skipdiff.classifiers import (
     unit_of,
 )
 from skipdiff.gradients import grad_norms_by_block
-from skipdiff.markov import MarkovChain
+from skipdiff.skips.markov import MarkovChain
 
 torch.set_num_threads(1)
 

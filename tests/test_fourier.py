@@ -13,7 +13,9 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import apply_freeu, fourier_filter
 
-from skipdiff.gates import FourierGate, SkipInfo, _fourier_window_operator, build_gate
+from skipdiff.skips.fourier import FourierGate, _fourier_window_operator
+from skipdiff.skips.gate import SkipInfo
+from skipdiff.skips.spec import build_gate
 
 torch.set_num_threads(1)
 

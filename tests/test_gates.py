@@ -21,8 +21,8 @@ from skipdiff import (
     resolve_spec,
 )
 from skipdiff.diffusion import per_example_loss
-from skipdiff.gates import build_gate
-from skipdiff.router import batch_timesteps
+from skipdiff.skips.router import batch_timesteps
+from skipdiff.skips.spec import build_gate
 
 torch.set_num_threads(1)
 

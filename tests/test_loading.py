@@ -39,8 +39,8 @@ from skipdiff.eval.run import load_run
 from skipdiff.export import bundle_source, export_pipeline
 from skipdiff.pipeline import SkipDiffPipeline
 from skipdiff.presets import vae_config
+from skipdiff.skips.unet import PLAIN_LOADER_NOTE
 from skipdiff.training import hub
-from skipdiff.unet import PLAIN_LOADER_NOTE
 
 GATED = "keep,scale:0.5,learned,zero"  # one entry per skip of the tiny UNet
 GATED_RESOLVED = [{"mode": "keep"}, {"mode": "scale", "factor": 0.5}, {"mode": "learned"}, {"mode": "zero"}]
@@ -234,7 +234,7 @@ def test_skipdiff_runs_nothing_from_the_folder(pixel_run, tmp_path):
     for code in (run / "skipdiff_pipeline.py", run / "unet" / "skipdiff_unet.py"):
         code.write_text("raise RuntimeError('the folder code ran')\n")
     pipe = SkipDiffPipeline.from_pretrained(run)
-    assert type(pipe).__module__ == "skipdiff.pipeline" and type(pipe.unet).__module__ == "skipdiff.unet"
+    assert type(pipe).__module__ == "skipdiff.pipeline" and type(pipe.unet).__module__ == "skipdiff.skips.unet"
     np.testing.assert_array_equal(sample(pipe), sample(SkipDiffPipeline.from_pretrained(pixel_run)))
 
 
@@ -353,8 +353,9 @@ def test_plain_unet2dmodel_loads_a_checkpoint_whose_skips_are_all_kept_as_the_sa
 def test_the_folder_holds_the_code_generated_from_the_installed_sources(pixel_run):
     pipeline_code = (pixel_run / "skipdiff_pipeline.py").read_text()
     assert pipeline_code == bundle_source("pipeline")
-    assert (pixel_run / "unet" / "skipdiff_unet.py").read_text() == bundle_source("unet")
-    for module in ("seeding", "config", "gates", "markov", "router", "unet", "encoders", "pipeline"):
+    assert (pixel_run / "unet" / "skipdiff_unet.py").read_text() == bundle_source("skips/unet")
+    for module in ("seeding", "config", "skips/gate", "skips/spec", "skips/markov", "skips/router", "skips/unet",
+                   "encoders", "pipeline"):
         assert f"# skipdiff/{module}.py\n" in pipeline_code
     assert json.loads((pixel_run / "model_index.json").read_text())["_class_name"] == ["skipdiff_pipeline",
                                                                                         "SkipDiffPipeline"]  # fmt: skip

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from skipdiff import SkipUNet2DModel
-from skipdiff.markov import MarkovChain, check_options
+from skipdiff.skips.markov import MarkovChain, check_options
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from helpers.unet_runs import run_train_unet, tiny_args
 
 from skipdiff import SkipUNet2DModel
-from skipdiff.adapters import (
+from skipdiff.skips.adapters import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     load_skip_gates,
@@ -107,7 +107,7 @@ def test_loaded_gates_stack_and_unload_by_name(base, tmp_path):
 def test_two_runs_artefacts_stack_by_default_under_their_run_names(base, tmp_path):
     """Issue 31: every run saves <run>/skip_gates, so the default name was "skip_gates" for all of them and
     the second load raised; the default is now the run's name."""
-    from skipdiff.adapters import loaded_skip_gates
+    from skipdiff.skips.adapters import loaded_skip_gates
 
     unet = UNet2DModel.from_pretrained(base, subfolder="unet")
     for run in ("run-a", "run-b"):

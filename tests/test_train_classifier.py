@@ -247,8 +247,8 @@ def test_accelerate_launch_runs_the_cli_end_to_end(tmp_path):
 
 
 def _router(num_skips: int, entry: dict, markov: dict | None = None):
-    from skipdiff.gates import SkipInfo
-    from skipdiff.router import SkipRouter
+    from skipdiff.skips.gate import SkipInfo
+    from skipdiff.skips.router import SkipRouter
 
     skips = [SkipInfo(k, 0, k, f"source{k}", 4, 2, 2) for k in range(num_skips)]
     return SkipRouter(skips, [dict(entry) for _ in skips], markov=markov).train()

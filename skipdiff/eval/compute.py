@@ -1,13 +1,13 @@
 """What a deterministic skip configuration costs at inference: FLOPs of one UNet forward.
 
 A stochastic router (``markov``, ``bernoulli``) recommends a fixed configuration, its MAP path
-(:meth:`skipdiff.router.SkipRouter.recommended_spec`). A skip that is closed there can be *removed*:
+(:meth:`skipdiff.skips.router.SkipRouter.recommended_spec`). A skip that is closed there can be *removed*:
 the receiving resnet is rebuilt without the skip's input channels (``remove`` mode), so its first
 convolution and channel-matching 1x1 shortcut shrink. :func:`map_compute` counts the FLOPs of one
 forward pass of the trained architecture (every skip's channels present) and of that pruned one with
 ``torch.utils.flop_counter`` (convolutions, matmuls), and reports the fraction saved.
 
-:func:`cache_compute` counts what feature caching across sampling steps (:mod:`skipdiff.caching`)
+:func:`cache_compute` counts what feature caching across sampling steps (:mod:`skipdiff.skips.caching`)
 leaves of a forward pass: the FLOPs of a refresh step and of a cached step, their ratio ``f``, and
 the speed-up that bounds: ``N / (1 + (N - 1) f)`` for a refresh every ``N`` steps, ``T / (R + (T -
 R) f)`` for a run of ``T`` steps with ``R`` refreshes. Its counter includes attention on the CPU
@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..cache_options import SkipCacheOptions, refresh_steps
-from ..caching import enable_skip_cache
-from ..unet import SkipUNet2DModel
+from ..skips.cache_options import SkipCacheOptions, refresh_steps
+from ..skips.caching import enable_skip_cache
+from ..skips.unet import SkipUNet2DModel
 
 
 def forward_flops(unet: torch.nn.Module, sample_shape: tuple[int, ...], class_label: int | None = None) -> int:

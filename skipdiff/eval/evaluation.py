@@ -181,7 +181,7 @@ def _check(run: _Evaluation) -> None:
 
 
 def _has_stochastic_skips(unet, router) -> bool:
-    from ..unet import SkipUNet2DModel
+    from ..skips.unet import SkipUNet2DModel
 
     return isinstance(unet, SkipUNet2DModel) and router is not None and any(g.stochastic for g in router.gates)
 
@@ -228,8 +228,8 @@ def _cache_summary(run: _Evaluation) -> dict:
 
 def _cache(options: EvalOptions):
     """The skip cache asked for (``--cache``), or None."""
-    from ..cache_options import SkipCacheOptions
     from ..config import subset
+    from ..skips.cache_options import SkipCacheOptions
 
     cache = subset(SkipCacheOptions, options)
     return cache if cache.cache else None

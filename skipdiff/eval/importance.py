@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..gates import build_gate
+from ..skips.spec import build_gate
 from .denoise import (
     UnetKwargs,
     bucket_edges,
@@ -127,7 +127,7 @@ def skip_importance(unet, scheduler, encoder, batches, factors=(0.0,), buckets: 
     """Delta denoising loss (ablated - baseline) per skip, factor and timestep bucket.
 
     ``router`` gates ``unet``'s skips (default ``unet.skip_router``, a SkipUNet2DModel's; for any other UNet
-    the router :func:`skipdiff.unet.apply_skip_spec` returned). ``replay=False`` recomputes every ablated forward in full (the
+    the router :func:`skipdiff.skips.unet.apply_skip_spec` returned). ``replay=False`` recomputes every ablated forward in full (the
     reference the replay is tested against). Returns ``{"baseline": [per bucket], "baseline_mean",
     "denoise": the baseline's denoising_loss_by_bucket result, "factors": {f: {"delta": K x buckets,
     "delta_mean": [K]}}, "buckets", "skips", "forwards": {"full", "partial"}}``.

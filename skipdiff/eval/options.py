@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..cache_options import SkipCacheOptions
 from ..config import check_choice, check_local_source, check_output_folder, check_positive, option
 from ..data_options import DataOptions
+from ..skips.cache_options import SkipCacheOptions
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 SAMPLER_CHOICES = ("ddim", "ddpm", "pipeline")
@@ -34,7 +34,7 @@ def _data_option(name: str):
 
 @dataclasses.dataclass
 class EvalOptions(SkipCacheOptions):
-    # ---- sampling with cached skip branches: every field of skipdiff.cache_options.SkipCacheOptions -------
+    # ---- sampling with cached skip branches: every field of skipdiff.skips.cache_options.SkipCacheOptions -------
     # ---- what to evaluate -------------------------------------------------------------------------
     checkpoint: str | None = option(
         None, "a skipdiff run folder, or a diffusers pipeline with a UNet denoiser (folder or Hub id: DDPM, DDIM, "

@@ -107,7 +107,7 @@ def _skip_table(folder: str) -> str:
     """The skip table of a trial's trained UNet (training searches), or its skip spec (inference)."""
     trial = read_json(Path(folder) / "trial.json", "trial record")
     if (Path(folder) / "unet" / "config.json").is_file():
-        from ..unet import SkipUNet2DModel
+        from ..skips.unet import SkipUNet2DModel
 
         return SkipUNet2DModel.from_pretrained(folder, subfolder="unet").skip_table()
     return f"skips: {trial['options'].get('skips')}"

@@ -166,7 +166,7 @@ class Space:
 
 def parse_space(raw: Any, option_fields: set[str], training: bool) -> Space:
     """``space:`` -> :class:`Space`, every name checked against what a trial can set."""
-    from ..gates import PRESETS
+    from ..skips.spec import PRESETS
 
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"space must be a non-empty mapping of parameter -> choices or range, got {raw!r}")

@@ -36,7 +36,7 @@ def num_skips_for(spec: SearchSpec):
         return lambda overrides: num_skips_of(model_config(base_model, overrides))
 
     def of_target(_overrides) -> int:
-        from ..router import discover_skips
+        from ..skips.router import discover_skips
 
         return len(discover_skips(_target(spec).unet))
 
@@ -74,7 +74,7 @@ def check_configuration(spec: SearchSpec, options: dict) -> None:
 
         check_model_options(from_dict(TrainOptions, options))
     else:
-        from ..router import SkipRouter, discover_skips
+        from ..skips.router import SkipRouter, discover_skips
 
         SkipRouter(list(discover_skips(_target(spec).unet)), options["skips"] or "full")
 
@@ -111,7 +111,7 @@ def set_model_constraints(trial, spec: SearchSpec, unet) -> None:
     """The constraints a trial's architecture decides (FLOPs, parameters), set as soon as training starts, so
     that a pruned trial carries them too (the sampler's feasibility then covers every finished trial). The
     FLOPs are counted on a fresh CPU copy of the architecture in eval mode, as after training."""
-    from ..unet import SkipUNet2DModel
+    from ..skips.unet import SkipUNet2DModel
 
     keys = [key for key in spec.constraints if OBJECTIVES[key].from_model]
     if not keys:
@@ -125,7 +125,7 @@ def set_model_constraints(trial, spec: SearchSpec, unet) -> None:
 
 def _model_record(folder: Path) -> dict:
     """FLOPs and parameters of a trained trial's UNet (its exported ``unet/``)."""
-    from ..unet import SkipUNet2DModel
+    from ..skips.unet import SkipUNet2DModel
 
     unet = SkipUNet2DModel.from_pretrained(folder, subfolder="unet").eval()
     config = unet.config

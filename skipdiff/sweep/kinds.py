@@ -276,7 +276,7 @@ def _loaded_target(options) -> Any:
 def check_spec_names(spec: str, cell: str) -> None:
     """Every mode or preset named in a skip spec string must exist (the check that needs no model)."""
     from ..config import closest
-    from ..gates import GATES, PRESETS
+    from ..skips.spec import GATES, PRESETS
 
     for entry in spec.split(","):
         name = entry.strip().split(":")[0]
@@ -288,7 +288,7 @@ def check_inference_skip_specs(cells: list[Cell], options) -> None:
     """Every cell's skip spec must resolve on the target's UNet (loaded once, as the cells will use it), so a
     typo such as ``zeor`` is refused before the first cell runs (and by ``--dry_run``), naming the cell. A
     Hub target is not downloaded for the check: its specs' mode and preset names are checked instead."""
-    from ..router import SkipRouter, discover_skips
+    from ..skips.router import SkipRouter, discover_skips
 
     specs = {c.options.get("skips") for c in cells} - {None, ""}
     if not specs:

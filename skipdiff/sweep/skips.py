@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 def _skips_of(model: str) -> tuple:
     """The skip geometry (``SkipInfo`` list) of a UNet preset or config file, to check specs against."""
     from ..presets import unet_config
-    from ..router import discover_skips
-    from ..unet import SkipUNet2DModel
+    from ..skips.router import discover_skips
+    from ..skips.unet import SkipUNet2DModel
 
     return tuple(discover_skips(SkipUNet2DModel(**unet_config(model, sample_size=32, channels=1))))
 
@@ -32,7 +32,7 @@ def _skips_of(model: str) -> tuple:
 def check_skip_specs(cells: list[Cell]) -> None:
     """Every diffusion cell's ``skips`` (and ``markov`` options) must resolve for its model."""
     from ..config import parse_key_values
-    from ..router import SkipRouter
+    from ..skips.router import SkipRouter
 
     checked = set()
     for cell in cells:
@@ -49,7 +49,7 @@ def check_skip_specs(cells: list[Cell]) -> None:
 def check_variant_specs(models: set[str], variants: dict[str, str]) -> None:
     """Each variant must be a valid, parameter- and buffer-free skip spec for every model used, so that
     the trained state dict loads into the variant strictly."""
-    from ..router import SkipRouter
+    from ..skips.router import SkipRouter
 
     for model in sorted(models):
         for label, spec in variants.items():
@@ -66,7 +66,7 @@ def check_variant_specs(models: set[str], variants: dict[str, str]) -> None:
 def with_skips(unet, spec: str):
     """A trained ``SkipUNet2DModel`` rebuilt with the skip spec ``spec`` and the same weights, in eval mode:
     :meth:`SkipUNet2DModel.from_unet` with ``strict=True`` (``ValueError`` where the weights do not fit)."""
-    from ..unet import SkipUNet2DModel
+    from ..skips.unet import SkipUNet2DModel
 
     config = unet.config
     return SkipUNet2DModel.from_unet(unet, spec, config.get("residual_shortcuts"), config.get("markov"), strict=True).eval()
@@ -78,7 +78,7 @@ def make_inference_variant(run: Path, spec: str, folder: Path) -> Path:
     ``run`` has), the same scheduler, VAE and training options, and ``variant.json``."""
     from ..export import export_pipeline
     from ..pipeline import SkipDiffPipeline, weights_layout
-    from ..unet import SkipUNet2DModel
+    from ..skips.unet import SkipUNet2DModel
 
     pipeline = SkipDiffPipeline.from_pretrained(run)  # the EMA weights when saved
     pipeline.unet = with_skips(pipeline.unet, spec)

@@ -1,12 +1,12 @@
 """Where the trained UNet comes from: a preset (fresh weights) or pretrained weights, with the run's skips.
 
-* ``--model <preset or config.json>``: a fresh :class:`~skipdiff.unet.SkipUNet2DModel`.
+* ``--model <preset or config.json>``: a fresh :class:`~skipdiff.skips.unet.SkipUNet2DModel`.
 * ``--pretrained_model_name_or_path <UNet or pipeline, folder or Hub id>``: a ``UNet2DModel`` (DDPM, LDM,
   a skipdiff run) becomes a ``SkipUNet2DModel`` with the same architecture and exactly its weights, plus
   the run's skip specification; a ``remove`` skip drops the weights that read the removed channels (named
   in a message). The pipeline's own noise scheduler is kept (its beta schedule and prediction type).
   A Stable Diffusion ``UNet2DConditionModel`` keeps its class and gets the gates through
-  :func:`~skipdiff.unet.apply_skip_spec` (the router becomes its ``skip_router`` submodule).
+  :func:`~skipdiff.skips.unet.apply_skip_spec` (the router becomes its ``skip_router`` submodule).
 * ``--train_only gates``: every weight but the gates' is frozen (no gradient, no optimizer state).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..unet import SkipUNet2DModel
+from ..skips.unet import SkipUNet2DModel
 
 PIPELINE_UNET = "unet"
 
@@ -132,8 +132,8 @@ def _pipeline_source(options, data) -> ModelSource:
     the run's skips: a ``SkipUNet2DModel`` for a ``UNet2DModel``, the router as ``skip_router`` otherwise."""
     from diffusers import UNet2DConditionModel
 
+    from ..skips.unet import apply_skip_spec
     from ..targets import load_target
-    from ..unet import apply_skip_spec
 
     source = options.pretrained_model_name_or_path
     target = load_target(source, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir,
@@ -250,7 +250,7 @@ def _pretrained(options, encoder) -> tuple[nn.Module, object]:
     subfolder = _unet_subfolder(source)
     kwargs = dict(subfolder=subfolder, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir)
     if config.get("_class_name") == "UNet2DConditionModel":
-        from ..unet import apply_skip_spec
+        from ..skips.unet import apply_skip_spec
 
         unet = UNet2DConditionModel.from_pretrained(source, **kwargs)
         unet.skip_router = apply_skip_spec(unet, options.skips, options.markov_options())

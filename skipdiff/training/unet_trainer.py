@@ -19,13 +19,13 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..adapters import ARTEFACT_FOLDER, save_skip_gates
 from ..config import REDACTED, parse_args, redact, to_json
 from ..encoders import batch_latents
 from ..gradients import grad_norms_by_block
-from ..router import format_skip_table
 from ..runfolder import OPTIONS_FILE, locked, read_stats, write_json_atomic, write_text_atomic
-from ..unet import SkipUNet2DModel
+from ..skips.adapters import ARTEFACT_FOLDER, save_skip_gates
+from ..skips.router import format_skip_table
+from ..skips.unet import SkipUNet2DModel
 from . import checkpoints, hub
 from .model_source import ModelSource, check_model_options, load_model_source, trainable_parameters
 from .options import TrainOptions

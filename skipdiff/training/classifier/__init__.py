@@ -3,14 +3,14 @@
 * :mod:`.options`: :class:`ClassifierOptions` (the CLI is generated from it; no torch import),
 * :mod:`.models`: the registry of model builders (``skipresnet``, ``mlp``, ``reference``),
 * :mod:`.data`: train/test splits from the shared data layer,
-* :mod:`.gates`: per-example block gates, sampled by the UNet router's code (:func:`skipdiff.router.draw_gate_states`),
+* :mod:`.gates`: per-example block gates, sampled by the UNet router's code (:func:`skipdiff.skips.router.draw_gate_states`),
 * :mod:`.evaluation`: loss and accuracy, gradient flow per block, activation size per block,
 * :mod:`.loop`: :func:`train_classifier`.
 
 The ablation (depth, widths, ``skip_connections``, ``batch_norm``, ``gate_target``) goes into the model's
 config and round-trips through ``save_pretrained``; the run's settings go to ``training_options.json``.
 Block gating (``--gating bernoulli``: stochastic depth, Huang et al. 2016; ``--gating markov``: the
-:class:`~skipdiff.markov.MarkovChain` the UNet's skips use, learning from per-example losses) reaches the
+:class:`~skipdiff.skips.markov.MarkovChain` the UNet's skips use, learning from per-example losses) reaches the
 model only through its ``block_gates`` argument.
 
 Names other than :class:`ClassifierOptions` are imported on first use, so that the command line answers

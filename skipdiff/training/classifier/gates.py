@@ -1,11 +1,11 @@
 """Per-example gates of a classifier's residual blocks, passed to the model as ``block_gates`` (B, K).
 
 ``bernoulli``: every gate open independently with ``keep_prob`` (stochastic depth, Huang et al. 2016).
-``markov``: one path of a :class:`~skipdiff.markov.MarkovChain` per example, the chain learning from the
+``markov``: one path of a :class:`~skipdiff.skips.markov.MarkovChain` per example, the chain learning from the
 per-example losses (:meth:`BlockGates.update`), as it does for a UNet's skips.
 
-The states come from :func:`skipdiff.router.draw_gate_states`, the code the UNet's
-:class:`~skipdiff.router.SkipRouter` samples its stochastic skips with: the same draws, in the same order,
+The states come from :func:`skipdiff.skips.router.draw_gate_states`, the code the UNet's
+:class:`~skipdiff.skips.router.SkipRouter` samples its stochastic skips with: the same draws, in the same order,
 for the whole data-parallel batch (each process keeps its slice). The loop seeds the generator per step
 with :func:`skipdiff.seeding.derived_seed`, so the same seed gives the same gates and a resumed run
 continues them without having saved a generator.
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ...markov import MarkovChain
-from ...router import draw_gate_states
+from ...skips.markov import MarkovChain
+from ...skips.router import draw_gate_states
 
 
 class BlockGates:

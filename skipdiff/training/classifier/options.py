@@ -128,6 +128,6 @@ class ClassifierOptions(DataOptions):
         if self.markov and self.gating != "markov":
             raise ValueError(f"--markov {self.markov!r} is only used with --gating markov, got --gating {self.gating}")
         if self.gating == "markov":
-            from ...markov import check_options  # torch, but only once the options name a chain
+            from ...skips.markov import check_options  # torch, but only once the options name a chain
 
             check_options(self.markov_options())

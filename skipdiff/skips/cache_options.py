@@ -1,9 +1,9 @@
 """Options of feature caching across sampling steps, and the refresh schedule they define (no torch).
 
 :class:`SkipCacheOptions` is what an entry point inherits (its flags are ``--cache``,
-``--cache_branch``, ...) and what :func:`skipdiff.caching.enable_skip_cache` takes. This module
+``--cache_branch``, ...) and what :func:`skipdiff.skips.caching.enable_skip_cache` takes. This module
 imports nothing heavy, so command lines can check the options and answer ``--help`` at once; the
-caching itself is :mod:`skipdiff.caching`.
+caching itself is :mod:`skipdiff.skips.caching`.
 
 A *refresh* step (a *key* step in Faster Diffusion's words) runs the whole UNet and keeps its deep
 features; the other steps reuse them. Steps are counted from 0 within one sampling run:
@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config import option
+from ..config import option
 
 MODES = ("skip_branch", "encoder_propagation")
 SCHEDULES = ("uniform", "non_uniform")

@@ -33,7 +33,7 @@ With several processes (``torch.distributed`` initialised) the per-bucket loss s
 all-reduced before any mean is taken, so every rank computes the same update from the same
 numbers and all ranks keep identical chains, equal to one process seeing the whole global batch.
 
-The same class gates UNet skips (through :class:`skipdiff.router.SkipRouter`) and classifier
+The same class gates UNet skips (through :class:`skipdiff.skips.router.SkipRouter`) and classifier
 residual blocks.
 """
 
@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .seeding import rank_share, uniform
+from ..seeding import rank_share, uniform
 
 CLOSED, OPEN = 0, 1
 

@@ -1,7 +1,7 @@
 """``SkipUNet2DModel``: diffusers' ``UNet2DModel`` with a skip specification in its config.
 
-The backbone is diffusers' own; skipdiff adds, per long skip, a gate (see :mod:`skipdiff.gates`)
-applied by a :class:`~skipdiff.router.SkipRouter`, and a switch for the residual shortcut inside
+The backbone is diffusers' own; skipdiff adds, per long skip, a gate (see :mod:`skipdiff.skips.gate`)
+applied by a :class:`~skipdiff.skips.router.SkipRouter`, and a switch for the residual shortcut inside
 the resnet blocks of the down path, the mid block and the up path. Both live in the config, so a
 variant round-trips through ``save_pretrained`` / ``from_pretrained`` like any diffusers model.
 
@@ -9,23 +9,31 @@ Skips are indexed in the order the decoder consumes them: skip 0 is the innermos
 resolution, first up block's first resnet), skip K-1 the outermost (``conv_in``'s output, received
 by the last resnet of the last up block). ``model.describe_skips()`` lists them.
 
-:func:`apply_skip_spec` puts the same gates on an existing ``UNet2DModel`` or
-``UNet2DConditionModel`` (Stable Diffusion's) without touching its weights.
+Three ways to put skips on a UNet, one for each need:
+
+* :meth:`SkipUNet2DModel.from_unet`: a new model, another UNet's architecture and weights with these
+  skips (to train, or an inference variant to save);
+* :func:`skip_spec_applied`: for the length of a ``with`` block, on any diffusers UNet (a stock one or a
+  ``SkipUNet2DModel``), its weights untouched and the model bit for bit the same afterwards;
+* :func:`apply_skip_spec`: the attaching step under it, for a stock ``UNet2DModel`` or
+  ``UNet2DConditionModel`` (Stable Diffusion's): the gates stay until ``router.detach()``; training uses it
+  to give a ``UNet2DConditionModel`` trainable gates, which ``from_unet`` cannot rebuild.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
 import torch
-from diffusers import ModelMixin, UNet2DModel  # noqa: F401  (ModelMixin: see the note in __init__.py)
+from diffusers import ModelMixin, UNet2DModel  # noqa: F401  (ModelMixin: see the note in skipdiff/__init__.py)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from .config import SHORTCUT_PARTS
-from .gates import SkipSpec
+from ..config import SHORTCUT_PARTS
+from .gate import SkipSpec
 from .router import SkipRouter, discover_skips, format_skip_table
 
 # What a saved config.json says in ``up_block_types`` when the model is not a plain UNet2DModel.
@@ -134,7 +142,7 @@ class SkipUNet2DModel(UNet2DModel):
             entry per skip. Stored resolved, one dict per skip.
         residual_shortcuts: ``{"down": bool, "mid": bool, "up": bool}``; ``False`` disables the
             shortcut of every resnet block in that part (for vanishing-gradient studies).
-        markov: options of the Markov chain used by ``markov`` gates (see :mod:`skipdiff.markov`).
+        markov: options of the Markov chain used by ``markov`` gates (see :mod:`skipdiff.skips.markov`).
     """
 
     # Every parameter is spelled out: from_pretrained reads this signature and drops unknown keys.
@@ -216,7 +224,7 @@ class SkipUNet2DModel(UNet2DModel):
         dropped are cut away and a message names them, and gates with parameters start fresh. With
         ``strict=True`` (an inference variant of a trained model) the whole state dict, gates included,
         must fit: ``ValueError`` otherwise. For a temporary change of an existing model's skips use
-        :func:`apply_skip_spec` or :func:`skipdiff.targets.skip_spec_applied` instead."""
+        :func:`skip_spec_applied` instead."""
         own = ("skips", "residual_shortcuts", "markov")
         config = {k: v for k, v in unet.config.items() if not k.startswith("_") and k not in own}
         model = cls(**config, skips=skips, residual_shortcuts=residual_shortcuts, markov=markov)
@@ -328,3 +336,52 @@ def apply_skip_spec(unet: nn.Module, spec: SkipSpec, markov: dict | None = None)
     router.to(device=first_param.device, dtype=first_param.dtype)
     router.train(unet.training)
     return router.attach(unet)
+
+
+@contextlib.contextmanager
+def skip_spec_applied(unet: nn.Module, spec):
+    """``with skip_spec_applied(unet, spec) as router:`` gates ``unet``'s skips with ``spec`` for the length of
+    the block, then restores it exactly: the one temporary way to put skips on a UNet (a new model with
+    other skips is :meth:`SkipUNet2DModel.from_unet`).
+
+    A stock diffusers UNet gets :func:`apply_skip_spec` and ``detach()``. A
+    :class:`SkipUNet2DModel` already routes its skips: its router is set aside and a
+    router for ``spec`` takes its place (its trained gates, learned ones included, come back afterwards).
+    ``None`` changes nothing and yields the UNet's own router (None for a stock UNet).
+    """
+    if spec is None:
+        yield getattr(unet, "skip_router", None)
+        return
+    if not isinstance(unet, SkipUNet2DModel):
+        router = apply_skip_spec(unet, spec)
+        try:
+            yield router
+        finally:
+            router.detach()
+        return
+    original = unet.skip_router
+    replacement = SkipRouter(original.skips, spec, dict(unet.config.markov or {}))
+    _check_removed_skips(original, replacement, spec)
+    parameter = next(unet.parameters())
+    replacement.to(device=parameter.device, dtype=parameter.dtype).train(unet.training)
+    replacement.inference = original.inference
+    original.detach()
+    unet.skip_router = replacement.attach(unet)
+    try:
+        yield replacement
+    finally:
+        replacement.detach()
+        unet.skip_router = original.attach(unet)
+
+
+def _check_removed_skips(original, replacement, spec) -> None:
+    """A skip removed in training has no channels in its resnet: only ``remove`` fits it, and no other skip
+    can be removed without rebuilding the model."""
+    was = [g.info.index for g in original.gates if g.removes_skip]
+    wants = [g.info.index for g in replacement.gates if g.removes_skip]
+    if was != wants:
+        raise ValueError(
+            f"skips {spec!r} cannot be applied to this model: its removed skips {was} have no channels to gate "
+            f"and a skip cannot be removed at inference (the spec removes {wants}); use 'zero' instead of "
+            "'remove' and keep 'remove' where the model has it"
+        )

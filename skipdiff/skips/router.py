@@ -5,7 +5,7 @@ Every up block of a diffusers UNet runs, for each of its resnets,
 :class:`SkipRouter` registers a forward pre-hook on each of those resnets: it splits the
 concatenated input back into (backbone, skip), passes both through the skip's gate and
 concatenates again. The UNet's own forward is untouched, so the same router works on
-``UNet2DModel``, ``UNet2DConditionModel`` and :class:`~skipdiff.unet.SkipUNet2DModel`, and a
+``UNet2DModel``, ``UNet2DConditionModel`` and :class:`~skipdiff.skips.unet.SkipUNet2DModel`, and a
 ``keep`` gate costs nothing (its hook returns at once).
 
 A second pre-hook on the UNet itself notes the forward's timestep and starts a new forward pass: the
@@ -26,9 +26,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .gates import SkipInfo, SkipSpec, build_gate, format_entry, resolve_spec
+from ..seeding import rank_share, uniform
+from .gate import SkipInfo, SkipSpec
 from .markov import MarkovChain, check_options
-from .seeding import rank_share, uniform
+from .spec import build_gate, format_entry, resolve_spec
 
 INFERENCE_MODES = ("expected", "map", "sample")
 
@@ -152,9 +153,9 @@ class SkipRouter(nn.Module):
 
     Args:
         skips: the UNet's skips, from :func:`discover_skips`.
-        spec: a skip specification (see :mod:`skipdiff.gates`).
+        spec: a skip specification (see :mod:`skipdiff.skips.spec`).
         markov: options of the Markov chain shared by all ``markov`` gates (``p_init``, ``cost``,
-            ``temperature``, ...: see :class:`~skipdiff.markov.MarkovChain`). Unknown keys are refused
+            ``temperature``, ...: see :class:`~skipdiff.skips.markov.MarkovChain`). Unknown keys are refused
             even when no skip is ``markov``.
 
     Training with ``markov`` skips: after each training forward, call

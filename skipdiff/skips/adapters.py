@@ -10,7 +10,7 @@ the way peft saves a LoRA adapter::
 
 :func:`load_skip_gates` puts them on any compatible UNet (or pipeline): its own long skips must have
 the same count and channels, else ``ValueError`` naming both geometries. Loading another artefact on
-top *stacks* it: each artefact is its own :class:`~skipdiff.router.SkipRouter`, and the routers' hooks
+top *stacks* it: each artefact is its own :class:`~skipdiff.skips.router.SkipRouter`, and the routers' hooks
 run in the order they were loaded, so the gates compose. :func:`unload_skip_gates` removes one (by
 name) or all, restoring the base model bit for bit.
 """
@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..runfolder import follow_umask
 from .router import SkipRouter, discover_skips
-from .runfolder import follow_umask
 
 WEIGHTS_NAME = "skip_gates.safetensors"
 CONFIG_NAME = "skip_gates_config.json"
@@ -188,7 +188,7 @@ skipdiff is installed from a clone of its repository (`pip install -e .`).
 def push_skip_gates(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
                     api=None) -> str:  # fmt: skip
     """Upload an artefact folder with its model card to a Hub model repo (created if needed)."""
-    from .training import hub
+    from ..training import hub
 
     config, _ = read_skip_gates(folder)
     repo = hub.prepare_repo(repo_id, token, private, api=api)

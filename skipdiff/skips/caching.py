@@ -3,12 +3,12 @@
 Long skips are what make a UNet's deep features reusable from one sampling step to the next: the
 shallow path, fed by the outermost skips, carries the detail that changes every step, while the
 deep features change slowly. Two ways to exploit that, both for ``UNet2DModel``,
-``UNet2DConditionModel`` and :class:`~skipdiff.unet.SkipUNet2DModel`:
+``UNet2DConditionModel`` and :class:`~skipdiff.skips.unet.SkipUNet2DModel`:
 
 - ``skip_branch`` (DeepCache, Ma et al., CVPR 2024): on a refresh step the whole UNet runs; on the
   other steps only the encoder down to the source of skip ``b`` and the decoder from the resnet
   that receives skip ``b`` upwards run, that resnet's backbone input being the one of the last
-  refresh step. Branch ``b`` is skipdiff's skip index (:func:`skipdiff.router.discover_skips`):
+  refresh step. Branch ``b`` is skipdiff's skip index (:func:`skipdiff.skips.router.discover_skips`):
   skip ``b`` comes from ``source`` (``conv_in``, ``down_blocks.i.resnets.r`` or
   ``down_blocks.i.downsamplers.0``) and enters ``up_blocks[u].resnets[l]``. Reused are every
   encoder module after that source, the mid block, every up block before ``u`` and the first ``l``
