@@ -559,3 +559,20 @@ def test_describe_skips_matches_the_tensors_of_a_forward(config_name, request, m
     assert len(table) == 2 + count  # header, rule, one line per skip
     for line, r in zip(table[2:], rows, strict=True):
         assert r["source"] in line and line.split()[0] == str(r["index"]) and line.rstrip().endswith("keep")
+
+
+@pytest.mark.parametrize("old", ["gates", "router", "markov", "unet", "caching", "cache_options", "adapters"])
+def test_the_old_skip_module_paths_warn_and_reach_the_new_modules(old, monkeypatch):
+    import importlib
+    import sys
+
+    import skipdiff.skips
+
+    monkeypatch.delitem(sys.modules, f"skipdiff.{old}", raising=False)  # import the shim afresh
+    with pytest.warns(DeprecationWarning, match=f"skipdiff.{old} has moved to skipdiff.skips"):
+        module = importlib.import_module(f"skipdiff.{old}")
+    if old == "gates":  # five modules now: the names it held, re-exported
+        assert module.SkipGate is skipdiff.skips.SkipGate and module.GATES is skipdiff.skips.GATES
+        assert module.build_gate is skipdiff.skips.build_gate and module.PRESETS is skipdiff.skips.PRESETS
+    else:
+        assert module is importlib.import_module(f"skipdiff.skips.{old}")

@@ -1,0 +1,5 @@
+"""Deprecated: moved to :mod:`skipdiff.skips.unet` (this path warns and will go)."""
+
+from .lazy import moved_module
+
+moved_module(__name__, "skipdiff.skips.unet")
