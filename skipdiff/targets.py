@@ -41,8 +41,9 @@ from .conditioning import ClassLabels, Conditioning, TextConditioning, Unconditi
 from .config import subset
 from .data_options import DataOptions
 from .encoders import Encoder, PixelEncoder, VaeEncoder, VqEncoder
+from .pipeline import SkipDiffPipeline, weights_layout
 from .runfolder import OPTIONS_FILE, weights_digest
-from .skips.unet import skip_spec_applied
+from .skips.unet import SkipUNet2DModel, skip_spec_applied
 
 # Pipelines skipdiff knows how to sample and condition: class name -> kind of target.
 PIPELINE_KINDS = {
@@ -57,6 +58,7 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "SkipUNet2DModel")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")  # Hub pipelines saved before safetensors hold .bin files
 MODEL_INDEX = "model_index.json"
+PIPELINE_UNET = "unet"  # where a pipeline (and a run folder) keeps its UNet
 
 
 def _dtype_keyword() -> str:
@@ -144,6 +146,58 @@ class StudyTarget:
         """What was loaded (for results): identity, encoder, conditioning."""
         return {**self.identity, "kind": self.kind, "encoder": self.encoder.describe(),
                 "conditioning": self.conditioning.describe(), "resolution": self.resolution}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# What a model source is: a run folder or pipeline (model_index.json), a bare UNet (config.json), a Hub id
+# --------------------------------------------------------------------------------------------------
+
+
+def unet_subfolder(source: str) -> str | None:
+    """Where ``source`` (a folder or Hub id) keeps its UNet: ``None`` for a bare UNet (``config.json`` at its
+    root), :data:`PIPELINE_UNET` for a pipeline or a run folder. A Hub id is asked for its root config."""
+    local = Path(source)
+    if local.exists():
+        return None if (local / "config.json").is_file() else PIPELINE_UNET
+    from diffusers import UNet2DModel
+
+    try:
+        UNet2DModel.load_config(source)
+        return None
+    except (OSError, ValueError):
+        return PIPELINE_UNET
+
+
+def is_pipeline(source: str | None) -> bool:
+    """Whether ``source`` is a whole pipeline (a ``model_index.json``; on the Hub: no UNet at its root), whose
+    own VAE, text encoder and noise schedule come with its UNet."""
+    if not source:
+        return False
+    if Path(source).exists():
+        return (Path(source) / MODEL_INDEX).is_file()
+    return unet_subfolder(source) == PIPELINE_UNET
+
+
+def unet_config_of(source: str, revision: str | None = None, cache_dir: str | None = None,
+                   flag: str = "--pretrained_model_name_or_path") -> dict:  # fmt: skip
+    """The UNet's ``config.json`` of ``source``: a UNet folder, or its pipeline's ``unet/``; a Hub id is asked
+    once per place. ``flag`` names the option in the ``ValueError`` when there is none."""
+    local = Path(source)
+    if local.exists():
+        for candidate in (local / "config.json", local / PIPELINE_UNET / "config.json"):
+            if candidate.is_file() and "_class_name" in (config := json.loads(candidate.read_text())):
+                if "UNet" in config["_class_name"]:
+                    return config
+        raise ValueError(f"{flag} {source!r} holds no UNet (no config.json or unet/config.json)")
+    from diffusers import UNet2DModel
+
+    errors = []
+    for subfolder in (None, PIPELINE_UNET):
+        try:
+            return dict(UNet2DModel.load_config(source, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
+        except (OSError, ValueError) as err:
+            errors.append(str(err).splitlines()[0])
+    raise ValueError(f"could not load the UNet config of {source!r} (offline, a typo, or a private repo?): {errors[-1]}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,26 +330,14 @@ def _from_pretrained(cls, checkpoint: str, source: dict, **kwargs):
 # ---- a skipdiff run ------------------------------------------------------------------------------
 
 
-def run_layout(path: Path) -> dict:
-    """Which subfolder of a run holds the EMA weights and which the raw ones (None: not saved)."""
-    if (path / "unet_ema").is_dir():  # the layout before unet/ held the EMA weights
-        return {"ema": "unet_ema", "raw": "unet"}
-    if (path / "unet_raw").is_dir():
-        return {"ema": "unet", "raw": "unet_raw"}
-    return {"ema": None, "raw": "unet"}
-
-
 def _run_target(source: dict, index: dict, local: Path | None, use_ema: bool) -> StudyTarget:
     """A skipdiff run: components loaded one by one, so that a damaged EMA copy is an error of its own
     (never replaced by the raw weights) and ``use_ema=False`` works even when the EMA copy is damaged."""
     import diffusers
 
-    from .pipeline import SkipDiffPipeline
-    from .skips.unet import SkipUNet2DModel
-
     checkpoint = source["checkpoint"]
     options = _training_options(checkpoint, local, source)
-    layout = run_layout(local) if local is not None else {"ema": "unet" if options.get("use_ema", True) else None,
+    layout = weights_layout(local) if local is not None else {"ema": "unet" if options.get("use_ema", True) else None,
                                                           "raw": "unet_raw" if options.get("use_ema", True) else "unet"}  # fmt: skip
     used_ema = use_ema and layout["ema"] is not None
     folder = source["subfolder"] or (layout["ema"] if used_ema else layout["raw"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,13 +64,21 @@ def check_variant_specs(models: set[str], variants: dict[str, str]) -> None:
                                  f"skips; use keep, zero, scale, fourier or bernoulli gates")  # fmt: skip
 
 
-def with_skips(unet, spec: str):
+def _variant(unet, spec: str):
     """A trained ``SkipUNet2DModel`` rebuilt with the skip spec ``spec`` and the same weights, in eval mode:
-    :meth:`SkipUNet2DModel.from_unet` with ``strict=True`` (``ValueError`` where the weights do not fit)."""
+    :meth:`~skipdiff.skips.unet.SkipUNet2DModel.from_unet` with ``strict=True`` (``ValueError`` where the
+    weights do not fit), its shortcuts and chain options kept."""
     from ..skips.unet import SkipUNet2DModel
 
     config = unet.config
     return SkipUNet2DModel.from_unet(unet, spec, config.get("residual_shortcuts"), config.get("markov"), strict=True).eval()
+
+
+def with_skips(unet, spec: str):
+    """Deprecated: ``SkipUNet2DModel.from_unet(unet, spec, residual_shortcuts, markov, strict=True).eval()``."""
+    warnings.warn("skipdiff.sweep.with_skips is deprecated; use SkipUNet2DModel.from_unet(unet, skips=..., "
+                  "strict=True)", DeprecationWarning, stacklevel=2)  # fmt: skip
+    return _variant(unet, spec)
 
 
 def make_inference_variant(run: Path, spec: str, folder: Path) -> Path:
@@ -81,9 +90,9 @@ def make_inference_variant(run: Path, spec: str, folder: Path) -> Path:
     from ..skips.unet import SkipUNet2DModel
 
     pipeline = SkipDiffPipeline.from_pretrained(run)  # the EMA weights when saved
-    pipeline.unet = with_skips(pipeline.unet, spec)
+    pipeline.unet = _variant(pipeline.unet, spec)
     layout = weights_layout(run)
-    raw = with_skips(SkipUNet2DModel.from_pretrained(run, subfolder=layout["raw"]), spec) if layout["ema"] else None
+    raw = _variant(SkipUNet2DModel.from_pretrained(run, subfolder=layout["raw"]), spec) if layout["ema"] else None
     folder.mkdir(parents=True, exist_ok=True)
     export_pipeline(pipeline, folder, raw_unet=raw)
     shutil.copyfile(run / "training_options.json", folder / "training_options.json")

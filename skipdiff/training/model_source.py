@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..skips.unet import SkipUNet2DModel
-
-PIPELINE_UNET = "unet"
+from ..targets import is_pipeline, load_target, unet_config_of, unet_subfolder
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -60,25 +57,9 @@ def check_model_options(options) -> None:
 
 
 def pretrained_unet_config(options) -> dict:
-    """The pretrained UNet's ``config.json`` (a folder, or its pipeline's ``unet/``; Hub ids are asked once)."""
-    source = options.pretrained_model_name_or_path
-    local = Path(source)
-    if local.exists():
-        for candidate in (local / "config.json", local / PIPELINE_UNET / "config.json"):
-            if candidate.is_file() and "_class_name" in (config := json.loads(candidate.read_text())):
-                if "UNet" in config["_class_name"]:
-                    return config
-        raise ValueError(f"--pretrained_model_name_or_path {source!r} holds no UNet (no config.json or unet/config.json)")
-    from diffusers import UNet2DModel
-
-    errors = []
-    for subfolder in (None, PIPELINE_UNET):
-        try:
-            return dict(UNet2DModel.load_config(source, subfolder=subfolder, revision=options.revision,
-                                                cache_dir=options.cache_dir))  # fmt: skip
-        except (OSError, ValueError) as err:
-            errors.append(str(err).splitlines()[0])
-    raise ValueError(f"could not load the UNet config of {source!r} (offline, a typo, or a private repo?): {errors[-1]}")
+    """The pretrained UNet's ``config.json`` (a folder, or its pipeline's ``unet/``; Hub ids are asked once):
+    :func:`skipdiff.targets.unet_config_of`."""
+    return unet_config_of(options.pretrained_model_name_or_path, options.revision, options.cache_dir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,14 +82,9 @@ class ModelSource:
 
 
 def is_pipeline_source(options) -> bool:
-    """Whether ``--pretrained_model_name_or_path`` is a whole pipeline (a ``model_index.json``): then its own
-    VAE, text encoder and noise schedule come with its UNet."""
-    source = options.pretrained_model_name_or_path
-    if not source:
-        return False
-    if Path(source).exists():
-        return (Path(source) / "model_index.json").is_file()
-    return _unet_subfolder(source) == PIPELINE_UNET
+    """Whether ``--pretrained_model_name_or_path`` is a whole pipeline (:func:`skipdiff.targets.is_pipeline`):
+    then its own VAE, text encoder and noise schedule come with its UNet."""
+    return is_pipeline(options.pretrained_model_name_or_path)
 
 
 def load_model_source(options, accelerator, data) -> ModelSource:
@@ -133,7 +109,6 @@ def _pipeline_source(options, data) -> ModelSource:
     from diffusers import UNet2DConditionModel
 
     from ..skips.unet import apply_skip_spec
-    from ..targets import load_target
 
     source = options.pretrained_model_name_or_path
     target = load_target(source, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir,
@@ -247,7 +222,7 @@ def _pretrained(options, encoder) -> tuple[nn.Module, object]:
 
     config = pretrained_unet_config(options)
     source = options.pretrained_model_name_or_path
-    subfolder = _unet_subfolder(source)
+    subfolder = unet_subfolder(source)
     kwargs = dict(subfolder=subfolder, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir)
     if config.get("_class_name") == "UNet2DConditionModel":
         from ..skips.unet import apply_skip_spec
@@ -266,19 +241,6 @@ def _pretrained(options, encoder) -> tuple[nn.Module, object]:
         scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
                                    encoder.sample_range)  # fmt: skip
     return unet, scheduler
-
-
-def _unet_subfolder(source: str) -> str | None:
-    local = Path(source)
-    if local.exists():
-        return None if (local / "config.json").is_file() else PIPELINE_UNET
-    from diffusers import UNet2DModel
-
-    try:
-        UNet2DModel.load_config(source)
-        return None
-    except (OSError, ValueError):
-        return PIPELINE_UNET
 
 
 def _pretrained_scheduler(options, unet_subfolder: str | None, encoder):
