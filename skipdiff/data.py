@@ -301,6 +301,16 @@ def image_transform(resolution: int, channels: int, *, center_crop: bool = True,
     return transforms.Compose(steps)
 
 
+def options_transform(options: DataOptions, channels: int, train: bool = True):
+    """The image transform ``options`` ask for (:func:`image_transform`): crops and flips as asked for
+    training; centre crop and no flip otherwise (evaluation, latent caches). (Here rather than a method of
+    :class:`~skipdiff.data_options.DataOptions`, which imports nothing heavy and nothing from this module.)"""
+    if not train:
+        return image_transform(options.resolution, channels)
+    return image_transform(options.resolution, channels, center_crop=options.center_crop,
+                           random_flip=options.random_flip)  # fmt: skip
+
+
 def with_pixel_values(split: Dataset, transform) -> Dataset:
     """The split with rows ``{"pixel_values": (C, H, W), "label": int[, "caption": str]}`` computed on access."""
     passed = [column for column in ("label", "caption") if column in split.column_names]

@@ -120,12 +120,3 @@ class DataOptions:
         if values["train_data_dir"]:
             values["train_data_dir"] = str(Path(values["train_data_dir"]).resolve())
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
-
-    def transform(self, channels: int, train: bool = True):
-        """The image transform (:func:`skipdiff.data.image_transform`): crops and flips as asked for
-        training; centre crop and no flip otherwise (evaluation, latent caches)."""
-        from .data import image_transform
-
-        if not train:
-            return image_transform(self.resolution, channels)
-        return image_transform(self.resolution, channels, center_crop=self.center_crop, random_flip=self.random_flip)

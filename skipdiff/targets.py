@@ -34,7 +34,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import diffusers
+import huggingface_hub
 import torch
+from diffusers import UNet2DModel
 from torch import nn
 
 from .conditioning import ClassLabels, Conditioning, TextConditioning, Unconditional
@@ -159,8 +162,6 @@ def unet_subfolder(source: str) -> str | None:
     local = Path(source)
     if local.exists():
         return None if (local / "config.json").is_file() else PIPELINE_UNET
-    from diffusers import UNet2DModel
-
     try:
         UNet2DModel.load_config(source)
         return None
@@ -189,8 +190,6 @@ def unet_config_of(source: str, revision: str | None = None, cache_dir: str | No
                 if "UNet" in config["_class_name"]:
                     return config
         raise ValueError(f"{flag} {source!r} holds no UNet (no config.json or unet/config.json)")
-    from diffusers import UNet2DModel
-
     errors = []
     for subfolder in (None, PIPELINE_UNET):
         try:
@@ -271,10 +270,8 @@ def read_model_index(checkpoint: str, revision: str | None = None,
         return json.loads((path / MODEL_INDEX).read_text()), path, None
     if checkpoint.count("/") != 1:
         raise ValueError(f"--checkpoint {checkpoint!r} does not exist (and is not a Hub id like user/name)")
-    from huggingface_hub import hf_hub_download
-
     try:
-        downloaded = Path(hf_hub_download(checkpoint, MODEL_INDEX, revision=revision, cache_dir=cache_dir))
+        downloaded = Path(huggingface_hub.hf_hub_download(checkpoint, MODEL_INDEX, revision=revision, cache_dir=cache_dir))
     except Exception as err:  # noqa: BLE001  offline, typo, private repo, not a pipeline: all one answer
         raise ValueError(
             f"could not fetch {MODEL_INDEX} of {checkpoint!r} from the Hub (offline, a typo, a private repo, or not a "
@@ -333,8 +330,6 @@ def _from_pretrained(cls, checkpoint: str, source: dict, **kwargs):
 def _run_target(source: dict, index: dict, local: Path | None, use_ema: bool) -> StudyTarget:
     """A skipdiff run: components loaded one by one, so that a damaged EMA copy is an error of its own
     (never replaced by the raw weights) and ``use_ema=False`` works even when the EMA copy is damaged."""
-    import diffusers
-
     checkpoint = source["checkpoint"]
     options = _training_options(checkpoint, local, source)
     layout = weights_layout(local) if local is not None else {"ema": "unet" if options.get("use_ema", True) else None,
@@ -374,10 +369,8 @@ def _training_options(checkpoint: str, local: Path | None, source: dict) -> dict
         options = json.loads(path.read_text())
         check_split_agrees(local, options)
         return options
-    from huggingface_hub import hf_hub_download
-
     try:
-        path = hf_hub_download(checkpoint, OPTIONS_FILE, revision=source["revision"], cache_dir=source["cache_dir"])
+        path = huggingface_hub.hf_hub_download(checkpoint, OPTIONS_FILE, revision=source["revision"], cache_dir=source["cache_dir"])
     except Exception as err:  # noqa: BLE001  offline, missing file, ...
         raise ValueError(f"{checkpoint!r} has no {OPTIONS_FILE}: {err}") from err
     return json.loads(Path(path).read_text())
@@ -409,8 +402,6 @@ def check_split_agrees(folder: Path, options: dict) -> None:
 
 
 def _pipeline_target(source: dict, pipeline_class: str, index: dict, local: Path | None) -> StudyTarget:
-    import diffusers
-
     checkpoint = source["checkpoint"]
     extra = {}
     unet_folder = source["subfolder"] or "unet"

@@ -82,3 +82,107 @@ print(codes, sorted(m for m in ("torch", "matplotlib", "scipy", "diffusers", "ac
     for module, flag in (("skipdiff.sweep", "--launcher"), ("skipdiff.report", "--reference")):
         shown = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
         assert shown.returncode == 0 and flag in shown.stdout, shown.stderr
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _skipdiff_imports(code: str, name: str, is_package: bool, modules: set[str]) -> set[str]:
+    """The skipdiff modules that module ``name`` (source ``code``) imports when it runs: at module level and
+    inside functions, not under ``if TYPE_CHECKING:`` (annotations only, never executed). ``from . import x``
+    names module ``x``; ``from .x import y`` names ``x``, or ``x.y`` where that is a module."""
+    package = name if is_package else name.rpartition(".")[0]
+    found = set()
+    for node in _runtime_nodes(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            targets = [f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in modules]
+            targets = targets or [module]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:  # skipdiff.x.name -> skipdiff.x
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` but those inside an ``if TYPE_CHECKING:`` block."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+            yield from (node for orelse in child.orelse for node in _runtime_nodes(ast.Module([orelse], [])))
+            continue
+        yield child
+        yield from _runtime_nodes(child)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) per strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in sorted(graph[module]):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+            if len(component) > 1:
+                cycles.append(_path_round(sorted(component), graph))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def _path_round(component: list[str], graph: dict[str, set[str]]) -> list[str]:
+    """A shortest import path from the component's first module back to itself (breadth first)."""
+    start, members = component[0], set(component)
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        module = queue.pop(0)
+        for other in sorted(graph[module] & members):
+            if other == start:
+                return [*paths[module], start]
+            if other not in paths:
+                paths[other] = [*paths[module], other]
+                queue.append(other)
+    return component
+
+
+def test_no_import_circles_even_through_function_level_imports():
+    """The module graph, with the imports inside functions, has no cycle: a circle closed by an import hidden
+    in a function is still a circle between the two modules' concepts."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {_module_name(path) for path in paths}
+    graph = {_module_name(p): _skipdiff_imports(p.read_text(), _module_name(p), p.name == "__init__.py", modules)
+             for p in paths}  # fmt: skip
+    cycles = _cycles(graph)
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_circle_check_sees_imports_inside_functions():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    modules = {"skipdiff", "skipdiff.x", "skipdiff.y", "skipdiff.sub", "skipdiff.sub.z"}
+    code = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .. import sub\n"
+            "def f():\n    from ..x import thing\n    from . import z\n    import skipdiff.y\n")
+    assert _skipdiff_imports(code, "skipdiff.sub.z", False, modules) == {"skipdiff.x", "skipdiff.y"}

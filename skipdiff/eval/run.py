@@ -15,7 +15,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from ..config import subset
-from ..data import collate_images, dataset_channels, load_image_splits, with_pixel_values
+from ..data import collate_images, dataset_channels, load_image_splits, options_transform, with_pixel_values
 from ..data_options import DataOptions
 
 
@@ -30,7 +30,7 @@ def held_out_batches(data: DataOptions | dict, batch_size: int = 16, limit: int 
     test = splits["test"]
     if limit is not None and limit < len(test):
         test = test.select(range(limit))
-    test = with_pixel_values(test, data.transform(channels, train=False))
+    test = with_pixel_values(test, options_transform(data, channels, train=False))
     return list(DataLoader(test, batch_size=batch_size, collate_fn=collate_images)), channels
 
 

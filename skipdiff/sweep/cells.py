@@ -23,21 +23,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import redact
-from ..runfolder import RunLock, read_json, write_json_atomic
+from ..runfolder import RunLock, write_json_atomic
 from . import launch
 from .kinds import CellKind, get_kind
+from .record import CELL_FILE, read_cell
 from .spec import Cell, SweepSpec, results_options
 
-CELL_FILE = "cell.json"
 STATES = ("new", "restart", "resume", "trained", "done")
 
 Log = Callable[[str], None]
-
-
-def read_cell(folder: Path) -> dict | None:
-    """A cell folder's ``cell.json`` (None when there is none)."""
-    path = Path(folder) / CELL_FILE
-    return read_json(path, "cell record") if path.is_file() else None
 
 
 def _write(cell: Cell, record: dict) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import from_dict
 from ..runfolder import safe_name
+from .record import read_cell
 
 if TYPE_CHECKING:
     from .spec import Cell, SweepSpec
@@ -332,7 +333,6 @@ class InferenceKind(CellKind):
 
     def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:
         from ..eval.evaluation import evaluate_target
-        from .cells import read_cell
 
         options = from_dict(self.options_class(), {**read_cell(folder)["options"], "out": str(folder / "eval")})
         log(f"  skips {options.skips or 'as trained'} on {options.checkpoint}")

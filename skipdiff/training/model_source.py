@@ -12,14 +12,18 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import warnings
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from ..skips.unet import SkipUNet2DModel
+from ..diffusion import make_scheduler
+from ..presets import unet_config
+from ..skips.unet import SkipUNet2DModel, apply_skip_spec
 from ..targets import is_pipeline, load_target, unet_config_of, unet_subfolder
 
 
@@ -37,8 +41,6 @@ def check_model_options(options) -> None:
     """Build the requested model's skip router once (any channels and size: the skips do not depend on
     them), so that the preset, the skip specification, the shortcut switches and the chain options are
     checked before the VAE stage or any download of weights."""
-    from ..presets import unet_config
-
     shortcuts = {part: False for part in options.disable_shortcuts} or None
     if options.pretrained_model_name_or_path:
         config = pretrained_unet_config(options)
@@ -87,29 +89,9 @@ def is_pipeline_source(options) -> bool:
     return is_pipeline(options.pretrained_model_name_or_path)
 
 
-def load_model_source(options, accelerator, data) -> ModelSource:
-    """The run's model and its surroundings: a preset (or a bare pretrained UNet) with the encoder of
-    ``--vae``, or a pretrained pipeline with its own encoder, conditioning and schedule, as diffusers'
-    ``train_text_to_image.py`` uses a Stable Diffusion pipeline's."""
-    from ..conditioning import ClassLabels, Unconditional
-
-    if is_pipeline_source(options):
-        return _pipeline_source(options, data)
-    from .runtime import prepare_encoder
-
-    encoder, encoder_source = prepare_encoder(options, accelerator, data.channels)
-    unet, scheduler = build_unet(options, encoder, data)
-    conditioning = ClassLabels(data.classes) if data.classes else Unconditional()
-    return ModelSource(finish_model(unet, options), scheduler, encoder, conditioning, encoder_source)
-
-
-def _pipeline_source(options, data) -> ModelSource:
+def pipeline_source(options, data) -> ModelSource:
     """A pretrained pipeline as the study target view (:func:`skipdiff.targets.load_target`), its UNet given
     the run's skips: a ``SkipUNet2DModel`` for a ``UNet2DModel``, the router as ``skip_router`` otherwise."""
-    from diffusers import UNet2DConditionModel
-
-    from ..skips.unet import apply_skip_spec
-
     source = options.pretrained_model_name_or_path
     target = load_target(source, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir,
                          device="cpu")  # fmt: skip
@@ -137,12 +119,8 @@ def _pipeline_source(options, data) -> ModelSource:
 def build_unet(options, encoder, data) -> tuple[nn.Module, object]:
     """A preset's fresh ``SkipUNet2DModel`` (or a bare pretrained UNet with the run's skips) and its noise
     scheduler."""
-    from ..diffusion import make_scheduler
-
     if options.pretrained_model_name_or_path:
         return _pretrained(options, encoder)
-    from ..presets import unet_config
-
     shortcuts = {part: False for part in options.disable_shortcuts} or None
     config = unet_config(options.model, sample_size=options.resolution // encoder.downscale, channels=encoder.channels,
                          num_classes=data.classes, skips=options.skips, residual_shortcuts=shortcuts,
@@ -188,7 +166,7 @@ LORA_TARGETS = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
 def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> int:
     """LoRA adapters (peft) on every resnet convolution and attention projection; everything else frozen
     (the gates too). Freshly added, they leave the output unchanged (B = 0). Returns the trainable count."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # optional: the lora extra, only for --train_only lora
 
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(LORA_TARGETS), init_lora_weights=True)
     inject_adapter_in_model(config, unet)
@@ -198,8 +176,6 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> int:
 def plain_model(unet: nn.Module) -> nn.Module:
     """The model to save: a copy with LoRA adapters merged into their base weights and removed (a plain
     ``SkipUNet2DModel`` that loads anywhere); ``unet`` itself when it has no adapters."""
-    import copy
-
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # without peft there are no adapters (only --train_only lora needs it)
@@ -218,15 +194,11 @@ def plain_model(unet: nn.Module) -> nn.Module:
 
 def _pretrained(options, encoder) -> tuple[nn.Module, object]:
     """A pretrained UNet with the run's skips, and the noise scheduler it was trained with."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
     config = pretrained_unet_config(options)
     source = options.pretrained_model_name_or_path
     subfolder = unet_subfolder(source)
     kwargs = dict(subfolder=subfolder, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir)
     if config.get("_class_name") == "UNet2DConditionModel":
-        from ..skips.unet import apply_skip_spec
-
         unet = UNet2DConditionModel.from_pretrained(source, **kwargs)
         unet.skip_router = apply_skip_spec(unet, options.skips, options.markov_options())
     else:
@@ -236,8 +208,6 @@ def _pretrained(options, encoder) -> tuple[nn.Module, object]:
                                          options.markov_options())  # fmt: skip
     scheduler = _pretrained_scheduler(options, subfolder, encoder)
     if scheduler is None:
-        from ..diffusion import make_scheduler
-
         scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
                                    encoder.sample_range)  # fmt: skip
     return unet, scheduler
@@ -245,8 +215,6 @@ def _pretrained(options, encoder) -> tuple[nn.Module, object]:
 
 def _pretrained_scheduler(options, unet_subfolder: str | None, encoder):
     """The pipeline's own scheduler (as a DDPM scheduler for training), or None for a bare UNet."""
-    from diffusers import DDPMScheduler
-
     if unet_subfolder is None:
         return None
     try:

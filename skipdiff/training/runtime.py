@@ -18,9 +18,17 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from diffusers import DDIMScheduler
 from torch.utils.data import DataLoader
 
+from ..conditioning import ClassLabels, Unconditional
 from ..config import subset
 from ..cpu_memory import keep_freed_memory_for_cpu_training
-from ..data import collate_images, dataset_channels, load_image_splits, num_classes, with_pixel_values
+from ..data import (
+    collate_images,
+    dataset_channels,
+    load_image_splits,
+    num_classes,
+    options_transform,
+    with_pixel_values,
+)
 from ..data_options import DataOptions
 from ..encoders import CachedLatents, Encoder, VaeEncoder, cache_encoded, load_encoder
 from ..export import export_pipeline
@@ -28,7 +36,15 @@ from ..grids import image_grid
 from ..pipeline import SkipDiffPipeline
 from ..presets import UNET_PRESETS, VAE_PRESETS
 from .ema import WeightEMA
-from .model_source import plain_model, trainable_parameters
+from .model_source import (
+    ModelSource,
+    build_unet,
+    finish_model,
+    is_pipeline_source,
+    pipeline_source,
+    plain_model,
+    trainable_parameters,
+)
 from .options import TrainOptions
 from .vae import VaeOptions, train_vae, unfinished_vae_error, vae_folder_state
 
@@ -199,13 +215,26 @@ def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_chann
     return load_encoder(vae, image_channels, options.cache_dir, options.sample_latents), vae
 
 
+def load_model_source(options: TrainOptions, accelerator: Accelerator, data: TrainingData) -> ModelSource:
+    """The run's model and its surroundings: a preset (or a bare pretrained UNet) with the encoder of
+    ``--vae``, or a pretrained pipeline with its own encoder, conditioning and schedule, as diffusers'
+    ``train_text_to_image.py`` uses a Stable Diffusion pipeline's. (Here, not in :mod:`.model_source`, which
+    builds the model and so sits below the encoder stage of this module.)"""
+    if is_pipeline_source(options):
+        return pipeline_source(options, data)
+    encoder, encoder_source = prepare_encoder(options, accelerator, data.channels)
+    unet, scheduler = build_unet(options, encoder, data)
+    conditioning = ClassLabels(data.classes) if data.classes else Unconditional()
+    return ModelSource(finish_model(unet, options), scheduler, encoder, conditioning, encoder_source)
+
+
 def train_loader(options: TrainOptions, split, encoder: Encoder, channels: int) -> DataLoader:
     """The training DataLoader: with ``--cache_latents`` the split encoded once (latents through the VAE,
     or the transformed pixels in pixel space; both orientations with ``--random_flip``), else images
     transformed on access. Flips are drawn in the step from the run's RNG, so that a resumed run flips
     exactly as an uninterrupted one."""
     data = subset(DataOptions, options)
-    images = with_pixel_values(split, data.transform(channels, train=True))
+    images = with_pixel_values(split, options_transform(data, channels, train=True))
     if options.cache_latents:  # pixel space too: the decoded, resized tensors (no PNG decoding per step)
         if not options.center_crop:
             raise ValueError("random crops (--no-center_crop) cannot be cached: add --no-cache_latents")

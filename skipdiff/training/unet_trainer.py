@@ -27,11 +27,12 @@ from ..skips.adapters import ARTEFACT_FOLDER, save_skip_gates
 from ..skips.router import format_skip_table
 from ..skips.unet import SkipUNet2DModel
 from . import checkpoints, hub
-from .model_source import ModelSource, check_model_options, load_model_source, trainable_parameters
+from .model_source import ModelSource, check_model_options, trainable_parameters
 from .options import TrainOptions
 from .runtime import (
     TrainingData,
     check_geometry,
+    load_model_source,
     load_training_data,
     make_accelerator,
     make_ema,

@@ -15,6 +15,7 @@ from ...data import (
     load_image_splits,
     load_tabular_splits,
     num_classes,
+    options_transform,
     with_pixel_values,
 )
 from ...data_options import DataOptions
@@ -49,7 +50,7 @@ def load_classifier_data(options: DataOptions) -> ClassifierData:
     if labels is None:
         raise ValueError(f"a classifier needs labels: the dataset has no {data_options.label_column!r} column")
     channels = dataset_channels(splits, data_options.image_channels)
-    transform = data_options.transform(channels, train=False)  # centre crop, no flips (as evaluation)
+    transform = options_transform(data_options, channels, train=False)  # centre crop, no flips (as evaluation)
     train, test = (with_pixel_values(splits[name], transform) for name in ("train", "test"))
     return ClassifierData(train, test, collate_images, channels, labels)
 
