@@ -169,7 +169,6 @@ class DiffusionKind(CellKind):
         return train_unet(from_dict(self.options_class(), options))
 
     def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:
-        from .cells import read_cell
         from .skips import make_inference_variant
 
         evaluation = spec.eval_for(read_cell(folder)["axes"])
