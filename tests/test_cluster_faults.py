@@ -563,7 +563,7 @@ def no_space(*args, **kwargs):
 
 def raw_weights_do_not_fit(monkeypatch) -> None:
     """The disk fills while the export writes ``unet_raw/`` (after model_index.json and unet/)."""
-    from skipdiff.unet import SkipUNet2DModel
+    from skipdiff.skips.unet import SkipUNet2DModel
 
     save = SkipUNet2DModel.save_pretrained
 
