@@ -115,18 +115,21 @@ def _transfer_rows(own: dict[str, dict[int, float]], best: str | None, transferr
     return rows
 
 
-def rank_transfer(values_by_field: dict[str, dict], transfer_by_field: dict[str, dict]) -> dict:
+def rank_transfer(values_by_field: dict[str, dict], transfer_by_field: dict[str, dict],
+                  margins: dict[str, float] | None = None) -> dict:
     """The transfer matrix per metric, on the transfer's seeds, paired by seed, Holm over each whole matrix
     (scope "transfer"): ``transfer[metric][target]`` ranks every transferred configuration and the target's
     own best against the target's full; ``transfer["against_own_best"][metric][target]`` ranks the transferred
     configurations against that own best (does a field's best carry over as well as the target's own?);
     ``transfer["null_control"][metric][target]`` ranks the full trained again by the transfer sweep against
     the confirmation's full on the same seeds (how far a rerun in another session lands from it: the reason
-    the matrix pairs within the transfer sweep); ``transfer["own_best"][target]`` names the own best."""
+    the matrix pairs within the transfer sweep); ``transfer["own_best"][target]`` names the own best. With
+    ``margins`` (metric -> m) every row also gets its TOST of equivalence within ±m."""
     from ..report.ranking import adjust_family, compare
 
     rankings: dict = {"own_best": {}, "against_own_best": {}, "null_control": {}}
     for metric in METRICS:
+        margin = (margins or {}).get(metric)
         against_full, against_own, control = {}, {}, {}
         for field, transferred in transfer_by_field.items():
             own = values_by_field[field].get(metric, {})
@@ -138,8 +141,8 @@ def rank_transfer(values_by_field: dict[str, dict], transfer_by_field: dict[str,
                 rankings["own_best"][field] = best
             if OWN_BEST in rows:
                 against_own[field] = compare({k: v for k, v in rows.items() if k != REFERENCE}, OWN_BEST,
-                                             lower_is_better=True, family=None)  # fmt: skip
-            against_full[field] = compare(rows, REFERENCE, lower_is_better=True, family=None)
+                                             lower_is_better=True, margin=margin, family=None)  # fmt: skip
+            against_full[field] = compare(rows, REFERENCE, lower_is_better=True, margin=margin, family=None)
             if RERUN in transferred[metric]:
                 control[field] = compare({"confirmation's full": own[REFERENCE], RERUN: transferred[metric][RERUN]},
                                          "confirmation's full", lower_is_better=True, family="table")  # fmt: skip
@@ -209,7 +212,7 @@ def write_atlas(folders: list[Path], out: Path, margins: dict[str, float] | None
     values = {f.name: confirmed_values(f) for f in folders}
     rankings = rank_fields(values, margins)
     transferred = {f.name: t for f in folders if (t := transfer_values(f))}
-    transfer = rank_transfer(values, transferred)
+    transfer = rank_transfer(values, transferred, margins)
     for record, folder in zip(fields, folders, strict=True):
         record["fid_floor"] = confirmation_floor(folder)
         record["confirmation"] = {m: rankings[m][record["field"]] for m in METRICS if record["field"] in rankings[m]}
