@@ -293,12 +293,11 @@ def _grid_legend(run: _Evaluation, seed: int, variants: bool) -> str:
 
 def _fid(run: _Evaluation) -> dict:
     from .fid import fid_with_floor, real_splits, reference_and_heldout
+    from .options import resolve_reference
 
     options, data = run.options, run.data
     real = real_splits(data_dict(data))
-    reference = options.reference
-    if reference == "auto":  # compare with the larger split when the smaller one can still give the floor
-        reference = "train" if len(real["test"]) >= options.num_samples else "test"
+    reference = resolve_reference(options.reference, len(real["test"]), options.num_samples)
     reference_images, heldout = reference_and_heldout(real, reference)
 
     def sample_fn(count: int, seed: int) -> torch.Tensor:

@@ -17,6 +17,14 @@ from ..skips.cache_options import SkipCacheOptions
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 SAMPLER_CHOICES = ("ddim", "ddpm", "pipeline")
 REFERENCE_CHOICES = ("auto", "train", "test")
+
+
+def resolve_reference(reference: str, test_size: int, num_samples: int) -> str:
+    """The real split FID compares samples with: ``"auto"`` takes train (the larger) when the test split can
+    still give the floor its ``num_samples`` held-out images, else test; ``"train"``/``"test"`` as given."""
+    if reference == "auto":
+        return "train" if test_size >= num_samples else "test"
+    return reference
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 MAX_SEED = 2**63 - 1
 

@@ -332,7 +332,7 @@ def _delta(row: dict | None) -> str:
 
 def _params(record: dict, label: str) -> str:
     """A confirmed row's searched parameters (its label is its trial folder's name)."""
-    entry = next((t for t in record["trials"] if (t.get("folder") or "").endswith(label)), None)
+    entry = figures.trial_of(record, label)
     return json.dumps(entry["params"], sort_keys=True) if entry else ""
 
 

@@ -39,6 +39,11 @@ def short_name(params: dict) -> str:
     return " ".join(words)
 
 
+def trial_of(record: dict, label: str) -> dict | None:
+    """A field record's trial entry for a confirmed row's label (its trial folder's name), None if absent."""
+    return next((t for t in record["trials"] if (t.get("folder") or "").endswith(label)), None)
+
+
 def _verdict_colour(verdict: str | None) -> str:
     for key, colour in VERDICT_COLOURS.items():
         if verdict and verdict.startswith(key):
@@ -56,7 +61,7 @@ def confirmation_rows(atlas: dict) -> list[dict]:
                      for m in ("denoise", "fid")}  # fmt: skip
         for label in sorted(set(by_metric["denoise"]) | set(by_metric["fid"])):
             trial, _, variant = label.partition(" · ")
-            entry = next((t for t in record["trials"] if (t.get("folder") or "").endswith(trial)), None)
+            entry = trial_of(record, trial)
             name = short_name(entry["params"]) if entry else trial
             entries.append({"field": record["field"], "configuration": label,
                             "name": name + (f", {variant}" if variant else ""),

@@ -237,7 +237,7 @@ def check_fid_samples(evaluation: dict, options: dict, what: str, splits: dict |
     from ..config import subset
     from ..data import load_image_splits
     from ..data_options import DataOptions
-    from ..eval.options import EvalOptions
+    from ..eval.options import EvalOptions, resolve_reference
 
     own_reference = any(evaluation.get(k) is not None for k in ("dataset", "dataset_name", "train_data_dir"))
     if not evaluation.get("fid") or own_reference or options.get("dataset_name") is not None:
@@ -251,8 +251,9 @@ def check_fid_samples(evaluation: dict, options: dict, what: str, splits: dict |
     train, test = splits[key]
     wanted = int(evaluation.get("num_samples", EvalOptions.num_samples))
     reference = evaluation.get("reference", "auto")
-    heldout = {"train": test, "test": train, "auto": max(train, test)}[reference]
+    heldout = test if resolve_reference(reference, test, wanted) == "train" else train
     if heldout < wanted:
+        heldout = max(train, test) if reference == "auto" else heldout  # the most that auto could give the floor
         raise ValueError(f"{what}: eval num_samples={wanted} needs as many held-out real images for the FID floor, "
                          f"but {data.source()} has train {train} / test {test} (reference {reference!r}): lower "
                          f"num_samples to at most {heldout} (in a sweep, eval_by can set it for one dataset)")  # fmt: skip
