@@ -97,6 +97,10 @@ BAD_SPECS = [
     ({"budget": {"hours": 2}}, "budget needs trials and/or minutes"),
     ({"sampler": "annealing"}, "sampler must be one of"),
     ({"confirm": {"top": 2, "seeds": [0, 7]}}, "confirm seeds [0] were used by the search's trials"),
+    ({"confirm": {"seeds": [5, 6], "also": {"reference": {"skips": "zero"}}}}, "label 'reference' is taken"),
+    ({"confirm": {"seeds": [5, 6], "also": {"trial-0003": {"skips": "zero"}}}}, "label 'trial-0003' is taken"),
+    ({"confirm": {"seeds": [5, 6], "also": {"grid best": {"skips": "zero"}}}}, "label 'grid best' must be"),
+    ({"confirm": {"seeds": [5, 6], "also": {"grid": {}}}}, "confirm also grid: empty overrides"),
     ({"base": {**BASE, "output_dir": "x"}}, "base option 'output_dir' is set by the search"),
     ({"base": {**BASE, "max_train_step": 3}}, "max_train_step"),
     ({"space": {"prediction_type": ["epsilon", "v_prediction"]}, "enqueue": None}, "prediction_type cannot be searched"),
@@ -189,6 +193,18 @@ def test_a_confirmation_asking_more_fid_samples_than_the_data_holds_fails_before
     assert cli([str(path), "--dry_run", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "confirmation: eval num_samples=5000" in err and "train 1437 / test 360" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_typo_in_a_configuration_confirmed_beside_the_search_fails_before_any_trial(tmp_path, capsys):
+    """``confirm.also`` (a grid's winner confirmed beside the search's best) runs after the whole budget: an
+    unknown option there must fail at planning, naming the entry, not after hours of trials."""
+    from skipdiff.search.__main__ import cli
+
+    path = spec_file(tmp_path, confirm={"top": 1, "seeds": [5, 6], "also": {"grid-best": {"skipz": "zero"}}})
+    assert cli([str(path), "--dry_run", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "confirm also grid-best: unknown option(s) ['skipz']" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -396,10 +412,14 @@ def test_inference_search_refuses_training_only_families():
 @pytest.mark.slow
 def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
     out = tmp_path / "out"
-    path = spec_file(tmp_path, budget={"trials": 2}, confirm={"top": 1, "seeds": [5, 6]})
+    also = {"grid-best": {"skips": "scalelong:kappa=0.6"}}  # a configuration chosen elsewhere, confirmed beside
+    path = spec_file(tmp_path, budget={"trials": 2}, confirm={"top": 1, "seeds": [5, 6], "also": also})
     run_search(str(path), "--out", str(out))
     cells = sorted(p.name for p in (out / "confirm").iterdir() if (p / "cell.json").is_file())
-    assert len(cells) == 4  # (the best trial, the reference) x 2 seeds
+    assert len(cells) == 6  # (the best trial, grid-best, the reference) x 2 seeds
+    grid_cells = [c for c in cells if c.startswith("config-grid-best")]
+    assert [json.loads((out / "confirm" / c / "cell.json").read_text())["options"]["skips"] for c in grid_cells] == [
+        "scalelong:kappa=0.6"] * 2  # fmt: skip
     trial_seeds = {json.loads(p.read_text())["options"]["seed"] for p in (out / "trials").glob("*/trial.json")}
     confirm_seeds = {json.loads((out / "confirm" / c / "cell.json").read_text())["options"]["seed"] for c in cells}
     assert confirm_seeds == {5, 6} and not confirm_seeds & trial_seeds
@@ -409,8 +429,10 @@ def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
 
     text = main([str(out)]).read_text()
     assert "Confirmation (the result)" in text and "### The search's objective (denoise_mse) on the fresh seeds" in text
+    assert '### grid-best (chosen elsewhere: `{"skips": "scalelong:kappa=0.6"}`)' in text
     summary = json.loads((out / "report" / "search_summary.json").read_text())["confirmation"]["ranking"]
     reference = next(r for r in summary["rows"] if r["configuration"] == "reference")
+    assert {r["configuration"] for r in summary["rows"]} >= {"reference", "grid-best"}
     assert sorted(int(seed) for seed in reference["values_by_seed"]) == [5, 6]  # paired on the fresh seeds
     chosen = json.loads((out / "confirm" / "chosen.json").read_text())["chosen"]
     best = min(study_trials(out), key=lambda t: t.value)  # every trial searches the learning rate: none is the reference

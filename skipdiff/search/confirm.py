@@ -1,10 +1,11 @@
 """Confirmation without the winner's curse: the top configurations and the reference, run again on fresh seeds.
 
 A search's best value is the best of many noisy draws, biased in its favour. What the search reports
-is this confirmation: the ``confirm.top`` best complete trials and the reference (``confirm.reference``,
-default ``skips: full``), as a sweep in ``<search>/confirm/`` (one cell per configuration and seed:
-training seeds that no trial used, or, for an inference search, fresh sampling seeds shared by every
-row), ranked by :mod:`skipdiff.report` against the reference: paired by seed, Holm over the rows.
+is this confirmation: the ``confirm.top`` best complete trials, the reference (``confirm.reference``,
+default ``skips: full``) and any configuration chosen elsewhere (``confirm.also``, e.g. a grid's winner),
+as a sweep in ``<search>/confirm/`` (one cell per configuration and seed: training seeds that no trial
+used, or, for an inference search, fresh sampling seeds shared by every row), ranked by
+:mod:`skipdiff.report` against the reference: paired by seed, Holm over the rows.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def choose(spec: SearchSpec, ranked: list, read=read_trial, log=print) -> list[t
 
 def confirmation_sweep(spec: SearchSpec, chosen: list[dict], out: Path) -> dict:
     """The sweep spec (as a dict) that reruns ``chosen`` trial records and the reference on fresh seeds."""
-    configs: dict[str, dict] = {REFERENCE: dict(spec.confirm["reference"])}
+    configs: dict[str, dict] = {REFERENCE: dict(spec.confirm["reference"]), **spec.confirm.get("also", {})}
     for record in chosen:
         overrides = dict(record["overrides"])
         if record.get("model"):  # the trial's own UNet config, copied so the confirmation stands alone
@@ -92,8 +93,10 @@ def run_confirmation(spec: SearchSpec, study, out: Path, num_threads: int | None
     folder.mkdir(parents=True, exist_ok=True)
     picked = [{"label": f"trial-{r['root']:04d}", "trial": t.number, "params": t.params, "search_values": list(t.values)}
               for r, t in zip(chosen, best, strict=True)]  # fmt: skip
-    write_json_atomic(folder / "chosen.json", {"reference": spec.confirm["reference"], "chosen": picked})
-    log(f"confirmation: {len(chosen)} configuration(s) and the reference on seeds {spec.confirm['seeds']}")
+    also = spec.confirm.get("also", {})
+    write_json_atomic(folder / "chosen.json", {"reference": spec.confirm["reference"], "chosen": picked, "also": also})
+    beside = f", {len(also)} chosen elsewhere ({', '.join(also)})" if also else ""
+    log(f"confirmation: {len(chosen)} configuration(s){beside} and the reference on seeds {spec.confirm['seeds']}")
     run_sweep(parse_spec(sweep, f"{spec.name}-confirm"), folder, num_threads=num_threads, log=log,
               relaunch=search_command(spec, out))  # fmt: skip
     return write_report(folder, folder / "report", reference=f"config={REFERENCE}")

@@ -207,13 +207,14 @@ def _confirmation_lines(folder: Path, summary: dict) -> list[str]:
     if not chosen_path.is_file():
         return ["", "## Confirmation", "", "Not run yet: the search's result is its confirmation (`confirm:` in the "
                 "spec; it runs when the budget is reached)."]  # fmt: skip
-    chosen = read_json(chosen_path, "confirmation choice")["chosen"]
+    choice = read_json(chosen_path, "confirmation choice")
+    chosen, also = choice["chosen"], choice.get("also", {})
     sweep = folder / "confirm" / "sweep.json"
     cells = read_json(sweep, "confirmation sweep")["cells"] if sweep.is_file() else []
     done = len(finished_cells(folder))
     if done < len(cells) or not cells:  # a ranking on the seeds finished so far is no result
         return ["", "## Confirmation", "", f"Running: {done} of {len(cells)} runs finished "
-                f"({', '.join(e['label'] for e in chosen)} and the reference on seeds no trial used); its ranking "
+                f"({', '.join([e['label'] for e in chosen] + list(also))} and the reference on seeds no trial used); its ranking "
                 "is the search's result once every run has finished (relaunch the search to continue it)."]  # fmt: skip
     lines = ["", "## Confirmation (the result)", "",
              "The configurations below and the reference, retrained (or resampled) on fresh seeds and ranked "
@@ -223,6 +224,8 @@ def _confirmation_lines(folder: Path, summary: dict) -> list[str]:
         table = _skip_table(str(folder / "trials" / entry["label"]))  # the label is the trial folder's name
         lines += [f"### {entry['label']} (trial {entry['trial']}; search value {entry['search_values']})", "",
                   "```", table, "```", ""]  # fmt: skip
+    for label, overrides in also.items():
+        lines += [f"### {label} (chosen elsewhere: `{json.dumps(overrides)}`)", ""]
     lines += _objective_ranking(folder, summary)
     ranking = folder / "confirm" / "report" / "report.md"
     if ranking.is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -275,9 +276,9 @@ def _confirm(raw: Any, base: dict, space: Space, training: bool) -> dict:
     confirm = _mapping(raw, "confirm")
     if not confirm:
         return {}
-    unknown = sorted(set(confirm) - {"top", "seeds", "reference", "eval"})
+    unknown = sorted(set(confirm) - {"top", "seeds", "reference", "also", "eval"})
     if unknown:
-        raise ValueError(f"confirm: unknown key(s) {unknown}; confirm takes top, seeds, reference, eval")
+        raise ValueError(f"confirm: unknown key(s) {unknown}; confirm takes top, seeds, reference, also, eval")
     top = _int(confirm.get("top", 3), "confirm top", 1)
     seeds = confirm.get("seeds")
     if not isinstance(seeds, list) or len(seeds) < 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
@@ -287,11 +288,29 @@ def _confirm(raw: Any, base: dict, space: Space, training: bool) -> dict:
         raise ValueError(f"confirm seeds {reused} were used by the search's trials: confirmation needs fresh seeds")
     reference = _mapping(confirm.get("reference", {"skips": "full"}), "confirm reference")
     out = {"top": top, "seeds": list(seeds), "reference": reference}
+    if "also" in confirm:
+        out["also"] = _also(confirm["also"])
     if "eval" in confirm:  # e.g. FID for the confirmation only, where the search scores the denoising loss
         if not training:
             raise ValueError("confirm eval: an inference confirmation evaluates with the base options")
         out["eval"] = _eval(confirm["eval"], (), training)
     return out
+
+
+def _also(raw: Any) -> dict:
+    """``confirm.also``: configurations found elsewhere (a grid's winner, a paper's setting), each a label
+    and its option overrides, confirmed beside the search's best on the same seeds against the same
+    reference, so that the two ways of choosing are compared on one footing."""
+    also = _mapping(raw, "confirm also")
+    for label, overrides in also.items():
+        if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label):
+            raise ValueError(f"confirm also: label {label!r} must be letters, digits, '_', '.' or '-'")
+        if label == "reference" or label.startswith("trial-"):
+            raise ValueError(f"confirm also: label {label!r} is taken (the reference and trial-NNNN name the search's rows)")
+        _mapping(overrides, f"confirm also {label}")
+        if not overrides:
+            raise ValueError(f"confirm also {label}: empty overrides (that is the base, not a configuration)")
+    return {label: dict(overrides) for label, overrides in also.items()}
 
 
 def default_storage_settings() -> dict:
