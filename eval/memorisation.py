@@ -3,7 +3,10 @@
 Samples ``--num_samples`` images per sampling seed and compares them with the run's train and test splits,
 in the FID extractor's feature space and in pixels: nearest-neighbour distances (and their baselines: test
 images to train, train images to other train images), the copy rate, FID against train and against test
-at the same sample count (the test split's size), and precision/recall against each. Writes
+at the same sample count (the test split's size), and precision/recall against each. Train and test
+references differ in size (a nearest neighbour among more images is nearer, and FID's bias moves with N),
+so every figure is also computed against a fixed draw of train images as many as the test split
+(``equal_n``): the comparison of train against test that the summary leads with. Writes
 ``results.json``, ``table.md`` and ``nearest.png`` (samples next to their nearest training image).
 
     python eval/memorisation.py runs/digits-latent --out eval/results/memorisation
@@ -23,7 +26,7 @@ from skipdiff.runfolder import write_json_atomic
 def evaluate_seed(target, real: dict, extractor, count: int, seed: int) -> dict:
     """Every figure for one sampling seed's ``count`` samples."""
     from skipdiff.eval.fid import features_of, features_to_fid, features_to_prc, images_to_uint8
-    from skipdiff.eval.memorisation import memorisation_statistics, pixels_as_features
+    from skipdiff.eval.memorisation import equal_size_indices, memorisation_statistics, pixels_as_features
     from skipdiff.sampling import sample_images
 
     samples = images_to_uint8(sample_images(target, count, seed, steps=50, progress=False).images)
@@ -31,7 +34,16 @@ def evaluate_seed(target, real: dict, extractor, count: int, seed: int) -> dict:
     generated = features_of(samples, extractor)
     pixels = {name: pixels_as_features(images.images) for name, images in real.items()}
     size = len(real["test"])  # FID at the same N against both splits
+    equal = equal_size_indices(len(real["train"]), size)  # a train reference of the test split's size
     return {
+        "equal_n": {
+            "train_size": size,
+            "features": memorisation_statistics(generated, features["train"][equal], features["test"]),
+            "pixels": memorisation_statistics(pixels_as_features(samples), pixels["train"][equal], pixels["test"]),
+            "fid_vs_train": features_to_fid(generated[:size], features["train"][equal]),
+            "fid_vs_test": features_to_fid(generated[:size], features["test"]),
+            "fid_test_vs_train": features_to_fid(features["test"], features["train"][equal]),
+        },
         "seed": seed,
         "features": memorisation_statistics(generated, features["train"], features["test"]),
         "pixels": memorisation_statistics(pixels_as_features(samples), pixels["train"], pixels["test"]),
@@ -52,8 +64,12 @@ def nearest_grid(samples: torch.Tensor, train: torch.Tensor, indices: list[int],
 
     pairs = torch.stack([t for i in range(count) for t in (samples[i], train[indices[i]])])  # (2n, C, H, W)
     pil = numpy_to_pil((pairs.permute(0, 2, 3, 1).float() / 255.0).numpy())
-    image_grid(pil, columns=8, column_labels=["sample", "nearest train"] * 4,
-               legend="nearest neighbour in the FID extractor's features").save(path)  # fmt: skip
+    image_grid(
+        pil,
+        columns=8,
+        column_labels=["sample", "nearest train"] * 4,
+        legend="nearest neighbour in the FID extractor's features",
+    ).save(path)
 
 
 def main() -> None:
@@ -82,11 +98,18 @@ def main() -> None:
     nearest_grid(first["samples"], real["train"].images, first["features"]["nearest_train_index"], out / "nearest.png")
     for row in per_seed:
         del row["samples"]
-        for space in ("features", "pixels"):
-            del row[space]["nearest_train_index"]
-    result = {"run": args.run, "num_samples": args.num_samples, "seeds": args.seeds, "extractor": extractor.get_name(),
-              "per_seed": per_seed, "summary": summarise(per_seed),
-              "command": f"python eval/memorisation.py {args.run} --out {args.out}"}  # fmt: skip
+        for block in (row, row["equal_n"]):
+            for space in ("features", "pixels"):
+                del block[space]["nearest_train_index"]
+    result = {
+        "run": args.run,
+        "num_samples": args.num_samples,
+        "seeds": args.seeds,
+        "extractor": extractor.get_name(),
+        "per_seed": per_seed,
+        "summary": summarise(per_seed),
+        "command": f"python eval/memorisation.py {args.run} --out {args.out}",
+    }
     write_json_atomic(out / "results.json", result)
     (out / "table.md").write_text(markdown(result["summary"]))
     print(markdown(result["summary"]))
@@ -97,8 +120,16 @@ def _ms(values: list[float]) -> dict:
 
 
 def summarise(per_seed: list[dict]) -> dict:
-    """Mean ± std over sampling seeds of the headline figures."""
+    """Mean ± std over sampling seeds of the headline figures: first against references of equal size
+    (``equal_n.*``), then against the whole train split."""
     out = {}
+    for space in ("features", "pixels"):
+        for key in ("generated_to_train", "generated_to_test", "test_to_train"):
+            out[f"equal_n.{space}.{key}.median"] = _ms([r["equal_n"][space][key]["median"] for r in per_seed])
+        ratio = "ratio_median_generated_to_train_over_test_to_train"
+        out[f"equal_n.{space}.ratio"] = _ms([r["equal_n"][space][ratio] for r in per_seed])
+    for key in ("fid_vs_train", "fid_vs_test", "fid_test_vs_train"):
+        out[f"equal_n.{key}"] = _ms([r["equal_n"][key] for r in per_seed])
     for space in ("features", "pixels"):
         for key in ("generated_to_train", "generated_to_test", "test_to_train", "train_to_other_train"):
             out[f"{space}.{key}.median"] = _ms([r[space][key]["median"] for r in per_seed])

@@ -1,5 +1,6 @@
 """Memorisation figures on constructed data: a copying generator is told apart from one that samples."""
 
+import pytest
 import torch
 
 from skipdiff.eval.memorisation import memorisation_statistics, nearest_distances
@@ -26,3 +27,13 @@ def test_a_copying_generator_has_a_high_copy_rate_and_a_sampling_one_does_not():
     assert sampling["copy_rate"]["below_q01_of_test_to_train"] < 0.05
     assert copying["ratio_median_generated_to_train_over_test_to_train"] < 0.01
     assert 0.8 < sampling["ratio_median_generated_to_train_over_test_to_train"] < 1.25
+
+
+def test_the_equal_size_train_reference_is_a_fixed_subset_as_large_as_asked():
+    from skipdiff.eval.memorisation import equal_size_indices
+
+    first, again = equal_size_indices(1437, 360), equal_size_indices(1437, 360)
+    assert torch.equal(first, again) and len(first) == 360 and len(set(first.tolist())) == 360
+    assert int(first.min()) >= 0 and int(first.max()) < 1437 and not torch.equal(first, torch.arange(360))
+    with pytest.raises(ValueError, match="400 of 360 train images"):
+        equal_size_indices(360, 400)

@@ -22,8 +22,9 @@ import torch
 QUANTILES = (0.01, 0.05)
 
 
-def nearest_distances(queries: torch.Tensor, references: torch.Tensor, exclude_self: bool = False,
-                      chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def nearest_distances(
+    queries: torch.Tensor, references: torch.Tensor, exclude_self: bool = False, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance from each query (N, D) to its nearest reference (M, D), and that reference's index.
 
     ``exclude_self``: queries *are* the references (N == M) and each one's own row is skipped
@@ -56,8 +57,10 @@ def memorisation_statistics(generated: torch.Tensor, train: torch.Tensor, test: 
     g_test, _ = nearest_distances(generated, test)
     h_train, _ = nearest_distances(test, train)
     t_train, _ = nearest_distances(train, train, exclude_self=True)
-    copy_rate = {f"below_q{int(q * 100):02d}_of_test_to_train": float((g_train < torch.quantile(h_train, q)).double().mean())
-                 for q in QUANTILES}  # fmt: skip
+    copy_rate = {
+        f"below_q{int(q * 100):02d}_of_test_to_train": float((g_train < torch.quantile(h_train, q)).double().mean())
+        for q in QUANTILES
+    }
     return {
         "generated_to_train": _summary(g_train),
         "generated_to_test": _summary(g_test),
@@ -69,6 +72,15 @@ def memorisation_statistics(generated: torch.Tensor, train: torch.Tensor, test: 
         "nearest_train_index": nearest_train.tolist(),
         "sizes": {"generated": len(generated), "train": len(train), "test": len(test)},
     }
+
+
+def equal_size_indices(total: int, size: int, seed: int = 0) -> torch.Tensor:
+    """``size`` distinct indices of ``total`` train images, a fixed draw: a train reference as large as the
+    test split. Nearest-neighbour distances shrink and FID's bias changes with the reference's size, so a
+    comparison of "closer to train than to test" needs references of equal size to mean memorisation."""
+    if not 0 < size <= total:
+        raise ValueError(f"equal-size reference: {size} of {total} train images is not a subset")
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
 def pixels_as_features(images_uint8: torch.Tensor) -> torch.Tensor:
