@@ -5,7 +5,7 @@ VENV ?= .venv
 THREADS ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast docs lint bench clean-runs
+.PHONY: install demo test test-fast docs lint format bench clean-runs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,13 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 lint: install
-	$(BIN)/ruff check skipdiff train_scripts tests bench eval
+	$(BIN)/ruff check skipdiff train_scripts tests bench eval docs/hooks
+	$(BIN)/ruff format --check skipdiff train_scripts tests bench eval docs/hooks
+
+# Rewrite the code to the formatter's layout (what `make lint` checks).
+format: install
+	$(BIN)/ruff format skipdiff train_scripts tests bench eval docs/hooks
+	$(BIN)/ruff check --fix --select I skipdiff train_scripts tests bench eval docs/hooks
 
 bench: install
 	$(BIN)/python bench/gate_overhead.py --threads $(THREADS)

@@ -106,9 +106,7 @@ def train_step(model: torch.nn.Module, sample, timesteps, target) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="digits", help="UNet backbone")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=None, help="sample size (default: the config's)")

@@ -52,21 +52,55 @@ def write_vae(folder: Path) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                  latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(folder)  # fmt: skip
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).save_pretrained(folder)
     return folder
 
 
-def ours(data: Path, vae: str, resolution: int, model: str, batch: int, steps: int, warmup: int, setting: str,
-         out: Path) -> float:  # fmt: skip
+def ours(
+    data: Path, vae: str, resolution: int, model: str, batch: int, steps: int, warmup: int, setting: str, out: Path
+) -> float:
     """Seconds per step of ``train_unet`` (median over its logging windows after ``warmup`` steps)."""
     precision, compile_ = SETTINGS[setting]
-    argv = ["--train_data_dir", str(data), "--resolution", str(resolution), "--vae", vae, "--model", model,
-            "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--output_dir", str(out),
-            "--mixed_precision", precision, "--validation_every", "0", "--num_validation_images", "2",
-            "--validation_inference_steps", "1", "--checkpointing_steps", "0", "--report_to", "none",
-            "--dataloader_num_workers", "0", *(["--torch_compile"] if compile_ else [])]  # fmt: skip
+    argv = [
+        "--train_data_dir",
+        str(data),
+        "--resolution",
+        str(resolution),
+        "--vae",
+        vae,
+        "--model",
+        model,
+        "--train_batch_size",
+        str(batch),
+        "--max_train_steps",
+        str(steps),
+        "--output_dir",
+        str(out),
+        "--mixed_precision",
+        precision,
+        "--validation_every",
+        "0",
+        "--num_validation_images",
+        "2",
+        "--validation_inference_steps",
+        "1",
+        "--checkpointing_steps",
+        "0",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "0",
+        *(["--torch_compile"] if compile_ else []),
+    ]
     run_train_unet(argv)
     windows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     return statistics.median(r["seconds_per_step"] for r in windows if "seconds_per_step" in r and r["step"] > warmup)
@@ -92,8 +126,9 @@ def unet_for(model: str, sample_size: int, channels: int, device):
     return SkipUNet2DModel(**unet_config(model, sample_size=sample_size, channels=channels)).to(device).train()
 
 
-def loop(kind: str, data: Path, vae: str, resolution: int, model: str, batch: int, steps: int, warmup: int,
-         setting: str) -> float:  # fmt: skip
+def loop(
+    kind: str, data: Path, vae: str, resolution: int, model: str, batch: int, steps: int, warmup: int, setting: str
+) -> float:
     """Seconds per step of the ``reference`` or the ``bare`` loop (median of 10-step windows after warm-up)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
@@ -170,20 +205,42 @@ def main() -> None:
                 for name in ("bare", "reference", "ours"):
                     reset_accelerate()
                     if name == "ours":
-                        seconds = ours(data, vae_arg, resolution, model, args.batch_size, args.steps, args.warmup, setting,
-                                       scratch / f"run-{resolution}-{setting}")  # fmt: skip
+                        seconds = ours(
+                            data,
+                            vae_arg,
+                            resolution,
+                            model,
+                            args.batch_size,
+                            args.steps,
+                            args.warmup,
+                            setting,
+                            scratch / f"run-{resolution}-{setting}",
+                        )
                     else:
-                        seconds = loop(name, data, vae_arg, resolution, model, args.batch_size, args.steps, args.warmup,
-                                       setting)  # fmt: skip
+                        seconds = loop(
+                            name, data, vae_arg, resolution, model, args.batch_size, args.steps, args.warmup, setting
+                        )
                     row[name] = round(args.batch_size / seconds, 1)
                 row["ours_to_bare"] = round(row["ours"] / row["bare"], 3)
                 row["ours_to_reference"] = round(row["ours"] / row["reference"], 3)
                 results.setdefault(shape, {})[setting] = row
                 print(f"{shape} {setting}: {row}", file=sys.stderr, flush=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(json.dumps({"bench": "gpu_throughput", "device": device, "model_preset": model,
-                      "batch_size": args.batch_size, "steps": args.steps, "warmup_steps": args.warmup,
-                      "versions": {"torch": torch.__version__}, "images_per_second": results}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "bench": "gpu_throughput",
+                "device": device,
+                "model_preset": model,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "warmup_steps": args.warmup,
+                "versions": {"torch": torch.__version__},
+                "images_per_second": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

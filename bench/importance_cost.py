@@ -44,17 +44,43 @@ from skipdiff.eval.importance import gate_override, replay_flops, skip_importanc
 from skipdiff.skips.unet import apply_skip_spec  # noqa: E402
 from skipdiff.targets import StudyTarget, load_target  # noqa: E402
 
-SD15_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                latent_channels=4, norm_num_groups=32, sample_size=512)  # fmt: skip
-CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=2)  # fmt: skip
-SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)  # fmt: skip
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+CLIP_L_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+)
+SDXL_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
 
 
 def sd15_target(resolution: int, folder: Path) -> StudyTarget:
@@ -67,17 +93,31 @@ def sd15_target(resolution: int, folder: Path) -> StudyTarget:
     vae = AutoencoderKL(**SD15_VAE).eval()
     text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)).eval()
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    pipeline = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-    return StudyTarget("random sd15", "text", pipeline, unet, scheduler, scheduler, VaeEncoder(vae),
-                       TextConditioning(pipeline), {}, {})  # fmt: skip
+    pipeline = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return StudyTarget(
+        "random sd15", "text", pipeline, unet, scheduler, scheduler, VaeEncoder(vae), TextConditioning(pipeline), {}, {}
+    )
 
 
 def batches_for(images: int, batch_size: int, resolution: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(images, 3, resolution, resolution, generator=generator) * 2 - 1
-    return [{"pixel_values": pixels[i : i + batch_size], "captions": [CAPTIONS[j % len(CAPTIONS)]
-             for j in range(i, min(i + batch_size, images))]} for i in range(0, images, batch_size)]  # fmt: skip
+    return [
+        {
+            "pixel_values": pixels[i : i + batch_size],
+            "captions": [CAPTIONS[j % len(CAPTIONS)] for j in range(i, min(i + batch_size, images))],
+        }
+        for i in range(0, images, batch_size)
+    ]
 
 
 def naive(target: StudyTarget, router, batches, buckets: int) -> list:
@@ -96,12 +136,28 @@ def timed_runs(target: StudyTarget, batches, buckets: int, repeats: int) -> dict
     router = apply_skip_spec(target.unet, "full")
     runs = {
         "naive": lambda: naive(target, router, batches, buckets),
-        "shared": lambda: skip_importance(target.unet, target.noise_scheduler, target.encoder, batches, (0.0,), buckets,
-                                          unet_kwargs=target.conditioning.unet_kwargs, router=router,
-                                          replay=False)["factors"]["0.0"]["delta"],
-        "replay": lambda: skip_importance(target.unet, target.noise_scheduler, target.encoder, batches, (0.0,), buckets,
-                                          unet_kwargs=target.conditioning.unet_kwargs, router=router)["factors"]["0.0"]["delta"],
-    }  # fmt: skip
+        "shared": lambda: skip_importance(
+            target.unet,
+            target.noise_scheduler,
+            target.encoder,
+            batches,
+            (0.0,),
+            buckets,
+            unet_kwargs=target.conditioning.unet_kwargs,
+            router=router,
+            replay=False,
+        )["factors"]["0.0"]["delta"],
+        "replay": lambda: skip_importance(
+            target.unet,
+            target.noise_scheduler,
+            target.encoder,
+            batches,
+            (0.0,),
+            buckets,
+            unet_kwargs=target.conditioning.unet_kwargs,
+            router=router,
+        )["factors"]["0.0"]["delta"],
+    }
     seconds = {name: float("inf") for name in runs}
     deltas = {}
     for repeat in range(repeats):
@@ -130,14 +186,24 @@ def count_flops() -> dict:
         vae = AutoencoderKL(**SD15_VAE)
     cases = {
         "sd15_512px": (sd15, 64, {"encoder_hidden_states": torch.zeros(1, 77, 768, device="meta")}, 512),
-        "sdxl_1024px": (sdxl, 128, {"encoder_hidden_states": torch.zeros(1, 77, 2048, device="meta"),
-                                    "added_cond_kwargs": {"text_embeds": torch.zeros(1, 1280, device="meta"),
-                                                          "time_ids": torch.zeros(1, 6, device="meta")}}, 1024),
-    }  # fmt: skip
+        "sdxl_1024px": (
+            sdxl,
+            128,
+            {
+                "encoder_hidden_states": torch.zeros(1, 77, 2048, device="meta"),
+                "added_cond_kwargs": {
+                    "text_embeds": torch.zeros(1, 1280, device="meta"),
+                    "time_ids": torch.zeros(1, 6, device="meta"),
+                },
+            },
+            1024,
+        ),
+    }
     for name, (unet, size, kwargs, pixels) in cases.items():
         router = apply_skip_spec(unet, "full")
-        flops = replay_flops(unet, router, torch.zeros(1, 4, size, size, device="meta"),
-                             torch.zeros(1, device="meta"), kwargs)  # fmt: skip
+        flops = replay_flops(
+            unet, router, torch.zeros(1, 4, size, size, device="meta"), torch.zeros(1, device="meta"), kwargs
+        )
         with FlopCounterMode(display=False) as counter:
             vae.encode(torch.zeros(1, 3, pixels, pixels, device="meta"))
         with FlopCounterMode(display=False) as decoder:
@@ -179,8 +245,9 @@ def main() -> None:
             target, resolution = sd15_target(args.resolution, Path(tmp)), args.resolution
         batches = batches_for(args.images, args.batch_size, resolution)
         result = timed_runs(target, batches, args.buckets, args.repeats)
-    result.update(config=args.config, resolution=resolution, images=args.images, buckets=args.buckets,
-                  threads=args.threads)  # fmt: skip
+    result.update(
+        config=args.config, resolution=resolution, images=args.images, buckets=args.buckets, threads=args.threads
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -86,14 +86,17 @@ def measure(mode: str, preset: str, pixel: bool, batch_size: int, steps: int, th
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
         how = "max RSS growth (getrusage) from before the first step"
-    return {"mode": mode, "peak_mib": peak_mib, "how": how, "device": device.type,
-            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    return {
+        "mode": mode,
+        "peak_mib": peak_mib,
+        "how": how,
+        "device": device.type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="digits", help="UNet preset")
     parser.add_argument("--pixel", action="store_true", help="pixel space 16x16x1 instead of latents 8x8x4")
     parser.add_argument("--batch_size", type=int, default=128)
@@ -108,20 +111,28 @@ def main() -> None:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
     if args.child is not None:
-        print(
-            json.dumps(measure(args.child, args.model, args.pixel, args.batch_size, args.steps, args.threads))
-        )
+        print(json.dumps(measure(args.child, args.model, args.pixel, args.batch_size, args.steps, args.threads)))
         return
 
     modes = ["stock", *[m for m in args.modes if m != "stock"]]
-    common = ["--model", args.model, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
-              "--threads", str(args.threads), *(["--pixel"] if args.pixel else [])]  # fmt: skip
+    common = [
+        "--model",
+        args.model,
+        "--batch_size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        *(["--pixel"] if args.pixel else []),
+    ]
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     for repeat in range(args.repeats):
         start = repeat % len(modes)
         for mode in modes[start:] + modes[:start]:
-            child = subprocess.run([sys.executable, __file__, "--child", mode, *common],
-                                   capture_output=True, text=True, check=True)  # fmt: skip
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", mode, *common], capture_output=True, text=True, check=True
+            )
             results[mode].append(json.loads(child.stdout.strip().splitlines()[-1]))
 
     peak = {mode: statistics.median(r["peak_mib"] for r in rs) for mode, rs in results.items()}

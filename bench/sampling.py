@@ -59,12 +59,11 @@ def pipelines(checkpoint: str | None, vae_dir: Path) -> tuple[dict[str, SkipDiff
         skip = SkipUNet2DModel(**unet_config("digits", sample_size=8, channels=vae.config.latent_channels))
         scheduler = make_scheduler(1000, "squaredcos_cap_v2", "epsilon", sample_range=None)  # latents: no clip
         source = "digits preset, random weights, 8x8x4 latents"
-    stock = UNet2DModel(
-        **{k: v for k, v in dict(skip.config).items() if k not in SKIP_KEYS and not k.startswith("_")}
-    )
+    stock = UNet2DModel(**{k: v for k, v in dict(skip.config).items() if k not in SKIP_KEYS and not k.startswith("_")})
     own = stock.state_dict()  # gate parameters and removed skips' weights have no counterpart in stock
-    stock.load_state_dict({k: v for k, v in skip.state_dict().items() if k in own and own[k].shape == v.shape},
-                          strict=False)  # fmt: skip
+    stock.load_state_dict(
+        {k: v for k, v in skip.state_dict().items() if k in own and own[k].shape == v.shape}, strict=False
+    )
     return {
         "skip": SkipDiffPipeline(unet=skip.eval(), scheduler=scheduler, vae=vae),
         "stock": SkipDiffPipeline(unet=stock.eval(), scheduler=scheduler, vae=vae),
@@ -74,15 +73,19 @@ def pipelines(checkpoint: str | None, vae_dir: Path) -> tuple[dict[str, SkipDiff
 def time_sampling(pipes: dict, batch_size: int, steps: int, repeats: int) -> dict[str, list[float]]:
     def once(pipe, seed: int) -> float:
         start = time.perf_counter()
-        pipe(batch_size=batch_size, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-             sampler="ddim", output_type="pt", show_progress=False)  # fmt: skip
+        pipe(
+            batch_size=batch_size,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            sampler="ddim",
+            output_type="pt",
+            show_progress=False,
+        )
         return time.perf_counter() - start
 
     names = list(pipes)
     for name in names:  # warm-up (small batch: allocator, caches)
-        pipes[name](
-            batch_size=2, num_inference_steps=2, sampler="ddim", output_type="pt", show_progress=False
-        )
+        pipes[name](batch_size=2, num_inference_steps=2, sampler="ddim", output_type="pt", show_progress=False)
     times: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
         start = repeat % len(names)
@@ -108,8 +111,13 @@ def time_features(batch_size: int, repeats: int) -> dict:
         extractor(images)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {"extractor": spec.name, "batch_size": batch_size, "repeats": repeats, "median_seconds": round(median, 5),
-            "images_per_second": round(batch_size / median, 1)}  # fmt: skip
+    return {
+        "extractor": spec.name,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "median_seconds": round(median, 5),
+        "images_per_second": round(batch_size / median, 1),
+    }
 
 
 def time_evaluation(
@@ -122,11 +130,37 @@ def time_evaluation(
         checkpoint = str(REPO / "runs" / "digits-latent")
     if standin:
         checkpoint = str(scratch / "digits-latent-standin")
-        run_train_unet(["--vae", str(vae_dir), "--output_dir", checkpoint, "--max_train_steps", "2",
-                            "--validation_every", "0", "--checkpointing_steps", "0", "--num_validation_images", "4",
-                            "--validation_inference_steps", "2", "--report_to", "none", "--num_threads", str(threads)])  # fmt: skip
-    options = EvalOptions(checkpoint=checkpoint, fid=True, denoise_loss=True, num_samples=num_samples, seeds=seeds,
-                          out=str(scratch / "eval"), num_threads=threads)  # fmt: skip
+        run_train_unet(
+            [
+                "--vae",
+                str(vae_dir),
+                "--output_dir",
+                checkpoint,
+                "--max_train_steps",
+                "2",
+                "--validation_every",
+                "0",
+                "--checkpointing_steps",
+                "0",
+                "--num_validation_images",
+                "4",
+                "--validation_inference_steps",
+                "2",
+                "--report_to",
+                "none",
+                "--num_threads",
+                str(threads),
+            ]
+        )
+    options = EvalOptions(
+        checkpoint=checkpoint,
+        fid=True,
+        denoise_loss=True,
+        num_samples=num_samples,
+        seeds=seeds,
+        out=str(scratch / "eval"),
+        num_threads=threads,
+    )
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate(options)
@@ -137,9 +171,7 @@ def time_evaluation(
         else checkpoint,
         "command": f"python -m skipdiff.eval --checkpoint RUN --fid --denoise_loss --num_samples {num_samples} "
         f"--seeds {' '.join(map(str, seeds))}",
-        "settings": {
-            k: result["settings"][k] for k in ("sampler", "steps", "sample_batch_size", "feature_extractor")
-        },
+        "settings": {k: result["settings"][k] for k in ("sampler", "steps", "sample_batch_size", "feature_extractor")},
         "seconds_total": round(seconds, 1),
         "timings": {k: round(v, 1) for k, v in result["timings"].items()},
     }
@@ -150,12 +182,8 @@ def time_evaluation(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--checkpoint", default=None, help="a run folder to sample from (default: random digits UNet)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="a run folder to sample from (default: random digits UNet)")
     parser.add_argument("--batch_size", type=int, default=128, help="images per sampling call")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--repeats", type=int, default=5, help="timed sampling calls per model")
@@ -206,8 +234,9 @@ def main() -> None:
             "features": time_features(args.feature_batch_size, args.feature_repeats),
         }
         if args.eval_checkpoint != "none":
-            report["evaluation"] = time_evaluation(args.eval_checkpoint, scratch, vae_dir, args.eval_num_samples,
-                                                   args.eval_seeds, args.threads)  # fmt: skip
+            report["evaluation"] = time_evaluation(
+                args.eval_checkpoint, scratch, vae_dir, args.eval_num_samples, args.eval_seeds, args.threads
+            )
     print(json.dumps(report, indent=2))
 
 

@@ -43,10 +43,15 @@ def main() -> None:
             engine.taken(study)
             engine.run_one(study, objective)
             durations.append(time.perf_counter() - start)
-    result = {"spec": args.spec, "trials": args.trials, "storage": "sqlite (default)", "sampler": spec.sampler,
-              "seconds_per_trial_median": statistics.median(durations),
-              "seconds_per_trial_last10_median": statistics.median(durations[-10:]),
-              "seconds_per_trial_max": max(durations)}  # fmt: skip
+    result = {
+        "spec": args.spec,
+        "trials": args.trials,
+        "storage": "sqlite (default)",
+        "sampler": spec.sampler,
+        "seconds_per_trial_median": statistics.median(durations),
+        "seconds_per_trial_last10_median": statistics.median(durations[-10:]),
+        "seconds_per_trial_max": max(durations),
+    }
     if args.trial_seconds:
         result["share_of_trial_last10"] = result["seconds_per_trial_last10_median"] / args.trial_seconds
     print(json.dumps(result, indent=1))

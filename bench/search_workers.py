@@ -29,8 +29,12 @@ from skipdiff.search.spec import load_search_spec
 def bench_spec(source: str, trials: int) -> dict:
     """``source``'s base and evaluation with an equal-cost space, ``trials`` trials, no pruning."""
     spec = yaml.safe_load(Path(source).read_text())
-    spec.update(space={"skips": ["scalelong"], "scalelong.kappa": {"low": 0.5, "high": 0.95}}, budget={"trials": trials},
-                enqueue=None, description=f"bench: {trials} equal-cost trials")  # fmt: skip
+    spec.update(
+        space={"skips": ["scalelong"], "scalelong.kappa": {"low": 0.5, "high": 0.95}},
+        budget={"trials": trials},
+        enqueue=None,
+        description=f"bench: {trials} equal-cost trials",
+    )
     for key in ("pruner", "prune", "confirm", "enqueue"):
         spec.pop(key, None)
     return spec
@@ -38,8 +42,19 @@ def bench_spec(source: str, trials: int) -> dict:
 
 def timed_search(spec_file: Path, out: Path, workers: int) -> float:
     """Seconds of ``python -m skipdiff.search SPEC --workers N`` from start to exit."""
-    command = [sys.executable, "-m", "skipdiff.search", str(spec_file), "--out", str(out), "--workers", str(workers),
-               "--num_threads", "1", "--no_confirm"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "skipdiff.search",
+        str(spec_file),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--num_threads",
+        "1",
+        "--no_confirm",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -63,8 +78,18 @@ def main() -> None:
     first = results[str(args.workers[0])]["trials_per_hour"]
     for entry in results.values():
         entry["speedup"] = entry["trials_per_hour"] / first
-    print(json.dumps({"spec": args.spec, "trials": args.trials, "cpu_count": os.cpu_count(), "workers": results,
-                      "load_average_at_end": os.getloadavg()}, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "spec": args.spec,
+                "trials": args.trials,
+                "cpu_count": os.cpu_count(),
+                "workers": results,
+                "load_average_at_end": os.getloadavg(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

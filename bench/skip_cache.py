@@ -54,63 +54,115 @@ TARGET_RATIO = 0.9  # measured speed-up >= 0.9 of the FLOP bound (digits, batch 
 
 # Stable Diffusion 1.5's UNet (stable-diffusion-v1-5/unet/config.json).
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True,
-    freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, norm_eps=1e-5, center_input_sample=False,
-)  # fmt: skip
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    norm_eps=1e-5,
+    center_input_sample=False,
+)
 # ... and its scheduler, as DDIM.
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                      set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+SD15_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 def digits_target(batch_size: int, steps: int) -> dict:
     """The default job's UNet in SkipDiffPipeline, and one UNet call's inputs for counting FLOPs."""
     torch.manual_seed(0)
     unet = SkipUNet2DModel(**unet_config("digits", sample_size=8, channels=4)).eval()
-    scheduler = DDIMScheduler.from_config(make_scheduler(1000, "squaredcos_cap_v2", "epsilon", sample_range=None).config)
+    scheduler = DDIMScheduler.from_config(
+        make_scheduler(1000, "squaredcos_cap_v2", "epsilon", sample_range=None).config
+    )
     pipe = SkipDiffPipeline(unet=unet, scheduler=scheduler)
 
     def sample() -> None:
-        pipe(batch_size=batch_size, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-             output_type="pt", show_progress=False)  # fmt: skip
+        pipe(
+            batch_size=batch_size,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            show_progress=False,
+        )
 
     return {
-        "pipe": pipe, "sample": sample, "steps": steps, "flop_unet": unet,
+        "pipe": pipe,
+        "sample": sample,
+        "steps": steps,
+        "flop_unet": unet,
         "probe": ((torch.zeros(1, 4, 8, 8), torch.tensor(500)), {}),
-        "describe": {"unet": "digits preset SkipUNet2DModel (all skips keep), random weights", "latents": "8x8x4",
-                     "pipeline": f"SkipDiffPipeline, DDIM-{steps}, no VAE", "batch_size": batch_size,
-                     "parameters": sum(p.numel() for p in unet.parameters())},
-    }  # fmt: skip
+        "describe": {
+            "unet": "digits preset SkipUNet2DModel (all skips keep), random weights",
+            "latents": "8x8x4",
+            "pipeline": f"SkipDiffPipeline, DDIM-{steps}, no VAE",
+            "batch_size": batch_size,
+            "parameters": sum(p.numel() for p in unet.parameters()),
+        },
+    }
 
 
 def sd_target(batch_size: int, latent: int, steps: int) -> dict:
     """SD 1.5's UNet (random weights) in StableDiffusionPipeline with random text embeddings and CFG."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET).eval()
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randn(batch_size, 77, 768, generator=generator)  # (B, tokens, 768): CLIP ViT-L/14's width
     negative = torch.randn(batch_size, 77, 768, generator=generator)
 
     def sample() -> None:
-        pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=8 * latent, width=8 * latent,
-             num_inference_steps=steps, guidance_scale=7.5, output_type="latent",
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
+        pipe(
+            prompt_embeds=prompt,
+            negative_prompt_embeds=negative,
+            height=8 * latent,
+            width=8 * latent,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
 
     return {
-        "pipe": pipe, "sample": sample, "steps": steps, "flop_unet": meta_sd_unet(),
+        "pipe": pipe,
+        "sample": sample,
+        "steps": steps,
+        "flop_unet": meta_sd_unet(),
         "probe": sd_probe(latent),
-        "describe": {"unet": "UNet2DConditionModel with Stable Diffusion 1.5's config, random weights",
-                     "latents": f"{latent}x{latent}x4 (SD: 64x64x4; smaller here for CPU time)",
-                     "pipeline": f"diffusers StableDiffusionPipeline, DDIM-{steps}, guidance 7.5 (UNet batch "
-                                 f"{2 * batch_size}), random 77x768 text embeddings, latents out",
-                     "batch_size": batch_size, "parameters": sum(p.numel() for p in unet.parameters())},
-    }  # fmt: skip
+        "describe": {
+            "unet": "UNet2DConditionModel with Stable Diffusion 1.5's config, random weights",
+            "latents": f"{latent}x{latent}x4 (SD: 64x64x4; smaller here for CPU time)",
+            "pipeline": f"diffusers StableDiffusionPipeline, DDIM-{steps}, guidance 7.5 (UNet batch "
+            f"{2 * batch_size}), random 77x768 text embeddings, latents out",
+            "batch_size": batch_size,
+            "parameters": sum(p.numel() for p in unet.parameters()),
+        },
+    }
 
 
 def meta_sd_unet() -> UNet2DConditionModel:
@@ -180,24 +232,37 @@ def measure(target: dict, configs: dict, repeats: int, warmup: int) -> dict:
         speedup = base / median
         per_repeat = statistics.median(b / t for b, t in zip(times["none"], times[name], strict=True))
         results[name] = {
-            "mode": options.cache, "branch": options.cache_branch, "interval": options.cache_interval,
-            "median_seconds": round(median, 4), "min_seconds": round(min(times[name]), 4),
+            "mode": options.cache,
+            "branch": options.cache_branch,
+            "interval": options.cache_interval,
+            "median_seconds": round(median, 4),
+            "min_seconds": round(min(times[name]), 4),
             "cached_fraction": round(compute["cached_fraction"], 4),
-            "refresh_steps": compute["refresh_steps"], "calls_last_run": calls[name],
+            "refresh_steps": compute["refresh_steps"],
+            "calls_last_run": calls[name],
             "cached_mib_per_probe": round(compute["cached_bytes"] / 2**20, 3),
-            "speedup": round(speedup, 3), "speedup_median_per_repeat": round(per_repeat, 3),
-            "bound": round(compute["bound_run"], 3), "bound_interval": round(compute["bound_interval"], 3),
+            "speedup": round(speedup, 3),
+            "speedup_median_per_repeat": round(per_repeat, 3),
+            "bound": round(compute["bound_run"], 3),
+            "bound_interval": round(compute["bound_interval"], 3),
             "ratio_to_bound": round(speedup / compute["bound_run"], 3),
-        }  # fmt: skip
+        }
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=64, help="digits: images per sampling run")
-    parser.add_argument("--steps", type=int, default=30, help="digits: DDIM steps (30: every interval 2, 3, 5 divides it)")
-    parser.add_argument("--branches", type=int, nargs="+", default=[-1, -2, -3],
-                        help="skip branches to time (skip indices; negative from the outermost, -1 = K-1)")
+    parser.add_argument(
+        "--steps", type=int, default=30, help="digits: DDIM steps (30: every interval 2, 3, 5 divides it)"
+    )
+    parser.add_argument(
+        "--branches",
+        type=int,
+        nargs="+",
+        default=[-1, -2, -3],
+        help="skip branches to time (skip indices; negative from the outermost, -1 = K-1)",
+    )
     parser.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5], help="digits: refresh intervals")
     parser.add_argument("--sd", action=argparse.BooleanOptionalAction, default=True, help="also the SD-shaped UNet")
     parser.add_argument("--sd_batch_size", type=int, default=1, help="SD: images per run (x2 under guidance)")
@@ -219,28 +284,38 @@ def main() -> None:
         "bench": "skip_cache",
         "what": "sampling run time without / with feature caching, against the FLOP bound T / (R + (T-R) f)",
         "command": "python bench/skip_cache.py " + " ".join(sys.argv[1:]),
-        "threads": args.threads, "repeats": args.repeats, "sd_repeats": args.sd_repeats, "warmup": args.warmup,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "sd_repeats": args.sd_repeats,
+        "warmup": args.warmup,
         "machine": platform.machine(),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "target_ratio": TARGET_RATIO,
-    }  # fmt: skip
+    }
     digits = digits_target(args.batch_size, args.steps)
     skips = len(discover_skips(digits["pipe"].unet))
     configs = configurations(skips, args.branches, args.intervals, args.intervals)
     results = measure(digits, configs, args.repeats, args.warmup)
     report["digits"] = {
-        **digits["describe"], "steps": args.steps, "num_skips": skips, "results": results,
+        **digits["describe"],
+        "steps": args.steps,
+        "num_skips": skips,
+        "results": results,
         "meets_target": {n: r["ratio_to_bound"] >= TARGET_RATIO for n, r in results.items() if n != "none"},
         "flops_per_branch": flop_table(digits["flop_unet"], digits["probe"], args.intervals),
-    }  # fmt: skip
+    }
     if args.sd:
         sd = sd_target(args.sd_batch_size, args.sd_latent, args.sd_steps)
         skips = len(discover_skips(sd["pipe"].unet))
         configs = configurations(skips, args.sd_branches, args.sd_intervals, args.sd_intervals)
-        report["sd"] = {**sd["describe"], "steps": args.sd_steps, "num_skips": skips,
-                        "results": measure(sd, configs, args.sd_repeats, args.warmup),
-                        "flops_per_branch": flop_table(sd["flop_unet"], sd["probe"], args.sd_intervals),
-                        "flops_per_branch_at_64x64_latents": flop_table(sd["flop_unet"], sd_probe(64), [2, 3, 5])}  # fmt: skip
+        report["sd"] = {
+            **sd["describe"],
+            "steps": args.sd_steps,
+            "num_skips": skips,
+            "results": measure(sd, configs, args.sd_repeats, args.warmup),
+            "flops_per_branch": flop_table(sd["flop_unet"], sd["probe"], args.sd_intervals),
+            "flops_per_branch_at_64x64_latents": flop_table(sd["flop_unet"], sd_probe(64), [2, 3, 5]),
+        }
     report["seconds_total"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 

@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
         "cached_batch_by_rows": lambda: CachedLatents.collate([cached[i] for i in rows]),
         "cached_batch_at_once": lambda: CachedLatents.collate(cached.__getitems__(rows)),
     }
-    seconds = {**interleaved_median_seconds(steps, max(5, args.repeats // 3)),
-               **interleaved_median_seconds(components, args.repeats)}  # fmt: skip
+    seconds = {
+        **interleaved_median_seconds(steps, max(5, args.repeats // 3)),
+        **interleaved_median_seconds(components, args.repeats),
+    }
     result = {
         "bench": "step_components",
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "torch": torch.__version__,
         "median_seconds": seconds,
-        "share_of_bare_step": {name: value / seconds["bare_step"] for name, value in seconds.items() if name != "bare_step"},
+        "share_of_bare_step": {
+            name: value / seconds["bare_step"] for name, value in seconds.items() if name != "bare_step"
+        },
     }
     print(json.dumps(result, indent=2))
     return result

@@ -1,6 +1,6 @@
 """Steps per second of skipdiff's training loop against a loop written as diffusers' examples write it.
 
-* ``ours_cached``: ``train_scripts/train_unet.main(argv)`` itself (``skipdiff.training.unet_trainer.main``)
+* ``ours_cached``: the training of ``train_scripts/train_unet.py`` itself (``skipdiff.training.unet_trainer.train_unet``)
   with the default job's options (latent diffusion on digits, 8x8x4 latents, batch 128, AdamW, cosine
   schedule with warm-up, gradient clipping, EMA, a ``stats.jsonl`` record every ``--log_every`` steps)
   and latents encoded once (``--cache_latents``, the default); ``ours_uncached``: the same with
@@ -75,14 +75,16 @@ def reset_accelerate() -> None:
 
 
 def run_train_unet(argv: list[str]) -> dict:
-    """``train_scripts/train_unet.py``'s ``main(argv)`` (the library's ``unet_trainer.main``) in this
-    process, its prints sent to stderr (stdout carries the JSON)."""
+    """The training of ``train_scripts/train_unet.py``'s command line ``argv`` (the library's
+    ``unet_trainer.train_unet``) in this process, its prints sent to stderr (stdout carries the JSON)."""
+    from skipdiff.config import parse_args
     from skipdiff.training import unet_trainer
+    from skipdiff.training.options import TrainOptions
 
     reset_accelerate()
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            return unet_trainer.main(argv)
+            return unet_trainer.train_unet(parse_args(TrainOptions, argv))
     finally:
         reset_accelerate()
 
@@ -113,10 +115,30 @@ def find_or_train_vae(scratch: Path, threads: int) -> tuple[Path, str]:
 
 def ours(vae: Path, out: Path, steps: int, log_every: int, threads: int, cache: bool, extra: tuple = ()) -> dict:
     """``train_unet.main`` for ``steps`` steps; seconds per step per logging window."""
-    argv = [*extra, "--vae", str(vae), "--output_dir", str(out), "--max_train_steps", str(steps),
-            "--log_every", str(log_every), "--validation_every", "0", "--checkpointing_steps", "0",
-            "--num_validation_images", "4", "--validation_inference_steps", "2", "--report_to", "none",
-            "--num_threads", str(threads), "--cache_latents" if cache else "--no-cache_latents"]  # fmt: skip
+    argv = [
+        *extra,
+        "--vae",
+        str(vae),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        str(steps),
+        "--log_every",
+        str(log_every),
+        "--validation_every",
+        "0",
+        "--checkpointing_steps",
+        "0",
+        "--num_validation_images",
+        "4",
+        "--validation_inference_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--num_threads",
+        str(threads),
+        "--cache_latents" if cache else "--no-cache_latents",
+    ]
     start = time.perf_counter()
     run_train_unet(argv)
     wall = time.perf_counter() - start
@@ -152,22 +174,43 @@ def reference(vae_dir: Path, steps: int, log_every: int, threads: int, seed: int
     vae = AutoencoderKL.from_pretrained(vae_dir)
     vae.requires_grad_(False)
     vae.eval()
-    unet = SkipUNet2DModel(**unet_config(defaults.model, sample_size=defaults.resolution // 2,
-                                         channels=vae.config.latent_channels))  # fmt: skip
-    ema = EMAModel(unet.parameters(), decay=defaults.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
-                   model_cls=SkipUNet2DModel, model_config=unet.config)  # fmt: skip
-    noise_scheduler = DDPMScheduler(num_train_timesteps=defaults.num_train_timesteps,
-                                    beta_schedule=defaults.beta_schedule,
-                                    prediction_type=defaults.prediction_type)  # fmt: skip
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=defaults.learning_rate,
-                                  betas=(defaults.adam_beta1, defaults.adam_beta2),
-                                  weight_decay=defaults.adam_weight_decay, eps=defaults.adam_epsilon)  # fmt: skip
+    unet = SkipUNet2DModel(
+        **unet_config(defaults.model, sample_size=defaults.resolution // 2, channels=vae.config.latent_channels)
+    )
+    ema = EMAModel(
+        unet.parameters(),
+        decay=defaults.ema_max_decay,
+        use_ema_warmup=True,
+        inv_gamma=1.0,
+        power=3 / 4,
+        model_cls=SkipUNet2DModel,
+        model_config=unet.config,
+    )
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=defaults.num_train_timesteps,
+        beta_schedule=defaults.beta_schedule,
+        prediction_type=defaults.prediction_type,
+    )
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=defaults.learning_rate,
+        betas=(defaults.adam_beta1, defaults.adam_beta2),
+        weight_decay=defaults.adam_weight_decay,
+        eps=defaults.adam_epsilon,
+    )
     splits = load_image_splits(subset(DataOptions, defaults))
     dataset = with_pixel_values(splits["train"], image_transform(defaults.resolution, 1))
-    loader = DataLoader(dataset, batch_size=defaults.train_batch_size, shuffle=True, drop_last=True,
-                        collate_fn=collate_images, num_workers=defaults.dataloader_num_workers)  # fmt: skip
-    lr_scheduler = get_scheduler(defaults.lr_scheduler, optimizer, num_warmup_steps=defaults.lr_warmup_steps,
-                                 num_training_steps=steps)  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=defaults.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_images,
+        num_workers=defaults.dataloader_num_workers,
+    )
+    lr_scheduler = get_scheduler(
+        defaults.lr_scheduler, optimizer, num_warmup_steps=defaults.lr_warmup_steps, num_training_steps=steps
+    )
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     vae.to(accelerator.device)
     ema.to(accelerator.device)
@@ -179,12 +222,11 @@ def reference(vae_dir: Path, steps: int, log_every: int, threads: int, seed: int
         for batch in loader:
             with accelerator.accumulate(unet):
                 with torch.no_grad():
-                    latents = (
-                        vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
-                    )
+                    latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          device=latents.device)  # fmt: skip
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+                )
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 prediction = unet(noisy, timesteps).sample
                 if noise_scheduler.config.prediction_type == "v_prediction":  # as the examples write it
@@ -241,8 +283,9 @@ def bare(vae_dir: Path, steps: int, log_every: int, threads: int, seed: int = 0)
     splits = load_image_splits(subset(DataOptions, defaults))
     images = with_pixel_values(splits["train"], image_transform(defaults.resolution, 1))
     latents = cache_encoded(encoder, DataLoader(images, batch_size=256, collate_fn=collate_images))["latent_mean"]
-    unet = SkipUNet2DModel(**unet_config(defaults.model, sample_size=defaults.resolution // encoder.downscale,
-                                         channels=encoder.channels)).train()  # fmt: skip
+    unet = SkipUNet2DModel(
+        **unet_config(defaults.model, sample_size=defaults.resolution // encoder.downscale, channels=encoder.channels)
+    ).train()
     scheduler = make_scheduler(defaults.num_train_timesteps, defaults.beta_schedule, defaults.prediction_type, None)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=defaults.learning_rate, fused=True)
     windows, window_start = [], time.perf_counter()
@@ -277,9 +320,12 @@ def ratios(per_repeat: dict[str, list[float]]) -> dict:
         # A t interval of the mean log ratio over repeats, back on the ratio scale: how well the repeats
         # pin the ratio down on this machine (None with one repeat).
         interval = t_interval([math.log(v) for v in values])
-        return {"median": round(statistics.median(values), 4), "per_repeat": [round(v, 4) for v in values],
-                "geometric_mean": round(math.exp(statistics.fmean(math.log(v) for v in values)), 4),
-                "interval_95": [round(math.exp(x), 4) for x in interval] if interval else None}  # fmt: skip
+        return {
+            "median": round(statistics.median(values), 4),
+            "per_repeat": [round(v, 4) for v in values],
+            "geometric_mean": round(math.exp(statistics.fmean(math.log(v) for v in values)), 4),
+            "interval_95": [round(math.exp(x), 4) for x in interval] if interval else None,
+        }
 
     out: dict = {}
     if {"ours_cached", "reference"} <= per_repeat.keys():
@@ -303,7 +349,7 @@ def ratios(per_repeat: dict[str, list[float]]) -> dict:
         "ema": ("ours_cached", "ours_no_ema"),
         "clipping_and_grad_norm": ("ours_cached", "ours_no_clip"),
         "loop_plumbing (minimal ours - bare: data loader, accelerate, window stats, logging)": ("ours_minimal", "bare"),
-    }  # fmt: skip
+    }
     out["where_the_gap_goes_seconds_per_step"] = {
         part: round(seconds[a] - seconds[b], 5) for part, (a, b) in gap.items() if {a, b} <= seconds.keys()
     }
@@ -311,24 +357,28 @@ def ratios(per_repeat: dict[str, list[float]]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="training steps per call")
     parser.add_argument(
         "--log_every", type=int, default=10, help="steps per timing window (the default job logs every 10)"
     )
-    parser.add_argument(
-        "--warmup_steps", type=int, default=10, help="windows ending at or before are dropped"
-    )
+    parser.add_argument("--warmup_steps", type=int, default=10, help="windows ending at or before are dropped")
     parser.add_argument("--repeats", type=int, default=3, help="calls per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--default_malloc", action="store_true",
-                        help="leave glibc's malloc thresholds at their defaults for every variant (our trainer "
-                             "raises them on a CPU, skipdiff.cpu_memory; by default the bench raises them once "
-                             "for all variants, so that the ratios compare loops, not allocators)")  # fmt: skip
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="which loops to time (default: all); e.g. 'ours_cached bare' for the limit alone")  # fmt: skip
+    parser.add_argument(
+        "--default_malloc",
+        action="store_true",
+        help="leave glibc's malloc thresholds at their defaults for every variant (our trainer "
+        "raises them on a CPU, skipdiff.cpu_memory; by default the bench raises them once "
+        "for all variants, so that the ratios compare loops, not allocators)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="which loops to time (default: all); e.g. 'ours_cached bare' for the limit alone",
+    )
     args = parser.parse_args()
     for name in ("steps", "log_every", "repeats", "threads"):
         if getattr(args, name) < 1:
@@ -344,6 +394,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-loop-") as scratch:
         scratch = Path(scratch)
         vae, vae_source = find_or_train_vae(scratch, args.threads)
+
         def our_variant(name: str, cache: bool = True, extra: tuple = ()):
             return lambda r: ours(vae, scratch / f"{name}-{r}", args.steps, args.log_every, args.threads, cache, extra)
 
@@ -356,7 +407,7 @@ def main() -> None:
             "ours_no_ema": our_variant("no-ema", extra=("--no-use_ema",)),
             "ours_no_clip": our_variant("no-clip", extra=("--max_grad_norm", "0")),
             "ours_minimal": our_variant("minimal", extra=minimal),
-        }  # fmt: skip
+        }
         names = [name for name in VARIANTS if name in args.variants]
         results: dict[str, list[dict]] = {name: [] for name in names}
         for repeat in range(args.repeats):
@@ -380,7 +431,9 @@ def main() -> None:
         "warmup_steps_dropped": args.warmup_steps,
         "repeats": args.repeats,
         "threads": args.threads,
-        "malloc": "glibc defaults" if args.default_malloc else "thresholds raised for every variant (skipdiff.cpu_memory)",
+        "malloc": "glibc defaults"
+        if args.default_malloc
+        else "thresholds raised for every variant (skipdiff.cpu_memory)",
         "versions": {"torch": torch.__version__},
         "seconds_per_step_median": {name: round(v, 4) for name, v in seconds.items()},
         "seconds_per_step_per_repeat": {name: [round(x, 4) for x in v] for name, v in per_repeat.items()},

@@ -88,9 +88,7 @@ def parse_timing_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(UNET_PRESETS), default="digits", help="UNet preset")
     parser.add_argument("--pixel", action="store_true", help="pixel space 16x16x1 instead of latents 8x8x4")
     parser.add_argument("--batch_size", type=int, default=128)
@@ -101,8 +99,11 @@ def main() -> None:
     scheduler = make_scheduler(1000, "squaredcos_cap_v2", "epsilon")
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch_size, channels, size, size)
-    inputs = (torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
-              torch.randint(0, 1000, (args.batch_size,), generator=generator))  # fmt: skip
+    inputs = (
+        torch.randn(shape, generator=generator),
+        torch.randn(shape, generator=generator),
+        torch.randint(0, 1000, (args.batch_size,), generator=generator),
+    )
     steps = {name: make_step(model, scheduler) for name, model in models.items()}
     times = time_interleaved(steps, inputs, args.repeats, args.warmup)
 

@@ -38,8 +38,10 @@ def feature_change(target, images: int = 64, steps: int = 50, seed: int = 0) -> 
 
     unet = target.unet.eval()
     outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(unet.up_blocks))}
-    handles = [block.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(out.detach().float()))
-               for i, block in enumerate(unet.up_blocks)]  # fmt: skip
+    handles = [
+        block.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(out.detach().float()))
+        for i, block in enumerate(unet.up_blocks)
+    ]
     try:
         generators = image_generators(seed, list(range(images)))
         noise = initial_noise(target.latent_shape(), generators)
@@ -50,8 +52,10 @@ def feature_change(target, images: int = 64, steps: int = 50, seed: int = 0) -> 
     changes = []
     for i in range(len(unet.up_blocks)):
         series = outputs[i]  # one (B, C, H, W) per step
-        relative = [((b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()
-                    for a, b in zip(series[:-1], series[1:], strict=True)]  # fmt: skip
+        relative = [
+            ((b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()
+            for a, b in zip(series[:-1], series[1:], strict=True)
+        ]
         changes.append(float(torch.stack(relative).mean()))
     return changes
 
@@ -61,7 +65,9 @@ def cached_fid(run: Path, cache: dict, samples: int, seeds: list[int]) -> float:
     from skipdiff.eval import EvalOptions, evaluate
 
     out = run / "cacheability" / ("uncached" if not cache else "cached")
-    options = EvalOptions(checkpoint=str(run), fid=True, num_samples=samples, seeds=seeds, out=str(out), **(cache or {}))
+    options = EvalOptions(
+        checkpoint=str(run), fid=True, num_samples=samples, seeds=seeds, out=str(out), **(cache or {})
+    )
     result = evaluate(options)
     return result["fid"]["summary"]["fid"]["mean"]
 
@@ -71,8 +77,12 @@ def measure_cell(run: Path, cache: dict, samples: int, seeds: list[int]) -> dict
 
     change = feature_change(load_target(str(run)))
     uncached, cached = cached_fid(run, None, samples, seeds), cached_fid(run, cache, samples, seeds)
-    return {"feature_change_by_up_block": change, "fid_uncached": uncached, "fid_cached": cached,
-            "fid_cost": cached - uncached}  # fmt: skip
+    return {
+        "feature_change_by_up_block": change,
+        "fid_uncached": uncached,
+        "fid_cached": cached,
+        "fid_cost": cached - uncached,
+    }
 
 
 def summarise(cells: list[dict]) -> dict:
@@ -82,13 +92,18 @@ def summarise(cells: list[dict]) -> dict:
         out.setdefault(cell["configuration"], []).append(cell)
     summary = {}
     for name, rows in out.items():
+
         def ms(values):
             return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
         levels = len(rows[0]["feature_change_by_up_block"])
-        summary[name] = {"seeds": [r["seed"] for r in rows],
-                         "feature_change_by_up_block": [ms([r["feature_change_by_up_block"][i] for r in rows]) for i in range(levels)],
-                         **{key: ms([r[key] for r in rows]) for key in ("fid_uncached", "fid_cached", "fid_cost")}}  # fmt: skip
+        summary[name] = {
+            "seeds": [r["seed"] for r in rows],
+            "feature_change_by_up_block": [
+                ms([r["feature_change_by_up_block"][i] for r in rows]) for i in range(levels)
+            ],
+            **{key: ms([r[key] for r in rows]) for key in ("fid_uncached", "fid_cached", "fid_cost")},
+        }
     return summary
 
 
@@ -101,7 +116,9 @@ def paired_against(cells: list[dict], reference: str = "skips=full") -> dict | N
         return None
     levels = len(cells[0]["feature_change_by_up_block"])
     figures = {key: (lambda cell, key=key: cell[key]) for key in ("fid_cost", "fid_uncached")}
-    figures.update({f"change up_blocks.{i}": (lambda cell, i=i: cell["feature_change_by_up_block"][i]) for i in range(levels)})
+    figures.update(
+        {f"change up_blocks.{i}": (lambda cell, i=i: cell["feature_change_by_up_block"][i]) for i in range(levels)}
+    )
     result = {}
     for figure, read in figures.items():
         values: dict[str, dict[int, float]] = {}
@@ -126,12 +143,18 @@ def table(summary: dict) -> str:
         return f"{entry['mean']:.3g}" + ("" if entry["std"] is None else f" ± {entry['std']:.2g}")
 
     levels = len(next(iter(summary.values()))["feature_change_by_up_block"])
-    lines = ["| configuration | seeds | " + " | ".join(f"change up_blocks.{i}" for i in range(levels))
-             + " | FID uncached | FID cached | FID cost |", "|---|---|" + "---|" * (levels + 3)]  # fmt: skip
+    lines = [
+        "| configuration | seeds | "
+        + " | ".join(f"change up_blocks.{i}" for i in range(levels))
+        + " | FID uncached | FID cached | FID cost |",
+        "|---|---|" + "---|" * (levels + 3),
+    ]
     for name, row in summary.items():
         changes = " | ".join(pm(c) for c in row["feature_change_by_up_block"])
-        lines.append(f"| {name} | {len(row['seeds'])} | {changes} | {pm(row['fid_uncached'])} | {pm(row['fid_cached'])} | "
-                     f"{pm(row['fid_cost'])} |")
+        lines.append(
+            f"| {name} | {len(row['seeds'])} | {changes} | {pm(row['fid_uncached'])} | {pm(row['fid_cached'])} | "
+            f"{pm(row['fid_cost'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -168,34 +191,56 @@ def find_cells(sweeps: list[str], configurations: list[str] | None) -> list[tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweeps", nargs="+", help="sweep folders of trained, evaluated diffusion cells")
-    parser.add_argument("--configurations", nargs="+", default=None,
-                        help="only these configurations (as the report names them, e.g. skips=full); default: all")
+    parser.add_argument(
+        "--configurations",
+        nargs="+",
+        default=None,
+        help="only these configurations (as the report names them, e.g. skips=full); default: all",
+    )
     parser.add_argument("--cache_branch", type=int, default=8)
     parser.add_argument("--cache_interval", type=int, default=3)
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--resummarise", action="store_true",
-                        help="redo the summary and comparisons from --out/results.json without measuring again")
+    parser.add_argument(
+        "--resummarise",
+        action="store_true",
+        help="redo the summary and comparisons from --out/results.json without measuring again",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache = {"cache": "skip_branch", "cache_branch": args.cache_branch, "cache_interval": args.cache_interval}
     out = Path(args.out)
-    command = ("python eval/cacheability.py " + " ".join(args.sweeps)
-               + (" --configurations " + " ".join(args.configurations) if args.configurations else "") + f" --out {args.out}")
+    command = (
+        "python eval/cacheability.py "
+        + " ".join(args.sweeps)
+        + (" --configurations " + " ".join(args.configurations) if args.configurations else "")
+        + f" --out {args.out}"
+    )
     if args.resummarise:  # the measured cells as they are; only the summary and the comparisons are redone
         cells = read_json(out / "results.json", "cacheability results")["cells"]
     else:
         cells = []
         for folder, record, configuration in find_cells(args.sweeps, args.configurations):
             result = measure_cell(folder, cache, args.num_samples, args.seeds)
-            cells.append({"cell": str(folder), "configuration": configuration, "seed": record["options"]["seed"], **result})
+            cells.append(
+                {"cell": str(folder), "configuration": configuration, "seed": record["options"]["seed"], **result}
+            )
             print(cells[-1], flush=True)
     summary, comparisons = summarise(cells), paired_against(cells)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", {"cache": cache, "num_samples": args.num_samples, "sampling_seeds": args.seeds,
-                                             "cells": cells, "summary": summary, "paired_against_full": comparisons,
-                                             "command": command})  # fmt: skip
+    write_json_atomic(
+        out / "results.json",
+        {
+            "cache": cache,
+            "num_samples": args.num_samples,
+            "sampling_seeds": args.seeds,
+            "cells": cells,
+            "summary": summary,
+            "paired_against_full": comparisons,
+            "command": command,
+        },
+    )
     text = table(summary) + (comparison_table(comparisons) if comparisons else "")
     (out / "table.md").write_text(text)
     print(text)

@@ -93,8 +93,12 @@ def bench(labels: list[str], repeats: int, warmup: int, threads: int, models: di
         specs[label] = {"model": source}
     steps, params = {}, {}
     for label, spec in specs.items():
-        steps[label], params[label] = _step_closure(spec.get("model", "digits"), spec.get("batch", 128),
-                                                    spec.get("prediction_type", "epsilon"), spec.get("snr_gamma"))  # fmt: skip
+        steps[label], params[label] = _step_closure(
+            spec.get("model", "digits"),
+            spec.get("batch", 128),
+            spec.get("prediction_type", "epsilon"),
+            spec.get("snr_gamma"),
+        )
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -106,11 +110,19 @@ def bench(labels: list[str], repeats: int, warmup: int, threads: int, models: di
             times[name].append(steps[name]())
     base = statistics.median(times["default"])
     return {
-        "threads": threads, "repeats": repeats, "warmup": warmup,
-        "candidates": {label: {**specs[label], "parameters": params[label],
-                               "median_s_per_step": statistics.median(t),
-                               "ratio_vs_default": statistics.median(t) / base} for label, t in times.items()},
-    }  # fmt: skip
+        "threads": threads,
+        "repeats": repeats,
+        "warmup": warmup,
+        "candidates": {
+            label: {
+                **specs[label],
+                "parameters": params[label],
+                "median_s_per_step": statistics.median(t),
+                "ratio_vs_default": statistics.median(t) / base,
+            }
+            for label, t in times.items()
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,10 +146,18 @@ def ema_profile(power: float, max_decay: float, inv_gamma: float = 1.0, steps: i
     mean = sum((t + 1) * w for t, w in enumerate(weights))
     var = sum(((t + 1) - mean) ** 2 * w for t, w in enumerate(weights))
     capped = [t for t, d in enumerate(decays) if d >= max_decay]
-    return {"power": power, "max_decay": max_decay, "inv_gamma": inv_gamma, "steps": steps,
-            "final_decay": decays[-1], "first_capped_update": capped[0] if capped else None,
-            "mean_age_steps": steps - mean, "std_steps": math.sqrt(var),
-            "sigma_rel": math.sqrt(var) / steps, "weight_of_last_10pct": sum(weights[int(0.9 * steps):])}  # fmt: skip
+    return {
+        "power": power,
+        "max_decay": max_decay,
+        "inv_gamma": inv_gamma,
+        "steps": steps,
+        "final_decay": decays[-1],
+        "first_capped_update": capped[0] if capped else None,
+        "mean_age_steps": steps - mean,
+        "std_steps": math.sqrt(var),
+        "sigma_rel": math.sqrt(var) / steps,
+        "weight_of_last_10pct": sum(weights[int(0.9 * steps) :]),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,8 +191,11 @@ def recon_fid(vae_dir: str, num_samples: int, seeds: list[int]) -> dict:
     spec = resolve_extractor("digits", resolution=16)
     report = fid_with_floor(sample_fn, reference, heldout, spec, num_samples=num_samples, seeds=seeds)
     print(report.format())
-    return {"vae": vae_dir, "what": "reconstructions of the floor's own train images vs the test split",
-            **report.to_dict()}  # fmt: skip
+    return {
+        "vae": vae_dir,
+        "what": "reconstructions of the floor's own train images vs the test split",
+        **report.to_dict(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,8 +247,9 @@ def denoise_epsilon(folder: Path) -> dict:
     batches, _ = held_out_batches(training)
     scheduler = pipeline.scheduler
     epsilon_scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type="epsilon")
-    result = denoising_loss_by_bucket(epsilon_view(pipeline.unet, scheduler), epsilon_scheduler,
-                                      pipeline.encoder(), batches, 10, seed=0)  # fmt: skip
+    result = denoising_loss_by_bucket(
+        epsilon_view(pipeline.unet, scheduler), epsilon_scheduler, pipeline.encoder(), batches, 10, seed=0
+    )
     result.pop("per_example")
     return result
 
@@ -247,18 +271,25 @@ def _read_run(folder: Path) -> dict | None:
     stats = [json.loads(line) for line in (folder / "stats.jsonl").read_text().splitlines() if line.strip()]
     seconds = [r["seconds_per_step"] for r in stats if "seconds_per_step" in r]
     run = {
-        "cell": cell["name"], "recipe": axes.get("recipe"), "seed": cell["options"]["seed"],
+        "cell": cell["name"],
+        "recipe": axes.get("recipe"),
+        "seed": cell["options"]["seed"],
         "overrides": {k: v for k, v in cell["overrides"].items() if k not in ("output_dir", "num_threads")},
-        "steps": cell["train_metrics"].get("steps"), "final_train_loss": cell["train_metrics"].get("final_loss"),
-        "fid": fid["fid"]["mean"], "fid_std_over_sampling_seeds": fid["fid"]["std"],
-        "floor": fid["floor_fid"]["mean"], "floor_std": fid["floor_fid"]["std"],
+        "steps": cell["train_metrics"].get("steps"),
+        "final_train_loss": cell["train_metrics"].get("final_loss"),
+        "fid": fid["fid"]["mean"],
+        "fid_std_over_sampling_seeds": fid["fid"]["std"],
+        "floor": fid["floor_fid"]["mean"],
+        "floor_std": fid["floor_fid"]["std"],
         "fid_per_sampling_seed": [row["fid"] for row in result["fid"]["per_seed"]],
         "denoise_mse": result.get("denoise", {}).get("mean"),
         "denoise_target": cell["options"]["prediction_type"],
         "median_s_per_step_wall_shared_cpu": statistics.median(seconds) if seconds else None,
-        "train_seconds_wall_shared_cpu": cell.get("train_seconds"), "eval_seconds": cell.get("eval_seconds"),
-        "reference": result["fid"]["reference"], "heldout": result["fid"]["heldout"],
-    }  # fmt: skip
+        "train_seconds_wall_shared_cpu": cell.get("train_seconds"),
+        "eval_seconds": cell.get("eval_seconds"),
+        "reference": result["fid"]["reference"],
+        "heldout": result["fid"]["heldout"],
+    }
     eps = folder / "eval" / "denoise_epsilon.json"
     if eps.is_file():
         run["denoise_mse_epsilon"] = json.loads(eps.read_text())["mean"]
@@ -336,9 +367,12 @@ def _cost(results: dict, run: dict) -> str:
     work unchanged (bench.json: snr5 and vpred within 0.02 of the default)."""
     model = run["overrides"].get("model", "digits")
     batch = run["overrides"].get("train_batch_size", 128)
-    ratios = [v["ratio_vs_default"] for measured in results.get("bench", {}).values()
-              for v in measured["candidates"].values()
-              if v.get("batch", 128) == batch and v.get("model", "digits") == model]  # fmt: skip
+    ratios = [
+        v["ratio_vs_default"]
+        for measured in results.get("bench", {}).values()
+        for v in measured["candidates"].values()
+        if v.get("batch", 128) == batch and v.get("model", "digits") == model
+    ]
     return "not measured" if not ratios else f"{run['steps'] / DEFAULT_STEPS * statistics.fmean(ratios):.2f}"
 
 
@@ -348,15 +382,20 @@ def table(results: dict) -> str:
     by_recipe: dict[str, dict[int, dict]] = {}
     for run in runs:
         by_recipe.setdefault(run["recipe"], {})[run["seed"]] = run
-    lines = ["# Default-recipe ablations", "",
-             "Every run is the default job (digits latents, 1200 UNet steps, batch 128) with the change shown; "
-             "FID: digits extractor, 1000 samples x 3 sampling seeds, DDIM-50, reference = the test split (360 "
-             "images), floor = 1000 train images vs the same reference. Generated by `python eval/default_recipe.py "
-             "collect` from the runs of `eval/sweeps/default_recipe.yaml`.", "",
-             "## Screen (training seed 0 only: a screen, not a result)", "",
-             "| recipe | change | FID (± over sampling seeds) | floor | FID / floor | ΔFID vs its base | raw-weights FID | "
-             "denoise MSE (ε units) | final train loss (own objective) | cost vs default |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Default-recipe ablations",
+        "",
+        "Every run is the default job (digits latents, 1200 UNet steps, batch 128) with the change shown; "
+        "FID: digits extractor, 1000 samples x 3 sampling seeds, DDIM-50, reference = the test split (360 "
+        "images), floor = 1000 train images vs the same reference. Generated by `python eval/default_recipe.py "
+        "collect` from the runs of `eval/sweeps/default_recipe.yaml`.",
+        "",
+        "## Screen (training seed 0 only: a screen, not a result)",
+        "",
+        "| recipe | change | FID (± over sampling seeds) | floor | FID / floor | ΔFID vs its base | raw-weights FID | "
+        "denoise MSE (ε units) | final train loss (own objective) | cost vs default |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for recipe, seeds in sorted(by_recipe.items(), key=lambda kv: (kv[0] != "default", kv[0])):
         run = seeds.get(0)
         if run is None:
@@ -365,29 +404,46 @@ def table(results: dict) -> str:
         base = by_recipe.get(recipe.rsplit("+", 1)[0] if "+" in recipe else "default", {}).get(0)
         delta = f"{run['fid'] - base['fid']:+.3f} ({base['recipe']})" if base and base is not run else "-"
         raw = f"{run['raw_weights_fid']:.3f}" if "raw_weights_fid" in run else "-"
-        lines.append(f"| {recipe} | {_change(run)} | {run['fid']:.3f} ± {run['fid_std_over_sampling_seeds']:.3f} | "
-                     f"{run['floor']:.3f} | {run['fid'] / run['floor']:.2f} | {delta} | {raw} | "
-                     f"{_eps(run)} | {run['final_train_loss']:.4f} | "
-                     f"{_cost(results, run)} |")  # fmt: skip
+        lines.append(
+            f"| {recipe} | {_change(run)} | {run['fid']:.3f} ± {run['fid_std_over_sampling_seeds']:.3f} | "
+            f"{run['floor']:.3f} | {run['fid'] / run['floor']:.2f} | {delta} | {raw} | "
+            f"{_eps(run)} | {run['final_train_loss']:.4f} | "
+            f"{_cost(results, run)} |"
+        )
     multi = {r: s for r, s in by_recipe.items() if len(s) > 1}
     if multi:
-        lines += ["", "## Several training seeds (paired by seed)", "",
-                  "| recipe | " + " | ".join(f"FID seed {s}" for s in sorted({s for v in multi.values() for s in v}))
-                  + " | mean ± std (over training seeds) | floor | mean / floor | denoise MSE (ε units) |", ""]  # fmt: skip
+        lines += [
+            "",
+            "## Several training seeds (paired by seed)",
+            "",
+            "| recipe | "
+            + " | ".join(f"FID seed {s}" for s in sorted({s for v in multi.values() for s in v}))
+            + " | mean ± std (over training seeds) | floor | mean / floor | denoise MSE (ε units) |",
+            "",
+        ]
         all_seeds = sorted({s for v in multi.values() for s in v})
         lines[-1] = "|---|" + "---|" * len(all_seeds) + "---|---|---|---|"
         for recipe, seeds in sorted(multi.items(), key=lambda kv: (kv[0] != "default", kv[0])):
             fids = [seeds[s]["fid"] if s in seeds else None for s in all_seeds]
             present = [f for f in fids if f is not None]
             floor = statistics.fmean(r["floor"] for r in seeds.values())
-            lines.append(f"| {recipe} | " + " | ".join("-" if f is None else f"{f:.3f}" for f in fids)
-                         + f" | {_pm(present)} | {floor:.3f} | {statistics.fmean(present) / floor:.2f} | "
-                         f"{_pm([r['denoise_mse_epsilon'] for r in seeds.values() if 'denoise_mse_epsilon' in r], 4)} |")  # fmt: skip
+            lines.append(
+                f"| {recipe} | "
+                + " | ".join("-" if f is None else f"{f:.3f}" for f in fids)
+                + f" | {_pm(present)} | {floor:.3f} | {statistics.fmean(present) / floor:.2f} | "
+                f"{_pm([r['denoise_mse_epsilon'] for r in seeds.values() if 'denoise_mse_epsilon' in r], 4)} |"
+            )
     if results.get("confirmation"):
         from skipdiff.report.markdown import detectable_note, ranking_table
 
-        lines += ["", "## Against the default job (FID, paired by training seed, Holm-corrected)", "",
-                  *ranking_table(results["confirmation"], "FID"), "", detectable_note(results["confirmation"], "FID")]
+        lines += [
+            "",
+            "## Against the default job (FID, paired by training seed, Holm-corrected)",
+            "",
+            *ranking_table(results["confirmation"], "FID"),
+            "",
+            detectable_note(results["confirmation"], "FID"),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -418,9 +474,19 @@ def main(argv: list[str] | None = None) -> None:
         models = dict(item.split("=", 1) for item in args.model)
         print(json.dumps(bench(args.labels, args.repeats, args.warmup, args.threads, models), indent=2))
     elif args.command == "ema":
-        rows = [ema_profile(p, d, steps=args.steps) for p, d in
-                ((0.75, 0.999), (0.75, 0.9995), (0.75, 0.9999), (0.6667, 0.999), (0.85, 0.999), (1.0, 0.999),
-                 (1.0, 0.9995), (1.0, 0.9999))]  # fmt: skip
+        rows = [
+            ema_profile(p, d, steps=args.steps)
+            for p, d in (
+                (0.75, 0.999),
+                (0.75, 0.9995),
+                (0.75, 0.9999),
+                (0.6667, 0.999),
+                (0.85, 0.999),
+                (1.0, 0.999),
+                (1.0, 0.9995),
+                (1.0, 0.9999),
+            )
+        ]
         print(json.dumps(rows, indent=2))
     elif args.command == "recon":
         import torch

@@ -49,35 +49,62 @@ def variant_name(skip: bool, bn: bool) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def grid_cells(depths: list[int], seeds: list[int], lr: float, sweep_lrs: list[float], sweep_seeds: list[int],
-               epochs: int) -> list[dict]:  # fmt: skip
+def grid_cells(
+    depths: list[int], seeds: list[int], lr: float, sweep_lrs: list[float], sweep_seeds: list[int], epochs: int
+) -> list[dict]:
     """Every (depth, skip, bn, lr, seed): the main grid at ``lr``, and ``sweep_lrs`` at the deepest depth."""
-    cells = [dict(depth=d, skip_connections=s, batch_norm=b, learning_rate=lr, seed=seed, num_epochs=epochs)
-             for d in depths for s, b in VARIANTS for seed in seeds]  # fmt: skip
-    cells += [dict(depth=max(depths), skip_connections=s, batch_norm=b, learning_rate=sweep_lr, seed=seed,
-                   num_epochs=epochs)
-              for sweep_lr in sweep_lrs if sweep_lr != lr for s, b in VARIANTS for seed in sweep_seeds]  # fmt: skip
+    cells = [
+        dict(depth=d, skip_connections=s, batch_norm=b, learning_rate=lr, seed=seed, num_epochs=epochs)
+        for d in depths
+        for s, b in VARIANTS
+        for seed in seeds
+    ]
+    cells += [
+        dict(depth=max(depths), skip_connections=s, batch_norm=b, learning_rate=sweep_lr, seed=seed, num_epochs=epochs)
+        for sweep_lr in sweep_lrs
+        if sweep_lr != lr
+        for s, b in VARIANTS
+        for seed in sweep_seeds
+    ]
     return cells
 
 
 def budget_check_cells(summary: list[dict], depth: int, seed: int, epochs: int) -> list[dict]:
     """Each variant at ``depth`` with its best learning rate again, for ``epochs`` (twice the budget): does a
     longer run change the answer, i.e. had the first one converged?"""
-    return [dict(depth=depth, skip_connections=r["skip_connections"], batch_norm=r["batch_norm"],
-                 learning_rate=r["learning_rate"], seed=seed, num_epochs=epochs)
-            for r in best_learning_rates(summary, depth)]  # fmt: skip
+    return [
+        dict(
+            depth=depth,
+            skip_connections=r["skip_connections"],
+            batch_norm=r["batch_norm"],
+            learning_rate=r["learning_rate"],
+            seed=seed,
+            num_epochs=epochs,
+        )
+        for r in best_learning_rates(summary, depth)
+    ]
 
 
 def cell_id(cell: dict) -> str:
-    return (f"d{cell['depth']}-{'skip' if cell['skip_connections'] else 'plain'}-{'bn' if cell['batch_norm'] else 'nobn'}"
-            f"-lr{cell['learning_rate']:g}-e{cell['num_epochs']}-s{cell['seed']}")  # fmt: skip
+    return (
+        f"d{cell['depth']}-{'skip' if cell['skip_connections'] else 'plain'}-{'bn' if cell['batch_norm'] else 'nobn'}"
+        f"-lr{cell['learning_rate']:g}-e{cell['num_epochs']}-s{cell['seed']}"
+    )
 
 
 def stats_to_curves(records: list[dict]) -> dict:
     """Per-epoch curves from a run's stats.jsonl: the train loss of each logged window (train mode, running
     over the window), the test loss and accuracy at each epoch's end, and the activation RMS per block."""
-    train = [{"step": r["step"], "loss": r["train"]["loss"], "accuracy": r["train"]["accuracy"]} for r in records if "train" in r]
-    test = [{"epoch": r["epoch"], "loss": r["test"]["loss"], "accuracy": r["test"]["accuracy"]} for r in records if "test" in r]
+    train = [
+        {"step": r["step"], "loss": r["train"]["loss"], "accuracy": r["train"]["accuracy"]}
+        for r in records
+        if "train" in r
+    ]
+    test = [
+        {"epoch": r["epoch"], "loss": r["test"]["loss"], "accuracy": r["test"]["accuracy"]}
+        for r in records
+        if "test" in r
+    ]
     activations = next((r["activation_rms"] for r in records if "activation_rms" in r), None)
     return {"train": train, "test": test, "activation_rms": activations}
 
@@ -112,8 +139,10 @@ def run_grid(cells: list[dict], base: dict, partial: Path, jobs: int, log=print)
             done.append(run)
             with partial.open("a") as handle:
                 handle.write(json.dumps(run) + "\n")
-            log(f"[{len(done)}] {cell_id(run)}: train loss {run['train_loss']:.4g}, train acc "
-                f"{run['train_accuracy']:.4f}, test acc {run['test_accuracy']:.4f}, {run['cpu_seconds']:.0f} s CPU")  # fmt: skip
+            log(
+                f"[{len(done)}] {cell_id(run)}: train loss {run['train_loss']:.4g}, train acc "
+                f"{run['train_accuracy']:.4f}, test acc {run['test_accuracy']:.4f}, {run['cpu_seconds']:.0f} s CPU"
+            )
     wanted = {cell_id(c) for c in cells}
     return [r for r in done if cell_id(r) in wanted]
 
@@ -144,9 +173,15 @@ def runs_to_summary(runs: list[dict]) -> list[dict]:
     keys = sorted({tuple(r[k] for k in KEY) for r in runs}, key=lambda k: (k[0], not k[1], not k[2], k[3]))
     for key in keys:
         group = [r for r in runs if tuple(r[k] for k in KEY) == key]
-        row = {**dict(zip(KEY, key, strict=True)), "num_blocks": group[0]["num_blocks"], "seeds": len(group),
-               "variant": variant_name(key[1], key[2]), "num_parameters": group[0]["num_parameters"],
-               "epochs": group[0]["epochs"], "cpu_seconds_mean": statistics.fmean(r["cpu_seconds"] for r in group)}  # fmt: skip
+        row = {
+            **dict(zip(KEY, key, strict=True)),
+            "num_blocks": group[0]["num_blocks"],
+            "seeds": len(group),
+            "variant": variant_name(key[1], key[2]),
+            "num_parameters": group[0]["num_parameters"],
+            "epochs": group[0]["epochs"],
+            "cpu_seconds_mean": statistics.fmean(r["cpu_seconds"] for r in group),
+        }
         for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([r[name] for r in group])
         row["gap_mean"], row["gap_std"] = mean_std([r["train_accuracy"] - r["test_accuracy"] for r in group])
@@ -173,13 +208,15 @@ def _ratio(row: dict, name: str) -> str:
 
 
 def _table_row(r: dict) -> str:
-    return (f"| {r['num_blocks']} | {r['variant']} | {r['learning_rate']:g} | {r['seeds']} "
-            f"| {r['train_loss_mean']:.2e} ± {r['train_loss_std']:.1e} "
-            f"| {r['train_accuracy_mean']:.4f} ± {r['train_accuracy_std']:.4f} "
-            f"| {r['test_accuracy_mean']:.4f} ± {r['test_accuracy_std']:.4f} | {r['gap_mean']:+.4f} "
-            f"| {_ratio(r, 'grad_ratio_init')} | {_ratio(r, 'grad_ratio_final')} "
-            f"| {_ratio(r, 'activation_growth_start')} | {_ratio(r, 'activation_growth_end')} "
-            f"| {r['cpu_seconds_mean']:.0f} |")  # fmt: skip
+    return (
+        f"| {r['num_blocks']} | {r['variant']} | {r['learning_rate']:g} | {r['seeds']} "
+        f"| {r['train_loss_mean']:.2e} ± {r['train_loss_std']:.1e} "
+        f"| {r['train_accuracy_mean']:.4f} ± {r['train_accuracy_std']:.4f} "
+        f"| {r['test_accuracy_mean']:.4f} ± {r['test_accuracy_std']:.4f} | {r['gap_mean']:+.4f} "
+        f"| {_ratio(r, 'grad_ratio_init')} | {_ratio(r, 'grad_ratio_final')} "
+        f"| {_ratio(r, 'activation_growth_start')} | {_ratio(r, 'activation_growth_end')} "
+        f"| {r['cpu_seconds_mean']:.0f} |"
+    )
 
 
 TABLE_HEADER = [
@@ -189,8 +226,9 @@ TABLE_HEADER = [
 ]
 
 
-def summary_to_markdown(summary: list[dict], command: str, protocol: str, cpu_seconds: float, lr: float,
-                        epochs: int) -> str:  # fmt: skip
+def summary_to_markdown(
+    summary: list[dict], command: str, protocol: str, cpu_seconds: float, lr: float, epochs: int
+) -> str:
     """The Markdown report: the main grid, the learning-rate sweep at the deepest depth, the best rates, and
     the budget check (the best rates for twice the epochs), if it was run."""
     longer = [r for r in summary if r["num_epochs"] != epochs]
@@ -199,21 +237,41 @@ def summary_to_markdown(summary: list[dict], command: str, protocol: str, cpu_se
     main = [r for r in summary if r["learning_rate"] == lr]
     sweep = [r for r in summary if r["depth"] == deepest]
     lines = [
-        "# Degradation on digits: plain vs skip SkipResNets, with and without BatchNorm, to convergence", "",
-        f"Command: `{command}`", "", f"Protocol: {protocol}. CPU time of all runs: {cpu_seconds / 60:.1f} min.", "",
+        "# Degradation on digits: plain vs skip SkipResNets, with and without BatchNorm, to convergence",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Protocol: {protocol}. CPU time of all runs: {cpu_seconds / 60:.1f} min.",
+        "",
         "Train loss / accuracy: eval mode over the whole train split after the last epoch; test: the held-out "
         "split. Mean ± sample std over seeds. Gradient ratio: norm of the first residual block's gradient over "
         "the last block's at the first (start) and last (end) logged step, geometric mean over seeds [min, max]; "
         "< 1: the gradient shrinks on its way to the input. Activation growth: RMS of the last block's output "
-        "over the stem's output, train mode, 256 train images, before training (start) and after (end).", "",
-        f"## Depth at learning rate {lr:g}", "", *TABLE_HEADER, *map(_table_row, main), "",
-        f"## Learning-rate sweep at {sweep[0]['num_blocks']} blocks", "", *TABLE_HEADER, *map(_table_row, sweep), "",
-        f"## Best learning rate per variant at {sweep[0]['num_blocks']} blocks (lowest train loss)", "",
-        *TABLE_HEADER, *map(_table_row, best_learning_rates(summary, deepest)),
-    ]  # fmt: skip
+        "over the stem's output, train mode, 256 train images, before training (start) and after (end).",
+        "",
+        f"## Depth at learning rate {lr:g}",
+        "",
+        *TABLE_HEADER,
+        *map(_table_row, main),
+        "",
+        f"## Learning-rate sweep at {sweep[0]['num_blocks']} blocks",
+        "",
+        *TABLE_HEADER,
+        *map(_table_row, sweep),
+        "",
+        f"## Best learning rate per variant at {sweep[0]['num_blocks']} blocks (lowest train loss)",
+        "",
+        *TABLE_HEADER,
+        *map(_table_row, best_learning_rates(summary, deepest)),
+    ]
     if longer:
-        lines += ["", f"## Budget check: the best rates again for {longer[0]['num_epochs']} epochs (one seed)", "",
-                  *TABLE_HEADER, *map(_table_row, longer)]  # fmt: skip
+        lines += [
+            "",
+            f"## Budget check: the best rates again for {longer[0]['num_epochs']} epochs (one seed)",
+            "",
+            *TABLE_HEADER,
+            *map(_table_row, longer),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -226,19 +284,35 @@ def summary_to_plot(summary: list[dict], runs: list[dict], lr: float, path: str 
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 3, figsize=(14, 7.5), layout="constrained")
-    styles = {(True, True): ("C0", "-"), (True, False): ("C0", "--"), (False, True): ("C3", "-"), (False, False): ("C3", "--")}
+    styles = {
+        (True, True): ("C0", "-"),
+        (True, False): ("C0", "--"),
+        (False, True): ("C3", "-"),
+        (False, False): ("C3", "--"),
+    }
     main = [r for r in summary if r["learning_rate"] == lr]
     deepest = max(r["depth"] for r in summary)
-    panels = [("train_accuracy", "train accuracy (eval mode)", "linear"), ("test_accuracy", "test accuracy", "linear"),
-              ("grad_ratio_init", "grad ratio first/last block, step 1", "log"),
-              ("activation_growth_start", "activation RMS last block / stem, init", "log")]  # fmt: skip
+    panels = [
+        ("train_accuracy", "train accuracy (eval mode)", "linear"),
+        ("test_accuracy", "test accuracy", "linear"),
+        ("grad_ratio_init", "grad ratio first/last block, step 1", "log"),
+        ("activation_growth_start", "activation RMS last block / stem, init", "log"),
+    ]
     for axis, (name, title, scale) in zip(axes.flat[:4], panels, strict=True):
         for (skip, bn), (color, line) in styles.items():
             rows = [r for r in main if (r["skip_connections"], r["batch_norm"]) == (skip, bn)]
             x = [r["num_blocks"] for r in rows]
             if name.endswith("accuracy"):
-                axis.errorbar(x, [r[f"{name}_mean"] for r in rows], yerr=[r[f"{name}_std"] for r in rows], color=color,
-                              linestyle=line, marker="o", capsize=3, label=variant_name(skip, bn))  # fmt: skip
+                axis.errorbar(
+                    x,
+                    [r[f"{name}_mean"] for r in rows],
+                    yerr=[r[f"{name}_std"] for r in rows],
+                    color=color,
+                    linestyle=line,
+                    marker="o",
+                    capsize=3,
+                    label=variant_name(skip, bn),
+                )
             else:
                 values = [max(r[f"{name}_geomean"], 1e-12) for r in rows]  # 0 (vanished) drawn at 1e-12
                 axis.plot(x, values, color=color, linestyle=line, marker="o", label=variant_name(skip, bn))
@@ -254,24 +328,45 @@ def summary_to_plot(summary: list[dict], runs: list[dict], lr: float, path: str 
 
 def _plot_sweep(axis, summary: list[dict], depth: int, styles: dict) -> None:
     for (skip, bn), (color, _) in styles.items():
-        rows = sorted((r for r in summary if (r["depth"], r["skip_connections"], r["batch_norm"]) == (depth, skip, bn)),
-                      key=lambda r: r["learning_rate"])  # fmt: skip
+        rows = sorted(
+            (r for r in summary if (r["depth"], r["skip_connections"], r["batch_norm"]) == (depth, skip, bn)),
+            key=lambda r: r["learning_rate"],
+        )
         lrs = [r["learning_rate"] for r in rows]
-        axis.plot(lrs, [r["train_accuracy_mean"] for r in rows], color=color, marker="o", linestyle="-" if bn else "--",
-                  label=f"{variant_name(skip, bn)} train")  # fmt: skip
+        axis.plot(
+            lrs,
+            [r["train_accuracy_mean"] for r in rows],
+            color=color,
+            marker="o",
+            linestyle="-" if bn else "--",
+            label=f"{variant_name(skip, bn)} train",
+        )
         axis.plot(lrs, [r["test_accuracy_mean"] for r in rows], color=color, marker="x", linestyle=":", alpha=0.7)
     blocks = next(r["num_blocks"] for r in summary if r["depth"] == depth)
-    axis.set(xscale="log", xlabel="learning rate", ylabel="accuracy", title=f"{blocks} blocks: train (o) and test (x, dotted) accuracy")
+    axis.set(
+        xscale="log",
+        xlabel="learning rate",
+        ylabel="accuracy",
+        title=f"{blocks} blocks: train (o) and test (x, dotted) accuracy",
+    )
 
 
 def _plot_curves(axis, runs: list[dict], depth: int, lr: float, styles: dict) -> None:
     for (skip, bn), (color, line) in styles.items():
-        run = next((r for r in runs if (r["depth"], r["skip_connections"], r["batch_norm"], r["learning_rate"])
-                    == (depth, skip, bn, lr)), None)  # fmt: skip
+        run = next(
+            (
+                r
+                for r in runs
+                if (r["depth"], r["skip_connections"], r["batch_norm"], r["learning_rate"]) == (depth, skip, bn, lr)
+            ),
+            None,
+        )
         if run is not None:
             train = run["curves"]["train"]
             axis.plot([t["step"] for t in train], [max(t["loss"], 1e-6) for t in train], color=color, linestyle=line)
-    axis.set(yscale="log", xlabel="step", ylabel="train loss (log)", title=f"deepest nets, lr {lr:g}: train loss per epoch")
+    axis.set(
+        yscale="log", xlabel="step", ylabel="train loss (log)", title=f"deepest nets, lr {lr:g}: train loss per epoch"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,11 +380,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per configuration")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs per run (cosine schedule to 0)")
     parser.add_argument("--learning_rate", type=float, default=3e-3, help="AdamW peak learning rate of the main grid")
-    parser.add_argument("--sweep_lrs", type=float, nargs="*", default=[3e-4, 1e-3, 1e-2],
-                        help="more peak learning rates, at the deepest depth only")  # fmt: skip
+    parser.add_argument(
+        "--sweep_lrs",
+        type=float,
+        nargs="*",
+        default=[3e-4, 1e-3, 1e-2],
+        help="more peak learning rates, at the deepest depth only",
+    )
     parser.add_argument("--sweep_seeds", type=int, nargs="+", default=[0, 1], help="seeds of the sweep's extra rates")
-    parser.add_argument("--budget_check", action=argparse.BooleanOptionalAction, default=True,
-                        help="rerun each variant at the deepest depth with its best rate for twice the epochs")
+    parser.add_argument(
+        "--budget_check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rerun each variant at the deepest depth with its best rate for twice the epochs",
+    )
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32], help="channels of the 3 stages")
     parser.add_argument("--resolution", type=int, default=8, help="image size (digits are 8x8)")
     parser.add_argument("--batch_size", type=int, default=64, help="train batch size")
@@ -312,9 +416,16 @@ def main(argv=None) -> None:
     command = "python eval/degradation.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     steps_per_epoch = DIGITS_TRAIN // args.batch_size  # incomplete batches are dropped
     # One train record per epoch (the first after step 1): the curves are per-epoch train losses.
-    base = dict(dataset="digits", model="skipresnet", widths=args.widths, resolution=args.resolution,
-                train_batch_size=args.batch_size, num_threads=args.num_threads,
-                report_to="none", log_every=steps_per_epoch)  # fmt: skip
+    base = dict(
+        dataset="digits",
+        model="skipresnet",
+        widths=args.widths,
+        resolution=args.resolution,
+        train_batch_size=args.batch_size,
+        num_threads=args.num_threads,
+        report_to="none",
+        log_every=steps_per_epoch,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "runs.partial.jsonl"
@@ -325,13 +436,21 @@ def main(argv=None) -> None:
         runs += run_grid(check, base, partial, args.jobs)
     summary = runs_to_summary(runs)
     cpu = sum(r["cpu_seconds"] for r in runs)
-    protocol = (f"digits {args.resolution}x{args.resolution} ({DIGITS_TRAIN} train / 360 test), SkipResNet widths {args.widths}, "
-                f"AdamW, cosine schedule to 0, weight decay 1e-4, batch {args.batch_size}, {args.epochs} epochs "
-                f"({args.epochs * steps_per_epoch} steps), no gradient clipping, seeds {args.seeds} (sweep: {args.sweep_seeds}), "
-                f"{args.num_threads} CPU thread(s) per run")  # fmt: skip
+    protocol = (
+        f"digits {args.resolution}x{args.resolution} ({DIGITS_TRAIN} train / 360 test), SkipResNet widths {args.widths}, "
+        f"AdamW, cosine schedule to 0, weight decay 1e-4, batch {args.batch_size}, {args.epochs} epochs "
+        f"({args.epochs * steps_per_epoch} steps), no gradient clipping, seeds {args.seeds} (sweep: {args.sweep_seeds}), "
+        f"{args.num_threads} CPU thread(s) per run"
+    )
     (out / "table.md").write_text(summary_to_markdown(summary, command, protocol, cpu, args.learning_rate, args.epochs))
-    results = {"command": command, "protocol": protocol, "base_options": base, "cpu_seconds": cpu,
-               "summary": summary, "runs": runs}  # fmt: skip
+    results = {
+        "command": command,
+        "protocol": protocol,
+        "base_options": base,
+        "cpu_seconds": cpu,
+        "summary": summary,
+        "runs": runs,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     same_budget = [r for r in runs if r["num_epochs"] == args.epochs]  # the budget check is in the table only
     summary_to_plot(runs_to_summary(same_budget), same_budget, args.learning_rate, out / "degradation.png")

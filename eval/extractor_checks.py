@@ -91,14 +91,22 @@ def check_dataset(dataset: str, resolution: int, vae: str | None = None, which: 
     cases = corruptions(x)
     if vae:
         cases["vae reconstruction"] = vae_reconstructions(vae, x)
-    fids = {name: features_to_fid(features_of(images_to_uint8(v), extractor, cuda=False), reference)
-            for name, v in cases.items()}  # fmt: skip
+    fids = {
+        name: features_to_fid(features_of(images_to_uint8(v), extractor, cuda=False), reference)
+        for name, v in cases.items()
+    }
     folder = cached_domain_extractor(data if choice == dataset else DataOptions(dataset=choice, resolution=resolution))
     info = extractor_info(folder)
-    return {"extractor": info["name"], "extractor_dataset": info["dataset"], "test_accuracy": info["test_accuracy"],
-            "accuracy_on_this_test_split": member_accuracy(folder, data, info), "train_size": len(real["train"].images),
-            "test_size": len(x), "fid_vs_train": {k: round(v, 3) for k, v in fids.items()},
-            "usable_for_fid": usable_for_fid(fids)}  # fmt: skip
+    return {
+        "extractor": info["name"],
+        "extractor_dataset": info["dataset"],
+        "test_accuracy": info["test_accuracy"],
+        "accuracy_on_this_test_split": member_accuracy(folder, data, info),
+        "train_size": len(real["train"].images),
+        "test_size": len(x),
+        "fid_vs_train": {k: round(v, 3) for k, v in fids.items()},
+        "usable_for_fid": usable_for_fid(fids),
+    }
 
 
 def extractor_choice(dataset: str, which: str) -> str:
@@ -110,8 +118,10 @@ def extractor_choice(dataset: str, which: str) -> str:
         return dataset
     group = field_group(dataset)
     if which != "group" or group is None:
-        raise ValueError(f"--extractor {which!r} needs auto, own, or group for a set in {sorted(FIELD_GROUPS)}; "
-                         f"got dataset {dataset!r}")  # fmt: skip
+        raise ValueError(
+            f"--extractor {which!r} needs auto, own, or group for a set in {sorted(FIELD_GROUPS)}; "
+            f"got dataset {dataset!r}"
+        )
     return group
 
 
@@ -131,12 +141,21 @@ def member_accuracy(folder, data: DataOptions, info: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", nargs="+", default=["photo_patches"], choices=[*sorted(IMAGE_DATASETS), "fields"],
-                        help="one or more built-in sets; fields = every field set")  # fmt: skip
+    parser.add_argument(
+        "--dataset",
+        nargs="+",
+        default=["photo_patches"],
+        choices=[*sorted(IMAGE_DATASETS), "fields"],
+        help="one or more built-in sets; fields = every field set",
+    )
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--vae", help="an AutoencoderKL folder whose reconstructions to score (one dataset only)")
-    parser.add_argument("--extractor", default="auto", choices=("auto", "own", "group"),
-                        help="FID's auto choice, the set's own extractor, or its field group's")  # fmt: skip
+    parser.add_argument(
+        "--extractor",
+        default="auto",
+        choices=("auto", "own", "group"),
+        help="FID's auto choice, the set's own extractor, or its field group's",
+    )
     parser.add_argument("--num_threads", type=int, default=1)
     args = parser.parse_args()
     fields = [name for name in FIELD_DATASETS if name not in FIELD_GROUPS]

@@ -58,10 +58,19 @@ def measure(unet, router, latents: torch.Tensor, timesteps: torch.Tensor, factor
                 "effective_scale": float(norm.norm() / base_norm.norm().clamp_min(1e-12)),
                 "output_change": float((out - base_out).norm() / base_out.norm().clamp_min(1e-12)),
             }
-        rows.append({"skip": info.index, "resolution": info.resolution, "main_channels": info.main_channels,
-                     "skip_channels": info.skip_channels, "groups": groups, "groups_inside_skip": inside,
-                     "groups_straddling": straddling, "has_shortcut": resnet.conv_shortcut is not None,
-                     "factors": per_factor})  # fmt: skip
+        rows.append(
+            {
+                "skip": info.index,
+                "resolution": info.resolution,
+                "main_channels": info.main_channels,
+                "skip_channels": info.skip_channels,
+                "groups": groups,
+                "groups_inside_skip": inside,
+                "groups_straddling": straddling,
+                "has_shortcut": resnet.conv_shortcut is not None,
+                "factors": per_factor,
+            }
+        )
     return rows
 
 
@@ -91,22 +100,37 @@ def main() -> None:
     torch.set_num_threads(1)
     target, latents, timesteps = held_out_latents(Path(args.run), args.images)
     rows = measure(target.unet, target.unet.skip_router, latents, timesteps, args.factors)
-    lines = ["| skip | res | backbone ch | skip ch | groups inside skip / straddling / all | shortcut | "
-             + " | ".join(f"effective scale at s={f} | output change at s={f}" for f in args.factors) + " |",
-             "|---|---|---|---|---|---|" + "---|---|" * len(args.factors)]  # fmt: skip
+    lines = [
+        "| skip | res | backbone ch | skip ch | groups inside skip / straddling / all | shortcut | "
+        + " | ".join(f"effective scale at s={f} | output change at s={f}" for f in args.factors)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|---|" * len(args.factors),
+    ]
     for r in rows:
-        cells = " | ".join(f"{r['factors'][str(f)]['effective_scale']:.3f} | {r['factors'][str(f)]['output_change']:.3f}"
-                           for f in args.factors)  # fmt: skip
-        lines.append(f"| {r['skip']} | {r['resolution']} | {r['main_channels']} | {r['skip_channels']} | "
-                     f"{r['groups_inside_skip']} / {r['groups_straddling']} / {r['groups']} | {r['has_shortcut']} | {cells} |")
+        cells = " | ".join(
+            f"{r['factors'][str(f)]['effective_scale']:.3f} | {r['factors'][str(f)]['output_change']:.3f}"
+            for f in args.factors
+        )
+        lines.append(
+            f"| {r['skip']} | {r['resolution']} | {r['main_channels']} | {r['skip_channels']} | "
+            f"{r['groups_inside_skip']} / {r['groups_straddling']} / {r['groups']} | {r['has_shortcut']} | {cells} |"
+        )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "results.json", {"run": str(args.run), "images": args.images, "factors": args.factors,
-                                                  "skips": rows, "command": "python eval/groupnorm_effect.py "
-                                                  f"{args.run} --factors {' '.join(map(str, args.factors))} --out {args.out}"})
+        write_json_atomic(
+            out / "results.json",
+            {
+                "run": str(args.run),
+                "images": args.images,
+                "factors": args.factors,
+                "skips": rows,
+                "command": "python eval/groupnorm_effect.py "
+                f"{args.run} --factors {' '.join(map(str, args.factors))} --out {args.out}",
+            },
+        )
         (out / "table.md").write_text(table)
 
 

@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not runs:
         raise SystemExit(f"no cell of {args.sweep} starts with {args.match!r}")
     per_run = {run.name: run_open_rate(run) for run in runs}
-    result = {"command": "python eval/markov_open_rate.py " + " ".join(argv or []), "per_run": per_run,
-              "mean_open_rate": statistics.fmean(per_run.values())}  # fmt: skip
+    result = {
+        "command": "python eval/markov_open_rate.py " + " ".join(argv or []),
+        "per_run": per_run,
+        "mean_open_rate": statistics.fmean(per_run.values()),
+    }
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps(result, indent=2))

@@ -64,8 +64,9 @@ def _family_key(family: str, dataset: str, metric: str) -> tuple:
     return {"table": (dataset, metric), "metric": (metric,), "section": ()}[family]
 
 
-def interactions(table: dict, reference: str, within: str, base: str, metric: str, margin: float | None,
-                 test: str) -> dict:  # fmt: skip
+def interactions(
+    table: dict, reference: str, within: str, base: str, metric: str, margin: float | None, test: str
+) -> dict:
     """Is a configuration's effect (its paired difference from the reference) the same at every value of
     ``within``? For each configuration X and value v != ``base``, per training seed
     (X_base - ref_base) - (X_v - ref_v): the effect under ``base`` minus under v, tested against 0 on the
@@ -82,7 +83,9 @@ def interactions(table: dict, reference: str, within: str, base: str, metric: st
             continue
         others = {k: v for k, v in _parts(name).items() if k != within}
         for label, (ref_v, rows_v) in groups.items():
-            match = [n for n in rows_v if {k: v for k, v in _parts(n).items() if k != within} == others and " · " not in n]
+            match = [
+                n for n in rows_v if {k: v for k, v in _parts(n).items() if k != within} == others and " · " not in n
+            ]
             if label == base_label or len(match) != 1:
                 continue
             a, ra, b, rb = (_by_seed(table[n], metric) for n in (name, base_ref, match[0], ref_v))
@@ -93,16 +96,24 @@ def interactions(table: dict, reference: str, within: str, base: str, metric: st
     if not effects:
         raise ValueError(f"--interaction {base!r}: no configuration appears at {within}={base} and another value")
     seeds = sorted({s for values in effects.values() for s in values})
-    result = rank_against({s: 0.0 for s in seeds}, effects, margin=margin, family="interaction", test=test,
-                          reference_name=NO_INTERACTION)  # fmt: skip
+    result = rank_against(
+        {s: 0.0 for s in seeds}, effects, margin=margin, family="interaction", test=test, reference_name=NO_INTERACTION
+    )
     wording = {WORSE: f"larger under {base}", BETTER: f"smaller under {base}"}  # "worse" would misread here
     for row in result["rows"]:
         row["verdict"] = wording.get(row["verdict"], row["verdict"])
     return result
 
 
-def rerank(folder: Path, reference: str = "skips=full", within: str | None = None, margins: dict | None = None,
-           family: str = "table", test: str = "t", interaction: str | None = None) -> dict:  # fmt: skip
+def rerank(
+    folder: Path,
+    reference: str = "skips=full",
+    within: str | None = None,
+    margins: dict | None = None,
+    family: str = "table",
+    test: str = "t",
+    interaction: str | None = None,
+) -> dict:
     """Rankings of every metric in ``METRICS`` for every dataset of ``folder``/summary.json; with ``within``
     (an axis of the grid), one ranking per value of that axis against the reference at the same value
     (e.g. no skips against full under the same prediction type). ``margins``: metric -> equivalence margin;
@@ -114,23 +125,39 @@ def rerank(folder: Path, reference: str = "skips=full", within: str | None = Non
         raise ValueError("--interaction needs --within (the axis whose values are compared)")
     margins = parse_margins(margins)
     summary = read_json(folder / "summary.json", "sweep summary")
-    out = {"source": str(folder / "summary.json"), "reference": reference, "within": within, "margins": margins,
-           "family": family, "test": test, "datasets": {}}  # fmt: skip
+    out = {
+        "source": str(folder / "summary.json"),
+        "reference": reference,
+        "within": within,
+        "margins": margins,
+        "family": family,
+        "test": test,
+        "datasets": {},
+    }
     families: dict[tuple, list[dict]] = {}  # the tables of each Holm family, adjusted once all are ranked
     for dataset, entry in summary["datasets"].items():
         for label, (group_reference, table) in _groups(entry["configurations"], reference, within).items():
             inference = [name for name in table if name.endswith("(inference)")]
             tables = out["datasets"].setdefault(dataset + label, {})
             for metric in (m for m in METRICS if _has(table, m)):
-                result = compare({name: _by_seed(row, metric) for name, row in table.items()}, group_reference, True,
-                                 inference, margin=margins.get(metric), test=test, family=None)  # fmt: skip
+                result = compare(
+                    {name: _by_seed(row, metric) for name, row in table.items()},
+                    group_reference,
+                    True,
+                    inference,
+                    margin=margins.get(metric),
+                    test=test,
+                    family=None,
+                )
                 tables[metric] = result
                 families.setdefault(_family_key(family, dataset, metric), []).append(result)
         if interaction is not None:
             out.setdefault("interactions", {})[dataset] = {
-                metric: interactions(entry["configurations"], reference, within, interaction, metric,
-                                     margins.get(metric), test)  # fmt: skip
-                for metric in METRICS if _has(entry["configurations"], metric)
+                metric: interactions(
+                    entry["configurations"], reference, within, interaction, metric, margins.get(metric), test
+                )
+                for metric in METRICS
+                if _has(entry["configurations"], metric)
             }
     for results in families.values():
         adjust_family(results, family)
@@ -140,12 +167,16 @@ def rerank(folder: Path, reference: str = "skips=full", within: str | None = Non
 
 def _command(ranking: dict) -> str:
     margins = "".join(f" --margin {metric}={value:g}" for metric, value in sorted(ranking.get("margins", {}).items()))
-    return ("python eval/rerank.py " + str(Path(ranking["source"]).parent)
-            + (f" --reference {ranking['reference']}" if ranking["reference"] != "skips=full" else "")
-            + (f" --within {ranking['within']}" if ranking.get("within") else "")
-            + (f" --family {ranking['family']}" if ranking.get("family", "table") != "table" else "")
-            + (f" --test {ranking['test']}" if ranking.get("test", "t") != "t" else "")
-            + (f" --interaction {ranking['interaction']}" if ranking.get("interaction") else "") + margins)  # fmt: skip
+    return (
+        "python eval/rerank.py "
+        + str(Path(ranking["source"]).parent)
+        + (f" --reference {ranking['reference']}" if ranking["reference"] != "skips=full" else "")
+        + (f" --within {ranking['within']}" if ranking.get("within") else "")
+        + (f" --family {ranking['family']}" if ranking.get("family", "table") != "table" else "")
+        + (f" --test {ranking['test']}" if ranking.get("test", "t") != "t" else "")
+        + (f" --interaction {ranking['interaction']}" if ranking.get("interaction") else "")
+        + margins
+    )
 
 
 def markdown(ranking: dict) -> str:
@@ -153,24 +184,44 @@ def markdown(ranking: dict) -> str:
     margin is declared, verdict; then the interaction tables."""
     within = f" within each {ranking['within']}" if ranking.get("within") else ""
     margins = ", ".join(f"{METRICS.get(m, m)} ±{v:g}" for m, v in sorted(ranking.get("margins", {}).items())) or "none"
-    lines = [f"# Re-ranked from `{ranking['source']}` against `{ranking['reference']}`{within}", "",
-             "Each row against the reference on its own paired differences over shared training seeds (paired t-test; "
-             "a row with one shared seed is exploratory: values, no p), with two one-sided tests of equivalence "
-             f"where a margin is declared (margins: {margins}). Verdicts: better / worse / equivalent within ±m / "
-             f"undecided at this seed count, at α = 0.05 after Holm over the declared family (`{ranking['family']}`). "
-             f"Regenerate with `{_command(ranking)}`.", ""]  # fmt: skip
+    lines = [
+        f"# Re-ranked from `{ranking['source']}` against `{ranking['reference']}`{within}",
+        "",
+        "Each row against the reference on its own paired differences over shared training seeds (paired t-test; "
+        "a row with one shared seed is exploratory: values, no p), with two one-sided tests of equivalence "
+        f"where a margin is declared (margins: {margins}). Verdicts: better / worse / equivalent within ±m / "
+        f"undecided at this seed count, at α = 0.05 after Holm over the declared family (`{ranking['family']}`). "
+        f"Regenerate with `{_command(ranking)}`.",
+        "",
+    ]
     for dataset, metrics in ranking["datasets"].items():
         for metric, result in metrics.items():
-            lines += [f"## {dataset}: {METRICS[metric]}", "", *ranking_table(result, METRICS[metric]), "",
-                      f"p (Holm): {family_text(result)}.", "", detectable_note(result, METRICS[metric]), ""]  # fmt: skip
+            lines += [
+                f"## {dataset}: {METRICS[metric]}",
+                "",
+                *ranking_table(result, METRICS[metric]),
+                "",
+                f"p (Holm): {family_text(result)}.",
+                "",
+                detectable_note(result, METRICS[metric]),
+                "",
+            ]
     for dataset, metrics in ranking.get("interactions", {}).items():
         for metric, result in metrics.items():
-            lines += [f"## {dataset}: interaction, {METRICS[metric]}", "",
-                      f"Per training seed, a configuration's paired difference from the reference under "
-                      f"{ranking['within']}={ranking['interaction']} minus the same difference under another value, "
-                      "against 0 (Δ > 0: the effect is larger under the first).", "",
-                      *ranking_table(result, f"{METRICS[metric]} effect difference"), "",
-                      f"p (Holm): {family_text(result)}.", "", detectable_note(result, METRICS[metric]), ""]  # fmt: skip
+            lines += [
+                f"## {dataset}: interaction, {METRICS[metric]}",
+                "",
+                f"Per training seed, a configuration's paired difference from the reference under "
+                f"{ranking['within']}={ranking['interaction']} minus the same difference under another value, "
+                "against 0 (Δ > 0: the effect is larger under the first).",
+                "",
+                *ranking_table(result, f"{METRICS[metric]} effect difference"),
+                "",
+                f"p (Holm): {family_text(result)}.",
+                "",
+                detectable_note(result, METRICS[metric]),
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -179,12 +230,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folders", nargs="+", help="eval/results/<sweep> folders holding summary.json")
     parser.add_argument("--reference", default="skips=full")
     parser.add_argument("--within", help="rank separately for each value of this grid axis (e.g. prediction_type)")
-    parser.add_argument("--margin", action="append", default=[], metavar="METRIC=M",
-                        help="equivalence margin, e.g. fid_minus_floor=0.1 or denoise_mse=0.0005 (repeatable)")
+    parser.add_argument(
+        "--margin",
+        action="append",
+        default=[],
+        metavar="METRIC=M",
+        help="equivalence margin, e.g. fid_minus_floor=0.1 or denoise_mse=0.0005 (repeatable)",
+    )
     parser.add_argument("--family", choices=FAMILIES, default="table", help="the Holm family (default: each table)")
     parser.add_argument("--test", choices=TESTS, default="t", help="paired t, or sign-flip where a row has >= 6 pairs")
-    parser.add_argument("--interaction", metavar="VALUE",
-                        help="with --within: test each configuration's effect at this value against every other value")
+    parser.add_argument(
+        "--interaction",
+        metavar="VALUE",
+        help="with --within: test each configuration's effect at this value against every other value",
+    )
     args = parser.parse_args(argv)
     for folder in map(Path, args.folders):
         ranking = rerank(folder, args.reference, args.within, args.margin, args.family, args.test, args.interaction)

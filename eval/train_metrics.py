@@ -36,8 +36,9 @@ def collect(sweep: Path) -> dict:
         by_configuration.setdefault(configuration or run.name, {})[seed] = run_metrics(run)
     summary = {}
     for configuration, seeds in by_configuration.items():
-        keys = sorted({key for metrics in seeds.values() for key, value in metrics.items()
-                       if isinstance(value, int | float)})  # fmt: skip
+        keys = sorted(
+            {key for metrics in seeds.values() for key, value in metrics.items() if isinstance(value, int | float)}
+        )
         means = {key: statistics.fmean(m[key] for m in seeds.values() if key in m) for key in keys}
         summary[configuration] = {"seeds": seeds, "mean": means}
     return summary

@@ -98,18 +98,14 @@ class SkipClassifierConfig(PreTrainedConfig):
         unknown = sorted(key for key in kwargs if key not in _HF_CONFIG_KWARGS and not key.startswith("_"))
         if unknown:
             options = sorted(self.own_options())
-            raise ValueError(
-                f"{type(self).__name__} got unknown option(s) {unknown}; its options are {options}"
-            )
+            raise ValueError(f"{type(self).__name__} got unknown option(s) {unknown}; its options are {options}")
         super().__post_init__(**kwargs)
         self.check()
 
     @classmethod
     def own_options(cls) -> tuple[str, ...]:
         """Names of the options this config adds to PreTrainedConfig's."""
-        return tuple(
-            name for name in cls.__dataclass_fields__ if name not in PreTrainedConfig.__dataclass_fields__
-        )
+        return tuple(name for name in cls.__dataclass_fields__ if name not in PreTrainedConfig.__dataclass_fields__)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad option. Models call it again when built."""
@@ -121,9 +117,7 @@ class SkipClassifierConfig(PreTrainedConfig):
         if self.gate_target not in GATE_TARGETS:
             raise ValueError(f"{owner}: gate_target must be one of {GATE_TARGETS}, got {self.gate_target!r}")
         if self.num_labels is None or self.num_labels < 2:
-            raise ValueError(
-                f"{owner}: a classifier needs num_labels >= 2, got num_labels={self.num_labels!r}"
-            )
+            raise ValueError(f"{owner}: a classifier needs num_labels >= 2, got num_labels={self.num_labels!r}")
 
 
 class SkipResNetConfig(SkipClassifierConfig):
@@ -147,13 +141,9 @@ class SkipResNetConfig(SkipClassifierConfig):
         _check_positive_int(owner, "num_channels", self.num_channels)
         _check_positive_int(owner, "hidden_size", self.hidden_size)
         if not isinstance(self.widths, list) or not self.widths:
-            raise ValueError(
-                f"{owner}: widths must be a non-empty list of stage widths, got widths={self.widths!r}"
-            )
+            raise ValueError(f"{owner}: widths must be a non-empty list of stage widths, got widths={self.widths!r}")
         if not all(_is_int(width) and width >= 1 for width in self.widths):
-            raise ValueError(
-                f"{owner}: every stage width must be an integer >= 1, got widths={self.widths!r}"
-            )
+            raise ValueError(f"{owner}: every stage width must be an integer >= 1, got widths={self.widths!r}")
 
     @property
     def num_blocks(self) -> int:
@@ -214,17 +204,13 @@ class ResidualBlock(nn.Module):
         residual = self.residual(x)  # (B, C_out, ...)
         skip = None if self.shortcut is None else self.shortcut(x)  # (B, C_out, ...)
         if gate is not None:
-            gate = gate.to(residual).view(
-                -1, *([1] * (residual.ndim - 1))
-            )  # (B, 1, ...), dtype and device of F(x)
+            gate = gate.to(residual).view(-1, *([1] * (residual.ndim - 1)))  # (B, 1, ...), dtype and device of F(x)
             if self.gate_target == "residual":
                 residual = gate * residual
             elif skip is not None:
                 skip = gate * skip
             else:
-                raise ValueError(
-                    "gate_target='skip' needs a skip to gate; this block has skip_connections=False"
-                )
+                raise ValueError("gate_target='skip' needs a skip to gate; this block has skip_connections=False")
         return self.act(residual if skip is None else residual + skip)
 
     def extra_repr(self) -> str:
@@ -320,9 +306,7 @@ class SkipClassifierPreTrainedModel(PreTrainedModel):
                     f"block_gates must have shape (batch, num_blocks) = {expected}, got {tuple(block_gates.shape)}"
                 )
             if self.config.gate_target == "skip" and not self.config.skip_connections:
-                raise ValueError(
-                    "gate_target='skip' needs skip_connections=True: a plain network has no skips to gate"
-                )
+                raise ValueError("gate_target='skip' needs skip_connections=True: a plain network has no skips to gate")
         for k, block in enumerate(self.blocks):
             hidden = block(hidden, None if block_gates is None else block_gates[:, k])
             if hidden_states is not None:
@@ -345,9 +329,7 @@ class SkipResNetForImageClassification(SkipClassifierPreTrainedModel):
     def __init__(self, config: SkipResNetConfig):
         super().__init__(config)
         widths = config.widths
-        self.stem = nn.Sequential(
-            *_conv_norm(config.num_channels, widths[0], 3, 1, config.batch_norm), nn.ReLU()
-        )
+        self.stem = nn.Sequential(*_conv_norm(config.num_channels, widths[0], 3, 1, config.batch_norm), nn.ReLU())
         blocks, in_channels = [], widths[0]
         for stage, width in enumerate(widths):
             for index in range(config.depth):
@@ -423,9 +405,7 @@ class ResidualMLPForClassification(SkipClassifierPreTrainedModel):
 
     def __init__(self, config: ResidualMLPConfig):
         super().__init__(config)
-        self.stem = nn.Sequential(
-            *_linear_norm(config.num_features, config.width, config.batch_norm), nn.ReLU()
-        )
+        self.stem = nn.Sequential(*_linear_norm(config.num_features, config.width, config.batch_norm), nn.ReLU())
         self.blocks = nn.ModuleList(linear_block(config.width, config) for _ in range(config.depth))
         self.classifier = nn.Linear(config.width, config.num_labels)
         self.post_init()

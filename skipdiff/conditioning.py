@@ -77,9 +77,12 @@ class TextConditioning:
         negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
         if self.xl:
             embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
-                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
+                prompts,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guidance,
                 negative_prompt=negative,
-            )  # fmt: skip
+            )
             out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
             if guidance:
                 out.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
@@ -94,9 +97,7 @@ class TextConditioning:
         classifier-free guidance (the denoising objective the UNet was trained on)."""
         captions = batch.get("captions")
         if captions is None:
-            raise ValueError(
-                "this pipeline is text-conditioned: the reference data needs captions (--caption_column)"
-            )
+            raise ValueError("this pipeline is text-conditioned: the reference data needs captions (--caption_column)")
         embeddings = self.prompt_embeddings(list(captions), guidance=False)
         kwargs = {"encoder_hidden_states": embeddings["prompt_embeds"]}
         if self.xl:
@@ -117,8 +118,9 @@ class TextConditioning:
             else pipeline.unet.config.projection_class_embeddings_input_dim
             - 6 * pipeline.unet.config.addition_time_embed_dim
         )
-        ids = pipeline._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=pipeline.unet.dtype,
-                                         text_encoder_projection_dim=projection)  # fmt: skip
+        ids = pipeline._get_add_time_ids(
+            tuple(size), (0, 0), tuple(size), dtype=pipeline.unet.dtype, text_encoder_projection_dim=projection
+        )
         return ids.to(self.device).expand(batch_size, -1)
 
     def describe(self) -> dict:

@@ -131,9 +131,7 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         kind, is_list = _base_type(hints[field.name])
-        default = (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-        )
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "default": default}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -229,8 +227,11 @@ def redact(options: T, mark: str | None = None) -> T:
       ``"<redacted>"`` (both ``--hub_token X`` and ``--hub_token=X``).
     """
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
-        hidden = {f.name: None if getattr(options, f.name) is None else mark
-                  for f in dataclasses.fields(options) if f.name in SECRET_OPTIONS}  # fmt: skip
+        hidden = {
+            f.name: None if getattr(options, f.name) is None else mark
+            for f in dataclasses.fields(options)
+            if f.name in SECRET_OPTIONS
+        }
         return dataclasses.replace(options, **hidden)
     if isinstance(options, dict):
         return {key: value for key, value in options.items() if key not in SECRET_OPTIONS}
@@ -279,8 +280,10 @@ def check_local_source(source: str, flag: str) -> None:
     path = Path(source).expanduser()
     if looks_local(source) and not path.exists():
         siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
-        raise ValueError(f"{flag} {source!r} does not exist (a local path; a Hub id looks like user/name)"
-                         f"{closest(path.name, siblings)}")  # fmt: skip
+        raise ValueError(
+            f"{flag} {source!r} does not exist (a local path; a Hub id looks like user/name)"
+            f"{closest(path.name, siblings)}"
+        )
 
 
 def check_output_folder(path, flag: str = "--out") -> None:

@@ -78,8 +78,10 @@ def _field(name: str) -> DatasetDict:
 
     def split(which: str) -> Dataset:
         index = patches.split(which)
-        images = [PILImage.fromarray(patches.pixels[i].squeeze(-1) if mode == "L" else patches.pixels[i], mode=mode)
-                  for i in index]  # fmt: skip
+        images = [
+            PILImage.fromarray(patches.pixels[i].squeeze(-1) if mode == "L" else patches.pixels[i], mode=mode)
+            for i in index
+        ]
         return Dataset.from_dict({"image": images, "label": patches.labels[index].tolist()}, features=features)
 
     return DatasetDict(train=split("train"), test=split("test"))
@@ -109,9 +111,7 @@ def split_dataset(dataset: Dataset, test_fraction: float, seed: int, label_colum
     """A deterministic train/test split, stratified by label when there is a ClassLabel column."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    stratify = (
-        label_column if label_column and isinstance(dataset.features.get(label_column), ClassLabel) else None
-    )
+    stratify = label_column if label_column and isinstance(dataset.features.get(label_column), ClassLabel) else None
     return dataset.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column=stratify)
 
 
@@ -307,8 +307,9 @@ def options_transform(options: DataOptions, channels: int, train: bool = True):
     :class:`~skipdiff.data_options.DataOptions`, which imports nothing heavy and nothing from this module.)"""
     if not train:
         return image_transform(options.resolution, channels)
-    return image_transform(options.resolution, channels, center_crop=options.center_crop,
-                           random_flip=options.random_flip)  # fmt: skip
+    return image_transform(
+        options.resolution, channels, center_crop=options.center_crop, random_flip=options.random_flip
+    )
 
 
 def with_pixel_values(split: Dataset, transform) -> Dataset:
@@ -361,9 +362,7 @@ def load_tabular_splits(data: DataOptions) -> DatasetDict:
     bunch = _tabular_loader(name)()
     names = [str(n) for n in bunch.target_names]
     features = Features({"features": Sequence(Value("float32")), "label": ClassLabel(names=names)})
-    raw = Dataset.from_dict(
-        {"features": bunch.data.tolist(), "label": bunch.target.tolist()}, features=features
-    )
+    raw = Dataset.from_dict({"features": bunch.data.tolist(), "label": bunch.target.tolist()}, features=features)
     splits = split_dataset(raw, test_fraction, split_seed, "label")
     train = np.asarray(splits["train"]["features"], dtype=np.float64)
     mean, std = train.mean(axis=0), train.std(axis=0)

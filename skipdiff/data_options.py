@@ -22,11 +22,13 @@ IMAGE_DATASETS = {
     "and matplotlib (non-overlapping grid, flat sky dropped), class = photograph",
 }
 _LABELS = {"region": "image quadrant", "source": "source image", "face": "face or not", "field": "field"}
-IMAGE_DATASETS.update({  # other fields, from scikit-image's bundled images (skipdiff/field_patches.py)
-    name: f"{spec.field}: {'colour' if spec.channels == 3 else 'grey'} patches of scikit-image's "
-    f"{', '.join(spec.files)}, train/test in separate spatial blocks, class = {_LABELS[spec.label]}"
-    for name, spec in FIELD_DATASETS.items()
-})
+IMAGE_DATASETS.update(
+    {  # other fields, from scikit-image's bundled images (skipdiff/field_patches.py)
+        name: f"{spec.field}: {'colour' if spec.channels == 3 else 'grey'} patches of scikit-image's "
+        f"{', '.join(spec.files)}, train/test in separate spatial blocks, class = {_LABELS[spec.label]}"
+        for name, spec in FIELD_DATASETS.items()
+    }
+)
 TABULAR_DATASETS = {
     "breast_cancer": "medicine: 569 tumours, 30 cell-nucleus features, benign/malignant",
     "wine": "chemistry: 178 wines, 13 chemical measurements, 3 cultivars",
@@ -41,8 +43,18 @@ def dataset_kind(name: str) -> str:
 
 # The options that decide which images land in each split (DataOptions.split_key): a run's test split is
 # held out only while these stay as the run was trained with.
-SPLIT_FIELDS = ("dataset", "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "test_fraction",
-                "split_seed", "max_train_samples", "skip_corrupt_images", "keep_labels")  # fmt: skip
+SPLIT_FIELDS = (
+    "dataset",
+    "dataset_name",
+    "dataset_config_name",
+    "train_data_dir",
+    "image_column",
+    "test_fraction",
+    "split_seed",
+    "max_train_samples",
+    "skip_corrupt_images",
+    "keep_labels",
+)
 
 
 @dataclasses.dataclass
@@ -53,8 +65,11 @@ class DataOptions:
     everywhere; evaluation rebuilds the object from a run's ``training_options.json``
     (:func:`skipdiff.config.subset`) instead of repeating defaults."""
 
-    dataset: str = option("digits", f"built-in dataset: images {sorted(IMAGE_DATASETS)} or tabular "
-                          f"{sorted(TABULAR_DATASETS)} (used unless --dataset_name or --train_data_dir)")
+    dataset: str = option(
+        "digits",
+        f"built-in dataset: images {sorted(IMAGE_DATASETS)} or tabular "
+        f"{sorted(TABULAR_DATASETS)} (used unless --dataset_name or --train_data_dir)",
+    )
     dataset_name: str | None = option(None, "a Hub dataset id, e.g. cifar10 (needs internet)")
     dataset_config_name: str | None = option(None, "the Hub dataset's configuration name")
     train_data_dir: str | None = option(None, "a local folder of images (loaded with imagefolder)")

@@ -16,9 +16,12 @@ def make_scheduler(
     or not at all for ``None`` (latents).
     """
     return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type,
-        clip_sample=sample_range is not None, clip_sample_range=sample_range or 1.0,
-    )  # fmt: skip
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        clip_sample=sample_range is not None,
+        clip_sample_range=sample_range or 1.0,
+    )
 
 
 def training_target(scheduler: DDPMScheduler, latents, noise, timesteps) -> torch.Tensor:

@@ -126,15 +126,20 @@ class VqEncoder(nn.Module):
         return self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample.float()
 
     def describe(self) -> dict:
-        return {"kind": "vq", "channels": self.channels, "downscale": self.downscale,
-                "scaling_factor": self.scaling_factor}  # fmt: skip
+        return {
+            "kind": "vq",
+            "channels": self.channels,
+            "downscale": self.downscale,
+            "scaling_factor": self.scaling_factor,
+        }
 
 
 Encoder = PixelEncoder | VaeEncoder | VqEncoder
 
 
-def batch_latents(encoder: Encoder, batch: dict, generator: torch.Generator | None = None,
-                  random_flip: bool = False) -> torch.Tensor:  # fmt: skip
+def batch_latents(
+    encoder: Encoder, batch: dict, generator: torch.Generator | None = None, random_flip: bool = False
+) -> torch.Tensor:
     """The latent of every image of a batch (pixels or cached latent parameters): the posterior's mean,
     or a sample from it when the encoder's ``sample_posterior`` is set.
 
@@ -165,8 +170,9 @@ def batch_latents(encoder: Encoder, batch: dict, generator: torch.Generator | No
     return mean + std * noise
 
 
-def load_encoder(vae: str | None, image_channels: int, cache_dir: str | None = None,
-                 sample_posterior: bool = False) -> Encoder:  # fmt: skip
+def load_encoder(
+    vae: str | None, image_channels: int, cache_dir: str | None = None, sample_posterior: bool = False
+) -> Encoder:
     """``None``/``"none"``: pixel space; otherwise a local folder or Hub id of an AutoencoderKL.
 
     A folder may be a VAE itself or hold one in ``vae/`` (a skipdiff output or a Stable Diffusion
@@ -190,16 +196,16 @@ def _load_vae(path: str, cache_dir: str | None) -> AutoencoderKL:
     if local.exists():
         subfolder = None if (local / "config.json").exists() else "vae"
         if subfolder and not (local / "vae" / "config.json").exists():
-            raise ValueError(
-                f"--vae {path!r} is a folder without an AutoencoderKL (no config.json or vae/config.json)"
-            )
+            raise ValueError(f"--vae {path!r} is a folder without an AutoencoderKL (no config.json or vae/config.json)")
         try:
             return AutoencoderKL.from_pretrained(local, subfolder=subfolder)
         except (OSError, ValueError) as err:  # diffusers' "Unable to load weights ..." names no remedy
             where = local / (subfolder or "")
-            raise ValueError(f"--vae {path!r}: the AutoencoderKL in {str(where)!r} cannot be loaded (missing, "
-                             f"truncated or half-written weights?): {str(err).splitlines()[0]}; train or "
-                             "download it again") from err  # fmt: skip
+            raise ValueError(
+                f"--vae {path!r}: the AutoencoderKL in {str(where)!r} cannot be loaded (missing, "
+                f"truncated or half-written weights?): {str(err).splitlines()[0]}; train or "
+                "download it again"
+            ) from err
     errors = []
     for subfolder in (None, "vae"):
         try:
@@ -255,8 +261,9 @@ class CachedLatents(Dataset):
         """Stack tensors; captions stay a list of strings. A batch from :meth:`__getitems__` is one already."""
         if isinstance(rows, dict):
             return rows
-        return {key: [r[key] for r in rows] if key == "captions" else torch.stack([r[key] for r in rows])
-                for key in rows[0]}  # fmt: skip
+        return {
+            key: [r[key] for r in rows] if key == "captions" else torch.stack([r[key] for r in rows]) for key in rows[0]
+        }
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[index] for key, value in self.tensors.items()}
@@ -265,5 +272,7 @@ class CachedLatents(Dataset):
         """A whole batch (the DataLoader's batched fetch): one indexing per tensor rather than a dict per row
         and a stack, the same values as :meth:`collate` of the rows."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        return {key: [value[i] for i in indices] if key == "captions" else value[index]
-                for key, value in self.tensors.items()}  # fmt: skip
+        return {
+            key: [value[i] for i in indices] if key == "captions" else value[index]
+            for key, value in self.tensors.items()
+        }

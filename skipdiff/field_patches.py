@@ -60,16 +60,12 @@ class FieldSpec:
 
     def class_names(self) -> tuple[str, ...]:
         """The names of the label's classes, in class-index order (a group's: its member sets)."""
-        return {"region": QUADRANTS, "source": self.sources, "face": FACE_CLASSES, "field": self.sources}[
-            self.label
-        ]
+        return {"region": QUADRANTS, "source": self.sources, "face": FACE_CLASSES, "field": self.sources}[self.label]
 
 
 FIELD_DATASETS: dict[str, FieldSpec] = {
     "hubble": FieldSpec("astronomy", ("hubble_deep_field",), ("hubble_deep_field.jpg",), "region", 3),
-    "histology": FieldSpec(
-        "histology (immunohistochemistry)", ("immunohistochemistry",), ("ihc.png",), "region", 3
-    ),
+    "histology": FieldSpec("histology (immunohistochemistry)", ("immunohistochemistry",), ("ihc.png",), "region", 3),
     "retina": FieldSpec("ophthalmology (fundus photograph)", ("retina",), ("retina.jpg",), "region", 3),
     "cells": FieldSpec("microscopy (quantitative phase)", ("cell",), ("cell.png",), "region", 1),
     "moon": FieldSpec("lunar surface", ("moon",), ("moon.png",), "region", 1),
@@ -207,8 +203,14 @@ def face_patches(min_std: float) -> FieldPatches:
     labels = (index >= len(images) // 2).astype(np.int64)  # the first 100 are faces
     keep = textured(images, min_std)
     corners = np.zeros((len(images), 2), dtype=np.int64)
-    return FieldPatches(images[keep], labels[keep], (index % TEST_EVERY == TEST_EVERY - 1)[keep],
-                        index[keep], corners[keep], FACE_CLASSES)  # fmt: skip
+    return FieldPatches(
+        images[keep],
+        labels[keep],
+        (index % TEST_EVERY == TEST_EVERY - 1)[keep],
+        index[keep],
+        corners[keep],
+        FACE_CLASSES,
+    )
 
 
 def field_patches(

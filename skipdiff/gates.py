@@ -40,5 +40,9 @@ from .skips.spec import (  # noqa: F401
 )
 from .skips.stochastic import BernoulliGate, MarkovGate, StochasticGate  # noqa: F401
 
-warnings.warn("skipdiff.gates has moved to skipdiff.skips (gate, deterministic, fourier, stochastic, spec); "
-              "import from there (the old path will go)", DeprecationWarning, stacklevel=2)  # fmt: skip
+warnings.warn(
+    "skipdiff.gates has moved to skipdiff.skips (gate, deterministic, fourier, stochastic, spec); "
+    "import from there (the old path will go)",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -88,9 +88,18 @@ def _line_height(font) -> int:
     return bottom + 2
 
 
-def grid_layout(count: int, columns: int = 8, image_size: tuple[int, int] = (64, 64), *, min_cell: int = 64,
-                scale: int | None = None, gap: int | None = None, column_labels=None, row_labels=None,
-                legend: str | None = None) -> tuple[GridLayout, dict]:  # fmt: skip
+def grid_layout(
+    count: int,
+    columns: int = 8,
+    image_size: tuple[int, int] = (64, 64),
+    *,
+    min_cell: int = 64,
+    scale: int | None = None,
+    gap: int | None = None,
+    column_labels=None,
+    row_labels=None,
+    legend: str | None = None,
+) -> tuple[GridLayout, dict]:
     """The layout of :func:`image_grid` and the wrapped text of its strips (``{"columns", "rows", "legend"}``).
 
     Raises ``ValueError`` on an empty grid, a column count below 1, a scale or gap below its minimum, or a
@@ -112,8 +121,9 @@ def grid_layout(count: int, columns: int = 8, image_size: tuple[int, int] = (64,
         raise ValueError(f"gap must be >= 0, got {gap}")
     for name, labels, expected in (("column_labels", column_labels, columns), ("row_labels", row_labels, rows)):
         if labels is not None and len(labels) != expected:
-            raise ValueError(f"{name} has {len(labels)} entries for a grid of {rows} rows x {columns} columns "
-                             f"(expected {expected})")  # fmt: skip
+            raise ValueError(
+                f"{name} has {len(labels)} entries for a grid of {rows} rows x {columns} columns (expected {expected})"
+            )
     font_size = min(24, max(11, cell[0] // 6))
     font = _font(font_size)
     line = _line_height(font)
@@ -131,18 +141,37 @@ def grid_layout(count: int, columns: int = 8, image_size: tuple[int, int] = (64,
         left = gap + strip
     grid_width = left + gap + columns * (cell[0] + gap)
     if legend:
-        text["legend"] = [piece for part in str(legend).split("\n")
-                          for piece in _wrap(part, font, grid_width - 2 * gap, 8)]  # fmt: skip
+        text["legend"] = [
+            piece for part in str(legend).split("\n") for piece in _wrap(part, font, grid_width - 2 * gap, 8)
+        ]
         bottom = line * len(text["legend"]) + gap
     size = (grid_width, top + gap + rows * (cell[1] + gap) + bottom)
-    layout = GridLayout(rows=rows, columns=columns, scale=int(scale), cell=cell, gap=gap, top=top, left=left,
-                        bottom=bottom, size=size, font_size=font_size)  # fmt: skip
+    layout = GridLayout(
+        rows=rows,
+        columns=columns,
+        scale=int(scale),
+        cell=cell,
+        gap=gap,
+        top=top,
+        left=left,
+        bottom=bottom,
+        size=size,
+        font_size=font_size,
+    )
     return layout, text
 
 
-def image_grid(images: list[Image.Image], columns: int = 8, *, min_cell: int = 64, scale: int | None = None,
-               gap: int | None = None, column_labels: list[str] | None = None, row_labels: list[str] | None = None,
-               legend: str | None = None) -> Image.Image:  # fmt: skip
+def image_grid(
+    images: list[Image.Image],
+    columns: int = 8,
+    *,
+    min_cell: int = 64,
+    scale: int | None = None,
+    gap: int | None = None,
+    column_labels: list[str] | None = None,
+    row_labels: list[str] | None = None,
+    legend: str | None = None,
+) -> Image.Image:
     """Tile ``images`` (filled row by row) into one readable grid.
 
     Args:
@@ -164,8 +193,17 @@ def image_grid(images: list[Image.Image], columns: int = 8, *, min_cell: int = 6
     sizes = sorted({image.size for image in images})
     if len(sizes) != 1:
         raise ValueError(f"image_grid needs images of one size, got {sizes}")
-    layout, text = grid_layout(len(images), columns, sizes[0], min_cell=min_cell, scale=scale, gap=gap,
-                               column_labels=column_labels, row_labels=row_labels, legend=legend)  # fmt: skip
+    layout, text = grid_layout(
+        len(images),
+        columns,
+        sizes[0],
+        min_cell=min_cell,
+        scale=scale,
+        gap=gap,
+        column_labels=column_labels,
+        row_labels=row_labels,
+        legend=legend,
+    )
     mode = "L" if all(image.mode in ("L", "1") for image in images) else "RGB"
     background = BACKGROUND if mode == "L" else (BACKGROUND,) * 3
     ink = INK if mode == "L" else (INK,) * 3
@@ -200,8 +238,9 @@ def cut_cells(grid: Image.Image, layout: GridLayout | dict, column: int, rows: i
     if isinstance(layout, dict):
         layout = GridLayout(**{k: tuple(v) if isinstance(v, list) else v for k, v in layout.items()})
     if tuple(grid.size) != tuple(layout.size):
-        raise ValueError(f"grid image is {grid.size[0]}x{grid.size[1]} px, its layout says "
-                         f"{layout.size[0]}x{layout.size[1]}")  # fmt: skip
+        raise ValueError(
+            f"grid image is {grid.size[0]}x{grid.size[1]} px, its layout says {layout.size[0]}x{layout.size[1]}"
+        )
     count = layout.rows if rows is None else min(rows, layout.rows)
     native = (layout.cell[0] // layout.scale, layout.cell[1] // layout.scale)
     return [grid.crop(layout.cell_box(row, column)).resize(native, Image.NEAREST) for row in range(count)]

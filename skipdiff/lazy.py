@@ -37,6 +37,7 @@ def moved_module(old: str, new: str) -> None:
     After a ``DeprecationWarning`` naming the new path, ``sys.modules[old]`` becomes ``new`` itself rather
     than a copy of its names, so private names, ``monkeypatch.setattr(old_module, ...)`` and anything saved
     under the old path (a ``model_index.json`` entry, a pickle) keep reaching the one real module."""
-    warnings.warn(f"{old} has moved to {new}; import it from there (the old path will go)", DeprecationWarning,
-                  stacklevel=3)  # fmt: skip
+    warnings.warn(
+        f"{old} has moved to {new}; import it from there (the old path will go)", DeprecationWarning, stacklevel=3
+    )
     sys.modules[old] = importlib.import_module(new)

@@ -36,9 +36,11 @@ def check_export_finished(folder: str | os.PathLike) -> None:
     """Refuse a folder whose export did not finish (:data:`UNFINISHED_EXPORT`): a ``ValueError`` naming it
     and what to do, instead of loading weights that may be missing or from two exports."""
     if (Path(folder) / UNFINISHED_EXPORT).exists():
-        raise ValueError(f"{str(folder)!r} holds an unfinished export ({UNFINISHED_EXPORT}: it was stopped while "
-                         "writing, by a full disk or a kill), so its weights may be missing or mixed: write it again "
-                         "(a training run: its command with --resume_from_checkpoint latest)")  # fmt: skip
+        raise ValueError(
+            f"{str(folder)!r} holds an unfinished export ({UNFINISHED_EXPORT}: it was stopped while "
+            "writing, by a full disk or a kill), so its weights may be missing or mixed: write it again "
+            "(a training run: its command with --resume_from_checkpoint latest)"
+        )
 
 
 def weights_layout(folder: str | os.PathLike) -> dict[str, str | None]:
@@ -138,11 +140,10 @@ class SkipDiffPipeline(DiffusionPipeline):
         scheduler = self._scheduler_for(sampler)
         labels = self._class_labels(class_labels, batch_size)
         config = self.unet.config
-        size = (
-            config.sample_size if isinstance(config.sample_size, list | tuple) else (config.sample_size,) * 2
+        size = config.sample_size if isinstance(config.sample_size, list | tuple) else (config.sample_size,) * 2
+        latents = randn_tensor(
+            (batch_size, config.in_channels, *size), generator=generator, device=self.device, dtype=self.unet.dtype
         )
-        latents = randn_tensor((batch_size, config.in_channels, *size), generator=generator, device=self.device,
-                               dtype=self.unet.dtype)  # fmt: skip
         latents = latents * scheduler.init_noise_sigma
         from .skips.caching import skip_cache
 

@@ -11,19 +11,34 @@ from pathlib import Path
 
 UNET_PRESETS: dict[str, dict] = {
     # Tests: seconds on a CPU.
-    "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                 attention_head_dim=4),
+    "tiny": dict(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4,
+    ),
     # Digits latents (8x8x4) or pixels (16x16x1): 3 levels, attention at the lowest.
-    "digits": dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8,
-                   down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                   up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=8),
+    "digits": dict(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+    ),
     # CIFAR-10 at 32x32, DDPM's 35.7 M-parameter layout (Ho et al., 2020).
-    "cifar10": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2, norm_num_groups=32,
-                    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                    attention_head_dim=None, dropout=0.1),
-}  # fmt: skip
+    "cifar10": dict(
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        norm_num_groups=32,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,
+        dropout=0.1,
+    ),
+}
 
 VAE_PRESETS: dict[str, dict] = {
     "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4),
@@ -31,7 +46,7 @@ VAE_PRESETS: dict[str, dict] = {
     "digits": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4),
     # 32x32 colour -> 8x8x4 latents.
     "cifar10": dict(block_out_channels=(64, 128, 128), layers_per_block=2, norm_num_groups=32, latent_channels=4),
-}  # fmt: skip
+}
 
 
 def unet_config(
@@ -56,9 +71,7 @@ def unet_config(
             raise ValueError(f"model config {preset_or_path!r} must hold a JSON object, got {type(config).__name__}")
         config = {k: v for k, v in config.items() if not k.startswith("_")}
     else:
-        raise ValueError(
-            f"unknown model preset or config file {preset_or_path!r}; presets: {sorted(UNET_PRESETS)}"
-        )
+        raise ValueError(f"unknown model preset or config file {preset_or_path!r}; presets: {sorted(UNET_PRESETS)}")
     config.update(sample_size=sample_size, in_channels=channels, out_channels=channels)
     if num_classes is not None:
         config.update(num_class_embeds=num_classes)
@@ -73,7 +86,9 @@ def vae_config(preset: str, channels: int) -> dict:
     config = dict(VAE_PRESETS[preset])
     n = len(config["block_out_channels"])
     config.update(
-        in_channels=channels, out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-    )  # fmt: skip
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+    )
     return config

@@ -70,8 +70,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 # Errors of a write that a user can act on (errno -> words); other OSErrors keep their own message.
-_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
-         errno.EROFS: "the file system is read-only"}  # fmt: skip
+_FULL = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+}
 _DENIED = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
 _TEMPORARY_NAME = re.compile(r"^\.(.+)\.tmp\d+$")  # atomic_path's name for a file being written
 
@@ -90,10 +93,14 @@ def io_error_line(err: OSError, where: str | os.PathLike | None = None) -> str:
         target = name.with_name(match.group(1)) if match else name
     place = f" {str(target)!r}" if target is not None else ""
     if err.errno in _DENIED:
-        return (f"{failure} on{place}: give yourself access to it or write somewhere else (--out), then run the "
-                "command again; files written before are unchanged")  # fmt: skip
-    return (f"could not write{place}: {failure}; free space or write somewhere else (--out), then run the command "
-            "again; files written before are unchanged and no temporary file is left")  # fmt: skip
+        return (
+            f"{failure} on{place}: give yourself access to it or write somewhere else (--out), then run the "
+            "command again; files written before are unchanged"
+        )
+    return (
+        f"could not write{place}: {failure}; free space or write somewhere else (--out), then run the command "
+        "again; files written before are unchanged and no temporary file is left"
+    )
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:
@@ -229,8 +236,13 @@ class RunLock:
     replaced, with a note. A live owner makes :meth:`acquire` raise :class:`RunLockedError` naming it.
     """
 
-    def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE, holder: str = "training process",
-                 hint: str = "wait for it to finish or choose another --output_dir"):  # fmt: skip
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        name: str = LOCK_FILE,
+        holder: str = "training process",
+        hint: str = "wait for it to finish or choose another --output_dir",
+    ):
         self.path = Path(folder) / name
         self.holder, self.hint = holder, hint  # for the refusal: who holds the folder, what to do
         self.held = False
@@ -273,8 +285,10 @@ class RunLock:
             raise RunLockedError(self._refusal(owner))
 
     def _refusal(self, owner: dict) -> str:
-        return (f"{str(self.path.parent)!r} is in use by another {self.holder} (pid {owner.get('pid')} on "
-                f"{owner.get('host')}); {self.hint}")
+        return (
+            f"{str(self.path.parent)!r} is in use by another {self.holder} (pid {owner.get('pid')} on "
+            f"{owner.get('host')}); {self.hint}"
+        )
 
     @staticmethod
     def _is_stale(owner: dict) -> bool:

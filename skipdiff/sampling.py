@@ -61,8 +61,15 @@ def sampling_scheduler(scheduler, sampler: str):
 
 
 @torch.no_grad()
-def denoise_latents(unet, scheduler, noise: torch.Tensor, steps: int, generators: list[torch.Generator],
-                    unet_kwargs: dict | None = None, eta: float = 0.0) -> torch.Tensor:  # fmt: skip
+def denoise_latents(
+    unet,
+    scheduler,
+    noise: torch.Tensor,
+    steps: int,
+    generators: list[torch.Generator],
+    unet_kwargs: dict | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
     """Run the reverse process from ``noise`` (B, C, h, w) with ``scheduler`` for ``steps`` steps: diffusers'
     DDPM/DDIM pipeline loop. Stochastic steps draw from the per-image ``generators``."""
     device = next(unet.parameters()).device
@@ -77,10 +84,22 @@ def denoise_latents(unet, scheduler, noise: torch.Tensor, steps: int, generators
     return latents
 
 
-def sample_images(target, count: int, seed: int, *, steps: int = 50, sampler: str = "ddim", batch_size: int = 64,
-                  prompts: list[str] | None = None, guidance_scale: float | None = None,
-                  negative_prompt: str | None = None, resolution: int | None = None, start: int = 0,
-                  progress: bool = True, cache=None) -> Samples:  # fmt: skip
+def sample_images(
+    target,
+    count: int,
+    seed: int,
+    *,
+    steps: int = 50,
+    sampler: str = "ddim",
+    batch_size: int = 64,
+    prompts: list[str] | None = None,
+    guidance_scale: float | None = None,
+    negative_prompt: str | None = None,
+    resolution: int | None = None,
+    start: int = 0,
+    progress: bool = True,
+    cache=None,
+) -> Samples:
     """``count`` images of ``target`` (images ``start .. start+count-1`` of ``seed``), in batches.
 
     Text targets need ``prompts`` (image ``i`` gets ``prompts[i % len(prompts)]``); class-conditional ones
@@ -90,7 +109,9 @@ def sample_images(target, count: int, seed: int, *, steps: int = 50, sampler: st
     if count < 1 or batch_size < 1:
         raise ValueError(f"count and batch_size must be >= 1, got {count} and {batch_size}")
     if target.text_conditioned and not prompts:
-        raise ValueError(f"{target.source!r} is text-conditioned: sampling needs prompts (--prompts FILE or --caption_column)")
+        raise ValueError(
+            f"{target.source!r} is text-conditioned: sampling needs prompts (--prompts FILE or --caption_column)"
+        )
     chunks, used, flagged = [], [], None
     batches = range(start, start + count, batch_size)
     for first in tqdm(batches, desc=f"sampling (seed {seed})", leave=False, disable=not progress):
@@ -98,8 +119,9 @@ def sample_images(target, count: int, seed: int, *, steps: int = 50, sampler: st
         generators = image_generators(seed, indices)
         if target.text_conditioned:
             batch_prompts = [prompts[i % len(prompts)] for i in indices]
-            images, batch_flagged = _sample_text(target, batch_prompts, generators, steps, sampler, guidance_scale,
-                                                 negative_prompt, resolution, cache)  # fmt: skip
+            images, batch_flagged = _sample_text(
+                target, batch_prompts, generators, steps, sampler, guidance_scale, negative_prompt, resolution, cache
+            )
             used += batch_prompts
             if batch_flagged is not None:
                 flagged = (flagged or 0) + batch_flagged
@@ -132,8 +154,16 @@ def _sample_text(target, prompts, generators, steps, sampler, guidance_scale, ne
     try:
         call = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
         with skip_cache(target.unet, cache, pipeline.scheduler):
-            out = pipeline(**embeddings, latents=noise, generator=generators, num_inference_steps=steps, height=side,
-                           width=side, output_type="pt", **call)  # fmt: skip
+            out = pipeline(
+                **embeddings,
+                latents=noise,
+                generator=generators,
+                num_inference_steps=steps,
+                height=side,
+                width=side,
+                output_type="pt",
+                **call,
+            )
     finally:
         pipeline.scheduler = original
     flags = getattr(out, "nsfw_content_detected", None)

@@ -147,8 +147,13 @@ class StudyTarget:
 
     def describe(self) -> dict:
         """What was loaded (for results): identity, encoder, conditioning."""
-        return {**self.identity, "kind": self.kind, "encoder": self.encoder.describe(),
-                "conditioning": self.conditioning.describe(), "resolution": self.resolution}  # fmt: skip
+        return {
+            **self.identity,
+            "kind": self.kind,
+            "encoder": self.encoder.describe(),
+            "conditioning": self.conditioning.describe(),
+            "resolution": self.resolution,
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,8 +184,12 @@ def is_pipeline(source: str | None) -> bool:
     return unet_subfolder(source) == PIPELINE_UNET
 
 
-def unet_config_of(source: str, revision: str | None = None, cache_dir: str | None = None,
-                   flag: str = "--pretrained_model_name_or_path") -> dict:  # fmt: skip
+def unet_config_of(
+    source: str,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    flag: str = "--pretrained_model_name_or_path",
+) -> dict:
     """The UNet's ``config.json`` of ``source``: a UNet folder, or its pipeline's ``unet/``; a Hub id is asked
     once per place. ``flag`` names the option in the ``ValueError`` when there is none."""
     local = Path(source)
@@ -196,7 +205,9 @@ def unet_config_of(source: str, revision: str | None = None, cache_dir: str | No
             return dict(UNet2DModel.load_config(source, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
         except (OSError, ValueError) as err:
             errors.append(str(err).splitlines()[0])
-    raise ValueError(f"could not load the UNet config of {source!r} (offline, a typo, or a private repo?): {errors[-1]}")
+    raise ValueError(
+        f"could not load the UNet config of {source!r} (offline, a typo, or a private repo?): {errors[-1]}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,8 +236,14 @@ def load_target(
     dtype = resolve_dtype(torch_dtype, device)
     index, local, revision_sha = read_model_index(checkpoint, revision, cache_dir)
     pipeline_class = check_denoiser(index, checkpoint)
-    source = {"checkpoint": checkpoint, "subfolder": subfolder, "revision": revision, "variant": variant,
-              "dtype": dtype, "cache_dir": cache_dir}  # fmt: skip
+    source = {
+        "checkpoint": checkpoint,
+        "subfolder": subfolder,
+        "revision": revision,
+        "variant": variant,
+        "dtype": dtype,
+        "cache_dir": cache_dir,
+    }
     if pipeline_class == "SkipDiffPipeline":
         target = _run_target(source, index, local, use_ema)
     else:
@@ -251,8 +268,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def read_model_index(checkpoint: str, revision: str | None = None,
-                     cache_dir: str | None = None) -> tuple[dict, Path | None, str | None]:  # fmt: skip
+def read_model_index(
+    checkpoint: str, revision: str | None = None, cache_dir: str | None = None
+) -> tuple[dict, Path | None, str | None]:
     """``(model_index.json, local folder or None, Hub commit sha or None)``; from the Hub, only that file
     is downloaded."""
     path = Path(checkpoint)
@@ -261,8 +279,10 @@ def read_model_index(checkpoint: str, revision: str | None = None,
 
         check_export_finished(path)
         if not (path / MODEL_INDEX).is_file() and (path / OPTIONS_FILE).is_file():
-            raise ValueError(f"--checkpoint {checkpoint!r} is a skipdiff run without its exported pipeline (no "
-                             f"{MODEL_INDEX}: it has not finished); finish it with --resume_from_checkpoint latest")  # fmt: skip
+            raise ValueError(
+                f"--checkpoint {checkpoint!r} is a skipdiff run without its exported pipeline (no "
+                f"{MODEL_INDEX}: it has not finished); finish it with --resume_from_checkpoint latest"
+            )
         if not (path / MODEL_INDEX).is_file():
             raise ValueError(
                 f"--checkpoint {checkpoint!r} is not a skipdiff run folder or a diffusers pipeline (no {MODEL_INDEX})"
@@ -271,7 +291,9 @@ def read_model_index(checkpoint: str, revision: str | None = None,
     if checkpoint.count("/") != 1:
         raise ValueError(f"--checkpoint {checkpoint!r} does not exist (and is not a Hub id like user/name)")
     try:
-        downloaded = Path(huggingface_hub.hf_hub_download(checkpoint, MODEL_INDEX, revision=revision, cache_dir=cache_dir))
+        downloaded = Path(
+            huggingface_hub.hf_hub_download(checkpoint, MODEL_INDEX, revision=revision, cache_dir=cache_dir)
+        )
     except Exception as err:  # noqa: BLE001  offline, typo, private repo, not a pipeline: all one answer
         raise ValueError(
             f"could not fetch {MODEL_INDEX} of {checkpoint!r} from the Hub (offline, a typo, a private repo, or not a "
@@ -288,8 +310,11 @@ def check_denoiser(index: dict, checkpoint: str = "") -> str:
     name = index.get("_class_name", "?")
     if isinstance(name, list):  # a run folder's own code: ["skipdiff_pipeline", "SkipDiffPipeline"] (remote code)
         name = name[-1]
-    components = {key: value for key, value in index.items()
-                  if not key.startswith("_") and isinstance(value, list) and len(value) == 2}  # fmt: skip
+    components = {
+        key: value
+        for key, value in index.items()
+        if not key.startswith("_") and isinstance(value, list) and len(value) == 2
+    }
     transformer = (components.get("transformer") or [None, None])[1]
     if transformer:
         raise ValueError(
@@ -320,8 +345,10 @@ def _from_pretrained(cls, checkpoint: str, source: dict, **kwargs):
         return cls.from_pretrained(checkpoint, **options, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:
         where = f" (subfolder {kwargs['subfolder']!r})" if kwargs.get("subfolder") else ""
-        raise ValueError(f"could not load {cls.__name__} from {checkpoint!r}{where} (damaged or incomplete?): "
-                         f"{str(err).splitlines()[0]}") from err  # fmt: skip
+        raise ValueError(
+            f"could not load {cls.__name__} from {checkpoint!r}{where} (damaged or incomplete?): "
+            f"{str(err).splitlines()[0]}"
+        ) from err
 
 
 # ---- a skipdiff run ------------------------------------------------------------------------------
@@ -332,33 +359,62 @@ def _run_target(source: dict, index: dict, local: Path | None, use_ema: bool) ->
     (never replaced by the raw weights) and ``use_ema=False`` works even when the EMA copy is damaged."""
     checkpoint = source["checkpoint"]
     options = _training_options(checkpoint, local, source)
-    layout = weights_layout(local) if local is not None else {"ema": "unet" if options.get("use_ema", True) else None,
-                                                          "raw": "unet_raw" if options.get("use_ema", True) else "unet"}  # fmt: skip
+    layout = (
+        weights_layout(local)
+        if local is not None
+        else {
+            "ema": "unet" if options.get("use_ema", True) else None,
+            "raw": "unet_raw" if options.get("use_ema", True) else "unet",
+        }
+    )
     used_ema = use_ema and layout["ema"] is not None
     folder = source["subfolder"] or (layout["ema"] if used_ema else layout["raw"])
     if source["subfolder"] and not use_ema:
         raise ValueError("give --subfolder or --no_ema, not both (--no_ema means the run's raw weights)")
     try:
-        unet = SkipUNet2DModel.from_pretrained(checkpoint, subfolder=folder, revision=source["revision"],
-                                               cache_dir=source["cache_dir"], **{DTYPE_KEYWORD: source["dtype"]})  # fmt: skip
+        unet = SkipUNet2DModel.from_pretrained(
+            checkpoint,
+            subfolder=folder,
+            revision=source["revision"],
+            cache_dir=source["cache_dir"],
+            **{DTYPE_KEYWORD: source["dtype"]},
+        )
     except (OSError, ValueError, RuntimeError) as err:
         hint = "; pass --no_ema to score the raw weights" if used_ema and not source["subfolder"] else ""
-        raise ValueError(f"the run's {folder}/ weights cannot be loaded (damaged?){hint}: "
-                         f"{str(err).splitlines()[0]}") from err  # fmt: skip
+        raise ValueError(
+            f"the run's {folder}/ weights cannot be loaded (damaged?){hint}: {str(err).splitlines()[0]}"
+        ) from err
     scheduler_class = getattr(diffusers, index["scheduler"][1])
-    scheduler = scheduler_class.from_pretrained(checkpoint, subfolder="scheduler", revision=source["revision"],
-                                                cache_dir=source["cache_dir"])  # fmt: skip
+    scheduler = scheduler_class.from_pretrained(
+        checkpoint, subfolder="scheduler", revision=source["revision"], cache_dir=source["cache_dir"]
+    )
     vae = None
     if (index.get("vae") or [None, None])[1]:
         vae = _from_pretrained(getattr(diffusers, index["vae"][1]), checkpoint, source, subfolder="vae")
     pipeline = SkipDiffPipeline(unet=unet, scheduler=scheduler, vae=vae)
     conditioning = ClassLabels(unet.config.num_class_embeds) if unet.config.num_class_embeds else Unconditional()
-    identity = {"source": checkpoint, "pipeline_class": "SkipDiffPipeline", "unet_class": type(unet).__name__,
-                "subfolder": folder, "ema": used_ema}  # fmt: skip
+    identity = {
+        "source": checkpoint,
+        "pipeline_class": "SkipDiffPipeline",
+        "unet_class": type(unet).__name__,
+        "subfolder": folder,
+        "ema": used_ema,
+    }
     components = {"unet": folder, **({"vae": "vae"} if vae is not None else {})}
-    return StudyTarget(checkpoint, PIPELINE_KINDS["SkipDiffPipeline"], pipeline, unet, scheduler, scheduler,
-                       pipeline.encoder(), conditioning, identity, {"components": components},
-                       training_options=options, folder=local)  # fmt: skip
+    return StudyTarget(
+        checkpoint,
+        PIPELINE_KINDS["SkipDiffPipeline"],
+        pipeline,
+        unet,
+        scheduler,
+        scheduler,
+        pipeline.encoder(),
+        conditioning,
+        identity,
+        {"components": components},
+        training_options=options,
+        folder=local,
+    )
 
 
 def _training_options(checkpoint: str, local: Path | None, source: dict) -> dict:
@@ -370,7 +426,9 @@ def _training_options(checkpoint: str, local: Path | None, source: dict) -> dict
         check_split_agrees(local, options)
         return options
     try:
-        path = huggingface_hub.hf_hub_download(checkpoint, OPTIONS_FILE, revision=source["revision"], cache_dir=source["cache_dir"])
+        path = huggingface_hub.hf_hub_download(
+            checkpoint, OPTIONS_FILE, revision=source["revision"], cache_dir=source["cache_dir"]
+        )
     except Exception as err:  # noqa: BLE001  offline, missing file, ...
         raise ValueError(f"{checkpoint!r} has no {OPTIONS_FILE}: {err}") from err
     return json.loads(Path(path).read_text())
@@ -390,12 +448,15 @@ def check_split_agrees(folder: Path, options: dict) -> None:
         return
     differing = [name for name in SPLIT_FIELDS if name in saved and saved[name] != options.get(name)]
     if differing:
-        details = "; ".join(f"{name}: {OPTIONS_FILE} {options.get(name)!r} vs checkpoint {saved[name]!r}"
-                            for name in differing)  # fmt: skip
-        raise ValueError(f"{str(folder / OPTIONS_FILE)!r} names another train/test split than the run was trained "
-                         f"with ({details}; its {latest.name}/{STATE_FILE} keeps the options it trained with): "
-                         f"evaluating it would score other test images, training images among them; restore "
-                         f"{OPTIONS_FILE} to those values")  # fmt: skip
+        details = "; ".join(
+            f"{name}: {OPTIONS_FILE} {options.get(name)!r} vs checkpoint {saved[name]!r}" for name in differing
+        )
+        raise ValueError(
+            f"{str(folder / OPTIONS_FILE)!r} names another train/test split than the run was trained "
+            f"with ({details}; its {latest.name}/{STATE_FILE} keeps the options it trained with): "
+            f"evaluating it would score other test images, training images among them; restore "
+            f"{OPTIONS_FILE} to those values"
+        )
 
 
 # ---- a diffusers pipeline ------------------------------------------------------------------------
@@ -420,12 +481,29 @@ def _pipeline_target(source: dict, pipeline_class: str, index: dict, local: Path
     else:
         conditioning = Unconditional()
     noise_scheduler = diffusers.DDPMScheduler.from_config(pipeline.scheduler.config)
-    identity = {"source": checkpoint, "pipeline_class": pipeline_class, "unet_class": type(unet).__name__,
-                "subfolder": source["subfolder"], "ema": None, "scheduler_class": type(pipeline.scheduler).__name__}  # fmt: skip
+    identity = {
+        "source": checkpoint,
+        "pipeline_class": pipeline_class,
+        "unet_class": type(unet).__name__,
+        "subfolder": source["subfolder"],
+        "ema": None,
+        "scheduler_class": type(pipeline.scheduler).__name__,
+    }
     components = {"unet": unet_folder, **({encoder_folder: encoder_folder} if encoder_folder else {})}
     components.update({name: name for name in ("text_encoder", "text_encoder_2") if getattr(pipeline, name, None)})
-    return StudyTarget(checkpoint, kind, pipeline, unet, pipeline.scheduler, noise_scheduler, encoder, conditioning,
-                       identity, {"components": components}, folder=local)  # fmt: skip
+    return StudyTarget(
+        checkpoint,
+        kind,
+        pipeline,
+        unet,
+        pipeline.scheduler,
+        noise_scheduler,
+        encoder,
+        conditioning,
+        identity,
+        {"components": components},
+        folder=local,
+    )
 
 
 def _pipeline_encoder(pipeline, kind: str) -> tuple[Encoder, str | None]:
@@ -455,8 +533,10 @@ def _weights_identity(target: StudyTarget, local: Path | None, revision_sha: str
     components = target.weights["components"]
     if local is None:
         return {"digest": revision_sha, "revision": revision_sha, "components": {}}
-    digests = {name: {"folder": folder, "digest": weights_digest(local / folder, WEIGHT_PATTERNS)}
-               for name, folder in sorted(components.items())}  # fmt: skip
+    digests = {
+        name: {"folder": folder, "digest": weights_digest(local / folder, WEIGHT_PATTERNS)}
+        for name, folder in sorted(components.items())
+    }
     return {"digest": combine_digests(digests), "components": digests}
 
 

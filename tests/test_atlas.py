@@ -69,22 +69,62 @@ def test_the_driver_refuses_a_stale_spec(tmp_path, monkeypatch, capsys):
 def _field(folder: Path, mse: dict, fid: dict | None, floor: float = 0.4) -> Path:
     """A search report folder as ``python -m skipdiff.report`` writes it, with per-seed confirmation values."""
     folder.mkdir(parents=True)
-    trials = [{"number": 0, "state": "complete", "params": {"skips": "full"}, "values": [0.30], "seconds": 60.0,
-               "folder": "runs/x/trials/trial-0000", "flops": 4.5e7},
-              {"number": 1, "state": "complete", "params": {"skips": "linear"}, "values": [0.29], "seconds": 60.0,
-               "folder": "runs/x/trials/trial-0001", "flops": 3.0e7, "markov_open": {"0": 0.9, "8": 0.6}},
-              {"number": 2, "state": "pruned", "params": {"skips": "per_skip"}, "values": None, "seconds": 20.0,
-               "folder": "runs/x/trials/trial-0002"},
-              {"number": 3, "state": "complete", "params": {"skips": "full"}, "values": [0.30], "seconds": None,
-               "folder": None, "duplicate_of": 0}]  # a repeat: answered from trial 0, not counted  # fmt: skip
-    rows = [{"configuration": name, "values_by_seed": {str(s): v for s, v in values.items()}} for name, values in mse.items()]
-    summary = {"name": folder.name, "counts": {"complete": 2, "pruned": 1}, "importance": {"skips": 0.7, "linear.inner": 0.3},
-               "trials": trials, "confirmation": {"objective": "denoise_mse", "ranking": {"rows": rows}}}  # fmt: skip
+    trials = [
+        {
+            "number": 0,
+            "state": "complete",
+            "params": {"skips": "full"},
+            "values": [0.30],
+            "seconds": 60.0,
+            "folder": "runs/x/trials/trial-0000",
+            "flops": 4.5e7,
+        },
+        {
+            "number": 1,
+            "state": "complete",
+            "params": {"skips": "linear"},
+            "values": [0.29],
+            "seconds": 60.0,
+            "folder": "runs/x/trials/trial-0001",
+            "flops": 3.0e7,
+            "markov_open": {"0": 0.9, "8": 0.6},
+        },
+        {
+            "number": 2,
+            "state": "pruned",
+            "params": {"skips": "per_skip"},
+            "values": None,
+            "seconds": 20.0,
+            "folder": "runs/x/trials/trial-0002",
+        },
+        {
+            "number": 3,
+            "state": "complete",
+            "params": {"skips": "full"},
+            "values": [0.30],
+            "seconds": None,
+            "folder": None,
+            "duplicate_of": 0,
+        },
+    ]  # a repeat: answered from trial 0, not counted
+    rows = [
+        {"configuration": name, "values_by_seed": {str(s): v for s, v in values.items()}}
+        for name, values in mse.items()
+    ]
+    summary = {
+        "name": folder.name,
+        "counts": {"complete": 2, "pruned": 1},
+        "importance": {"skips": 0.7, "linear.inner": 0.3},
+        "trials": trials,
+        "confirmation": {"objective": "denoise_mse", "ranking": {"rows": rows}},
+    }
     (folder / "search_summary.json").write_text(json.dumps(summary))
     if fid is not None:
         (folder / "confirmation").mkdir()
-        rows = [{"configuration": f"config={n}", "values_by_seed": {str(s): v for s, v in vals.items()}}
-                for n, vals in fid.items()]  # fmt: skip
+        rows = [
+            {"configuration": f"config={n}", "values_by_seed": {str(s): v for s, v in vals.items()}}
+            for n, vals in fid.items()
+        ]
         table = {"fid_floor": {"mean": floor}, "ranking": {"metric": "fid", "rows": rows}}
         (folder / "confirmation" / "summary.json").write_text(json.dumps({"datasets": {"x, 16px": table}}))
     return folder
@@ -97,12 +137,16 @@ def test_atlas_ranks_every_field_against_its_full_in_one_holm_family(tmp_path):
     ref = {s: 0.30 + 0.001 * (s % 3) for s in SEEDS}
     better = {s: v - 0.02 + 0.0005 * (s % 2) for s, v in ref.items()}  # clearly lower on every seed
     same = {s: v + 0.0002 * (-1) ** s for s, v in ref.items()}  # within ±0.003 on every seed
-    a = _field(tmp_path / "hubble", {"reference": ref, "trial-0001": better}, {"reference": {s: 3.0 for s in SEEDS},
-               "trial-0001": {s: 3.0 + 0.01 * (-1) ** s for s in SEEDS}})  # fmt: skip
+    a = _field(
+        tmp_path / "hubble",
+        {"reference": ref, "trial-0001": better},
+        {"reference": {s: 3.0 for s in SEEDS}, "trial-0001": {s: 3.0 + 0.01 * (-1) ** s for s in SEEDS}},
+    )
     b = _field(tmp_path / "moon", {"reference": ref, "trial-0001": same}, None)
     c = _field(tmp_path / "cells", {"reference": ref, "trial-0001": better}, None)
-    (c / "search_summary.json").write_text(json.dumps({**json.loads((c / "search_summary.json").read_text()),
-                                                        "confirmation": None}))  # not confirmed yet  # fmt: skip
+    (c / "search_summary.json").write_text(
+        json.dumps({**json.loads((c / "search_summary.json").read_text()), "confirmation": None})
+    )  # not confirmed yet
     md = write_atlas([a, b, c], tmp_path / "atlas")
     atlas = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
     by_field = {f["field"]: f for f in atlas["fields"]}
@@ -130,10 +174,13 @@ def test_pareto_front_keeps_only_points_nothing_beats_on_both():
     assert [p["trial"] for p in pareto_front(points)] == [2, 3, 1]
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--margin", "fid=-1"], "a margin must be a positive number"),
-    (["--margin", "kid=0.1"], "the atlas tests"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--margin", "fid=-1"], "a margin must be a positive number"),
+        (["--margin", "kid=0.1"], "the atlas tests"),
+    ],
+)
 def test_atlas_command_line_refuses_bad_margins(tmp_path, capsys, argv, message):
     folder = _field(tmp_path / "moon", {"reference": {100: 0.3}}, None)
     assert main([str(folder), "--out", str(tmp_path / "out"), *argv]) == 2
@@ -149,13 +196,23 @@ def test_atlas_command_line_names_a_folder_without_a_report(tmp_path, capsys):
 def test_trial_extras_reads_flops_and_the_chains_last_open_rates(tmp_path):
     from skipdiff.search.report import trial_extras
 
-    (tmp_path / "trial.json").write_text(json.dumps({"model_record": {"flops": 4.5e7, "parameters": 1624900}, "seconds": 61.5}))
+    (tmp_path / "trial.json").write_text(
+        json.dumps({"model_record": {"flops": 4.5e7, "parameters": 1624900}, "seconds": 61.5})
+    )
     chain = {"skips": [0, 4, 8], "marginals": [0.9, 0.5, 0.7]}
-    lines = [{"step": 5, "loss": 1.0}, {"step": 10, "loss": 0.9, "markov": {**chain, "marginals": [0.8, 0.8, 0.8]}},
-             {"step": 15, "loss": 0.8, "markov": chain}, {"step": 20, "loss": 0.7}]  # fmt: skip
+    lines = [
+        {"step": 5, "loss": 1.0},
+        {"step": 10, "loss": 0.9, "markov": {**chain, "marginals": [0.8, 0.8, 0.8]}},
+        {"step": 15, "loss": 0.8, "markov": chain},
+        {"step": 20, "loss": 0.7},
+    ]
     (tmp_path / "stats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert trial_extras(tmp_path) == {"flops": 4.5e7, "parameters": 1624900, "seconds": 61.5,
-                                      "markov_open": {"0": 0.9, "4": 0.5, "8": 0.7}}  # fmt: skip
+    assert trial_extras(tmp_path) == {
+        "flops": 4.5e7,
+        "parameters": 1624900,
+        "seconds": 61.5,
+        "markov_open": {"0": 0.9, "4": 0.5, "8": 0.7},
+    }
     assert trial_extras(tmp_path / "missing") == {}
 
 
@@ -163,14 +220,26 @@ def test_transfer_matrix_pairs_each_source_with_the_targets_full_and_own_best(tm
     ref = {s: 0.30 + 0.001 * (s % 3) for s in SEEDS}
     best = {s: v - 0.01 for s, v in ref.items()}
     fields = [_field(tmp_path / name, {"reference": ref, "trial-0001": best}, None) for name in ("hubble", "moon")]
-    transfer = {"datasets": {"moon, 16px": {"configurations": {
-        "config=from-hubble": {"seeds": [100, 101, 102], "values": {"denoise": [0.28, 0.281, 0.282], "fid": [None] * 3}}}}}}  # fmt: skip
+    transfer = {
+        "datasets": {
+            "moon, 16px": {
+                "configurations": {
+                    "config=from-hubble": {
+                        "seeds": [100, 101, 102],
+                        "values": {"denoise": [0.28, 0.281, 0.282], "fid": [None] * 3},
+                    }
+                }
+            }
+        }
+    }
     (fields[1] / "transfer").mkdir()
     (fields[1] / "transfer" / "summary.json").write_text(json.dumps(transfer))
     md = write_atlas(fields, tmp_path / "atlas").read_text()
     atlas = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
     moon = {r["configuration"]: r for r in atlas["transfer"]["denoise"]["moon"]["rows"]}
-    assert set(moon) == {"reference", "from-hubble", "own best"} and atlas["transfer"]["own_best"] == {"moon": "trial-0001"}
+    assert set(moon) == {"reference", "from-hubble", "own best"} and atlas["transfer"]["own_best"] == {
+        "moon": "trial-0001"
+    }
     assert moon["from-hubble"]["pairs"] == 3 and moon["own best"]["pairs"] == 3  # on the transfer's seeds only
     own = {r["configuration"]: r for r in atlas["transfer"]["against_own_best"]["denoise"]["moon"]["rows"]}
     assert own["from-hubble"]["delta"] == pytest.approx(0.281 - statistics.fmean(best[s] for s in (100, 101, 102)))
@@ -188,10 +257,21 @@ def test_transfer_matrix_pairs_within_the_transfer_sweep_when_it_retrained_full_
     fields = [_field(tmp_path / name, {"reference": ref, "trial-0001": best}, None) for name in ("hubble", "moon")]
     seeds = [100, 101, 102]
     shifted = [ref[s] + 0.005 for s in seeds]  # the rerun lands 0.005 above the confirmation's full
-    configurations = {"config=from-hubble": [v - 0.002 for v in shifted], "config=full-rerun": shifted,
-                      "config=own-best-rerun": [v - 0.01 for v in shifted]}  # fmt: skip
-    transfer = {"datasets": {"moon, 16px": {"configurations": {
-        name: {"seeds": seeds, "values": {"denoise": values, "fid": [None] * 3}} for name, values in configurations.items()}}}}
+    configurations = {
+        "config=from-hubble": [v - 0.002 for v in shifted],
+        "config=full-rerun": shifted,
+        "config=own-best-rerun": [v - 0.01 for v in shifted],
+    }
+    transfer = {
+        "datasets": {
+            "moon, 16px": {
+                "configurations": {
+                    name: {"seeds": seeds, "values": {"denoise": values, "fid": [None] * 3}}
+                    for name, values in configurations.items()
+                }
+            }
+        }
+    }
     (fields[1] / "transfer").mkdir()
     (fields[1] / "transfer" / "summary.json").write_text(json.dumps(transfer))
     md = write_atlas(fields, tmp_path / "atlas").read_text()
@@ -214,13 +294,21 @@ def test_transfer_sweep_rebuilds_each_sources_confirmed_best_from_its_committed_
     monkeypatch.setattr(driver, "RESULTS", results)
     monkeypatch.setattr(driver, "search_folder", lambda field: searches / f"atlas_{field}")
     ref = {s: 0.30 for s in SEEDS}
-    folder = _field(results / "hubble", {"reference": ref, "trial-0005": {s: 0.29 for s in SEEDS},
-                                         "trial-0001": {s: 0.295 for s in SEEDS}}, None)  # fmt: skip
+    folder = _field(
+        results / "hubble",
+        {"reference": ref, "trial-0005": {s: 0.29 for s in SEEDS}, "trial-0001": {s: 0.295 for s in SEEDS}},
+        None,
+    )
     summary = json.loads((folder / "search_summary.json").read_text())
-    params = {"skips": "scalelong", "scalelong.kappa": 0.6, "model.block_out_channels": "[16, 32, 64]",
-              "model.layers_per_block": 1}  # as Optuna stores them: a list choice as its JSON text  # fmt: skip
-    summary["trials"].append({"number": 5, "state": "complete", "params": params, "values": [0.29],
-                              "folder": "runs/gone/trials/trial-0005"})  # fmt: skip
+    params = {
+        "skips": "scalelong",
+        "scalelong.kappa": 0.6,
+        "model.block_out_channels": "[16, 32, 64]",
+        "model.layers_per_block": 1,
+    }  # as Optuna stores them: a list choice as its JSON text
+    summary["trials"].append(
+        {"number": 5, "state": "complete", "params": params, "values": [0.29], "folder": "runs/gone/trials/trial-0005"}
+    )
     (folder / "search_summary.json").write_text(json.dumps(summary))
     sweep = driver.transfer_sweep("moon", driver.FIELDS)
     config = sweep["grid"]["config"]["from-hubble"]

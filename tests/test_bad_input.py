@@ -54,7 +54,7 @@ PROBE = [
     ("eval", "--checkpoint {tmp} --denoise_loss --spike_k -1", 2, "--spike_k must be a positive finite number"),
     ("eval", "--checkpoint {tmp} --denoise_loss --out {tmp}/a-file", 2, "--out '{tmp}/a-file' is a file, not a folder"),
     ("eval", "--checkpoint {tmp}/nowhere --denoise_loss", 2, "nowhere"),
-]  # fmt: skip
+]
 
 # The command lines of the package's __main__ modules (their cli() returns the exit code).
 MODULES = {"sweep": "skipdiff.sweep.__main__", "report": "skipdiff.report.__main__", "eval": "skipdiff.eval.__main__"}
@@ -70,8 +70,9 @@ def probe_files(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize(("command", "arguments", "code", "words"), PROBE,
-                         ids=[f"{c}:{' '.join(a.split()[-2:])}" for c, a, _, _ in PROBE])  # fmt: skip
+@pytest.mark.parametrize(
+    ("command", "arguments", "code", "words"), PROBE, ids=[f"{c}:{' '.join(a.split()[-2:])}" for c, a, _, _ in PROBE]
+)
 def test_probe(command, arguments, code, words, probe_files, capsys):
     argv = arguments.format(tmp=probe_files).split()
     words = words.format(tmp=probe_files)

@@ -19,11 +19,17 @@ from skipdiff.skips.router import discover_skips
 GATES = "keep,scale:0.5,fourier:backbone=1.2:skip=0.5,learned:init=0.7,zero,scale:1.5,keep,learned:init=0.3,scale:0.8"
 
 COND = dict(
-    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
-    norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=8,
+    attention_head_dim=2,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)  # fmt: skip
+)
 
 
 def _model(kind: str, deep_config: dict) -> tuple[torch.nn.Module, dict]:
@@ -270,8 +276,11 @@ def test_non_uniform_schedule_crowds_refreshes_at_the_center(steps, interval):
 def test_schedule_is_what_a_run_follows(deep_config):
     unet, _ = _model("unet2d", deep_config)
     scheduler = _scheduler()
-    for options in (dict(cache_interval=4), dict(cache_interval=3, cache_schedule="non_uniform"),
-                    dict(cache="encoder_propagation", cache_key_steps=[0, 1, 2, 6])):  # fmt: skip
+    for options in (
+        dict(cache_interval=4),
+        dict(cache_interval=3, cache_schedule="non_uniform"),
+        dict(cache="encoder_propagation", cache_key_steps=[0, 1, 2, 6]),
+    ):
         cache = enable_skip_cache(unet, **options)
         cache.watch(scheduler)
         _sample(unet, scheduler, _noise(unet), steps=12)
@@ -287,8 +296,13 @@ def test_every_pipeline_call_restarts_the_schedule_whatever_its_batch(tiny_confi
     pipe = SkipDiffPipeline(unet=unet, scheduler=_scheduler())
 
     def run(batch: int, seed: int) -> torch.Tensor:
-        return pipe(batch_size=batch, num_inference_steps=7, generator=torch.Generator().manual_seed(seed),
-                    output_type="pt", show_progress=False).images  # fmt: skip
+        return pipe(
+            batch_size=batch,
+            num_inference_steps=7,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+            show_progress=False,
+        ).images
 
     cache = enable_skip_cache(pipe, cache_interval=3)  # watches pipe.scheduler
     first = run(3, seed=0)
@@ -354,16 +368,31 @@ def test_stable_diffusion_pipeline_with_guidance():
     """One call puts the cache on a diffusers pipeline (here Stable Diffusion, built without text encoder or VAE)."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**COND).eval()
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     prompt, negative = torch.randn(2, 5, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
 
     def run() -> torch.Tensor:
-        return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=64, width=64, num_inference_steps=6,
-                    guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+        return pipe(
+            prompt_embeds=prompt,
+            negative_prompt_embeds=negative,
+            height=64,
+            width=64,
+            num_inference_steps=6,
+            guidance_scale=5.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(1),
+        ).images
 
     stock = run()
     cache = enable_skip_cache(pipe, cache_interval=1)
@@ -384,15 +413,35 @@ def test_branch_maps_to_up_and_down_blocks(deep_config):
     unet = UNet2DModel(**deep_config)
     names = {b: reused_modules(unet, SkipCacheOptions(cache_branch=b)) for b in range(9)}
     # The outermost skip (conv_in -> last resnet of the last up block): all but conv_in and that resnet.
-    assert names[8] == ["down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0",
-                        "up_blocks.1", "up_blocks.2.resnets.0", "up_blocks.2.resnets.1"]  # fmt: skip
+    assert names[8] == [
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1",
+        "up_blocks.2.resnets.0",
+        "up_blocks.2.resnets.1",
+    ]
     # Skip 4 comes from down_blocks.1.resnets.0 (an attention block) and enters up_blocks.1.resnets.1.
-    assert names[4] == ["down_blocks.1.resnets.1", "down_blocks.1.attentions.1", "down_blocks.1.downsamplers.0",
-                        "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1.resnets.0",
-                        "up_blocks.1.attentions.0"]  # fmt: skip
+    assert names[4] == [
+        "down_blocks.1.resnets.1",
+        "down_blocks.1.attentions.1",
+        "down_blocks.1.downsamplers.0",
+        "down_blocks.2",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1.resnets.0",
+        "up_blocks.1.attentions.0",
+    ]
     assert names[0] == ["mid_block"]  # the innermost skip: only the mid block is reused
     assert reused_modules(unet, SkipCacheOptions(cache="encoder_propagation")) == [
-        "conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block"]  # fmt: skip
+        "conv_in",
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2",
+        "mid_block",
+    ]
 
 
 @pytest.mark.parametrize("options", [dict(cache_branch=b) for b in (0, 3, 5)] + [dict(cache="encoder_propagation")])
@@ -518,14 +567,29 @@ def test_skipdiff_pipeline_samples_with_a_cache_for_one_call():
     from skipdiff.skips.caching import skip_cache_of
 
     torch.manual_seed(0)
-    unet = SkipUNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                           layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)  # fmt: skip
+    unet = SkipUNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4,
+    )
     pipe = SkipDiffPipeline(unet=unet, scheduler=DDPMScheduler())
 
     def sample(cache):
-        return pipe(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(1), sampler="ddim",
-                    output_type="pt", show_progress=False, cache=cache).images  # fmt: skip
+        return pipe(
+            batch_size=2,
+            num_inference_steps=6,
+            generator=torch.Generator().manual_seed(1),
+            sampler="ddim",
+            output_type="pt",
+            show_progress=False,
+            cache=cache,
+        ).images
 
     plain = sample(None)
     assert torch.equal(sample(SkipCacheOptions(cache="skip_branch", cache_interval=1)), plain)

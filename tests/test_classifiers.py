@@ -26,13 +26,17 @@ SWITCHES = [(skip, bn) for skip in (True, False) for bn in (True, False)]
 SWITCH_IDS = [f"skip={skip}-bn={bn}" for skip, bn in SWITCHES]
 
 
-def tiny_resnet(
-    skip=True, bn=True, widths=(4, 8), depth=1, hidden=6, **kwargs
-) -> SkipResNetForImageClassification:
+def tiny_resnet(skip=True, bn=True, widths=(4, 8), depth=1, hidden=6, **kwargs) -> SkipResNetForImageClassification:
     config = SkipResNetConfig(
-        num_channels=1, widths=widths, depth=depth, hidden_size=hidden, num_labels=3,
-        skip_connections=skip, batch_norm=bn, **kwargs,
-    )  # fmt: skip
+        num_channels=1,
+        widths=widths,
+        depth=depth,
+        hidden_size=hidden,
+        num_labels=3,
+        skip_connections=skip,
+        batch_norm=bn,
+        **kwargs,
+    )
     return SkipResNetForImageClassification(config)
 
 
@@ -45,9 +49,7 @@ def tiny_mlp(skip=True, bn=True, depth=2, **kwargs) -> ResidualMLPForClassificat
 
 def images(batch=4, size=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 1, size, size, generator=generator), torch.randint(
-        0, 3, (batch,), generator=generator
-    )
+    return torch.randn(batch, 1, size, size, generator=generator), torch.randint(0, 3, (batch,), generator=generator)
 
 
 def rows(batch=4, seed=0):
@@ -219,9 +221,7 @@ def test_in_equals_out_downsampling_block_gets_a_projection():
     projection = model.blocks[2].shortcut[0]
     assert projection.kernel_size == (1, 1) and projection.stride == (2, 2)
     assert model(images()[0]).logits.shape == (4, 3)
-    assert [block.shortcut_kind for block in tiny_resnet(skip=False, widths=(8, 8), depth=2).blocks] == [
-        "none"
-    ] * 4
+    assert [block.shortcut_kind for block in tiny_resnet(skip=False, widths=(8, 8), depth=2).blocks] == ["none"] * 4
 
 
 # ---- the reference baseline -----------------------------------------------------------------------

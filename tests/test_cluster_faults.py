@@ -36,8 +36,14 @@ TIMEOUT = 420  # seconds for one launch; a hang fails instead of blocking
 
 
 def env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1", **extra}  # fmt: skip
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 def weights_equal(a: Path, b: Path) -> None:
@@ -54,9 +60,14 @@ def weights_equal(a: Path, b: Path) -> None:
 def test_sigterm_checkpoints_exits_143_and_the_relaunch_ends_with_the_uninterrupted_weights(tmp_path):
     straight, out = tmp_path / "straight", tmp_path / "run"
     run_train_unet(tiny_args(straight, "--max_train_steps", "6"))
-    result = subprocess.run([sys.executable, str(SIGNAL_AT), *tiny_args(out, "--max_train_steps", "6")], cwd=REPO,
-                            env=env(SKIPDIFF_TEST_SIGNAL="3:SIGTERM:self"), capture_output=True, text=True,
-                            timeout=TIMEOUT)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SIGNAL_AT), *tiny_args(out, "--max_train_steps", "6")],
+        cwd=REPO,
+        env=env(SKIPDIFF_TEST_SIGNAL="3:SIGTERM:self"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert "SIGTERM: stopping after this step" in result.stderr and "Traceback" not in result.stderr
     assert "stopped: interrupted by SIGTERM after step 3" in result.stderr
@@ -108,15 +119,37 @@ def test_two_processes_stop_together_on_the_launchers_sigterm_and_resume_to_the_
     """``accelerate launch``'s elastic agent forwards SIGTERM to both gloo workers (what a scheduler's stop
     does); they agree on a step, write one checkpoint, and the launcher exits 143."""
     straight, out = tmp_path / "straight", tmp_path / "run"
-    launch_args = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no"]  # fmt: skip
+    launch_args = [
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     args = ("--max_train_steps", "8")
 
     def launch(folder: Path, *extra: str, signal_at: str | None = None) -> subprocess.CompletedProcess:
         variables = {"SKIPDIFF_TEST_SIGNAL": signal_at or "0:SIGTERM:self", "SKIPDIFF_TEST_STEP_SECONDS": "0.1"}
-        return subprocess.run([str(ACCELERATE), "launch", *launch_args, "--main_process_port", str(free_port()),
-                               str(SIGNAL_AT), *tiny_args(folder, *args, *extra)], cwd=tmp_path, env=env(**variables),
-                              capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+        return subprocess.run(
+            [
+                str(ACCELERATE),
+                "launch",
+                *launch_args,
+                "--main_process_port",
+                str(free_port()),
+                str(SIGNAL_AT),
+                *tiny_args(folder, *args, *extra),
+            ],
+            cwd=tmp_path,
+            env=env(**variables),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
 
     assert launch(straight).returncode == 0
     stopped = launch(out, signal_at="2:SIGTERM:parent")
@@ -140,8 +173,10 @@ def test_a_sweep_reads_a_sigterm_stopped_training_as_an_interruption():
 def test_a_sweep_passes_sigterm_on_to_the_training_it_waits_for_and_survives_it():
     from skipdiff.sweep.launch import forwarding_stop_signals
 
-    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
-             "print('ready', flush=True); time.sleep(60)")  # fmt: skip
+    child = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
     process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "ready"
     before = signal.getsignal(signal.SIGTERM)
@@ -183,9 +218,22 @@ def test_a_planted_pickle_that_would_run_code_is_refused_by_name_and_never_runs(
     marker = tmp_path / "ran"
     torch.save({"state": RunsCode(marker)}, out / "checkpoint-2" / name)
     before = (out / "training_options.json").read_bytes()
-    with pytest.raises(ValueError, match=rf"{name}' would run code to load \(\S*system\).*refused, nothing in it was run"):
-        run_train_unet(tiny_args(out, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                                 "--resume_from_checkpoint", "latest", "--allow_changed", "max_train_steps"))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=rf"{name}' would run code to load \(\S*system\).*refused, nothing in it was run"
+    ):
+        run_train_unet(
+            tiny_args(
+                out,
+                "--max_train_steps",
+                "4",
+                "--checkpointing_steps",
+                "2",
+                "--resume_from_checkpoint",
+                "latest",
+                "--allow_changed",
+                "max_train_steps",
+            )
+        )
     assert not marker.exists()
     assert (out / "training_options.json").read_bytes() == before  # a refused resume rewrites nothing
 
@@ -213,8 +261,11 @@ def test_overwrite_refuses_a_folder_holding_files_skipdiff_never_writes_and_dele
     (repo / "eval").mkdir()
     (repo / "eval" / "results.md").write_text("numbers\n")
     before = snapshot(repo)
-    with pytest.raises(ValueError, match=r"--overwrite_output_dir refused: .*repo' holds files that skipdiff never "
-                                         r"writes in a run folder \(\.git/, eval/results\.md, skipdiff/\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"--overwrite_output_dir refused: .*repo' holds files that skipdiff never "
+        r"writes in a run folder \(\.git/, eval/results\.md, skipdiff/\)",
+    ):
         run_train_unet(tiny_args(repo, "--max_train_steps", "1", "--overwrite_output_dir"))
     assert snapshot(repo) == before
 
@@ -255,8 +306,9 @@ def evaluate_cli(*argv: str) -> int:
 
 
 @pytest.mark.slow
-def test_evaluations_with_agreeing_settings_merge_and_differing_ones_are_refused_unless_overwrite(checkpointed,
-                                                                                                  tmp_path, capsys):  # fmt: skip
+def test_evaluations_with_agreeing_settings_merge_and_differing_ones_are_refused_unless_overwrite(
+    checkpointed, tmp_path, capsys
+):
     import json
 
     run = tmp_path / "run"
@@ -284,8 +336,9 @@ def test_evaluations_with_agreeing_settings_merge_and_differing_ones_are_refused
     assert replaced["skip_spec"] == "zero" and "grad_stability" not in replaced
 
 
-def test_an_edited_split_in_training_options_is_refused_against_the_checkpoints_own_copy(checkpointed, tmp_path,
-                                                                                          capsys):  # fmt: skip
+def test_an_edited_split_in_training_options_is_refused_against_the_checkpoints_own_copy(
+    checkpointed, tmp_path, capsys
+):
     """With ``split_seed`` edited, evaluation scored a test split holding training images, and said nothing."""
     import json
 
@@ -298,8 +351,13 @@ def test_an_edited_split_in_training_options_is_refused_against_the_checkpoints_
     assert evaluate_cli("--checkpoint", str(run), "--denoise_loss") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"'{options_file}' names another train/test split" in err[0], err
-    assert f"split_seed: training_options.json {trained['split_seed'] + 7} vs checkpoint {trained['split_seed']}" in err[0]
-    assert "test_fraction: training_options.json 0.5 vs checkpoint" in err[0] and "checkpoint-2/skipdiff_state.json" in err[0]
+    assert (
+        f"split_seed: training_options.json {trained['split_seed'] + 7} vs checkpoint {trained['split_seed']}" in err[0]
+    )
+    assert (
+        "test_fraction: training_options.json 0.5 vs checkpoint" in err[0]
+        and "checkpoint-2/skipdiff_state.json" in err[0]
+    )
     assert not (run / "eval").exists()
 
     options_file.write_text(json.dumps({**trained, "learning_rate": 1.0}))  # not the split: the run still loads
@@ -323,7 +381,9 @@ def test_a_second_evaluation_into_a_folder_in_use_is_refused_naming_it(checkpoin
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert evaluate_cli("--checkpoint", str(checkpointed), "--denoise_loss", "--out", str(out)) == 0  # stale: taken over
+    assert (
+        evaluate_cli("--checkpoint", str(checkpointed), "--denoise_loss", "--out", str(out)) == 0
+    )  # stale: taken over
     assert (out / "eval.json").is_file() and not (out / EVAL_LOCK_FILE).exists()
 
 
@@ -359,7 +419,7 @@ def test_a_full_disk_while_safetensors_writes_a_checkpoint_is_one_error_line(tmp
     from skipdiff.cli.train_unet import main
 
     def disk_full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(accelerate.utils.other, "safe_save_file", disk_full)
     out = tmp_path / "run"
@@ -371,7 +431,7 @@ def test_a_full_disk_while_safetensors_writes_a_checkpoint_is_one_error_line(tmp
     finally:
         reset_accelerate_state()
     text = capsys.readouterr().err  # (after tqdm's progress line, which ends in a carriage return)
-    err = [line[line.index("error: "):] for line in text.splitlines() if "error: " in line]
+    err = [line[line.index("error: ") :] for line in text.splitlines() if "error: " in line]
     assert "Traceback" not in text
     assert code == 1 and len(err) == 1, err
     assert "could not write checkpoint" in err[0] and "checkpoint-1" in err[0] and "No space left" in err[0]
@@ -393,9 +453,15 @@ def test_a_sweep_leaves_a_cell_another_process_is_training_untouched(tmp_path, m
     from skipdiff.sweep import launch
     from skipdiff.sweep.runner import SweepError
 
-    spec = sweep.parse_spec({"kind": "diffusion", "base": {"model": "tiny", "vae": "none", "resolution": 8},
-                             "grid": {"skips": {"none": "none"}, "seed": [0]}, "eval": {"denoise_loss": True}},
-                            "micro")  # fmt: skip
+    spec = sweep.parse_spec(
+        {
+            "kind": "diffusion",
+            "base": {"model": "tiny", "vae": "none", "resolution": 8},
+            "grid": {"skips": {"none": "none"}, "seed": [0]},
+            "eval": {"denoise_loss": True},
+        },
+        "micro",
+    )
     out = tmp_path / "out"
     cell = out / "skips-none__seed-0"
     cell.mkdir(parents=True)  # as the first sweep left it a few steps into training
@@ -439,8 +505,15 @@ def five_images(folder: Path) -> Path:
 def vae_options(images: Path, out: Path, **changes):
     from skipdiff.training.vae_options import VaeOptions
 
-    fields = dict(train_data_dir=str(images), test_fraction=0.4, preset="tiny", train_batch_size=2, max_train_steps=2,
-                  num_threads=1, output_dir=str(out))  # fmt: skip
+    fields = dict(
+        train_data_dir=str(images),
+        test_fraction=0.4,
+        preset="tiny",
+        train_batch_size=2,
+        max_train_steps=2,
+        num_threads=1,
+        output_dir=str(out),
+    )
     return VaeOptions(**{**fields, **changes})
 
 
@@ -469,7 +542,7 @@ def test_a_vae_stage_stopped_while_saving_leaves_no_folder_a_later_run_would_reu
     assert stage.vae_folder_state(out) == ("finished", [])
 
 
-def test_two_runs_training_one_vae_stage_together_keep_the_first_saved(tmp_path, monkeypatch, capsys):
+def test_two_runs_training_one_vae_stage_together_keep_the_first_saved(tmp_path, monkeypatch, caplog):
     """Two runs of one split start ``--vae auto`` together: the second to finish keeps the first's VAE (both
     runs and every later one encode with it) instead of replacing it under the first run."""
     from diffusers import AutoencoderKL
@@ -486,7 +559,7 @@ def test_two_runs_training_one_vae_stage_together_keep_the_first_saved(tmp_path,
 
     monkeypatch.setattr(AutoencoderKL, "save_pretrained", the_other_run_saves_first)
     assert stage.train_vae(vae_options(images, out, seed=1)) == first_metrics
-    assert snapshot(out) == snapshot(first) and "that one is kept and used" in capsys.readouterr().err
+    assert snapshot(out) == snapshot(first) and "that one is kept and used" in caplog.text  # a logging warning
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -504,8 +577,11 @@ def test_a_half_written_vae_folder_is_refused_by_name_and_never_reused(tmp_path,
     folder.mkdir(parents=True)
     (folder / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
     monkeypatch.setattr(runtime, "train_vae", lambda *args: pytest.fail("trained instead of refusing"))
-    with pytest.raises(ValueError, match=rf"'{folder}' holds an unfinished VAE stage \(no diffusion_pytorch_model"
-                                         r"\.safetensors, vae_metrics\.json: .*delete the folder"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"'{folder}' holds an unfinished VAE stage \(no diffusion_pytorch_model"
+        r"\.safetensors, vae_metrics\.json: .*delete the folder",
+    ):
         runtime.prepare_encoder(options, None, 1)
     with pytest.raises(ValueError, match=r"cannot be loaded \(missing, truncated or half-written weights\?\)"):
         load_encoder(str(folder), 1)  # named by hand (--vae FOLDER): a remedy instead of diffusers' bare error
@@ -538,8 +614,11 @@ def test_sigterm_during_the_vae_stage_stops_it_after_the_current_step(tmp_path, 
     out = tmp_path / "vae"
     with StopRequest() as run:
         outer = signal.getsignal(signal.SIGTERM)
-        with pytest.raises(TrainingInterrupted, match=r"interrupted by SIGTERM after step 2 of 400; .*nothing of it "
-                                                      r"was saved") as info:  # fmt: skip
+        with pytest.raises(
+            TrainingInterrupted,
+            match=r"interrupted by SIGTERM after step 2 of 400; .*nothing of it "
+            r"was saved",
+        ) as info:
             stage.train_vae(vae_options(five_images(tmp_path / "images"), out, max_train_steps=400))
         assert signal.getsignal(signal.SIGTERM) == outer and not run.flag  # the run's own handler is back
     assert info.value.exit_status == 143 and stage.vae_folder_state(out) == ("none", [])
@@ -552,7 +631,7 @@ def test_sigterm_during_the_vae_stage_stops_it_after_the_current_step(tmp_path, 
 
 def error_lines(text: str) -> list[str]:
     """The ``error:`` lines of a command's stderr (after tqdm's progress, which ends in a carriage return)."""
-    return [line[line.index("error: "):] for line in text.splitlines() if "error: " in line]
+    return [line[line.index("error: ") :] for line in text.splitlines() if "error: " in line]
 
 
 def no_space(*args, **kwargs):
@@ -573,8 +652,7 @@ def raw_weights_do_not_fit(monkeypatch) -> None:
     monkeypatch.setattr(SkipUNet2DModel, "save_pretrained", save_pretrained)
 
 
-def test_a_full_disk_during_the_export_is_one_line_and_leaves_no_run_that_looks_finished(tmp_path, monkeypatch,
-                                                                                          capsys):  # fmt: skip
+def test_a_full_disk_during_the_export_is_one_line_and_leaves_no_run_that_looks_finished(tmp_path, monkeypatch, capsys):
     """It left model_index.json and unet/ without unet_raw/: evaluation read the EMA weights as the raw ones."""
     from helpers.unet_runs import reset_accelerate_state
 
@@ -649,9 +727,9 @@ def test_an_export_stopped_while_moving_its_files_in_is_refused_by_name(checkpoi
     assert not (run / UNFINISHED_EXPORT).exists() and SkipDiffPipeline.from_pretrained(run).unet is not None
 
 
-def test_a_full_disk_while_evaluation_writes_its_results_is_one_line_and_keeps_the_earlier_ones(checkpointed,
-                                                                                                 tmp_path, monkeypatch,
-                                                                                                 capsys):  # fmt: skip
+def test_a_full_disk_while_evaluation_writes_its_results_is_one_line_and_keeps_the_earlier_ones(
+    checkpointed, tmp_path, monkeypatch, capsys
+):
     import pathlib
 
     run = Path(shutil.copytree(checkpointed, tmp_path / "run"))

@@ -82,12 +82,33 @@ def test_spike_rule_counts_only_outliers():
 
 
 def test_stability_from_stats_orders_blocks_and_finds_vanishing_ratio():
-    records = [{"step": s, "loss": 1.0 / s, "grad_norm": 1.0, "nonfinite_total": 1 if s > 5 else 0,
-                "grad_norm_by_block": {"up_blocks.1": 2.0, "conv_out": 4.0, "down_blocks.0": 0.5, "conv_in": 0.4,
-                                       "mid_block": 1.0, "up_blocks.0": 1.5, "gates": 9.0}}
-               for s in range(1, 11)]  # fmt: skip
+    records = [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "grad_norm": 1.0,
+            "nonfinite_total": 1 if s > 5 else 0,
+            "grad_norm_by_block": {
+                "up_blocks.1": 2.0,
+                "conv_out": 4.0,
+                "down_blocks.0": 0.5,
+                "conv_in": 0.4,
+                "mid_block": 1.0,
+                "up_blocks.0": 1.5,
+                "gates": 9.0,
+            },
+        }
+        for s in range(1, 11)
+    ]
     figures = stability_from_stats(records, window=4)
-    assert list(figures["blocks"]) == ["conv_in", "down_blocks.0", "mid_block", "up_blocks.0", "up_blocks.1", "conv_out"]
+    assert list(figures["blocks"]) == [
+        "conv_in",
+        "down_blocks.0",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1",
+        "conv_out",
+    ]
     assert figures["first_to_last_ratio_median"] == pytest.approx(0.1)
     assert figures["grad_norm_cv"] == 0.0 and figures["nonfinite_total"] == 1
     with pytest.raises(ValueError, match="no gradient records"):
@@ -117,13 +138,27 @@ def test_shattering_probe_separates_smooth_from_white_noise_gradients():
 @pytest.mark.slow
 def test_cli_writes_json_markdown_and_plots(tiny_run, tmp_path):
     out = tmp_path / "eval"
-    main(["--checkpoint", str(tiny_run), "--denoise_loss", "--grad_stability", "--skip_importance", "--buckets", "4",
-          "--out", str(out), "--num_threads", "1"])  # fmt: skip
+    main(
+        [
+            "--checkpoint",
+            str(tiny_run),
+            "--denoise_loss",
+            "--grad_stability",
+            "--skip_importance",
+            "--buckets",
+            "4",
+            "--out",
+            str(out),
+            "--num_threads",
+            "1",
+        ]
+    )
     result = json.loads((out / "eval.json").read_text())
     assert set(result) >= {"denoise", "grad_stability", "skip_importance", "settings", "skips", "parameters"}
     assert result["settings"]["buckets"] == 4 and len(result["denoise"]["buckets"]) == 4
-    assert result["grad_stability"]["num_records"] == len([r for r in read_stats(tiny_run / "stats.jsonl")
-                                                           if r.get("grad_norm_by_block")])  # fmt: skip
+    assert result["grad_stability"]["num_records"] == len(
+        [r for r in read_stats(tiny_run / "stats.jsonl") if r.get("grad_norm_by_block")]
+    )
     for name in ("loss_by_timestep.png", "grad_norms.png", "grad_norm_heatmap.png", "skip_importance_0.0.png"):
         assert (out / name).stat().st_size > 1000
     assert "| run |" in (out / "eval.md").read_text()
@@ -185,7 +220,9 @@ def test_missing_or_mismatched_checkpoints_fail_clearly(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_stochastic_skips_are_also_scored_under_their_map_path(tiny_run, tmp_path):
     run = tmp_path / "markov"
-    run_train_unet(tiny_args(run, "--max_train_steps", "4", "--skips", "markov", "--markov", "warmup_steps=0,min_count=1"))
+    run_train_unet(
+        tiny_args(run, "--max_train_steps", "4", "--skips", "markov", "--markov", "warmup_steps=0,min_count=1")
+    )
     main(["--checkpoint", str(run), "--denoise_loss", "--buckets", "2", "--num_threads", "1"])
     result = json.loads((run / "eval" / "eval.json").read_text())
     score = result["map"]
@@ -204,11 +241,27 @@ def test_stochastic_skips_are_also_scored_under_their_map_path(tiny_run, tmp_pat
 @pytest.mark.slow
 def test_evaluation_samples_with_a_skip_cache_and_records_its_bound(tiny_run, tmp_path):
     """--cache: FID of cached sampling next to the FLOP bound; interval 1 scores exactly as no cache."""
-    common = ["--checkpoint", str(tiny_run), "--fid", "--num_samples", "20", "--seeds", "0", "--steps", "6",
-              "--feature_extractor", "digits", "--num_threads", "1"]  # fmt: skip
+    common = [
+        "--checkpoint",
+        str(tiny_run),
+        "--fid",
+        "--num_samples",
+        "20",
+        "--seeds",
+        "0",
+        "--steps",
+        "6",
+        "--feature_extractor",
+        "digits",
+        "--num_threads",
+        "1",
+    ]
     results = {}
-    for name, extra in {"plain": [], "interval1": ["--cache", "skip_branch", "--cache_interval", "1"],
-                        "interval3": ["--cache", "skip_branch", "--cache_interval", "3"]}.items():  # fmt: skip
+    for name, extra in {
+        "plain": [],
+        "interval1": ["--cache", "skip_branch", "--cache_interval", "1"],
+        "interval3": ["--cache", "skip_branch", "--cache_interval", "3"],
+    }.items():
         main([*common, *extra, "--out", str(tmp_path / name)])
         results[name] = json.loads((tmp_path / name / "eval.json").read_text())
     fid = {name: r["fid"]["summary"]["fid"]["mean"] for name, r in results.items()}
@@ -226,8 +279,15 @@ def test_loss_spikes_are_counted_on_per_step_losses():
         steps = (1.0 + 0.2 * torch.randn(10, generator=generator)).tolist()
         if window == 10:
             steps[4] = 3.5  # one step ~12 per-step MADs above the median
-        records.append({"step": 10 * (window + 1), "loss": sum(steps) / 10, "step_losses": steps,
-                        "grad_norm": 1.0, "grad_norm_by_block": {"conv_in": 1.0, "conv_out": 1.0}})  # fmt: skip
+        records.append(
+            {
+                "step": 10 * (window + 1),
+                "loss": sum(steps) / 10,
+                "step_losses": steps,
+                "grad_norm": 1.0,
+                "grad_norm_by_block": {"conv_in": 1.0, "conv_out": 1.0},
+            }
+        )
     result = stability_from_stats(records, window=20, k=6.0)
     assert result["loss_spikes"] == 1 and result["loss_spikes_counted_on"] == "per-step losses"
     assert result["loss_spikes_window_means"] == 0

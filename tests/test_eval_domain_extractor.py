@@ -67,8 +67,14 @@ def _rows(x: torch.Tensor) -> set[bytes]:
 
 @pytest.mark.slow
 def test_extractor_trains_on_the_runs_train_split(tmp_path, recorded_fit):
-    training = {"dataset": "photo_patches", "split_seed": 3, "test_fraction": 0.25, "max_train_samples": 100,
-                "resolution": 16, "learning_rate": 1e-3}  # a run's training_options.json  # fmt: skip
+    training = {
+        "dataset": "photo_patches",
+        "split_seed": 3,
+        "test_fraction": 0.25,
+        "max_train_samples": 100,
+        "resolution": 16,
+        "learning_rate": 1e-3,
+    }  # a run's training_options.json
     run = subset(DataOptions, training)
     folder = domain_module.train_domain_extractor(run, 0, tmp_path / "ext", min_accuracy=0.0)
     splits = load_image_splits(DataOptions(dataset="photo_patches", split_seed=3, test_fraction=0.25))
@@ -100,7 +106,10 @@ def test_cache_folder_is_keyed_by_dataset_resolution_split_channels_and_seed(tmp
     names = {domain_module.extractor_dir(data, 0, tmp_path).name for data in others}
     names.add(domain_module.extractor_dir(base, 1, tmp_path).name)
     assert len(names) == 6 and folder.name not in names
-    same = [DataOptions(dataset="photo_patches", max_train_samples=50), DataOptions(dataset="photo_patches", random_flip=True)]
+    same = [
+        DataOptions(dataset="photo_patches", max_train_samples=50),
+        DataOptions(dataset="photo_patches", random_flip=True),
+    ]
     assert {domain_module.extractor_dir(data, 0, tmp_path) for data in same} == {folder}
 
 
@@ -124,7 +133,9 @@ def test_a_domain_extractor_needs_a_built_in_image_set(tmp_path):
 
 def test_too_low_accuracy_fails_and_saves_nothing(tmp_path, recorded_fit):
     with pytest.raises(RuntimeError, match="photo_patches extractor reached .* < min_accuracy=1.01"):
-        domain_module.train_domain_extractor(DataOptions(dataset="photo_patches"), 0, tmp_path / "ext", min_accuracy=1.01)
+        domain_module.train_domain_extractor(
+            DataOptions(dataset="photo_patches"), 0, tmp_path / "ext", min_accuracy=1.01
+        )
     assert not (tmp_path / "ext").exists()
 
 
@@ -146,8 +157,9 @@ def test_training_an_extractor_prints_where_it_goes_and_each_epoch(tmp_path, cap
     """Issue 31: the digits extractor trained for 50-90 s without a word."""
     recipe = domain_module.ExtractorRecipe(widths=(4,), hidden_size=8, epochs=2, batch_size=256)
     folder = tmp_path / "ext"
-    domain_module.train_domain_extractor(DataOptions(dataset="digits", resolution=8), 0, folder, recipe=recipe,
-                                         min_accuracy=0.0)  # fmt: skip
+    domain_module.train_domain_extractor(
+        DataOptions(dataset="digits", resolution=8), 0, folder, recipe=recipe, min_accuracy=0.0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("training the digits feature extractor for FID") and str(folder) in lines[0]
     assert "2 epochs on 1437 train images" in lines[0]

@@ -81,8 +81,12 @@ def test_images_to_uint8_inverts_the_data_transform():
     as_float = pixels.float() / 255 * 2 - 1  # ToTensor + Normalize([0.5], [0.5]), as skipdiff.data does
     assert torch.equal(images_to_uint8(as_float), pixels)
     assert images_to_uint8(torch.tensor([-3.0, -1.0, 0.0, 1.0, 7.0]).view(1, 1, 1, 5)).flatten().tolist() == [
-        0, 0, 128, 255, 255,
-    ]  # fmt: skip
+        0,
+        0,
+        128,
+        255,
+        255,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -128,9 +132,11 @@ def test_fid_does_not_depend_on_the_batch_size(extractor):
     images, reference = random_uint8(50, seed=3, high=200), random_uint8(70, seed=4)
     reference_stats = features_to_statistics(features_of(reference, extractor, cuda=False))
     fids = [
-        statistics_to_fid(*features_to_statistics(features_of(images, extractor, batch_size=b, cuda=False)), *reference_stats)
+        statistics_to_fid(
+            *features_to_statistics(features_of(images, extractor, batch_size=b, cuda=False)), *reference_stats
+        )
         for b in (1, 7, 64)
-    ]  # fmt: skip
+    ]
     assert max(fids) - min(fids) <= 1e-6 * abs(fids[0])
 
 
@@ -184,18 +190,10 @@ def test_registered_extractor_is_a_frozen_copy():
 def test_classifier_extractor_converts_grey_and_colour():
     grey = random_uint8(6, channels=1)
     rgb = grey.expand(-1, 3, -1, -1).contiguous()
-    grey_model = create_extractor(
-        register_classifier_extractor(tiny_classifier(channels=1), "grey"), cuda=False
-    )
-    colour_model = create_extractor(
-        register_classifier_extractor(tiny_classifier(channels=3), "rgb"), cuda=False
-    )
-    torch.testing.assert_close(
-        features_of(rgb, grey_model, cuda=False), features_of(grey, grey_model, cuda=False)
-    )
-    torch.testing.assert_close(
-        features_of(grey, colour_model, cuda=False), features_of(rgb, colour_model, cuda=False)
-    )
+    grey_model = create_extractor(register_classifier_extractor(tiny_classifier(channels=1), "grey"), cuda=False)
+    colour_model = create_extractor(register_classifier_extractor(tiny_classifier(channels=3), "rgb"), cuda=False)
+    torch.testing.assert_close(features_of(rgb, grey_model, cuda=False), features_of(grey, grey_model, cuda=False))
+    torch.testing.assert_close(features_of(grey, colour_model, cuda=False), features_of(rgb, colour_model, cuda=False))
 
 
 def test_classifier_extractor_resizes_to_its_resolution():
@@ -225,9 +223,7 @@ def test_unknown_extractor_is_a_clear_error(tmp_path):
 def test_inception_offline_without_weights_fails_early(monkeypatch, tmp_path):
     monkeypatch.setattr(inception_module, "inception_cache_path", lambda: tmp_path / "missing.pth")
     monkeypatch.setattr(inception_module, "network_reachable", lambda *args, **kwargs: False)
-    with pytest.raises(
-        InceptionUnavailableError, match="--inception_weights PATH.*--feature_extractor digits"
-    ):
+    with pytest.raises(InceptionUnavailableError, match="--inception_weights PATH.*--feature_extractor digits"):
         resolve_extractor(INCEPTION)
     with pytest.raises(ValueError, match="is not a file"):
         inception_kwargs(tmp_path / "nowhere.pth")
@@ -241,17 +237,13 @@ def test_inception_weights_from_a_file_or_the_hub_cache(monkeypatch, tmp_path):
         "feature_extractor_weights_path": str(weights),
     }
     monkeypatch.setattr(inception_module, "inception_cache_path", lambda: weights)
-    monkeypatch.setattr(
-        inception_module, "network_reachable", lambda *args, **kwargs: pytest.fail("no network")
-    )
+    monkeypatch.setattr(inception_module, "network_reachable", lambda *args, **kwargs: pytest.fail("no network"))
     assert resolve_extractor("inception").kwargs == {"feature_extractor_weights_path": str(weights)}
 
 
 def test_offline_flag_skips_the_network_check(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(
-        inception_module.socket, "create_connection", lambda *a, **k: pytest.fail("dialled out")
-    )
+    monkeypatch.setattr(inception_module.socket, "create_connection", lambda *a, **k: pytest.fail("dialled out"))
     assert inception_module.network_reachable() is False
 
 
@@ -278,17 +270,13 @@ def test_real_images_cache_name_hashes_the_pixels():
 
 def test_reference_features_are_cached_per_pixels_and_extractor(monkeypatch, tmp_path, extractor):
     real = RealImages(random_uint8(20), "skipdiff-toy-8px-abc")
-    first = features_of(
-        real.images, extractor, cache_name=real.cache_name, cache_root=str(tmp_path), cuda=False
-    )
+    first = features_of(real.images, extractor, cache_name=real.cache_name, cache_root=str(tmp_path), cuda=False)
     cached = tmp_path / f"skipdiff-toy-8px-abc-{extractor.get_name()}-features-features.pt"
     assert cached.is_file()
     monkeypatch.setattr(
         torch_fidelity.utils, "get_featuresdict_from_dataset", lambda *a, **k: pytest.fail("recomputed")
     )
-    again = features_of(
-        real.images, extractor, cache_name=real.cache_name, cache_root=str(tmp_path), cuda=False
-    )
+    again = features_of(real.images, extractor, cache_name=real.cache_name, cache_root=str(tmp_path), cuda=False)
     assert torch.equal(first, again)
 
 
@@ -300,9 +288,16 @@ def test_fid_equals_torch_fidelity_calculate_metrics(tmp_path, extractor):
         features_of(real, extractor, cache_name="toy-real", cache_root=str(tmp_path), cuda=False),
     )
     theirs = torch_fidelity.calculate_metrics(
-        input1=fid_module.UInt8Images(generated), input2=fid_module.UInt8Images(real), input2_cache_name="toy-real",
-        fid=True, feature_extractor=name, cuda=False, save_cpu_ram=True, cache_root=str(tmp_path), verbose=False,
-    )[torch_fidelity.KEY_METRIC_FID]  # fmt: skip
+        input1=fid_module.UInt8Images(generated),
+        input2=fid_module.UInt8Images(real),
+        input2_cache_name="toy-real",
+        fid=True,
+        feature_extractor=name,
+        cuda=False,
+        save_cpu_ram=True,
+        cache_root=str(tmp_path),
+        verbose=False,
+    )[torch_fidelity.KEY_METRIC_FID]
     assert abs(ours - theirs) <= 1e-4 * abs(ours)  # theirs: float32 means
     assert len(list(tmp_path.glob(f"toy-real-{name}-*"))) == 2  # its stats next to our shared features file
 
@@ -324,9 +319,17 @@ def test_fid_with_floor_reports_seeds_floor_and_spread(tmp_path, extractor):
     test = RealImages(random_uint8(30, seed=8), "toy-test")
     reference, heldout = reference_and_heldout({"train": train, "test": test}, "train")
     report = fid_with_floor(
-        noisy_copies(train.images, 0.5), reference, heldout, extractor, num_samples=30, seeds=[0, 1, 2],
-        kid=True, prc=True, cache_root=str(tmp_path), cuda=False,
-    )  # fmt: skip
+        noisy_copies(train.images, 0.5),
+        reference,
+        heldout,
+        extractor,
+        num_samples=30,
+        seeds=[0, 1, 2],
+        kid=True,
+        prc=True,
+        cache_root=str(tmp_path),
+        cuda=False,
+    )
     assert report.seeds == [0, 1, 2] and len(report.per_seed) == 3
     assert report.kid_subset_size == 30 and report.reference_size == 60 and report.heldout_size == 30
     for key in ("fid", "floor_fid", "kid_mean", "floor_kid_mean", "precision", "recall", "floor_recall"):

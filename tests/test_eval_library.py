@@ -25,10 +25,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_sd_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=2, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=2, attention_head_dim=2).eval()  # fmt: skip
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=2,
+        attention_head_dim=2,
+    ).eval()
 
 
 @pytest.mark.slow
@@ -60,10 +68,14 @@ def test_importance_on_a_text_unet_replays_and_reuses_the_embeddings():
     assert calls == [4, 2]  # one text encoding per batch, shared by 2 buckets x (1 + 6) forwards
     full = skip_importance(*args, buckets=2, unet_kwargs=conditioning, router=router, replay=False)
     assert replayed["factors"] == full["factors"]
-    denoise = denoising_loss_by_bucket(unet, DDPMScheduler(), PixelEncoder(4), batches, buckets=2, unet_kwargs=conditioning)
+    denoise = denoising_loss_by_bucket(
+        unet, DDPMScheduler(), PixelEncoder(4), batches, buckets=2, unet_kwargs=conditioning
+    )
     assert replayed["baseline"] == [b["loss"] for b in denoise["buckets"]]
     flops = replay_flops(unet, router, torch.randn(1, 4, 8, 8), torch.tensor([10]), {"encoder_hidden_states": text[:1]})
-    assert all(later <= earlier < flops["full"] for earlier, later in zip(flops["partial"], flops["partial"][1:], strict=False))
+    assert all(
+        later <= earlier < flops["full"] for earlier, later in zip(flops["partial"], flops["partial"][1:], strict=False)
+    )
     assert flops["naive_over_replay"] > 1.5
     router.detach()
 
@@ -105,8 +117,10 @@ def test_clip_score_is_torchmetrics_definition_per_image(tmp_path):
             return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
     wrapped = TensorFeatures(model)
-    theirs = [float(functional.clip_score(image, prompt, model_name_or_path=lambda: (wrapped, processor)))
-              for image, prompt in zip(images, prompts, strict=True)]  # fmt: skip
+    theirs = [
+        float(functional.clip_score(image, prompt, model_name_or_path=lambda: (wrapped, processor)))
+        for image, prompt in zip(images, prompts, strict=True)
+    ]
     np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-4)
     assert (ours >= 0).all() and (ours == 0).any() == any(t == 0 for t in theirs)
 
@@ -137,15 +151,19 @@ def test_numeric_and_combined_options_are_checked(values, message):
 
 
 def fake_result(num_samples: int, fid: float) -> dict:
-    return {"settings": {"num_samples": num_samples, "seeds": [0], "sampler": "ddim", "steps": 50, "buckets": 10},
-            "fid": {"summary": {"fid": {"mean": fid, "std": None}}}, "parameters": 10}  # fmt: skip
+    return {
+        "settings": {"num_samples": num_samples, "seeds": [0], "sampler": "ddim", "steps": 50, "buckets": 10},
+        "fid": {"summary": {"fid": {"mean": fid, "std": None}}},
+        "parameters": 10,
+    }
 
 
 def test_compare_keys_results_by_full_path_and_shows_mixed_settings(tmp_path):
     for parent, samples, fid in (("a", 100, 1.0), ("b", 200, 2.0)):
         write_results(tmp_path / parent / "run" / "eval", fake_result(samples, fid), "run")
-    table = compare([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), str(tmp_path / "a" / "run")],
-                    str(tmp_path / "cmp"))  # fmt: skip
+    table = compare(
+        [str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), str(tmp_path / "a" / "run")], str(tmp_path / "cmp")
+    )
     assert "| a/run | 1 |" in table and "| b/run | 2 |" in table and table.count("/run |") == 2
     assert "Settings differ" in table
     assert "- a/run: sampling (fid): ddim-50, no skip cache; FID: 100 samples per seed" in table
@@ -185,7 +203,9 @@ def test_a_colour_pipeline_scored_against_grey_images_is_warned(tmp_path):
 
     folder = ddpm_pipeline(tmp_path / "ddpm")  # 8x8 RGB
     options = dict(checkpoint=str(folder), denoise_loss=True, buckets=2, denoise_images=4, resolution=8)
-    with pytest.warns(UserWarning, match="makes 3-channel images but the reference images are 1-channel.*grey repeated"):
+    with pytest.warns(
+        UserWarning, match="makes 3-channel images but the reference images are 1-channel.*grey repeated"
+    ):
         evaluate(EvalOptions(**options, dataset="digits", out=str(tmp_path / "digits")))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # colour reference images: nothing to say
@@ -234,13 +254,17 @@ def test_every_export_is_what_it_names_even_after_its_submodules_are_imported():
 
 @pytest.mark.slow
 def test_evaluation_imports_no_training_code_and_help_needs_no_torch():
-    code = ("import sys, skipdiff.eval.evaluation, skipdiff.eval.results, skipdiff.report, skipdiff.targets; "
-            "from skipdiff.eval import evaluate, evaluate_target, skip_importance; "
-            "bad = sorted(m for m in sys.modules if m.startswith('skipdiff.training')); assert not bad, bad")  # fmt: skip
+    code = (
+        "import sys, skipdiff.eval.evaluation, skipdiff.eval.results, skipdiff.report, skipdiff.targets; "
+        "from skipdiff.eval import evaluate, evaluate_target, skip_importance; "
+        "bad = sorted(m for m in sys.modules if m.startswith('skipdiff.training')); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-    code = ("import runpy, sys; sys.argv = ['skipdiff.eval', '--help']\n"
-            "try:\n    runpy.run_module('skipdiff.eval', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported for --help'")  # fmt: skip
+    code = (
+        "import runpy, sys; sys.argv = ['skipdiff.eval', '--help']\n"
+        "try:\n    runpy.run_module('skipdiff.eval', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported for --help'"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, text=True).stdout
     assert "--skips" in out and "--clip_model" in out and "--torch_dtype" in out
     assert RESULTS_FILE == "eval.json"

@@ -36,8 +36,12 @@ def assets(tmp_path_factory):
     )
     extractor.save_pretrained(root / "extractor")
     (root / "prompts.txt").write_text("a red square\n\na blue circle\ngreen stripes\n")
-    return {"images": captioned_images(root / "images"), "extractor": root / "extractor",
-            "clip": clip_model(root / "clip"), "prompts": root / "prompts.txt"}  # fmt: skip
+    return {
+        "images": captioned_images(root / "images"),
+        "extractor": root / "extractor",
+        "clip": clip_model(root / "clip"),
+        "prompts": root / "prompts.txt",
+    }
 
 
 def numbers(result: dict) -> dict:
@@ -49,17 +53,63 @@ def numbers(result: dict) -> dict:
 @pytest.mark.parametrize("kind", ["ddpm", "ldm", "sd"])
 def test_eval_cli_end_to_end_on_a_tiny_pipeline(kind, assets, tmp_path):
     folder = BUILDERS[kind](tmp_path / kind)
-    base = ["--checkpoint", str(folder), "--train_data_dir", str(assets["images"]), "--buckets", "3",
-            "--num_threads", "1", "--steps", "2"]  # fmt: skip
+    base = [
+        "--checkpoint",
+        str(folder),
+        "--train_data_dir",
+        str(assets["images"]),
+        "--buckets",
+        "3",
+        "--num_threads",
+        "1",
+        "--steps",
+        "2",
+    ]
     per_kind = {
-        "ddpm": ["--resolution", "8", "--fid", "--feature_extractor", str(assets["extractor"]), "--num_samples", "4",
-                 "--seeds", "0", "1"],
+        "ddpm": [
+            "--resolution",
+            "8",
+            "--fid",
+            "--feature_extractor",
+            str(assets["extractor"]),
+            "--num_samples",
+            "4",
+            "--seeds",
+            "0",
+            "1",
+        ],
         "ldm": ["--grid", "--grid_size", "2", "--grid_variants", "none"],
-        "sd": ["--caption_column", "text", "--clip_score", "--clip_model", str(assets["clip"]), "--num_samples", "3",
-               "--seeds", "0", "1", "--grid_size", "2", "--grid_variants", "none", "scale:0.5"],
-    }  # fmt: skip
-    main([*base, *per_kind[kind], "--denoise_loss", "--skip_importance", "--importance_factors", "0", "0.5",
-          "--out", str(tmp_path / "eval")])  # fmt: skip
+        "sd": [
+            "--caption_column",
+            "text",
+            "--clip_score",
+            "--clip_model",
+            str(assets["clip"]),
+            "--num_samples",
+            "3",
+            "--seeds",
+            "0",
+            "1",
+            "--grid_size",
+            "2",
+            "--grid_variants",
+            "none",
+            "scale:0.5",
+        ],
+    }
+    main(
+        [
+            *base,
+            *per_kind[kind],
+            "--denoise_loss",
+            "--skip_importance",
+            "--importance_factors",
+            "0",
+            "0.5",
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     skips = len(result["skips"])
     assert skips == 4  # 2 blocks x (1 + 1) long skips
@@ -88,9 +138,20 @@ def test_eval_cli_end_to_end_on_a_tiny_pipeline(kind, assets, tmp_path):
         assert layout["top"] > 0 and layout["left"] > 0 and layout["bottom"] > 0  # variant, row labels, legend
         assert result["grid"]["variants"][0] is None and len(result["grid"]["variants"]) == columns
     # A second run gives the same numbers, bit for bit.
-    main([*base, *(["--resolution", "8"] if kind == "ddpm" else []),
-          *(["--caption_column", "text"] if kind == "sd" else []),
-          "--denoise_loss", "--skip_importance", "--importance_factors", "0", "0.5", "--out", str(tmp_path / "again")])  # fmt: skip
+    main(
+        [
+            *base,
+            *(["--resolution", "8"] if kind == "ddpm" else []),
+            *(["--caption_column", "text"] if kind == "sd" else []),
+            "--denoise_loss",
+            "--skip_importance",
+            "--importance_factors",
+            "0",
+            "0.5",
+            "--out",
+            str(tmp_path / "again"),
+        ]
+    )
     again = json.loads((tmp_path / "again" / "eval.json").read_text())
     assert again["skip_importance"] == result["skip_importance"] and again["denoise"] == result["denoise"]
 
@@ -98,11 +159,24 @@ def test_eval_cli_end_to_end_on_a_tiny_pipeline(kind, assets, tmp_path):
 def test_evaluating_a_skip_variant_leaves_the_pipeline_bit_identical(assets, tmp_path):
     target = load_target(str(sd_pipeline(tmp_path / "sd")))
     unet = target.unet
-    sample, timesteps, kwargs = torch.randn(2, 4, 8, 8), torch.tensor([50, 600]), {"encoder_hidden_states": torch.randn(2, 77, 32)}
+    sample, timesteps, kwargs = (
+        torch.randn(2, 4, 8, 8),
+        torch.tensor([50, 600]),
+        {"encoder_hidden_states": torch.randn(2, 77, 32)},
+    )
     state = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
     before = unet(sample, timesteps, **kwargs).sample
-    options = dict(checkpoint=str(tmp_path / "sd"), train_data_dir=str(assets["images"]), caption_column="text",
-                   denoise_loss=True, skip_importance=True, buckets=2, grid=True, grid_size=2, steps=2)  # fmt: skip
+    options = dict(
+        checkpoint=str(tmp_path / "sd"),
+        train_data_dir=str(assets["images"]),
+        caption_column="text",
+        denoise_loss=True,
+        skip_importance=True,
+        buckets=2,
+        grid=True,
+        grid_size=2,
+        steps=2,
+    )
     plain = evaluate_target(target, EvalOptions(**options), out=tmp_path / "plain")
     variant = evaluate_target(target, EvalOptions(**options, skips="scale:0.5"), out=tmp_path / "variant")
     assert variant["denoise"]["mean"] != plain["denoise"]["mean"]
@@ -115,9 +189,32 @@ def test_evaluating_a_skip_variant_leaves_the_pipeline_bit_identical(assets, tmp
 
 def test_sdxl_is_evaluated_with_its_two_text_encoders(assets, tmp_path):
     folder = sdxl_pipeline(tmp_path / "xl")
-    main(["--checkpoint", str(folder), "--train_data_dir", str(assets["images"]), "--caption_column", "text",
-          "--prompts", str(assets["prompts"]), "--denoise_loss", "--grid", "--grid_size", "2", "--steps", "2",
-          "--buckets", "2", "--guidance_scale", "3", "--negative_prompt", "blurry", "--num_threads", "1"])  # fmt: skip
+    main(
+        [
+            "--checkpoint",
+            str(folder),
+            "--train_data_dir",
+            str(assets["images"]),
+            "--caption_column",
+            "text",
+            "--prompts",
+            str(assets["prompts"]),
+            "--denoise_loss",
+            "--grid",
+            "--grid_size",
+            "2",
+            "--steps",
+            "2",
+            "--buckets",
+            "2",
+            "--guidance_scale",
+            "3",
+            "--negative_prompt",
+            "blurry",
+            "--num_threads",
+            "1",
+        ]
+    )
     result = json.loads((folder / "eval" / "eval.json").read_text())
     assert result["target"]["pipeline_class"] == "StableDiffusionXLPipeline"
     assert set(result["target"]["conditioning"]["text_encoders"]) == {"text_encoder", "text_encoder_2"}
@@ -159,8 +256,18 @@ def test_a_missing_feature_extractor_fails_before_any_sampling(assets, tmp_path,
     monkeypatch.setattr(extractor_choice, "inception_kwargs", offline)
     monkeypatch.setattr(evaluation, "sample_images", no_sampling)
     folder = ddpm_pipeline(tmp_path / "ddpm")
-    argv = ["--checkpoint", str(folder), "--train_data_dir", str(assets["images"]), "--resolution", "8", "--fid",
-            "--grid", "--num_samples", "4"]  # fmt: skip
+    argv = [
+        "--checkpoint",
+        str(folder),
+        "--train_data_dir",
+        str(assets["images"]),
+        "--resolution",
+        "8",
+        "--fid",
+        "--grid",
+        "--num_samples",
+        "4",
+    ]
     capsys.readouterr()
     assert cli(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: Inception-v3 weights are not cached (offline)"
@@ -171,9 +278,28 @@ def test_eval_md_and_compare_state_what_was_computed_with_the_cache_and_its_boun
     the images used, and no cache (cached and uncached rows looked alike); a text pipeline's eval.json cache held
     only the options, not the FLOP bound."""
     folder = sd_pipeline(tmp_path / "sd")
-    base = ["--checkpoint", str(folder), "--train_data_dir", str(assets["images"]), "--caption_column", "text",
-            "--prompts", str(assets["prompts"]), "--grid", "--grid_size", "2", "--steps", "3", "--denoise_loss",
-            "--buckets", "2", "--denoise_images", "1000", "--num_threads", "1"]  # fmt: skip
+    base = [
+        "--checkpoint",
+        str(folder),
+        "--train_data_dir",
+        str(assets["images"]),
+        "--caption_column",
+        "text",
+        "--prompts",
+        str(assets["prompts"]),
+        "--grid",
+        "--grid_size",
+        "2",
+        "--steps",
+        "3",
+        "--denoise_loss",
+        "--buckets",
+        "2",
+        "--denoise_images",
+        "1000",
+        "--num_threads",
+        "1",
+    ]
     main([*base, "--out", str(tmp_path / "plain")])
     main([*base, "--cache", "skip_branch", "--cache_interval", "3", "--out", str(tmp_path / "cached")])
     cached = json.loads((tmp_path / "cached" / "eval.json").read_text())
@@ -184,11 +310,16 @@ def test_eval_md_and_compare_state_what_was_computed_with_the_cache_and_its_boun
     assert used < 1000
     summary = (tmp_path / "cached" / "eval.md").read_text()
     footer = summary.split("\n\n", 1)[1]
-    assert f"skip cache skip_branch at branch 3, a refresh every 3 steps, FLOP bound {compute['bound_run']:.3g}x" in footer
+    assert (
+        f"skip cache skip_branch at branch 3, a refresh every 3 steps, FLOP bound {compute['bound_run']:.3g}x" in footer
+    )
     assert f"{used} held-out (test split) images" in footer and "1000" not in footer
     assert "FID" not in footer and "samples per seed" not in footer and "CLIP" not in footer  # not computed
     assert "no skip cache" in (tmp_path / "plain" / "eval.md").read_text()
     main(["--compare", str(tmp_path / "plain"), str(tmp_path / "cached"), "--out", str(tmp_path / "cmp")])
-    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "cmp" / "compare.md").read_text().splitlines()
-            if line.startswith("| plain") or line.startswith("| cached")}  # fmt: skip
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+        if line.startswith("| plain") or line.startswith("| cached")
+    }
     assert rows["plain"].endswith("| none |") and f"skip_branch b3 N3 (≤ {compute['bound_run']:.3g}x)" in rows["cached"]

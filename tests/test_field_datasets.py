@@ -27,10 +27,16 @@ from skipdiff.field_patches import (
 
 # (train, test) patches per set with the defaults, as docs/datasets.md lists them
 COUNTS = {
-    "hubble": (2198, 752), "histology": (654, 254), "retina": (3233, 1311), "cells": (743, 249),
-    "moon": (396, 171), "textures": (1842, 700), "faces": (158, 38),
-    "fields_colour": (6085, 2317), "fields_grey": (2981, 1120),
-}  # fmt: skip
+    "hubble": (2198, 752),
+    "histology": (654, 254),
+    "retina": (3233, 1311),
+    "cells": (743, 249),
+    "moon": (396, 171),
+    "textures": (1842, 700),
+    "faces": (158, 38),
+    "fields_colour": (6085, 2317),
+    "fields_grey": (2981, 1120),
+}
 NAMES = sorted(FIELD_DATASETS)
 
 
@@ -74,9 +80,7 @@ def test_sizes_channels_and_value_ranges_are_as_documented(patches, splits):
         assert cut.pixels.shape[1:] == (size, size, spec.channels) and cut.pixels.dtype == np.uint8, name
         assert dataset_channels(splits[name]) == spec.channels  # colour stays colour, grey stays grey
         assert splits[name]["train"][0]["image"].mode == ("RGB" if spec.channels == 3 else "L")
-        x = np.stack(
-            [image_transform(16, spec.channels)(image).numpy() for image in splits[name]["test"]["image"]]
-        )
+        x = np.stack([image_transform(16, spec.channels)(image).numpy() for image in splits[name]["test"]["image"]])
         assert x.shape == (COUNTS[name][1], spec.channels, 16, 16), name
         assert x.min() >= -1.0 and x.max() <= 1.0 and x.max() - x.min() > 1.0, name  # in range, not flat
 
@@ -108,9 +112,7 @@ def test_patches_are_exact_distinct_crops_of_their_image(patches):
             assert ((corners - corners.min(axis=0)) % PATCH_SIZE == 0).all()  # one grid: no overlap
             for i in mine[::53]:
                 top, left = cut.corners[i]
-                np.testing.assert_array_equal(
-                    cut.pixels[i], image[top : top + PATCH_SIZE, left : left + PATCH_SIZE]
-                )
+                np.testing.assert_array_equal(cut.pixels[i], image[top : top + PATCH_SIZE, left : left + PATCH_SIZE])
 
 
 def test_two_builds_give_identical_arrays(patches):
@@ -148,10 +150,7 @@ def test_labels_are_the_quadrant_the_source_or_face(patches):
 def test_a_group_pools_its_members_splits_labelled_by_member(patches):
     for group, members in FIELD_GROUPS.items():
         cut = patches[group]
-        assert (
-            cut.class_names == members
-            and FIELD_DATASETS[group].channels == FIELD_DATASETS[members[0]].channels
-        )
+        assert cut.class_names == members and FIELD_DATASETS[group].channels == FIELD_DATASETS[members[0]].channels
         for label, member in enumerate(members):
             mine = cut.labels == label
             for field in ("pixels", "test", "corners"):
@@ -181,13 +180,9 @@ def test_one_test_block_in_every_aligned_two_by_two_group_and_the_guard_ring():
 
 
 def test_bad_names_and_options_are_refused_naming_them():
-    with pytest.raises(
-        ValueError, match=r"unknown field dataset 'galaxy'; field datasets: \['cells', 'faces'"
-    ):
+    with pytest.raises(ValueError, match=r"unknown field dataset 'galaxy'; field datasets: \['cells', 'faces'"):
         field_patches("galaxy")
-    with pytest.raises(
-        ValueError, match=r"unknown dataset 'galaxy'; built-in datasets: images \['cells', 'digits'"
-    ):
+    with pytest.raises(ValueError, match=r"unknown dataset 'galaxy'; built-in datasets: images \['cells', 'digits'"):
         DataOptions(dataset="galaxy").validate()
     with pytest.raises(ValueError, match=r"unknown dataset 'galaxy'; built-in image sets: .*'hubble'"):
         load_image_splits(DataOptions(dataset="galaxy"))

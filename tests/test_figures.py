@@ -36,8 +36,9 @@ def unlabelled_axes(fig: Figure) -> list[str]:
     """Axes without an x or y label (a colour bar needs its own label on its long side; panels in a row of
     subplots may share the first panel's y label)."""
     missing = []
-    labelled_rows = {ax.get_subplotspec().rowspan.start for ax in fig.axes
-                     if ax.get_subplotspec() is not None and ax.get_ylabel()}  # fmt: skip
+    labelled_rows = {
+        ax.get_subplotspec().rowspan.start for ax in fig.axes if ax.get_subplotspec() is not None and ax.get_ylabel()
+    }
     for ax in fig.axes:
         colorbar = getattr(ax, "_colorbar", None)
         if colorbar is not None:
@@ -68,16 +69,26 @@ def saved(monkeypatch):
 
 def _records(steps=5):
     blocks = ["conv_in", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1", "conv_out"]
-    return [{"step": 10 * (i + 1), "loss": 1.0 / (i + 1), "grad_norm_by_block": {b: 0.1 * (i + 1) * (k + 1)
-             for k, b in enumerate(blocks)}, "markov": {"skips": list(range(9)), "marginals": [0.5] * 9},
-             "grad_norm": {"stem": 0.3, "block 0": 0.2 + i, "head": 0.1}} for i in range(steps)]  # fmt: skip
+    return [
+        {
+            "step": 10 * (i + 1),
+            "loss": 1.0 / (i + 1),
+            "grad_norm_by_block": {b: 0.1 * (i + 1) * (k + 1) for k, b in enumerate(blocks)},
+            "markov": {"skips": list(range(9)), "marginals": [0.5] * 9},
+            "grad_norm": {"stem": 0.3, "block 0": 0.2 + i, "head": 0.1},
+        }
+        for i in range(steps)
+    ]
 
 
 def _importance(skips=12, buckets=10):
     edges = [(100 * b, 100 * b + 99) for b in range(buckets)]
     delta = [[0.001 * (k - b) for b in range(buckets)] for k in range(skips)]
-    return {"buckets": edges, "skips": [{"index": k, "resolution": 64 // 2 ** (k // 3)} for k in range(skips)],
-            "factors": {"0.0": {"delta": delta}, "0.5": {"delta": delta}}}  # fmt: skip
+    return {
+        "buckets": edges,
+        "skips": [{"index": k, "resolution": 64 // 2 ** (k // 3)} for k in range(skips)],
+        "factors": {"0.0": {"delta": delta}, "0.5": {"delta": delta}},
+    }
 
 
 def test_every_figure_fits_its_canvas_and_names_its_axes(saved, tmp_path):
@@ -88,20 +99,50 @@ def test_every_figure_fits_its_canvas_and_names_its_axes(saved, tmp_path):
     assert plots.grad_norm_heatmap(records, tmp_path / "grad_norm_heatmap.png", "digits-latent")
     importance_heatmap(_importance(), "0.0", tmp_path / "skip_importance_0.0.png")
     importance_heatmap(_importance(skips=3, buckets=2), "0.5", tmp_path / "skip_importance_small.png")
-    configurations = {f"skips=config-{k}": [Result(cell=f"c{k}", configuration=f"skips=config-{k}", dataset="digits",
-                                                   seed=0, metrics={}, records=records)] for k in range(12)}  # fmt: skip
+    configurations = {
+        f"skips=config-{k}": [
+            Result(
+                cell=f"c{k}", configuration=f"skips=config-{k}", dataset="digits", seed=0, metrics={}, records=records
+            )
+        ]
+        for k in range(12)
+    }
     assert figures.loss_curves(configurations, tmp_path / "loss_digits.png", "digits, 16px: training loss")
     assert figures.classifier_heatmap(records, tmp_path / "grad_classifier.png", "skip-resnet (seed 0)")
     assert figures.markov_plot(records, tmp_path / "markov.png", "skips=markov (seed 0): P(open)")
-    inference = {name: [Result(cell=name, configuration=name, dataset="ddpm", seed=seed, records=[],
-                               metrics={"fid": 10.0 + k + seed, "seconds_per_image": 1.0 / (1 + k),
-                                        "cache_bound": 1.5 + k if k else None}, floors={seed: 2.0})
-                        for seed in (0, 1)] for k, name in enumerate(["cache=off", "cache=b8-N2", "cache=b8-N3"])}  # fmt: skip
+    inference = {
+        name: [
+            Result(
+                cell=name,
+                configuration=name,
+                dataset="ddpm",
+                seed=seed,
+                records=[],
+                metrics={
+                    "fid": 10.0 + k + seed,
+                    "seconds_per_image": 1.0 / (1 + k),
+                    "cache_bound": 1.5 + k if k else None,
+                },
+                floors={seed: 2.0},
+            )
+            for seed in (0, 1)
+        ]
+        for k, name in enumerate(["cache=off", "cache=b8-N2", "cache=b8-N3"])
+    }
     metric = figures.inference_metric(inference)
-    assert figures.metric_plot(inference, metric, "cache=off", tmp_path / "metric_ddpm.png", "ddpm: FID by configuration")
+    assert figures.metric_plot(
+        inference, metric, "cache=off", tmp_path / "metric_ddpm.png", "ddpm: FID by configuration"
+    )
     assert figures.speed_plot(inference, metric, "cache=off", tmp_path / "speed_ddpm.png", "ddpm: FID against speed")
-    rows = [{"number": i, "state": "pruned" if i % 3 == 2 else "complete", "values": [1.0 / (i + 1), 1e6 * i],
-             "intermediate": {"100": 0.5}} for i in range(8)]  # fmt: skip
+    rows = [
+        {
+            "number": i,
+            "state": "pruned" if i % 3 == 2 else "complete",
+            "values": [1.0 / (i + 1), 1e6 * i],
+            "intermediate": {"100": 0.5},
+        }
+        for i in range(8)
+    ]
     search_report._history(rows, "denoise_mse", True, tmp_path / "history.png")
     search_report._pareto(rows, {0, 3}, ["denoise_mse", "flops"], tmp_path / "pareto.png")
     degradation = _degradation_module()
@@ -126,21 +167,47 @@ def test_the_check_sees_a_clipped_title_and_a_missing_label(tmp_path):
 def test_the_atlas_figures_fit_their_canvas(saved, tmp_path):
     from skipdiff.search import atlas_figures
 
-    fields = [{"field": name, "importance": {"skip.family": 0.6, "model.block_out_channels": 0.3, "learning_rate": 0.1},
-               "front": [{"flops": 1e6 * (k + 1), "value": 0.3 - 0.01 * k, "trial": k} for k in range(3)]}
-              for name in ("digits", "photo_patches", "hubble")]  # fmt: skip
+    fields = [
+        {
+            "field": name,
+            "importance": {"skip.family": 0.6, "model.block_out_channels": 0.3, "learning_rate": 0.1},
+            "front": [{"flops": 1e6 * (k + 1), "value": 0.3 - 0.01 * k, "trial": k} for k in range(3)],
+        }
+        for name in ("digits", "photo_patches", "hubble")
+    ]
     atlas_figures.importance_figure(fields, tmp_path / "importance.png")
     atlas_figures.front_figure(fields, tmp_path / "front.png")
-    rows = [{"configuration": "full", "is_reference": True, "mean": 0.3, "delta": 0.0},
-            {"configuration": "hubble best", "is_reference": False, "mean": 0.31, "delta": 0.01}]  # fmt: skip
+    rows = [
+        {"configuration": "full", "is_reference": True, "mean": 0.3, "delta": 0.0},
+        {"configuration": "hubble best", "is_reference": False, "mean": 0.31, "delta": 0.01},
+    ]
     atlas_figures.transfer_figure({"digits": {"rows": rows}, "moon": {"rows": rows}}, tmp_path / "transfer.png")
-    confirmed = {"configuration": "trial-0007", "is_reference": False, "delta": 0.002, "ci": [-0.001, 0.005],
-                 "verdict": "undecided at this seed count"}  # fmt: skip
-    record = {"field": "photo_patches", "trials": [{"folder": "runs/x/trials/trial-0007", "params": {
-        "skips": "linear", "linear.inner": 0.57, "linear.outer": 1.03, "model.block_out_channels": "[32, 32, 64]"}}],
-        "confirmation": {"denoise": {"rows": [confirmed]}, "fid": {"rows": [{**confirmed, "verdict": "worse"}]}}}
-    atlas_figures.confirmation_figure({"fields": [record, {**record, "field": "digits"}],
-                                       "margins": {"denoise": 0.003, "fid": 0.3}}, tmp_path / "confirmation.png")
+    confirmed = {
+        "configuration": "trial-0007",
+        "is_reference": False,
+        "delta": 0.002,
+        "ci": [-0.001, 0.005],
+        "verdict": "undecided at this seed count",
+    }
+    record = {
+        "field": "photo_patches",
+        "trials": [
+            {
+                "folder": "runs/x/trials/trial-0007",
+                "params": {
+                    "skips": "linear",
+                    "linear.inner": 0.57,
+                    "linear.outer": 1.03,
+                    "model.block_out_channels": "[32, 32, 64]",
+                },
+            }
+        ],
+        "confirmation": {"denoise": {"rows": [confirmed]}, "fid": {"rows": [{**confirmed, "verdict": "worse"}]}},
+    }
+    atlas_figures.confirmation_figure(
+        {"fields": [record, {**record, "field": "digits"}], "margins": {"denoise": 0.003, "fid": 0.3}},
+        tmp_path / "confirmation.png",
+    )
     assert len(saved) == 4, sorted(saved)
     assert {name: problems for name, problems in saved.items() if problems} == {}
 
@@ -148,13 +215,30 @@ def test_the_atlas_figures_fit_their_canvas(saved, tmp_path):
 def test_an_atlas_configuration_has_a_short_name():
     from skipdiff.search.atlas_figures import short_name
 
-    assert short_name({"skips": "learned", "model.block_out_channels": "[32, 64, 64]", "model.layers_per_block": 2}) == "learned"
-    assert short_name({"skips": "linear", "linear.inner": 0.002, "linear.outer": 0.518,
-                       "model.block_out_channels": "[32, 32, 64]"}) == "linear inner 0.00 outer 0.52 · [32, 32, 64]"
-    assert short_name({"skips": "per_skip", "skip.0": "zero", "skip.1": "keep", "skip.10": "zero",
-                       "model.layers_per_block": 1}) == "per-skip 2 of 3 zeroed · 1 layer(s)/block"
+    assert (
+        short_name({"skips": "learned", "model.block_out_channels": "[32, 64, 64]", "model.layers_per_block": 2})
+        == "learned"
+    )
+    assert (
+        short_name(
+            {
+                "skips": "linear",
+                "linear.inner": 0.002,
+                "linear.outer": 0.518,
+                "model.block_out_channels": "[32, 32, 64]",
+            }
+        )
+        == "linear inner 0.00 outer 0.52 · [32, 32, 64]"
+    )
+    assert (
+        short_name(
+            {"skips": "per_skip", "skip.0": "zero", "skip.1": "keep", "skip.10": "zero", "model.layers_per_block": 1}
+        )
+        == "per-skip 2 of 3 zeroed · 1 layer(s)/block"
+    )
     assert short_name({"skips": "markov", "markov.p_init": 0.94, "markov.cost": 0.2, "markov.min_count": 16}) == (
-        "markov cost 0.20 p_init 0.94")
+        "markov cost 0.20 p_init 0.94"
+    )
 
 
 def _degradation_module():

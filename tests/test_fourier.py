@@ -19,9 +19,7 @@ from skipdiff.skips.spec import build_gate
 
 torch.set_num_threads(1)
 
-INFO = SkipInfo(
-    index=0, up_block=0, layer=0, source="conv_in", resolution=8, skip_channels=4, main_channels=6
-)
+INFO = SkipInfo(index=0, up_block=0, layer=0, source="conv_in", resolution=8, skip_channels=4, main_channels=6)
 
 SIZES = [1, 2, 3, 4, 5, 7, 8, 12, 16, 17]
 THRESHOLDS = [1, 2, 3, 5, 9]

@@ -26,9 +26,7 @@ from skipdiff.skips.spec import build_gate
 
 torch.set_num_threads(1)
 
-INFO = SkipInfo(
-    index=0, up_block=0, layer=0, source="conv_in", resolution=8, skip_channels=4, main_channels=6
-)
+INFO = SkipInfo(index=0, up_block=0, layer=0, source="conv_in", resolution=8, skip_channels=4, main_channels=6)
 
 
 def run(model, inputs):
@@ -39,11 +37,7 @@ def copy_backbone(source, target):
     """Copy every tensor of ``source`` whose name and shape ``target`` also has."""
     target_state = target.state_dict()
     target.load_state_dict(
-        {
-            k: v
-            for k, v in source.state_dict().items()
-            if k in target_state and target_state[k].shape == v.shape
-        },
+        {k: v for k, v in source.state_dict().items() if k in target_state and target_state[k].shape == v.shape},
         strict=False,
     )
 
@@ -220,7 +214,11 @@ def test_adapter_is_a_zero_initialised_residual_bottleneck():
     expected = skip + torch.einsum("cw,bwhv->bchv", w2, torch.nn.functional.gelu(hidden)) + b2[None, :, None, None]
     torch.testing.assert_close(gate(main, skip)[1], expected, atol=1e-5, rtol=1e-5)
     # The width: given, or the ratio times the skip's channels (at least 1).
-    assert [build_gate({"mode": "adapter", **o}, INFO).width for o in ({}, {"ratio": 0.5}, {"ratio": 0.01})] == [4, 2, 1]
+    assert [build_gate({"mode": "adapter", **o}, INFO).width for o in ({}, {"ratio": 0.5}, {"ratio": 0.01})] == [
+        4,
+        2,
+        1,
+    ]
 
 
 def test_batch_timesteps_broadcasts_one_timestep_and_refuses_a_wrong_count():
@@ -320,9 +318,7 @@ def test_invalid_markov_options_raise_value_error(markov, bad, tiny_config):
 
 def test_per_skip_spec_string_and_list_agree(deep_config):
     skips = SkipUNet2DModel(**deep_config).skip_router.skips
-    text = (
-        "keep,zero,scale:0.5,learned:init=0,fourier:backbone=1.2:skip=0.5,bernoulli:p=0.3,markov,keep,remove"
-    )
+    text = "keep,zero,scale:0.5,learned:init=0,fourier:backbone=1.2:skip=0.5,bernoulli:p=0.3,markov,keep,remove"
     resolved = resolve_spec(text, skips)
     assert resolved == resolve_spec(text.split(","), skips)
     assert resolved[2] == {"mode": "scale", "factor": 0.5}
@@ -359,7 +355,6 @@ def test_scalelong_scales_skip_k_by_kappa_to_the_k_minus_1_minus_k(spec, kappa, 
     assert_forward_scales_skips(model, factors, deep_config, make_inputs)
 
 
-
 def assert_forward_scales_skips(model, factors, deep_config, make_inputs):
     """In the forward pass, skip k reaches its resnet multiplied by ``factors[k]``, measured against the
     same weights with every skip kept (the mid-block output, before any skip, is identical)."""
@@ -373,6 +368,7 @@ def assert_forward_scales_skips(model, factors, deep_config, make_inputs):
         ratio = model.skip_router.norms[k][1] / keep.skip_router.norms[k][1]
         assert float(ratio) == pytest.approx(factor, rel=1e-5), k
     assert torch.equal(model.skip_router.norms[0][0], keep.skip_router.norms[0][0])
+
 
 def test_freeu_preset_acts_on_the_first_two_up_blocks(deep_config):
     skips = SkipUNet2DModel(**deep_config).skip_router.skips
@@ -488,7 +484,12 @@ def test_zero_initialised_learned_gates_close_the_skip_and_still_learn(spec, tin
         assert p.grad is not None and (p.grad != 0).all(), name
 
 
-TIMESTEP_LEARNED = ["ramp:low=1:high=0.5:learned=true", "learned:init=1:t_min=500", "adapter:t_max=500", "learned_channel:t_max=300"]
+TIMESTEP_LEARNED = [
+    "ramp:low=1:high=0.5:learned=true",
+    "learned:init=1:t_min=500",
+    "adapter:t_max=500",
+    "learned_channel:t_max=300",
+]
 
 
 def test_training_timestep_dependent_learned_gates_changes_their_parameters(tiny_config):
@@ -674,7 +675,9 @@ def test_recording_norms_leaves_a_kept_skip_untouched(deep_config, make_inputs):
     model.skip_router.record_norms = True
     seen = {}
     handles = [
-        model.up_blocks[info.up_block].resnets[info.layer].register_forward_pre_hook(
+        model.up_blocks[info.up_block]
+        .resnets[info.layer]
+        .register_forward_pre_hook(
             lambda module, args, index=info.index: seen.__setitem__(index, args[0].detach().clone())
         )
         for info in model.skip_router.skips

@@ -48,8 +48,11 @@ def test_cells_are_upscaled_by_an_integer_and_separated_by_background():
 
 def test_label_strips_and_legend_hold_text_beside_their_cells():
     images = solid_cells(4, size=(8, 8))
-    labels = dict(column_labels=["original", "skip 11: zero"], row_labels=["a red square", "seed 1"],
-                  legend="runs/x · ddim, 50 steps · sampling seed 0")  # fmt: skip
+    labels = dict(
+        column_labels=["original", "skip 11: zero"],
+        row_labels=["a red square", "seed 1"],
+        legend="runs/x · ddim, 50 steps · sampling seed 0",
+    )
     grid = np.asarray(image_grid(images, columns=2, **labels))
     layout, text = grid_layout(4, 2, (8, 8), **labels)
     assert layout.top > layout.gap and layout.left > layout.gap and layout.bottom > 0
@@ -109,14 +112,17 @@ def test_the_report_sample_sheet_puts_each_configurations_own_samples_in_a_label
         image_grid(images, **style).save(tmp_path / f"{k}.png")
         layout, _ = grid_layout(4, image_size=(4, 4), **style)
         samples = {"path": str(tmp_path / f"{k}.png"), "layout": dataclasses.asdict(layout), "column": k, "seed": 0}
-        configurations[name] = [Result(cell=f"c{k}", configuration=name, dataset="digits", seed=0, metrics={},
-                                       records=[], samples=samples)]  # fmt: skip
-    configurations["skips=old"] = [Result(cell="old", configuration="skips=old", dataset="digits", seed=0,
-                                          metrics={}, records=[])]  # a grid without a layout: left out
+        configurations[name] = [
+            Result(cell=f"c{k}", configuration=name, dataset="digits", seed=0, metrics={}, records=[], samples=samples)
+        ]
+    configurations["skips=old"] = [
+        Result(cell="old", configuration="skips=old", dataset="digits", seed=0, metrics={}, records=[])
+    ]  # a grid without a layout: left out
     assert sample_sheet(configurations, tmp_path / "sheet.png", "digits, 16px")
     sheet = np.asarray(Image.open(tmp_path / "sheet.png"))
-    layout, _ = grid_layout(4, 2, (4, 4), row_labels=["skips=full", "skips=none"],
-                            column_labels=["image 0", "image 1"])  # the sheet's cells; its legend only adds below
+    layout, _ = grid_layout(
+        4, 2, (4, 4), row_labels=["skips=full", "skips=none"], column_labels=["image 0", "image 1"]
+    )  # the sheet's cells; its legend only adds below
     originals = solid_cells(4)
     expected = {0: [originals[0], originals[2]], 1: [originals[2], originals[0]]}  # full: column 0; none: column 1
     for row, cells in expected.items():
@@ -124,7 +130,7 @@ def test_the_report_sample_sheet_puts_each_configurations_own_samples_in_a_label
         assert dark(sheet[y0:y1, : x0 - layout.gap]) > 5  # the configuration's name left of its row
         for column, cell in enumerate(cells):
             x0, y0, x1, y1 = layout.cell_box(row, column)
-            assert (sheet[y0:y1:layout.scale, x0:x1:layout.scale] == np.asarray(cell)).all()
+            assert (sheet[y0 : y1 : layout.scale, x0 : x1 : layout.scale] == np.asarray(cell)).all()
     assert sheet.shape[0] > layout.size[1]  # and a legend under it
     assert not sample_sheet({"skips=old": configurations["skips=old"]}, tmp_path / "none.png", "digits")
     assert not (tmp_path / "none.png").exists()

@@ -55,11 +55,19 @@ def count_host_reads(active: list[bool], reads: list[str]):
         [],
         ["--skips", "markov", "--markov", "warmup_steps=1,min_count=1"],
         ["--skips", "stochastic-depth:p=0.7:rescale=true", "--noise_offset", "0.1", "--input_perturbation", "0.1"],
-        ["--skips", "learned,scale:0.5,learned_channel,keep", "--max_grad_norm", "0", "--snr_gamma", "5",
-         "--gradient_accumulation_steps", "2"],
+        [
+            "--skips",
+            "learned,scale:0.5,learned_channel,keep",
+            "--max_grad_norm",
+            "0",
+            "--snr_gamma",
+            "5",
+            "--gradient_accumulation_steps",
+            "2",
+        ],
     ],
     ids=["full", "markov", "stochastic-depth", "learned-accumulation"],
-)  # fmt: skip
+)
 @pytest.mark.slow
 def test_a_step_that_does_not_log_reads_nothing_from_the_device(extra, tmp_path, monkeypatch):
     module = train_unet_module()
@@ -154,10 +162,21 @@ def test_a_classifier_step_that_does_not_log_reads_nothing_from_the_device(gatin
             per_step.append((run.step + 1, log_now, reads[before:]))
 
     monkeypatch.setattr(loop, "_train_step", counted)
-    options = ClassifierOptions(dataset="digits", resolution=8, widths=[4, 8], depth=1, train_batch_size=16,
-                                eval_batch_size=512, max_train_steps=6, log_every=3, num_threads=1, report_to="none",
-                                gating=gating, markov="warmup_steps=1,min_count=1" if gating == "markov" else "",
-                                output_dir=str(tmp_path / "run"))  # fmt: skip
+    options = ClassifierOptions(
+        dataset="digits",
+        resolution=8,
+        widths=[4, 8],
+        depth=1,
+        train_batch_size=16,
+        eval_batch_size=512,
+        max_train_steps=6,
+        log_every=3,
+        num_threads=1,
+        report_to="none",
+        gating=gating,
+        markov="warmup_steps=1,min_count=1" if gating == "markov" else "",
+        output_dir=str(tmp_path / "run"),
+    )
     with count_host_reads(active, reads):
         train_classifier(options)
     quiet = [(step, found) for step, logging, found in per_step if not logging]

@@ -43,21 +43,40 @@ class FakeHfApi:
         return {"name": "user"}
 
     def create_repo(self, repo_id, *, token=None, private=False, exist_ok=False, repo_type=None, **kwargs):
-        self._record("create_repo", repo_id=repo_id, token=token, private=private, exist_ok=exist_ok,
-                     repo_type=repo_type)  # fmt: skip
+        self._record(
+            "create_repo", repo_id=repo_id, token=token, private=private, exist_ok=exist_ok, repo_type=repo_type
+        )
         if self.fail_create:
             raise PermissionError("403 Forbidden: you cannot write to this namespace")
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, commit_message=None, token=None,
-                      ignore_patterns=None, allow_patterns=None, **kwargs):  # fmt: skip
+    def upload_folder(
+        self,
+        *,
+        repo_id,
+        folder_path,
+        path_in_repo=None,
+        commit_message=None,
+        token=None,
+        ignore_patterns=None,
+        allow_patterns=None,
+        **kwargs,
+    ):
         folder = Path(folder_path)
         present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         # The selection huggingface_hub itself applies to upload_folder's files.
         sent = list(filter_repo_objects(present, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         contents = {name: (folder / name).read_bytes() for name in sent}
-        self._record("upload_folder", repo_id=repo_id, path_in_repo=path_in_repo, commit_message=commit_message,
-                     token=token, present=present, files=sent, contents=contents)  # fmt: skip
+        self._record(
+            "upload_folder",
+            repo_id=repo_id,
+            path_in_repo=path_in_repo,
+            commit_message=commit_message,
+            token=token,
+            present=present,
+            files=sent,
+            contents=contents,
+        )
 
 
 def install_fake_hub(patch: pytest.MonkeyPatch, output_dir: Path) -> type[FakeHfApi]:
@@ -74,17 +93,40 @@ def pushed_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("pushed") / "run"
     with pytest.MonkeyPatch.context() as patch:
         fake = install_fake_hub(patch, out)
-        run_train_unet(tiny_args(out, "--skips", SKIPS, "--push_to_hub", "--hub_model_id", "user/test",
-                                 "--hub_token", TOKEN, "--checkpointing_steps", "2", "--max_train_steps", "4",
-                                 "--report_to", "tensorboard"))  # fmt: skip
+        run_train_unet(
+            tiny_args(
+                out,
+                "--skips",
+                SKIPS,
+                "--push_to_hub",
+                "--hub_model_id",
+                "user/test",
+                "--hub_token",
+                TOKEN,
+                "--checkpointing_steps",
+                "2",
+                "--max_train_steps",
+                "4",
+                "--report_to",
+                "tensorboard",
+            )
+        )
         return out, fake.calls
 
 
-PIPELINE_FILES = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
-                  "unet/diffusion_pytorch_model.safetensors", "unet_raw/config.json",
-                  "unet_raw/diffusion_pytorch_model.safetensors", "stats.jsonl", "training_options.json",
-                  # the pipeline's code, for diffusers' trust_remote_code (skipdiff/export.py)
-                  "skipdiff_pipeline.py", "unet/skipdiff_unet.py"}  # fmt: skip
+PIPELINE_FILES = {
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet_raw/config.json",
+    "unet_raw/diffusion_pytorch_model.safetensors",
+    "stats.jsonl",
+    "training_options.json",
+    # the pipeline's code, for diffusers' trust_remote_code (skipdiff/export.py)
+    "skipdiff_pipeline.py",
+    "unet/skipdiff_unet.py",
+}
 
 
 @pytest.mark.slow
@@ -94,10 +136,18 @@ def test_the_repo_is_created_before_training_and_the_run_uploaded_at_checkpoints
     whoami, create = calls[0], calls[1]
     assert not whoami["stats_exist"] and not create["stats_exist"]  # before the first training step
     assert {k: create[k] for k in ("repo_id", "token", "private", "exist_ok", "repo_type")} == {
-        "repo_id": "user/test", "token": TOKEN, "private": False, "exist_ok": True, "repo_type": "model"}  # fmt: skip
+        "repo_id": "user/test",
+        "token": TOKEN,
+        "private": False,
+        "exist_ok": True,
+        "repo_type": "model",
+    }
     uploads = calls[2:]
-    assert [u["commit_message"] for u in uploads] == ["checkpoint at step 2", "checkpoint at step 4",
-                                                      "final model after 4 steps"]  # fmt: skip
+    assert [u["commit_message"] for u in uploads] == [
+        "checkpoint at step 2",
+        "checkpoint at step 4",
+        "final model after 4 steps",
+    ]
     assert all(u["repo_id"] == "user/test" and u["token"] == TOKEN and u["path_in_repo"] is None for u in uploads)
 
     # Exactly the pipeline and the run's records: no checkpoints, tensorboard logs or hidden files,
@@ -133,11 +183,20 @@ def test_the_model_card_describes_the_model_and_its_training(pushed_run):
     assert len(rows) == 4  # one per skip of the tiny UNet
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     assert [c[0] for c in cells] == ["0", "1", "2", "3"]
-    assert [c[1] for c in cells] == ["up_blocks.0.resnets.0", "up_blocks.0.resnets.1", "up_blocks.1.resnets.0",
-                                     "up_blocks.1.resnets.1"]  # fmt: skip
+    assert [c[1] for c in cells] == [
+        "up_blocks.0.resnets.0",
+        "up_blocks.0.resnets.1",
+        "up_blocks.1.resnets.0",
+        "up_blocks.1.resnets.1",
+    ]
     assert [c[-1] for c in cells] == [f"`{g}`" for g in SCALELONG_GATES]
-    for setting in ("| `skips` | `scalelong:kappa=0.5` |", "| `max_train_steps` | `4` |", "| `model` | `tiny` |",
-                    "| `hub_model_id` | `user/test` |", "| `checkpointing_steps` | `2` |"):  # fmt: skip
+    for setting in (
+        "| `skips` | `scalelong:kappa=0.5` |",
+        "| `max_train_steps` | `4` |",
+        "| `model` | `tiny` |",
+        "| `hub_model_id` | `user/test` |",
+        "| `checkpointing_steps` | `2` |",
+    ):
         assert setting in body
     assert "| steps | 4 |" in body and "![samples](samples/step-000004.png)" in body
     assert TOKEN not in card and "hub_token" not in card
@@ -146,8 +205,15 @@ def test_the_model_card_describes_the_model_and_its_training(pushed_run):
 @pytest.mark.slow
 def test_no_uploaded_file_holds_the_token(pushed_run):
     _, calls = pushed_run
-    leaking = sorted({name for c in calls if c["name"] == "upload_folder" for name, data in c["contents"].items()
-                      if TOKEN.encode() in data})  # fmt: skip
+    leaking = sorted(
+        {
+            name
+            for c in calls
+            if c["name"] == "upload_folder"
+            for name, data in c["contents"].items()
+            if TOKEN.encode() in data
+        }
+    )
     assert leaking == []
 
 
@@ -166,8 +232,11 @@ def test_pushing_offline_names_hf_hub_offline_and_leaves_no_output_folder(tmp_pa
     and left an empty output folder."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as the tests run anyway; the real client, which then refuses
     out = tmp_path / "run"
-    with pytest.raises(hub.HubAccessError, match=r"cannot push to the Hub repo 'user/test': no valid token or no "
-                                                 r"network: HF_HUB_OFFLINE is set.*Unset it") as err:  # fmt: skip
+    with pytest.raises(
+        hub.HubAccessError,
+        match=r"cannot push to the Hub repo 'user/test': no valid token or no "
+        r"network: HF_HUB_OFFLINE is set.*Unset it",
+    ) as err:
         run_train_unet(tiny_args(out, "--push_to_hub", "--hub_model_id", "user/test"))
     assert "huggingface-cli" not in str(err.value)
     assert not out.exists()
@@ -177,8 +246,11 @@ def test_pushing_offline_names_hf_hub_offline_and_leaves_no_output_folder(tmp_pa
         def whoami(self, token=None):
             raise OSError("Token is required to call the /whoami-v2 endpoint, but no token found.")
 
-    with pytest.raises(hub.HubAccessError, match=r"no valid token or no network \(OSError: Token is required.*Log in "
-                                                 r"with `hf auth login`") as err:  # fmt: skip
+    with pytest.raises(
+        hub.HubAccessError,
+        match=r"no valid token or no network \(OSError: Token is required.*Log in "
+        r"with `hf auth login`",
+    ) as err:
         hub.prepare_repo("user/test", None, False, api=NoToken())
     assert "huggingface-cli" not in str(err.value)
 

@@ -20,9 +20,19 @@ def write_spec(path, pipeline, images, extractor_dir):
     spec = {
         "kind": "inference",
         "description": "tiny DDPM: full, zero the innermost skip, FreeU",
-        "base": {"checkpoint": str(pipeline), "train_data_dir": str(images), "resolution": 8, "fid": True,
-                 "num_samples": 6, "seeds": [0, 1, 2], "steps": 2, "denoise_loss": True, "buckets": 2,
-                 "feature_extractor": str(extractor_dir), "num_threads": 1},  # fmt: skip
+        "base": {
+            "checkpoint": str(pipeline),
+            "train_data_dir": str(images),
+            "resolution": 8,
+            "fid": True,
+            "num_samples": 6,
+            "seeds": [0, 1, 2],
+            "steps": 2,
+            "denoise_loss": True,
+            "buckets": 2,
+            "feature_extractor": str(extractor_dir),
+            "num_threads": 1,
+        },
         "grid": {"skips": {"full": "full", "zero0": "zero,keep,keep,keep", "freeu": "freeu:b1=1.2:b2=1.1"}},
     }
     path.write_text(yaml.safe_dump(spec))
@@ -34,8 +44,9 @@ def test_an_inference_sweep_evaluates_every_spec_once_and_the_report_pairs_them(
     from skipdiff.classifiers import SkipResNetConfig, SkipResNetForImageClassification
 
     torch.manual_seed(0)
-    SkipResNetForImageClassification(SkipResNetConfig(num_labels=3, num_channels=3, widths=[4, 8], depth=1,
-                                                       hidden_size=8)).save_pretrained(tmp_path / "extractor")  # fmt: skip
+    SkipResNetForImageClassification(
+        SkipResNetConfig(num_labels=3, num_channels=3, widths=[4, 8], depth=1, hidden_size=8)
+    ).save_pretrained(tmp_path / "extractor")
     pipeline = ddpm_pipeline(tmp_path / "ddpm")
     images = captioned_images(tmp_path / "images")
     spec = load_spec(write_spec(tmp_path / "tiny.yaml", pipeline, images, tmp_path / "extractor"))
@@ -73,8 +84,11 @@ def test_an_inference_sweep_evaluates_every_spec_once_and_the_report_pairs_them(
 def test_inference_cells_must_share_their_sampling_seeds(tmp_path):
     import pytest
 
-    spec = {"kind": "inference", "base": {"checkpoint": "x/y", "grid": True},
-            "grid": {"skips": ["full", "none"], "seeds": [[0, 1], [0, 2]]}}  # fmt: skip
+    spec = {
+        "kind": "inference",
+        "base": {"checkpoint": "x/y", "grid": True},
+        "grid": {"skips": ["full", "none"], "seeds": [[0, 1], [0, 2]]},
+    }
     path = tmp_path / "seeds.yaml"
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="same sampling seeds"):
@@ -86,9 +100,17 @@ def test_a_skip_spec_typo_is_refused_before_any_cell_runs(tmp_path):
     import pytest
 
     pipeline = ddpm_pipeline(tmp_path / "ddpm")
-    spec = {"kind": "inference", "base": {"checkpoint": str(pipeline), "denoise_loss": True, "buckets": 2,
-                                          "train_data_dir": str(captioned_images(tmp_path / "images")), "resolution": 8},
-            "grid": {"skips": {"full": "full", "typo": "zeor,keep,keep,keep"}}}  # fmt: skip
+    spec = {
+        "kind": "inference",
+        "base": {
+            "checkpoint": str(pipeline),
+            "denoise_loss": True,
+            "buckets": 2,
+            "train_data_dir": str(captioned_images(tmp_path / "images")),
+            "resolution": 8,
+        },
+        "grid": {"skips": {"full": "full", "typo": "zeor,keep,keep,keep"}},
+    }
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(spec))
     for dry_run in (True, False):
@@ -97,7 +119,9 @@ def test_a_skip_spec_typo_is_refused_before_any_cell_runs(tmp_path):
     assert not (tmp_path / "sweep").exists()  # not even the first cell ran
     spec["base"]["checkpoint"] = "someone/a-hub-pipeline"  # not downloaded for the check: names only
     path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(ValueError, match="cell 'skips-typo': unknown skip mode or preset 'zeor' \\(did you mean 'zero'"):
+    with pytest.raises(
+        ValueError, match="cell 'skips-typo': unknown skip mode or preset 'zeor' \\(did you mean 'zero'"
+    ):
         run_sweep(load_spec(path), tmp_path / "sweep", dry_run=True, log=lambda line: None)
 
 
@@ -109,13 +133,24 @@ def test_a_cache_sweeps_report_speaks_of_sampling_seeds_names_its_folder_and_spe
     from skipdiff.classifiers import SkipResNetConfig, SkipResNetForImageClassification
 
     torch.manual_seed(0)
-    SkipResNetForImageClassification(SkipResNetConfig(num_labels=3, num_channels=3, widths=[4, 8], depth=1,
-                                                       hidden_size=8)).save_pretrained(tmp_path / "extractor")  # fmt: skip
-    spec = {"kind": "inference",
-            "base": {"checkpoint": str(ddpm_pipeline(tmp_path / "ddpm")), "resolution": 8, "fid": True,
-                     "train_data_dir": str(captioned_images(tmp_path / "images")), "num_samples": 6, "seeds": [0, 1],
-                     "steps": 4, "feature_extractor": str(tmp_path / "extractor"), "num_threads": 1},
-            "grid": {"cache": {"off": {"cache": None}, "N2": {"cache": "skip_branch", "cache_interval": 2}}}}  # fmt: skip
+    SkipResNetForImageClassification(
+        SkipResNetConfig(num_labels=3, num_channels=3, widths=[4, 8], depth=1, hidden_size=8)
+    ).save_pretrained(tmp_path / "extractor")
+    spec = {
+        "kind": "inference",
+        "base": {
+            "checkpoint": str(ddpm_pipeline(tmp_path / "ddpm")),
+            "resolution": 8,
+            "fid": True,
+            "train_data_dir": str(captioned_images(tmp_path / "images")),
+            "num_samples": 6,
+            "seeds": [0, 1],
+            "steps": 4,
+            "feature_extractor": str(tmp_path / "extractor"),
+            "num_threads": 1,
+        },
+        "grid": {"cache": {"off": {"cache": None}, "N2": {"cache": "skip_branch", "cache_interval": 2}}},
+    }
     monkeypatch.chdir(tmp_path)  # paths as a user gives them, relative to where they work
     path, out = Path("specs/tiny_cache.yaml"), Path("elsewhere")
     path.parent.mkdir()
@@ -150,14 +185,20 @@ def test_a_sweep_built_in_code_records_the_command_that_relaunches_it(tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     search = SimpleNamespace(name="s", source="eval/searches/s.yaml")
-    assert search_command(search, Path("runs/searches/s")) == {"module": "skipdiff.search",
-                                                              "spec": "eval/searches/s.yaml", "out": None}  # fmt: skip
-    spec = {"kind": "inference", "base": {"checkpoint": str(ddpm_pipeline(tmp_path / "ddpm")), "grid": True,
-                                          "grid_size": 1, "steps": 1},
-            "grid": {"skips": ["full"]}}  # fmt: skip
+    assert search_command(search, Path("runs/searches/s")) == {
+        "module": "skipdiff.search",
+        "spec": "eval/searches/s.yaml",
+        "out": None,
+    }
+    spec = {
+        "kind": "inference",
+        "base": {"checkpoint": str(ddpm_pipeline(tmp_path / "ddpm")), "grid": True, "grid_size": 1, "steps": 1},
+        "grid": {"skips": ["full"]},
+    }
     folder = Path("searched/confirm")
-    run_sweep(parse_spec(spec, "s-confirm"), folder, log=lambda line: None,
-              relaunch=search_command(search, Path("searched")))  # fmt: skip
+    run_sweep(
+        parse_spec(spec, "s-confirm"), folder, log=lambda line: None, relaunch=search_command(search, Path("searched"))
+    )
     text = write_report(folder).read_text()
     assert "relaunching `python -m skipdiff.search eval/searches/s.yaml --out searched` finishes missing cells" in text
     assert "`python -m skipdiff.report searched/confirm`" in text and "runs/sweeps" not in text

@@ -46,10 +46,32 @@ pytestmark = pytest.mark.slow  # every scenario launches training processes (a m
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "train_unet.py"
 MAX_STEPS = 8
-TINY_ARGS = ["--model", "tiny", "--vae", "none", "--resolution", "8", "--train_batch_size", "16",
-             "--max_train_steps", str(MAX_STEPS), "--checkpointing_steps", "2", "--num_validation_images", "4",
-             "--validation_inference_steps", "2", "--report_to", "none", "--num_threads", "1", "--log_every", "1",
-             "--resume_from_checkpoint", "latest"]  # fmt: skip
+TINY_ARGS = [
+    "--model",
+    "tiny",
+    "--vae",
+    "none",
+    "--resolution",
+    "8",
+    "--train_batch_size",
+    "16",
+    "--max_train_steps",
+    str(MAX_STEPS),
+    "--checkpointing_steps",
+    "2",
+    "--num_validation_images",
+    "4",
+    "--validation_inference_steps",
+    "2",
+    "--report_to",
+    "none",
+    "--num_threads",
+    "1",
+    "--log_every",
+    "1",
+    "--resume_from_checkpoint",
+    "latest",
+]
 WEIGHTS = ("unet_raw/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors")
 COMPLETE = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY = re.compile(r"^\.checkpoint-(\d+)\.tmp$")
@@ -78,14 +100,26 @@ class Launch:
 
 
 def launch(out: Path, log: Path, hash_seed: int) -> Launch:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONHASHSEED": str(hash_seed), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONHASHSEED": str(hash_seed),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     stats = out / "stats.jsonl"
     offset = stats.stat().st_size if stats.exists() else 0
     started = time.time_ns()
     with open(log, "wb") as handle:
-        process = subprocess.Popen([sys.executable, str(SCRIPT), *TINY_ARGS, "--output_dir", str(out)],
-                                   cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *TINY_ARGS, "--output_dir", str(out)],
+            cwd=REPO,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
     return Launch(process, out, log, started, offset)
 
 
@@ -177,8 +211,10 @@ def kill_when(run: Launch, kill: Kill, poll: float = 0.001) -> KillReport:
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     while not kill.ready(run):
         if run.process.poll() is not None:
-            pytest.fail(f"{kill.name}: the run ended (exit {run.process.returncode}) before the kill point:\n"
-                        f"{run.output()[-3000:]}")  # fmt: skip
+            pytest.fail(
+                f"{kill.name}: the run ended (exit {run.process.returncode}) before the kill point:\n"
+                f"{run.output()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             pytest.fail(f"{kill.name}: kill point not reached within {LAUNCH_TIMEOUT} s")
         time.sleep(poll)
@@ -188,8 +224,12 @@ def kill_when(run: Launch, kill: Kill, poll: float = 0.001) -> KillReport:
     code = run.process.wait(timeout=60)
     assert code == -signal.SIGKILL, f"{kill.name}: the run was not killed (exit {code})"
     complete, temporary = checkpoint_folders(run.out)
-    return KillReport(kill.name, complete, {p.name: sorted(f.name for f in p.iterdir()) for p in temporary},
-                      bool(fresh_dirs(run, TEMPORARY)))  # fmt: skip
+    return KillReport(
+        kill.name,
+        complete,
+        {p.name: sorted(f.name for f in p.iterdir()) for p in temporary},
+        bool(fresh_dirs(run, TEMPORARY)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,9 +309,7 @@ class Outcome:
     landed_mid_write: bool
 
 
-def run_with_kills(
-    tmp_path: Path, kills: list[Kill], rng: random.Random, plant_before: int | None = None
-) -> Outcome:
+def run_with_kills(tmp_path: Path, kills: list[Kill], rng: random.Random, plant_before: int | None = None) -> Outcome:
     """Kill a run at each point of ``kills`` in turn, relaunching after each, then let it finish.
 
     A mid-write kill that landed after the rename is tried again at the next checkpoint. Before launch
@@ -332,8 +370,11 @@ def assert_same_as_uninterrupted(outcome: Outcome) -> None:
     for name in WEIGHTS:  # bit for bit, not merely close
         resumed, straight = load_file(outcome.out / name), load_file(outcome.reference / name)
         assert sorted(resumed) == sorted(straight)
-        differing = {k: float((resumed[k] - straight[k]).abs().max()) for k in straight
-                     if not torch.equal(resumed[k], straight[k])}  # fmt: skip
+        differing = {
+            k: float((resumed[k] - straight[k]).abs().max())
+            for k in straight
+            if not torch.equal(resumed[k], straight[k])
+        }
         assert not differing, f"{name}: tensors differ from the uninterrupted run: {differing}"
 
 
@@ -349,8 +390,15 @@ def test_three_kills_mid_step_mid_checkpoint_write_and_while_exporting(tmp_path)
 @pytest.mark.extended
 def test_killed_at_every_checkpoint_and_between_them(tmp_path):
     rng = random.Random(1)
-    kills = [appears("checkpoint-2"), mid_write(rng), mid_step(5, rng), mid_write(rng), mid_step(7, rng),
-             mid_write(rng), exporting()]  # fmt: skip
+    kills = [
+        appears("checkpoint-2"),
+        mid_write(rng),
+        mid_step(5, rng),
+        mid_write(rng),
+        mid_step(7, rng),
+        mid_write(rng),
+        exporting(),
+    ]
     outcome = run_with_kills(tmp_path, kills, rng, plant_before=3)
     assert len(outcome.kills) >= len(kills)
     assert outcome.landed_mid_write

@@ -173,8 +173,10 @@ def test_no_import_circles_even_through_function_level_imports():
     in a function is still a circle between the two modules' concepts."""
     paths = sorted(PACKAGE.rglob("*.py"))
     modules = {_module_name(path) for path in paths}
-    graph = {_module_name(p): _skipdiff_imports(p.read_text(), _module_name(p), p.name == "__init__.py", modules)
-             for p in paths}  # fmt: skip
+    graph = {
+        _module_name(p): _skipdiff_imports(p.read_text(), _module_name(p), p.name == "__init__.py", modules)
+        for p in paths
+    }
     cycles = _cycles(graph)
     assert not cycles, "import circles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
 
@@ -183,6 +185,8 @@ def test_the_circle_check_sees_imports_inside_functions():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
     modules = {"skipdiff", "skipdiff.x", "skipdiff.y", "skipdiff.sub", "skipdiff.sub.z"}
-    code = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .. import sub\n"
-            "def f():\n    from ..x import thing\n    from . import z\n    import skipdiff.y\n")
+    code = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .. import sub\n"
+        "def f():\n    from ..x import thing\n    from . import z\n    import skipdiff.y\n"
+    )
     assert _skipdiff_imports(code, "skipdiff.sub.z", False, modules) == {"skipdiff.x", "skipdiff.y"}

@@ -156,11 +156,22 @@ def without_skipdiff(pixel_run, latent_run, tmp_path_factory) -> tuple[dict, dic
     # The card of the pixel run loads "run" (its folder's name): run it where that name is the run.
     shutil.copytree(pixel_run, work / "run", ignore=shutil.ignore_patterns("checkpoint-*", "logs"))
     snippet = card_snippets(pixel_run)[0]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": "",
-           "HF_MODULES_CACHE": str(work / "modules")}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": "",
+        "HF_MODULES_CACHE": str(work / "modules"),
+    }
     args = json.dumps({"runs": ["pixel", "latent"], "out": str(work), "snippet": snippet})
-    result = subprocess.run([sys.executable, "-c", WITHOUT_SKIPDIFF, args], cwd=work, env=env, capture_output=True,
-                            text=True, timeout=SUBPROCESS_TIMEOUT)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_SKIPDIFF, args],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     images = {k.replace("|", "/"): v for k, v in np.load(work / "images.npz").items()}
     return json.loads((work / "report.json").read_text()), images
@@ -277,7 +288,9 @@ def test_a_hub_repo_is_downloaded_without_its_code_and_loads(pixel_run, tmp_path
     monkeypatch.setattr(pipeline_module, "snapshot_download", fake_snapshot_download)
     pipe = SkipDiffPipeline.from_pretrained("user/run", use_ema=use_ema, revision="v1")
     assert [(c["repo_id"], c["revision"]) for c in calls] == [("user/run", "v1")]
-    fetched = {p.relative_to(tmp_path / "snapshot").as_posix() for p in (tmp_path / "snapshot").rglob("*") if p.is_file()}
+    fetched = {
+        p.relative_to(tmp_path / "snapshot").as_posix() for p in (tmp_path / "snapshot").rglob("*") if p.is_file()
+    }
     assert not [f for f in fetched if f.endswith(".py") or f.startswith(("samples/", "stats"))]
     assert any(f.startswith("unet_raw/") for f in fetched) == (not use_ema)
     assert same_weights(pipe.unet, pixel_run / (EMA_WEIGHTS if use_ema else UNET_WEIGHTS))
@@ -315,10 +328,16 @@ def test_plain_unet2dmodel_refuses_the_runs_gated_unet_by_name(pixel_run):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(skips="zero"), dict(skips="keep,keep,keep,remove"), dict(skips="scale:0.5"), dict(skips="learned"),
-     dict(skips="markov"), dict(residual_shortcuts={"mid": False})],
+    [
+        dict(skips="zero"),
+        dict(skips="keep,keep,keep,remove"),
+        dict(skips="scale:0.5"),
+        dict(skips="learned"),
+        dict(skips="markov"),
+        dict(residual_shortcuts={"mid": False}),
+    ],
     ids=["zero", "remove", "scale", "learned", "markov", "no-mid-shortcut"],
-)  # fmt: skip
+)
 def test_plain_unet2dmodel_refuses_every_checkpoint_it_would_load_wrongly(tiny_config, tmp_path, kwargs):
     model = SkipUNet2DModel(**tiny_config, **kwargs).eval()
     assert not model.is_plain_unet()
@@ -354,11 +373,22 @@ def test_the_folder_holds_the_code_generated_from_the_installed_sources(pixel_ru
     pipeline_code = (pixel_run / "skipdiff_pipeline.py").read_text()
     assert pipeline_code == bundle_source("pipeline")
     assert (pixel_run / "unet" / "skipdiff_unet.py").read_text() == bundle_source("skips/unet")
-    for module in ("seeding", "config", "skips/gate", "skips/spec", "skips/markov", "skips/router", "skips/unet",
-                   "encoders", "pipeline"):
+    for module in (
+        "seeding",
+        "config",
+        "skips/gate",
+        "skips/spec",
+        "skips/markov",
+        "skips/router",
+        "skips/unet",
+        "encoders",
+        "pipeline",
+    ):
         assert f"# skipdiff/{module}.py\n" in pipeline_code
-    assert json.loads((pixel_run / "model_index.json").read_text())["_class_name"] == ["skipdiff_pipeline",
-                                                                                        "SkipDiffPipeline"]  # fmt: skip
+    assert json.loads((pixel_run / "model_index.json").read_text())["_class_name"] == [
+        "skipdiff_pipeline",
+        "SkipDiffPipeline",
+    ]
 
 
 def write_package(folder: Path, modules: dict[str, str]) -> Path:
@@ -371,9 +401,11 @@ def write_package(folder: Path, modules: dict[str, str]) -> Path:
 def test_a_bundle_keeps_aliases_and_nested_imports_working(tmp_path, monkeypatch):
     from skipdiff import export
 
-    package = write_package(tmp_path / "pkg", {
-        "base": "def double(x):\n    return 2 * x\n",
-        "top": '''
+    package = write_package(
+        tmp_path / "pkg",
+        {
+            "base": "def double(x):\n    return 2 * x\n",
+            "top": """
             from __future__ import annotations
 
             from .base import double as twice
@@ -386,8 +418,9 @@ def test_a_bundle_keeps_aliases_and_nested_imports_working(tmp_path, monkeypatch
             def lazy(x):
                 from .base import double
                 return double(x) + 1
-            ''',
-    })  # fmt: skip
+            """,
+        },
+    )
     monkeypatch.setattr(export, "PACKAGE_DIR", package)
     namespace: dict = {}
     exec(compile(export.bundle_source("top"), "bundle", "exec"), namespace)
@@ -396,14 +429,24 @@ def test_a_bundle_keeps_aliases_and_nested_imports_working(tmp_path, monkeypatch
 
 @pytest.mark.parametrize(
     ("modules", "message"),
-    [({"a": "from .b import f\n\ndef g():\n    return f()\n", "b": "def f():\n    return 1\n\ndef g():\n    return 2\n"},
-      "'g' is defined in both skipdiff/b.py and skipdiff/a.py"),
-     ({"a": "from . import b\n", "b": "x = 1\n"}, r"only `from \.module import name` is supported"),
-     ({"a": "from .b import f\n", "b": "from .a import g\n\ndef f():\n    pass\n"}, "circular imports: a -> b -> a"),
-     ({"a": '"""Example:\n\n    from skipdiff import SkipUNet2DModel\n"""\n'}, "would make diffusers look for other files"),
-     ({"a": "def f():\n    import skipdiff.gates as gates\n    return gates\n"}, "imports skipdiff by name")],
+    [
+        (
+            {
+                "a": "from .b import f\n\ndef g():\n    return f()\n",
+                "b": "def f():\n    return 1\n\ndef g():\n    return 2\n",
+            },
+            "'g' is defined in both skipdiff/b.py and skipdiff/a.py",
+        ),
+        ({"a": "from . import b\n", "b": "x = 1\n"}, r"only `from \.module import name` is supported"),
+        ({"a": "from .b import f\n", "b": "from .a import g\n\ndef f():\n    pass\n"}, "circular imports: a -> b -> a"),
+        (
+            {"a": '"""Example:\n\n    from skipdiff import SkipUNet2DModel\n"""\n'},
+            "would make diffusers look for other files",
+        ),
+        ({"a": "def f():\n    import skipdiff.gates as gates\n    return gates\n"}, "imports skipdiff by name"),
+    ],
     ids=["same-name", "module-import", "cycle", "docstring-import", "absolute-import"],
-)  # fmt: skip
+)
 def test_a_bundle_that_cannot_work_is_refused_at_export(tmp_path, monkeypatch, modules, message):
     from skipdiff import export
 
@@ -441,9 +484,11 @@ def test_export_writes_a_pipeline_without_ema_as_one_set_of_weights(tiny_config,
 def test_the_model_card_is_valid_hub_metadata(pixel_run):
     card = ModelCard.load(pixel_run / "README.md")  # huggingface_hub's own parser
     assert card.data.to_dict() == {
-        "library_name": "skipdiff", "license": "apache-2.0", "pipeline_tag": "unconditional-image-generation",
+        "library_name": "skipdiff",
+        "license": "apache-2.0",
+        "pipeline_tag": "unconditional-image-generation",
         "tags": ["skipdiff", "diffusers", "custom_code", "skip-connections", "unconditional-image-generation"],
-    }  # fmt: skip
+    }
     # The metadata round-trips: what huggingface_hub writes back is what it read.
     assert ModelCard(card.content).data.to_dict() == card.data.to_dict()
     assert ModelCardData(**card.data.to_dict()).to_yaml() == card.data.to_yaml()
@@ -474,8 +519,21 @@ def test_the_model_card_names_the_repository_when_skipdiff_knows_it(monkeypatch)
             return ["Documentation, https://docs.example.org", "Repository, https://code.example.org/skipdiff"]
 
     monkeypatch.setattr(hub.importlib.metadata, "metadata", lambda name: Metadata())
-    card = hub.model_card("user/x", {"dataset_name": "user/images", "class_conditional": True}, [{"gate": "keep", "index": 0,
-                          "up_block": 0, "layer": 0, "source": "conv_in", "resolution": 8, "skip_channels": 4}])  # fmt: skip
+    card = hub.model_card(
+        "user/x",
+        {"dataset_name": "user/images", "class_conditional": True},
+        [
+            {
+                "gate": "keep",
+                "index": 0,
+                "up_block": 0,
+                "layer": 0,
+                "source": "conv_in",
+                "resolution": 8,
+                "skip_channels": 4,
+            }
+        ],
+    )
     assert "install it from its repository, <https://code.example.org/skipdiff>" in card.text
     assert card.data.datasets == ["user/images"] and card.data.pipeline_tag is None
     assert "class_labels=labels" in card.text and "loads the same model" in card.text  # all skips kept

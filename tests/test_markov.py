@@ -93,9 +93,7 @@ def test_sampling_matches_enumeration():
 
 def test_rows_stay_stochastic_and_bounded_under_random_updates():
     generator = torch.Generator().manual_seed(2)
-    chain = MarkovChain(
-        4, p_min=0.1, p_max=0.8, p_init=0.5, cost=[0.0, 0.5, -0.5, 2.0], warmup_steps=0, min_count=1
-    )
+    chain = MarkovChain(4, p_min=0.1, p_max=0.8, p_init=0.5, cost=[0.0, 0.5, -0.5, 2.0], warmup_steps=0, min_count=1)
     for step in range(300):
         batch = int(torch.randint(1, 40, (), generator=generator))
         paths = chain.sample(batch, generator)
@@ -147,9 +145,7 @@ def test_empty_buckets_keep_their_utility():
     assert torch.equal(chain.utility_weight, before["utility_weight"])
     assert torch.equal(chain.open_prob, before["open_prob"])
     added = chain.counts - before["counts"]
-    assert (
-        added[:, 1, 1].tolist() == [16, 16, 16] and int(added.sum()) == 16 * 4
-    )  # row 0 counted in both columns
+    assert added[:, 1, 1].tolist() == [16, 16, 16] and int(added.sum()) == 16 * 4  # row 0 counted in both columns
 
 
 def test_warmup_keeps_initial_probabilities_and_min_count_gates_rows():

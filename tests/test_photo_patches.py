@@ -65,8 +65,10 @@ def test_every_patch_is_its_photographs_crop_at_a_distinct_grid_cell(grid):
 
 def _positions(split, grid) -> list[tuple[int, int, int]]:
     """(photograph, row, column) of every image of a split, found by its exact pixels."""
-    where = {patch.tobytes(): (int(label), *map(int, corner))
-             for patch, label, corner in zip(grid.pixels, grid.labels, grid.corners, strict=True)}  # fmt: skip
+    where = {
+        patch.tobytes(): (int(label), *map(int, corner))
+        for patch, label, corner in zip(grid.pixels, grid.labels, grid.corners, strict=True)
+    }
     positions = [where[np.asarray(image).tobytes()] for image in split["image"]]
     assert [p[0] for p in positions] == split["label"]  # the label is the source photograph
     return positions

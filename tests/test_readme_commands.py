@@ -134,8 +134,11 @@ def check_snippet(source: str) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names:
             allowed = _keywords(names[node.func.id], skipdiff)
-            problems += [f"{node.func.id}() takes no keyword {k.arg!r}" for k in node.keywords
-                         if k.arg is not None and allowed is not None and k.arg not in allowed]  # fmt: skip
+            problems += [
+                f"{node.func.id}() takes no keyword {k.arg!r}"
+                for k in node.keywords
+                if k.arg is not None and allowed is not None and k.arg not in allowed
+            ]
     return problems
 
 
@@ -179,6 +182,7 @@ def test_the_checks_catch_a_mistyped_option_a_missing_target_and_a_wrong_keyword
         check_command(["python", "bench/unknown.py"])
     with pytest.raises(ValueError, match="declares no extra"):
         check_command(["pip", "install", "-e", ".[nonexistent]"])
-    assert check_snippet("from skipdiff import enable_skip_cache\nenable_skip_cache(None, cache_intervall=3)") == \
-        ["enable_skip_cache() takes no keyword 'cache_intervall'"]  # fmt: skip
+    assert check_snippet("from skipdiff import enable_skip_cache\nenable_skip_cache(None, cache_intervall=3)") == [
+        "enable_skip_cache() takes no keyword 'cache_intervall'"
+    ]
     assert check_snippet("from skipdiff import no_such_name") == ["skipdiff has no no_such_name"]

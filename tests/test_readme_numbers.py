@@ -106,8 +106,10 @@ def problems(text: str) -> list[str]:
     # code spans may run over a line break: blank them (keeping the line count) before looking for loose numbers
     uncoded = CODE.sub(lambda m: "\n" * m.group(0).count("\n"), results).splitlines()
     for number, line in enumerate(results.splitlines(), 1):
-        events = sorted([(m.start(), "from", m) for m in FROM.finditer(line)] +
-                        [(m.start(), "bound", m) for m in BOUND.finditer(line)])  # fmt: skip
+        events = sorted(
+            [(m.start(), "from", m) for m in FROM.finditer(line)]
+            + [(m.start(), "bound", m) for m in BOUND.finditer(line)]
+        )
         for _, kind, match in events:
             if kind == "from":
                 source = (match.group(1), (match.group(2) or "").strip())
@@ -123,8 +125,10 @@ def problems(text: str) -> list[str]:
         rest = LINK_TARGET.sub("", COMMENT.sub("", BOUND.sub("", uncoded[number - 1])))
         rest = re.sub(r"\*\*[^*]*\*\*", lambda m: "" if not LOOSE.search(m.group(0)) else m.group(0), rest)
         for loose in LOOSE.finditer(rest):
-            found.append(f"line {number}: {loose.group(0)!r} is a measured-looking number bound to no JSON value "
-                         "(bold it and name its source, or put a setting in a code span)")  # fmt: skip
+            found.append(
+                f"line {number}: {loose.group(0)!r} is a measured-looking number bound to no JSON value "
+                "(bold it and name its source, or put a setting in a code span)"
+            )
     return found
 
 
@@ -148,12 +152,16 @@ def test_a_planted_wrong_number_fails():
         "a flipped sign": ("Δ **-0.370**", "Δ **0.370**"),
         "a raw p for a Holm p": (f"**0.022**<!-- {raw_p}", f"**0.0056**<!-- {raw_p}"),  # 0.0056: its raw p
         "a per-seed value for a mean": ("FID **0.655**<!-- summary/fid/mean", "FID **0.751**<!-- summary/fid/mean"),
-        "0.052 written as 0.050": ("**0.052**<!-- [configuration=skips=stochastic-depth]/p_holm",
-                                   "**0.050**<!-- [configuration=skips=stochastic-depth]/p_holm"),  # fmt: skip
+        "0.052 written as 0.050": (
+            "**0.052**<!-- [configuration=skips=stochastic-depth]/p_holm",
+            "**0.050**<!-- [configuration=skips=stochastic-depth]/p_holm",
+        ),
         "an unbound measurement": ("**0.1314**<!-- [configuration=cache=b8-N3]/delta -->", "0.1314"),
         "a path to nothing": ("/p_holm -->", "/p_holmes -->"),
-        "a mean bound to the wrong row": ("**6.44**<!-- [configuration=skips=full, prediction_type=epsilon]/mean",
-                                          "**6.44**<!-- [configuration=skips=full, prediction_type=sample]/mean"),  # fmt: skip
+        "a mean bound to the wrong row": (
+            "**6.44**<!-- [configuration=skips=full, prediction_type=epsilon]/mean",
+            "**6.44**<!-- [configuration=skips=full, prediction_type=sample]/mean",
+        ),
         "a skip's importance for another's": ("**0.129**<!-- delta_mean/6 -->", "**0.129**<!-- delta_mean/7 -->"),
     }
     for name, (right, wrong) in plants.items():

@@ -28,8 +28,15 @@ def test_committed_ranking_is_regenerated_from_its_recorded_options(path, monkey
     committed = json.loads(path.read_text())
     monkeypatch.chdir(REPO)  # the recorded source path is relative to the repository
     folder = path.parent.relative_to(REPO)
-    fresh = rerank.rerank(folder, committed["reference"], committed["within"], committed["margins"],
-                          committed["family"], committed["test"], committed["interaction"])  # fmt: skip
+    fresh = rerank.rerank(
+        folder,
+        committed["reference"],
+        committed["within"],
+        committed["margins"],
+        committed["family"],
+        committed["test"],
+        committed["interaction"],
+    )
     assert json.loads(json.dumps(fresh)) == committed
     assert rerank.markdown(fresh) == (path.parent / "ranking.md").read_text()
 
@@ -39,8 +46,10 @@ def test_interaction_contrasts_the_effect_across_objectives(tmp_path):
     table = {}
     for objective, penalty in (("eps", 20.0), ("v", 1.0)):
         table[f"skips=full, p={objective}"] = {"seeds": [0, 1, 2], "values": {"fid": [5.0, 6.0, 5.5]}}
-        table[f"skips=none, p={objective}"] = {"seeds": [0, 1, 2],
-                                               "values": {"fid": [5.0 + penalty, 6.1 + penalty, 5.4 + penalty]}}  # fmt: skip
+        table[f"skips=none, p={objective}"] = {
+            "seeds": [0, 1, 2],
+            "values": {"fid": [5.0 + penalty, 6.1 + penalty, 5.4 + penalty]},
+        }
     (tmp_path / "summary.json").write_text(json.dumps({"datasets": {"d": {"configurations": table}}}))
     out = rerank.rerank(tmp_path, within="p", interaction="eps")
     (row,) = [r for r in out["interactions"]["d"]["fid"]["rows"] if r["configuration"] != "no interaction"]

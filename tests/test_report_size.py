@@ -24,8 +24,12 @@ from skipdiff.report.ranking import compare
 RESULTS = Path(__file__).resolve().parents[1] / "eval" / "results"
 SIMULATIONS = 6000  # the binomial sd of a rate near 0.05 is 0.0028: 0.06 is 3.6 sd above the nominal size
 LIMIT = 0.06
-LAYOUTS = [("cpu_digits", "fid"), ("cpu_digits", "denoise"), ("photo_patches_core", "fid"),
-           ("photo_patches_core", "denoise")]  # fmt: skip
+LAYOUTS = [
+    ("cpu_digits", "fid"),
+    ("cpu_digits", "denoise"),
+    ("photo_patches_core", "fid"),
+    ("photo_patches_core", "denoise"),
+]
 
 
 def layout(sweep: str, metric: str, reference: str = "skips=full") -> dict:
@@ -51,14 +55,22 @@ def noise_sds(found: dict, one_seed_sd: float | None = None) -> tuple[float, dic
     observed = [r["sd_diff"] for r in found["rows"].values() if r["sd_diff"]]
     sigma_ref = min(observed) / math.sqrt(2)
     unmeasured = one_seed_sd or float(np.median(observed))
-    own = {name: math.sqrt(max((r["sd_diff"] or unmeasured) ** 2 - sigma_ref**2, sigma_ref**2))
-           for name, r in found["rows"].items()}  # fmt: skip
+    own = {
+        name: math.sqrt(max((r["sd_diff"] or unmeasured) ** 2 - sigma_ref**2, sigma_ref**2))
+        for name, r in found["rows"].items()
+    }
     return sigma_ref, own
 
 
-def simulate(found: dict, rng: np.random.Generator, sims: int, shifts: dict[str, float] | None = None,
-             seeds: int | None = None, noise=None, one_seed_sd: float | None = None,
-             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+def simulate(
+    found: dict,
+    rng: np.random.Generator,
+    sims: int,
+    shifts: dict[str, float] | None = None,
+    seeds: int | None = None,
+    noise=None,
+    one_seed_sd: float | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(reference (sims, n), {row: (sims, n)}) on the reference's seeds (or ``seeds`` of them), rows at their
     ``shifts`` from the reference (0: the null)."""
     sigma_ref, own = noise_sds(found, one_seed_sd)
@@ -99,12 +111,16 @@ def test_equivalence_and_difference_tests_together_keep_the_family_wise_size(swe
     rng = np.random.default_rng(1)
     ref, rows = simulate(found, rng, SIMULATIONS, shifts=on_margin)
     diffs = [rows[name] - ref for name in names]
-    p = np.stack([stats.paired_arrays(d)["p"] for d in diffs] + [stats.tost_paired_arrays(d, margin) for d in diffs], -1)
+    p = np.stack(
+        [stats.paired_arrays(d)["p"] for d in diffs] + [stats.tost_paired_arrays(d, margin) for d in diffs], -1
+    )
     adjusted = stats.holm_arrays(p, max_true=len(names))
     k = len(names)
     wrong = np.zeros(SIMULATIONS, dtype=bool)
     for i, name in enumerate(names):
-        true_null = i if name not in on_margin else k + i  # at 0: "no difference" holds; on the margin: "not equivalent"
+        true_null = (
+            i if name not in on_margin else k + i
+        )  # at 0: "no difference" holds; on the margin: "not equivalent"
         wrong |= adjusted[:, true_null] <= 0.05
         assert (p[:, true_null] <= 0.05).mean() <= LIMIT, name  # each test alone too
     assert wrong.mean() <= LIMIT
@@ -169,8 +185,10 @@ def blocked_rates(ref: np.ndarray, rows: dict[str, np.ndarray]) -> dict[str, flo
     residual = y - y.mean(2, keepdims=True) - y.mean(1, keepdims=True) + y.mean((1, 2), keepdims=True)
     df = (k - 1) * (n - 1)
     se = np.sqrt(2 * (residual**2).sum((1, 2)) / df / n)
-    return {name: float(np.mean(2 * scipy_stats.t.sf(np.abs((rows[name] - ref).mean(-1) / se), df) <= 0.05))
-            for name in names}  # fmt: skip
+    return {
+        name: float(np.mean(2 * scipy_stats.t.sf(np.abs((rows[name] - ref).mean(-1) / se), df) <= 0.05))
+        for name in names
+    }
 
 
 def test_a_seed_blocked_model_would_not_keep_its_size_in_the_skip_cache_layout():
@@ -197,8 +215,10 @@ def test_compare_runs_the_simulated_arithmetic():
     names = rows_with_a_test(found)
     seeds = found["reference_seeds"]
     for i in range(5):
-        values = {"skips=full": dict(zip(seeds, ref[i], strict=True)),
-                  **{n: dict(zip(seeds, rows[n][i], strict=True)) for n in names}}  # fmt: skip
+        values = {
+            "skips=full": dict(zip(seeds, ref[i], strict=True)),
+            **{n: dict(zip(seeds, rows[n][i], strict=True)) for n in names},
+        }
         result = compare(values, "skips=full", True, margin=1.0)
         got = {r["configuration"]: r for r in result["rows"]}
         p = np.array([stats.paired_arrays(rows[n][i] - ref[i])["p"] for n in names])

@@ -54,8 +54,9 @@ def test_sign_flip_test_is_scipys_exact_permutation_test():
     rng = np.random.default_rng(3)
     for n in (6, 7, 9):
         d = rng.normal(0.4, 1.0, n)
-        exact = scipy_stats.permutation_test((d,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples",
-                                             n_resamples=np.inf).pvalue  # fmt: skip
+        exact = scipy_stats.permutation_test(
+            (d,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples", n_resamples=np.inf
+        ).pvalue
         assert float(stats.sign_flip_arrays(d)) == pytest.approx(exact, rel=1e-12), n
     assert float(stats.sign_flip_arrays(np.arange(1.0, 7.0))) == pytest.approx(2 / 64)  # its smallest p at n = 6
     assert stats.sign_flip_test([1.0] * 5, [0.0] * 5) is None  # below 6 pairs it could never reach 0.05
@@ -71,8 +72,10 @@ def test_tost_is_the_one_minus_two_alpha_interval_inside_the_margin():
         p = stats.tost_paired(d, margin)
         low, high = scipy_stats.t.interval(0.90, len(d) - 1, loc=np.mean(d), scale=scipy_stats.sem(d))
         assert (p <= 0.05) == (-margin < low and high < margin)
-        one_sided = max(scipy_stats.ttest_1samp(d, -margin, alternative="greater").pvalue,
-                        scipy_stats.ttest_1samp(d, margin, alternative="less").pvalue)  # fmt: skip
+        one_sided = max(
+            scipy_stats.ttest_1samp(d, -margin, alternative="greater").pvalue,
+            scipy_stats.ttest_1samp(d, margin, alternative="less").pvalue,
+        )
         assert p == pytest.approx(one_sided, rel=1e-9)
     assert stats.tost_paired([0.1], 1.0) is None
     with pytest.raises(ValueError, match="margin must be positive"):
@@ -139,8 +142,12 @@ def test_t_interval_is_scipys():
 
 
 def test_a_one_seed_row_is_exploratory_and_borrows_nothing():
-    values = {"full": {0: 1.0, 1: 2.0, 2: 3.0}, "a": {0: 1.5, 1: 2.4, 2: 3.6},
-              "a · map (inference)": {0: 9.0, 1: 2.0, 2: 30.0}, "one": {0: 1.3}}  # fmt: skip
+    values = {
+        "full": {0: 1.0, 1: 2.0, 2: 3.0},
+        "a": {0: 1.5, 1: 2.4, 2: 3.6},
+        "a · map (inference)": {0: 9.0, 1: 2.0, 2: 30.0},
+        "one": {0: 1.3},
+    }
     result = compare(values, "full", True, inference=["a · map (inference)"])
     rows = {r["configuration"]: r for r in result["rows"]}
     assert rows["one"]["exploratory"] and rows["one"]["p"] is None and rows["one"]["test"] is None
@@ -150,8 +157,13 @@ def test_a_one_seed_row_is_exploratory_and_borrows_nothing():
     assert rows["a · map (inference)"]["test"] == "paired"
     p = [rows[n]["p"] for n in ("a", "a · map (inference)")]
     assert [rows[n]["p_holm"] for n in ("a", "a · map (inference)")] == pytest.approx(stats.holm(p))
-    assert result["family"] == {"scope": "table", "tables": 1, "rows_tested": 2, "hypotheses": 2,
-                                "first_step_alpha": 0.025}  # fmt: skip
+    assert result["family"] == {
+        "scope": "table",
+        "tables": 1,
+        "rows_tested": 2,
+        "hypotheses": 2,
+        "first_step_alpha": 0.025,
+    }
     # Detectable differences: each row's own sd of differences, at Holm's first-step level.
     sd = float(np.std([0.5, 0.4, 0.6], ddof=1))
     assert rows["a"]["detectable"] == pytest.approx(stats.detectable_difference(sd, 3, 2, 0.025))
@@ -160,13 +172,20 @@ def test_a_one_seed_row_is_exploratory_and_borrows_nothing():
 
 def test_margins_give_equivalence_verdicts_and_holm_counts_them():
     ref = {s: 10.0 + s for s in range(4)}
-    values = {"ref": ref, "same": {s: v + 0.01 * (-1) ** s for s, v in ref.items()},
-              "worse": {s: v + 1.0 + 0.01 * s for s, v in ref.items()},
-              "noisy": {s: v + (0.5 if s % 2 else -0.5) for s, v in ref.items()}}  # fmt: skip
+    values = {
+        "ref": ref,
+        "same": {s: v + 0.01 * (-1) ** s for s, v in ref.items()},
+        "worse": {s: v + 1.0 + 0.01 * s for s, v in ref.items()},
+        "noisy": {s: v + (0.5 if s % 2 else -0.5) for s, v in ref.items()},
+    }
     result = compare(values, "ref", True, margin=0.1)
     verdict = {r["configuration"]: r["verdict"] for r in result["rows"]}
-    assert verdict == {"ref": "reference", "same": "equivalent within ±0.1", "worse": "worse",
-                       "noisy": "undecided at this seed count"}  # fmt: skip
+    assert verdict == {
+        "ref": "reference",
+        "same": "equivalent within ±0.1",
+        "worse": "worse",
+        "noisy": "undecided at this seed count",
+    }
     rows = {r["configuration"]: r for r in result["rows"]}
     raw = [rows[n][k] for k in ("p", "tost_p") for n in ("same", "worse", "noisy")]
     adjusted = [rows[n][k] for k in ("p_holm", "tost_p_holm") for n in ("same", "worse", "noisy")]
@@ -189,8 +208,9 @@ def test_a_family_of_tables_is_adjusted_together():
 
 
 def test_rank_against_is_compare_for_per_seed_values():
-    ranked = rank_against({0: 1.0, 1: 1.2, 2: 0.9}, {"t1": {0: 1.01, 1: 1.22, 2: 0.9}, "t2": {5: 3.0}},
-                          margin=0.1, family="confirmation")  # fmt: skip
+    ranked = rank_against(
+        {0: 1.0, 1: 1.2, 2: 0.9}, {"t1": {0: 1.01, 1: 1.22, 2: 0.9}, "t2": {5: 3.0}}, margin=0.1, family="confirmation"
+    )
     assert verdicts(ranked)["reference"] == "reference" and ranked["family"]["scope"] == "confirmation"
     assert verdicts(ranked)["t1"] == "equivalent within ±0.1" and verdicts(ranked)["t2"].startswith("exploratory")
     assert ranked["margin"] == 0.1
@@ -199,8 +219,11 @@ def test_rank_against_is_compare_for_per_seed_values():
 
 
 def test_parse_margins():
-    assert parse_margins(["fid_minus_floor=0.1", "denoise_mse=5e-4", "kid=0.01"]) == {"fid": 0.1, "denoise": 0.0005,
-                                                                                        "kid": 0.01}  # fmt: skip
+    assert parse_margins(["fid_minus_floor=0.1", "denoise_mse=5e-4", "kid=0.01"]) == {
+        "fid": 0.1,
+        "denoise": 0.0005,
+        "kid": 0.01,
+    }
     assert parse_margins(None) == {} and parse_margins({"fid": 0.2}) == {"fid": 0.2}
     for bad, message in (("fid", "expected metric=value"), ("fid=x", "not a number"), ("fid=-1", "positive")):
         with pytest.raises(ValueError, match=message):
@@ -208,8 +231,12 @@ def test_parse_margins():
 
 
 def test_rows_without_shared_seeds_use_welch_from_five_a_side_and_partial_overlap_pairs_what_it_can():
-    values = {"full": {0: 1.0, 1: 1.4, 2: 0.8, 3: 1.1, 4: 0.9}, "late": {5: 2.0, 6: 2.6, 7: 2.2, 8: 2.9, 9: 2.1},
-              "few": {5: 2.0, 6: 2.6}, "part": {1: 1.9, 2: 1.1, 7: 5.0}}  # fmt: skip
+    values = {
+        "full": {0: 1.0, 1: 1.4, 2: 0.8, 3: 1.1, 4: 0.9},
+        "late": {5: 2.0, 6: 2.6, 7: 2.2, 8: 2.9, 9: 2.1},
+        "few": {5: 2.0, 6: 2.6},
+        "part": {1: 1.9, 2: 1.1, 7: 5.0},
+    }
     rows = {r["configuration"]: r for r in compare(values, "full", True)["rows"]}
     assert rows["late"]["test"] == "welch"
     late, full = list(values["late"].values()), list(values["full"].values())

@@ -100,13 +100,25 @@ def write_images(folder: Path, images: dict[str, Image.Image]) -> Path:
 
 def test_a_three_image_folder_refuses_a_large_batch_at_once_and_trains_with_a_small_one(tmp_path):
     rng = np.random.default_rng(0)
-    folder = write_images(tmp_path / "three", {f"{i}.png": Image.fromarray(rng.integers(0, 255, (8, 8), np.uint8))
-                                                for i in range(3)})  # fmt: skip
+    folder = write_images(
+        tmp_path / "three", {f"{i}.png": Image.fromarray(rng.integers(0, 255, (8, 8), np.uint8)) for i in range(3)}
+    )
     start = time.perf_counter()
     with pytest.raises(ValueError, match="fewer than --train_batch_size 16"):
         run_train_unet(tiny_args(tmp_path / "big", "--train_data_dir", str(folder), "--test_fraction", "0.3"))
-    metrics = run_train_unet(tiny_args(tmp_path / "small", "--train_data_dir", str(folder), "--test_fraction", "0.3",
-                                       "--train_batch_size", "2", "--max_train_steps", "2"))  # fmt: skip
+    metrics = run_train_unet(
+        tiny_args(
+            tmp_path / "small",
+            "--train_data_dir",
+            str(folder),
+            "--test_fraction",
+            "0.3",
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+        )
+    )
     assert metrics["steps"] == 2 and time.perf_counter() - start < 60
 
 
@@ -115,10 +127,17 @@ def test_the_vae_stage_never_spins_on_a_split_smaller_than_its_batch(tmp_path):
     from skipdiff.training.vae_options import VaeOptions
 
     rng = np.random.default_rng(0)
-    folder = write_images(tmp_path / "five", {f"{i}.png": Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8))
-                                               for i in range(5)})  # fmt: skip
-    options = VaeOptions(train_data_dir=str(folder), test_fraction=0.4, preset="tiny", train_batch_size=5000,
-                         max_train_steps=3, output_dir=str(tmp_path / "vae"))  # fmt: skip
+    folder = write_images(
+        tmp_path / "five", {f"{i}.png": Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8)) for i in range(5)}
+    )
+    options = VaeOptions(
+        train_data_dir=str(folder),
+        test_fraction=0.4,
+        preset="tiny",
+        train_batch_size=5000,
+        max_train_steps=3,
+        output_dir=str(tmp_path / "vae"),
+    )
     metrics = train_vae(options)  # a batch of the whole 3-image split
     assert metrics["test_mse"] > 0 and (tmp_path / "vae" / "config.json").is_file()
     twenty = VaeOptions(**{**options.__dict__, "max_train_steps": 20, "output_dir": str(tmp_path / "vae20")})
@@ -135,11 +154,21 @@ def test_image_modes_follow_one_rule_and_the_channel_count_reads_every_image(tmp
     palette.putpalette([10, 20, 30] * 256)
     assert np.asarray(to_mode(palette, 3))[0, 0].tolist() == [10, 20, 30]
 
-    mixed = write_images(tmp_path / "mixed", {"a.png": grey16, "b.png": Image.new("L", (8, 8), 50),
-                                              "c.png": Image.new("LA", (8, 8), (80, 255)), "d.png": rgba,
-                                              "e.png": palette, "f.png": Image.new("RGB", (8, 8), (1, 2, 3))})  # fmt: skip
-    grey = write_images(tmp_path / "grey", {"a.png": grey16, "b.png": Image.new("L", (8, 8), 50),
-                                            "c.png": Image.new("LA", (8, 8), (80, 255))})  # fmt: skip
+    mixed = write_images(
+        tmp_path / "mixed",
+        {
+            "a.png": grey16,
+            "b.png": Image.new("L", (8, 8), 50),
+            "c.png": Image.new("LA", (8, 8), (80, 255)),
+            "d.png": rgba,
+            "e.png": palette,
+            "f.png": Image.new("RGB", (8, 8), (1, 2, 3)),
+        },
+    )
+    grey = write_images(
+        tmp_path / "grey",
+        {"a.png": grey16, "b.png": Image.new("L", (8, 8), 50), "c.png": Image.new("LA", (8, 8), (80, 255))},
+    )
     for seed in range(4):  # the channel count no longer depends on which image the split puts first
         splits = load_image_splits(DataOptions(train_data_dir=str(mixed), split_seed=seed, test_fraction=0.34))
         assert dataset_channels(splits) == 3
@@ -160,14 +189,20 @@ def checkpointed(tmp_path) -> Path:
 
 
 def resume(out: Path, *extra: str) -> dict:
-    return run_train_unet(tiny_args(out, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                                    "--resume_from_checkpoint", "latest", *extra))  # fmt: skip
+    return run_train_unet(
+        tiny_args(
+            out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", *extra
+        )
+    )
 
 
 @pytest.mark.slow
 def test_resume_refuses_changed_options_unless_they_are_named(checkpointed):
-    with pytest.raises(ValueError, match=r"other options \(learning_rate: checkpoint 0.002 vs now 0.001; "
-                                         r"prediction_type: checkpoint 'v_prediction' vs now 'sample'\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"other options \(learning_rate: checkpoint 0.002 vs now 0.001; "
+        r"prediction_type: checkpoint 'v_prediction' vs now 'sample'\)",
+    ):
         resume(checkpointed, "--learning_rate", "1e-3", "--prediction_type", "sample")
     assert resume(checkpointed, "--log_every", "2")["steps"] == 2  # logging is not training: free to change
     assert resume(checkpointed, "--learning_rate", "1e-3", "--allow_changed", "learning_rate")["steps"] == 2
@@ -198,7 +233,9 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_folder(tmp_path, monkeypa
 
     monkeypatch.setattr(checkpoints, "_fsync_tree", disk_full)
     out = tmp_path / "run"
-    with pytest.raises(OSError, match=r"could not write checkpoint .*checkpoint-1.*No space left.*earlier checkpoints are intact"):
+    with pytest.raises(
+        OSError, match=r"could not write checkpoint .*checkpoint-1.*No space left.*earlier checkpoints are intact"
+    ):
         run_train_unet(tiny_args(out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -233,8 +270,11 @@ def test_an_unwritable_vae_folder_fails_before_training(tmp_path):
 def test_ctrl_c_stops_after_a_step_with_a_checkpoint_and_the_resume_command(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO / "train_scripts" / "train_unet.py"),
-               *tiny_args(out, "--max_train_steps", "100000", "--checkpointing_steps", "0")]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "train_scripts" / "train_unet.py"),
+        *tiny_args(out, "--max_train_steps", "100000", "--checkpointing_steps", "0"),
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "stats.jsonl").is_file() or len(stats_lines(out)) < 3:

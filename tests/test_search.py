@@ -23,14 +23,28 @@ from skipdiff.search.spec import parse_search_spec
 ROOT = Path(__file__).resolve().parents[1]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
-BASE = {"model": "tiny", "vae": "none", "resolution": 8, "max_train_steps": 4, "train_batch_size": 16, "log_every": 2,
-        "validation_every": 0, "num_validation_images": 4, "validation_inference_steps": 2, "checkpointing_steps": 2}  # fmt: skip
+BASE = {
+    "model": "tiny",
+    "vae": "none",
+    "resolution": 8,
+    "max_train_steps": 4,
+    "train_batch_size": 16,
+    "log_every": 2,
+    "validation_every": 0,
+    "num_validation_images": 4,
+    "validation_inference_steps": 2,
+    "checkpointing_steps": 2,
+}
 TINY = {
     "kind": "training",
     "base": BASE,
-    "space": {"skips": ["full", "per_skip", "scalelong"], "skip": ["keep", "zero", "scale"],
-              "skip.scale": {"low": 0.2, "high": 1.0}, "scalelong.kappa": {"low": 0.5, "high": 0.95},
-              "learning_rate": {"low": 1.0e-4, "high": 3.0e-3, "log": True}},  # fmt: skip
+    "space": {
+        "skips": ["full", "per_skip", "scalelong"],
+        "skip": ["keep", "zero", "scale"],
+        "skip.scale": {"low": 0.2, "high": 1.0},
+        "scalelong.kappa": {"low": 0.5, "high": 0.95},
+        "learning_rate": {"low": 1.0e-4, "high": 3.0e-3, "log": True},
+    },
     "objectives": ["denoise_mse"],
     "budget": {"trials": 3},
     "enqueue": [{"skips": "full"}],
@@ -103,7 +117,10 @@ BAD_SPECS = [
     ({"confirm": {"seeds": [5, 6], "also": {"grid": {}}}}, "confirm also grid: empty overrides"),
     ({"base": {**BASE, "output_dir": "x"}}, "base option 'output_dir' is set by the search"),
     ({"base": {**BASE, "max_train_step": 3}}, "max_train_step"),
-    ({"space": {"prediction_type": ["epsilon", "v_prediction"]}, "enqueue": None}, "prediction_type cannot be searched"),
+    (
+        {"space": {"prediction_type": ["epsilon", "v_prediction"]}, "enqueue": None},
+        "prediction_type cannot be searched",
+    ),
     ({"enqueue": [{"skips": "full"}] * 4}, "enqueue lists 4 configurations but budget trials is 3"),
     ({"enqueue": [{"skips": "ful"}]}, "skips: 'ful' is not one of"),
     ({"enqueue": [{"scalelong.kapa": 0.7}]}, "'scalelong.kapa' is no parameter of the space"),
@@ -119,8 +136,12 @@ def test_enqueued_list_choices_reach_the_trial_as_lists():
 
     from skipdiff.search.space import suggest
 
-    space = {"skips": ["full", "per_skip"], "skip": ["keep", "zero"],
-             "model.block_out_channels": [[16, 32], [8, 16]], "model.layers_per_block": [1, 2]}  # fmt: skip
+    space = {
+        "skips": ["full", "per_skip"],
+        "skip": ["keep", "zero"],
+        "model.block_out_channels": [[16, 32], [8, 16]],
+        "model.layers_per_block": [1, 2],
+    }
     queued = [{"skips": "per_skip", "skip.0": "zero", "model.block_out_channels": [8, 16], "model.layers_per_block": 2}]
     spec = parse_search_spec({**copy.deepcopy(TINY), "space": space, "enqueue": queued}, "m")
     study = optuna.create_study()
@@ -138,9 +159,15 @@ def test_a_configuration_is_rebuilt_from_its_trials_parameters_alone():
     from skipdiff.search.space import suggest
     from skipdiff.search.trial import configuration_of, num_skips_for
 
-    space = {"skips": ["per_skip", "linear", "markov"], "skip": ["keep", "zero", "scale"], "skip.scale": {"low": 0.1, "high": 1.0},
-             "linear.outer": {"low": 0.5, "high": 1.5}, "markov.p_init": {"low": 0.6, "high": 0.9},
-             "model.block_out_channels": [[16, 32], [8, 16]], "model.layers_per_block": [1, 2]}  # fmt: skip
+    space = {
+        "skips": ["per_skip", "linear", "markov"],
+        "skip": ["keep", "zero", "scale"],
+        "skip.scale": {"low": 0.1, "high": 1.0},
+        "linear.outer": {"low": 0.5, "high": 1.5},
+        "markov.p_init": {"low": 0.6, "high": 0.9},
+        "model.block_out_channels": [[16, 32], [8, 16]],
+        "model.layers_per_block": [1, 2],
+    }
     spec = parse_search_spec({**copy.deepcopy(TINY), "space": space, "enqueue": None}, "m")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     seen = set()
@@ -258,8 +285,17 @@ def test_conditional_parameters_exist_only_under_their_family(tmp_path):
     spec = parse_search_spec(copy.deepcopy(TINY), "c")
     full = FixedTrial({"skips": "full", "learning_rate": 1e-3})
     assert suggest(full, spec.space, lambda _: 4).options == {"learning_rate": 1e-3, "skips": "full"}
-    per = FixedTrial({"skips": "per_skip", "learning_rate": 1e-3, "skip.0": "zero", "skip.1": "scale",
-                      "skip.1.scale": 0.5, "skip.2": "keep", "skip.3": "keep"})  # fmt: skip
+    per = FixedTrial(
+        {
+            "skips": "per_skip",
+            "learning_rate": 1e-3,
+            "skip.0": "zero",
+            "skip.1": "scale",
+            "skip.1.scale": 0.5,
+            "skip.2": "keep",
+            "skip.3": "keep",
+        }
+    )
     assert suggest(per, spec.space, lambda _: 4).options["skips"] == "zero,scale:0.5,keep,keep"
     with pytest.raises(ValueError, match="'scalelong.kappa' is not set"):
         suggest(FixedTrial({"skips": "scalelong", "learning_rate": 1e-3}), spec.space, lambda _: 4)
@@ -270,8 +306,11 @@ def test_chain_parameters_are_suggested_only_under_markov(tmp_path):
     from skipdiff.search import engine
     from skipdiff.search.space import suggest
 
-    space = {"skips": ["full", "learned", "markov"], "markov.p_init": {"low": 0.6, "high": 0.95},
-             "markov.warmup_steps": [1]}  # fmt: skip
+    space = {
+        "skips": ["full", "learned", "markov"],
+        "markov.p_init": {"low": 0.6, "high": 0.95},
+        "markov.warmup_steps": [1],
+    }
     spec = parse_search_spec({**copy.deepcopy(TINY), "space": space, "enqueue": None, "budget": {"trials": 12}}, "m")
     study = engine.open_study(spec, f"sqlite:///{tmp_path / 'm.db'}")
     study.optimize(lambda t: float(len(suggest(t, spec.space, lambda _: 4).options)), n_trials=12)
@@ -329,7 +368,10 @@ def test_a_training_search_runs_its_budget_as_normal_run_folders(finished_search
         assert (folder / "unet" / "config.json").is_file()  # a loadable run folder
         rebuilt = configuration_of(parse_search_spec(TINY, "tiny"), trial.params)
         assert (rebuilt.options, rebuilt.model) == (record["overrides"], record["model"])
-    assert json.loads((finished_search / "trials" / "trial-0000" / "trial.json").read_text())["overrides"]["skips"] == "full"
+    assert (
+        json.loads((finished_search / "trials" / "trial-0000" / "trial.json").read_text())["overrides"]["skips"]
+        == "full"
+    )
 
 
 @pytest.mark.slow
@@ -349,7 +391,9 @@ def test_the_report_of_a_search(finished_search, tmp_path):
 @pytest.mark.slow
 def test_a_configuration_proposed_again_reuses_its_values_without_training(tmp_path):
     out = tmp_path / "out"
-    path = spec_file(tmp_path, space={"skips": ["full"]}, enqueue=None, budget={"trials": 2})  # one point: proposed twice
+    path = spec_file(
+        tmp_path, space={"skips": ["full"]}, enqueue=None, budget={"trials": 2}
+    )  # one point: proposed twice
     run_search(str(path), "--out", str(out))
     first, second = sorted(study_trials(out), key=lambda t: t.number)[:2]
     assert second.user_attrs["duplicate_of"] == first.number and second.value == first.value
@@ -369,8 +413,12 @@ def test_a_configuration_proposed_again_reuses_its_values_without_training(tmp_p
 @pytest.mark.slow
 def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
     out = tmp_path / "out"
-    path = spec_file(tmp_path, pruner={"name": "threshold", "upper": 0.0}, prune={"steps": [2], "images": 8, "buckets": 2},
-                     budget={"trials": 2})  # fmt: skip
+    path = spec_file(
+        tmp_path,
+        pruner={"name": "threshold", "upper": 0.0},
+        prune={"steps": [2], "images": 8, "buckets": 2},
+        budget={"trials": 2},
+    )
     run_search(str(path), "--out", str(out))
     trials = study_trials(out)
     assert states(trials) == {"PRUNED": 2}
@@ -379,7 +427,9 @@ def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
         folder = Path(trial.user_attrs["folder"])
         record = json.loads((folder / "trial.json").read_text())
         assert record["state"] == "pruned" and "at step 2" in record["reason"]
-        assert trial.user_attrs["seconds"] == pytest.approx(record["seconds"]) and record["seconds"] > 0  # its cost counts
+        assert (
+            trial.user_attrs["seconds"] == pytest.approx(record["seconds"]) and record["seconds"] > 0
+        )  # its cost counts
         assert not (folder / "train_metrics.json").exists()  # stopped at step 2 of 4
         assert [p.name for p in folder.glob("checkpoint-*")] == []  # pruned before its step-2 checkpoint
 
@@ -387,10 +437,18 @@ def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
 @pytest.mark.slow
 def test_an_inference_search_on_a_trained_run(finished_search, tmp_path):
     run = finished_search / "trials" / "trial-0000"
-    spec = {"kind": "inference", "base": {"checkpoint": str(run), "denoise_loss": True, "buckets": 2, "seeds": [0]},
-            "space": {"skips": ["full", "scalelong", "per_skip"], "skip": ["keep", "zero"],
-                      "scalelong.kappa": {"low": 0.3, "high": 0.9}},
-            "objectives": ["denoise_mse"], "budget": {"trials": 3}, "enqueue": [{"skips": "full"}]}  # fmt: skip
+    spec = {
+        "kind": "inference",
+        "base": {"checkpoint": str(run), "denoise_loss": True, "buckets": 2, "seeds": [0]},
+        "space": {
+            "skips": ["full", "scalelong", "per_skip"],
+            "skip": ["keep", "zero"],
+            "scalelong.kappa": {"low": 0.3, "high": 0.9},
+        },
+        "objectives": ["denoise_mse"],
+        "budget": {"trials": 3},
+        "enqueue": [{"skips": "full"}],
+    }
     path = tmp_path / "inference.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
@@ -403,8 +461,13 @@ def test_an_inference_search_on_a_trained_run(finished_search, tmp_path):
 
 
 def test_inference_search_refuses_training_only_families():
-    spec = {"kind": "inference", "base": {"checkpoint": "x"}, "space": {"skips": ["full", "markov"]},
-            "objectives": ["denoise_mse"], "budget": {"trials": 2}}  # fmt: skip
+    spec = {
+        "kind": "inference",
+        "base": {"checkpoint": "x"},
+        "space": {"skips": ["full", "markov"]},
+        "objectives": ["denoise_mse"],
+        "budget": {"trials": 2},
+    }
     with pytest.raises(ValueError, match=r"\['markov'\] need training"):
         parse_search_spec(spec, "inf")
 
@@ -419,7 +482,8 @@ def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
     assert len(cells) == 6  # (the best trial, grid-best, the reference) x 2 seeds
     grid_cells = [c for c in cells if c.startswith("config-grid-best")]
     assert [json.loads((out / "confirm" / c / "cell.json").read_text())["options"]["skips"] for c in grid_cells] == [
-        "scalelong:kappa=0.6"] * 2  # fmt: skip
+        "scalelong:kappa=0.6"
+    ] * 2
     trial_seeds = {json.loads(p.read_text())["options"]["seed"] for p in (out / "trials").glob("*/trial.json")}
     confirm_seeds = {json.loads((out / "confirm" / c / "cell.json").read_text())["options"]["seed"] for c in cells}
     assert confirm_seeds == {5, 6} and not confirm_seeds & trial_seeds
@@ -435,7 +499,9 @@ def test_confirmation_reruns_the_best_on_fresh_seeds(tmp_path):
     assert {r["configuration"] for r in summary["rows"]} >= {"reference", "grid-best"}
     assert sorted(int(seed) for seed in reference["values_by_seed"]) == [5, 6]  # paired on the fresh seeds
     chosen = json.loads((out / "confirm" / "chosen.json").read_text())["chosen"]
-    best = min(study_trials(out), key=lambda t: t.value)  # every trial searches the learning rate: none is the reference
+    best = min(
+        study_trials(out), key=lambda t: t.value
+    )  # every trial searches the learning rate: none is the reference
     assert chosen[0]["trial"] == best.number
 
 
@@ -446,14 +512,19 @@ def test_confirmation_never_retrains_the_reference_under_a_trials_name():
 
     from skipdiff.search.confirm import choose, runs_the_reference
 
-    space = {"skips": ["full", "scalelong"], "scalelong.kappa": {"low": 0.5, "high": 0.9},
-             "model.layers_per_block": [1, 2]}  # fmt: skip
+    space = {
+        "skips": ["full", "scalelong"],
+        "scalelong.kappa": {"low": 0.5, "high": 0.9},
+        "model.layers_per_block": [1, 2],
+    }
     spec = parse_search_spec({**copy.deepcopy(TINY), "space": space, "confirm": {"top": 2, "seeds": [5, 6]}}, "m")
     tiny_layers = 1  # the tiny preset's own depth, so this model override is the base model itself
-    records = {0: {"overrides": {"skips": "full"}, "model": {"layers_per_block": tiny_layers}},
-               1: {"overrides": {"skips": "full"}, "model": {"layers_per_block": 2}},
-               2: {"overrides": {"skips": "scalelong:kappa=0.7"}, "model": {}},
-               3: {"overrides": {"skips": "full"}, "model": {}}}  # fmt: skip
+    records = {
+        0: {"overrides": {"skips": "full"}, "model": {"layers_per_block": tiny_layers}},
+        1: {"overrides": {"skips": "full"}, "model": {"layers_per_block": 2}},
+        2: {"overrides": {"skips": "scalelong:kappa=0.7"}, "model": {}},
+        3: {"overrides": {"skips": "full"}, "model": {}},
+    }
     assert [runs_the_reference(spec, r) for r in records.values()] == [True, False, False, True]
     ranked = [SimpleNamespace(number=n, user_attrs={"folder": str(n)}) for n in (0, 3, 1, 2)]
     said = []
@@ -493,10 +564,27 @@ def postgres(tmp_path):
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     port = _free_port()
-    subprocess.run([*prefix, PG_BIN / "initdb", "-D", folder / "data", "-A", "trust", "-U", "postgres"], check=True,
-                   capture_output=True)  # fmt: skip
-    subprocess.run([*prefix, PG_BIN / "pg_ctl", "-D", folder / "data", "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
-                    "-l", folder / "log", "-w", "start"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*prefix, PG_BIN / "initdb", "-D", folder / "data", "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *prefix,
+            PG_BIN / "pg_ctl",
+            "-D",
+            folder / "data",
+            "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
+            "-l",
+            folder / "log",
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
@@ -507,7 +595,9 @@ def postgres(tmp_path):
 @pytest.mark.slow
 def test_two_workers_share_one_study_through_postgresql(tmp_path, postgres):
     out = tmp_path / "out"
-    run_search(str(spec_file(tmp_path, budget={"trials": 4})), "--out", str(out), "--workers", "2", "--storage", postgres)
+    run_search(
+        str(spec_file(tmp_path, budget={"trials": 4})), "--out", str(out), "--workers", "2", "--storage", postgres
+    )
     trials = study_trials(out, postgres)
     assert states(trials) == {"COMPLETE": 4}
     assert not (out / "study.db").exists()  # the study lives in the server
@@ -526,8 +616,13 @@ def test_kill_9_of_a_worker_mid_trial_then_relaunch(tmp_path, capfd):
     base = {**BASE, "max_train_steps": 60, "checkpointing_steps": 5, "log_every": 5}
     path = spec_file(tmp_path, base=base, budget={"trials": 2}, storage={"heartbeat_seconds": 1, "grace_seconds": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-m", "skipdiff.search", str(path), "--out", str(out)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "skipdiff.search", str(path), "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     folder = out / "trials" / "trial-0000"
     deadline = time.time() + 120
     while not list(folder.glob("checkpoint-10")) and time.time() < deadline:
@@ -559,8 +654,14 @@ def test_sigterm_to_a_worker_requeues_its_trial_which_resumes(tmp_path, capfd):
     base = {**BASE, "max_train_steps": 60, "checkpointing_steps": 5, "log_every": 5}
     path = spec_file(tmp_path, base=base, budget={"trials": 1})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-m", "skipdiff.search", str(path), "--out", str(out)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "skipdiff.search", str(path), "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     folder = out / "trials" / "trial-0000"
     deadline = time.time() + 120
     while not list(folder.glob("checkpoint-5")) and time.time() < deadline:
@@ -628,8 +729,9 @@ def test_a_running_confirmation_is_reported_as_running_not_as_the_result(tmp_pat
     (confirm / "sweep.json").write_text(json.dumps({"cells": names}))
     cell = confirm / names[0]
     (cell / "eval").mkdir(parents=True)
-    (cell / "cell.json").write_text(json.dumps({"status": "done", "axes": [{"axis": "config", "label": "reference"}],
-                                                "options": {"seed": 5}}))  # fmt: skip
+    (cell / "cell.json").write_text(
+        json.dumps({"status": "done", "axes": [{"axis": "config", "label": "reference"}], "options": {"seed": 5}})
+    )
     (cell / "eval" / "eval.json").write_text(json.dumps({"denoise": {"mean": 0.3}}))
     summary = {}
     text = "\n".join(_confirmation_lines(tmp_path, summary))
@@ -648,6 +750,8 @@ def test_a_study_refuses_another_spec_but_takes_new_confirmation_settings(tmp_pa
     confirm = parse_search_spec({**copy.deepcopy(TINY), "confirm": {"top": 1, "seeds": [5, 6, 7]}}, "s")
     study = engine.open_study(confirm, url)
     assert study.user_attrs["spec"]["confirm"]["seeds"] == [5, 6, 7]  # workers that join read the new one
-    budget = parse_search_spec({**copy.deepcopy(TINY), "budget": {"trials": 2}, "confirm": {"top": 1, "seeds": [5, 6, 7]}}, "s")
+    budget = parse_search_spec(
+        {**copy.deepcopy(TINY), "budget": {"trials": 2}, "confirm": {"top": 1, "seeds": [5, 6, 7]}}, "s"
+    )
     with pytest.raises(ValueError, match=r"created from another spec \(it differs in \['budget'\]\)"):
         engine.open_study(budget, url)

@@ -35,18 +35,12 @@ def test_redact_hides_every_secret_of_options_a_dict_and_a_command_line():
         redact(TOKEN)
 
 
-@pytest.mark.parametrize("entry", ["command", "library"])
-def test_dry_run_shows_that_a_token_was_given_but_not_the_token(entry, tmp_path, monkeypatch, capsys):
+def test_dry_run_shows_that_a_token_was_given_but_not_the_token(tmp_path, monkeypatch, capsys):
+    from skipdiff.cli.train_unet import main  # skipdiff-train-unet / train_scripts/train_unet.py: the one command line
+
     monkeypatch.chdir(tmp_path)
     argv = [*tiny_args(tmp_path / "run"), "--hub_token", TOKEN, "--dry_run"]
-    if entry == "command":  # skipdiff-train-unet / train_scripts/train_unet.py
-        from skipdiff.cli.train_unet import main
-
-        assert main(argv) == 0
-    else:
-        from skipdiff.training.unet_trainer import main
-
-        assert main(argv) == {}
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert TOKEN not in printed and json.loads(printed)["hub_token"] == REDACTED
     assert not (tmp_path / "run").exists()
@@ -96,11 +90,28 @@ def test_a_search_records_its_spec_and_trials_without_the_token(tmp_path):
 
     from skipdiff.search.__main__ import cli
 
-    base = dict(model="tiny", vae="none", resolution=8, max_train_steps=2, train_batch_size=16, log_every=1,
-                validation_every=0, num_validation_images=4, validation_inference_steps=2, checkpointing_steps=2,
-                report_to="none", hub_token=TOKEN)  # fmt: skip
-    spec = {"kind": "training", "base": base, "space": {"skips": ["full", "none"]}, "objectives": ["denoise_mse"],
-            "budget": {"trials": 1}, "eval": {"denoise_loss": True, "grad_stability": False, "buckets": 2}}  # fmt: skip
+    base = dict(
+        model="tiny",
+        vae="none",
+        resolution=8,
+        max_train_steps=2,
+        train_batch_size=16,
+        log_every=1,
+        validation_every=0,
+        num_validation_images=4,
+        validation_inference_steps=2,
+        checkpointing_steps=2,
+        report_to="none",
+        hub_token=TOKEN,
+    )
+    spec = {
+        "kind": "training",
+        "base": base,
+        "space": {"skips": ["full", "none"]},
+        "objectives": ["denoise_mse"],
+        "budget": {"trials": 1},
+        "eval": {"denoise_loss": True, "grad_stability": False, "buckets": 2},
+    }
     path = tmp_path / "secret.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert cli([str(path), "--out", str(tmp_path / "out"), "--no_confirm", "--num_threads", "1"]) == 0

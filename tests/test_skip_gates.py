@@ -27,9 +27,17 @@ from skipdiff.skips.adapters import (
 )
 from skipdiff.training.model_source import freeze_all_but_gates, skip_unet_from
 
-STOCK_TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                  norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)  # fmt: skip
+STOCK_TINY = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=4,
+)
 GATES = "learned:init=0.8,learned_channel,learned,learned_channel:init=1.2"
 
 
@@ -38,15 +46,30 @@ def base(tmp_path_factory):
     """A saved DDPM pipeline (stock UNet2DModel, linear betas)."""
     folder = tmp_path_factory.mktemp("base") / "ddpm"
     torch.manual_seed(0)
-    DDPMPipeline(unet=UNet2DModel(**STOCK_TINY), scheduler=DDPMScheduler(beta_schedule="linear")).save_pretrained(folder)
+    DDPMPipeline(unet=UNet2DModel(**STOCK_TINY), scheduler=DDPMScheduler(beta_schedule="linear")).save_pretrained(
+        folder
+    )
     return folder
 
 
 @pytest.fixture(scope="module")
 def tuned(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("tuned") / "run"
-    argv = tiny_args(out, "--pretrained_model_name_or_path", str(base), "--train_only", "gates", "--skips", GATES,
-                     "--max_train_steps", "4", "--learning_rate", "5e-2", "--lr_warmup_steps", "0")  # fmt: skip
+    argv = tiny_args(
+        out,
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--train_only",
+        "gates",
+        "--skips",
+        GATES,
+        "--max_train_steps",
+        "4",
+        "--learning_rate",
+        "5e-2",
+        "--lr_warmup_steps",
+        "0",
+    )
     index = argv.index("--model")
     run_train_unet(argv[:index] + argv[index + 2 :])
     return out
@@ -120,8 +143,11 @@ def test_two_runs_artefacts_stack_by_default_under_their_run_names(base, tmp_pat
 
 def test_an_incompatible_unet_is_refused_naming_both_geometries(tuned):
     other = UNet2DModel(**{**STOCK_TINY, "block_out_channels": (4, 8), "norm_num_groups": 2})
-    with pytest.raises(ValueError, match=r"made for 4 skips with \(skip, backbone\) channels \[.*\] .* but this "
-                                         r"UNet2DModel has 4 skips with \[\(8, 8\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"made for 4 skips with \(skip, backbone\) channels \[.*\] .* but this "
+        r"UNet2DModel has 4 skips with \[\(8, 8\)",
+    ):
         load_skip_gates(other, tuned / "skip_gates")
 
 
@@ -177,8 +203,21 @@ def test_lora_training_saves_a_plain_model_with_the_adapters_merged(base, tmp_pa
     assert torch.allclose(merged(sample, t).sample, unet(sample, t).sample, atol=1e-5)
 
     out = tmp_path / "lora"
-    argv = tiny_args(out, "--pretrained_model_name_or_path", str(base), "--train_only", "lora", "--lora_rank", "2",
-                     "--max_train_steps", "2", "--learning_rate", "1e-2", "--lr_warmup_steps", "0")  # fmt: skip
+    argv = tiny_args(
+        out,
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--train_only",
+        "lora",
+        "--lora_rank",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--lr_warmup_steps",
+        "0",
+    )
     index = argv.index("--model")
     run_train_unet(argv[:index] + argv[index + 2 :])
     saved = SkipUNet2DModel.from_pretrained(out, subfolder="unet_raw").state_dict()
@@ -222,11 +261,33 @@ def test_gate_only_training_on_a_tiny_stable_diffusion_pipeline(tmp_path):
     pipeline = sd_pipeline(tmp_path / "sd")
     images = captioned_images(tmp_path / "images", count=24, size=16)
     out = tmp_path / "run"
-    argv = tiny_args(out, "--pretrained_model_name_or_path", str(pipeline), "--train_only", "gates",
-                     "--skips", "adapter:width=2", "--train_data_dir", str(images), "--caption_column", "text",
-                     "--resolution", "16", "--max_train_steps", "3", "--learning_rate", "5e-2", "--lr_warmup_steps",
-                     "0", "--validation_prompts", "a red square", "a blue circle", "--num_validation_images", "2",
-                     "--random_flip")  # fmt: skip
+    argv = tiny_args(
+        out,
+        "--pretrained_model_name_or_path",
+        str(pipeline),
+        "--train_only",
+        "gates",
+        "--skips",
+        "adapter:width=2",
+        "--train_data_dir",
+        str(images),
+        "--caption_column",
+        "text",
+        "--resolution",
+        "16",
+        "--max_train_steps",
+        "3",
+        "--learning_rate",
+        "5e-2",
+        "--lr_warmup_steps",
+        "0",
+        "--validation_prompts",
+        "a red square",
+        "a blue circle",
+        "--num_validation_images",
+        "2",
+        "--random_flip",
+    )
     index = argv.index("--model")
     run_train_unet(argv[:index] + argv[index + 2 :])
     # The artefact alone: no copy of the UNet, the base named; the grid holds the validation prompts.

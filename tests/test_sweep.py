@@ -22,9 +22,20 @@ from skipdiff.runfolder import read_stats
 from skipdiff.sweep import launch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_BASE = dict(model="tiny", vae="none", resolution=8, train_batch_size=16, max_train_steps=4,
-                 num_validation_images=4, validation_inference_steps=2, report_to="none", log_every=1,
-                 num_threads=1, checkpointing_steps=2, lr_warmup_steps=1)  # fmt: skip
+TINY_BASE = dict(
+    model="tiny",
+    vae="none",
+    resolution=8,
+    train_batch_size=16,
+    max_train_steps=4,
+    num_validation_images=4,
+    validation_inference_steps=2,
+    report_to="none",
+    log_every=1,
+    num_threads=1,
+    checkpointing_steps=2,
+    lr_warmup_steps=1,
+)
 MICRO = {
     "kind": "diffusion",
     "description": "micro sweep for the tests",
@@ -77,9 +88,7 @@ def test_micro_sweep_trains_and_evaluates_every_cell(micro_sweep):
         assert options["output_dir"] == str(micro_sweep / name) and options["seed"] == 0
         # A variant replaces the trained skips: identity FreeU on the full-skip model is that model (same
         # held-out loss on the same noise); on the no-skip model it opens the skips again.
-        variant = json.loads(
-            (micro_sweep / name / "variants" / "identity" / "eval" / "eval.json").read_text()
-        )
+        variant = json.loads((micro_sweep / name / "variants" / "identity" / "eval" / "eval.json").read_text())
         assert variant["skips"][0]["gate"].startswith("fourier")
         same = variant["denoise"]["mean"] == pytest.approx(evaluation["denoise"]["mean"], rel=1e-6)
         assert same == (name == "skips-full__seed-0")
@@ -156,15 +165,27 @@ def test_eval_by_overrides_the_evaluation_of_one_label_only():
 
 
 def test_cell_names_and_union_of_grids():
-    spec = sweep.parse_spec({"kind": "diffusion", "base": TINY_BASE, "grid": [
-        {"skips": {"full": "full", "markov": {"skips": "markov", "markov": "warmup_steps=2"}}, "seed": [0, 1]},
-        {"skips": ["full", "scalelong:kappa=0.5"], "seed": [1]}]}, "union")  # fmt: skip
+    spec = sweep.parse_spec(
+        {
+            "kind": "diffusion",
+            "base": TINY_BASE,
+            "grid": [
+                {"skips": {"full": "full", "markov": {"skips": "markov", "markov": "warmup_steps=2"}}, "seed": [0, 1]},
+                {"skips": ["full", "scalelong:kappa=0.5"], "seed": [1]},
+            ],
+        },
+        "union",
+    )
     cells = sweep.expand_cells(spec, "out")
-    assert [c.name for c in cells] == ["skips-full__seed-0", "skips-full__seed-1", "skips-markov__seed-0",
-                                       "skips-markov__seed-1", "skips-scalelong_kappa_0.5__seed-1"]  # fmt: skip
+    assert [c.name for c in cells] == [
+        "skips-full__seed-0",
+        "skips-full__seed-1",
+        "skips-markov__seed-0",
+        "skips-markov__seed-1",
+        "skips-scalelong_kappa_0.5__seed-1",
+    ]
     assert cells[2].options["markov"] == "warmup_steps=2" and cells[0].options["markov"] == ""
-    clash = {"kind": "diffusion", "base": TINY_BASE,
-             "grid": [{"skips": {"a": "full"}}, {"skips": {"a": "none"}}]}  # fmt: skip
+    clash = {"kind": "diffusion", "base": TINY_BASE, "grid": [{"skips": {"a": "full"}}, {"skips": {"a": "none"}}]}
     with pytest.raises(ValueError, match="appears in two grids with different options"):
         sweep.expand_cells(sweep.parse_spec(clash, "clash"), "out")
 
@@ -204,9 +225,15 @@ def test_report_adds_a_map_row_for_stochastic_skips(micro_sweep, tmp_path):
     shutil.copytree(micro_sweep, copy)
     eval_path = copy / "skips-full__seed-0" / "eval" / "eval.json"
     evaluation = json.loads(eval_path.read_text())
-    evaluation["map"] = {"recommended": ["keep", "zero", "keep", "zero"], "closed": [1, 3], "fraction_closed": 0.5,
-                         "flops_trained": 1000, "flops_map": 750, "flops_saved_fraction": 0.25,
-                         "denoise": {"mean": 0.125}}  # fmt: skip
+    evaluation["map"] = {
+        "recommended": ["keep", "zero", "keep", "zero"],
+        "closed": [1, 3],
+        "fraction_closed": 0.5,
+        "flops_trained": 1000,
+        "flops_map": 750,
+        "flops_saved_fraction": 0.25,
+        "denoise": {"mean": 0.125},
+    }
     eval_path.write_text(json.dumps(evaluation))
     text = write_report(copy, tmp_path / "report").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| skips=full · map (inference) |"))
@@ -223,15 +250,18 @@ def test_report_adds_a_map_row_for_stochastic_skips(micro_sweep, tmp_path):
 def test_every_row_is_tested_against_the_reference_by_seed():
     from scipy.stats import ttest_rel
 
-    values = {"full": {0: 1.0, 1: 1.1, 2: 0.9}, "b": {0: 5.0, 1: 5.2, 2: 4.9}, "c": {0: 1.2, 1: 0.8, 2: 1.3},
-              "d": {0: 0.5}}  # fmt: skip
+    values = {
+        "full": {0: 1.0, 1: 1.1, 2: 0.9},
+        "b": {0: 5.0, 1: 5.2, 2: 4.9},
+        "c": {0: 1.2, 1: 0.8, 2: 1.3},
+        "d": {0: 0.5},
+    }
     result = compare(values, "full", lower_is_better=True)
     rows = {row["configuration"]: row for row in result["rows"]}
     # d has the lowest value, but it is one seed and not the reference: it is ranked like any other row.
     assert [r["configuration"] for r in result["rows"]] == ["d", "full", "c", "b"]  # by difference from full
     assert rows["full"]["verdict"] == "reference" and rows["full"]["p"] is None
-    assert {name: row["test"] for name, row in rows.items()} == {"full": None, "b": "paired", "c": "paired",
-                                                                 "d": None}  # fmt: skip
+    assert {name: row["test"] for name, row in rows.items()} == {"full": None, "b": "paired", "c": "paired", "d": None}
     assert rows["b"]["p"] == pytest.approx(ttest_rel([5.0, 5.2, 4.9], [1.0, 1.1, 0.9]).pvalue, rel=1e-9)
     assert rows["c"]["p"] == pytest.approx(ttest_rel([1.2, 0.8, 1.3], [1.0, 1.1, 0.9]).pvalue, rel=1e-9)
     # d: one shared seed. It is exploratory (its values, no p): testing it against the sd of b's and c's
@@ -255,11 +285,24 @@ def test_every_row_is_tested_against_the_reference_by_seed():
 
 
 def test_classifier_cell_runs_and_reports(tmp_path):
-    spec = {"kind": "classifier",
-            "base": dict(model="mlp", depth=1, hidden_size=8, train_batch_size=16, max_train_steps=3, log_every=1,
-                         num_threads=1, report_to="none"),
-            "grid": {"data": {"iris": {"dataset": "iris"}}, "skip_connections": {"skip": True, "plain": False},
-                     "seed": [0]}}  # fmt: skip
+    spec = {
+        "kind": "classifier",
+        "base": dict(
+            model="mlp",
+            depth=1,
+            hidden_size=8,
+            train_batch_size=16,
+            max_train_steps=3,
+            log_every=1,
+            num_threads=1,
+            report_to="none",
+        ),
+        "grid": {
+            "data": {"iris": {"dataset": "iris"}},
+            "skip_connections": {"skip": True, "plain": False},
+            "seed": [0],
+        },
+    }
     records = sweep.run_sweep(sweep.parse_spec(spec, "cls"), tmp_path / "out", log=lambda line: None)
     assert [r["status"] for r in records] == ["done", "done"]
     text = write_report(tmp_path / "out", tmp_path / "report").read_text()
@@ -279,8 +322,9 @@ def test_builtin_specs_are_valid():
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_the_report_is_written_is_one_line_and_keeps_the_earlier_report(micro_sweep, tmp_path,
-                                                                                           monkeypatch, capsys):  # fmt: skip
+def test_a_full_disk_while_the_report_is_written_is_one_line_and_keeps_the_earlier_report(
+    micro_sweep, tmp_path, monkeypatch, capsys
+):
     """It was a traceback, and report.md was left half written (issue 28)."""
     import errno
     import pathlib
@@ -325,8 +369,11 @@ def test_report_never_overwrites_committed_results_by_default(micro_sweep, tmp_p
 
 @pytest.mark.slow
 def test_report_reference_is_checked_before_anything_is_written(micro_sweep, tmp_path):
-    with pytest.raises(ValueError, match=r"--reference 'skips=half' is no configuration of table 'digits, 8px'; "
-                                         r"choices: \['skips=full', "):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"--reference 'skips=half' is no configuration of table 'digits, 8px'; "
+        r"choices: \['skips=full', ",
+    ):
         report.main([str(micro_sweep), "--out", str(tmp_path / "out"), "--reference", "skips=half"])
     assert not (tmp_path / "out").exists()
     text = report.main([str(micro_sweep), "--out", str(tmp_path / "out"), "--reference", "skips=none"]).read_text()
@@ -349,9 +396,15 @@ def add_seeds(sweep: Path, fids: dict[str, dict[int, float]], floors: dict[int, 
             eval_path = sweep / name / "eval" / "eval.json"
             evaluation = json.loads(eval_path.read_text())
             kid = kids[configuration][seed]
-            evaluation["fid"] = {"per_seed": [{"seed": s, "fid": fid, "floor_fid": f} for s, f in floors.items()],
-                                 "summary": {"fid": {"mean": fid}, "floor_fid": {"mean": sum(floors.values()) / 2},
-                                             "kid_mean": {"mean": kid}, "kid_std": {"mean": kid / 10}}}  # fmt: skip
+            evaluation["fid"] = {
+                "per_seed": [{"seed": s, "fid": fid, "floor_fid": f} for s, f in floors.items()],
+                "summary": {
+                    "fid": {"mean": fid},
+                    "floor_fid": {"mean": sum(floors.values()) / 2},
+                    "kid_mean": {"mean": kid},
+                    "kid_std": {"mean": kid / 10},
+                },
+            }
             eval_path.write_text(json.dumps(evaluation))
             names.append(name)
     meta = json.loads((sweep / "sweep.json").read_text())
@@ -432,7 +485,9 @@ def test_a_new_kind_of_cell_needs_no_change_to_the_loop(tmp_path, monkeypatch):
     assert probe.evaluated == ["value-1__seed-0", "value-2__seed-0"]
     with pytest.raises(ValueError, match="already registered"):
         kinds.register_kind(ProbeKind())
-    with pytest.raises(ValueError, match=r"kind must be one of \('diffusion', 'classifier', 'inference', 'probe'\), got 'nope'"):
+    with pytest.raises(
+        ValueError, match=r"kind must be one of \('diffusion', 'classifier', 'inference', 'probe'\), got 'nope'"
+    ):
         sweep.parse_spec({"kind": "nope", "grid": {"seed": [0]}}, "x")
     with pytest.raises(ValueError, match="takes no eval"):
         sweep.parse_spec({"kind": "probe", "grid": {"seed": [0]}, "eval": {"fid": True}}, "x")
@@ -449,10 +504,21 @@ def test_accelerate_launch_starts_training_by_module_name():
         sweep.Launcher("inprocess", ("--num_processes", "2"))
 
 
-CLASSIFIER = {"kind": "classifier",
-              "base": dict(model="mlp", depth=1, hidden_size=8, train_batch_size=16, max_train_steps=4, log_every=1,
-                           num_threads=1, report_to="none", checkpointing_steps=2),
-              "grid": {"data": {"iris": {"dataset": "iris"}}, "seed": [0]}}  # fmt: skip
+CLASSIFIER = {
+    "kind": "classifier",
+    "base": dict(
+        model="mlp",
+        depth=1,
+        hidden_size=8,
+        train_batch_size=16,
+        max_train_steps=4,
+        log_every=1,
+        num_threads=1,
+        report_to="none",
+        checkpointing_steps=2,
+    ),
+    "grid": {"data": {"iris": {"dataset": "iris"}}, "seed": [0]},
+}
 
 
 @pytest.mark.extended
@@ -463,9 +529,22 @@ def test_accelerate_launcher_trains_outside_the_source_tree(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    records = sweep.run_sweep(sweep.parse_spec(CLASSIFIER, "cls"), "out", launcher="accelerate",
-                              accelerate_args=["--num_processes", "1", "--num_machines", "1", "--mixed_precision",
-                                               "no", "--dynamo_backend", "no"], log=lambda line: None)  # fmt: skip
+    records = sweep.run_sweep(
+        sweep.parse_spec(CLASSIFIER, "cls"),
+        "out",
+        launcher="accelerate",
+        accelerate_args=[
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ],
+        log=lambda line: None,
+    )
     assert records[0]["status"] == "done" and records[0]["train_metrics"]["steps"] == 4
 
 

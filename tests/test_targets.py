@@ -33,12 +33,17 @@ def write_index(folder, pipeline: str, **components) -> None:
 
 @pytest.mark.parametrize(
     ("pipeline", "transformer"),
-    [("DiTPipeline", "DiTTransformer2DModel"), ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
-     ("FluxPipeline", "FluxTransformer2DModel")],
-)  # fmt: skip
+    [
+        ("DiTPipeline", "DiTTransformer2DModel"),
+        ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+        ("FluxPipeline", "FluxTransformer2DModel"),
+    ],
+)
 def test_transformer_denoisers_are_refused_by_class_and_reason(tmp_path, pipeline, transformer):
     write_index(tmp_path / "p", pipeline, transformer=transformer, vae="AutoencoderKL")
-    with pytest.raises(ValueError, match=f"{pipeline} whose denoiser is a {transformer}, a transformer: it has no long"):
+    with pytest.raises(
+        ValueError, match=f"{pipeline} whose denoiser is a {transformer}, a transformer: it has no long"
+    ):
         load_target(str(tmp_path / "p"))
 
 
@@ -88,8 +93,9 @@ def test_pixel_sampling_is_the_ddpm_pipelines_own_and_per_image(folders):
     ours = sample_images(target, 3, seed=5, steps=3, sampler="pipeline", progress=False).images  # (3, 3, 8, 8)
     pipeline = DDPMPipeline.from_pretrained(folders["ddpm"])
     pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(batch_size=3, generator=image_generators(5, range(3)), num_inference_steps=3,
-                      output_type="np").images  # (3, 8, 8, 3) in [0, 1]  # fmt: skip
+    theirs = pipeline(
+        batch_size=3, generator=image_generators(5, range(3)), num_inference_steps=3, output_type="np"
+    ).images  # (3, 8, 8, 3) in [0, 1]
     np.testing.assert_allclose(((ours + 1) / 2).permute(0, 2, 3, 1).numpy(), theirs, atol=1e-6)
     # Image i depends on (seed, i) only, not on the batch it was drawn in (up to the kernels' batch-size rounding).
     one_by_one = sample_images(target, 3, seed=5, steps=3, sampler="pipeline", batch_size=1, progress=False).images
@@ -112,8 +118,14 @@ def test_run_sampling_is_the_skipdiff_pipelines_own(tmp_path):
     target = load_target(str(tmp_path / "run"))
     assert target.kind == "skipdiff-run" and target.identity["ema"] is False
     ours = sample_images(target, 2, seed=3, steps=3, sampler="ddpm", progress=False).images
-    theirs = pipeline(batch_size=2, generator=image_generators(3, range(2)), num_inference_steps=3, sampler="ddpm",
-                      output_type="pt", show_progress=False).images  # fmt: skip
+    theirs = pipeline(
+        batch_size=2,
+        generator=image_generators(3, range(2)),
+        num_inference_steps=3,
+        sampler="ddpm",
+        output_type="pt",
+        show_progress=False,
+    ).images
     assert torch.equal(ours, theirs)
 
 
@@ -131,7 +143,9 @@ def test_ldm_targets_use_vq_latents_with_the_declared_scale_or_none(folders, tmp
     ours = sample_images(target, 2, seed=1, steps=3, sampler="pipeline", progress=False).images
     pipeline = LDMPipeline.from_pretrained(folders["ldm"])
     pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(batch_size=2, generator=image_generators(1, range(2)), num_inference_steps=3, output_type="np").images
+    theirs = pipeline(
+        batch_size=2, generator=image_generators(1, range(2)), num_inference_steps=3, output_type="np"
+    ).images
     np.testing.assert_allclose(((ours + 1) / 2).permute(0, 2, 3, 1).numpy(), theirs, atol=1e-5)
     # A VQ config saved without a scaling factor (CompVis' LDMs) means unscaled latents, as the LDM paper trains.
     old = tmp_path / "ldm-old"

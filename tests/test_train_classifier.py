@@ -22,10 +22,40 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "train_classifier.py"
-TINY = dict(dataset="digits", resolution=8, widths=[4, 8], depth=1, hidden_size=8, train_batch_size=16,
-            eval_batch_size=512, max_train_steps=3, log_every=1, num_threads=1, report_to="none")  # fmt: skip
-TINY_ARGS = ["--resolution", "8", "--widths", "4", "8", "--depth", "1", "--hidden_size", "8", "--train_batch_size", "16",
-             "--eval_batch_size", "512", "--max_train_steps", "3", "--log_every", "1", "--num_threads", "1"]  # fmt: skip
+TINY = dict(
+    dataset="digits",
+    resolution=8,
+    widths=[4, 8],
+    depth=1,
+    hidden_size=8,
+    train_batch_size=16,
+    eval_batch_size=512,
+    max_train_steps=3,
+    log_every=1,
+    num_threads=1,
+    report_to="none",
+)
+TINY_ARGS = [
+    "--resolution",
+    "8",
+    "--widths",
+    "4",
+    "8",
+    "--depth",
+    "1",
+    "--hidden_size",
+    "8",
+    "--train_batch_size",
+    "16",
+    "--eval_batch_size",
+    "512",
+    "--max_train_steps",
+    "3",
+    "--log_every",
+    "1",
+    "--num_threads",
+    "1",
+]
 
 
 def tiny(tmp_path: Path, name: str = "run", **overrides) -> ClassifierOptions:
@@ -51,8 +81,17 @@ def test_tiny_digits_run_writes_stats_metrics_and_a_model_that_reloads(tmp_path)
     train = [r for r in records if "train" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
     for record in train:
-        assert {"step", "epoch", "train", "lr", "grad_norm", "grad_ratio_first_last", "grad_norm_total",
-                "seconds_per_step", "num_nonfinite"} <= set(record)  # fmt: skip
+        assert {
+            "step",
+            "epoch",
+            "train",
+            "lr",
+            "grad_norm",
+            "grad_ratio_first_last",
+            "grad_norm_total",
+            "seconds_per_step",
+            "num_nonfinite",
+        } <= set(record)
         assert set(record["train"]) == {"loss", "accuracy"}
         assert list(record["grad_norm"]) == ["stem", "blocks.0", "blocks.1", "head", "classifier"]
         blocks = record["grad_norm"]
@@ -121,9 +160,7 @@ def test_dry_run_prints_the_options_and_writes_nothing(tmp_path, capsys):
     finally:
         sys.path.remove(str(SCRIPT.parent))
     out = tmp_path / "dry"
-    script.main(
-        ["--dry_run", "--depth", "8", "--no-skip_connections", "--no-batch_norm", "--output_dir", str(out)]
-    )
+    script.main(["--dry_run", "--depth", "8", "--no-skip_connections", "--no-batch_norm", "--output_dir", str(out)])
     printed = json.loads(capsys.readouterr().out)
     assert printed["depth"] == 8 and printed["skip_connections"] is False and printed["batch_norm"] is False
     assert printed["output_dir"] == str(out)
@@ -216,29 +253,47 @@ def test_resume_from_a_checkpoint_continues_the_same_loss_curve(tmp_path):
 def test_accelerate_launch_runs_the_cli_end_to_end(tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     launch = (
-        [str(accelerate), "launch"]
-        if accelerate.exists()
-        else [sys.executable, "-m", "accelerate.commands.launch"]
+        [str(accelerate), "launch"] if accelerate.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
     )
     config = REPO / "accelerate_config.yaml"
     if config.exists():
         launch += ["--config_file", str(config), "--num_processes", "1"]
     else:
-        launch += ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no"]  # fmt: skip
+        launch += [
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
     out = tmp_path / "launched"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launch, str(SCRIPT), *TINY_ARGS, "--depth", "2", "--no-skip_connections",
-                             "--no-batch_norm", "--output_dir", str(out)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [
+            *launch,
+            str(SCRIPT),
+            *TINY_ARGS,
+            "--depth",
+            "2",
+            "--no-skip_connections",
+            "--no-batch_norm",
+            "--output_dir",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test_accuracy" in result.stdout
     model = SkipResNetForImageClassification.from_pretrained(out)
-    assert (
-        model.config.skip_connections is False
-        and model.config.batch_norm is False
-        and model.config.depth == 2
-    )
+    assert model.config.skip_connections is False and model.config.batch_norm is False and model.config.depth == 2
     assert len(train_records(out)) == 3
     assert list(out.glob("classifier/events.out.tfevents.*")), "no tensorboard events"
 
@@ -260,7 +315,11 @@ def test_block_gates_are_the_routers_states_for_the_same_rng_state(kind, rescale
     from skipdiff.training.classifier import BlockGates
 
     markov = {"p_init": 0.6, "warmup_steps": 0, "min_count": 1} if kind == "markov" else None
-    entry = {"mode": "bernoulli", "p": 0.7, "rescale": rescale} if kind == "bernoulli" else {"mode": "markov", "rescale": rescale}
+    entry = (
+        {"mode": "bernoulli", "p": 0.7, "rescale": rescale}
+        if kind == "bernoulli"
+        else {"mode": "markov", "rescale": rescale}
+    )
     router = _router(5, entry, markov)
     gates = BlockGates(kind, 5, 0.7, rescale, markov)
     for seed in (3, 11):
@@ -321,10 +380,18 @@ def test_every_registered_model_has_a_data_kind_and_the_options_need_no_torch():
     from skipdiff.training.classifier.options import MODEL_KINDS
 
     assert set(MODELS) == set(MODEL_KINDS)
-    code = ("import sys; from skipdiff.cli import train_classifier; "
-            "from skipdiff.training.classifier import ClassifierOptions; "
-            "from skipdiff.config import parse_args; parse_args(ClassifierOptions, ['--depth', '3']); "
-            "assert 'torch' not in sys.modules, 'torch was imported'")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    code = (
+        "import sys; from skipdiff.cli import train_classifier; "
+        "from skipdiff.training.classifier import ClassifierOptions; "
+        "from skipdiff.config import parse_args; parse_args(ClassifierOptions, ['--depth', '3']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr

@@ -41,20 +41,35 @@ from skipdiff.training import checkpoints, hub
 # One entry per skip of the tiny UNet (decoder order, 0 = innermost): two learned gates, so that the
 # logs carry gate telemetry, and two fixed ones.
 PER_SKIP = "learned,scale:0.5,learned:init=0.5,keep"
-PER_SKIP_RESOLVED = [{"mode": "learned"}, {"mode": "scale", "factor": 0.5},
-                     {"mode": "learned", "init": 0.5}, {"mode": "keep"}]  # fmt: skip
+PER_SKIP_RESOLVED = [
+    {"mode": "learned"},
+    {"mode": "scale", "factor": 0.5},
+    {"mode": "learned", "init": 0.5},
+    {"mode": "keep"},
+]
 NUM_SKIPS = 4
 SUBPROCESS_TIMEOUT = 420  # seconds; a hang (e.g. ranks waiting on each other) fails instead of blocking
 
 
 def subprocess_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(ACCELERATE), "launch", *args], cwd=cwd, env=subprocess_env(), capture_output=True,
-                            text=True, timeout=SUBPROCESS_TIMEOUT)  # fmt: skip
+    result = subprocess.run(
+        [str(ACCELERATE), "launch", *args],
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -73,8 +88,17 @@ def launched_run(tmp_path_factory) -> Path:
     """``accelerate launch --config_file accelerate_config.yaml train_scripts/train_unet.py`` as a user runs it."""
     cwd = tmp_path_factory.mktemp("launched")
     out = cwd / "run"
-    args = tiny_args(out, "--skips", PER_SKIP, "--max_train_steps", "5", "--checkpointing_steps", "1",
-                     "--checkpoints_total_limit", "2")  # fmt: skip
+    args = tiny_args(
+        out,
+        "--skips",
+        PER_SKIP,
+        "--max_train_steps",
+        "5",
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "2",
+    )
     launch(["--config_file", str(ACCELERATE_CONFIG), str(SCRIPT), *args], cwd=cwd)
     assert not (cwd / "runs").exists()  # nothing written outside --output_dir
     return out
@@ -83,8 +107,18 @@ def launched_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_launched_run_writes_a_pipeline_that_loads_and_samples(launched_run):
     out = launched_run
-    for name in ("unet/config.json", UNET_WEIGHTS, "unet_raw/config.json", EMA_WEIGHTS, "scheduler/scheduler_config.json",
-                 "model_index.json", "training_options.json", "stats.jsonl", "train_metrics.json", "README.md"):  # fmt: skip
+    for name in (
+        "unet/config.json",
+        UNET_WEIGHTS,
+        "unet_raw/config.json",
+        EMA_WEIGHTS,
+        "scheduler/scheduler_config.json",
+        "model_index.json",
+        "training_options.json",
+        "stats.jsonl",
+        "train_metrics.json",
+        "README.md",
+    ):
         assert (out / name).is_file(), name
     assert [p.name for p in (out / "samples").glob("*.png")] == ["step-000005.png"]
     assert json.loads((out / "unet/config.json").read_text())["skips"] == PER_SKIP_RESOLVED
@@ -96,11 +130,22 @@ def test_launched_run_writes_a_pipeline_that_loads_and_samples(launched_run):
     pipeline = SkipDiffPipeline.from_pretrained(out)
     assert isinstance(pipeline.unet, SkipUNet2DModel) and pipeline.vae is None
     assert pipeline.unet.skip_router.entries == PER_SKIP_RESOLVED
-    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                      sampler="ddim", show_progress=False).images  # fmt: skip
+    images = pipeline(
+        batch_size=2,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        sampler="ddim",
+        show_progress=False,
+    ).images
     assert [(image.size, image.mode) for image in images] == [((8, 8), "L")] * 2
-    pixels = pipeline(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), sampler="ddim",
-                      output_type="pt", show_progress=False).images  # fmt: skip
+    pixels = pipeline(
+        batch_size=2,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        sampler="ddim",
+        output_type="pt",
+        show_progress=False,
+    ).images
     assert pixels.shape == (2, 1, 8, 8) and torch.isfinite(pixels).all()
 
 
@@ -131,8 +176,11 @@ def test_stats_records_hold_what_a_skip_study_needs(launched_run):
 @pytest.mark.slow
 def test_checkpoints_are_rotated_under_the_total_limit(launched_run):
     assert [p.name for p in checkpoints.list_checkpoints(launched_run)] == ["checkpoint-4", "checkpoint-5"]
-    assert not [p for p in launched_run.iterdir() if p.name.startswith("checkpoint-") and p.name not in
-                ("checkpoint-4", "checkpoint-5")]  # fmt: skip
+    assert not [
+        p
+        for p in launched_run.iterdir()
+        if p.name.startswith("checkpoint-") and p.name not in ("checkpoint-4", "checkpoint-5")
+    ]
     assert no_temporary_folders(launched_run)
     assert checkpoints.read_state(launched_run / "checkpoint-5")["step"] == 5
     assert checkpoints.read_state(launched_run / "checkpoint-4")["step"] == 4
@@ -155,7 +203,9 @@ def straight_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_resume_from_latest_continues_at_the_right_step_and_matches_an_uninterrupted_run(straight_run, tmp_path, capsys):
+def test_resume_from_latest_continues_at_the_right_step_and_matches_an_uninterrupted_run(
+    straight_run, tmp_path, capsys
+):
     out = tmp_path / "interrupted"
     common = ("--use_ema", "--seed", "0", "--checkpointing_steps", "3")
     assert run_train_unet(tiny_args(out, "--max_train_steps", "3", *common))["steps"] == 3
@@ -163,8 +213,18 @@ def test_resume_from_latest_continues_at_the_right_step_and_matches_an_uninterru
     capsys.readouterr()
 
     # Training longer changes the cosine schedule's length: a strict resume needs it named.
-    metrics = run_train_unet(tiny_args(out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest",
-                                       "--allow_changed", "max_train_steps", *common))  # fmt: skip
+    metrics = run_train_unet(
+        tiny_args(
+            out,
+            "--max_train_steps",
+            "6",
+            "--resume_from_checkpoint",
+            "latest",
+            "--allow_changed",
+            "max_train_steps",
+            *common,
+        )
+    )
     assert f"resumed from {out / 'checkpoint-3'} at step 3" in capsys.readouterr().out
     assert metrics["steps"] == 6
     records = stats(out)
@@ -185,8 +245,21 @@ def test_a_run_resumed_in_another_process_ends_where_the_uninterrupted_one_did(l
     """Resume the launched run's step-4 checkpoint here (a new process) and train its last step again."""
     out = tmp_path / "run"
     shutil.copytree(launched_run / "checkpoint-4", out / "checkpoint-4")
-    metrics = run_train_unet(tiny_args(out, "--skips", PER_SKIP, "--max_train_steps", "5", "--resume_from_checkpoint",
-                                       "latest", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))  # fmt: skip
+    metrics = run_train_unet(
+        tiny_args(
+            out,
+            "--skips",
+            PER_SKIP,
+            "--max_train_steps",
+            "5",
+            "--resume_from_checkpoint",
+            "latest",
+            "--checkpointing_steps",
+            "1",
+            "--checkpoints_total_limit",
+            "2",
+        )
+    )
     assert metrics["steps"] == 5
     assert [r["step"] for r in stats(out)] == [5]
     assert loss_records(out)[0]["loss"] == loss_records(launched_run)[-1]["loss"]
@@ -226,7 +299,9 @@ def test_fp16_on_a_cpu_warns_and_trains_in_fp32(tmp_path, monkeypatch):
         metrics = run_train_unet(tiny_args(tmp_path / "run", "--mixed_precision", "fp16", "--max_train_steps", "2"))
     assert made == [("no", False)]  # no autocast, no grad scaler
     assert metrics["steps"] == 2 and 0 < metrics["final_loss"] < 10
-    assert {t.dtype for t in tensors(tmp_path / "run" / UNET_WEIGHTS).values() if t.is_floating_point()} == {torch.float32}
+    assert {t.dtype for t in tensors(tmp_path / "run" / UNET_WEIGHTS).values() if t.is_floating_point()} == {
+        torch.float32
+    }
     # The run records what was asked for; the warning says what was done.
     assert json.loads((tmp_path / "run" / "training_options.json").read_text())["mixed_precision"] == "fp16"
 
@@ -234,9 +309,10 @@ def test_fp16_on_a_cpu_warns_and_trains_in_fp32(tmp_path, monkeypatch):
 def test_dry_run_prints_the_resolved_options_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # --vae auto would train a VAE into ./runs
     out = tmp_path / "run"
-    metrics = run_train_unet(tiny_args(out, "--dry_run", "--vae", "auto", "--skips", "scalelong:kappa=0.5"))
+    from skipdiff.cli.train_unet import main
+
+    assert main(tiny_args(out, "--dry_run", "--vae", "auto", "--skips", "scalelong:kappa=0.5")) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert metrics == {}
     assert printed["dry_run"] is True and printed["skips"] == "scalelong:kappa=0.5" and printed["vae"] == "auto"
     assert printed["max_train_steps"] == 4 and printed["output_dir"] == str(out)
     assert printed["learning_rate"] == 2e-3 and printed["lr_scheduler"] == "cosine"  # defaults, resolved
@@ -245,11 +321,14 @@ def test_dry_run_prints_the_resolved_options_and_writes_nothing(tmp_path, monkey
 
 
 @pytest.mark.parametrize(("skips", "named"), [("scalelog:kappa=0.7", "scalelog"), ("scalelong:kapa=0.7", "kapa")])
-def test_dry_run_refuses_what_a_real_run_refuses(tmp_path, monkeypatch, skips, named):
+def test_dry_run_refuses_what_a_real_run_refuses(tmp_path, monkeypatch, capsys, skips, named):
     """Issue 31: --dry_run checked nothing, so a preset or argument typo passed it and failed 10 s into a run."""
+    from skipdiff.cli.train_unet import main
+
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=named):
-        run_train_unet(tiny_args(tmp_path / "run", "--dry_run", "--skips", skips))
+    assert main(tiny_args(tmp_path / "run", "--dry_run", "--skips", skips)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -270,12 +349,21 @@ def empty_folder(tmp_path) -> Path:
         (["--max_train_steps", "-3"], r"--max_train_steps must be >= 1, got -3"),
         (["--resume_from_checkpoint", "{tmp}/nowhere"], r"--resume_from_checkpoint '.*nowhere' does not exist"),
         (["--train_data_dir", "{tmp}/images"], r"train_data_dir '.*images' holds no image files"),
-        (["--dataset_name", "skipdiff-tests/no-such-dataset"],
-         r"could not load Hub dataset 'skipdiff-tests/no-such-dataset' \(HF_HUB_OFFLINE is set\)"),
+        (
+            ["--dataset_name", "skipdiff-tests/no-such-dataset"],
+            r"could not load Hub dataset 'skipdiff-tests/no-such-dataset' \(HF_HUB_OFFLINE is set\)",
+        ),
     ],
-    ids=["unknown-mode", "unknown-mode-in-list", "list-length", "negative-steps", "no-checkpoint", "empty-folder",
-         "hub-dataset-offline"],
-)  # fmt: skip
+    ids=[
+        "unknown-mode",
+        "unknown-mode-in-list",
+        "list-length",
+        "negative-steps",
+        "no-checkpoint",
+        "empty-folder",
+        "hub-dataset-offline",
+    ],
+)
 def test_bad_arguments_fail_before_training_naming_the_value(extra, message, tmp_path, empty_folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -362,8 +450,20 @@ def optimizer_steps(checkpoint: Path) -> tuple[int, int]:
 
 def test_a_nonfinite_step_is_counted_skipped_and_logged(tmp_path):
     out = tmp_path / "run"
-    metrics = run_train_unet(tiny_args(out, "--inject_nonfinite_steps", "2", "--max_train_steps", "4", "--use_ema",
-                                       "--checkpointing_steps", "1", "--checkpoints_total_limit", "10"))  # fmt: skip
+    metrics = run_train_unet(
+        tiny_args(
+            out,
+            "--inject_nonfinite_steps",
+            "2",
+            "--max_train_steps",
+            "4",
+            "--use_ema",
+            "--checkpointing_steps",
+            "1",
+            "--checkpoints_total_limit",
+            "10",
+        )
+    )
     assert metrics["steps"] == 4 and metrics["nonfinite_total"] == 1
     events = [r for r in stats(out) if r.get("event") == "nonfinite"]
     assert events == [{"step": 2, "event": "nonfinite", "nonfinite_total": 1, "in_row": 1}]
@@ -382,8 +482,9 @@ def test_a_nonfinite_step_is_counted_skipped_and_logged(tmp_path):
 
 def test_a_nonfinite_step_leaves_the_weights_as_they_were(tmp_path):
     out = tmp_path / "run"
-    metrics = run_train_unet(tiny_args(out, "--inject_nonfinite_steps", "2", "--max_train_steps", "2",
-                                       "--checkpointing_steps", "1"))  # fmt: skip
+    metrics = run_train_unet(
+        tiny_args(out, "--inject_nonfinite_steps", "2", "--max_train_steps", "2", "--checkpointing_steps", "1")
+    )
     assert metrics["steps"] == 2 and metrics["nonfinite_total"] == 1  # a skipped last step still ends the run
     assert [r["step"] for r in stats(out)] == [0, 1, 2]
     # The run's final weights (after step 2) are those of step 1.
@@ -395,8 +496,21 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run_with_its_checkpoint_inta
     module = train_unet_module()
     stopped = r"stopping at step 4: 3 non-finite losses or gradients in a row \(last good checkpoint: .*checkpoint-1\)"
     with pytest.raises(module.TrainingStopped, match=stopped):
-        run_train_unet(tiny_args(out, "--inject_nonfinite_steps", "2", "3", "4", "--max_nonfinite_in_row", "3",
-                                 "--checkpointing_steps", "1", "--max_train_steps", "6"))  # fmt: skip
+        run_train_unet(
+            tiny_args(
+                out,
+                "--inject_nonfinite_steps",
+                "2",
+                "3",
+                "4",
+                "--max_nonfinite_in_row",
+                "3",
+                "--checkpointing_steps",
+                "1",
+                "--max_train_steps",
+                "6",
+            )
+        )
     events = [(r["step"], r["in_row"]) for r in stats(out) if r.get("event") == "nonfinite"]
     assert events == [(2, 1), (3, 2), (4, 3)]
     assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-1"] and no_temporary_folders(out)
@@ -419,8 +533,17 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run_with_its_checkpoint_inta
 
 # Both two-process tests of Markov skips: the chain learns from step 2 (warmup_steps=1, min_count=1), so it
 # changes during the run and the ranks must agree on it; checkpoints at steps 2 and 4.
-MARKOV_TWO_PROCESS = ["--skips", "markov", "--markov", "warmup_steps=1,min_count=1", "--max_train_steps", "4",
-                      "--use_ema", "--checkpointing_steps", "2"]  # fmt: skip
+MARKOV_TWO_PROCESS = [
+    "--skips",
+    "markov",
+    "--markov",
+    "warmup_steps=1,min_count=1",
+    "--max_train_steps",
+    "4",
+    "--use_ema",
+    "--checkpointing_steps",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -431,8 +554,24 @@ def markov_two_processes(tmp_path_factory) -> Path:
     out = cwd / "run"
     dump_ranks = REPO / "tests" / "helpers" / "train_unet_rank_weights.py"
     args = tiny_args(out, *MARKOV_TWO_PROCESS, "--train_batch_size", "16")
-    launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(dump_ranks), *args], cwd=cwd)  # fmt: skip
+    launch(
+        [
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(dump_ranks),
+            *args,
+        ],
+        cwd=cwd,
+    )
     return out
 
 
@@ -446,7 +585,9 @@ def test_two_processes_train_one_model_and_only_the_main_one_writes(markov_two_p
     assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     assert no_temporary_folders(out)
     assert sorted(p.name for p in (out / "checkpoint-4").glob("random_states_*.pkl")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]  # fmt: skip
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
 
     # Both ranks end with the same weights and the same Markov chain, which is the saved one.
     rank0, rank1 = tensors(out / "rank0.safetensors"), tensors(out / "rank1.safetensors")
@@ -475,9 +616,24 @@ def test_two_processes_match_one_process_with_the_same_global_batch(skips, tmp_p
         double = request.getfixturevalue("markov_two_processes")
     else:
         double = tmp_path / "double"
-        launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT),
-                *tiny_args(double, *extra, "--train_batch_size", "16")], cwd=tmp_path)  # fmt: skip
+        launch(
+            [
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "--main_process_port",
+                str(free_port()),
+                str(SCRIPT),
+                *tiny_args(double, *extra, "--train_batch_size", "16"),
+            ],
+            cwd=tmp_path,
+        )
 
     one, two = tensors(single / UNET_WEIGHTS), tensors(double / UNET_WEIGHTS)
     assert max_abs_difference(one, two) <= 1e-4
@@ -488,4 +644,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(skips, tmp_p
     if skips == "markov":  # the chain learned from the same 32 examples per step in both runs
         assert int(two["skip_router.chain.num_updates"]) == 4
         assert torch.allclose(one["skip_router.chain.open_prob"], two["skip_router.chain.open_prob"], atol=1e-5)
-        assert not torch.equal(two["skip_router.chain.open_prob"], torch.full_like(two["skip_router.chain.open_prob"], 0.8))
+        assert not torch.equal(
+            two["skip_router.chain.open_prob"], torch.full_like(two["skip_router.chain.open_prob"], 0.8)
+        )

@@ -84,9 +84,7 @@ def perturb_skip_state(model: SkipUNet2DModel) -> None:
 def shared_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
     """Copy every tensor of ``source`` whose name and shape ``target`` also has."""
     target_state = target.state_dict()
-    state = {
-        k: v for k, v in source.state_dict().items() if k in target_state and target_state[k].shape == v.shape
-    }
+    state = {k: v for k, v in source.state_dict().items() if k in target_state and target_state[k].shape == v.shape}
     target.load_state_dict(state, strict=False)
 
 
@@ -150,9 +148,7 @@ def test_zero_has_exactly_the_parameters_of_keep(tiny_config, deep_config):
         keep = SkipUNet2DModel(**config, skips="full")
         zero = SkipUNet2DModel(**config, skips="zero")
         assert param_count(zero) == param_count(keep)
-        assert {k: v.shape for k, v in zero.state_dict().items()} == {
-            k: v.shape for k, v in keep.state_dict().items()
-        }
+        assert {k: v.shape for k, v in zero.state_dict().items()} == {k: v.shape for k, v in keep.state_dict().items()}
 
 
 @pytest.mark.parametrize("config_name", ["tiny", "deep"])
@@ -239,9 +235,7 @@ def test_stock_checkpoint_loads_into_skip_unet(tiny_config, make_inputs, tmp_pat
     [(DDPMPipeline, DDPMScheduler, DiffusionPipeline), (DDIMPipeline, DDIMScheduler, DDIMPipeline)],
     ids=["ddpm", "ddim"],
 )
-def test_pipeline_round_trip_keeps_spec_and_samples(
-    pipeline_cls, scheduler_cls, loader, tiny_config, tmp_path
-):
+def test_pipeline_round_trip_keeps_spec_and_samples(pipeline_cls, scheduler_cls, loader, tiny_config, tmp_path):
     spec = ["keep", "zero", "scale:0.5", "learned:init=0.5"]
     unet = SkipUNet2DModel(**tiny_config, skips=spec)
     perturb_skip_state(unet)
@@ -535,15 +529,11 @@ def test_describe_skips_matches_the_tensors_of_a_forward(config_name, request, m
     for r in rows:
         source = model.get_submodule(r["source"])
         handles.append(
-            source.register_forward_hook(
-                lambda m, a, out, name=r["source"]: seen_sources.__setitem__(name, out.shape)
-            )
+            source.register_forward_hook(lambda m, a, out, name=r["source"]: seen_sources.__setitem__(name, out.shape))
         )
         receiver = model.up_blocks[r["up_block"]].resnets[r["layer"]]
         handles.append(
-            receiver.register_forward_pre_hook(
-                lambda m, a, i=r["index"]: seen_inputs.__setitem__(i, a[0].shape)
-            )
+            receiver.register_forward_pre_hook(lambda m, a, i=r["index"]: seen_inputs.__setitem__(i, a[0].shape))
         )
     run(model, make_inputs(config))
     for handle in handles:

@@ -35,8 +35,15 @@ def on_files(files, config):
         for path in sorted((ROOT / folder).rglob("*")):
             if path.is_file() and path.suffix in SUFFIXES:
                 uri = path.relative_to(ROOT).as_posix()
-                files.append(File(uri, str(ROOT), config["site_dir"], config["use_directory_urls"],
-                                  inclusion=InclusionLevel.NOT_IN_NAV))  # fmt: skip
+                files.append(
+                    File(
+                        uri,
+                        str(ROOT),
+                        config["site_dir"],
+                        config["use_directory_urls"],
+                        inclusion=InclusionLevel.NOT_IN_NAV,
+                    )
+                )
     _check_api_coverage(Path(config["docs_dir"]) / "api")
     return files
 
@@ -79,5 +86,6 @@ def _check_api_coverage(api: Path) -> None:
         module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         if module in documented or any(module.startswith(p + ".") for p in recursive):
             continue
-        log.warning(f"API reference: module {module} is not rendered by any page in docs/api/ "
-                    "(add a '::: module' directive)")  # fmt: skip
+        log.warning(
+            f"API reference: module {module} is not rendered by any page in docs/api/ (add a '::: module' directive)"
+        )

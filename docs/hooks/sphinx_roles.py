@@ -82,7 +82,9 @@ class SphinxRoles(griffe.Extension):
             found = objects.get(candidate)
             if found is not None:
                 return self._final(found, objects)
-        matches = sorted(p for p in objects if p.endswith(tail) and p.startswith(scope + ".") and not objects[p].is_alias)
+        matches = sorted(
+            p for p in objects if p.endswith(tail) and p.startswith(scope + ".") and not objects[p].is_alias
+        )
         return matches[0] if len(matches) == 1 else None  # a lazily exported name: its one definition
 
     @staticmethod

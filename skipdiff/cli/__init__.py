@@ -27,8 +27,10 @@ def run_with_clean_errors(function: Callable[[], object]) -> int:
     try:
         function()
     except KeyboardInterrupt:
-        print("stopped at once (second Ctrl-C); resume from the last checkpoint with --resume_from_checkpoint latest",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "stopped at once (second Ctrl-C); resume from the last checkpoint with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
         return 130
     except SkipdiffError as err:
         interrupted = type(err).__name__ == "TrainingInterrupted"  # (its module imports torch)
@@ -40,13 +42,21 @@ def run_with_clean_errors(function: Callable[[], object]) -> int:
     return 0
 
 
-def run_command(options_class: type[Options], train: Callable[[Options], object], argv: list[str] | None,
-                description: str | None) -> int:  # fmt: skip
+def run_command(
+    options_class: type[Options],
+    train: Callable[[Options], object],
+    argv: list[str] | None,
+    description: str | None,
+    dry_run_check: Callable[[Options], None] | None = None,
+) -> int:
     """The shape of every training command line: parse and check ``options_class`` from ``argv`` (no torch
-    yet; a bad value exits 2 naming it), print the resolved options for ``--dry_run`` (a Hub token
+    yet; a bad value exits 2 naming it), for ``--dry_run`` run ``dry_run_check`` (the checks a real run
+    makes before any work; a ``ValueError`` exits 2) and print the resolved options (a Hub token
     redacted), else ``train(options)`` with clean errors. Returns the exit code."""
     try:
         options = parse_args(options_class, argv, description=description)
+        if options.dry_run and dry_run_check is not None:
+            dry_run_check(options)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

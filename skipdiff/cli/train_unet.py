@@ -28,7 +28,14 @@ def main(argv: list[str] | None = None) -> int:
 
         train_unet(options)
 
-    return run_command(TrainOptions, train, argv, __doc__)
+    def check(options: TrainOptions) -> None:  # what train_unet checks before its VAE stage: a typo fails here too
+        from ..training.model_source import check_model_options
+        from ..training.runtime import check_geometry
+
+        check_model_options(options)
+        check_geometry(options)
+
+    return run_command(TrainOptions, train, argv, __doc__, dry_run_check=check)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,14 @@ def load_clip(name_or_path: str, device: str | torch.device = "cpu", cache_dir: 
 
 
 @torch.no_grad()
-def images_to_clip_scores(images: torch.Tensor, prompts: list[str], model, processor,
-                          batch_size: int = 64) -> torch.Tensor:  # fmt: skip
+def images_to_clip_scores(
+    images: torch.Tensor, prompts: list[str], model, processor, batch_size: int = 64
+) -> torch.Tensor:
     """uint8 images (N, C, H, W) and N prompts -> (N,) CLIP scores, ``max(100 * cos, 0)`` each."""
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"expected uint8 images (N, C, H, W) (see images_to_uint8), got {images.dtype} "
-                         f"{tuple(images.shape)}")  # fmt: skip
+        raise ValueError(
+            f"expected uint8 images (N, C, H, W) (see images_to_uint8), got {images.dtype} {tuple(images.shape)}"
+        )
     if len(prompts) != images.shape[0]:
         raise ValueError(f"need one prompt per image: {images.shape[0]} images, {len(prompts)} prompts")
     if images.shape[1] == 1:
@@ -50,16 +52,21 @@ def images_to_clip_scores(images: torch.Tensor, prompts: list[str], model, proce
     context = model.config.text_config.max_position_embeddings
     scores = []
     for start in range(0, len(prompts), batch_size):
-        inputs = processor(text=prompts[start : start + batch_size], images=list(images[start : start + batch_size]),
-                           return_tensors="pt", padding=True, truncation=True, max_length=context)  # fmt: skip
+        inputs = processor(
+            text=prompts[start : start + batch_size],
+            images=list(images[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=context,
+        )
         out = model(**{key: value.to(device) for key, value in inputs.items()})
         cosine = (out.image_embeds * out.text_embeds).sum(dim=-1)  # (B,): both are unit vectors
         scores.append((100 * cosine).clamp_min(0).float().cpu())
     return torch.cat(scores)
 
 
-def clip_score_summary(per_seed: dict[int, tuple[torch.Tensor, list[str]]], model_name: str, model,
-                       processor) -> dict:  # fmt: skip
+def clip_score_summary(per_seed: dict[int, tuple[torch.Tensor, list[str]]], model_name: str, model, processor) -> dict:
     """CLIP score per seed (mean over images) of ``{seed: (images (N, C, H, W) in [-1, 1] or uint8, prompts)}``,
     and their mean and sample std over seeds (None for one seed)."""
     rows = []
@@ -71,7 +78,11 @@ def clip_score_summary(per_seed: dict[int, tuple[torch.Tensor, list[str]]], mode
     return {
         "model": model_name,
         "per_seed": rows,
-        "summary": {"clip_score": {"mean": statistics.fmean(values),
-                                   "std": statistics.stdev(values) if len(values) > 1 else None}},  # fmt: skip
+        "summary": {
+            "clip_score": {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+            }
+        },
         "definition": "mean over images of max(100 * cos(image, prompt), 0)",
     }

@@ -30,8 +30,9 @@ def bucket_edges(num_train_timesteps: int, buckets: int) -> torch.Tensor:
     return torch.linspace(0, num_train_timesteps, buckets + 1).round().long()
 
 
-def bucket_draws(indices: list[int], bucket: int, low: int, high: int, shape: tuple[int, ...],
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def bucket_draws(
+    indices: list[int], bucket: int, low: int, high: int, shape: tuple[int, ...], seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps (B,) in [low, high) and noise (B, *shape) of images ``indices`` in ``bucket``."""
     timesteps, noise = [], []
     for index in indices:
@@ -42,8 +43,9 @@ def bucket_draws(indices: list[int], bucket: int, low: int, high: int, shape: tu
 
 
 @torch.no_grad()
-def prepared_batches(encoder, batches, unet_kwargs: UnetKwargs | None, device, seed: int = 0
-                     ) -> Iterator[tuple[list[int], torch.Tensor, dict]]:  # fmt: skip
+def prepared_batches(
+    encoder, batches, unet_kwargs: UnetKwargs | None, device, seed: int = 0
+) -> Iterator[tuple[list[int], torch.Tensor, dict]]:
     """``(image indices, latents (B, C, h, w), UNet kwargs)`` per data batch: encoded and conditioned once."""
     start = 0
     for batch in batches:
@@ -89,8 +91,12 @@ def bucket_summary(per_example: torch.Tensor, edges: torch.Tensor, seed: int) ->
         ],
         "mean": float(means.mean()),
         "per_example": per_example,
-        "settings": {"buckets": buckets, "seed": seed, "num_images": int(per_example.shape[0]),
-                     "noise": "derived_seed(seed, image index, bucket) per image"},  # fmt: skip
+        "settings": {
+            "buckets": buckets,
+            "seed": seed,
+            "num_images": int(per_example.shape[0]),
+            "noise": "derived_seed(seed, image index, bucket) per image",
+        },
     }
 
 

@@ -60,9 +60,19 @@ RECIPE = ExtractorRecipe()
 # fields_grey 0.988. The floors sit below those so that only a broken training fails; a low floor is no
 # licence for FID: docs/datasets.md says which sets' extractors tell real from degraded images
 # (eval/extractor_checks.py --dataset fields).
-MIN_ACCURACY = {"digits": 0.95, "photo_patches": 0.9, "hubble": 0.27, "histology": 0.38, "retina": 0.5,
-                "cells": 0.37, "moon": 0.22, "textures": 0.93, "faces": 0.45,
-                "fields_colour": 0.95, "fields_grey": 0.95}  # fmt: skip
+MIN_ACCURACY = {
+    "digits": 0.95,
+    "photo_patches": 0.9,
+    "hubble": 0.27,
+    "histology": 0.38,
+    "retina": 0.5,
+    "cells": 0.37,
+    "moon": 0.22,
+    "textures": 0.93,
+    "faces": 0.45,
+    "fields_colour": 0.95,
+    "fields_grey": 0.95,
+}
 
 
 def default_cache_dir() -> Path:
@@ -82,8 +92,13 @@ def extractor_data(data: DataOptions) -> DataOptions:
             f"a domain feature extractor needs a built-in image set {sorted(IMAGE_DATASETS)}, got {source!r} "
             "(use --feature_extractor inception, or a folder holding a trained SkipResNet classifier)"
         )
-    return DataOptions(dataset=name, split_seed=data.split_seed, test_fraction=data.test_fraction,
-                       resolution=data.resolution, image_channels=data.image_channels)  # fmt: skip
+    return DataOptions(
+        dataset=name,
+        split_seed=data.split_seed,
+        test_fraction=data.test_fraction,
+        resolution=data.resolution,
+        image_channels=data.image_channels,
+    )
 
 
 def extractor_dir(data: DataOptions, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -107,7 +122,11 @@ def labelled_pixels(split, resolution: int, channels: int) -> tuple[torch.Tensor
 
 
 def fit_classifier(
-    model: SkipResNetForImageClassification, x: torch.Tensor, y: torch.Tensor, recipe: ExtractorRecipe, seed: int,
+    model: SkipResNetForImageClassification,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: ExtractorRecipe,
+    seed: int,
     log: Callable[[str], None] | None = None,
 ) -> None:
     """Train ``model`` on (x (N, C, H, W), y (N,)) in place: shuffled batches, AdamW, one-cycle schedule;
@@ -123,7 +142,9 @@ def fit_classifier(
     if steps_per_epoch < 1:
         raise ValueError(f"the train split has {len(x)} images, fewer than one batch of {recipe.batch_size}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch
+    )
     model.train()
     start = time.perf_counter()
     for epoch in range(recipe.epochs):
@@ -175,14 +196,21 @@ def train_domain_extractor(
     channels = dataset_channels(splits, data.image_channels)
     x_train, y_train = labelled_pixels(splits["train"], data.resolution, channels)
     x_test, y_test = labelled_pixels(splits["test"], data.resolution, channels)
-    config = SkipResNetConfig(num_labels=num_classes(splits), num_channels=channels, widths=list(recipe.widths),
-                              depth=recipe.depth, hidden_size=recipe.hidden_size)  # fmt: skip
+    config = SkipResNetConfig(
+        num_labels=num_classes(splits),
+        num_channels=channels,
+        widths=list(recipe.widths),
+        depth=recipe.depth,
+        hidden_size=recipe.hidden_size,
+    )
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the weight init must not move the caller's global RNG
         torch.manual_seed(seed)
         model = SkipResNetForImageClassification(config)
-    log(f"training the {data.dataset} feature extractor for FID (once; then cached in {out}): {recipe.epochs} epochs "
-        f"on {len(x_train)} train images, {torch.get_num_threads()} thread(s)")
+    log(
+        f"training the {data.dataset} feature extractor for FID (once; then cached in {out}): {recipe.epochs} epochs "
+        f"on {len(x_train)} train images, {torch.get_num_threads()} thread(s)"
+    )
     fit_classifier(model, x_train, y_train, recipe, seed, log=log)
     seconds = time.perf_counter() - start
     held_out = accuracy(model, x_test, y_test)
@@ -193,12 +221,21 @@ def train_domain_extractor(
             f"(resolution={data.resolution}, seed={seed}, epochs={recipe.epochs})"
         )
     info = {
-        "dataset": data.dataset, "resolution": data.resolution, "channels": channels, "seed": seed,
-        "split_seed": data.split_seed, "test_fraction": data.test_fraction, "split_key": data.split_key(),
-        "recipe": dataclasses.asdict(recipe), "train_size": len(x_train), "test_size": len(x_test),
-        "test_accuracy": held_out, "train_seconds": round(seconds, 2), "torch_threads": torch.get_num_threads(),
+        "dataset": data.dataset,
+        "resolution": data.resolution,
+        "channels": channels,
+        "seed": seed,
+        "split_seed": data.split_seed,
+        "test_fraction": data.test_fraction,
+        "split_key": data.split_key(),
+        "recipe": dataclasses.asdict(recipe),
+        "train_size": len(x_train),
+        "test_size": len(x_test),
+        "test_accuracy": held_out,
+        "train_seconds": round(seconds, 2),
+        "torch_threads": torch.get_num_threads(),
         "name": classifier_extractor_name(model, f"{data.dataset}{data.resolution}", data.resolution),
-    }  # fmt: skip
+    }
     save_extractor(model, info, out, overwrite)
     return out
 

@@ -39,9 +39,15 @@ from .run import check_data_matches, data_dict, held_out_batches, sampling_promp
 def evaluate(options: EvalOptions) -> dict:
     """Load ``options.checkpoint`` (run folder, pipeline folder or Hub id) and evaluate it."""
     options.check_sources()
-    target = load_target(options.checkpoint, subfolder=options.subfolder, revision=options.revision,
-                         variant=options.variant, torch_dtype=options.torch_dtype, use_ema=not options.no_ema,
-                         cache_dir=options.cache_dir)  # fmt: skip
+    target = load_target(
+        options.checkpoint,
+        subfolder=options.subfolder,
+        revision=options.revision,
+        variant=options.variant,
+        torch_dtype=options.torch_dtype,
+        use_ema=not options.no_ema,
+        cache_dir=options.cache_dir,
+    )
     return evaluate_target(target, options)
 
 
@@ -94,19 +100,29 @@ def evaluate_target(target: StudyTarget, options: EvalOptions, out: str | Path |
 
 def _sections(options: EvalOptions) -> list[str]:
     """The ``eval.json`` sections these options compute (``map`` is added later, for stochastic skips)."""
-    wanted = {"grid": options.wants_samples, "fid": options.fid, "clip_score": options.clip_score,
-              "denoise": options.denoise_loss or options.skip_importance, "skip_importance": options.skip_importance,
-              "grad_stability": options.grad_stability, "cache": _cache(options) is not None}  # fmt: skip
+    wanted = {
+        "grid": options.wants_samples,
+        "fid": options.fid,
+        "clip_score": options.clip_score,
+        "denoise": options.denoise_loss or options.skip_importance,
+        "skip_importance": options.skip_importance,
+        "grad_stability": options.grad_stability,
+        "cache": _cache(options) is not None,
+    }
     return [section for section, yes in wanted.items() if yes]
 
 
 def _evaluate(run: _Evaluation) -> dict:
     """Every requested measurement, then ``eval.json`` (merged with the folder's, as checked)."""
     target, options = run.target, run.options
-    result = {"checkpoint": options.checkpoint or target.source, "ema": target.identity.get("ema"),
-              "target": {**target.describe(), "folder": None if target.folder is None else str(target.folder.resolve())},
-              "weights": target.weights, "settings": dataclasses.asdict(options),
-              "parameters": sum(p.numel() for p in target.unet.parameters())}  # fmt: skip
+    result = {
+        "checkpoint": options.checkpoint or target.source,
+        "ema": target.identity.get("ema"),
+        "target": {**target.describe(), "folder": None if target.folder is None else str(target.folder.resolve())},
+        "weights": target.weights,
+        "settings": dataclasses.asdict(options),
+        "parameters": sum(p.numel() for p in target.unet.parameters()),
+    }
     if _cache(options) is not None:
         result["cache"] = _cache_summary(run)
     if options.wants_samples:
@@ -148,8 +164,10 @@ def _check(run: _Evaluation) -> None:
     """Options against the target, data, prompts and skip specs: every ``ValueError`` before any sampling."""
     target, options = run.target, run.options
     if options.clip_score and not target.text_conditioned:
-        raise ValueError(f"--clip_score needs a text-conditioned pipeline; {target.source!r} is a "
-                         f"{target.identity['pipeline_class']}")  # fmt: skip
+        raise ValueError(
+            f"--clip_score needs a text-conditioned pipeline; {target.source!r} is a "
+            f"{target.identity['pipeline_class']}"
+        )
     if options.grad_stability and (target.folder is None or not (target.folder / "stats.jsonl").is_file()):
         raise ValueError(f"--grad_stability needs {target.source}/stats.jsonl (a local skipdiff run folder)")
     for spec in [options.skips, *options.grid_variants]:
@@ -164,8 +182,9 @@ def _check(run: _Evaluation) -> None:
         run.data = target.data_options(options.data_overrides())
     if needs_data:
         denoising = options.denoise_loss or options.skip_importance
-        batches, channels = held_out_batches(run.data, options.denoise_batch_size,
-                                             options.denoise_images if denoising else 1)  # fmt: skip
+        batches, channels = held_out_batches(
+            run.data, options.denoise_batch_size, options.denoise_images if denoising else 1
+        )
         check_data_matches(target, run.data, channels)
         run.batches = batches if denoising else None
     if options.wants_samples:
@@ -194,10 +213,20 @@ def _has_stochastic_skips(unet, router) -> bool:
 def _sample(run: _Evaluation, count: int, seed: int, prompts: list[str] | None = None, start: int = 0) -> Samples:
     options = run.options
     resolution = run.data.resolution if run.data is not None and run.target.text_conditioned else None
-    return sample_images(run.target, count, seed, steps=options.steps, sampler=options.sampler,
-                         batch_size=options.sample_batch_size, prompts=prompts or run.prompts,
-                         guidance_scale=options.guidance_scale, negative_prompt=options.negative_prompt,
-                         resolution=resolution, start=start, cache=_cache(options))  # fmt: skip
+    return sample_images(
+        run.target,
+        count,
+        seed,
+        steps=options.steps,
+        sampler=options.sampler,
+        batch_size=options.sample_batch_size,
+        prompts=prompts or run.prompts,
+        guidance_scale=options.guidance_scale,
+        negative_prompt=options.negative_prompt,
+        resolution=resolution,
+        start=start,
+        cache=_cache(options),
+    )
 
 
 def _cache_summary(run: _Evaluation) -> dict:
@@ -259,13 +288,22 @@ def _grid(run: _Evaluation) -> dict:
         columns, column_labels = len(variants), [_variant_label(spec) for _, spec in variants]
     row_labels = rows if rows else ([f"image {i}" for i in range(size)] if len(variants) > 1 else None)
     pil = numpy_to_pil(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
-    style = dict(columns=columns, column_labels=column_labels, row_labels=row_labels,
-                 legend=_grid_legend(run, seed, len(variants) > 1))  # fmt: skip
+    style = dict(
+        columns=columns,
+        column_labels=column_labels,
+        row_labels=row_labels,
+        legend=_grid_legend(run, seed, len(variants) > 1),
+    )
     with atomic_path(run.out_dir("samples.png")) as tmp:
         image_grid(pil, **style).save(tmp, format="PNG")
     layout, _ = grid_layout(len(pil), image_size=pil[0].size, **style)  # where each cell is (report sample sheets)
-    return {"file": "samples.png", "variants": [spec for _, spec in variants], "rows": rows, "seed": seed,
-            "layout": dataclasses.asdict(layout)}  # fmt: skip
+    return {
+        "file": "samples.png",
+        "variants": [spec for _, spec in variants],
+        "rows": rows,
+        "seed": seed,
+        "layout": dataclasses.asdict(layout),
+    }
 
 
 def _variant_label(spec: str | None) -> str:
@@ -303,8 +341,16 @@ def _fid(run: _Evaluation) -> dict:
     def sample_fn(count: int, seed: int) -> torch.Tensor:
         return _scored_samples(run, count, seed).images
 
-    report = fid_with_floor(sample_fn, reference_images, heldout, run.extractor, num_samples=options.num_samples,
-                            seeds=options.seeds, kid=options.kid, prc=options.prc)  # fmt: skip
+    report = fid_with_floor(
+        sample_fn,
+        reference_images,
+        heldout,
+        run.extractor,
+        num_samples=options.num_samples,
+        seeds=options.seeds,
+        kid=options.kid,
+        prc=options.prc,
+    )
     print(report.format())
     return report.to_dict()
 
@@ -360,9 +406,17 @@ def _denoise_and_importance(run: _Evaluation, router) -> dict:
     conditioning = None if target.conditioning.kind == "none" else target.conditioning.unet_kwargs
     out = {}
     if options.skip_importance:
-        importance = skip_importance(target.unet, target.noise_scheduler, target.encoder, batches,
-                                     options.importance_factors, options.buckets, seed=0, unet_kwargs=conditioning,
-                                     router=router)  # fmt: skip
+        importance = skip_importance(
+            target.unet,
+            target.noise_scheduler,
+            target.encoder,
+            batches,
+            options.importance_factors,
+            options.buckets,
+            seed=0,
+            unet_kwargs=conditioning,
+            router=router,
+        )
         denoise = importance.pop("denoise")
         sample, timesteps, kwargs = _one_example(target, batches[0], conditioning)
         importance["flops"] = replay_flops(target.unet, router, sample, timesteps, kwargs)
@@ -370,8 +424,15 @@ def _denoise_and_importance(run: _Evaluation, router) -> dict:
         for factor in importance["factors"]:
             importance_heatmap(importance, factor, run.out_dir(f"skip_importance_{factor}.png"))
     else:
-        denoise = denoising_loss_by_bucket(target.unet, target.noise_scheduler, target.encoder, batches,
-                                           options.buckets, seed=0, unet_kwargs=conditioning)  # fmt: skip
+        denoise = denoising_loss_by_bucket(
+            target.unet,
+            target.noise_scheduler,
+            target.encoder,
+            batches,
+            options.buckets,
+            seed=0,
+            unet_kwargs=conditioning,
+        )
     denoise.pop("per_example")
     out["denoise"] = denoise
     plots.loss_by_timestep({Path(target.source).name: denoise}, run.out_dir("loss_by_timestep.png"))
@@ -400,7 +461,9 @@ def _stability(run: _Evaluation) -> dict:
     records = read_stats(target.folder / "stats.jsonl")
     stability = stability_from_stats(records, options.spike_window, options.spike_k)
     conditional = target.conditioning.kind == "class"
-    stability["shattering"] = shattering_probe(target.unet, target.latent_shape(), class_label=0 if conditional else None)
+    stability["shattering"] = shattering_probe(
+        target.unet, target.latent_shape(), class_label=0 if conditional else None
+    )
     name = Path(target.source).name
     plots.grad_norms_over_training(records, run.out_dir("grad_norms.png"), name)
     plots.grad_norm_heatmap(records, run.out_dir("grad_norm_heatmap.png"), name)
@@ -420,8 +483,15 @@ def _score_map(run: _Evaluation, router) -> dict:
     try:
         if options.denoise_loss:
             kwargs = None if target.conditioning.kind == "none" else target.conditioning.unet_kwargs
-            denoise = denoising_loss_by_bucket(target.unet, target.noise_scheduler, target.encoder, run.batches,
-                                               options.buckets, seed=0, unet_kwargs=kwargs)  # fmt: skip
+            denoise = denoising_loss_by_bucket(
+                target.unet,
+                target.noise_scheduler,
+                target.encoder,
+                run.batches,
+                options.buckets,
+                seed=0,
+                unet_kwargs=kwargs,
+            )
             denoise.pop("per_example")
             result["denoise"] = denoise
         if options.fid:
@@ -435,4 +505,3 @@ def _score_map(run: _Evaluation, router) -> dict:
     finally:
         router.set_inference(previous)
     return result
-

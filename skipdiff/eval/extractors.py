@@ -135,17 +135,13 @@ def weights_digest(model: nn.Module, resolution: int | None = None) -> str:
     return digest.hexdigest()
 
 
-def classifier_extractor_name(
-    model: nn.Module, tag: str = "classifier", resolution: int | None = None
-) -> str:
+def classifier_extractor_name(model: nn.Module, tag: str = "classifier", resolution: int | None = None) -> str:
     """``skipdiff-<tag>-<first 12 hex digits of weights_digest>``: changes whenever the weights do."""
     slug = re.sub(r"[^A-Za-z0-9_.]+", "_", tag).strip("_") or "classifier"
     return f"skipdiff-{slug}-{weights_digest(model, resolution)[:12]}"
 
 
-def register_classifier_extractor(
-    model: nn.Module, tag: str = "classifier", resolution: int | None = None
-) -> str:
+def register_classifier_extractor(model: nn.Module, tag: str = "classifier", resolution: int | None = None) -> str:
     """Register ``model.features`` with torch-fidelity; return the name to pass as ``feature_extractor``.
 
     Idempotent: the same weights (and config and resolution) give the same name and register once. The

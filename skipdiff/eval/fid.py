@@ -163,9 +163,7 @@ def real_splits(options: dict) -> dict[str, RealImages]:
     }
 
 
-def reference_and_heldout(
-    real: dict[str, RealImages], reference: str = "train"
-) -> tuple[RealImages, RealImages]:
+def reference_and_heldout(real: dict[str, RealImages], reference: str = "train") -> tuple[RealImages, RealImages]:
     """(reference, held-out) for :func:`fid_with_floor`: ``"train"`` compares samples with the train split
     and takes the floor from test images; ``"test"`` swaps the roles (use it when the test split is
     smaller than the number of samples)."""
@@ -285,9 +283,13 @@ def features_to_kid(
     size = kid_subset_size_for(len(features1), len(features2), subset_size)
     with _blas_threads():  # float32 features, as calculate_metrics passes them
         out = kid_features_to_metric(
-            features1.cpu().float(), features2.cpu().float(), kid_subsets=subsets, kid_subset_size=size,
-            rng_seed=seed, verbose=False,
-        )  # fmt: skip
+            features1.cpu().float(),
+            features2.cpu().float(),
+            kid_subsets=subsets,
+            kid_subset_size=size,
+            rng_seed=seed,
+            verbose=False,
+        )
     return {"kid_mean": out[KEY_METRIC_KID_MEAN], "kid_std": out[KEY_METRIC_KID_STD], "kid_subset_size": size}
 
 
@@ -366,9 +368,7 @@ def _summarise(per_seed: list[dict]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def _metrics(
-    features: torch.Tensor, reference: torch.Tensor, ref_stats, kid: bool, kid_size, prc: bool, seed
-) -> dict:
+def _metrics(features: torch.Tensor, reference: torch.Tensor, ref_stats, kid: bool, kid_size, prc: bool, seed) -> dict:
     out = {"fid": statistics_to_fid(*features_to_statistics(features), *ref_stats)}
     if kid:
         out.update(features_to_kid(features, reference, kid_size, seed=seed))
@@ -390,11 +390,17 @@ def warn_channel_mismatch(channels: int, extractor: FeatureExtractorBase) -> Non
     wanted = extractor_channels(extractor)
     if channels == wanted or not isinstance(extractor, ClassifierFeatureExtractor):
         return
-    effect = ("colour is reduced to grey (luma) first, so this FID cannot see colour errors"
-              if channels == 3 else "grey is repeated to 3 channels, images the extractor never saw in training")  # fmt: skip
-    warnings.warn(f"FID of {channels}-channel images with the {wanted}-channel feature extractor "
-                  f"{extractor.get_name()!r}: {effect}; pass a {channels}-channel extractor (--feature_extractor)",
-                  UserWarning, stacklevel=3)  # fmt: skip
+    effect = (
+        "colour is reduced to grey (luma) first, so this FID cannot see colour errors"
+        if channels == 3
+        else "grey is repeated to 3 channels, images the extractor never saw in training"
+    )
+    warnings.warn(
+        f"FID of {channels}-channel images with the {wanted}-channel feature extractor "
+        f"{extractor.get_name()!r}: {effect}; pass a {channels}-channel extractor (--feature_extractor)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def warn_few_reference_images(count: int, dimension: int, name: str) -> None:
@@ -402,10 +408,14 @@ def warn_few_reference_images(count: int, dimension: int, name: str) -> None:
     the feature dimension + 1)."""
     minimum = max(MIN_FID_REFERENCE_IMAGES, dimension + 1)
     if count < minimum:
-        warnings.warn(f"FID against {count} reference images ({name}), fewer than the {minimum} it needs "
-                      f"(MIN_FID_REFERENCE_IMAGES = {MIN_FID_REFERENCE_IMAGES}, or the {dimension}-d features' "
-                      "dimension + 1): its value and its floor are mostly estimation noise; use a larger reference "
-                      "split (--reference) or more data", UserWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"FID against {count} reference images ({name}), fewer than the {minimum} it needs "
+            f"(MIN_FID_REFERENCE_IMAGES = {MIN_FID_REFERENCE_IMAGES}, or the {dimension}-d features' "
+            "dimension + 1): its value and its floor are mostly estimation noise; use a larger reference "
+            "split (--reference) or more data",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def fid_with_floor(
@@ -472,9 +482,7 @@ def fid_with_floor(
         pick = pick.sort().values  # a subset in split order: all of the split gives a bitwise-stable floor
         row = {"seed": seed}
         row.update(_metrics(generated, reference_features, reference_stats, kid, kid_size, prc, seed))
-        floor = _metrics(
-            heldout_features[pick], reference_features, reference_stats, kid, kid_size, prc, seed
-        )
+        floor = _metrics(heldout_features[pick], reference_features, reference_stats, kid, kid_size, prc, seed)
         row.update({f"floor_{key}": value for key, value in floor.items()})
         row.update(sample_seconds=sample_seconds, extract_seconds=extract_seconds)
         per_seed.append(row)

@@ -121,9 +121,19 @@ def replaying(outputs: dict[nn.Module, object]):
 
 
 @torch.no_grad()
-def skip_importance(unet, scheduler, encoder, batches, factors=(0.0,), buckets: int = 10, seed: int = 0,
-                    conditional: bool = False, unet_kwargs: UnetKwargs | None = None,
-                    replay: bool = True, router=None) -> dict:  # fmt: skip
+def skip_importance(
+    unet,
+    scheduler,
+    encoder,
+    batches,
+    factors=(0.0,),
+    buckets: int = 10,
+    seed: int = 0,
+    conditional: bool = False,
+    unet_kwargs: UnetKwargs | None = None,
+    replay: bool = True,
+    router=None,
+) -> dict:
     """Delta denoising loss (ablated - baseline) per skip, factor and timestep bucket.
 
     ``router`` gates ``unet``'s skips (default ``unet.skip_router``, a SkipUNet2DModel's; for any other UNet
@@ -158,9 +168,16 @@ def skip_importance(unet, scheduler, encoder, batches, factors=(0.0,), buckets: 
     edges = bucket_edges(scheduler.config.num_train_timesteps, buckets)
     baseline = bucket_summary(_per_example(base_rows, buckets), edges, seed)
     base = np.array([b["loss"] for b in baseline["buckets"]])
-    result = {"baseline": base.tolist(), "baseline_mean": baseline["mean"], "denoise": baseline, "factors": {},
-              "buckets": [[b["t_min"], b["t_max"]] for b in baseline["buckets"]], "skips": router.describe(),
-              "replay": replay, "seed": seed}  # fmt: skip
+    result = {
+        "baseline": base.tolist(),
+        "baseline_mean": baseline["mean"],
+        "denoise": baseline,
+        "factors": {},
+        "buckets": [[b["t_min"], b["t_max"]] for b in baseline["buckets"]],
+        "skips": router.describe(),
+        "replay": replay,
+        "seed": seed,
+    }
     for factor in factors:
         delta = np.zeros((len(router.skips), buckets))
         for info in router.skips:
@@ -205,8 +222,7 @@ def replay_flops(unet, router, sample: torch.Tensor, timesteps: torch.Tensor, un
                 unet(sample, timesteps, **kwargs)
         partial.append(int(counter.get_total_flops()))
     count = len(partial)
-    return {"full": int(full), "partial": partial,
-            "naive_over_replay": (full * (1 + count)) / (full + sum(partial))}  # fmt: skip
+    return {"full": int(full), "partial": partial, "naive_over_replay": (full * (1 + count)) / (full + sum(partial))}
 
 
 def importance_heatmap(result: dict, factor: str, path) -> None:
@@ -225,15 +241,24 @@ def importance_heatmap(result: dict, factor: str, path) -> None:
     image = ax.imshow(scaled, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
     if scaled.size <= 400:  # small enough to print every value
         for (k, b), value in np.ndenumerate(scaled):
-            ax.text(b, k, f"{round(value):d}", ha="center", va="center", fontsize=6,
-                    color="white" if abs(value) > 0.6 * bound else "black")  # fmt: skip
+            ax.text(
+                b,
+                k,
+                f"{round(value):d}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if abs(value) > 0.6 * bound else "black",
+            )
     ax.set_xticks(range(delta.shape[1]), [f"{lo}-{hi}" for lo, hi in result["buckets"]], rotation=60, fontsize=7)
-    ax.set_yticks(range(delta.shape[0]), [f"{s['index']} ({s['resolution']}×{s['resolution']})" for s in result["skips"]],
-                  fontsize=7)  # fmt: skip
+    ax.set_yticks(
+        range(delta.shape[0]),
+        [f"{s['index']} ({s['resolution']}×{s['resolution']})" for s in result["skips"]],
+        fontsize=7,
+    )
     ax.set_xlabel("timestep bucket (t from-to; low t: little noise)")
     ax.set_ylabel("skip index (resolution)")
     ablation = "zeroed" if float(factor) == 0 else f"scaled by {factor}"
     ax.set_title(f"change in denoising loss, each skip alone {ablation}", fontsize=9)
     fig.colorbar(image, ax=ax, label=f"Δ loss × $10^{{{exponent}}}$\n(MSE, ablated − all kept)")
     save_figure(fig, path)
-

@@ -25,14 +25,29 @@ def resolve_reference(reference: str, test_size: int, num_samples: int) -> str:
     if reference == "auto":
         return "train" if test_size >= num_samples else "test"
     return reference
+
+
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 MAX_SEED = 2**63 - 1
 
 # The reference data: DataOptions' fields, each None by default, meaning "the run's own" for a skipdiff
 # run (its training_options.json) and "not given" for a pipeline (which then needs a source).
-DATA_FIELDS = ("dataset", "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "label_column",
-               "caption_column", "image_channels", "resolution", "test_fraction", "split_seed",
-               "max_train_samples", "skip_corrupt_images", "cache_dir")  # fmt: skip
+DATA_FIELDS = (
+    "dataset",
+    "dataset_name",
+    "dataset_config_name",
+    "train_data_dir",
+    "image_column",
+    "label_column",
+    "caption_column",
+    "image_channels",
+    "resolution",
+    "test_fraction",
+    "split_seed",
+    "max_train_samples",
+    "skip_corrupt_images",
+    "cache_dir",
+)
 _DATA_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(DataOptions)}
 
 
@@ -45,18 +60,22 @@ class EvalOptions(SkipCacheOptions):
     # ---- sampling with cached skip branches: every field of skipdiff.skips.cache_options.SkipCacheOptions -------
     # ---- what to evaluate -------------------------------------------------------------------------
     checkpoint: str | None = option(
-        None, "a skipdiff run folder, or a diffusers pipeline with a UNet denoiser (folder or Hub id: DDPM, DDIM, "
+        None,
+        "a skipdiff run folder, or a diffusers pipeline with a UNet denoiser (folder or Hub id: DDPM, DDIM, "
         "LDM, Stable Diffusion 1.x/2.x, SDXL)",
-    )  # fmt: skip
-    subfolder: str | None = option(None, "load the UNet from this subfolder (default: the pipeline's unet/; a run's EMA copy)")
+    )
+    subfolder: str | None = option(
+        None, "load the UNet from this subfolder (default: the pipeline's unet/; a run's EMA copy)"
+    )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of --checkpoint")
     variant: str | None = option(None, "weights variant, e.g. fp16 (files named *.fp16.safetensors)")
     torch_dtype: str = option("float32", "dtype the pipeline is loaded in (float16 needs a GPU)", choices=TORCH_DTYPES)
     no_ema: bool = option(False, "score a run's raw weights (unet_raw/) instead of its EMA weights (unet/)")
     skips: str | None = option(
-        None, "an inference-time skip specification to evaluate the model with (e.g. freeu, zero, 'keep,zero,...'); "
+        None,
+        "an inference-time skip specification to evaluate the model with (e.g. freeu, zero, 'keep,zero,...'); "
         "weights untouched",
-    )  # fmt: skip
+    )
     # ---- text conditioning ------------------------------------------------------------------------
     prompts: str | None = option(None, "a text file, one prompt per line (text-conditioned pipelines)")
     guidance_scale: float | None = option(None, "classifier-free guidance scale (default: the pipeline's own)")
@@ -66,19 +85,25 @@ class EvalOptions(SkipCacheOptions):
     kid: bool = option(False, "add KID (with --fid)")
     prc: bool = option(False, "add precision/recall (with --fid)")
     clip_score: bool = option(False, "CLIP score of the samples against their prompts (text-conditioned pipelines)")
-    clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model for --clip_score (Hub id or folder with model + processor)")
+    clip_model: str = option(
+        DEFAULT_CLIP_MODEL, "CLIP model for --clip_score (Hub id or folder with model + processor)"
+    )
     grid: bool = option(False, "a sample grid only (also drawn with --fid / --clip_score)")
     grid_size: int = option(8, "rows of the sample grid (one prompt or seed per row)")
-    grid_variants: list[str] = option([], "more skip specs drawn as columns of the grid (the original and --skips always are)")
+    grid_variants: list[str] = option(
+        [], "more skip specs drawn as columns of the grid (the original and --skips always are)"
+    )
     num_samples: int = option(1000, "generated images per seed")
     seeds: list[int] = option([0, 1, 2], "sampling seeds (mean ± std over them); image i of seed s has its own noise")
-    sampler: str = option("ddim", "ddim, ddpm, or pipeline (the scheduler the pipeline was saved with)",
-                          choices=SAMPLER_CHOICES)  # fmt: skip
+    sampler: str = option(
+        "ddim", "ddim, ddpm, or pipeline (the scheduler the pipeline was saved with)", choices=SAMPLER_CHOICES
+    )
     steps: int = option(50, "sampling steps")
     sample_batch_size: int = option(500, "images per sampling batch")
     feature_extractor: str = option(
-        "auto", "a built-in image set's name (digits, photo_patches), inception-v3-compat, a classifier folder, or "
-        "auto (the data's own extractor for a built-in image set, trained on its train split; else Inception)"
+        "auto",
+        "a built-in image set's name (digits, photo_patches), inception-v3-compat, a classifier folder, or "
+        "auto (the data's own extractor for a built-in image set, trained on its train split; else Inception)",
     )
     inception_weights: str | None = option(None, "a local Inception-v3 weights file (offline use)")
     reference: str = option(
@@ -119,9 +144,10 @@ class EvalOptions(SkipCacheOptions):
     compare: list[str] = option([], "evaluated folders to put side by side (reads each <run>/eval/eval.json)")
     out: str | None = option(None, "output folder (default <checkpoint>/eval, or <checkpoint>/eval-<skips>)")
     overwrite: bool = option(
-        False, "replace an eval.json in --out whose settings differ (default: refused; an evaluation with the same "
+        False,
+        "replace an eval.json in --out whose settings differ (default: refused; an evaluation with the same "
         "settings adds its sections to it)",
-    )  # fmt: skip
+    )
     num_threads: int | None = option(None, "torch CPU threads")
 
     def check_sources(self) -> None:
@@ -141,8 +167,10 @@ class EvalOptions(SkipCacheOptions):
             raise ValueError(
                 "nothing to do: add --fid, --clip_score, --grid, --denoise_loss, --grad_stability and/or --skip_importance"
             )
-        check_positive(self, ("num_samples", "steps", "sample_batch_size", "buckets", "spike_window", "grid_size",
-                              "denoise_batch_size"))  # fmt: skip
+        check_positive(
+            self,
+            ("num_samples", "steps", "sample_batch_size", "buckets", "spike_window", "grid_size", "denoise_batch_size"),
+        )
         check_positive(self, ("denoise_images", "num_threads"), optional=True)
         if self.fid and self.num_samples < 2:
             raise ValueError(f"--num_samples must be >= 2 for FID, got {self.num_samples}")

@@ -57,9 +57,7 @@ def grad_norms_over_training(records: list[dict], path, title: str = "") -> None
     fig, ax = new_figure(8, 4)
     colours = plt.cm.viridis(np.linspace(0, 1, max(len(blocks), 2)))
     for colour, block in zip(colours, blocks, strict=False):
-        ax.plot(
-            steps, [r["grad_norm_by_block"].get(block, np.nan) for r in rows], color=colour, label=block, lw=1
-        )
+        ax.plot(steps, [r["grad_norm_by_block"].get(block, np.nan) for r in rows], color=colour, label=block, lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("gradient L2 norm per block (log)")
@@ -83,8 +81,12 @@ def heatmap_figure(rows: list[dict], key: str, units: list[str], title: str):
     """A units x steps heatmap of log10 of ``row[key][unit]`` (gradient norms); the caller saves it."""
     matrix = np.array([[r[key].get(u, np.nan) for r in rows] for u in units])
     fig, ax = new_figure(7, 0.3 * len(units) + 1.5)
-    image = ax.imshow(np.log10(np.maximum(matrix, 1e-12)), aspect="auto", cmap="magma",
-                      extent=(rows[0]["step"], rows[-1]["step"], len(units) - 0.5, -0.5))  # fmt: skip
+    image = ax.imshow(
+        np.log10(np.maximum(matrix, 1e-12)),
+        aspect="auto",
+        cmap="magma",
+        extent=(rows[0]["step"], rows[-1]["step"], len(units) - 0.5, -0.5),
+    )
     ax.set_yticks(range(len(units)), units, fontsize=7)
     ax.set_xlabel("training step")
     ax.set_ylabel("block (input at the top)")

@@ -11,6 +11,7 @@ result is *current* while the folder's weights still have that digest (:func:`re
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from ..runfolder import read_json, write_json_atomic, write_text_atomic
 
 RESULTS_FILE = "eval.json"
 SUMMARY_FILE = "eval.md"
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,9 +44,27 @@ SECTION_SETTINGS = {
 # Settings that change no number (speed, where to write, what to run): never a conflict. The checkpoint's
 # path is not compared either: the weights' digest says whether two results scored the same model (a
 # moved or copied run folder is the same model).
-NEUTRAL_SETTINGS = frozenset({"checkpoint", "num_threads", "out", "compare", "sample_batch_size", "denoise_batch_size", "cache_dir",
-                              "overwrite", "fid", "kid", "prc", "clip_score", "grid", "denoise_loss", "skip_importance",
-                              "grad_stability", "map"})  # fmt: skip
+NEUTRAL_SETTINGS = frozenset(
+    {
+        "checkpoint",
+        "num_threads",
+        "out",
+        "compare",
+        "sample_batch_size",
+        "denoise_batch_size",
+        "cache_dir",
+        "overwrite",
+        "fid",
+        "kid",
+        "prc",
+        "clip_score",
+        "grid",
+        "denoise_loss",
+        "skip_importance",
+        "grad_stability",
+        "map",
+    }
+)
 _SECTION_KEYS = frozenset(k for keys in SECTION_SETTINGS.values() for k in keys)
 
 
@@ -106,8 +127,10 @@ def check_can_write(folder: Path, new_settings: dict, weights, sections: list[st
         return
     conflicts = result_conflicts(existing, {"settings": new_settings, "weights": weights, **dict.fromkeys(sections)})
     if conflicts:
-        raise ValueError(f"{str(path)!r} holds results of an evaluation with other settings ({'; '.join(conflicts)}): "
-                         "choose another --out to keep both, or replace it with --overwrite")  # fmt: skip
+        raise ValueError(
+            f"{str(path)!r} holds results of an evaluation with other settings ({'; '.join(conflicts)}): "
+            "choose another --out to keep both, or replace it with --overwrite"
+        )
 
 
 def _stale(existing: dict, weights) -> bool:
@@ -125,13 +148,15 @@ def write_results(folder: Path, result: dict, label: str, overwrite: bool = Fals
     path = folder / RESULTS_FILE
     existing = read_json(path, "evaluation result") if path.is_file() and not overwrite else None
     if existing is not None and _stale(existing, result.get("weights")):
-        print(f"note: {str(path)!r} scored other weights than these (retrained since?): replaced", flush=True)
+        logger.warning("%r scored other weights than these (retrained since?): replaced", str(path))
         existing = None
     if existing is not None:
         conflicts = result_conflicts(existing, result)
         if conflicts:
-            raise ValueError(f"{str(path)!r} holds results of an evaluation with other settings "
-                             f"({'; '.join(conflicts)}): replace it with --overwrite")  # fmt: skip
+            raise ValueError(
+                f"{str(path)!r} holds results of an evaluation with other settings "
+                f"({'; '.join(conflicts)}): replace it with --overwrite"
+            )
         result = merge_results(existing, result)
     write_json_atomic(path, result, default=float, sort_keys=False)
     write_text_atomic(folder / SUMMARY_FILE, summary_markdown([(label, result)]))
@@ -216,8 +241,18 @@ def summary_markdown(results) -> str:
     ``results``: ``[(label, result)]`` or a dict label -> result."""
     rows = list(results.items()) if isinstance(results, dict) else list(results)
     cached = any("cache" in result for _, result in rows)
-    header = ["run", "FID (mean ± std)", "floor", "CLIP score", "denoise MSE", "first/last grad", "grad CV",
-              "loss spikes", "shattering lag-1", "parameters"] + (["skip cache (FLOP bound)"] if cached else [])  # fmt: skip
+    header = [
+        "run",
+        "FID (mean ± std)",
+        "floor",
+        "CLIP score",
+        "denoise MSE",
+        "first/last grad",
+        "grad CV",
+        "loss spikes",
+        "shattering lag-1",
+        "parameters",
+    ] + (["skip cache (FLOP bound)"] if cached else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, result in rows:
         fid = result.get("fid", {}).get("summary", {})
@@ -225,12 +260,16 @@ def summary_markdown(results) -> str:
         stability = result.get("grad_stability", {})
         cells = [
             label,
-            _pm(fid.get("fid")), _pm(fid.get("floor_fid")), _pm(clip.get("clip_score")),
+            _pm(fid.get("fid")),
+            _pm(fid.get("floor_fid")),
+            _pm(clip.get("clip_score")),
             _num(result.get("denoise", {}).get("mean")),
-            _num(stability.get("first_to_last_ratio_median")), _num(stability.get("grad_norm_cv")),
-            str(stability.get("loss_spikes", "")), _num(stability.get("shattering", {}).get("lag1_autocorrelation")),
+            _num(stability.get("first_to_last_ratio_median")),
+            _num(stability.get("grad_norm_cv")),
+            str(stability.get("loss_spikes", "")),
+            _num(stability.get("shattering", {}).get("lag1_autocorrelation")),
             f"{result.get('parameters', 0):,}",
-        ]  # fmt: skip
+        ]
         if cached:
             cells.append(cache_label(result.get("cache")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -263,8 +302,10 @@ def computed_text(result: dict) -> str:
     if sampled:
         guidance = "" if s.get("guidance_scale") is None else f", guidance {s['guidance_scale']}"
         negative = "" if s.get("negative_prompt") is None else f", negative prompt {s['negative_prompt']!r}"
-        parts.append(f"sampling ({', '.join(sampled)}): {s.get('sampler')}-{s.get('steps')}{guidance}{negative}, "
-                     + (cache_text(cache) if cache else "no skip cache"))  # fmt: skip
+        parts.append(
+            f"sampling ({', '.join(sampled)}): {s.get('sampler')}-{s.get('steps')}{guidance}{negative}, "
+            + (cache_text(cache) if cache else "no skip cache")
+        )
     elif cache:
         parts.append(cache_text(cache) + " (its FLOP bound only: nothing was sampled)")
     if "fid" in result:
@@ -279,16 +320,22 @@ def computed_text(result: dict) -> str:
     if "denoise" in result:
         settings = result["denoise"].get("settings", {})
         images = settings.get("num_images")
-        parts.append(f"denoising loss: {settings.get('buckets', s.get('buckets'))} timestep buckets, "
-                     f"{'' if images is None else f'{images} '}held-out (test split) images, fixed noise per image "
-                     f"(seed {settings.get('seed', 0)})")  # fmt: skip
+        parts.append(
+            f"denoising loss: {settings.get('buckets', s.get('buckets'))} timestep buckets, "
+            f"{'' if images is None else f'{images} '}held-out (test split) images, fixed noise per image "
+            f"(seed {settings.get('seed', 0)})"
+        )
     if "skip_importance" in result:
         factors = list(result["skip_importance"].get("factors", {})) or s.get("importance_factors")
-        parts.append(f"skip importance: each skip alone scaled by {', '.join(map(str, factors))}, on the denoising "
-                     "loss's images and noise")  # fmt: skip
+        parts.append(
+            f"skip importance: each skip alone scaled by {', '.join(map(str, factors))}, on the denoising "
+            "loss's images and noise"
+        )
     if "grad_stability" in result:
-        parts.append(f"gradient stability: stats.jsonl, spike rule median + {s.get('spike_k')}·MAD over "
-                     f"{s.get('spike_window')} records")  # fmt: skip
+        parts.append(
+            f"gradient stability: stats.jsonl, spike rule median + {s.get('spike_k')}·MAD over "
+            f"{s.get('spike_window')} records"
+        )
     if "map" in result:
         scored = [name for name in ("denoise", "fid") if name in result["map"]]
         parts.append("MAP path of the stochastic skips: FLOPs" + "".join(f", {name}" for name in scored))
@@ -303,10 +350,13 @@ def _fid_text(fid: dict, settings: dict) -> str:
     if "extractor" in fid:
         text += f", extractor {fid['extractor']}"
     if "reference" in fid:
-        text += (f", against {fid['reference']} ({fid.get('reference_size')} images), floor from "
-                 f"{fid.get('heldout')} ({fid.get('heldout_size')} images)")  # fmt: skip
-    extras = [name for name, key in (("KID", "kid_mean"), ("precision/recall", "precision"))
-              if key in fid.get("summary", {})]  # fmt: skip
+        text += (
+            f", against {fid['reference']} ({fid.get('reference_size')} images), floor from "
+            f"{fid.get('heldout')} ({fid.get('heldout_size')} images)"
+        )
+    extras = [
+        name for name, key in (("KID", "kid_mean"), ("precision/recall", "precision")) if key in fid.get("summary", {})
+    ]
     return text + (f", with {' and '.join(extras)}" if extras else "")
 
 
@@ -318,8 +368,10 @@ def _grid_text(grid: dict, settings: dict) -> str:
     if len(variants) > 1:
         return f"sample grid ({grid.get('file', 'samples.png')}): {size} rows x {len(variants)} columns ({names}), seed {grid.get('seed')}"
     per_row = "prompt" if grid.get("rows") else "noise"
-    return (f"sample grid ({grid.get('file', 'samples.png')}): {size} rows (a {per_row} each) x {size} images "
-            f"({names}), seed {grid.get('seed')}")  # fmt: skip
+    return (
+        f"sample grid ({grid.get('file', 'samples.png')}): {size} rows (a {per_row} each) x {size} images "
+        f"({names}), seed {grid.get('seed')}"
+    )
 
 
 def _cache_words(cache: dict) -> tuple[str, str]:
@@ -329,8 +381,10 @@ def _cache_words(cache: dict) -> tuple[str, str]:
     if options.get("cache_key_steps") is not None:
         when = f"refreshes at steps {list(options['cache_key_steps'])}"
     elif options.get("cache_schedule") == "non_uniform" and options.get("cache_interval", 1) > 1:
-        when = (f"1 refresh per {options['cache_interval']} steps, crowded at {options.get('cache_center')} of the "
-                f"run (power {options.get('cache_power')})")  # fmt: skip
+        when = (
+            f"1 refresh per {options['cache_interval']} steps, crowded at {options.get('cache_center')} of the "
+            f"run (power {options.get('cache_power')})"
+        )
     else:
         when = f"a refresh every {options.get('cache_interval')} steps"
     branch = compute.get("branch", options.get("cache_branch"))
@@ -338,8 +392,10 @@ def _cache_words(cache: dict) -> tuple[str, str]:
     if not compute:
         bound = "FLOP bound not recorded"
     else:
-        bound = (f"FLOP bound {compute['bound_run']:.3g}x (full forwards at {compute['refresh_steps']} of "
-                 f"{compute['num_steps']} steps; a cached step computes {compute['cached_fraction']:.0%} of one)")  # fmt: skip
+        bound = (
+            f"FLOP bound {compute['bound_run']:.3g}x (full forwards at {compute['refresh_steps']} of "
+            f"{compute['num_steps']} steps; a cached step computes {compute['cached_fraction']:.0%} of one)"
+        )
     return f"skip cache {mode}{where}, {when}", bound
 
 
@@ -370,4 +426,3 @@ def _pm(entry) -> str:
 
 def _num(value) -> str:
     return "" if value is None else f"{value:.4g}"
-

@@ -19,7 +19,9 @@ from ..data import collate_images, dataset_channels, load_image_splits, options_
 from ..data_options import DataOptions
 
 
-def held_out_batches(data: DataOptions | dict, batch_size: int = 16, limit: int | None = None) -> tuple[list[dict], int]:
+def held_out_batches(
+    data: DataOptions | dict, batch_size: int = 16, limit: int | None = None
+) -> tuple[list[dict], int]:
     """The test split as a list of batches (``pixel_values``[, ``labels``, ``captions``]) and its channels.
 
     ``data`` is a :class:`DataOptions` or a dict holding its fields (a run's training options); ``limit``
@@ -45,19 +47,25 @@ def check_data_matches(target, data: DataOptions, channels: int) -> None:
             "(--resolution)"
         )
     if data.resolution % target.encoder.downscale:
-        raise ValueError(f"--resolution {data.resolution} is not a multiple of the encoder's downscale "
-                         f"{target.encoder.downscale}")  # fmt: skip
+        raise ValueError(
+            f"--resolution {data.resolution} is not a multiple of the encoder's downscale {target.encoder.downscale}"
+        )
     if target.image_channels != channels:
-        raise ValueError(f"the model makes {target.image_channels}-channel images but the dataset has {channels} "
-                         "channels (--image_channels)")  # fmt: skip
+        raise ValueError(
+            f"the model makes {target.image_channels}-channel images but the dataset has {channels} "
+            "channels (--image_channels)"
+        )
     if target.training_options is None and data.image_channels is not None:  # a pipeline: converted to its channels
         own = dataset_channels(load_image_splits(data))
         if own != channels:
             how = "grey repeated to 3 channels" if own == 1 else "colour reduced to grey (luma)"
-            warnings.warn(f"the model makes {channels}-channel images but the reference images are {own}-channel: "
-                          f"they are converted ({how}) to score it, so its FID and denoising loss measure it against "
-                          f"{'grey' if own == 1 else 'colour'} images it may never have been trained on",
-                          UserWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"the model makes {channels}-channel images but the reference images are {own}-channel: "
+                f"they are converted ({how}) to score it, so its FID and denoising loss measure it against "
+                f"{'grey' if own == 1 else 'colour'} images it may never have been trained on",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 def read_prompts(path: str) -> list[str]:

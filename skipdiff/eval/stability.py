@@ -75,8 +75,11 @@ def stability_from_stats(records: list[dict], window: int = 50, k: float = 6.0) 
             "cv": float(series.std() / series.mean()) if series.mean() > 0 else None,
         }
     first, last = blocks[0], blocks[-1]
-    ratios = [r["grad_norm_by_block"][first] / r["grad_norm_by_block"][last] for r in steps
-              if r["grad_norm_by_block"].get(last)]  # fmt: skip
+    ratios = [
+        r["grad_norm_by_block"][first] / r["grad_norm_by_block"][last]
+        for r in steps
+        if r["grad_norm_by_block"].get(last)
+    ]
     total = np.asarray([r["grad_norm"] for r in steps if r.get("grad_norm") is not None], dtype=np.float64)
     losses, per_step = loss_series(records)
     nonfinite = max([r.get("nonfinite_total", 0) for r in records] + [0])
@@ -96,8 +99,15 @@ def stability_from_stats(records: list[dict], window: int = 50, k: float = 6.0) 
     }
 
 
-def shattering_probe(unet, sample_shape, timestep: int = 500, points: int = 64, span: float = 2.0,
-                     seed: int = 0, class_label: int | None = None) -> dict:  # fmt: skip
+def shattering_probe(
+    unet,
+    sample_shape,
+    timestep: int = 500,
+    points: int = 64,
+    span: float = 2.0,
+    seed: int = 0,
+    class_label: int | None = None,
+) -> dict:
     """Gradient shattering (Balduzzi et al., 2017) along a line through input space.
 
     Inputs x_i = x0 + s_i·d for s_i evenly spaced in [-span/2, span/2] (x0, d Gaussian, |d| = 1
@@ -110,8 +120,9 @@ def shattering_probe(unet, sample_shape, timestep: int = 500, points: int = 64, 
     direction = torch.randn(sample_shape, generator=generator)
     device = next(unet.parameters()).device
     with torch.no_grad():
-        out_shape = unet(x0[None].to(device), torch.tensor([timestep], device=device),
-                         class_labels=_label(class_label, device)).sample.shape[1:]  # fmt: skip
+        out_shape = unet(
+            x0[None].to(device), torch.tensor([timestep], device=device), class_labels=_label(class_label, device)
+        ).sample.shape[1:]
     projection = torch.randn(out_shape, generator=generator).to(device)
     offsets = torch.linspace(-span / 2, span / 2, points)
     inputs = (x0[None] + offsets[:, None, None, None] * direction[None]).to(device).requires_grad_(True)
@@ -125,8 +136,13 @@ def shattering_probe(unet, sample_shape, timestep: int = 500, points: int = 64, 
     centred = flat - flat.mean(dim=1, keepdim=True)
     normed = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-30)
     lag1 = (normed[:-1] * normed[1:]).sum(dim=1)
-    return {"lag1_autocorrelation": float(lag1.mean()), "points": points, "span": span, "timestep": timestep,
-            "seed": seed}  # fmt: skip
+    return {
+        "lag1_autocorrelation": float(lag1.mean()),
+        "points": points,
+        "span": span,
+        "timestep": timestep,
+        "seed": seed,
+    }
 
 
 def _label(class_label, device):

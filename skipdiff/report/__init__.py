@@ -44,9 +44,18 @@ from __future__ import annotations
 
 from ..lazy import lazy_exports
 
-_EXPORTS = {"write_report": ".write", "default_out": ".write", "compare": ".ranking", "rank_against": ".ranking",
-            "adjust_family": ".ranking", "parse_margins": ".ranking", "choose_reference": ".ranking",
-            "load_sweep": ".read", "main": ".__main__", "cli": ".__main__"}  # fmt: skip
+_EXPORTS = {
+    "write_report": ".write",
+    "default_out": ".write",
+    "compare": ".ranking",
+    "rank_against": ".ranking",
+    "adjust_family": ".ranking",
+    "parse_margins": ".ranking",
+    "choose_reference": ".ranking",
+    "load_sweep": ".read",
+    "main": ".__main__",
+    "cli": ".__main__",
+}
 
 __all__ = sorted(_EXPORTS)
 

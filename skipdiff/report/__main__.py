@@ -14,18 +14,34 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; its description is the package docstring."""
     from . import __doc__ as usage
 
-    parser = argparse.ArgumentParser(prog="python -m skipdiff.report", description=usage,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("sweep", help="a sweep folder (python -m skipdiff.sweep) or a search folder (python -m skipdiff.search)")
-    parser.add_argument("--out", help="output folder (default <sweep>/report; committed results: "
-                                      "--out eval/results/<sweep name>)")  # fmt: skip
-    parser.add_argument("--reference", help="the configuration every row is tested against, as the tables label "
-                                            "it (default skips=full, else each table's first row)")  # fmt: skip
-    parser.add_argument("--margin", action="append", default=[], metavar="METRIC=M",
-                        help="equivalence margin of a metric, e.g. fid_minus_floor=0.1 or denoise_mse=0.0005 "
-                             "(repeatable; recorded in summary.json): rows get a TOST verdict within ±M")  # fmt: skip
-    parser.add_argument("--test", choices=("t", "sign-flip"), default="t",
-                        help="paired t-tests (default) or exact sign-flip tests where a row has 6 or more pairs")
+    parser = argparse.ArgumentParser(
+        prog="python -m skipdiff.report", description=usage, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "sweep", help="a sweep folder (python -m skipdiff.sweep) or a search folder (python -m skipdiff.search)"
+    )
+    parser.add_argument(
+        "--out", help="output folder (default <sweep>/report; committed results: --out eval/results/<sweep name>)"
+    )
+    parser.add_argument(
+        "--reference",
+        help="the configuration every row is tested against, as the tables label "
+        "it (default skips=full, else each table's first row)",
+    )
+    parser.add_argument(
+        "--margin",
+        action="append",
+        default=[],
+        metavar="METRIC=M",
+        help="equivalence margin of a metric, e.g. fid_minus_floor=0.1 or denoise_mse=0.0005 "
+        "(repeatable; recorded in summary.json): rows get a TOST verdict within ±M",
+    )
+    parser.add_argument(
+        "--test",
+        choices=("t", "sign-flip"),
+        default="t",
+        help="paired t-tests (default) or exact sign-flip tests where a row has 6 or more pairs",
+    )
     return parser
 
 

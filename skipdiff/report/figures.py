@@ -46,8 +46,13 @@ def loss_curves(configurations: dict[str, list[Result]], path: Path, title: str)
         if not series:
             continue
         steps = sorted(set.intersection(*(set(s) for s in series)))
-        ax.plot(steps, [statistics.fmean(s[t] for s in series) for t in steps], lw=1,
-                color=colours[drawn % 20], label=f"{name} ({len(series)})")  # fmt: skip
+        ax.plot(
+            steps,
+            [statistics.fmean(s[t] for s in series) for t in steps],
+            lw=1,
+            color=colours[drawn % 20],
+            label=f"{name} ({len(series)})",
+        )
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -57,8 +62,9 @@ def loss_curves(configurations: dict[str, list[Result]], path: Path, title: str)
     ax.set_ylabel("training loss, mean over seeds (log)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.legend(fontsize=6, ncol=1 + drawn // 20, loc="outside right upper", title="configuration (seeds)",
-               title_fontsize=6)  # fmt: skip
+    fig.legend(
+        fontsize=6, ncol=1 + drawn // 20, loc="outside right upper", title="configuration (seeds)", title_fontsize=6
+    )
     _save(fig, path)
     return True
 
@@ -125,11 +131,14 @@ def sample_sheet(configurations: dict[str, list[Result]], path: Path, title: str
     if not count or len(sizes) != 1:
         return False
     images = [cell for cells in rows for cell in cells[:count]]
-    legend = (f"{title}: each configuration's own samples (lowest training seed), sampling seed "
-              f"{', '.join(str(s) for s in sorted(seeds, key=str))}; column i starts from the same noise in every row")  # fmt: skip
+    legend = (
+        f"{title}: each configuration's own samples (lowest training seed), sampling seed "
+        f"{', '.join(str(s) for s in sorted(seeds, key=str))}; column i starts from the same noise in every row"
+    )
     with atomic_path(path) as tmp:
-        image_grid(images, columns=count, row_labels=labels, column_labels=[f"image {i}" for i in range(count)],
-                   legend=legend).save(tmp, format="PNG")  # fmt: skip
+        image_grid(
+            images, columns=count, row_labels=labels, column_labels=[f"image {i}" for i in range(count)], legend=legend
+        ).save(tmp, format="PNG")
     return True
 
 
@@ -153,8 +162,13 @@ def inference_metric(configurations: dict[str, list[Result]]) -> tuple[str, str,
     return None
 
 
-def metric_plot(configurations: dict[str, list[Result]], metric: tuple[str, str, bool], reference: str | None,
-                path: Path, title: str) -> bool:  # fmt: skip
+def metric_plot(
+    configurations: dict[str, list[Result]],
+    metric: tuple[str, str, bool],
+    reference: str | None,
+    path: Path,
+    title: str,
+) -> bool:
     """One row per configuration (spec order, top down): its value at each sampling seed (dots) and their
     mean ± sample std (bar), the reference in colour, FID's real-vs-real floor as a dashed line."""
     key, label, lower = metric
@@ -182,8 +196,9 @@ def metric_plot(configurations: dict[str, list[Result]], metric: tuple[str, str,
     return True
 
 
-def speed_plot(configurations: dict[str, list[Result]], metric: tuple[str, str, bool], reference: str,
-               path: Path, title: str) -> bool:  # fmt: skip
+def speed_plot(
+    configurations: dict[str, list[Result]], metric: tuple[str, str, bool], reference: str, path: Path, title: str
+) -> bool:
     """The metric (mean ± std over sampling seeds) against the measured sampling speed-up over ``reference``
     (mean over the seeds both were timed at; filled) and against each skip cache's FLOP bound (hollow, joined
     to its measured point): the quality a setting pays for its speed. False without a timed cached row."""
@@ -195,8 +210,9 @@ def speed_plot(configurations: dict[str, list[Result]], metric: tuple[str, str, 
         measured = 1.0 if name == reference else (statistics.fmean(speedups[name]) if speedups.get(name) else None)
         bound = next((r.metrics["cache_bound"] for r in rows if r.metrics.get("cache_bound")), None)
         if values and measured is not None:
-            points.append((name, measured, bound, statistics.fmean(values),
-                           statistics.stdev(values) if len(values) > 1 else 0.0))  # fmt: skip
+            points.append(
+                (name, measured, bound, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+            )
     if not any(bound for _, _, bound, _, _ in points):
         return False
     fig, ax = plots.new_figure(7, 4.5)
@@ -218,8 +234,9 @@ def speed_plot(configurations: dict[str, list[Result]], metric: tuple[str, str, 
     return True
 
 
-def inference_figures(dataset: str, configurations: dict[str, list[Result]], reference: str | None,
-                      out: Path) -> list[str]:  # fmt: skip
+def inference_figures(
+    dataset: str, configurations: dict[str, list[Result]], reference: str | None, out: Path
+) -> list[str]:
     """The inference figures of one dataset (:func:`metric_plot`, :func:`speed_plot`) and their Markdown."""
     metric = inference_metric(configurations)
     if metric is None:
@@ -234,7 +251,9 @@ def inference_figures(dataset: str, configurations: dict[str, list[Result]], ref
     return shown
 
 
-def write_figures(kind: str, grouped: dict, out: Path, references: dict[str, str] | None = None) -> dict[str, list[str]]:
+def write_figures(
+    kind: str, grouped: dict, out: Path, references: dict[str, str] | None = None
+) -> dict[str, list[str]]:
     """Every PNG of the report; returns the Markdown lines that show them, per dataset (``references``:
     dataset -> the reference configuration, for the inference figures)."""
     for old in sorted(out.glob("*.png")):
@@ -269,11 +288,7 @@ def write_figures(kind: str, grouped: dict, out: Path, references: dict[str, str
             if markov_plot(first.records, out / name, f"{configuration} (seed {first.seed}): P(open)"):
                 chains.append(f"![Markov chain, {configuration}]({name})")
         if heatmaps:
-            shown.append(
-                "Gradient norm per block over training (log10, lowest seed): " + " · ".join(heatmaps)
-            )
+            shown.append("Gradient norm per block over training (log10, lowest seed): " + " · ".join(heatmaps))
         shown += chains
         lines[dataset] = shown
     return lines
-
-

@@ -17,19 +17,39 @@ from . import stats
 from .read import INFERENCE, Result, paired_speedups, seconds_by_seed
 
 # Columns of the tables: (key, header, format). Metrics the ranking can use: (key, name, lower is better).
-DIFFUSION_COLUMNS = [("fid", "FID ↓", "pm"), ("fid_floor", "FID floor", "floor"), ("kid", "KID ↓", "kid"),
-                     ("denoise", "denoise MSE ↓", "pm"), ("final_loss", "final train loss", "pm"),
-                     ("loss_spikes", "loss spikes", "mean"), ("grad_spikes", "grad spikes", "mean"),
-                     ("grad_cv", "grad-norm CV", "mean"), ("first_last", "first/last grad", "mean"),
-                     ("closed", "skips closed", "mean"), ("flops_saved", "FLOPs saved", "mean"),
-                     ("parameters", "parameters", "int"), ("seconds_per_step", "s/step", "mean")]  # fmt: skip
-CLASSIFIER_COLUMNS = [("test_accuracy", "test accuracy ↑", "pm"), ("test_loss", "test loss ↓", "pm"),
-                      ("train_loss", "train loss", "pm"), ("grad_ratio_init", "first/last grad (init)", "mean"),
-                      ("grad_ratio_final", "first/last grad (final)", "mean"), ("nonfinite", "non-finite steps", "mean"),
-                      ("parameters", "parameters", "int"), ("seconds_per_step", "s/step", "mean")]  # fmt: skip
-INFERENCE_COLUMNS = [("fid", "FID ↓", "pm"), ("fid_floor", "FID floor", "floor"), ("kid", "KID ↓", "kid"),
-                     ("clip_score", "CLIP score ↑", "pm"), ("denoise", "denoise MSE ↓", "mean"),
-                     ("parameters", "parameters", "int")]  # fmt: skip
+DIFFUSION_COLUMNS = [
+    ("fid", "FID ↓", "pm"),
+    ("fid_floor", "FID floor", "floor"),
+    ("kid", "KID ↓", "kid"),
+    ("denoise", "denoise MSE ↓", "pm"),
+    ("final_loss", "final train loss", "pm"),
+    ("loss_spikes", "loss spikes", "mean"),
+    ("grad_spikes", "grad spikes", "mean"),
+    ("grad_cv", "grad-norm CV", "mean"),
+    ("first_last", "first/last grad", "mean"),
+    ("closed", "skips closed", "mean"),
+    ("flops_saved", "FLOPs saved", "mean"),
+    ("parameters", "parameters", "int"),
+    ("seconds_per_step", "s/step", "mean"),
+]
+CLASSIFIER_COLUMNS = [
+    ("test_accuracy", "test accuracy ↑", "pm"),
+    ("test_loss", "test loss ↓", "pm"),
+    ("train_loss", "train loss", "pm"),
+    ("grad_ratio_init", "first/last grad (init)", "mean"),
+    ("grad_ratio_final", "first/last grad (final)", "mean"),
+    ("nonfinite", "non-finite steps", "mean"),
+    ("parameters", "parameters", "int"),
+    ("seconds_per_step", "s/step", "mean"),
+]
+INFERENCE_COLUMNS = [
+    ("fid", "FID ↓", "pm"),
+    ("fid_floor", "FID floor", "floor"),
+    ("kid", "KID ↓", "kid"),
+    ("clip_score", "CLIP score ↑", "pm"),
+    ("denoise", "denoise MSE ↓", "mean"),
+    ("parameters", "parameters", "int"),
+]
 COLUMNS = {"diffusion": DIFFUSION_COLUMNS, "classifier": CLASSIFIER_COLUMNS, "inference": INFERENCE_COLUMNS}
 OPTIONAL_COLUMNS = ("kid", "clip_score")  # shown only when some row has a value
 TABLE_NOTES = {
@@ -53,9 +73,11 @@ TABLE_NOTES = {
     "residual block's gradient norm over the last one's, at step 1 (init) and at the last logged step "
     "(final) (< 1: vanishing toward the input).",
 }
-RANKING_METRICS = {"diffusion": [("fid", "FID", True), ("denoise", "denoising MSE", True)],
-                   "inference": [("fid", "FID", True), ("clip_score", "CLIP score", False)],
-                   "classifier": [("test_accuracy", "test accuracy", False)]}  # fmt: skip
+RANKING_METRICS = {
+    "diffusion": [("fid", "FID", True), ("denoise", "denoising MSE", True)],
+    "inference": [("fid", "FID", True), ("clip_score", "CLIP score", False)],
+    "classifier": [("test_accuracy", "test accuracy", False)],
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,11 +157,17 @@ def columns_for(kind: str, configurations: dict[str, list[Result]]) -> list[tupl
 def configuration_table(kind: str, configurations: dict[str, list[Result]]) -> tuple[list[str], dict]:
     """The table of configurations and its summary (per-seed values of every column)."""
     columns = columns_for(kind, configurations)
-    lines = ["| configuration | seeds | " + " | ".join(h for _, h, _ in columns) + " |", "|---|---|" + "---|" * len(columns)]
+    lines = [
+        "| configuration | seeds | " + " | ".join(h for _, h, _ in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
     table = {}
     for name, rows in configurations.items():
-        table[name] = {"seeds": [r.seed for r in rows], "cells": [r.cell for r in rows],
-                       "values": {key: [r.metrics.get(key) for r in rows] for key, _, _ in columns}}  # fmt: skip
+        table[name] = {
+            "seeds": [r.seed for r in rows],
+            "cells": [r.cell for r in rows],
+            "values": {key: [r.metrics.get(key) for r in rows] for key, _, _ in columns},
+        }
         if any(r.floors for r in rows):
             table[name]["fid_floor_by_sampling_seed"] = {str(s): v for s, v in row_floors(rows).items()}
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(_cell_text(rows, k, s) for k, _, s in columns) + " |")
@@ -153,8 +181,10 @@ def floor_line(configurations: dict[str, list[Result]]) -> tuple[list[str], dict
         return [], None
     mean, std = mean_std(list(floors.values()))
     seeds = ", ".join(f"seed {seed}: {value:.4g}" for seed, value in floors.items())
-    return ([f"FID floor by sampling seed: {seeds} (mean {_pm(mean, std)} over {len(floors)} seed(s)).", ""],
-            {"by_sampling_seed": {str(s): v for s, v in floors.items()}, "mean": mean, "std": std})  # fmt: skip
+    return (
+        [f"FID floor by sampling seed: {seeds} (mean {_pm(mean, std)} over {len(floors)} seed(s)).", ""],
+        {"by_sampling_seed": {str(s): v for s, v in floors.items()}, "mean": mean, "std": std},
+    )
 
 
 def ranking_metric(kind: str, configurations: dict[str, list[Result]]) -> tuple[str, str, bool] | None:
@@ -170,9 +200,12 @@ def markov_markdown(configuration: str, rows: list[Result]) -> list[str]:
     finals = [r.chain for r in rows if r.chain and r.variant is None]
     if not finals:
         return []
-    lines = [f"Markov chain of **{configuration}** at the end of training (mean over {len(finals)} seed(s)):", "",
-             "| link | gates | P(open) | P(open \\| previous closed) | P(open \\| previous open) |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Markov chain of **{configuration}** at the end of training (mean over {len(finals)} seed(s)):",
+        "",
+        "| link | gates | P(open) | P(open \\| previous closed) | P(open \\| previous open) |",
+        "|---|---|---|---|---|",
+    ]
     for k, unit in enumerate(finals[0]["links"]):
         cols = [statistics.fmean(f[key][k] for f in finals) for key in ("p_open", "p_closed", "p_prev_open")]
         lines.append(f"| {k} | {unit} | " + " | ".join(f"{c:.3f}" for c in cols) + " |")
@@ -208,16 +241,21 @@ def ranking_table(result: dict, metric: str) -> list[str]:
     reference, n_ref = result["reference"], result["reference_seeds"]
     margin = result.get("margin")
     tost = f" TOST ±{margin:g} p (Holm) |" if margin is not None else ""
-    lines = [f"| # | configuration | seeds | {metric} | Δ vs reference [95% CI] | test | p | p (Holm) |{tost} verdict |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if tost else "") + "---|"]  # fmt: skip
+    lines = [
+        f"| # | configuration | seeds | {metric} | Δ vs reference [95% CI] | test | p | p (Holm) |{tost} verdict |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if tost else "") + "---|",
+    ]
     for i, row in enumerate(result["rows"], 1):
         name = f"**{row['configuration']}**" if row["configuration"] == reference else row["configuration"]
-        verdict = row["verdict"] + (f"; fewer seeds than the reference ({row['seeds']} of {n_ref})"
-                                    if row["seeds"] < n_ref else "")  # fmt: skip
+        verdict = row["verdict"] + (
+            f"; fewer seeds than the reference ({row['seeds']} of {n_ref})" if row["seeds"] < n_ref else ""
+        )
         tost_cell = f" {_p(row.get('tost_p_holm'))} |" if tost else ""
-        lines.append(f"| {i} | {name} | {row['seeds']} | {_pm(row['mean'], row['std'])} | "
-                     f"{_delta_text(row, reference)} | {_test_text(row)} | {_p(row['p'])} | {_p(row['p_holm'])} |"
-                     f"{tost_cell} {verdict} |")  # fmt: skip
+        lines.append(
+            f"| {i} | {name} | {row['seeds']} | {_pm(row['mean'], row['std'])} | "
+            f"{_delta_text(row, reference)} | {_test_text(row)} | {_p(row['p'])} | {_p(row['p_holm'])} |"
+            f"{tost_cell} {verdict} |"
+        )
     return lines
 
 
@@ -226,32 +264,46 @@ def family_text(result: dict) -> str:
     family = result["family"]
     scope = {"table": "this table"}.get(family["scope"], f"the family `{family['scope']}`")
     tables = f" in {family['tables']} tables" if family["tables"] > 1 else ""
-    return (f"Holm over {scope} ({family['rows_tested']} tested row(s){tables}, {family['hypotheses']} "
-            f"hypotheses; first step at α/{family['rows_tested'] or 1} = {family['first_step_alpha']:.3g})")
+    return (
+        f"Holm over {scope} ({family['rows_tested']} tested row(s){tables}, {family['hypotheses']} "
+        f"hypotheses; first step at α/{family['rows_tested'] or 1} = {family['first_step_alpha']:.3g})"
+    )
 
 
 # What a seed is, and why two rows' values at one seed are paired, by kind of sweep.
-SEEDS = {"inference": ("sampling", "image i of a sampling seed starts from the same noise in every row"),
-         "diffusion": ("training", "a seed fixes the initial weights, the data order and the noise"),
-         "classifier": ("training", "a seed fixes the initial weights and the data order")}  # fmt: skip
+SEEDS = {
+    "inference": ("sampling", "image i of a sampling seed starts from the same noise in every row"),
+    "diffusion": ("training", "a seed fixes the initial weights, the data order and the noise"),
+    "classifier": ("training", "a seed fixes the initial weights and the data order"),
+}
 
 
 def _method_note(result: dict, kind: str = "diffusion") -> str:
     seed, why = SEEDS.get(kind, SEEDS["diffusion"])
-    test = ("`sign-flip` = the exact sign-flip test of the paired differences (rows with 6 or more pairs; "
-            "`paired` = the paired t-test below that); " if result.get("test") == "sign-flip" else
-            "`paired` = paired t-test on those seeds; ")  # fmt: skip
-    text = (f"Reference: **{result['reference']}** ({result['reference_seeds']} {seed} seed(s); another with "
-            f"`--reference`). Each row is compared with it on the {seed} seeds they share ({why}, so the values "
-            "are paired), on its own differences only: "
-            + test + "`Welch` = Welch's t-test, for rows with no seed in common (5 or more seeds a side); a row with fewer seeds than its "
-            "test needs is exploratory (values shown, no p). ")  # fmt: skip
+    test = (
+        "`sign-flip` = the exact sign-flip test of the paired differences (rows with 6 or more pairs; "
+        "`paired` = the paired t-test below that); "
+        if result.get("test") == "sign-flip"
+        else "`paired` = paired t-test on those seeds; "
+    )
+    text = (
+        f"Reference: **{result['reference']}** ({result['reference_seeds']} {seed} seed(s); another with "
+        f"`--reference`). Each row is compared with it on the {seed} seeds they share ({why}, so the values "
+        "are paired), on its own differences only: "
+        + test
+        + "`Welch` = Welch's t-test, for rows with no seed in common (5 or more seeds a side); a row with fewer seeds than its "
+        "test needs is exploratory (values shown, no p). "
+    )
     if result.get("margin") is not None:
-        text += (f"Equivalence: two one-sided tests (TOST) of |Δ| < {result['margin']:g}, the declared margin; "
-                 "their p's are Holm-adjusted with the difference tests (at most one true null per row). ")
-    text += (f"p (Holm) = {family_text(result)}; verdicts read it at α = {result['alpha']}: better/worse, "
-             "equivalent within the margin, or undecided at this seed count. Δ = mean of (row − reference) over the "
-             "shared seeds (difference of means without shared seeds), with its unadjusted 95% interval.")  # fmt: skip
+        text += (
+            f"Equivalence: two one-sided tests (TOST) of |Δ| < {result['margin']:g}, the declared margin; "
+            "their p's are Holm-adjusted with the difference tests (at most one true null per row). "
+        )
+    text += (
+        f"p (Holm) = {family_text(result)}; verdicts read it at α = {result['alpha']}: better/worse, "
+        "equivalent within the margin, or undecided at this seed count. Δ = mean of (row − reference) over the "
+        "shared seeds (difference of means without shared seeds), with its unadjusted 95% interval."
+    )
     return text
 
 
@@ -260,16 +312,23 @@ def detectable_note(result: dict, metric: str) -> str:
     applies at its first step (power 0.8)."""
     found = result["detectable"]
     if not found["by_design"]:
-        return ("Smallest detectable difference: not estimable (no row shares two seeds with the reference and "
-                "varies between them).")  # fmt: skip
+        return (
+            "Smallest detectable difference: not estimable (no row shares two seeds with the reference and "
+            "varies between them)."
+        )
     parts = []
     for design in found["by_design"]:
-        span = (f"{design['min']:.3g}" if design["rows"] == 1 else
-                f"{design['min']:.3g} ({design['min_row']}) to {design['max']:.3g} ({design['max_row']})")  # fmt: skip
+        span = (
+            f"{design['min']:.3g}"
+            if design["rows"] == 1
+            else f"{design['min']:.3g} ({design['min_row']}) to {design['max']:.3g} ({design['max_row']})"
+        )
         parts.append(f"|Δ| ≥ {span} by the paired test on {design['n']} seeds (df {design['df']})")
-    return (f"Smallest detectable difference in {metric} (power {found['power']}, two-sided at {found['alpha']:.3g}, "
-            "the level Holm applies at its first step, taking each row's own sd of paired differences as the "
-            "truth): " + "; ".join(parts) + ". A smaller true difference is likely to read \"undecided\".")
+    return (
+        f"Smallest detectable difference in {metric} (power {found['power']}, two-sided at {found['alpha']:.3g}, "
+        "the level Holm applies at its first step, taking each row's own sd of paired differences as the "
+        "truth): " + "; ".join(parts) + '. A smaller true difference is likely to read "undecided".'
+    )
 
 
 def _findings(dataset: str, result: dict, metric: str) -> str:
@@ -278,8 +337,9 @@ def _findings(dataset: str, result: dict, metric: str) -> str:
     if result.get("margin") is not None:
         labels.append(ranking_module.equivalent_verdict(result["margin"]))
     labels.append(ranking_module.UNDECIDED)
-    groups = {label: [f"{r['configuration']} ({r['delta']:+.3g})" for r in rows if r["verdict"] == label]
-              for label in labels}  # fmt: skip
+    groups = {
+        label: [f"{r['configuration']} ({r['delta']:+.3g})" for r in rows if r["verdict"] == label] for label in labels
+    }
     exploratory = [r["configuration"] for r in rows if r["exploratory"]]
     untested = [r["configuration"] for r in rows if r["p"] is None and not r["exploratory"]]
     tests = sum(r["p"] is not None for r in rows)
@@ -295,12 +355,28 @@ def _findings(dataset: str, result: dict, metric: str) -> str:
 def ranking_markdown(dataset: str, result: dict, metric: str, lower: bool, kind: str = "diffusion") -> list[str]:
     """The ranking section of one table (``kind``: the sweep's, which says what its seeds are)."""
     heading = f"### {metric} against {result['reference']} ({'lower' if lower else 'higher'} is better)"
-    return [heading, "", *ranking_table(result, metric), "", _method_note(result, kind), "",
-            detectable_note(result, metric), "", _findings(dataset, result, metric), ""]  # fmt: skip
+    return [
+        heading,
+        "",
+        *ranking_table(result, metric),
+        "",
+        _method_note(result, kind),
+        "",
+        detectable_note(result, metric),
+        "",
+        _findings(dataset, result, metric),
+        "",
+    ]
 
 
-def rank_configurations(configurations: dict[str, list[Result]], key: str, lower: bool, reference: str,
-                        margins: dict[str, float] | None = None, test: str = "t") -> dict:  # fmt: skip
+def rank_configurations(
+    configurations: dict[str, list[Result]],
+    key: str,
+    lower: bool,
+    reference: str,
+    margins: dict[str, float] | None = None,
+    test: str = "t",
+) -> dict:
     """:func:`ranking.compare` on the table's per-seed values of ``key`` (one Holm family per table)."""
     values = {name: {r.seed: r.metrics.get(key) for r in rows} for name, rows in configurations.items()}
     inference = [name for name in configurations if name.endswith(INFERENCE)]
@@ -311,24 +387,32 @@ def rank_configurations(configurations: dict[str, list[Result]], key: str, lower
 # Sampling speed (inference sweeps with a skip cache)
 # --------------------------------------------------------------------------------------------------
 
-SPEED_NOTE = ("Measured: wall-clock seconds per image of each row's FID / CLIP-score sampling in this sweep "
-              "(decoding included, feature extraction not), mean ± sample std over sampling seeds; the speed-up is "
-              "the reference's seconds over the row's at each sampling seed, mean [min, max] over the seeds they share. "
-              "The cells ran one after another on one machine, not interleaved (bench/skip_cache.py interleaves "
-              "repeats for timings to quote). FLOP bound: T / (R + (T − R) f) for the run's T steps with R full "
-              "forwards, f the FLOPs a cached step still computes (eval.json's cache section).")  # fmt: skip
+SPEED_NOTE = (
+    "Measured: wall-clock seconds per image of each row's FID / CLIP-score sampling in this sweep "
+    "(decoding included, feature extraction not), mean ± sample std over sampling seeds; the speed-up is "
+    "the reference's seconds over the row's at each sampling seed, mean [min, max] over the seeds they share. "
+    "The cells ran one after another on one machine, not interleaved (bench/skip_cache.py interleaves "
+    "repeats for timings to quote). FLOP bound: T / (R + (T − R) f) for the run's T steps with R full "
+    "forwards, f the FLOPs a cached step still computes (eval.json's cache section)."
+)
 
 
 def speed_section(configurations: dict[str, list[Result]], reference: str) -> tuple[list[str], dict | None]:
     """A table of sampling seconds per image, the measured speed-up against ``reference`` (paired by
     sampling seed) and the FLOP bound of each row's skip cache; ``([], None)`` when no row used a cache."""
-    bounds = {name: next((r.metrics.get("cache_bound") for r in rows if r.metrics.get("cache_bound")), None)
-              for name, rows in configurations.items()}  # fmt: skip
+    bounds = {
+        name: next((r.metrics.get("cache_bound") for r in rows if r.metrics.get("cache_bound")), None)
+        for name, rows in configurations.items()
+    }
     if not any(bounds.values()):
         return [], None
     speedups = paired_speedups(configurations, reference)
-    lines = [f"### Sampling speed against {reference}", "",
-             "| configuration | s/image | measured speed-up | FLOP bound |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"### Sampling speed against {reference}",
+        "",
+        "| configuration | s/image | measured speed-up | FLOP bound |",
+        "|---|---|---|---|",
+    ]
     summary: dict = {"reference": reference, "rows": {}}
     for name, rows in configurations.items():
         seconds = seconds_by_seed(rows)
@@ -342,10 +426,12 @@ def speed_section(configurations: dict[str, list[Result]], reference: str) -> tu
             measured = "–"
         bound = "–" if bounds[name] is None else f"{bounds[name]:.3g}"
         lines.append(f"| {name} | {_pm(mean, std)} | {measured} | {bound} |")
-        summary["rows"][name] = {"seconds_per_image": {str(k): v for k, v in sorted(seconds.items())},
-                                 "speedup_by_seed": ratios if name != reference else None,
-                                 "speedup": statistics.fmean(ratios) if ratios and name != reference else None,
-                                 "flop_bound": bounds[name]}  # fmt: skip
+        summary["rows"][name] = {
+            "seconds_per_image": {str(k): v for k, v in sorted(seconds.items())},
+            "speedup_by_seed": ratios if name != reference else None,
+            "speedup": statistics.fmean(ratios) if ratios and name != reference else None,
+            "flop_bound": bounds[name],
+        }
     return lines + ["", SPEED_NOTE, ""], summary
 
 
@@ -393,15 +479,24 @@ def _header(sweep: dict, cells: list[dict], folder: str) -> list[str]:
         lines += [sweep["description"].strip(), ""]
     shown = _quoted(folder, "<folder>")
     command = sweep.get("relaunch")
-    relaunch = (f"relaunching `{command_text(command)}` finishes missing cells" if command else
-                f"relaunching its spec (`python -m skipdiff.sweep <spec> --out {shown}`; this sweep.json does not "
-                "record which file) finishes missing cells")  # fmt: skip
-    lines += [f"Kind: {sweep['kind']}; {len(cells)} cells (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ").",
-              f"Regenerate with `python -m skipdiff.report {shown}` (written to {shown}/report/; `--out` writes it "
-              f"elsewhere, e.g. a committed copy under eval/results/); {relaunch}."]  # fmt: skip
+    relaunch = (
+        f"relaunching `{command_text(command)}` finishes missing cells"
+        if command
+        else f"relaunching its spec (`python -m skipdiff.sweep <spec> --out {shown}`; this sweep.json does not "
+        "record which file) finishes missing cells"
+    )
+    lines += [
+        f"Kind: {sweep['kind']}; {len(cells)} cells ("
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + ").",
+        f"Regenerate with `python -m skipdiff.report {shown}` (written to {shown}/report/; `--out` writes it "
+        f"elsewhere, e.g. a committed copy under eval/results/); {relaunch}.",
+    ]
     hidden = [path for path in [folder, *((command or {}).get(k) for k in ("spec", "out"))] if path is not None]
     if any(shown_path(path) is None for path in hidden):
-        lines.append("(A path outside the working directory is not written into a report: fill in `<spec>` / `<folder>`.)")
+        lines.append(
+            "(A path outside the working directory is not written into a report: fill in `<spec>` / `<folder>`.)"
+        )
     lines.append("")
     if sweep.get("eval"):
         settings = ", ".join(f"{k}={v}" for k, v in sorted(sweep["eval"].items()))
@@ -412,9 +507,15 @@ def _header(sweep: dict, cells: list[dict], folder: str) -> list[str]:
     return lines
 
 
-def dataset_section(kind: str, dataset: str, configurations: dict[str, list[Result]], reference: str,
-                    figures: list[str], margins: dict[str, float] | None = None,
-                    test: str = "t") -> tuple[list[str], dict]:  # fmt: skip
+def dataset_section(
+    kind: str,
+    dataset: str,
+    configurations: dict[str, list[Result]],
+    reference: str,
+    figures: list[str],
+    margins: dict[str, float] | None = None,
+    test: str = "t",
+) -> tuple[list[str], dict]:
     """One dataset's table, floor line, ranking, chains and figures, and its summary entry."""
     table_lines, table = configuration_table(kind, configurations)
     lines = [f"## {dataset}", "", *table_lines, "", TABLE_NOTES[kind], ""]
@@ -441,18 +542,31 @@ def dataset_section(kind: str, dataset: str, configurations: dict[str, list[Resu
     return lines, entry
 
 
-def results_to_markdown(sweep: dict, cells: list[dict], grouped: dict, references: dict[str, str],
-                        figures: dict[str, list[str]], margins: dict[str, float] | None = None,
-                        test: str = "t", folder: str | None = None) -> tuple[str, dict]:  # fmt: skip
+def results_to_markdown(
+    sweep: dict,
+    cells: list[dict],
+    grouped: dict,
+    references: dict[str, str],
+    figures: dict[str, list[str]],
+    margins: dict[str, float] | None = None,
+    test: str = "t",
+    folder: str | None = None,
+) -> tuple[str, dict]:
     """The report's Markdown and the summary dict behind it (``references``: dataset -> reference row;
     ``margins``: metric key -> equivalence margin; ``test``: "t" or "sign-flip"; ``folder``: the sweep
     folder read, named in the regenerate command)."""
     lines = _header(sweep, cells, folder or str(sweep.get("folder", f"runs/sweeps/{sweep['name']}")))
-    summary: dict = {"name": sweep["name"], "kind": sweep["kind"], "margins": dict(margins or {}), "test": test,
-                     "datasets": {}}
+    summary: dict = {
+        "name": sweep["name"],
+        "kind": sweep["kind"],
+        "margins": dict(margins or {}),
+        "test": test,
+        "datasets": {},
+    }
     for dataset, configurations in grouped.items():
-        section, entry = dataset_section(sweep["kind"], dataset, configurations, references[dataset],
-                                         figures.get(dataset, []), margins, test)  # fmt: skip
+        section, entry = dataset_section(
+            sweep["kind"], dataset, configurations, references[dataset], figures.get(dataset, []), margins, test
+        )
         lines += section
         summary["datasets"][dataset] = entry
     return "\n".join(lines).rstrip("\n") + "\n", summary

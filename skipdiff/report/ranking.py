@@ -85,8 +85,9 @@ def _finite(values: Mapping[int, float | None]) -> dict[int, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _paired(mine: dict[int, float], ref: dict[int, float], shared: list[int], test: str, margin: float | None,
-            alpha: float) -> dict:  # fmt: skip
+def _paired(
+    mine: dict[int, float], ref: dict[int, float], shared: list[int], test: str, margin: float | None, alpha: float
+) -> dict:
     """The paired (or sign-flip) test and TOST of a row on its shared seeds."""
     row, reference = [mine[s] for s in shared], [ref[s] for s in shared]
     differences = [a - b for a, b in zip(row, reference, strict=True)]
@@ -113,20 +114,48 @@ def _welch(mine: dict[int, float], ref: dict[int, float], margin: float | None, 
 
 
 def _from_test(found: stats.TTest) -> dict:
-    return {"test": found.name, "delta": found.delta, "se": found.se, "df": found.df, "p": found.p,
-            "ci": list(found.ci) if found.ci else None, "pairs": found.n,
-            "why_untested": None if found.p is not None else "not testable (the same difference on every seed)"}  # fmt: skip
+    return {
+        "test": found.name,
+        "delta": found.delta,
+        "se": found.se,
+        "df": found.df,
+        "p": found.p,
+        "ci": list(found.ci) if found.ci else None,
+        "pairs": found.n,
+        "why_untested": None if found.p is not None else "not testable (the same difference on every seed)",
+    }
 
 
-def _row(name: str, mine: dict[int, float], ref: dict[int, float], is_reference: bool, test: str,
-         margin: float | None, alpha: float) -> dict:  # fmt: skip
+def _row(
+    name: str,
+    mine: dict[int, float],
+    ref: dict[int, float],
+    is_reference: bool,
+    test: str,
+    margin: float | None,
+    alpha: float,
+) -> dict:
     values = list(mine.values())
     shared = sorted(set(mine) & set(ref))
-    row = {"configuration": name, "mean": statistics.fmean(values),
-           "std": statistics.stdev(values) if len(values) > 1 else None, "seeds": len(values),
-           "shared_seeds": len(shared), "values_by_seed": {str(s): mine[s] for s in sorted(mine)},
-           "p": None, "p_holm": None, "tost_p": None, "tost_p_holm": None, "test": None, "df": None, "ci": None,
-           "se": None, "sd_diff": None, "exploratory": False, "why_untested": None}  # fmt: skip
+    row = {
+        "configuration": name,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "seeds": len(values),
+        "shared_seeds": len(shared),
+        "values_by_seed": {str(s): mine[s] for s in sorted(mine)},
+        "p": None,
+        "p_holm": None,
+        "tost_p": None,
+        "tost_p_holm": None,
+        "test": None,
+        "df": None,
+        "ci": None,
+        "se": None,
+        "sd_diff": None,
+        "exploratory": False,
+        "why_untested": None,
+    }
     if shared:
         row["delta"] = statistics.fmean(mine[s] - ref[s] for s in shared)
     else:
@@ -139,8 +168,11 @@ def _row(name: str, mine: dict[int, float], ref: dict[int, float], is_reference:
         row.update(_welch(mine, ref, margin, alpha))
     else:
         row["exploratory"] = True
-        row["why_untested"] = (f"exploratory: {len(shared)} shared seed(s); a paired test needs 2" if shared else
-                               f"exploratory: no shared seed; Welch's test needs {stats.WELCH_MIN_SEEDS} a side")  # fmt: skip
+        row["why_untested"] = (
+            f"exploratory: {len(shared)} shared seed(s); a paired test needs 2"
+            if shared
+            else f"exploratory: no shared seed; Welch's test needs {stats.WELCH_MIN_SEEDS} a side"
+        )
     return row
 
 
@@ -195,11 +227,16 @@ def adjust_family(results: Sequence[dict], scope: str = "table") -> None:
     k = len(tested)
     adjusted = stats.holm([row["p"] for row in rows] + [row["tost_p"] for row in rows], max_true=k or None)
     level = alpha / k if k else alpha
-    for row, p_holm, tost_holm in zip(rows, adjusted[: len(rows)], adjusted[len(rows):], strict=True):
+    for row, p_holm, tost_holm in zip(rows, adjusted[: len(rows)], adjusted[len(rows) :], strict=True):
         row["p_holm"], row["tost_p_holm"] = p_holm, tost_holm
         row["detectable"], row["equivalent_within"] = _detectable(row, level), _equivalence_bound(row, level)
-    family = {"scope": scope, "tables": len(results), "rows_tested": k,
-              "hypotheses": sum(p is not None for p in adjusted), "first_step_alpha": level}  # fmt: skip
+    family = {
+        "scope": scope,
+        "tables": len(results),
+        "rows_tested": k,
+        "hypotheses": sum(p is not None for p in adjusted),
+        "first_step_alpha": level,
+    }
     for result in results:
         result["family"] = family
         for row in result["rows"]:
@@ -213,14 +250,34 @@ def detectable_summary(rows: list[dict], level: float) -> dict:
     for row in rows:
         if row.get("detectable") is not None:
             designs.setdefault((row["pairs"], row["pairs"] - 1), []).append((row["detectable"], row["configuration"]))
-    return {"power": stats.POWER, "alpha": level,
-            "by_design": [{"n": n, "df": df, "min": min(found)[0], "min_row": min(found)[1], "max": max(found)[0],
-                           "max_row": max(found)[1], "rows": len(found)} for (n, df), found in sorted(designs.items())]}  # fmt: skip
+    return {
+        "power": stats.POWER,
+        "alpha": level,
+        "by_design": [
+            {
+                "n": n,
+                "df": df,
+                "min": min(found)[0],
+                "min_row": min(found)[1],
+                "max": max(found)[0],
+                "max_row": max(found)[1],
+                "rows": len(found),
+            }
+            for (n, df), found in sorted(designs.items())
+        ],
+    }
 
 
-def compare(values: Mapping[str, Mapping[int, float | None]], reference: str, lower_is_better: bool,
-            inference: Collection[str] = (), alpha: float = stats.ALPHA, margin: float | None = None,
-            test: str = "t", family: str | None = "table") -> dict:  # fmt: skip
+def compare(
+    values: Mapping[str, Mapping[int, float | None]],
+    reference: str,
+    lower_is_better: bool,
+    inference: Collection[str] = (),
+    alpha: float = stats.ALPHA,
+    margin: float | None = None,
+    test: str = "t",
+    family: str | None = "table",
+) -> dict:
     """Every configuration against ``reference`` (see the module docstring).
 
     ``margin``: the equivalence margin of this metric (None: no equivalence test). ``test``: "t" or
@@ -250,17 +307,34 @@ def compare(values: Mapping[str, Mapping[int, float | None]], reference: str, lo
         row["detectable"] = row["equivalent_within"] = row["verdict"] = None
     sign = 1.0 if lower_is_better else -1.0
     rows.sort(key=lambda r: (sign * r["delta"], r["configuration"]))
-    result = {"reference": reference, "reference_seeds": len(ref), "alpha": alpha, "margin": margin, "test": test,
-              "lower_is_better": lower_is_better, "correction": "holm", "inference": sorted(inference),
-              "family": None, "detectable": None, "rows": rows}  # fmt: skip
+    result = {
+        "reference": reference,
+        "reference_seeds": len(ref),
+        "alpha": alpha,
+        "margin": margin,
+        "test": test,
+        "lower_is_better": lower_is_better,
+        "correction": "holm",
+        "inference": sorted(inference),
+        "family": None,
+        "detectable": None,
+        "rows": rows,
+    }
     if family is not None:
         adjust_family([result], family)
     return result
 
 
-def rank_against(reference_values_by_seed: Mapping[int, float], rows: Mapping[str, Mapping[int, float]],
-                 margin: float | None = None, alpha: float = stats.ALPHA, family: str = "table",
-                 lower_is_better: bool = True, test: str = "t", reference_name: str = REFERENCE) -> dict:  # fmt: skip
+def rank_against(
+    reference_values_by_seed: Mapping[int, float],
+    rows: Mapping[str, Mapping[int, float]],
+    margin: float | None = None,
+    alpha: float = stats.ALPHA,
+    family: str = "table",
+    lower_is_better: bool = True,
+    test: str = "t",
+    reference_name: str = REFERENCE,
+) -> dict:
     """The ranking API for callers with per-seed values in hand (a search's confirmation step).
 
     ``reference_values_by_seed``: {seed: value} of the reference; ``rows``: {name: {seed: value}} of the
@@ -270,12 +344,17 @@ def rank_against(reference_values_by_seed: Mapping[int, float], rows: Mapping[st
     ``"exploratory: ..."`` (too few seeds for a test); the reference's row is ``"reference"``."""
     if reference_name in rows:
         raise ValueError(f"a candidate is named {reference_name!r}, the reference's name; pass reference_name")
-    return compare({reference_name: reference_values_by_seed, **rows}, reference_name, lower_is_better,
-                   alpha=alpha, margin=margin, test=test, family=family)  # fmt: skip
+    return compare(
+        {reference_name: reference_values_by_seed, **rows},
+        reference_name,
+        lower_is_better,
+        alpha=alpha,
+        margin=margin,
+        test=test,
+        family=family,
+    )
 
 
 def verdicts(result: dict) -> dict[str, str]:
     """configuration -> verdict of a ranking (the reference included)."""
     return {row["configuration"]: row["verdict"] for row in result["rows"]}
-
-

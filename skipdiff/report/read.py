@@ -56,8 +56,11 @@ def load_sweep(folder: str | Path) -> tuple[dict, list[dict]]:
 
 def configuration_of(cell: dict) -> str:
     """The grid labels that make a configuration: every axis but seeds and datasets (``base`` if none)."""
-    parts = [f"{entry['axis']}={entry['label']}" for entry in cell.get("axes", [])
-             if not set(entry["options"]) <= {"seed"} and not set(entry["options"]) & set(DATASET_KEYS)]  # fmt: skip
+    parts = [
+        f"{entry['axis']}={entry['label']}"
+        for entry in cell.get("axes", [])
+        if not set(entry["options"]) <= {"seed"} and not set(entry["options"]) & set(DATASET_KEYS)
+    ]
     return ", ".join(parts) or "base"
 
 
@@ -99,8 +102,11 @@ def seconds_per_image(evaluation: dict) -> dict[int, float]:
         return {int(seed): row["seconds"] / row["images"] for seed, row in per_seed.items() if row.get("images")}
     fid = evaluation.get("fid") or {}
     count = fid.get("num_samples")
-    return {int(row["seed"]): row["sample_seconds"] / count for row in fid.get("per_seed", [])
-            if count and row.get("sample_seconds") is not None}  # fmt: skip
+    return {
+        int(row["seed"]): row["sample_seconds"] / count
+        for row in fid.get("per_seed", [])
+        if count and row.get("sample_seconds") is not None
+    }
 
 
 def diffusion_metrics(evaluation: dict, records: list[dict], variant: bool = False) -> dict:
@@ -129,11 +135,15 @@ def diffusion_metrics(evaluation: dict, records: list[dict], variant: bool = Fal
 
 def classifier_metrics(metrics: dict, records: list[dict]) -> dict:
     return {
-        "test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
-        "train_loss": metrics.get("train_loss"), "grad_ratio_init": metrics.get("grad_ratio_init"),
-        "grad_ratio_final": metrics.get("grad_ratio_final"), "nonfinite": metrics.get("num_nonfinite_steps"),
-        "parameters": metrics.get("num_parameters"), "seconds_per_step": seconds_per_step(records),
-    }  # fmt: skip
+        "test_accuracy": metrics.get("test_accuracy"),
+        "test_loss": metrics.get("test_loss"),
+        "train_loss": metrics.get("train_loss"),
+        "grad_ratio_init": metrics.get("grad_ratio_init"),
+        "grad_ratio_final": metrics.get("grad_ratio_final"),
+        "nonfinite": metrics.get("num_nonfinite_steps"),
+        "parameters": metrics.get("num_parameters"),
+        "seconds_per_step": seconds_per_step(records),
+    }
 
 
 def final_chain(state: dict | None, unit: str) -> dict | None:
@@ -141,8 +151,12 @@ def final_chain(state: dict | None, unit: str) -> dict | None:
     if not state:
         return None
     indices = state.get("skips", range(len(state["marginals"])))
-    return {"links": [f"{unit} {j}" for j in indices], "p_open": state["marginals"],
-            "p_closed": [p[0] for p in state["open_prob"]], "p_prev_open": [p[1] for p in state["open_prob"]]}  # fmt: skip
+    return {
+        "links": [f"{unit} {j}" for j in indices],
+        "p_open": state["marginals"],
+        "p_closed": [p[0] for p in state["open_prob"]],
+        "p_prev_open": [p[1] for p in state["open_prob"]],
+    }
 
 
 def grid_samples(folder: Path, evaluation: dict) -> dict | None:
@@ -162,16 +176,31 @@ def _diffusion_results(cell: dict, common: dict, records: list[dict]) -> list[Re
     folder, configuration = cell["folder"], configuration_of(cell)
     evaluation = read_json(folder / "eval" / "eval.json", "evaluation")
     chains = [r["markov"] for r in dedupe_steps([r for r in records if r.get("markov")])]
-    results = [Result(configuration=configuration, metrics=diffusion_metrics(evaluation, records), records=records,
-                      chain=final_chain(chains[-1] if chains else None, "skip"), floors=fid_floors(evaluation),
-                      samples=grid_samples(folder / "eval", evaluation), **common)]  # fmt: skip
+    results = [
+        Result(
+            configuration=configuration,
+            metrics=diffusion_metrics(evaluation, records),
+            records=records,
+            chain=final_chain(chains[-1] if chains else None, "skip"),
+            floors=fid_floors(evaluation),
+            samples=grid_samples(folder / "eval", evaluation),
+            **common,
+        )
+    ]
     scored = [("map", evaluation["map"])] if "map" in evaluation else []
     for label in cell.get("variants", {}):
         scored.append((label, read_json(folder / "variants" / label / "eval" / "eval.json", "evaluation")))
     for label, variant_eval in scored:
-        results.append(Result(configuration=f"{configuration} · {label}{INFERENCE}", variant=label, records=[],
-                              metrics=diffusion_metrics(variant_eval, [], variant=True),
-                              floors=fid_floors(variant_eval), **common))  # fmt: skip
+        results.append(
+            Result(
+                configuration=f"{configuration} · {label}{INFERENCE}",
+                variant=label,
+                records=[],
+                metrics=diffusion_metrics(variant_eval, [], variant=True),
+                floors=fid_floors(variant_eval),
+                **common,
+            )
+        )
     return results
 
 
@@ -187,13 +216,24 @@ def _inference_results(cell: dict, common: dict) -> list[Result]:
     results = []
     for i, seed in enumerate(seeds):
         fid, clip = fid_rows.get(seed, {}), clip_rows.get(seed, {})
-        metrics = {**{k: (v if i == 0 else None) for k, v in summary.items()},
-                   "fid": fid.get("fid"), "fid_floor": fid.get("floor_fid"), "kid": fid.get("kid_mean"),
-                   "clip_score": clip.get("clip_score"), "seconds_per_image": seconds.get(seed)}  # fmt: skip
-        results.append(Result(configuration=configuration_of(cell), metrics=metrics, records=[],
-                              floors={seed: fid["floor_fid"]} if fid.get("floor_fid") is not None else {},
-                              samples=grid_samples(cell["folder"] / "eval", evaluation) if i == 0 else None,
-                              **{**common, "seed": seed}))  # fmt: skip
+        metrics = {
+            **{k: (v if i == 0 else None) for k, v in summary.items()},
+            "fid": fid.get("fid"),
+            "fid_floor": fid.get("floor_fid"),
+            "kid": fid.get("kid_mean"),
+            "clip_score": clip.get("clip_score"),
+            "seconds_per_image": seconds.get(seed),
+        }
+        results.append(
+            Result(
+                configuration=configuration_of(cell),
+                metrics=metrics,
+                records=[],
+                floors={seed: fid["floor_fid"]} if fid.get("floor_fid") is not None else {},
+                samples=grid_samples(cell["folder"] / "eval", evaluation) if i == 0 else None,
+                **{**common, "seed": seed},
+            )
+        )
     return results
 
 
@@ -211,8 +251,15 @@ def cells_to_results(cells: list[dict], kind: str) -> list[Result]:
             results += _inference_results(cell, common)
         elif kind == "classifier":
             metrics = json.loads((folder / "metrics.json").read_text())
-            results.append(Result(configuration=configuration_of(cell), metrics=classifier_metrics(metrics, records),
-                                  records=records, chain=final_chain(metrics.get("markov"), "block"), **common))  # fmt: skip
+            results.append(
+                Result(
+                    configuration=configuration_of(cell),
+                    metrics=classifier_metrics(metrics, records),
+                    records=records,
+                    chain=final_chain(metrics.get("markov"), "block"),
+                    **common,
+                )
+            )
         else:
             results += _diffusion_results(cell, common, records)
     return results

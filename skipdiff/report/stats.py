@@ -275,7 +275,9 @@ def power(delta: float, sd: float, n: int, df: float, alpha: float = ALPHA) -> f
     return float(nct.sf(critical, df, noncentrality) + nct.sf(critical, df, -noncentrality))
 
 
-def detectable_difference(sd: float, n: int, df: float, alpha: float = ALPHA, power_wanted: float = POWER) -> float | None:
+def detectable_difference(
+    sd: float, n: int, df: float, alpha: float = ALPHA, power_wanted: float = POWER
+) -> float | None:
     """The smallest true difference the test of :func:`power` detects with probability ``power_wanted``
     (None when ``sd`` is unknown or 0). For a row of a Holm family of m tests pass ``alpha / m``: the level
     Holm applies at its first step, the most lenient any row can face."""

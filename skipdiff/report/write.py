@@ -23,12 +23,19 @@ def default_out(sweep_folder: str | Path) -> Path:
 
 def references_for(grouped: dict, requested: str | None) -> dict[str, str]:
     """dataset -> its reference configuration (:func:`ranking.choose_reference`), checked before any writing."""
-    return {dataset: choose_reference(list(configurations), requested, dataset)
-            for dataset, configurations in grouped.items()}  # fmt: skip
+    return {
+        dataset: choose_reference(list(configurations), requested, dataset)
+        for dataset, configurations in grouped.items()
+    }
 
 
-def write_report(sweep_folder: str | Path, out: str | Path | None = None, reference: str | None = None,
-                 margins: dict[str, float] | None = None, test: str = "t") -> Path:
+def write_report(
+    sweep_folder: str | Path,
+    out: str | Path | None = None,
+    reference: str | None = None,
+    margins: dict[str, float] | None = None,
+    test: str = "t",
+) -> Path:
     """Read a sweep folder, write ``report.md``, ``summary.json`` and the PNGs to ``out`` (default
     ``<sweep_folder>/report``); returns the path of ``report.md``.
 
@@ -51,8 +58,9 @@ def write_report(sweep_folder: str | Path, out: str | Path | None = None, refere
     out = Path(out) if out is not None else default_out(sweep_folder)
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(sweep["kind"], grouped, out, references)
-    markdown, summary = results_to_markdown(sweep, cells, grouped, references, figures, margins, test,
-                                            folder=str(sweep_folder))  # fmt: skip
+    markdown, summary = results_to_markdown(
+        sweep, cells, grouped, references, figures, margins, test, folder=str(sweep_folder)
+    )
     write_text_atomic(out / "report.md", markdown)
     write_json_atomic(out / "summary.json", summary)
     return out / "report.md"

@@ -50,12 +50,20 @@ from __future__ import annotations
 from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "SearchSpec": ".spec", "load_search_spec": ".spec", "parse_search_spec": ".spec",
-    "Space": ".space", "parse_space": ".space", "suggest": ".space", "FixedTrial": ".space",
+    "SearchSpec": ".spec",
+    "load_search_spec": ".spec",
+    "parse_search_spec": ".spec",
+    "Space": ".space",
+    "parse_space": ".space",
+    "suggest": ".space",
+    "FixedTrial": ".space",
     "OBJECTIVES": ".objectives",
-    "run_worker": ".worker", "run_confirmation": ".confirm", "write_search_report": ".report",
-    "main": ".__main__", "cli": ".__main__",
-}  # fmt: skip
+    "run_worker": ".worker",
+    "run_confirmation": ".confirm",
+    "write_search_report": ".report",
+    "main": ".__main__",
+    "cli": ".__main__",
+}
 
 __all__ = sorted(_EXPORTS)
 

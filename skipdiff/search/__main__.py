@@ -20,17 +20,24 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; its description is the package docstring (spec format and usage)."""
     from . import __doc__ as usage
 
-    parser = argparse.ArgumentParser(prog="python -m skipdiff.search", description=usage,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m skipdiff.search", description=usage, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("spec", help="the search's YAML spec, e.g. eval/searches/digits_skips.yaml")
     parser.add_argument("--out", help="the search folder (default runs/searches/<spec name>)")
     parser.add_argument("--dry_run", action="store_true", help="print the space, objectives and budget; run nothing")
-    parser.add_argument("--storage", help="the study's storage URL (default sqlite:///<out>/study.db); "
-                                          "postgresql+psycopg://user@host:port/db for workers on several machines")  # fmt: skip
+    parser.add_argument(
+        "--storage",
+        help="the study's storage URL (default sqlite:///<out>/study.db); "
+        "postgresql+psycopg://user@host:port/db for workers on several machines",
+    )
     parser.add_argument("--workers", type=parse_int, default=1, help="worker processes on this machine (default 1)")
     parser.add_argument("--devices", help="comma-separated GPU ids, one per worker (CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--num_threads", type=parse_int, help="torch CPU threads per worker (default: 1 with "
-                                                               "--workers > 1, else torch's default)")  # fmt: skip
+    parser.add_argument(
+        "--num_threads",
+        type=parse_int,
+        help="torch CPU threads per worker (default: 1 with --workers > 1, else torch's default)",
+    )
     parser.add_argument("--no_confirm", action="store_true", help="stop after the search (no confirmation run)")
     return parser
 
@@ -58,8 +65,10 @@ def show_plan(spec, examples: dict, out: Path, storage: str, workers: int, log=p
         log(line)
     objectives = ", ".join(f"{n} ({d})" for n, d in zip(spec.objectives, spec.directions, strict=True))
     log(f"objectives: {objectives}" + (f"; constraints {spec.constraints}" if spec.constraints else ""))
-    log(f"budget: {json.dumps(spec.budget)}; sampler {json.dumps(spec.sampler)} seed {spec.seed}; "
-        f"pruner {json.dumps(spec.pruner)}" + (f" at steps {spec.prune['steps']}" if spec.prune else ""))  # fmt: skip
+    log(
+        f"budget: {json.dumps(spec.budget)}; sampler {json.dumps(spec.sampler)} seed {spec.seed}; "
+        f"pruner {json.dumps(spec.pruner)}" + (f" at steps {spec.prune['steps']}" if spec.prune else "")
+    )
     if spec.enqueue:
         log(f"enqueued first: {json.dumps(list(spec.enqueue))}")
     log(f"confirmation: {json.dumps(spec.confirm) if spec.confirm else 'none'}")
@@ -76,8 +85,19 @@ def launch_workers(args, out: Path, storage: str, study: str, devices) -> list[i
         env["OMP_NUM_THREADS"] = str(threads)
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = devices[i]
-        command = [sys.executable, "-m", "skipdiff.search.worker", "--storage", storage, "--study", study,
-                   "--out", str(out), "--num_threads", str(threads)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "skipdiff.search.worker",
+            "--storage",
+            storage,
+            "--study",
+            study,
+            "--out",
+            str(out),
+            "--num_threads",
+            str(threads),
+        ]
         procs.append(subprocess.Popen(command, env=env))
 
     def forward(signum, frame):  # a scheduler signals the launcher: every worker checkpoints and re-queues
@@ -113,9 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     from ..config import redact_spec
     from ..runfolder import write_json_atomic
 
-    write_json_atomic(out / "search.json", {"name": spec.name, "kind": spec.kind, "storage": storage,
-                                            "objectives": list(spec.objectives), "directions": spec.directions,
-                                            "spec": redact_spec(spec.raw)})  # fmt: skip
+    write_json_atomic(
+        out / "search.json",
+        {
+            "name": spec.name,
+            "kind": spec.kind,
+            "storage": storage,
+            "objectives": list(spec.objectives),
+            "directions": spec.directions,
+            "spec": redact_spec(spec.raw),
+        },
+    )
     study = engine.open_study(spec, storage)  # created (and enqueued) once, before the workers join
     if args.workers == 1:
         if args.num_threads:

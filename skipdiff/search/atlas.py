@@ -101,7 +101,9 @@ OWN_BEST = "own best"  # the transfer matrix's column of the target's own confir
 OWN_RERUN = "own-best-rerun"  # the target's own best, trained again by the transfer sweep (eval/atlas.py)
 
 
-def _transfer_rows(own: dict[str, dict[int, float]], best: str | None, transferred: dict[str, dict[int, float]]) -> dict:
+def _transfer_rows(
+    own: dict[str, dict[int, float]], best: str | None, transferred: dict[str, dict[int, float]]
+) -> dict:
     """The matrix's rows of one target and metric: its full and own best from the transfer sweep itself
     (trained in the same session, with the same VAE, as every transferred configuration) where it ran them,
     else from the confirmation on the transfer's seeds; then each transferred configuration."""
@@ -115,8 +117,9 @@ def _transfer_rows(own: dict[str, dict[int, float]], best: str | None, transferr
     return rows
 
 
-def rank_transfer(values_by_field: dict[str, dict], transfer_by_field: dict[str, dict],
-                  margins: dict[str, float] | None = None) -> dict:
+def rank_transfer(
+    values_by_field: dict[str, dict], transfer_by_field: dict[str, dict], margins: dict[str, float] | None = None
+) -> dict:
     """The transfer matrix per metric, on the transfer's seeds, paired by seed, Holm over each whole matrix
     (scope "transfer"): ``transfer[metric][target]`` ranks every transferred configuration and the target's
     own best against the target's full; ``transfer["against_own_best"][metric][target]`` ranks the transferred
@@ -140,12 +143,21 @@ def rank_transfer(values_by_field: dict[str, dict], transfer_by_field: dict[str,
             if best is not None:
                 rankings["own_best"][field] = best
             if OWN_BEST in rows:
-                against_own[field] = compare({k: v for k, v in rows.items() if k != REFERENCE}, OWN_BEST,
-                                             lower_is_better=True, margin=margin, family=None)  # fmt: skip
+                against_own[field] = compare(
+                    {k: v for k, v in rows.items() if k != REFERENCE},
+                    OWN_BEST,
+                    lower_is_better=True,
+                    margin=margin,
+                    family=None,
+                )
             against_full[field] = compare(rows, REFERENCE, lower_is_better=True, margin=margin, family=None)
             if RERUN in transferred[metric]:
-                control[field] = compare({"confirmation's full": own[REFERENCE], RERUN: transferred[metric][RERUN]},
-                                         "confirmation's full", lower_is_better=True, family="table")  # fmt: skip
+                control[field] = compare(
+                    {"confirmation's full": own[REFERENCE], RERUN: transferred[metric][RERUN]},
+                    "confirmation's full",
+                    lower_is_better=True,
+                    family="table",
+                )
         adjust_family(list(against_full.values()), scope="transfer")
         adjust_family(list(against_own.values()), scope="transfer")
         rankings[metric], rankings["against_own_best"][metric] = against_full, against_own
@@ -168,14 +180,18 @@ def field_record(folder: Path) -> dict:
         "counts": summary["counts"],
         "trials_counted": len(counted),
         "cpu_minutes": sum(t["seconds"] or 0.0 for t in trials) / 60,
-        "best_seen": None if best is None else {"trial": best["number"], "value": best["values"][0],
-                                                "params": best["params"], "biased": True},  # fmt: skip
+        "best_seen": None
+        if best is None
+        else {"trial": best["number"], "value": best["values"][0], "params": best["params"], "biased": True},
         "importance": summary.get("importance") or {},
         "front": pareto_front([(t["flops"], t["values"][0], t["number"]) for t in complete if "flops" in t]),
-        "markov_open": None if best_markov is None else {"trial": best_markov["number"],
-                                                         "open": best_markov["markov_open"]},  # fmt: skip
-        "trials": [{k: t.get(k) for k in ("number", "state", "params", "values", "folder", "flops", "seconds", "duplicate_of")}
-                   for t in trials],  # fmt: skip
+        "markov_open": None
+        if best_markov is None
+        else {"trial": best_markov["number"], "open": best_markov["markov_open"]},
+        "trials": [
+            {k: t.get(k) for k in ("number", "state", "params", "values", "folder", "flops", "seconds", "duplicate_of")}
+            for t in trials
+        ],
     }
 
 
@@ -197,8 +213,11 @@ def rank_fields(values_by_field: dict[str, dict], margins: dict[str, float]) -> 
     rankings: dict[str, dict[str, dict]] = {}
     for metric in METRICS:
         per_field = {f: v[metric] for f, v in values_by_field.items() if metric in v and REFERENCE in v[metric]}
-        results = {f: compare(v, REFERENCE, lower_is_better=True, margin=margins.get(metric), family=None)
-                   for f, v in per_field.items() if len(v) >= 2}  # fmt: skip
+        results = {
+            f: compare(v, REFERENCE, lower_is_better=True, margin=margins.get(metric), family=None)
+            for f, v in per_field.items()
+            if len(v) >= 2
+        }
         adjust_family(list(results.values()), scope="atlas")
         rankings[metric] = results
     return rankings
@@ -217,8 +236,12 @@ def write_atlas(folders: list[Path], out: Path, margins: dict[str, float] | None
         record["fid_floor"] = confirmation_floor(folder)
         record["confirmation"] = {m: rankings[m][record["field"]] for m in METRICS if record["field"] in rankings[m]}
         record["confirmed_best"] = confirmed_best(values[record["field"]])
-    atlas = {"fields": fields, "margins": margins, "family": "atlas: Holm over every field's confirmed rows, per metric",
-             "transfer": transfer}  # fmt: skip
+    atlas = {
+        "fields": fields,
+        "margins": margins,
+        "family": "atlas: Holm over every field's confirmed rows, per metric",
+        "transfer": transfer,
+    }
     if transfer["denoise"]:
         figures.transfer_figure(transfer["denoise"], out / "transfer.png")
     write_json_atomic(out / "atlas.json", atlas, default=str)
@@ -236,19 +259,26 @@ def _fmt(value, spec=".4g") -> str:
 def atlas_lines(atlas: dict) -> list[str]:
     """The atlas as Markdown: the headline table, then search costs, importance and open rates."""
     margins = atlas["margins"]
-    lines = ["# The skip atlas", "",
-             "Per field: the configurations the search ranked best, retrained on fresh seeds against the field's "
-             f"`full` (keep every skip), paired by seed. Holm's correction runs over every field's rows of a metric "
-             f"(one declared family); equivalence is TOST within ±{margins['denoise']} MSE and "
-             f"±{margins['fid']} FID. Intervals are each row's own 95% CI (unadjusted); the verdicts use the Holm p.",
-             "", "![each field's confirmed configurations against its full](confirmation.png)", "",
-             "| field | configuration | seeds | Δ MSE vs full [95% CI] | Holm p | verdict (MSE) | Δ FID [95% CI] | "
-             "Holm p | verdict (FID) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# The skip atlas",
+        "",
+        "Per field: the configurations the search ranked best, retrained on fresh seeds against the field's "
+        f"`full` (keep every skip), paired by seed. Holm's correction runs over every field's rows of a metric "
+        f"(one declared family); equivalence is TOST within ±{margins['denoise']} MSE and "
+        f"±{margins['fid']} FID. Intervals are each row's own 95% CI (unadjusted); the verdicts use the Holm p.",
+        "",
+        "![each field's confirmed configurations against its full](confirmation.png)",
+        "",
+        "| field | configuration | seeds | Δ MSE vs full [95% CI] | Holm p | verdict (MSE) | Δ FID [95% CI] | "
+        "Holm p | verdict (FID) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for record in atlas["fields"]:
         confirmation = record.get("confirmation") or {}
         if not confirmation:
-            lines.append(f"| {record['field']} | not confirmed yet (search: {record['trials_counted']} trials) "
-                         "| | | | | | | |")  # fmt: skip
+            lines.append(
+                f"| {record['field']} | not confirmed yet (search: {record['trials_counted']} trials) | | | | | | | |"
+            )
             continue
         mse = {r["configuration"]: r for r in confirmation.get("denoise", {}).get("rows", [])}
         fid = {r["configuration"]: r for r in confirmation.get("fid", {}).get("rows", [])}
@@ -259,25 +289,45 @@ def atlas_lines(atlas: dict) -> list[str]:
                 mean = f"MSE {_fmt(m['mean'] if m else None)}, FID−floor {_fmt(above, '.3f')}"
                 lines.append(f"| {record['field']} | full (reference: {mean}) | {(m or f)['seeds']} | | | | | | |")
                 continue
-            lines.append(f"| {record['field']} | {name} `{_params(record, name)}` | {(m or f)['shared_seeds']} | "
-                         f"{_delta(m)} | {_fmt(m['p_holm'] if m else None, '.3f')} | {m['verdict'] if m else '–'} | "
-                         f"{_delta(f)} | {_fmt(f['p_holm'] if f else None, '.3f')} | {f['verdict'] if f else '–'} |")  # fmt: skip
-    lines += ["", "## The searches", "",
-              "The best trial's value is the best of many noisy draws, biased in its favour; the table above is the result.",
-              "", "| field | trials (complete/pruned; repeats not counted) | CPU minutes | best trial seen | its MSE | parameters |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {record['field']} | {name} `{_params(record, name)}` | {(m or f)['shared_seeds']} | "
+                f"{_delta(m)} | {_fmt(m['p_holm'] if m else None, '.3f')} | {m['verdict'] if m else '–'} | "
+                f"{_delta(f)} | {_fmt(f['p_holm'] if f else None, '.3f')} | {f['verdict'] if f else '–'} |"
+            )
+    lines += [
+        "",
+        "## The searches",
+        "",
+        "The best trial's value is the best of many noisy draws, biased in its favour; the table above is the result.",
+        "",
+        "| field | trials (complete/pruned; repeats not counted) | CPU minutes | best trial seen | its MSE | parameters |",
+        "|---|---|---|---|---|---|",
+    ]
     for record in atlas["fields"]:
         best = record["best_seen"] or {}
         counted = [t for t in record["trials"] if t.get("duplicate_of") is None]  # a repeat trained nothing
         complete = sum(t["state"] == "complete" for t in counted)
-        lines.append(f"| {record['field']} | {complete}/{sum(t['state'] == 'pruned' for t in counted)} | "
-                     f"{record['cpu_minutes']:.1f} | {best.get('trial', '–')} | {_fmt(best.get('value'), '.5f')} | "
-                     f"`{json.dumps(best.get('params', {}), sort_keys=True)}` |")  # fmt: skip
-    lines += ["", "## What matters: parameter importance per field (Optuna's default evaluator)", "",
-              "![importance](importance.png)", "", "![MSE against FLOPs](front.png)", ""]
+        lines.append(
+            f"| {record['field']} | {complete}/{sum(t['state'] == 'pruned' for t in counted)} | "
+            f"{record['cpu_minutes']:.1f} | {best.get('trial', '–')} | {_fmt(best.get('value'), '.5f')} | "
+            f"`{json.dumps(best.get('params', {}), sort_keys=True)}` |"
+        )
+    lines += [
+        "",
+        "## What matters: parameter importance per field (Optuna's default evaluator)",
+        "",
+        "![importance](importance.png)",
+        "",
+        "![MSE against FLOPs](front.png)",
+        "",
+    ]
     lines += transfer_lines(atlas["transfer"])
-    lines += ["## The Markov chain's learned open rates (its best trial per field)", "",
-              "| field | trial | P(open) per skip |", "|---|---|---|"]
+    lines += [
+        "## The Markov chain's learned open rates (its best trial per field)",
+        "",
+        "| field | trial | P(open) per skip |",
+        "|---|---|---|",
+    ]
     for record in atlas["fields"]:
         chain = record["markov_open"]
         if chain:
@@ -294,13 +344,19 @@ def transfer_lines(transfer: dict) -> list[str]:
         return ["## Transfer", "", "Not run yet (`python eval/atlas.py transfer`, after the confirmations).", ""]
     columns = sorted({r["configuration"] for t in rankings.values() for r in t["rows"] if not r["is_reference"]})
     against_own = (transfer.get("against_own_best") or {}).get("denoise", {})
-    lines = ["## Transfer: each field's confirmed best, trained on the other fields", "",
-             "Each cell: Δ held-out MSE against the target field's `full` on the transfer's seeds (paired; 95% CI), "
-             "the Holm p over the whole matrix and the verdict; below it the verdict against the target's own "
-             f"confirmed best on the same seeds (`{OWN_BEST}`, its trial in the first column). The target's full "
-             "and own best are trained again by the transfer sweep, so every pair shares its session and VAE.", "",
-             "![transfer matrix](transfer.png)", "",
-             "| target field (own best) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]  # fmt: skip
+    lines = [
+        "## Transfer: each field's confirmed best, trained on the other fields",
+        "",
+        "Each cell: Δ held-out MSE against the target field's `full` on the transfer's seeds (paired; 95% CI), "
+        "the Holm p over the whole matrix and the verdict; below it the verdict against the target's own "
+        f"confirmed best on the same seeds (`{OWN_BEST}`, its trial in the first column). The target's full "
+        "and own best are trained again by the transfer sweep, so every pair shares its session and VAE.",
+        "",
+        "![transfer matrix](transfer.png)",
+        "",
+        "| target field (own best) | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for field, ranking in rankings.items():
         rows = {r["configuration"]: r for r in ranking["rows"]}
         own = {r["configuration"]: r for r in against_own.get(field, {}).get("rows", [])}
@@ -314,9 +370,14 @@ def transfer_lines(transfer: dict) -> list[str]:
         lines.append(f"| {field} ({transfer.get('own_best', {}).get(field, '–')}) | " + " | ".join(cells) + " |")
     control = (transfer.get("null_control") or {}).get("denoise", {})
     if control:
-        lines += ["", "The null control: each target's full trained again by the transfer sweep (same seeds, another "
-                  "session, the VAE stage retrained with the search's seed) against its confirmation's full.", "",
-                  "| target field | Δ MSE, rerun − confirmation [95% CI] | p |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "The null control: each target's full trained again by the transfer sweep (same seeds, another "
+            "session, the VAE stage retrained with the search's seed) against its confirmation's full.",
+            "",
+            "| target field | Δ MSE, rerun − confirmation [95% CI] | p |",
+            "|---|---|---|",
+        ]
         for field, ranking in control.items():
             row = next(r for r in ranking["rows"] if not r["is_reference"])
             lines.append(f"| {field} | {_delta(row)} | {_fmt(row['p'], '.3f')} |")
@@ -342,12 +403,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="search report folders, one per field")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--margin", action="append", default=[], help=f"metric=margin (denoise_mse, fid; defaults: {DEFAULT_MARGINS})")
+    parser.add_argument(
+        "--margin", action="append", default=[], help=f"metric=margin (denoise_mse, fid; defaults: {DEFAULT_MARGINS})"
+    )
     args = parser.parse_args(argv)
     missing = [str(f) for f in args.folders if not (f / "search_summary.json").is_file()]
     if missing:
-        print(f"error: no search_summary.json in {missing} (run python -m skipdiff.report <search> --out <folder>)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: no search_summary.json in {missing} (run python -m skipdiff.report <search> --out <folder>)",
+            file=sys.stderr,
+        )
         return 2
     try:
         margins = parse_margins(args.margin)

@@ -24,11 +24,19 @@ def short_name(params: dict) -> str:
     UNet where it is not the preset's (``learned · [32, 32, 64]``, ``linear outer 0.52 inner 0.00``)."""
     family = params.get("skips", "?")
     args = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(f"{family}.")}
-    words = [family, *(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(args.items())
-                       if k not in ("warmup_steps", "min_count"))]  # fmt: skip
+    words = [
+        family,
+        *(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in sorted(args.items())
+            if k not in ("warmup_steps", "min_count")
+        ),
+    ]
     if family == "per_skip":
-        modes = [params[k] for k in sorted((k for k in params if k.startswith("skip.") and k[5:].isdigit()),
-                                           key=lambda k: int(k[5:]))]  # fmt: skip
+        modes = [
+            params[k]
+            for k in sorted((k for k in params if k.startswith("skip.") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+        ]
         words = [f"per-skip {sum(m == 'zero' for m in modes)} of {len(modes)} zeroed"]
     widths = params.get("model.block_out_channels")
     widths = json.loads(widths) if isinstance(widths, str) else widths
@@ -57,15 +65,23 @@ def confirmation_rows(atlas: dict) -> list[dict]:
     entries = []
     for record in atlas["fields"]:
         confirmation = record.get("confirmation") or {}
-        by_metric = {m: {r["configuration"]: r for r in confirmation.get(m, {}).get("rows", []) if not r["is_reference"]}
-                     for m in ("denoise", "fid")}  # fmt: skip
+        by_metric = {
+            m: {r["configuration"]: r for r in confirmation.get(m, {}).get("rows", []) if not r["is_reference"]}
+            for m in ("denoise", "fid")
+        }
         for label in sorted(set(by_metric["denoise"]) | set(by_metric["fid"])):
             trial, _, variant = label.partition(" · ")
             entry = trial_of(record, trial)
             name = short_name(entry["params"]) if entry else trial
-            entries.append({"field": record["field"], "configuration": label,
-                            "name": name + (f", {variant}" if variant else ""),
-                            "denoise": by_metric["denoise"].get(label), "fid": by_metric["fid"].get(label)})  # fmt: skip
+            entries.append(
+                {
+                    "field": record["field"],
+                    "configuration": label,
+                    "name": name + (f", {variant}" if variant else ""),
+                    "denoise": by_metric["denoise"].get(label),
+                    "fid": by_metric["fid"].get(label),
+                }
+            )
     return entries
 
 
@@ -82,7 +98,9 @@ def confirmation_figure(atlas: dict, path: Path) -> None:
     if not entries:
         return
     metrics = [("denoise", "Δ held-out denoising MSE vs full"), ("fid", "Δ FID vs full (same N, same floor)")]
-    fig, axes = plt.subplots(1, 2, figsize=(11.0, max(3.6, 1.6 + 0.34 * len(entries))), sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        1, 2, figsize=(11.0, max(3.6, 1.6 + 0.34 * len(entries))), sharey=True, layout="constrained"
+    )
     positions = list(range(len(entries)))[::-1]  # the first field on top
     for ax, (metric, title) in zip(axes, metrics, strict=True):
         margin = atlas["margins"].get(metric)
@@ -106,10 +124,17 @@ def confirmation_figure(atlas: dict, path: Path) -> None:
             for ax in axes:
                 ax.axhline(y + 0.5, color="0.8", lw=0.8)
     legend = [Line2D([], [], color=c, marker="o", lw=2, label=v) for v, c in VERDICT_COLOURS.items()]
-    fig.legend(handles=legend, loc="outside lower center", ncol=4, fontsize=8,
-               title="verdict (Holm over the atlas; equivalence by TOST within the margin); bars: 95% CI", title_fontsize=8)
-    fig.suptitle("the skip atlas: each field's searched best, retrained on fresh seeds against keeping every skip",
-                 fontsize=11)  # fmt: skip
+    fig.legend(
+        handles=legend,
+        loc="outside lower center",
+        ncol=4,
+        fontsize=8,
+        title="verdict (Holm over the atlas; equivalence by TOST within the margin); bars: 95% CI",
+        title_fontsize=8,
+    )
+    fig.suptitle(
+        "the skip atlas: each field's searched best, retrained on fresh seeds against keeping every skip", fontsize=11
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -153,8 +178,9 @@ def importance_figure(fields: list[dict], path: Path) -> None:
     if not names:
         return
     grid = np.array([[f["importance"].get(p, np.nan) for p in names] for f in fields])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.45 * len(names)), max(4.2, 2.4 + 0.4 * len(fields))),
-                           layout="constrained")
+    fig, ax = plt.subplots(
+        figsize=(max(6.0, 1.5 + 0.45 * len(names)), max(4.2, 2.4 + 0.4 * len(fields))), layout="constrained"
+    )
     image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(fields)), [f["field"] for f in fields])
@@ -175,14 +201,20 @@ def front_figure(fields: list[dict], path: Path) -> None:
     drawn = [f for f in fields if f["front"]]
     if not drawn:
         return
-    fig, axes = plt.subplots(1, len(drawn), figsize=(3.0 * len(drawn), 3.2), layout="constrained", squeeze=False,
-                             sharex=True)  # one panel per field: the fields' MSEs are on different scales  # fmt: skip
+    fig, axes = plt.subplots(
+        1, len(drawn), figsize=(3.0 * len(drawn), 3.2), layout="constrained", squeeze=False, sharex=True
+    )  # one panel per field: the fields' MSEs are on different scales
     for ax, record in zip(axes[0], drawn, strict=True):
         front = record["front"]
         ax.plot([p["flops"] / 1e6 for p in front], [p["value"] for p in front], marker="o")
         for point in front:
-            ax.annotate(str(point["trial"]), (point["flops"] / 1e6, point["value"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))  # fmt: skip
+            ax.annotate(
+                str(point["trial"]),
+                (point["flops"] / 1e6, point["value"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
         ax.set_title(record["field"])
         ax.set_xlabel("UNet forward (MFLOPs/sample)")
     axes[0][0].set_ylabel("held-out denoising MSE")

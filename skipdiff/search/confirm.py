@@ -62,11 +62,20 @@ def confirmation_sweep(spec: SearchSpec, chosen: list[dict], out: Path) -> dict:
         configs[f"trial-{record['root']:04d}"] = overrides
     if spec.training:
         grid = {"config": configs, "seed": spec.confirm["seeds"]}
-        return {"kind": "diffusion", "description": f"confirmation of search {spec.name}", "base": spec.base,
-                "grid": grid, "eval": spec.confirm.get("eval", spec.eval)}  # fmt: skip
+        return {
+            "kind": "diffusion",
+            "description": f"confirmation of search {spec.name}",
+            "base": spec.base,
+            "grid": grid,
+            "eval": spec.confirm.get("eval", spec.eval),
+        }
     base = {**spec.base, "seeds": spec.confirm["seeds"]}
-    return {"kind": "inference", "description": f"confirmation of search {spec.name} on fresh sampling seeds",
-            "base": base, "grid": {"config": configs}}  # fmt: skip
+    return {
+        "kind": "inference",
+        "description": f"confirmation of search {spec.name} on fresh sampling seeds",
+        "base": base,
+        "grid": {"config": configs},
+    }
 
 
 def search_command(spec: SearchSpec, out: Path) -> dict | None:
@@ -91,12 +100,19 @@ def run_confirmation(spec: SearchSpec, study, out: Path, num_threads: int | None
     sweep = confirmation_sweep(spec, chosen, out)
     folder = out / CONFIRM_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    picked = [{"label": f"trial-{r['root']:04d}", "trial": t.number, "params": t.params, "search_values": list(t.values)}
-              for r, t in zip(chosen, best, strict=True)]  # fmt: skip
+    picked = [
+        {"label": f"trial-{r['root']:04d}", "trial": t.number, "params": t.params, "search_values": list(t.values)}
+        for r, t in zip(chosen, best, strict=True)
+    ]
     also = spec.confirm.get("also", {})
     write_json_atomic(folder / "chosen.json", {"reference": spec.confirm["reference"], "chosen": picked, "also": also})
     beside = f", {len(also)} chosen elsewhere ({', '.join(also)})" if also else ""
     log(f"confirmation: {len(chosen)} configuration(s){beside} and the reference on seeds {spec.confirm['seeds']}")
-    run_sweep(parse_spec(sweep, f"{spec.name}-confirm"), folder, num_threads=num_threads, log=log,
-              relaunch=search_command(spec, out))  # fmt: skip
+    run_sweep(
+        parse_spec(sweep, f"{spec.name}-confirm"),
+        folder,
+        num_threads=num_threads,
+        log=log,
+        relaunch=search_command(spec, out),
+    )
     return write_report(folder, folder / "report", reference=f"config={REFERENCE}")

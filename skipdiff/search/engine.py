@@ -50,9 +50,13 @@ def make_storage(url: str, spec_storage: dict) -> RDBStorage:
 
 
 def _rdb_storage(url: str, engine_kwargs: dict, spec_storage: dict) -> RDBStorage:
-    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=spec_storage["heartbeat_seconds"],
-                      grace_period=spec_storage["grace_seconds"],
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec_storage["max_retry"]))  # fmt: skip
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=spec_storage["heartbeat_seconds"],
+        grace_period=spec_storage["grace_seconds"],
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec_storage["max_retry"]),
+    )
 
 
 def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
@@ -84,8 +88,9 @@ def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": spec.prune["steps"][0], **options})
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(**{"min_resource": spec.prune["steps"][0],
-                                                 "max_resource": spec.prune["steps"][-1], **options})  # fmt: skip
+        return optuna.pruners.HyperbandPruner(
+            **{"min_resource": spec.prune["steps"][0], "max_resource": spec.prune["steps"][-1], **options}
+        )
     if name == "median":
         return optuna.pruners.MedianPruner(**options)
     if name == "threshold":  # stop trials whose held-out loss passes a bound (diverging runs): {upper: 0.5}
@@ -101,8 +106,14 @@ def open_study(spec: SearchSpec, storage_url: str, study_name: str | None = None
     configurations once (a duplicate enqueue from a second worker is skipped)."""
     storage = make_storage(storage_url, spec.storage)
     name = study_name or spec.name
-    study = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec),
-                                directions=spec.directions, load_if_exists=True)  # fmt: skip
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+        directions=spec.directions,
+        load_if_exists=True,
+    )
     stored = study.user_attrs.get("spec")
     if stored is None:
         study.set_user_attr("spec", spec.raw)
@@ -110,8 +121,10 @@ def open_study(spec: SearchSpec, storage_url: str, study_name: str | None = None
     elif stored != spec.raw:
         changed = sorted(k for k in set(stored) | set(spec.raw) if stored.get(k) != spec.raw.get(k))
         if changed != [AFTER_THE_SEARCH]:
-            raise ValueError(f"study {name!r} in {storage_url} was created from another spec (it differs in "
-                             f"{changed}); use another --out/--storage")  # fmt: skip
+            raise ValueError(
+                f"study {name!r} in {storage_url} was created from another spec (it differs in "
+                f"{changed}); use another --out/--storage"
+            )
         study.set_user_attr("spec", spec.raw)  # the confirmation's settings may change: no trial depends on them
     for params in spec.enqueue:
         study.enqueue_trial(params, skip_if_exists=True)
@@ -149,8 +162,11 @@ def counts(study: optuna.Study) -> dict[str, int]:
 def taken(study: optuna.Study, below: int | None = None) -> int:
     """Trials that count against the budget: finished or still running (numbers below ``below`` only); a
     repeated configuration (answered from its twin, nothing trained) does not count."""
-    return sum(1 for t in trials(study, (*FINISHED, TrialState.RUNNING))
-               if (below is None or t.number < below) and "duplicate_of" not in t.user_attrs)  # fmt: skip
+    return sum(
+        1
+        for t in trials(study, (*FINISHED, TrialState.RUNNING))
+        if (below is None or t.number < below) and "duplicate_of" not in t.user_attrs
+    )
 
 
 def is_duplicate(study: optuna.Study, number: int) -> bool:
@@ -194,11 +210,17 @@ def best_trials(study: optuna.Study, k: int) -> list:
     """The best ``k`` complete trials: by the objective (one), or the Pareto front ordered by the first
     objective (several); a repeated configuration counts once (its first trial)."""
     if len(study.directions) == 1:
-        done = [t for t in trials(study, (TrialState.COMPLETE,)) if t.value is not None and "duplicate_of" not in t.user_attrs]
+        done = [
+            t
+            for t in trials(study, (TrialState.COMPLETE,))
+            if t.value is not None and "duplicate_of" not in t.user_attrs
+        ]
         sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
         return sorted(done, key=lambda t: sign * t.value)[:k]
     sign = 1 if study.directions[0].name == "MINIMIZE" else -1
-    front = sorted((t for t in study.best_trials if "duplicate_of" not in t.user_attrs), key=lambda t: sign * t.values[0])
+    front = sorted(
+        (t for t in study.best_trials if "duplicate_of" not in t.user_attrs), key=lambda t: sign * t.values[0]
+    )
     return front[:k]
 
 

@@ -24,10 +24,20 @@ def trial_rows(study) -> list[dict]:
         extras = trial_extras(Path(folder)) if folder else {}
         seconds = extras.pop("seconds", None)  # trial.json's: pruned trials' too
         seconds = trial.user_attrs.get("seconds", seconds)
-        rows.append({"number": trial.number, "state": trial.state.name.lower(), "params": trial.params,
-                     "values": trial.values, "intermediate": {str(k): v for k, v in trial.intermediate_values.items()},
-                     "retry_of": trial.system_attrs.get("failed_trial"), "seconds": seconds, "folder": folder,
-                     "duplicate_of": trial.user_attrs.get("duplicate_of"), **extras})  # fmt: skip
+        rows.append(
+            {
+                "number": trial.number,
+                "state": trial.state.name.lower(),
+                "params": trial.params,
+                "values": trial.values,
+                "intermediate": {str(k): v for k, v in trial.intermediate_values.items()},
+                "retry_of": trial.system_attrs.get("failed_trial"),
+                "seconds": seconds,
+                "folder": folder,
+                "duplicate_of": trial.user_attrs.get("duplicate_of"),
+                **extras,
+            }
+        )
     return rows
 
 
@@ -71,8 +81,14 @@ def _history(rows: list[dict], objective: str, minimize: bool, path: Path) -> No
     ax.step(xs, line, where="post", color="C1", label="best so far")
     pruned = [r for r in rows if r["state"] == "pruned" and r["intermediate"]]
     if pruned:
-        ax.scatter([r["number"] for r in pruned], [list(r["intermediate"].values())[-1] for r in pruned], marker="x",
-                   color="grey", s=14, label="pruned (last reported)")  # fmt: skip
+        ax.scatter(
+            [r["number"] for r in pruned],
+            [list(r["intermediate"].values())[-1] for r in pruned],
+            marker="x",
+            color="grey",
+            s=14,
+            label="pruned (last reported)",
+        )
     ax.set_xlabel("trial number")
     ax.set_ylabel(objective)
     ax.set_title(f"optimisation history ({objective}, {'lower' if minimize else 'higher'} is better)")
@@ -92,8 +108,13 @@ def _pareto(rows: list[dict], front: set[int], objectives: list[str], path: Path
     fig, ax = plt.subplots(figsize=(5, 4), layout="constrained")
     for on_front in (False, True):
         chosen = [r for r in done if (r["number"] in front) == on_front]
-        ax.scatter([r["values"][1] for r in chosen], [r["values"][0] for r in chosen], s=16,
-                   color="C3" if on_front else "C0", label="Pareto front" if on_front else "trial")  # fmt: skip
+        ax.scatter(
+            [r["values"][1] for r in chosen],
+            [r["values"][0] for r in chosen],
+            s=16,
+            color="C3" if on_front else "C0",
+            label="Pareto front" if on_front else "trial",
+        )
     ax.set_xlabel(objectives[1])
     ax.set_ylabel(objectives[0])
     ax.set_title("quality against compute")
@@ -127,11 +148,21 @@ def write_search_report(folder: str | Path, out: str | Path | None = None) -> Pa
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
-    summary = {"name": search["name"], "objectives": objectives, "directions": search["directions"], "counts": counts,
-               "importance": importance(study) if counts.get("complete", 0) >= 2 else {}, "trials": rows}  # fmt: skip
-    lines = [f"# Search {search['name']} ({search['kind']})", "",
-             f"Trials: {json.dumps(counts)}. Objectives: " + ", ".join(f"{o} ({d})" for o, d in
-                                                                     zip(objectives, search["directions"], strict=True)), ""]  # fmt: skip
+    summary = {
+        "name": search["name"],
+        "objectives": objectives,
+        "directions": search["directions"],
+        "counts": counts,
+        "importance": importance(study) if counts.get("complete", 0) >= 2 else {},
+        "trials": rows,
+    }
+    lines = [
+        f"# Search {search['name']} ({search['kind']})",
+        "",
+        f"Trials: {json.dumps(counts)}. Objectives: "
+        + ", ".join(f"{o} ({d})" for o, d in zip(objectives, search["directions"], strict=True)),
+        "",
+    ]
     if counts.get("complete"):
         _history(rows, objectives[0], minimize, out / "history.png")
         lines += ["![optimisation history](history.png)", ""]
@@ -141,16 +172,26 @@ def write_search_report(folder: str | Path, out: str | Path | None = None) -> Pa
         summary["pareto_front"] = sorted(front)
         _pareto(rows, front, objectives, out / "pareto.png")
         lines += ["![Pareto front](pareto.png)", ""]
-    lines += ["## Best trials seen during the search", "",
-              "Selected as the best of many noisy trials, these values are biased in their favour (the winner's "
-              "curse): the result is the confirmation below, on seeds no trial used.", "",
-              "| trial | " + " | ".join(objectives) + " | parameters |", "|---|" + "---|" * len(objectives) + "---|"]  # fmt: skip
+    lines += [
+        "## Best trials seen during the search",
+        "",
+        "Selected as the best of many noisy trials, these values are biased in their favour (the winner's "
+        "curse): the result is the confirmation below, on seeds no trial used.",
+        "",
+        "| trial | " + " | ".join(objectives) + " | parameters |",
+        "|---|" + "---|" * len(objectives) + "---|",
+    ]
     for trial in best:
         values = " | ".join(f"{v:.5g}" for v in trial.values)
         lines.append(f"| {trial.number} | {values} | `{json.dumps(trial.params, sort_keys=True)}` |")
     if summary["importance"]:
-        lines += ["", f"## Parameter importance ({objectives[0]}, Optuna's default evaluator)", "",
-                  "| parameter | importance |", "|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Parameter importance ({objectives[0]}, Optuna's default evaluator)",
+            "",
+            "| parameter | importance |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {value:.3f} |" for name, value in summary["importance"].items()]
     lines += _confirmation_lines(folder, summary)
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
@@ -195,8 +236,9 @@ def _objective_ranking(folder: Path, summary: dict | None = None) -> list[str]:
     if REFERENCE not in values or len(values) < 2:
         return []
     rows = {label: v for label, v in values.items() if label != REFERENCE}
-    result = rank_against(values[REFERENCE], rows, lower_is_better=objective.direction == "minimize",
-                          reference_name=REFERENCE)  # fmt: skip
+    result = rank_against(
+        values[REFERENCE], rows, lower_is_better=objective.direction == "minimize", reference_name=REFERENCE
+    )
     if summary is not None:
         summary["confirmation"] = {"objective": name, "ranking": result}
     return ["", f"### The search's objective ({name}) on the fresh seeds", "", *ranking_table(result, name), ""]
@@ -205,25 +247,46 @@ def _objective_ranking(folder: Path, summary: dict | None = None) -> list[str]:
 def _confirmation_lines(folder: Path, summary: dict) -> list[str]:
     chosen_path = folder / "confirm" / "chosen.json"
     if not chosen_path.is_file():
-        return ["", "## Confirmation", "", "Not run yet: the search's result is its confirmation (`confirm:` in the "
-                "spec; it runs when the budget is reached)."]  # fmt: skip
+        return [
+            "",
+            "## Confirmation",
+            "",
+            "Not run yet: the search's result is its confirmation (`confirm:` in the "
+            "spec; it runs when the budget is reached).",
+        ]
     choice = read_json(chosen_path, "confirmation choice")
     chosen, also = choice["chosen"], choice.get("also", {})
     sweep = folder / "confirm" / "sweep.json"
     cells = read_json(sweep, "confirmation sweep")["cells"] if sweep.is_file() else []
     done = len(finished_cells(folder))
     if done < len(cells) or not cells:  # a ranking on the seeds finished so far is no result
-        return ["", "## Confirmation", "", f"Running: {done} of {len(cells)} runs finished "
-                f"({', '.join([e['label'] for e in chosen] + list(also))} and the reference on seeds no trial used); its ranking "
-                "is the search's result once every run has finished (relaunch the search to continue it)."]  # fmt: skip
-    lines = ["", "## Confirmation (the result)", "",
-             "The configurations below and the reference, retrained (or resampled) on fresh seeds and ranked "
-             "against the reference, paired by seed with Holm's correction (the full report: "
-             "`<search folder>/confirm/report/report.md`).", ""]  # fmt: skip
+        return [
+            "",
+            "## Confirmation",
+            "",
+            f"Running: {done} of {len(cells)} runs finished "
+            f"({', '.join([e['label'] for e in chosen] + list(also))} and the reference on seeds no trial used); its ranking "
+            "is the search's result once every run has finished (relaunch the search to continue it).",
+        ]
+    lines = [
+        "",
+        "## Confirmation (the result)",
+        "",
+        "The configurations below and the reference, retrained (or resampled) on fresh seeds and ranked "
+        "against the reference, paired by seed with Holm's correction (the full report: "
+        "`<search folder>/confirm/report/report.md`).",
+        "",
+    ]
     for entry in chosen:
         table = _skip_table(str(folder / "trials" / entry["label"]))  # the label is the trial folder's name
-        lines += [f"### {entry['label']} (trial {entry['trial']}; search value {entry['search_values']})", "",
-                  "```", table, "```", ""]  # fmt: skip
+        lines += [
+            f"### {entry['label']} (trial {entry['trial']}; search value {entry['search_values']})",
+            "",
+            "```",
+            table,
+            "```",
+            "",
+        ]
     for label, overrides in also.items():
         lines += [f"### {label} (chosen elsewhere: `{json.dumps(overrides)}`)", ""]
     lines += _objective_ranking(folder, summary)

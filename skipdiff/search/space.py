@@ -75,7 +75,11 @@ class Param:
         if self.choices is not None:
             return f"one of {list(self.choices)}"
         kind = "int" if self.integer else "float"
-        return f"{kind} in [{self.low}, {self.high}]" + (" (log)" if self.log else "") + (f" step {self.step}" if self.step else "")
+        return (
+            f"{kind} in [{self.low}, {self.high}]"
+            + (" (log)" if self.log else "")
+            + (f" step {self.step}" if self.step else "")
+        )
 
 
 def _encode(value: Any) -> Any:
@@ -101,7 +105,9 @@ def parse_param(name: str, raw: Any) -> Param:
         raise ValueError(f"space parameter {name!r} must be a list of choices or a range {{low, high}}, got {raw!r}")
     unknown = sorted(set(raw) - {"low", "high", "log", "step", "type"})
     if unknown:
-        raise ValueError(f"space parameter {name!r}: unknown key(s) {unknown}; a range takes low, high, log, step, type")
+        raise ValueError(
+            f"space parameter {name!r}: unknown key(s) {unknown}; a range takes low, high, log, step, type"
+        )
     if "low" not in raw or "high" not in raw:
         raise ValueError(f"space parameter {name!r}: a range needs low and high, got {raw!r}")
     low, high = raw["low"], raw["high"]
@@ -144,7 +150,7 @@ class Space:
     def family_params(self, family: str) -> dict[str, Param]:
         """``<family>.<arg>`` parameters (the arguments of that preset), by argument name."""
         prefix = f"{family}."
-        return {n[len(prefix):]: p for n, p in self.params.items() if n.startswith(prefix)}
+        return {n[len(prefix) :]: p for n, p in self.params.items() if n.startswith(prefix)}
 
     def option_params(self) -> dict[str, Param]:
         """Parameters that are plain options of a trial (no prefix, not the family)."""
@@ -177,17 +183,23 @@ def parse_space(raw: Any, option_fields: set[str], training: bool) -> Space:
         if name == FAMILY:
             bad = [f for f in param.choices or () if f not in families]
             if param.choices is None or bad:
-                raise ValueError(f"space skips: unknown skip famil{'ies' if len(bad) > 1 else 'y'} {bad or raw[name]!r}; "
-                                 f"choose from {sorted(families)}")  # fmt: skip
+                raise ValueError(
+                    f"space skips: unknown skip famil{'ies' if len(bad) > 1 else 'y'} {bad or raw[name]!r}; "
+                    f"choose from {sorted(families)}"
+                )
             if not training:
                 stateful = [f for f in param.choices if f in TRAINING_ONLY_FAMILIES]
                 if stateful:
-                    raise ValueError(f"space skips: {stateful} need training (gates with parameters or a chain); "
-                                     "an inference search takes parameter-free skips only")  # fmt: skip
+                    raise ValueError(
+                        f"space skips: {stateful} need training (gates with parameters or a chain); "
+                        "an inference search takes parameter-free skips only"
+                    )
         elif name == "skip" or (head == "skip" and tail.isdigit()):
             bad = [m for m in param.choices or () if m not in SKIP_MODES]
             if param.choices is None or bad:
-                raise ValueError(f"space {name}: per-skip modes must be a list from {list(SKIP_MODES)}, got {raw[name]!r}")
+                raise ValueError(
+                    f"space {name}: per-skip modes must be a list from {list(SKIP_MODES)}, got {raw[name]!r}"
+                )
         elif name == "skip.scale":
             if param.choices is None and param.low < 0:
                 raise ValueError(f"space skip.scale: factors must be >= 0, got low={param.low}")
@@ -202,23 +214,35 @@ def parse_space(raw: Any, option_fields: set[str], training: bool) -> Space:
         elif tail and head in PRESETS:
             pass  # a preset's argument: checked against the preset when a trial's spec is built
         elif tail:
-            raise ValueError(f"space {name!r}: unknown prefix {head!r}; use skip., markov., model. or a skip preset "
-                             f"({sorted(PRESETS)})")  # fmt: skip
+            raise ValueError(
+                f"space {name!r}: unknown prefix {head!r}; use skip., markov., model. or a skip preset "
+                f"({sorted(PRESETS)})"
+            )
         elif name not in option_fields:
-            raise ValueError(f"space {name!r} is no option of a trial (nor skips, skip, skip.<k>, <preset>.<arg>, "
-                             "markov.<arg>, model.<key>)")  # fmt: skip
+            raise ValueError(
+                f"space {name!r} is no option of a trial (nor skips, skip, skip.<k>, <preset>.<arg>, "
+                "markov.<arg>, model.<key>)"
+            )
     space = Space(params)
     uses_per_skip = PER_SKIP in space.families
-    if uses_per_skip and space.per_skip_modes() is None and not any(n.startswith("skip.") and n[5:].isdigit() for n in params):
+    if (
+        uses_per_skip
+        and space.per_skip_modes() is None
+        and not any(n.startswith("skip.") and n[5:].isdigit() for n in params)
+    ):
         raise ValueError("space skips includes per_skip but no per-skip modes: add skip: [keep, zero, scale]")
-    modes = {m for n, p in params.items() if n == "skip" or (n.startswith("skip.") and n[5:].isdigit()) for m in p.choices}
+    modes = {
+        m for n, p in params.items() if n == "skip" or (n.startswith("skip.") and n[5:].isdigit()) for m in p.choices
+    }
     if "scale" in modes and "skip.scale" not in params:
         raise ValueError("space: per-skip mode scale needs its factor range, e.g. skip.scale: {low: 0.2, high: 1.0}")
     for name in params:
         head, _, _ = name.partition(".")
         if "." in name and head not in ("skip", "model") and head not in space.families:
-            raise ValueError(f"space {name!r} belongs to skip family {head!r}, which space skips never chooses "
-                             f"(families: {list(space.families)})")  # fmt: skip
+            raise ValueError(
+                f"space {name!r} belongs to skip family {head!r}, which space skips never chooses "
+                f"(families: {list(space.families)})"
+            )
     return space
 
 
@@ -338,6 +362,7 @@ def model_config(base_model: str, overrides: dict) -> dict:
     groups = config.get("norm_num_groups", 32)
     bad = [c for c in config["block_out_channels"] if c % groups]
     if bad:
-        raise ValueError(f"model.block_out_channels {config['block_out_channels']}: {bad} not divisible by "
-                         f"norm_num_groups {groups}")  # fmt: skip
+        raise ValueError(
+            f"model.block_out_channels {config['block_out_channels']}: {bad} not divisible by norm_num_groups {groups}"
+        )
     return config

@@ -17,8 +17,23 @@ from ..config import from_dict
 from .objectives import OBJECTIVES, needed_eval
 from .space import Space, parse_space
 
-SPEC_KEYS = ("kind", "description", "base", "space", "objectives", "constraints", "budget", "sampler", "pruner",
-             "prune", "seed", "enqueue", "eval", "confirm", "storage")  # fmt: skip
+SPEC_KEYS = (
+    "kind",
+    "description",
+    "base",
+    "space",
+    "objectives",
+    "constraints",
+    "budget",
+    "sampler",
+    "pruner",
+    "prune",
+    "seed",
+    "enqueue",
+    "eval",
+    "confirm",
+    "storage",
+)
 KINDS = ("training", "inference")
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2", "grid", "qmc")
 PRUNERS = ("none", "successive_halving", "hyperband", "median", "threshold")
@@ -124,18 +139,33 @@ def parse_search_spec(data: Any, name: str) -> SearchSpec:
     space = parse_space(data.get("space"), fields - set(set_by_search), training)
     pruner = _pruner(data.get("pruner"), objectives, training)
     spec = SearchSpec(
-        name=name, kind=kind, base=base, space=space, objectives=objectives,
-        constraints=_constraints(data.get("constraints"), objectives), budget=_budget(data.get("budget")),
-        sampler=_sampler(data.get("sampler"), len(objectives)), pruner=pruner, prune=_prune(data.get("prune"), pruner),
-        seed=_int(data.get("seed", 0), "seed"), enqueue=_enqueue(data.get("enqueue"), space),
-        eval=_eval(data.get("eval"), objectives, training), confirm=_confirm(data.get("confirm"), base, space, training),
-        storage=_storage(data.get("storage")), description=str(data.get("description") or ""), raw=data,
-    )  # fmt: skip
+        name=name,
+        kind=kind,
+        base=base,
+        space=space,
+        objectives=objectives,
+        constraints=_constraints(data.get("constraints"), objectives),
+        budget=_budget(data.get("budget")),
+        sampler=_sampler(data.get("sampler"), len(objectives)),
+        pruner=pruner,
+        prune=_prune(data.get("prune"), pruner),
+        seed=_int(data.get("seed", 0), "seed"),
+        enqueue=_enqueue(data.get("enqueue"), space),
+        eval=_eval(data.get("eval"), objectives, training),
+        confirm=_confirm(data.get("confirm"), base, space, training),
+        storage=_storage(data.get("storage")),
+        description=str(data.get("description") or ""),
+        raw=data,
+    )
     if len(spec.enqueue) > spec.budget.get("trials", len(spec.enqueue)):
-        raise ValueError(f"enqueue lists {len(spec.enqueue)} configurations but budget trials is {spec.budget['trials']}")
+        raise ValueError(
+            f"enqueue lists {len(spec.enqueue)} configurations but budget trials is {spec.budget['trials']}"
+        )
     if "denoise_mse" in objectives and "prediction_type" in space.params:
-        raise ValueError("objective denoise_mse compares losses of one prediction type; prediction_type cannot be "
-                         "searched with it (use fid_minus_floor or kid)")  # fmt: skip
+        raise ValueError(
+            "objective denoise_mse compares losses of one prediction type; prediction_type cannot be "
+            "searched with it (use fid_minus_floor or kid)"
+        )
     return spec
 
 
@@ -170,8 +200,9 @@ def _budget(raw: Any) -> dict:
         raise ValueError(f"budget needs trials and/or minutes (per launch), got {raw!r}")
     if "trials" in budget:
         _int(budget["trials"], "budget trials", 1)
-    if "minutes" in budget and (isinstance(budget["minutes"], bool) or not isinstance(budget["minutes"], int | float)
-                                or budget["minutes"] <= 0):  # fmt: skip
+    if "minutes" in budget and (
+        isinstance(budget["minutes"], bool) or not isinstance(budget["minutes"], int | float) or budget["minutes"] <= 0
+    ):
         raise ValueError(f"budget minutes must be a number > 0, got {budget['minutes']!r}")
     return budget
 
@@ -193,14 +224,18 @@ def _pruner(raw: Any, objectives: tuple[str, ...], training: bool) -> dict:
         raise ValueError(f"pruner must be one of {PRUNERS}, got {pruner['name']!r}")
     if pruner["name"] != "none":
         if len(objectives) > 1:
-            raise ValueError(f"pruner {pruner['name']!r} on {len(objectives)} objectives: Optuna prunes single-objective "
-                             "studies only; drop the pruner, or keep one objective and turn FLOPs or parameters into "
-                             "constraints")  # fmt: skip
+            raise ValueError(
+                f"pruner {pruner['name']!r} on {len(objectives)} objectives: Optuna prunes single-objective "
+                "studies only; drop the pruner, or keep one objective and turn FLOPs or parameters into "
+                "constraints"
+            )
         if not training:
             raise ValueError("pruning needs intermediate values: a training search only")
         if objectives[0] != "denoise_mse":
-            raise ValueError(f"pruning reports the held-out denoising MSE during training; objective must be "
-                             f"denoise_mse, got {objectives[0]!r}")  # fmt: skip
+            raise ValueError(
+                f"pruning reports the held-out denoising MSE during training; objective must be "
+                f"denoise_mse, got {objectives[0]!r}"
+            )
     return pruner
 
 
@@ -214,10 +249,19 @@ def _prune(raw: Any, pruner: dict) -> dict:
             raise ValueError("prune: given without a pruner; add pruner: successive_halving (or hyperband, median)")
         return {}
     steps = prune.get("steps")
-    if not isinstance(steps, list) or not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
-        raise ValueError(f"prune steps must be a list of training steps >= 1 (where the held-out loss is reported), got {steps!r}")
-    return {"steps": sorted(set(steps)), "images": _int(prune.get("images", 128), "prune images", 1),
-            "buckets": _int(prune.get("buckets", 10), "prune buckets", 1)}  # fmt: skip
+    if (
+        not isinstance(steps, list)
+        or not steps
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps)
+    ):
+        raise ValueError(
+            f"prune steps must be a list of training steps >= 1 (where the held-out loss is reported), got {steps!r}"
+        )
+    return {
+        "steps": sorted(set(steps)),
+        "images": _int(prune.get("images", 128), "prune images", 1),
+        "buckets": _int(prune.get("buckets", 10), "prune buckets", 1),
+    }
 
 
 def _enqueue(raw: Any, space: Space) -> tuple[dict, ...]:
@@ -233,7 +277,9 @@ def _enqueue(raw: Any, space: Space) -> tuple[dict, ...]:
         for name, value in entry.items():
             param = space.param_of(str(name))
             if param is None:
-                raise ValueError(f"enqueue {entry}: {name!r} is no parameter of the space; space: {sorted(space.params)}")
+                raise ValueError(
+                    f"enqueue {entry}: {name!r} is no parameter of the space; space: {sorted(space.params)}"
+                )
             try:
                 params[name] = param.queued(value)
             except ValueError as err:
@@ -281,7 +327,11 @@ def _confirm(raw: Any, base: dict, space: Space, training: bool) -> dict:
         raise ValueError(f"confirm: unknown key(s) {unknown}; confirm takes top, seeds, reference, also, eval")
     top = _int(confirm.get("top", 3), "confirm top", 1)
     seeds = confirm.get("seeds")
-    if not isinstance(seeds, list) or len(seeds) < 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or len(seeds) < 2
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)
+    ):
         raise ValueError(f"confirm seeds must be a list of at least 2 integer seeds, got {seeds!r}")
     reused = sorted(set(seeds) & trial_seeds(base, space, training))
     if reused:
@@ -306,7 +356,9 @@ def _also(raw: Any) -> dict:
         if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label):
             raise ValueError(f"confirm also: label {label!r} must be letters, digits, '_', '.' or '-'")
         if label == "reference" or label.startswith("trial-"):
-            raise ValueError(f"confirm also: label {label!r} is taken (the reference and trial-NNNN name the search's rows)")
+            raise ValueError(
+                f"confirm also: label {label!r} is taken (the reference and trial-NNNN name the search's rows)"
+            )
         _mapping(overrides, f"confirm also {label}")
         if not overrides:
             raise ValueError(f"confirm also {label}: empty overrides (that is the base, not a configuration)")
@@ -322,8 +374,12 @@ def _storage(raw: Any) -> dict:
     storage = _mapping(raw, "storage")
     unknown = sorted(set(storage) - {"heartbeat_seconds", "grace_seconds", "max_retry"})
     if unknown:
-        raise ValueError(f"storage: unknown key(s) {unknown}; storage takes heartbeat_seconds, grace_seconds, max_retry")
+        raise ValueError(
+            f"storage: unknown key(s) {unknown}; storage takes heartbeat_seconds, grace_seconds, max_retry"
+        )
     heartbeat = _int(storage.get("heartbeat_seconds", 60), "storage heartbeat_seconds", 1)
-    return {"heartbeat_seconds": heartbeat,
-            "grace_seconds": _int(storage.get("grace_seconds", 2 * heartbeat), "storage grace_seconds", heartbeat + 1),
-            "max_retry": _int(storage.get("max_retry", 3), "storage max_retry")}  # fmt: skip
+    return {
+        "heartbeat_seconds": heartbeat,
+        "grace_seconds": _int(storage.get("grace_seconds", 2 * heartbeat), "storage grace_seconds", heartbeat + 1),
+        "max_retry": _int(storage.get("max_retry", 3), "storage max_retry"),
+    }

@@ -100,8 +100,15 @@ class PruningMonitor:
         if self._batches is None:
             self._batches, _ = held_out_batches(self.options, 64, limit=self.spec.prune["images"])
         kwargs = None if view.conditioning.kind == "none" else view.conditioning.unet_kwargs
-        loss = denoising_loss_by_bucket(view.model, view.noise_scheduler, view.encoder, self._batches,
-                                        self.spec.prune["buckets"], seed=0, unet_kwargs=kwargs)["mean"]  # fmt: skip
+        loss = denoising_loss_by_bucket(
+            view.model,
+            view.noise_scheduler,
+            view.encoder,
+            self._batches,
+            self.spec.prune["buckets"],
+            seed=0,
+            unet_kwargs=kwargs,
+        )["mean"]
         self.trial.report(loss, step)
         if self.trial.should_prune():
             raise TrialPruned(f"held-out denoising MSE {loss:.5f} at step {step}")
@@ -177,14 +184,21 @@ def make_objective(spec: SearchSpec, out: Path, log=print):
         objective.current = trial.number  # the worker re-queues this trial if it is preempted
         frozen = engine.trials(trial.study)
         this = next(t for t in frozen if t.number == trial.number)
-        if budget is not None and not engine.is_queued(this) and engine.taken(trial.study, below=trial.number) >= budget:
+        if (
+            budget is not None
+            and not engine.is_queued(this)
+            and engine.taken(trial.study, below=trial.number) >= budget
+        ):
             raise engine.OverBudget(f"trial {trial.number}: the budget of {budget} trials is taken")
         root = engine.root_number(this)
         folder = trial_folder(out, root)
         suggestion = suggest(trial, spec.space, num_skips, spec.base)
         configuration = configuration_key(suggestion)
         trial.set_user_attr("configuration", configuration)
-        twin = next((t for t in frozen if t.state.name == "COMPLETE" and t.user_attrs.get("configuration") == configuration), None)
+        twin = next(
+            (t for t in frozen if t.state.name == "COMPLETE" and t.user_attrs.get("configuration") == configuration),
+            None,
+        )
         if twin is not None:  # e.g. a family without parameters proposed again: the same run, so its values
             trial.set_user_attr("duplicate_of", twin.number)
             log(f"trial {trial.number}: the configuration of trial {twin.number}; its values, nothing trained")
@@ -192,8 +206,15 @@ def make_objective(spec: SearchSpec, out: Path, log=print):
         options = trial_options(spec, suggestion, folder)
         check_configuration(spec, options)
         trial.set_user_attr("folder", str(folder))
-        record = {"number": trial.number, "root": root, "params": trial.params, "overrides": suggestion.options,
-                  "model": suggestion.model, "options": redact(options), "state": "running"}  # fmt: skip
+        record = {
+            "number": trial.number,
+            "root": root,
+            "params": trial.params,
+            "overrides": suggestion.options,
+            "model": suggestion.model,
+            "options": redact(options),
+            "state": "running",
+        }
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / TRIAL_FILE, record, default=str)
         start = time.perf_counter()
@@ -205,16 +226,28 @@ def make_objective(spec: SearchSpec, out: Path, log=print):
         except engine.TrialPruned as pruned:
             seconds = time.perf_counter() - start
             trial.set_user_attr("seconds", seconds)  # a pruned trial's time counts in the search's cost too
-            write_json_atomic(folder / TRIAL_FILE, {**record, "state": "pruned", "reason": str(pruned),
-                                                    "seconds": seconds}, default=str)  # fmt: skip
+            write_json_atomic(
+                folder / TRIAL_FILE,
+                {**record, "state": "pruned", "reason": str(pruned), "seconds": seconds},
+                default=str,
+            )
             raise
         values = read_objectives(spec.objectives, evaluation, model)
         for key, limit in spec.constraints.items():
             trial.set_constraint(key, OBJECTIVES[key].read(model if OBJECTIVES[key].from_model else evaluation) - limit)
         seconds = time.perf_counter() - start
         trial.set_user_attr("seconds", seconds)
-        write_json_atomic(folder / TRIAL_FILE, {**record, "state": "complete", "values": dict(zip(spec.objectives, values, strict=True)),
-                                                "model_record": model, "seconds": seconds}, default=str)  # fmt: skip
+        write_json_atomic(
+            folder / TRIAL_FILE,
+            {
+                **record,
+                "state": "complete",
+                "values": dict(zip(spec.objectives, values, strict=True)),
+                "model_record": model,
+                "seconds": seconds,
+            },
+            default=str,
+        )
         return values[0] if len(values) == 1 else values
 
     objective.current = None
@@ -247,16 +280,24 @@ def example_configurations(spec: SearchSpec) -> dict[str, dict]:
     examples = {}
     with tempfile.TemporaryDirectory() as scratch:
         for family in spec.space.families or (None,):
-            suggestion = suggest(FixedTrial(first_choices(spec.space, family)), spec.space, num_skips_for(spec), spec.base)
+            suggestion = suggest(
+                FixedTrial(first_choices(spec.space, family)), spec.space, num_skips_for(spec), spec.base
+            )
             options = trial_options(spec, suggestion, Path(scratch) / "trial")
             try:
                 check_configuration(spec, options)
             except ValueError as err:
                 raise ValueError(f"space (skips {family or 'as in base'}): {err}") from err
             examples[family or "base"] = {"options": suggestion.options, "model": suggestion.model}
-        confirmed = {"reference": spec.confirm.get("reference", {}), **spec.confirm.get("also", {})} if spec.confirm else {}
+        confirmed = (
+            {"reference": spec.confirm.get("reference", {}), **spec.confirm.get("also", {})} if spec.confirm else {}
+        )
         for label, overrides in confirmed.items():  # a typo here fails now, not after the whole budget
-            values = {**spec.base, **overrides, **({"output_dir": str(Path(scratch) / "confirm")} if spec.training else {})}
+            values = {
+                **spec.base,
+                **overrides,
+                **({"output_dir": str(Path(scratch) / "confirm")} if spec.training else {}),
+            }
             try:
                 check_configuration(spec, dataclasses.asdict(from_dict(options_class(spec.kind), values)))
             except (ValueError, TypeError) as err:

@@ -47,13 +47,19 @@ def progress_line(study, spec: SearchSpec, started: float, finished_here: int) -
     repeats = count.get("complete", 0) + count.get("pruned", 0) - done
     budget = spec.budget.get("trials")
     best = engine.best_trials(study, 1)
-    best_text = f"best {spec.objectives[0]} {best[0].values[0]:.5g} (trial {best[0].number})" if best else "no complete trial yet"
+    best_text = (
+        f"best {spec.objectives[0]} {best[0].values[0]:.5g} (trial {best[0].number})"
+        if best
+        else "no complete trial yet"
+    )
     eta = ""
     if budget and finished_here:
         each = (time.perf_counter() - started) / finished_here
         eta = f"; ETA {duration(each * max(budget - done, 0))} at {duration(each)} per trial in this worker"
     extra = f", {repeats} repeated configuration(s) not counted" if repeats else ""
-    return f"trials {done}/{budget or '-'} ({count.get('pruned', 0)} pruned, {running} running{extra}); {best_text}{eta}"
+    return (
+        f"trials {done}/{budget or '-'} ({count.get('pruned', 0)} pruned, {running} running{extra}); {best_text}{eta}"
+    )
 
 
 def run_worker(spec: SearchSpec, out: Path, storage_url: str, study_name: str | None = None, log=print) -> int:
@@ -92,9 +98,14 @@ def run_worker(spec: SearchSpec, out: Path, storage_url: str, study_name: str | 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m skipdiff.search.worker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--storage", required=True, help="the study's storage URL (sqlite:///... or postgresql+psycopg://...)")
+    parser = argparse.ArgumentParser(
+        prog="python -m skipdiff.search.worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--storage", required=True, help="the study's storage URL (sqlite:///... or postgresql+psycopg://...)"
+    )
     parser.add_argument("--study", required=True, help="the study's name (the search spec's name)")
     parser.add_argument("--out", help="where this worker writes trial folders (default runs/searches/<study>)")
     parser.add_argument("--num_threads", type=parse_int, default=None, help="torch CPU threads of this worker")
@@ -137,7 +148,9 @@ def console(run, stopped: str) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` for a console (see :func:`console`); done 0."""
-    return console(lambda: main(argv) and 0, "stopped; the trial was re-queued and resumes from its checkpoint on relaunch")
+    return console(
+        lambda: main(argv) and 0, "stopped; the trial was re-queued and resumes from its checkpoint on relaunch"
+    )
 
 
 if __name__ == "__main__":

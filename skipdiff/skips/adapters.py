@@ -43,7 +43,9 @@ def _unet_of(target) -> nn.Module:
 
 
 def _geometry(skips) -> list[dict]:
-    return [{"skip_channels": s.skip_channels, "main_channels": s.main_channels, "resolution": s.resolution} for s in skips]
+    return [
+        {"skip_channels": s.skip_channels, "main_channels": s.main_channels, "resolution": s.resolution} for s in skips
+    ]
 
 
 def gate_router(target) -> SkipRouter:
@@ -55,8 +57,9 @@ def gate_router(target) -> SkipRouter:
     return router
 
 
-def save_skip_gates(target, folder: str | os.PathLike, base_model: str | None = None,
-                    router: SkipRouter | None = None) -> Path:  # fmt: skip
+def save_skip_gates(
+    target, folder: str | os.PathLike, base_model: str | None = None, router: SkipRouter | None = None
+) -> Path:
     """Write the router's gates (``router`` or the UNet's own) as an artefact in ``folder``; returns it.
 
     ``base_model`` names the pretrained model the gates were trained on (a Hub id or folder), for the
@@ -115,7 +118,9 @@ def load_skip_gates(target, folder: str | os.PathLike, name: str | None = None) 
     config, state = read_skip_gates(folder)
     skips = discover_skips(unet)
     have, want = _geometry(skips), config["geometry"]
-    if [(g["skip_channels"], g["main_channels"]) for g in have] != [(g["skip_channels"], g["main_channels"]) for g in want]:
+    if [(g["skip_channels"], g["main_channels"]) for g in have] != [
+        (g["skip_channels"], g["main_channels"]) for g in want
+    ]:
         raise ValueError(
             f"the skip gates in {str(folder)!r} were made for {len(want)} skips with (skip, backbone) channels "
             f"{[(g['skip_channels'], g['main_channels']) for g in want]} ({config.get('unet_class')}, base "
@@ -157,8 +162,12 @@ def skip_gates_card(config: dict, repo_id: str):
     """A model card for an artefact: valid Hub metadata naming the base model, the spec and how to load it."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="skipdiff", license="apache-2.0", base_model=config.get("base_model"),
-                         tags=["skipdiff", "skip-connections", "diffusers", "adapter"])  # fmt: skip
+    data = ModelCardData(
+        library_name="skipdiff",
+        license="apache-2.0",
+        base_model=config.get("base_model"),
+        tags=["skipdiff", "skip-connections", "diffusers", "adapter"],
+    )
     modes = sorted({entry["mode"] for entry in config["skips"]})
     content = f"""---
 {data.to_yaml()}
@@ -185,8 +194,9 @@ skipdiff is installed from a clone of its repository (`pip install -e .`).
     return ModelCard(content)
 
 
-def push_skip_gates(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
-                    api=None) -> str:  # fmt: skip
+def push_skip_gates(
+    folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False, api=None
+) -> str:
     """Upload an artefact folder with its model card to a Hub model repo (created if needed)."""
     from ..training import hub
 
@@ -195,4 +205,3 @@ def push_skip_gates(folder: str | os.PathLike, repo_id: str, token: str | None =
     skip_gates_card(config, repo).save(Path(folder) / "README.md")
     hub.upload(folder, repo, token, "skip gates", api=api)
     return repo
-

@@ -123,8 +123,11 @@ def _encoder_after(unet: nn.Module, source: str, branch: int) -> list[str]:
 def _layers(prefix: str, block: nn.Module, indices: range) -> list[str]:
     """Resnet ``r`` of a block and, in attention blocks, the attention that follows it, for r in indices."""
     attention = getattr(block, "attentions", None) is not None
-    return [name for r in indices for name in
-            [f"{prefix}.resnets.{r}", *([f"{prefix}.attentions.{r}"] if attention else [])]]  # fmt: skip
+    return [
+        name
+        for r in indices
+        for name in [f"{prefix}.resnets.{r}", *([f"{prefix}.attentions.{r}"] if attention else [])]
+    ]
 
 
 def _splittable(unet: nn.Module, name: str, branch: int) -> nn.Module:

@@ -104,9 +104,7 @@ class MarkovChain(nn.Module):
             raise ValueError(f"markov needs p_min <= p_init <= p_max, got {p_min}, {p_init}, {p_max}")
         costs = list(cost) if isinstance(cost, list | tuple) else [cost] * num_links
         if len(costs) != num_links or not all(_is_number(c) for c in costs):
-            raise ValueError(
-                f"markov cost must be a number or {num_links} numbers (one per link), got {cost!r}"
-            )
+            raise ValueError(f"markov cost must be a number or {num_links} numbers (one per link), got {cost!r}")
         if not (_is_number(temperature) and temperature > 0):
             raise ValueError(f"markov temperature must be a positive number, got {temperature!r}")
         if not (_is_number(ema_decay) and 0.0 <= ema_decay < 1.0):
@@ -182,11 +180,7 @@ class MarkovChain(nn.Module):
         states = torch.empty_like(uniforms)
         previous = None
         for k in range(self.num_links):
-            row = (
-                self.open_prob[k, OPEN].expand(batch_size)
-                if previous is None
-                else self.open_prob[k, previous]
-            )
+            row = self.open_prob[k, OPEN].expand(batch_size) if previous is None else self.open_prob[k, previous]
             states[:, k] = (uniforms[:, k] < row).float()
             previous = states[:, k].long()
         return states
@@ -220,8 +214,9 @@ class MarkovChain(nn.Module):
     # ---- learning from per-example losses ------------------------------------------------------
 
     @torch.no_grad()
-    def update(self, paths: torch.Tensor, losses: torch.Tensor, counted: torch.Tensor | None = None,
-               check: bool = True) -> None:  # fmt: skip
+    def update(
+        self, paths: torch.Tensor, losses: torch.Tensor, counted: torch.Tensor | None = None, check: bool = True
+    ) -> None:
         """One step of the learning rule from a batch's sampled paths and per-example losses.
 
         Args:
@@ -241,9 +236,7 @@ class MarkovChain(nn.Module):
         if paths.ndim != 2 or paths.shape[1] != self.num_links:
             raise ValueError(f"paths must have shape (B, {self.num_links}), got {tuple(paths.shape)}")
         if losses.shape != paths.shape[:1]:
-            raise ValueError(
-                f"losses must have shape ({paths.shape[0]},) to match paths, got {tuple(losses.shape)}"
-            )
+            raise ValueError(f"losses must have shape ({paths.shape[0]},) to match paths, got {tuple(losses.shape)}")
         if check and not bool(((paths == 0) | (paths == 1)).all()):
             raise ValueError(f"paths must hold 0/1 states, got values {paths.unique().tolist()}")
         stats = self._batch_statistics(paths, losses)
@@ -293,9 +286,7 @@ class MarkovChain(nn.Module):
         old_u = self.utility.to(torch.float64)
         old_w = self.utility_weight.to(torch.float64)
         new_w = torch.where(seen, beta * old_w + step_weight, old_w)
-        new_u = torch.where(
-            seen, (beta * old_w * old_u + step_weight * difference) / new_w.clamp_min(1e-300), old_u
-        )
+        new_u = torch.where(seen, (beta * old_w * old_u + step_weight * difference) / new_w.clamp_min(1e-300), old_u)
         self.utility.copy_(new_u)
         self.utility_weight.copy_(new_w)
         self.counts += counts.round().long()

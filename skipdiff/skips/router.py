@@ -34,9 +34,16 @@ from .spec import build_gate, format_entry, resolve_spec
 INFERENCE_MODES = ("expected", "map", "sample")
 
 
-def draw_gate_states(keep: torch.Tensor, batch_size: int, mode: str, *, generator: torch.Generator | None = None,
-                     chain: MarkovChain | None = None, chain_indices: Sequence[int] = (),
-                     rescale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def draw_gate_states(
+    keep: torch.Tensor,
+    batch_size: int,
+    mode: str,
+    *,
+    generator: torch.Generator | None = None,
+    chain: MarkovChain | None = None,
+    chain_indices: Sequence[int] = (),
+    rescale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-example states (B, K) of K gates with keep probabilities ``keep`` (K,), on ``keep``'s device,
     and the chain's unscaled 0/1 path (B, len(chain_indices)) when one was sampled (else None).
 
@@ -166,9 +173,7 @@ class SkipRouter(nn.Module):
         super().__init__()
         self.skips = list(skips)
         self.entries = resolve_spec(spec, self.skips)
-        self.gates = nn.ModuleList(
-            build_gate(e, info) for e, info in zip(self.entries, self.skips, strict=True)
-        )
+        self.gates = nn.ModuleList(build_gate(e, info) for e, info in zip(self.entries, self.skips, strict=True))
         self.markov_indices = [g.info.index for g in self.gates if g.sampled_by_chain]
         check_options(markov)
         self.chain = MarkovChain(len(self.markov_indices), **(markov or {})) if self.markov_indices else None
@@ -193,9 +198,7 @@ class SkipRouter(nn.Module):
         self._handles.append(unet.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
         for info in self.skips:
             resnet = unet.up_blocks[info.up_block].resnets[info.layer]
-            self._handles.append(
-                resnet.register_forward_pre_hook(_ResnetHook(self, info.index), with_kwargs=True)
-            )
+            self._handles.append(resnet.register_forward_pre_hook(_ResnetHook(self, info.index), with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -259,8 +262,15 @@ class SkipRouter(nn.Module):
         rescale = torch.tensor([bool(g.stochastic and g.rescale) for g in self.gates], device=device)
         mode = "sample" if self.training else self.inference
         generator = None if self.training else self.inference_generator
-        states, path = draw_gate_states(keep, batch_size, mode, generator=generator, chain=self.chain,
-                                        chain_indices=self.markov_indices, rescale=rescale)  # fmt: skip
+        states, path = draw_gate_states(
+            keep,
+            batch_size,
+            mode,
+            generator=generator,
+            chain=self.chain,
+            chain_indices=self.markov_indices,
+            rescale=rescale,
+        )
         if self.training and path is not None:
             self.last_path = path  # (B, K_markov), for update_chain
         return {g.info.index: states[:, g.info.index] for g in stochastic}
@@ -353,9 +363,7 @@ class SkipRouter(nn.Module):
 
 def format_skip_table(rows: list[dict]) -> str:
     """A fixed-width text table of :meth:`SkipRouter.describe` rows."""
-    header = (
-        f"{'skip':>4}  {'up block.resnet':<15} {'source':<28} {'res':>4} {'skip ch':>7} {'main ch':>7}  gate"
-    )
+    header = f"{'skip':>4}  {'up block.resnet':<15} {'source':<28} {'res':>4} {'skip ch':>7} {'main ch':>7}  gate"
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(

@@ -99,9 +99,7 @@ def parse_entry(entry: str | dict) -> dict:
         raise ValueError(f"unknown skip mode {mode!r}; known modes: {sorted(GATES)}")
     unknown = set(parsed) - {"mode"} - set(_gate_parameters(mode))
     if unknown:
-        raise ValueError(
-            f"skip mode {mode!r} has no option(s) {sorted(unknown)}; it takes {_gate_parameters(mode)}"
-        )
+        raise ValueError(f"skip mode {mode!r} has no option(s) {sorted(unknown)}; it takes {_gate_parameters(mode)}")
     return parsed
 
 
@@ -184,9 +182,7 @@ def build_gate(entry: dict, info: SkipInfo) -> SkipGate:
 
 def format_entry(entry: dict) -> str:
     """The short string form of an entry, e.g. ``scale:factor=0.5``."""
-    options = [
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "mode"
-    ]
+    options = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "mode"]
     return ":".join([entry["mode"], *options])
 
 
@@ -270,9 +266,7 @@ def linear(skips: list[SkipInfo], outer: float = 1.0, inner: float = 0.5) -> lis
     depth at sampling time; add ``t_min``/``t_max`` to act on part of the trajectory only."""
     outer, inner = _finite("linear outer", outer), _finite("linear inner", inner)
     last = len(skips) - 1
-    return [
-        {"mode": "scale", "factor": inner + (outer - inner) * s.index / last if last else outer} for s in skips
-    ]
+    return [{"mode": "scale", "factor": inner + (outer - inner) * s.index / last if last else outer} for s in skips]
 
 
 @register_preset("outer-only")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from typing import Any
 
 import torch
@@ -56,6 +57,8 @@ PLAIN_LOADER_NOTE = " [skipdiff: load with SkipUNet2DModel or trust_remote_code=
 # ``_use_default_values`` (keys its loader drops silently: how it marks a value that was never passed),
 # and SkipUNet2DModel.extract_init_dict takes them back out of that list, so it reads them.
 SKIPDIFF_CONFIG_KEYS = ("markov", "residual_shortcuts", "skips")
+
+logger = logging.getLogger(__name__)  # warnings reach stderr unless the application configures logging
 
 
 def without_note(block_types) -> tuple[str, ...]:
@@ -111,8 +114,7 @@ def _resnet_without_skip(resnet: ResnetBlock2D, main_channels: int, act_fn: str)
     groups = resnet.norm1.num_groups
     if main_channels % groups:
         raise ValueError(
-            f"cannot remove a skip: the backbone's {main_channels} channels do not divide into "
-            f"norm_num_groups={groups}"
+            f"cannot remove a skip: the backbone's {main_channels} channels do not divide into norm_num_groups={groups}"
         )
     return ResnetBlock2D(
         in_channels=main_channels,
@@ -188,32 +190,52 @@ class SkipUNet2DModel(UNet2DModel):
     ):
         up_block_types = without_note(up_block_types)  # a saved config notes them (see PLAIN_LOADER_NOTE)
         super().__init__(
-            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
-            center_input_sample=center_input_sample, time_embedding_type=time_embedding_type,
-            time_embedding_dim=time_embedding_dim, freq_shift=freq_shift, flip_sin_to_cos=flip_sin_to_cos,
-            down_block_types=down_block_types, mid_block_type=mid_block_type, up_block_types=up_block_types,
-            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
-            mid_block_scale_factor=mid_block_scale_factor, downsample_padding=downsample_padding,
-            downsample_type=downsample_type, upsample_type=upsample_type, dropout=dropout, act_fn=act_fn,
-            attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
-            attn_norm_num_groups=attn_norm_num_groups, norm_eps=norm_eps,
-            resnet_time_scale_shift=resnet_time_scale_shift, add_attention=add_attention,
-            class_embed_type=class_embed_type, num_class_embeds=num_class_embeds,
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            center_input_sample=center_input_sample,
+            time_embedding_type=time_embedding_type,
+            time_embedding_dim=time_embedding_dim,
+            freq_shift=freq_shift,
+            flip_sin_to_cos=flip_sin_to_cos,
+            down_block_types=down_block_types,
+            mid_block_type=mid_block_type,
+            up_block_types=up_block_types,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            mid_block_scale_factor=mid_block_scale_factor,
+            downsample_padding=downsample_padding,
+            downsample_type=downsample_type,
+            upsample_type=upsample_type,
+            dropout=dropout,
+            act_fn=act_fn,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups,
+            attn_norm_num_groups=attn_norm_num_groups,
+            norm_eps=norm_eps,
+            resnet_time_scale_shift=resnet_time_scale_shift,
+            add_attention=add_attention,
+            class_embed_type=class_embed_type,
+            num_class_embeds=num_class_embeds,
             num_train_timesteps=num_train_timesteps,
-        )  # fmt: skip
+        )
         shortcuts = resolve_shortcuts(residual_shortcuts)
         self.skip_router = SkipRouter(discover_skips(self), skips, markov)
         self._remove_skip_channels()
         self._disable_shortcuts(shortcuts)
         # Store the resolved forms, so that config.json says exactly what each skip does.
-        self.register_to_config(
-            skips=self.skip_router.entries, residual_shortcuts=shortcuts, markov=markov or {}
-        )
+        self.register_to_config(skips=self.skip_router.entries, residual_shortcuts=shortcuts, markov=markov or {})
         self.skip_router.attach(self)
 
     @classmethod
-    def from_unet(cls, unet: nn.Module, skips: SkipSpec | None = "full", residual_shortcuts: dict | None = None,
-                  markov: dict | None = None, strict: bool = False) -> SkipUNet2DModel:  # fmt: skip
+    def from_unet(
+        cls,
+        unet: nn.Module,
+        skips: SkipSpec | None = "full",
+        residual_shortcuts: dict | None = None,
+        markov: dict | None = None,
+        strict: bool = False,
+    ) -> SkipUNet2DModel:
         """A new ``SkipUNet2DModel`` with ``unet``'s architecture and weights and the given skips, as
         diffusers' ``ControlNetModel.from_unet`` builds one model from another.
 
@@ -232,8 +254,10 @@ class SkipUNet2DModel(UNet2DModel):
             try:
                 model.load_state_dict(unet.state_dict(), strict=True)
             except RuntimeError as err:
-                raise ValueError(f"the weights do not fit skips {skips!r} (strict: the gates must be parameter-free "
-                                 f"on both sides or match): {err}") from err  # fmt: skip
+                raise ValueError(
+                    f"the weights do not fit skips {skips!r} (strict: the gates must be parameter-free "
+                    f"on both sides or match): {err}"
+                ) from err
             return model
         state = {k: v for k, v in unet.state_dict().items() if not k.startswith("skip_router.")}
         target = model.state_dict()
@@ -248,7 +272,9 @@ class SkipUNet2DModel(UNet2DModel):
         state.update({k: v for k, v in target.items() if k.startswith("skip_router.")})
         model.load_state_dict(state, strict=True)
         if dropped:
-            print(f"pretrained weights: dropped what reads removed skips or disabled shortcuts: {'; '.join(dropped)}")
+            logger.warning(
+                "pretrained weights: dropped what reads removed skips or disabled shortcuts: %s", "; ".join(dropped)
+            )
         return model
 
     def _remove_skip_channels(self) -> None:
@@ -271,9 +297,7 @@ class SkipUNet2DModel(UNet2DModel):
     def is_plain_unet(self) -> bool:
         """True when this model computes what diffusers' ``UNet2DModel`` with the same weights computes
         (every skip ``keep``, every residual shortcut on): then it is saved as one."""
-        return all(gate.is_identity for gate in self.skip_router.gates) and all(
-            self.config.residual_shortcuts.values()
-        )
+        return all(gate.is_identity for gate in self.skip_router.gates) and all(self.config.residual_shortcuts.values())
 
     def to_json_string(self) -> str:
         """The config as diffusers saves it; unless :meth:`is_plain_unet`, ``up_block_types`` carry

@@ -54,16 +54,32 @@ from ..lazy import lazy_exports
 # name -> module (relative to this package) that defines it; imported on first use, so that
 # `python -m skipdiff.sweep --help` answers without importing torch.
 _EXPORTS = {
-    "SweepSpec": ".spec", "Cell": ".spec", "load_spec": ".spec", "parse_spec": ".spec", "expand_cells": ".spec",
+    "SweepSpec": ".spec",
+    "Cell": ".spec",
+    "load_spec": ".spec",
+    "parse_spec": ".spec",
+    "expand_cells": ".spec",
     "cell_name": ".spec",
-    "CellKind": ".kinds", "KINDS": ".kinds", "register_kind": ".kinds", "get_kind": ".kinds",
-    "cell_status": ".cells", "read_cell": ".cells", "run_cell": ".cells",
-    "Launcher": ".launch", "train_cell": ".launch", "options_to_argv": ".launch", "accelerate_command": ".launch",
-    "run_sweep": ".runner", "SweepError": ".runner",
-    "with_skips": ".skips", "make_inference_variant": ".skips", "check_skip_specs": ".skips",
+    "CellKind": ".kinds",
+    "KINDS": ".kinds",
+    "register_kind": ".kinds",
+    "get_kind": ".kinds",
+    "cell_status": ".cells",
+    "read_cell": ".cells",
+    "run_cell": ".cells",
+    "Launcher": ".launch",
+    "train_cell": ".launch",
+    "options_to_argv": ".launch",
+    "accelerate_command": ".launch",
+    "run_sweep": ".runner",
+    "SweepError": ".runner",
+    "with_skips": ".skips",
+    "make_inference_variant": ".skips",
+    "check_skip_specs": ".skips",
     "check_variant_specs": ".skips",
-    "main": ".__main__", "cli": ".__main__",
-}  # fmt: skip
+    "main": ".__main__",
+    "cli": ".__main__",
+}
 
 __all__ = sorted(_EXPORTS)
 

@@ -15,16 +15,24 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; its description is the package docstring (spec format and usage)."""
     from . import __doc__ as usage
 
-    parser = argparse.ArgumentParser(prog="python -m skipdiff.sweep", description=usage,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m skipdiff.sweep", description=usage, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("spec", help="the sweep's YAML spec, e.g. eval/sweeps/cpu_digits.yaml")
     parser.add_argument("--out", help="the sweep's folder (default runs/sweeps/<spec name>)")
     parser.add_argument("--dry_run", action="store_true", help="list the cells and their resolved options, run nothing")
     parser.add_argument("--only", help="run only the cells whose name contains this text")
-    parser.add_argument("--launcher", default="inprocess", choices=("inprocess", "accelerate"),
-                        help="train in this process, or in a subprocess under `accelerate launch -m`")  # fmt: skip
-    parser.add_argument("--accelerate_args", default="",
-                        help='arguments for accelerate launch, e.g. "--num_processes 2" (with --launcher accelerate)')  # fmt: skip
+    parser.add_argument(
+        "--launcher",
+        default="inprocess",
+        choices=("inprocess", "accelerate"),
+        help="train in this process, or in a subprocess under `accelerate launch -m`",
+    )
+    parser.add_argument(
+        "--accelerate_args",
+        default="",
+        help='arguments for accelerate launch, e.g. "--num_processes 2" (with --launcher accelerate)',
+    )
     parser.add_argument("--num_threads", type=parse_int, help="torch CPU threads for every cell and the evaluation")
     return parser
 
@@ -40,9 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     from .spec import load_spec
 
     spec = load_spec(args.spec)
-    run_sweep(spec, args.out or Path("runs") / "sweeps" / spec.name, only=args.only, dry_run=args.dry_run,
-              launcher=args.launcher, accelerate_args=shlex.split(args.accelerate_args),
-              num_threads=args.num_threads)  # fmt: skip
+    run_sweep(
+        spec,
+        args.out or Path("runs") / "sweeps" / spec.name,
+        only=args.only,
+        dry_run=args.dry_run,
+        launcher=args.launcher,
+        accelerate_args=shlex.split(args.accelerate_args),
+        num_threads=args.num_threads,
+    )
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -61,7 +75,9 @@ def cli(argv: list[str] | None = None) -> int:
         return 130
     except (SweepError, SkipdiffError) as err:
         if interrupted(err):  # the training's own resume hint names its command line, not the sweep's
-            print(f"stopped: {str(err).splitlines()[0]}; relaunch the same command to resume the sweep", file=sys.stderr)
+            print(
+                f"stopped: {str(err).splitlines()[0]}; relaunch the same command to resume the sweep", file=sys.stderr
+            )
             return getattr(err, "exit_status", 130)
         print(f"error: {err}", file=sys.stderr)
         return 1

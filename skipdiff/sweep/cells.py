@@ -63,13 +63,21 @@ def check_unchanged(cell: Cell) -> None:
         before, now = (results_options(redact(options)) for options in (record["options"], cell.options))
         differing = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if differing:
-            raise ValueError(f"cell {cell.name!r} was run with other options ({', '.join(differing)}): "
-                             "use another --out, or delete the cell's folder to rerun it")  # fmt: skip
+            raise ValueError(
+                f"cell {cell.name!r} was run with other options ({', '.join(differing)}): "
+                "use another --out, or delete the cell's folder to rerun it"
+            )
 
 
 def _base_record(spec: SweepSpec, cell: Cell) -> dict:
-    return {"name": cell.name, "kind": spec.kind, "axes": cell.axes, "options": redact(cell.options),
-            "overrides": redact(cell.overrides), "variants": spec.inference_variants}  # fmt: skip
+    return {
+        "name": cell.name,
+        "kind": spec.kind,
+        "axes": cell.axes,
+        "options": redact(cell.options),
+        "overrides": redact(cell.overrides),
+        "variants": spec.inference_variants,
+    }
 
 
 def _prepare_folder(cell: Cell, kind: CellKind, record: dict, log: Log) -> dict:
@@ -86,8 +94,10 @@ def _prepare_folder(cell: Cell, kind: CellKind, record: dict, log: Log) -> dict:
         log(f"  resuming {cell.name} from {found[-1].name}")
     elif cell.folder.exists() and any(cell.folder.iterdir()):
         if record.get("name") != cell.name:
-            raise ValueError(f"{cell.folder} exists, holds no cell.json of this sweep and no checkpoint: "
-                             "move it away or choose another --out")  # fmt: skip
+            raise ValueError(
+                f"{cell.folder} exists, holds no cell.json of this sweep and no checkpoint: "
+                "move it away or choose another --out"
+            )
         shutil.rmtree(cell.folder)  # an earlier attempt without a checkpoint: nothing to resume
     cell.folder.mkdir(parents=True, exist_ok=True)
     return options
@@ -105,8 +115,12 @@ def run_cell(spec: SweepSpec, cell: Cell, launcher: launch.Launcher | None = Non
         _write(cell, record)
         if kind.trains:
             metrics = launch.train_cell(kind, options, launcher)
-            record = {**record, "status": "trained", "train_metrics": metrics,
-                      "train_seconds": time.perf_counter() - start}  # fmt: skip
+            record = {
+                **record,
+                "status": "trained",
+                "train_metrics": metrics,
+                "train_seconds": time.perf_counter() - start,
+            }
             _write(cell, record)
     eval_start = time.perf_counter()
     kind.evaluate(spec, cell.folder, log)
@@ -118,8 +132,11 @@ def run_cell(spec: SweepSpec, cell: Cell, launcher: launch.Launcher | None = Non
 
 def record_failure(cell: Cell, err: BaseException) -> dict:
     """Mark the cell ``failed`` with the error (kept for the next launch); returns the record."""
-    record = {**(read_cell(cell.folder) or {"name": cell.name, "options": cell.options}),
-              "status": "failed", "error": f"{type(err).__name__}: {err}"}  # fmt: skip
+    record = {
+        **(read_cell(cell.folder) or {"name": cell.name, "options": cell.options}),
+        "status": "failed",
+        "error": f"{type(err).__name__}: {err}",
+    }
     if cell.folder.is_dir():
         _write(cell, record)
     return record

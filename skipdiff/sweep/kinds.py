@@ -146,7 +146,9 @@ class DiffusionKind(CellKind):
             if safe_name(label) != label:
                 raise ValueError(f"inference variant label {label!r} must use only letters, digits and . _ + -")
         if variants and not any(evaluation.get(key) for key in TRAINING_FREE):
-            raise ValueError("inference_variants need eval: fid, denoise_loss or skip_importance (training-free metrics)")
+            raise ValueError(
+                "inference_variants need eval: fid, denoise_loss or skip_importance (training-free metrics)"
+            )
         return variants
 
     def check_cells(self, spec: SweepSpec, cells: list[Cell]) -> None:
@@ -254,9 +256,11 @@ def check_fid_samples(evaluation: dict, options: dict, what: str, splits: dict |
     heldout = test if resolve_reference(reference, test, wanted) == "train" else train
     if heldout < wanted:
         heldout = max(train, test) if reference == "auto" else heldout  # the most that auto could give the floor
-        raise ValueError(f"{what}: eval num_samples={wanted} needs as many held-out real images for the FID floor, "
-                         f"but {data.source()} has train {train} / test {test} (reference {reference!r}): lower "
-                         f"num_samples to at most {heldout} (in a sweep, eval_by can set it for one dataset)")  # fmt: skip
+        raise ValueError(
+            f"{what}: eval num_samples={wanted} needs as many held-out real images for the FID floor, "
+            f"but {data.source()} has train {train} / test {test} (reference {reference!r}): lower "
+            f"num_samples to at most {heldout} (in a sweep, eval_by can set it for one dataset)"
+        )
 
 
 def _loaded_target(options) -> Any:
@@ -264,13 +268,26 @@ def _loaded_target(options) -> Any:
     sweep over one pipeline applies its skips to the same weights, which evaluation restores bit for bit."""
     from ..targets import load_target
 
-    key = (options.checkpoint, options.subfolder, options.revision, options.variant, options.torch_dtype,
-           options.no_ema, options.cache_dir)  # fmt: skip
+    key = (
+        options.checkpoint,
+        options.subfolder,
+        options.revision,
+        options.variant,
+        options.torch_dtype,
+        options.no_ema,
+        options.cache_dir,
+    )
     if key not in _TARGETS:
         _TARGETS.clear()  # one pipeline in memory at a time (Stable Diffusion is gigabytes)
-        _TARGETS[key] = load_target(options.checkpoint, subfolder=options.subfolder, revision=options.revision,
-                                    variant=options.variant, torch_dtype=options.torch_dtype,
-                                    use_ema=not options.no_ema, cache_dir=options.cache_dir)  # fmt: skip
+        _TARGETS[key] = load_target(
+            options.checkpoint,
+            subfolder=options.subfolder,
+            revision=options.revision,
+            variant=options.variant,
+            torch_dtype=options.torch_dtype,
+            use_ema=not options.no_ema,
+            cache_dir=options.cache_dir,
+        )
     return _TARGETS[key]
 
 
@@ -328,7 +345,9 @@ class InferenceKind(CellKind):
             raise ValueError(f"inference cells need a checkpoint (a pipeline folder or Hub id) in base: {missing[:3]}")
         seeds = {tuple(c.options["seeds"]) for c in cells}
         if len(seeds) > 1:
-            raise ValueError(f"every inference cell must use the same sampling seeds (the rows are paired by them), got {sorted(seeds)}")
+            raise ValueError(
+                f"every inference cell must use the same sampling seeds (the rows are paired by them), got {sorted(seeds)}"
+            )
         check_inference_skip_specs(cells, from_dict(self.options_class(), cells[0].options))
 
     def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:

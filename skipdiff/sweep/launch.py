@@ -99,8 +99,10 @@ def options_to_argv(cls: type, options: dict) -> list[str]:
         elif isinstance(value, list):
             argv += [f"--{name}", *map(str, value)]
         elif value is None:
-            raise ValueError(f"option {name!r} = None cannot be given on a command line (its default is "
-                             f"{defaults[name]!r}); set another option instead (e.g. max_train_steps)")  # fmt: skip
+            raise ValueError(
+                f"option {name!r} = None cannot be given on a command line (its default is "
+                f"{defaults[name]!r}); set another option instead (e.g. max_train_steps)"
+            )
         else:
             argv.append(f"--{name}={value}")
     return argv
@@ -109,8 +111,15 @@ def options_to_argv(cls: type, options: dict) -> list[str]:
 def accelerate_command(kind: CellKind, options: dict, accelerate_args: tuple[str, ...] = ()) -> list[str]:
     """``python -m accelerate.commands.launch [args] -m <kind.cli_module> <options>``, with this
     interpreter (so the same environment trains, whatever ``PATH`` holds)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, "-m", kind.cli_module,
-            *options_to_argv(kind.options_class(), options)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *accelerate_args,
+        "-m",
+        kind.cli_module,
+        *options_to_argv(kind.options_class(), options),
+    ]
 
 
 @contextlib.contextmanager
@@ -140,9 +149,11 @@ def train_cell(kind: CellKind, options: dict, launcher: Launcher) -> dict:
         returncode = process.wait()
     signum = interrupting_signal(returncode)
     if signum is not None:
-        raise LaunchInterrupted(f"training of {Path(options[kind.folder_option]).name} was interrupted "
-                                f"({signal.Signals(signum).name}); relaunch the sweep to resume it from its checkpoint",
-                                signum)  # fmt: skip
+        raise LaunchInterrupted(
+            f"training of {Path(options[kind.folder_option]).name} was interrupted "
+            f"({signal.Signals(signum).name}); relaunch the sweep to resume it from its checkpoint",
+            signum,
+        )
     if returncode != 0:
         raise RuntimeError(f"training exited with status {returncode}: {shlex.join(redact(command))}")
     metrics = Path(options[kind.folder_option]) / kind.metrics_file

@@ -65,9 +65,18 @@ def relaunch_command(spec: SweepSpec, out: str | os.PathLike) -> dict | None:
     return spec_command("skipdiff.sweep", spec.source, out, Path("runs") / "sweeps" / spec.name)
 
 
-def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = None, dry_run: bool = False,
-              launcher: str = "inprocess", accelerate_args: Sequence[str] = (), num_threads: int | None = None,
-              log: Log = print, relaunch: dict | None = None) -> list[dict]:  # fmt: skip
+def run_sweep(
+    spec: SweepSpec,
+    out: str | os.PathLike,
+    *,
+    only: str | None = None,
+    dry_run: bool = False,
+    launcher: str = "inprocess",
+    accelerate_args: Sequence[str] = (),
+    num_threads: int | None = None,
+    log: Log = print,
+    relaunch: dict | None = None,
+) -> list[dict]:
     """Validate every cell, then run the unfinished ones (those whose name contains ``only``).
 
     Returns the ``cell.json`` records of the selected cells (nothing is run or written when ``dry_run``).
@@ -88,11 +97,22 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
 
         torch.set_num_threads(num_threads)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "sweep.json", {"name": spec.name, "kind": spec.kind, "description": spec.description,
-                                           "spec": redact_spec(spec.raw), "spec_file": spec.source, "folder": str(out),
-                                           "relaunch": relaunch or relaunch_command(spec, out), "eval": spec.eval,
-                                           "eval_by": spec.eval_by, "cells": [c.name for c in cells]},
-                     default=str)  # fmt: skip
+    write_json_atomic(
+        out / "sweep.json",
+        {
+            "name": spec.name,
+            "kind": spec.kind,
+            "description": spec.description,
+            "spec": redact_spec(spec.raw),
+            "spec_file": spec.source,
+            "folder": str(out),
+            "relaunch": relaunch or relaunch_command(spec, out),
+            "eval": spec.eval,
+            "eval_by": spec.eval_by,
+            "cells": [c.name for c in cells],
+        },
+        default=str,
+    )
     kind = get_kind(spec.kind)
     records, failed, in_use = [], [], []
     for i, cell in enumerate(selected, 1):
@@ -115,8 +135,10 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, only: str | None = Non
             records.append(record_failure(cell, err))
     problems = [f"{len(failed)} cell(s) failed (relaunch to retry them): {failed}"] if failed else []
     if in_use:  # not "done": this launch did not finish them
-        problems.append(f"{len(in_use)} cell(s) in use by another process were left to it (relaunch once it "
-                        f"finishes to evaluate them here): {in_use}")  # fmt: skip
+        problems.append(
+            f"{len(in_use)} cell(s) in use by another process were left to it (relaunch once it "
+            f"finishes to evaluate them here): {in_use}"
+        )
     if problems:
         raise SweepError("; ".join(problems))
     log(f"sweep {spec.name}: {len(selected)} cell(s) done in {out}; report: python -m skipdiff.report {out}")

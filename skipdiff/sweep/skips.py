@@ -60,8 +60,10 @@ def check_variant_specs(models: set[str], variants: dict[str, str]) -> None:
                 raise ValueError(f"inference variant {label!r}: {err}") from err
             removing = [g.info.index for g in router.gates if g.removes_skip]
             if removing or router.state_dict():
-                raise ValueError(f"inference variant {label!r} ({spec!r}) adds parameters or buffers or removes "
-                                 f"skips; use keep, zero, scale, fourier or bernoulli gates")  # fmt: skip
+                raise ValueError(
+                    f"inference variant {label!r} ({spec!r}) adds parameters or buffers or removes "
+                    f"skips; use keep, zero, scale, fourier or bernoulli gates"
+                )
 
 
 def _variant(unet, spec: str):
@@ -71,13 +73,18 @@ def _variant(unet, spec: str):
     from ..skips.unet import SkipUNet2DModel
 
     config = unet.config
-    return SkipUNet2DModel.from_unet(unet, spec, config.get("residual_shortcuts"), config.get("markov"), strict=True).eval()
+    return SkipUNet2DModel.from_unet(
+        unet, spec, config.get("residual_shortcuts"), config.get("markov"), strict=True
+    ).eval()
 
 
 def with_skips(unet, spec: str):
     """Deprecated: ``SkipUNet2DModel.from_unet(unet, spec, residual_shortcuts, markov, strict=True).eval()``."""
-    warnings.warn("skipdiff.sweep.with_skips is deprecated; use SkipUNet2DModel.from_unet(unet, skips=..., "
-                  "strict=True)", DeprecationWarning, stacklevel=2)  # fmt: skip
+    warnings.warn(
+        "skipdiff.sweep.with_skips is deprecated; use SkipUNet2DModel.from_unet(unet, skips=..., strict=True)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return _variant(unet, spec)
 
 

@@ -71,7 +71,9 @@ def read_yaml_spec(path: str | os.PathLike, what: str = "sweep spec") -> Any:
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ValueError(f"{what} {str(path)!r} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+        raise ValueError(
+            f"{what} {str(path)!r} is not valid YAML{at}: {getattr(err, 'problem', None) or err}"
+        ) from None
 
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
@@ -99,8 +101,17 @@ def parse_spec(data: Any, name: str) -> SweepSpec:
     evaluation = kind.parse_eval(data.get("eval"))
     variants = kind.parse_variants(data.get("inference_variants"), evaluation)
     eval_by = _parse_eval_by(data.get("eval_by"), grid, kind, evaluation)
-    return SweepSpec(name=name, kind=kind.name, base=base, grid=grid, eval=evaluation, inference_variants=variants,
-                     description=str(data.get("description") or ""), raw=data, eval_by=eval_by)  # fmt: skip
+    return SweepSpec(
+        name=name,
+        kind=kind.name,
+        base=base,
+        grid=grid,
+        eval=evaluation,
+        inference_variants=variants,
+        description=str(data.get("description") or ""),
+        raw=data,
+        eval_by=eval_by,
+    )
 
 
 def _parse_eval_by(raw: Any, grid: list, kind, evaluation: dict) -> dict:
@@ -139,8 +150,10 @@ def _axis_entries(axis: str, values: Any, fields: set[str]) -> list[tuple[str, d
     """One axis as [(label, options)]: a list of values of the option ``axis``, or label -> value/options."""
     if isinstance(values, list):
         if axis not in fields:
-            raise ValueError(f"grid axis {axis!r} is no option (a list of values needs an option name); "
-                             f"to set several options per value write {axis}: {{label: {{option: value}}}}")  # fmt: skip
+            raise ValueError(
+                f"grid axis {axis!r} is no option (a list of values needs an option name); "
+                f"to set several options per value write {axis}: {{label: {{option: value}}}}"
+            )
         return [(_label(value), {axis: value}) for value in values]
     if not isinstance(values, dict):
         raise ValueError(f"grid axis {axis!r} must be a list of values or a mapping label -> value, got {values!r}")
@@ -151,8 +164,9 @@ def _axis_entries(axis: str, values: Any, fields: set[str]) -> list[tuple[str, d
         elif axis in fields:
             entries.append((str(label), {axis: value}))
         else:
-            raise ValueError(f"grid axis {axis!r} is no option, so its value {label!r} must be a mapping "
-                             f"of options, got {value!r}")  # fmt: skip
+            raise ValueError(
+                f"grid axis {axis!r} is no option, so its value {label!r} must be a mapping of options, got {value!r}"
+            )
     return entries
 
 
@@ -212,8 +226,10 @@ def expand_cells(spec: SweepSpec, out: str | os.PathLike, num_threads: int | Non
     cells: dict[str, Cell] = {}
     for grid in spec.grid:
         for combination in itertools.product(*(entries for _, entries in grid)):
-            axes = [{"axis": axis, "label": label, "options": options}
-                    for (axis, _), (label, options) in zip(grid, combination, strict=True)]  # fmt: skip
+            axes = [
+                {"axis": axis, "label": label, "options": options}
+                for (axis, _), (label, options) in zip(grid, combination, strict=True)
+            ]
             name = cell_name(axes)
             values = dict(spec.base)
             for entry in axes:

@@ -29,9 +29,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
-    ]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
@@ -47,14 +45,14 @@ def resolve_checkpoint(output_dir: str | os.PathLike, request: str | None) -> Pa
         checkpoints = list_checkpoints(output_dir)
         path = checkpoints[-1] if checkpoints else None
         if path is not None and not (path / STATE_FILE).is_file():
-            raise ValueError(f"the latest checkpoint {str(path)!r} has no {STATE_FILE}: it is incomplete or not "
-                             "skipdiff's; move it away to resume from the one before it")  # fmt: skip
+            raise ValueError(
+                f"the latest checkpoint {str(path)!r} has no {STATE_FILE}: it is incomplete or not "
+                "skipdiff's; move it away to resume from the one before it"
+            )
         return path
     path = Path(request)
     if not path.is_dir():
-        raise ValueError(
-            f"--resume_from_checkpoint {request!r} does not exist (use 'latest' or a checkpoint-N folder)"
-        )
+        raise ValueError(f"--resume_from_checkpoint {request!r} does not exist (use 'latest' or a checkpoint-N folder)")
     if not (path / STATE_FILE).is_file():
         raise ValueError(
             f"--resume_from_checkpoint {request!r} is not a complete skipdiff checkpoint (no {STATE_FILE})"
@@ -93,8 +91,12 @@ def verify_state_files(checkpoint: Path, num_processes: int, num_custom: int) ->
     state per process and ``num_custom`` registered objects (the EMA). A missing, truncated or corrupt
     one is a ``ValueError`` naming it, before any state is loaded; so is one whose pickle would run code
     (:func:`load_state_file`: nothing in it runs)."""
-    names = ["optimizer.bin", "scheduler.bin", *(f"random_states_{rank}.pkl" for rank in range(num_processes)),
-             *(f"custom_checkpoint_{i}.pkl" for i in range(num_custom))]  # fmt: skip
+    names = [
+        "optimizer.bin",
+        "scheduler.bin",
+        *(f"random_states_{rank}.pkl" for rank in range(num_processes)),
+        *(f"custom_checkpoint_{i}.pkl" for i in range(num_custom)),
+    ]
     for name in names:
         path = checkpoint / name
         if not path.is_file():
@@ -138,12 +140,16 @@ def load_state_file(path: Path):
         refused = _REFUSED_GLOBAL.search(str(err))
         if refused or "weights_only" in str(err).lower() or "weights only" in str(err).lower():
             what = refused.group(1) if refused else "an object that is not plain state"
-            raise ValueError(f"checkpoint file {str(path)!r} would run code to load ({what}), which no state file "
-                             "skipdiff or Accelerate writes needs: refused, nothing in it was run; use checkpoints "
-                             "only from people you trust, or resume from another checkpoint") from None  # fmt: skip
+            raise ValueError(
+                f"checkpoint file {str(path)!r} would run code to load ({what}), which no state file "
+                "skipdiff or Accelerate writes needs: refused, nothing in it was run; use checkpoints "
+                "only from people you trust, or resume from another checkpoint"
+            ) from None
         raise ValueError(f"checkpoint file {str(path)!r} is truncated or corrupt (UnpicklingError: {err})") from err
     except Exception as err:  # noqa: BLE001  torch and zipfile raise many types for damaged files
-        raise ValueError(f"checkpoint file {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"checkpoint file {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err})"
+        ) from err
 
 
 def check_resumable(checkpoint: Path, unet_config: dict, options, num_processes: int, num_custom: int) -> None:
@@ -199,8 +205,10 @@ def save_checkpoint(
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError | SafetensorError):  # safetensors reports a full disk as its own error type
-            raise OSError(f"could not write checkpoint {str(final)!r}: {err}; earlier checkpoints are intact; free "
-                          "space or make the folder writable, then resume with --resume_from_checkpoint latest") from err
+            raise OSError(
+                f"could not write checkpoint {str(final)!r}: {err}; earlier checkpoints are intact; free "
+                "space or make the folder writable, then resume with --resume_from_checkpoint latest"
+            ) from err
         raise
     if accelerator.is_main_process:
         rotate_checkpoints(root, total_limit)

@@ -22,8 +22,14 @@ from torch import nn
 class WeightEMA:
     """EMA of the trainable parameters of a model (frozen ones are the model's own)."""
 
-    def __init__(self, parameters: Iterable[nn.Parameter], max_decay: float = 0.999, min_decay: float = 0.0,
-                 inv_gamma: float = 1.0, power: float = 0.75):  # fmt: skip
+    def __init__(
+        self,
+        parameters: Iterable[nn.Parameter],
+        max_decay: float = 0.999,
+        min_decay: float = 0.0,
+        inv_gamma: float = 1.0,
+        power: float = 0.75,
+    ):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.parameters]
         self.max_decay, self.min_decay, self.inv_gamma, self.power = max_decay, min_decay, inv_gamma, power
@@ -64,9 +70,14 @@ class WeightEMA:
         return self
 
     def state_dict(self) -> dict:
-        return {"optimization_step": self.optimization_step, "shadow_params": self.shadow,
-                "max_decay": self.max_decay, "min_decay": self.min_decay, "inv_gamma": self.inv_gamma,
-                "power": self.power}  # fmt: skip
+        return {
+            "optimization_step": self.optimization_step,
+            "shadow_params": self.shadow,
+            "max_decay": self.max_decay,
+            "min_decay": self.min_decay,
+            "inv_gamma": self.inv_gamma,
+            "power": self.power,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         shadow = state["shadow_params"]

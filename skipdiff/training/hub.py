@@ -108,10 +108,14 @@ def _weights_note(repo_id: str, options: dict, plain: bool) -> str:
     else:
         note = "`unet/` holds the weights (the run kept no EMA)."
     if plain:
-        return note + (" Every skip is kept, so diffusers' `UNet2DModel.from_pretrained(..., "
-                       'subfolder="unet")` loads the same model.')  # fmt: skip
-    return note + (" diffusers' `UNet2DModel` cannot represent the skip gates and refuses `unet/` (its error "
-                   "names `SkipUNet2DModel`): use `pipe.unet` or skipdiff's `SkipUNet2DModel`.")  # fmt: skip
+        return note + (
+            " Every skip is kept, so diffusers' `UNet2DModel.from_pretrained(..., "
+            'subfolder="unet")` loads the same model.'
+        )
+    return note + (
+        " diffusers' `UNet2DModel` cannot represent the skip gates and refuses `unet/` (its error "
+        "names `SkipUNet2DModel`): use `pipe.unet` or skipdiff's `SkipUNet2DModel`."
+    )
 
 
 def _loading_section(repo_id: str, options: dict, plain: bool) -> str:
@@ -168,23 +172,30 @@ def model_card(
     data = ModelCardData(
         library_name="skipdiff",
         license="apache-2.0",
-        tags=["skipdiff", "diffusers", "custom_code", "skip-connections",
-              "class-conditional-image-generation" if conditional else "unconditional-image-generation"],
+        tags=[
+            "skipdiff",
+            "diffusers",
+            "custom_code",
+            "skip-connections",
+            "class-conditional-image-generation" if conditional else "unconditional-image-generation",
+        ],
         datasets=hub_datasets,
         # The Hub has no task for class-conditional generation.
         pipeline_tag=None if conditional else "unconditional-image-generation",
-    )  # fmt: skip
+    )
     rows = "\n".join(
         f"| {s['index']} | up_blocks.{s['up_block']}.resnets.{s['layer']} | {s['source']} | {s['resolution']} "
         f"| {s['skip_channels']} | `{s['gate']}` |"
         for s in skip_table
     )
     settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(redact(options).items()))
-    metric_rows = (
-        "\n".join(f"| {k} | {v} |" for k, v in sorted((metrics or {}).items())) or "| (none yet) | |"
-    )
+    metric_rows = "\n".join(f"| {k} | {v} |" for k, v in sorted((metrics or {}).items())) or "| (none yet) | |"
     grid = f"\n## Samples\n\n![samples]({sample_grid})\n" if sample_grid else ""
-    space = "pixel space" if str(options.get("vae", "")).lower() == "none" else "the latent space of its `AutoencoderKL` (`vae/`)"
+    space = (
+        "pixel space"
+        if str(options.get("vae", "")).lower() == "none"
+        else "the latent space of its `AutoencoderKL` (`vae/`)"
+    )
     content = f"""---
 {data.to_yaml()}
 ---
@@ -218,11 +229,21 @@ gates listed below) denoising in {space}. Trained on {data_line}.
     return ModelCard(content)
 
 
-def upload(folder: str | Path, repo_id: str, token: str | None, message: str, path_in_repo: str | None = None,
-           api: HfApi | None = None) -> None:  # fmt: skip
+def upload(
+    folder: str | Path,
+    repo_id: str,
+    token: str | None,
+    message: str,
+    path_in_repo: str | None = None,
+    api: HfApi | None = None,
+) -> None:
     """Upload a folder (hidden files, checkpoints and logs left out) to the repo."""
     api = api or HfApi(token=token)
     api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), path_in_repo=path_in_repo, commit_message=message,
-        token=token, ignore_patterns=IGNORE_PATTERNS,
-    )  # fmt: skip
+        repo_id=repo_id,
+        folder_path=str(folder),
+        path_in_repo=path_in_repo,
+        commit_message=message,
+        token=token,
+        ignore_patterns=IGNORE_PATTERNS,
+    )

@@ -47,11 +47,18 @@ def check_model_options(options) -> None:
         if config.get("_class_name") == "UNet2DConditionModel":
             return  # checked when the gates are applied (no cheap stand-in for its blocks)
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        SkipUNet2DModel.from_config({**config, "skips": options.skips, "residual_shortcuts": shortcuts,
-                                     "markov": options.markov_options()})  # fmt: skip
+        SkipUNet2DModel.from_config(
+            {**config, "skips": options.skips, "residual_shortcuts": shortcuts, "markov": options.markov_options()}
+        )
         return
-    config = unet_config(options.model, sample_size=options.resolution, channels=1, skips=options.skips,
-                         residual_shortcuts=shortcuts, markov=options.markov_options())  # fmt: skip
+    config = unet_config(
+        options.model,
+        sample_size=options.resolution,
+        channels=1,
+        skips=options.skips,
+        residual_shortcuts=shortcuts,
+        markov=options.markov_options(),
+    )
     unknown = sorted(set(config) - set(inspect.signature(SkipUNet2DModel.__init__).parameters))
     if unknown:
         raise ValueError(f"--model {options.model!r} is not a UNet2DModel config: unexpected key(s) {unknown}")
@@ -93,27 +100,39 @@ def pipeline_source(options, data) -> ModelSource:
     """A pretrained pipeline as the study target view (:func:`skipdiff.targets.load_target`), its UNet given
     the run's skips: a ``SkipUNet2DModel`` for a ``UNet2DModel``, the router as ``skip_router`` otherwise."""
     source = options.pretrained_model_name_or_path
-    target = load_target(source, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir,
-                         device="cpu")  # fmt: skip
+    target = load_target(
+        source, revision=options.revision, variant=options.variant, cache_dir=options.cache_dir, device="cpu"
+    )
     if target.image_channels != data.channels:
-        raise ValueError(f"the pipeline {source!r} makes {target.image_channels}-channel images but the dataset has "
-                         f"{data.channels} channels (--image_channels)")  # fmt: skip
+        raise ValueError(
+            f"the pipeline {source!r} makes {target.image_channels}-channel images but the dataset has "
+            f"{data.channels} channels (--image_channels)"
+        )
     if options.resolution % target.encoder.downscale:
-        raise ValueError(f"--resolution {options.resolution} is not a multiple of the pipeline's VAE downscaling "
-                         f"{target.encoder.downscale}")  # fmt: skip
+        raise ValueError(
+            f"--resolution {options.resolution} is not a multiple of the pipeline's VAE downscaling "
+            f"{target.encoder.downscale}"
+        )
     if target.text_conditioned and not options.caption_column:
         raise ValueError(f"{source!r} is text-conditioned: name the captions with --caption_column")
     if isinstance(target.unet, UNet2DConditionModel):
         unet = target.unet
         unet.skip_router = apply_skip_spec(unet, options.skips, options.markov_options())
     else:
-        unet = SkipUNet2DModel.from_unet(target.unet, options.skips, _shortcuts_off(options.disable_shortcuts),
-                                         options.markov_options())  # fmt: skip
+        unet = SkipUNet2DModel.from_unet(
+            target.unet, options.skips, _shortcuts_off(options.disable_shortcuts), options.markov_options()
+        )
     if data.classes and not target.conditioning.kind == "class":
         raise ValueError(f"--class_conditional, but the pipeline {source!r} is not class-conditional")
     unet.train()
-    return ModelSource(finish_model(unet, options), target.noise_scheduler, target.encoder, target.conditioning,
-                       f"{source} (the pipeline's own)", target)  # fmt: skip
+    return ModelSource(
+        finish_model(unet, options),
+        target.noise_scheduler,
+        target.encoder,
+        target.conditioning,
+        f"{source} (the pipeline's own)",
+        target,
+    )
 
 
 def build_unet(options, encoder, data) -> tuple[nn.Module, object]:
@@ -122,11 +141,18 @@ def build_unet(options, encoder, data) -> tuple[nn.Module, object]:
     if options.pretrained_model_name_or_path:
         return _pretrained(options, encoder)
     shortcuts = {part: False for part in options.disable_shortcuts} or None
-    config = unet_config(options.model, sample_size=options.resolution // encoder.downscale, channels=encoder.channels,
-                         num_classes=data.classes, skips=options.skips, residual_shortcuts=shortcuts,
-                         markov=options.markov_options())  # fmt: skip
-    scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
-                               encoder.sample_range)  # fmt: skip
+    config = unet_config(
+        options.model,
+        sample_size=options.resolution // encoder.downscale,
+        channels=encoder.channels,
+        num_classes=data.classes,
+        skips=options.skips,
+        residual_shortcuts=shortcuts,
+        markov=options.markov_options(),
+    )
+    scheduler = make_scheduler(
+        options.num_train_timesteps, options.beta_schedule, options.prediction_type, encoder.sample_range
+    )
     return SkipUNet2DModel(**config), scheduler
 
 
@@ -202,14 +228,19 @@ def _pretrained(options, encoder) -> tuple[nn.Module, object]:
         unet = UNet2DConditionModel.from_pretrained(source, **kwargs)
         unet.skip_router = apply_skip_spec(unet, options.skips, options.markov_options())
     else:
-        base = UNet2DModel.from_pretrained(source, **kwargs) if config.get("_class_name") == "UNet2DModel" \
-            else SkipUNet2DModel.from_pretrained(source, **kwargs)  # fmt: skip
-        unet = SkipUNet2DModel.from_unet(base, options.skips, _shortcuts_off(options.disable_shortcuts),
-                                         options.markov_options())  # fmt: skip
+        base = (
+            UNet2DModel.from_pretrained(source, **kwargs)
+            if config.get("_class_name") == "UNet2DModel"
+            else SkipUNet2DModel.from_pretrained(source, **kwargs)
+        )
+        unet = SkipUNet2DModel.from_unet(
+            base, options.skips, _shortcuts_off(options.disable_shortcuts), options.markov_options()
+        )
     scheduler = _pretrained_scheduler(options, subfolder, encoder)
     if scheduler is None:
-        scheduler = make_scheduler(options.num_train_timesteps, options.beta_schedule, options.prediction_type,
-                                   encoder.sample_range)  # fmt: skip
+        scheduler = make_scheduler(
+            options.num_train_timesteps, options.beta_schedule, options.prediction_type, encoder.sample_range
+        )
     return unet, scheduler
 
 
@@ -218,8 +249,12 @@ def _pretrained_scheduler(options, unet_subfolder: str | None, encoder):
     if unet_subfolder is None:
         return None
     try:
-        config = DDPMScheduler.load_config(options.pretrained_model_name_or_path, subfolder="scheduler",
-                                           revision=options.revision, cache_dir=options.cache_dir)  # fmt: skip
+        config = DDPMScheduler.load_config(
+            options.pretrained_model_name_or_path,
+            subfolder="scheduler",
+            revision=options.revision,
+            cache_dir=options.cache_dir,
+        )
     except (OSError, ValueError):
         return None
     scheduler = DDPMScheduler.from_config(config)
@@ -230,8 +265,12 @@ def _pretrained_scheduler(options, unet_subfolder: str | None, encoder):
 
 def skip_unet_from(base: nn.Module, skips, disable_shortcuts: list[str], markov: dict) -> SkipUNet2DModel:
     """Deprecated: :meth:`SkipUNet2DModel.from_unet` (``residual_shortcuts={part: False}`` per disabled part)."""
-    warnings.warn("skip_unet_from is deprecated; use SkipUNet2DModel.from_unet(unet, skips=..., "
-                  "residual_shortcuts=..., markov=...)", DeprecationWarning, stacklevel=2)  # fmt: skip
+    warnings.warn(
+        "skip_unet_from is deprecated; use SkipUNet2DModel.from_unet(unet, skips=..., "
+        "residual_shortcuts=..., markov=...)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return SkipUNet2DModel.from_unet(base, skips, _shortcuts_off(disable_shortcuts), markov)
 
 

@@ -33,11 +33,31 @@ TRAIN_ONLY = ("all", "gates", "lora")
 DEFAULT_STEPS = 1200  # the default job, when neither --max_train_steps nor --num_epochs is given
 # Options a resumed run may change without changing what is trained (everything else must match the
 # checkpoint's run; --allow_changed names more).
-RESUME_FREE = ("resume_from_checkpoint", "num_threads", "dataloader_num_workers", "report_to", "tracker_project_name",
-               "log_every", "validation_every", "num_validation_images", "validation_inference_steps",
-               "validation_prompts", "checkpointing_steps", "checkpoints_total_limit", "push_to_hub", "hub_model_id",
-               "hub_private_repo", "hub_token", "dry_run", "allow_changed", "overwrite_output_dir", "cache_dir",
-               "inject_nonfinite_steps", "max_nonfinite_in_row", "output_dir")  # fmt: skip
+RESUME_FREE = (
+    "resume_from_checkpoint",
+    "num_threads",
+    "dataloader_num_workers",
+    "report_to",
+    "tracker_project_name",
+    "log_every",
+    "validation_every",
+    "num_validation_images",
+    "validation_inference_steps",
+    "validation_prompts",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private_repo",
+    "hub_token",
+    "dry_run",
+    "allow_changed",
+    "overwrite_output_dir",
+    "cache_dir",
+    "inject_nonfinite_steps",
+    "max_nonfinite_in_row",
+    "output_dir",
+)
 
 
 @dataclasses.dataclass
@@ -51,32 +71,37 @@ class TrainOptions(DataOptions):
     )
     vae_preset: str = option("digits", "VAE architecture for --vae auto (see skipdiff.presets.VAE_PRESETS)")
     sample_latents: bool = option(
-        False, "train on latent_dist.sample() as diffusers' examples do (default: the posterior mean; see skipdiff/encoders.py)"
+        False,
+        "train on latent_dist.sample() as diffusers' examples do (default: the posterior mean; see skipdiff/encoders.py)",
     )
     cache_latents: bool = option(
-        True, "encode the train split once (VAE latents, or pixel tensors in pixel space; both flips with "
-        "--random_flip) instead of every step"
+        True,
+        "encode the train split once (VAE latents, or pixel tensors in pixel space; both flips with "
+        "--random_flip) instead of every step",
     )
     # ---- model -----------------------------------------------------------------------------------
     model: str = option("digits", f"UNet preset ({', '.join(UNET_PRESETS)}) or a config.json path")
     pretrained_model_name_or_path: str | None = option(
-        None, "start from these weights: a UNet or pipeline folder or Hub id (e.g. google/ddpm-cifar10-32); "
-        "replaces --model"
+        None,
+        "start from these weights: a UNet or pipeline folder or Hub id (e.g. google/ddpm-cifar10-32); replaces --model",
     )
     revision: str | None = option(None, "Hub revision of --pretrained_model_name_or_path")
     variant: str | None = option(None, "weights variant of --pretrained_model_name_or_path (e.g. fp16)")
     skips: str = option("full", "skip specification: preset, one mode, or comma-separated per-skip modes")
     disable_shortcuts: list[str] = option([], "turn off the residual shortcut of resnets in: down mid up")
-    markov: str = option(
-        "", "Markov chain options for markov gates, e.g. 'p_init=0.8,cost=0.1,temperature=0.1'"
-    )
+    markov: str = option("", "Markov chain options for markov gates, e.g. 'p_init=0.8,cost=0.1,temperature=0.1'")
     class_conditional: bool = option(False, "condition on the dataset's labels (class embedding)")
     train_only: str = option(
-        "all", "train every weight, only the skip gates, or LoRA adapters (peft) on the resnets' convolutions and "
-        "the attention projections (the base model frozen)", choices=TRAIN_ONLY)
+        "all",
+        "train every weight, only the skip gates, or LoRA adapters (peft) on the resnets' convolutions and "
+        "the attention projections (the base model frozen)",
+        choices=TRAIN_ONLY,
+    )
     lora_rank: int = option(4, "--train_only lora: the adapters' rank")
     lora_alpha: float | None = option(None, "--train_only lora: the adapters' alpha (default: the rank)")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, same gradients)")
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward pass (less memory, same gradients)"
+    )
     # ---- noise scheduler -------------------------------------------------------------------------
     num_train_timesteps: int = option(1000, "diffusion steps of the DDPM scheduler")
     beta_schedule: str = option("squaredcos_cap_v2", "beta schedule", choices=BETA_SCHEDULES)
@@ -98,7 +123,9 @@ class TrainOptions(DataOptions):
     use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes installed)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
     gradient_accumulation_steps: int = option(1, "batches per optimizer step")
-    use_ema: bool = option(True, "keep an EMA of the weights (saved as unet/, used for sampling; raw weights in unet_raw/)")
+    use_ema: bool = option(
+        True, "keep an EMA of the weights (saved as unet/, used for sampling; raw weights in unet_raw/)"
+    )
     ema_max_decay: float = option(0.999, "EMA decay ceiling")
     ema_min_decay: float = option(0.0, "EMA decay floor")
     ema_inv_gamma: float = option(1.0, "EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power")
@@ -124,9 +151,10 @@ class TrainOptions(DataOptions):
     timestep_buckets: int = option(4, "equal-width timestep buckets for the per-bucket loss")
     validation_every: int = option(400, "steps between validation sample grids (0: only at the end)")
     num_validation_images: int | None = option(
-        None, "images per validation grid (default: sized to the run: 4 for a text-conditioned UNet, else as many "
+        None,
+        "images per validation grid (default: sized to the run: 4 for a text-conditioned UNet, else as many "
         "as fill a 1024 px grid, at most 64); the run prints what validation costs against the training",
-    )  # fmt: skip
+    )
     validation_inference_steps: int = option(50, "DDIM steps for validation samples")
     validation_prompts: list[str] = option([], "prompts for validation grids of text-conditioned UNets")
     checkpointing_steps: int = option(400, "steps between checkpoints (0: none)")
@@ -149,15 +177,42 @@ class TrainOptions(DataOptions):
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value (called before any work starts)."""
         super().validate()
-        check_positive(self, ("train_batch_size", "gradient_accumulation_steps", "lora_rank", "num_train_timesteps", "log_every",
-                              "timestep_buckets", "validation_inference_steps", "max_nonfinite_in_row"))  # fmt: skip
-        check_positive(self, ("max_train_steps", "num_epochs", "num_threads", "checkpoints_total_limit",
-                              "num_validation_images"), optional=True)  # fmt: skip
-        check_positive(self, ("checkpointing_steps", "validation_every", "lr_warmup_steps", "dataloader_num_workers"),
-                       minimum=0)  # fmt: skip
-        check_finite(self, ("learning_rate", "max_grad_norm", "adam_weight_decay", "adam_epsilon", "noise_offset",
-                            "input_perturbation", "snr_gamma", "ema_inv_gamma", "ema_power"),
-                     positive=("learning_rate", "snr_gamma", "ema_inv_gamma", "ema_power"))  # fmt: skip
+        check_positive(
+            self,
+            (
+                "train_batch_size",
+                "gradient_accumulation_steps",
+                "lora_rank",
+                "num_train_timesteps",
+                "log_every",
+                "timestep_buckets",
+                "validation_inference_steps",
+                "max_nonfinite_in_row",
+            ),
+        )
+        check_positive(
+            self,
+            ("max_train_steps", "num_epochs", "num_threads", "checkpoints_total_limit", "num_validation_images"),
+            optional=True,
+        )
+        check_positive(
+            self, ("checkpointing_steps", "validation_every", "lr_warmup_steps", "dataloader_num_workers"), minimum=0
+        )
+        check_finite(
+            self,
+            (
+                "learning_rate",
+                "max_grad_norm",
+                "adam_weight_decay",
+                "adam_epsilon",
+                "noise_offset",
+                "input_perturbation",
+                "snr_gamma",
+                "ema_inv_gamma",
+                "ema_power",
+            ),
+            positive=("learning_rate", "snr_gamma", "ema_inv_gamma", "ema_power"),
+        )
         for name in ("adam_beta1", "adam_beta2", "ema_max_decay", "ema_min_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
@@ -165,9 +220,14 @@ class TrainOptions(DataOptions):
             raise ValueError(f"--ema_min_decay {self.ema_min_decay} exceeds --ema_max_decay {self.ema_max_decay}")
         if self.mixed_precision is not None:
             check_choice(self, "mixed_precision", MIXED_PRECISION)
-        for name, allowed in (("prediction_type", PREDICTION_TYPES), ("beta_schedule", BETA_SCHEDULES),
-                              ("lr_scheduler", LR_SCHEDULERS), ("report_to", TRACKERS), ("train_only", TRAIN_ONLY)):
-            check_choice(self, name, allowed)  # fmt: skip
+        for name, allowed in (
+            ("prediction_type", PREDICTION_TYPES),
+            ("beta_schedule", BETA_SCHEDULES),
+            ("lr_scheduler", LR_SCHEDULERS),
+            ("report_to", TRACKERS),
+            ("train_only", TRAIN_ONLY),
+        ):
+            check_choice(self, name, allowed)
         bad_parts = sorted(set(self.disable_shortcuts) - set(SHORTCUT_PARTS))
         if bad_parts:
             raise ValueError(f"--disable_shortcuts takes {SHORTCUT_PARTS}, got {bad_parts}")
@@ -183,7 +243,9 @@ class TrainOptions(DataOptions):
 
     def _validate_model_source(self) -> None:
         if self.train_only != "all" and not self.pretrained_model_name_or_path:
-            raise ValueError(f"--train_only {self.train_only} tunes a pretrained UNet: give --pretrained_model_name_or_path")
+            raise ValueError(
+                f"--train_only {self.train_only} tunes a pretrained UNet: give --pretrained_model_name_or_path"
+            )
         if self.pretrained_model_name_or_path and self.model != "digits":
             raise ValueError("--pretrained_model_name_or_path sets the architecture: leave --model at its default")
         if (self.revision or self.variant) and not self.pretrained_model_name_or_path:

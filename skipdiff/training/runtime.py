@@ -77,8 +77,10 @@ def resolve_mixed_precision(requested: str | None) -> str | None:
     stack-facts.) ``None`` keeps the accelerate config's choice.
     """
     if requested == "fp16" and not torch.cuda.is_available():
-        warnings.warn("--mixed_precision fp16 needs a CUDA GPU; training in fp32 on this CPU instead "
-                      "(bf16 works on CPUs)", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            "--mixed_precision fp16 needs a CUDA GPU; training in fp32 on this CPU instead (bf16 works on CPUs)",
+            stacklevel=2,
+        )
         return "no"
     return requested
 
@@ -115,7 +117,11 @@ def vae_downscale(options: TrainOptions) -> int | None:
     if options.vae.lower() == "none":
         return 1
     if options.vae == "auto":
-        return 2 ** (len(VAE_PRESETS[options.vae_preset]["block_out_channels"]) - 1) if options.vae_preset in VAE_PRESETS else None
+        return (
+            2 ** (len(VAE_PRESETS[options.vae_preset]["block_out_channels"]) - 1)
+            if options.vae_preset in VAE_PRESETS
+            else None
+        )
     for candidate in (Path(options.vae) / "config.json", Path(options.vae) / "vae" / "config.json"):
         if candidate.is_file():
             return 2 ** (len(json.loads(candidate.read_text())["block_out_channels"]) - 1)
@@ -244,13 +250,22 @@ def train_loader(options: TrainOptions, split, encoder: Encoder, channels: int) 
     else:
         dataset, collate = images, collate_images
     if len(dataset) < options.train_batch_size:
-        raise ValueError(f"the train split has {len(dataset)} images, fewer than --train_batch_size "
-                         f"{options.train_batch_size}: lower the batch size")  # fmt: skip
+        raise ValueError(
+            f"the train split has {len(dataset)} images, fewer than --train_batch_size "
+            f"{options.train_batch_size}: lower the batch size"
+        )
     # Its own generator: creating an iterator draws a base seed from it, not from the global RNG that
     # the noise comes from (else a resumed run, which creates one more iterator, draws other noise).
-    return DataLoader(dataset, batch_size=options.train_batch_size, shuffle=True, drop_last=True,
-                      collate_fn=collate, num_workers=options.dataloader_num_workers,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(options.seed))  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_size=options.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=options.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(options.seed),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,8 +277,12 @@ def make_optimizer(options: TrainOptions, unet: torch.nn.Module, num_processes: 
     """AdamW over the trainable parameters: fused (it skips non-finite steps on the device), or
     bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``."""
     parameters = trainable_parameters(unet)
-    kwargs = dict(lr=options.effective_learning_rate(num_processes), betas=(options.adam_beta1, options.adam_beta2),
-                  weight_decay=options.adam_weight_decay, eps=options.adam_epsilon)  # fmt: skip
+    kwargs = dict(
+        lr=options.effective_learning_rate(num_processes),
+        betas=(options.adam_beta1, options.adam_beta2),
+        weight_decay=options.adam_weight_decay,
+        eps=options.adam_epsilon,
+    )
     if options.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -274,8 +293,13 @@ def make_optimizer(options: TrainOptions, unet: torch.nn.Module, num_processes: 
 def make_ema(options: TrainOptions, unet: torch.nn.Module) -> WeightEMA | None:
     if not options.use_ema:
         return None
-    return WeightEMA(unet.parameters(), max_decay=options.ema_max_decay, min_decay=options.ema_min_decay,
-                     inv_gamma=options.ema_inv_gamma, power=options.ema_power)  # fmt: skip
+    return WeightEMA(
+        unet.parameters(),
+        max_decay=options.ema_max_decay,
+        min_decay=options.ema_min_decay,
+        inv_gamma=options.ema_inv_gamma,
+        power=options.ema_power,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,18 +347,27 @@ def validation_cost(options: TrainOptions, max_steps: int, images: int, guidance
     forwards = grids * images * options.validation_inference_steps * (2 if guidance else 1)
     batch = options.train_batch_size * options.gradient_accumulation_steps * num_processes
     training = max_steps * batch * TRAINING_FORWARDS_PER_IMAGE
-    return {"grids": grids, "images": images, "steps": options.validation_inference_steps, "guidance": guidance,
-            "unet_forwards": forwards, "training_forwards": training, "fraction_of_training": forwards / training}  # fmt: skip
+    return {
+        "grids": grids,
+        "images": images,
+        "steps": options.validation_inference_steps,
+        "guidance": guidance,
+        "unet_forwards": forwards,
+        "training_forwards": training,
+        "fraction_of_training": forwards / training,
+    }
 
 
 def validation_line(cost: dict, every: int) -> str:
     """:func:`validation_cost` as the line a run prints at its start."""
     when = f"every {every} steps and at the end" if every else "at the end"
     guided = " x 2 (guidance)" if cost["guidance"] else ""
-    return (f"validation: {cost['grids']} grid(s) ({when}) of {cost['images']} images x {cost['steps']} DDIM steps"
-            f"{guided} = {cost['unet_forwards']:,} UNet forwards, {cost['fraction_of_training']:.1%} of the "
-            f"training's {cost['training_forwards']:,} (forward + backward ~ {TRAINING_FORWARDS_PER_IMAGE} forwards "
-            "per image); --num_validation_images, --validation_every and --validation_inference_steps change it")  # fmt: skip
+    return (
+        f"validation: {cost['grids']} grid(s) ({when}) of {cost['images']} images x {cost['steps']} DDIM steps"
+        f"{guided} = {cost['unet_forwards']:,} UNet forwards, {cost['fraction_of_training']:.1%} of the "
+        f"training's {cost['training_forwards']:,} (forward + backward ~ {TRAINING_FORWARDS_PER_IMAGE} forwards "
+        "per image); --num_validation_images, --validation_every and --validation_inference_steps change it"
+    )
 
 
 def text_grid_layout(count: int, prompts: list[str]) -> tuple[int, int, list[str] | None]:
@@ -348,8 +381,9 @@ def text_grid_layout(count: int, prompts: list[str]) -> tuple[int, int, list[str
 
 
 @torch.no_grad()
-def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: TrainingData, seed: int = 0,
-                step: int | None = None):  # fmt: skip
+def sample_grid(
+    pipeline: SkipDiffPipeline, options: TrainOptions, data: TrainingData, seed: int = 0, step: int | None = None
+):
     """A grid of validation samples (:func:`validation_images` of them), seeded: one column per class when
     class-conditional (labelled), else a near-square grid; cells upscaled and spaced by
     :func:`skipdiff.grids.image_grid`, the sampling settings in its legend."""
@@ -357,14 +391,20 @@ def sample_grid(pipeline: SkipDiffPipeline, options: TrainOptions, data: Trainin
     labels = [i % classes for i in range(count)] if classes else None
     was_training = pipeline.unet.training
     pipeline.unet.eval()
-    images = pipeline(batch_size=count, num_inference_steps=options.validation_inference_steps, class_labels=labels,
-                      generator=torch.Generator().manual_seed(seed), sampler="ddim",
-                      show_progress=False).images  # fmt: skip
+    images = pipeline(
+        batch_size=count,
+        num_inference_steps=options.validation_inference_steps,
+        class_labels=labels,
+        generator=torch.Generator().manual_seed(seed),
+        sampler="ddim",
+        show_progress=False,
+    ).images
     pipeline.unet.train(was_training)
     columns = classes if classes and classes <= 16 else max(1, math.ceil(math.sqrt(count)))
     column_labels = [f"class {k}" for k in range(columns)] if classes and classes <= 16 else None
-    return image_grid(images, columns=columns, column_labels=column_labels,
-                      legend=_validation_legend(options, step, seed))  # fmt: skip
+    return image_grid(
+        images, columns=columns, column_labels=column_labels, legend=_validation_legend(options, step, seed)
+    )
 
 
 def _validation_legend(options: TrainOptions, step: int | None, seed: int) -> str:
@@ -383,12 +423,21 @@ def text_sample_grid(target, options: TrainOptions, data: TrainingData, step: in
 
     from ..sampling import sample_images
 
-    prompts = list(options.validation_prompts) or [str(c) for c in data.splits["test"]["caption"][:VALIDATION_TEXT_PROMPTS]]
+    prompts = list(options.validation_prompts) or [
+        str(c) for c in data.splits["test"]["caption"][:VALIDATION_TEXT_PROMPTS]
+    ]
     count, columns, labels = text_grid_layout(validation_images(options, True), prompts)
     was_training = target.unet.training
     target.unet.eval()
-    samples = sample_images(target, count, seed=0, steps=options.validation_inference_steps,
-                            prompts=prompts, resolution=options.resolution, progress=False)  # fmt: skip
+    samples = sample_images(
+        target,
+        count,
+        seed=0,
+        steps=options.validation_inference_steps,
+        prompts=prompts,
+        resolution=options.resolution,
+        progress=False,
+    )
     target.unet.train(was_training)
     images = numpy_to_pil(((samples.images + 1) / 2).permute(0, 2, 3, 1).numpy())
     legend = _validation_legend(options, step, 0) + ("" if labels else f"\nprompt: {prompts[0]}")

@@ -70,7 +70,9 @@ RUN_MARKERS = (OPTIONS_FILE, STATS_FILE, "model_index.json", "train_metrics.json
 def describe_run(folder: Path) -> list[str]:
     """What of a training run ``folder`` holds (empty when it holds none)."""
     found = [name for name in RUN_MARKERS if (folder / name).exists()]
-    found += [f"{len(checkpoints.list_checkpoints(folder))} checkpoint(s)"] if checkpoints.list_checkpoints(folder) else []
+    found += (
+        [f"{len(checkpoints.list_checkpoints(folder))} checkpoint(s)"] if checkpoints.list_checkpoints(folder) else []
+    )
     found += ["eval/"] if (folder / "eval").is_dir() else []
     return found
 
@@ -95,10 +97,31 @@ def prepare_output_dir(options) -> Path:
 
 # Everything skipdiff writes at the top of a run folder (training, export, evaluation, sweeps, trackers):
 # --overwrite_output_dir deletes these, and only these.
-RUN_ENTRIES = frozenset({OPTIONS_FILE, STATS_FILE, LOCK_FILE, ".write-test", "model_index.json", "skipdiff_pipeline.py",
-                         "README.md", "train_metrics.json", "cell.json", "unet", "unet_raw", "unet_ema", "vae",
-                         "scheduler", "skip_gates", "samples", "logs", "wandb", "eval", "variants",
-                         ".export-unfinished"})  # fmt: skip
+RUN_ENTRIES = frozenset(
+    {
+        OPTIONS_FILE,
+        STATS_FILE,
+        LOCK_FILE,
+        ".write-test",
+        "model_index.json",
+        "skipdiff_pipeline.py",
+        "README.md",
+        "train_metrics.json",
+        "cell.json",
+        "unet",
+        "unet_raw",
+        "unet_ema",
+        "vae",
+        "scheduler",
+        "skip_gates",
+        "samples",
+        "logs",
+        "wandb",
+        "eval",
+        "variants",
+        ".export-unfinished",
+    }
+)
 RUN_ENTRY_PATTERN = re.compile(r"^(checkpoint-\d+|\.checkpoint-\d+\.(tmp|old|deleting)|eval-.+|\..+\.tmp\d+)$")
 # ... and inside its evaluation folders (eval/, eval-<skips>/).
 EVAL_ENTRY_PATTERN = re.compile(r"^(eval\.json|eval\.md|[^/]+\.png|\.eval\.lock|\..+\.tmp\d+)$")
@@ -112,7 +135,9 @@ def foreign_entries(folder: Path) -> list[str]:
             foreign.append(path.name + ("/" if path.is_dir() else ""))
         elif path.name == "eval" or path.name.startswith("eval-"):
             if path.is_dir() and not path.is_symlink():
-                foreign += [f"{path.name}/{p.name}" for p in sorted(path.iterdir()) if not EVAL_ENTRY_PATTERN.match(p.name)]
+                foreign += [
+                    f"{path.name}/{p.name}" for p in sorted(path.iterdir()) if not EVAL_ENTRY_PATTERN.match(p.name)
+                ]
             else:
                 foreign.append(path.name)
     return foreign
@@ -124,9 +149,11 @@ def check_overwritable(folder: Path) -> None:
     foreign = foreign_entries(folder)
     if foreign:
         shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
-        raise ValueError(f"--overwrite_output_dir refused: {str(folder)!r} holds files that skipdiff never writes in a "
-                         f"run folder ({shown}), so it is not only a skipdiff run; nothing was deleted. Choose another "
-                         "--output_dir, or move those files away first")  # fmt: skip
+        raise ValueError(
+            f"--overwrite_output_dir refused: {str(folder)!r} holds files that skipdiff never writes in a "
+            f"run folder ({shown}), so it is not only a skipdiff run; nothing was deleted. Choose another "
+            "--output_dir, or move those files away first"
+        )
 
 
 def _empty(folder: Path) -> None:
@@ -135,8 +162,10 @@ def _empty(folder: Path) -> None:
     lock = RunLock(folder)
     owner = lock.owner()
     if owner is not None and not RunLock._is_stale(owner):
-        raise RunLockedError(f"{str(folder)!r} is in use by another training process (pid {owner.get('pid')}); "
-                             "it cannot be overwritten now")  # fmt: skip
+        raise RunLockedError(
+            f"{str(folder)!r} is in use by another training process (pid {owner.get('pid')}); "
+            "it cannot be overwritten now"
+        )
     for path in folder.iterdir():
         if path.name == LOCK_FILE:
             path.unlink(missing_ok=True)
@@ -202,8 +231,11 @@ class StopRequest:
             return
         self.flag, self.signum = True, signum
         again = "Ctrl-C again to stop at once" if signum == signal.SIGINT else "writing a checkpoint first"
-        print(f"\n{'interrupt' if signum == signal.SIGINT else name}: stopping after this step ({again})",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"\n{'interrupt' if signum == signal.SIGINT else name}: stopping after this step ({again})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def requested(self, accelerator, logging_step: bool) -> bool:
         if accelerator.num_processes == 1:
@@ -222,5 +254,6 @@ class StopRequest:
         where = saved[-1] if saved else "none"
         signum = self.signum or signal.SIGINT
         how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-        raise TrainingInterrupted(f"interrupted{how} after step {step}; checkpoint {where}. Resume with:\n  {resume_command()}",
-                                  signum)  # fmt: skip
+        raise TrainingInterrupted(
+            f"interrupted{how} after step {step}; checkpoint {where}. Resume with:\n  {resume_command()}", signum
+        )

@@ -33,8 +33,9 @@ class Noise:
     timesteps: torch.Tensor  # (B,)
 
 
-def draw_noise(latents: torch.Tensor, num_train_timesteps: int, noise_offset: float = 0.0,
-               input_perturbation: float = 0.0) -> Noise:  # fmt: skip
+def draw_noise(
+    latents: torch.Tensor, num_train_timesteps: int, noise_offset: float = 0.0, input_perturbation: float = 0.0
+) -> Noise:
     """Noise and timesteps for a batch of latents, drawn on their device for the global batch.
 
     ``noise_offset`` adds ``noise_offset * N(0, 1)`` per example and channel (constant over pixels), so
@@ -54,11 +55,20 @@ def draw_noise(latents: torch.Tensor, num_train_timesteps: int, noise_offset: fl
     return Noise(noise, input_noise, timesteps)
 
 
-def batch_loss(unet, scheduler, latents: torch.Tensor, noise: Noise, unet_kwargs: dict,
-               snr_gamma: float | None) -> torch.Tensor:  # fmt: skip
+def batch_loss(
+    unet, scheduler, latents: torch.Tensor, noise: Noise, unet_kwargs: dict, snr_gamma: float | None
+) -> torch.Tensor:
     """Per-example denoising losses (B,) of one batch (see :func:`skipdiff.diffusion.per_example_loss`)."""
-    return per_example_loss(unet, scheduler, latents, noise.noise, noise.timesteps, snr_gamma=snr_gamma,
-                            input_noise=noise.input_noise, unet_kwargs=unet_kwargs)  # fmt: skip
+    return per_example_loss(
+        unet,
+        scheduler,
+        latents,
+        noise.noise,
+        noise.timesteps,
+        snr_gamma=snr_gamma,
+        input_noise=noise.input_noise,
+        unet_kwargs=unet_kwargs,
+    )
 
 
 def all_finite(accelerator, loss: torch.Tensor) -> torch.Tensor:

@@ -79,24 +79,34 @@ class WindowStats:
         ``step_losses`` (each step's mean loss over the global batch, None for a skipped step: spikes are
         counted on these, not on window means), ``finite_steps``, ``nonfinite_total``, ``nonfinite_window``,
         ``in_row`` and ``longest_in_row``."""
-        steps = torch.stack(self.step_sums) if self.step_sums else torch.zeros(0, 2, dtype=self.sums.dtype, device=self.device)
+        steps = (
+            torch.stack(self.step_sums)
+            if self.step_sums
+            else torch.zeros(0, 2, dtype=self.sums.dtype, device=self.device)
+        )
         packed = torch.cat([self.sums, self.counts, steps.flatten()])
         if accelerator is not None and accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, "sum")
         host = packed.tolist()
-        ints = torch.stack([self.finite_steps, self.nonfinite_total, self.nonfinite_window, self.in_row,
-                            self.longest_in_row]).tolist()  # fmt: skip
+        ints = torch.stack(
+            [self.finite_steps, self.nonfinite_total, self.nonfinite_window, self.in_row, self.longest_in_row]
+        ).tolist()
         sums_h, counts_h = host[: self.buckets], host[self.buckets : 2 * self.buckets]
         per_step = host[2 * self.buckets :]
         total = sum(counts_h)
         labels = bucket_labels(self.buckets, self.num_train_timesteps)
         out = {
             "loss": sum(sums_h) / total if total > 0 else None,
-            "loss_by_timestep": {name: (s / c if c > 0 else None) for name, s, c in zip(labels, sums_h, counts_h, strict=True)},
+            "loss_by_timestep": {
+                name: (s / c if c > 0 else None) for name, s, c in zip(labels, sums_h, counts_h, strict=True)
+            },
             "step_losses": [s / c if c > 0 else None for s, c in zip(per_step[0::2], per_step[1::2], strict=True)],
-            "finite_steps": ints[0], "nonfinite_total": ints[1], "nonfinite_window": ints[2], "in_row": ints[3],
+            "finite_steps": ints[0],
+            "nonfinite_total": ints[1],
+            "nonfinite_window": ints[2],
+            "in_row": ints[3],
             "longest_in_row": ints[4],
-        }  # fmt: skip
+        }
         self.sums.zero_()
         self.counts.zero_()
         self.step_sums = []

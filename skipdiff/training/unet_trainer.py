@@ -1,4 +1,5 @@
-"""The diffusion training loop behind ``train_scripts/train_unet.py`` (``main(argv)`` or ``train_unet(options)``).
+"""The diffusion training loop behind ``train_scripts/train_unet.py``: ``train_unet(options)`` (its one command
+line is :mod:`skipdiff.cli.train_unet`).
 
 Order, as in diffusers' ``train_unconditional.py``: output folder -> accelerator -> data and encoder ->
 model -> noise scheduler -> optimizer -> loader -> prepare -> resume -> loop -> export. Every option, with
@@ -19,7 +20,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..config import REDACTED, parse_args, redact, to_json
+from ..config import redact, to_json
 from ..encoders import batch_latents
 from ..gradients import grad_norms_by_block
 from ..runfolder import OPTIONS_FILE, locked, read_stats, write_json_atomic, write_text_atomic
@@ -46,25 +47,14 @@ from .runtime import (
     validation_cost,
     validation_images,
     validation_line,
-)  # fmt: skip
+)
 from .startup import StopRequest, TrainingStopped, is_main_process, prepare_output_dir, resume_checkpoint
 from .step import all_finite, batch_loss, draw_noise, gradient_norm, optimizer_step
 from .telemetry import StatsWriter, WindowStats
 
-__all__ = ["MonitorView", "TrainingMonitor", "TrainingStopped", "main", "run_cli", "train_unet"]
+__all__ = ["MonitorView", "TrainingMonitor", "TrainingStopped", "train_unet"]
 
 NOISE_KEYS = ("num_train_timesteps", "beta_schedule", "prediction_type", "clip_sample")
-
-
-def main(argv: list[str] | None = None, description: str = __doc__) -> dict:
-    """Parse a command line and train (``--dry_run``: print the resolved options and return)."""
-    options = parse_args(TrainOptions, argv, description=description)
-    if options.dry_run:  # the same checks a real run makes before its VAE stage (a typo fails here too)
-        check_model_options(options)
-        check_geometry(options)
-        print(to_json(redact(options, REDACTED)))
-        return {}
-    return train_unet(options)
 
 
 def train_unet(options: TrainOptions, monitor: TrainingMonitor | None = None) -> dict:
@@ -95,8 +85,9 @@ def train_unet(options: TrainOptions, monitor: TrainingMonitor | None = None) ->
 
         # ---- resume, log the start --------------------------------------------------------------------
         if resume_from is not None:
-            checkpoints.check_resumable(resume_from, dict(run.model.config), options, accelerator.num_processes,
-                                        num_custom=int(ema is not None))  # fmt: skip
+            checkpoints.check_resumable(
+                resume_from, dict(run.model.config), options, accelerator.num_processes, num_custom=int(ema is not None)
+            )
             accelerator.load_state(str(resume_from))
             run.step = checkpoints.read_state(resume_from)["step"]
             accelerator.print(f"resumed from {resume_from} at step {run.step}")
@@ -112,25 +103,24 @@ def train_unet(options: TrainOptions, monitor: TrainingMonitor | None = None) ->
         # ---- outputs ------------------------------------------------------------------------------------
         run.router.record_norms = False
         grid_path = _validate(run)
-        metrics = {"final_loss": _last_loss(output_dir), "steps": run.step, "nonfinite_total": run.nonfinite_total,
-                   "trainable_parameters": sum(p.numel() for p in trainable_parameters(run.model)),
-                   **peak_memory(accelerator.device)}  # fmt: skip
+        metrics = {
+            "final_loss": _last_loss(output_dir),
+            "steps": run.step,
+            "nonfinite_total": run.nonfinite_total,
+            "trainable_parameters": sum(p.numel() for p in trainable_parameters(run.model)),
+            **peak_memory(accelerator.device),
+        }
         _export(run, _card(run, metrics, grid_path))
         if accelerator.is_main_process:
             write_json_atomic(output_dir / "train_metrics.json", metrics)
             if repo_id:
                 hub.upload(output_dir, repo_id, options.hub_token, f"final model after {run.step} steps")
-            accelerator.print(f"trained {run.step} steps: the run is in {output_dir} (evaluate it with "
-                              f"python -m skipdiff.eval --checkpoint {output_dir} --fid --denoise_loss)")  # fmt: skip
+            accelerator.print(
+                f"trained {run.step} steps: the run is in {output_dir} (evaluate it with "
+                f"python -m skipdiff.eval --checkpoint {output_dir} --fid --denoise_loss)"
+            )
         accelerator.end_training()
     return metrics
-
-
-def run_cli(argv: list[str] | None = None, description: str = __doc__) -> int:
-    """``main`` for a console script: known failures print one ``error: ...`` line and exit 1."""
-    from ..cli import run_with_clean_errors
-
-    return run_with_clean_errors(lambda: main(argv, description=description))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,9 +171,12 @@ def _prepare(options, accelerator, source: ModelSource, ema, optimizer, loader, 
 
     steps_per_epoch = math.ceil(len(loader) / options.gradient_accumulation_steps)
     max_steps = options.total_steps(steps_per_epoch)
-    lr_scheduler = get_scheduler(options.lr_scheduler, optimizer,
-                                 num_warmup_steps=options.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)  # fmt: skip
+    lr_scheduler = get_scheduler(
+        options.lr_scheduler,
+        optimizer,
+        num_warmup_steps=options.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(source.unet, optimizer, loader, lr_scheduler)
     source.encoder.to(accelerator.device)
     if source.target is not None:
@@ -196,9 +189,27 @@ def _prepare(options, accelerator, source: ModelSource, ema, optimizer, loader, 
     # The plain module (no DDP or torch.compile wrapper): its parameter names are the model's own, so
     # gradient norms group by block and the saved weights carry no wrapper prefix.
     model = accelerator.unwrap_model(unet, keep_torch_compile=False)
-    return Run(options, accelerator, unet, model, ema, optimizer, lr_scheduler, loader, source.noise_scheduler,
-               source.encoder, source.conditioning, source.target, data, output_dir, StatsWriter(accelerator, output_dir),
-               window, max_steps, steps_per_epoch, options_json)  # fmt: skip
+    return Run(
+        options,
+        accelerator,
+        unet,
+        model,
+        ema,
+        optimizer,
+        lr_scheduler,
+        loader,
+        source.noise_scheduler,
+        source.encoder,
+        source.conditioning,
+        source.target,
+        data,
+        output_dir,
+        StatsWriter(accelerator, output_dir),
+        window,
+        max_steps,
+        steps_per_epoch,
+        options_json,
+    )
 
 
 def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
@@ -213,14 +224,25 @@ def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
     accelerator.print(validation_line(validation, options.validation_every))
     run.stats.truncate_after(run.step if run.step else -1)  # a fresh start drops an earlier attempt's records
     if run.step == 0:
-        run.stats.write({"event": "start", "vae": vae_source, "encoder": run.encoder.describe(),
-                         "num_parameters": sum(p.numel() for p in run.model.parameters()),
-                         "num_trainable_parameters": sum(p.numel() for p in trainable_parameters(run.model)),
-                         "num_processes": accelerator.num_processes, "skipped_images": data.skipped_images,
-                         "train_images": len(data.splits["train"]), "test_images": len(data.splits["test"]),
-                         "image_channels": data.channels, "max_train_steps": run.max_steps,
-                         "noise_scheduler": {k: run.noise_scheduler.config[k] for k in NOISE_KEYS},
-                         "skips": run.router.describe(), "validation": validation}, step=0)  # fmt: skip
+        run.stats.write(
+            {
+                "event": "start",
+                "vae": vae_source,
+                "encoder": run.encoder.describe(),
+                "num_parameters": sum(p.numel() for p in run.model.parameters()),
+                "num_trainable_parameters": sum(p.numel() for p in trainable_parameters(run.model)),
+                "num_processes": accelerator.num_processes,
+                "skipped_images": data.skipped_images,
+                "train_images": len(data.splits["train"]),
+                "test_images": len(data.splits["test"]),
+                "image_channels": data.channels,
+                "max_train_steps": run.max_steps,
+                "noise_scheduler": {k: run.noise_scheduler.config[k] for k in NOISE_KEYS},
+                "skips": run.router.describe(),
+                "validation": validation,
+            },
+            step=0,
+        )
 
 
 def _validation_cost(run: Run) -> dict:
@@ -318,8 +340,9 @@ def _micro_step(run: Run, batch: dict, logging_step: bool) -> StepDone | None:
         if options.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
         noise = draw_noise(latents, options.num_train_timesteps, options.noise_offset, options.input_perturbation)
-        losses = batch_loss(run.unet, run.noise_scheduler, latents, noise, run.conditioning.unet_kwargs(batch),
-                            options.snr_gamma)  # fmt: skip
+        losses = batch_loss(
+            run.unet, run.noise_scheduler, latents, noise, run.conditioning.unet_kwargs(batch), options.snr_gamma
+        )
         loss = losses.mean()
         if run.step + 1 in options.inject_nonfinite_steps:
             loss = loss * float("nan")
@@ -349,8 +372,9 @@ def _log(run: Run, done: StepDone, epoch: int, seconds: float, progress) -> None
     steps = max(window["finite_steps"] + window["nonfinite_window"], 1)
     run.nonfinite_total = window["nonfinite_total"]
     if window["nonfinite_window"]:
-        run.stats.write({"event": "nonfinite", "nonfinite_total": window["nonfinite_total"],
-                         "in_row": window["in_row"]}, run.step)  # fmt: skip
+        run.stats.write(
+            {"event": "nonfinite", "nonfinite_total": window["nonfinite_total"], "in_row": window["in_row"]}, run.step
+        )
     if window["longest_in_row"] >= run.options.max_nonfinite_in_row:
         last = checkpoints.list_checkpoints(run.output_dir)
         raise TrainingStopped(
@@ -359,11 +383,19 @@ def _log(run: Run, done: StepDone, epoch: int, seconds: float, progress) -> None
         )
     if window["loss"] is None:  # no finite step since the last record
         return
-    record = {"loss": window["loss"], "loss_by_timestep": window["loss_by_timestep"], "step_losses": window["step_losses"],
-              "grad_norm": float(done.grad_norm), "grad_norm_by_block": done.block_norms,
-              "lr": run.lr_scheduler.get_last_lr()[0], "seconds_per_step": seconds / steps,
-              "nonfinite_total": window["nonfinite_total"], "epoch": epoch, "gates": run.router.telemetry(),
-              "skip_vs_backbone_norm": run.router.norm_ratios()}  # fmt: skip
+    record = {
+        "loss": window["loss"],
+        "loss_by_timestep": window["loss_by_timestep"],
+        "step_losses": window["step_losses"],
+        "grad_norm": float(done.grad_norm),
+        "grad_norm_by_block": done.block_norms,
+        "lr": run.lr_scheduler.get_last_lr()[0],
+        "seconds_per_step": seconds / steps,
+        "nonfinite_total": window["nonfinite_total"],
+        "epoch": epoch,
+        "gates": run.router.telemetry(),
+        "skip_vs_backbone_norm": run.router.norm_ratios(),
+    }
     if run.router.chain is not None:
         record["markov"] = run.router.markov_summary()
     run.stats.write(record, run.step)
@@ -376,10 +408,14 @@ def _log(run: Run, done: StepDone, epoch: int, seconds: float, progress) -> None
 
 
 def _checkpoint(run: Run, epoch: int, repo_id: str | None) -> None:
-    state = {"epoch": epoch, "unet_config": dict(run.model.config),
-             "training_options": dataclasses.asdict(redact(run.options))}  # fmt: skip
-    path = checkpoints.save_checkpoint(run.accelerator, run.output_dir, run.step, state,
-                                       run.options.checkpoints_total_limit)  # fmt: skip
+    state = {
+        "epoch": epoch,
+        "unet_config": dict(run.model.config),
+        "training_options": dataclasses.asdict(redact(run.options)),
+    }
+    path = checkpoints.save_checkpoint(
+        run.accelerator, run.output_dir, run.step, state, run.options.checkpoints_total_limit
+    )
     if repo_id:
         metrics = {"steps": run.step, "nonfinite_total": run.nonfinite_total}
         _export(run, _card(run, metrics, None))
@@ -416,8 +452,9 @@ def _validate(run: Run):
         if run.conditioning.kind == "text":
             grid = text_sample_grid(run.target, run.options, run.data, step=run.step)
         else:
-            grid = sample_grid(make_pipeline(run.model, run.noise_scheduler, run.encoder), run.options, run.data,
-                               step=run.step)  # fmt: skip
+            grid = sample_grid(
+                make_pipeline(run.model, run.noise_scheduler, run.encoder), run.options, run.data, step=run.step
+            )
     path = run.output_dir / "samples" / f"step-{run.step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -432,9 +469,14 @@ def _validate(run: Run):
 def _card(run: Run, metrics: dict, grid_path):
     """The run's model card (README.md): loading, skip table, settings, metrics, sample grid."""
     options = run.options
-    return hub.model_card(options.hub_model_id or run.output_dir.name, vars(options), run.router.describe(), metrics,
-                          sample_grid=grid_path.relative_to(run.output_dir).as_posix() if grid_path else None,
-                          dataset=options.dataset_name or options.dataset)  # fmt: skip
+    return hub.model_card(
+        options.hub_model_id or run.output_dir.name,
+        vars(options),
+        run.router.describe(),
+        metrics,
+        sample_grid=grid_path.relative_to(run.output_dir).as_posix() if grid_path else None,
+        dataset=options.dataset_name or options.dataset,
+    )
 
 
 def _export(run: Run, card) -> None:
@@ -468,9 +510,3 @@ def _last_loss(output_dir: Path) -> float | None:
     path = output_dir / "stats.jsonl"
     losses = [r["loss"] for r in read_stats(path) if "loss" in r] if path.exists() else []
     return losses[-1] if losses else None
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(run_cli())

@@ -11,10 +11,10 @@ relaunch trains it again)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -42,6 +42,8 @@ METRICS_FILE = "vae_metrics.json"
 # in place, so they mark a folder whose save completed); training_options.json is written last.
 FINISHED_FILES = ("config.json", VAE_WEIGHTS, METRICS_FILE)
 
+logger = logging.getLogger(__name__)
+
 
 def vae_folder_state(folder: str | os.PathLike) -> tuple[str, list[str]]:
     """``("finished", [])``, ``("none", [])`` (no part of a VAE stage: absent or empty of its files) or
@@ -57,8 +59,10 @@ def vae_folder_state(folder: str | os.PathLike) -> tuple[str, list[str]]:
 
 def unfinished_vae_error(folder: str | os.PathLike, missing: list[str], remedy: str) -> ValueError:
     """The one-line refusal of a half-written VAE folder, naming it, what it lacks and ``remedy``."""
-    return ValueError(f"{str(folder)!r} holds an unfinished VAE stage (no {', '.join(missing)}: stopped while "
-                      f"saving), which cannot be loaded; {remedy}")  # fmt: skip
+    return ValueError(
+        f"{str(folder)!r} holds an unfinished VAE stage (no {', '.join(missing)}: stopped while "
+        f"saving), which cannot be loaded; {remedy}"
+    )
 
 
 def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> dict:
@@ -83,11 +87,14 @@ def train_vae(options: VaeOptions, accelerator: Accelerator | None = None) -> di
     test = with_pixel_values(splits["test"], transform)
     batch_size = min(options.train_batch_size, len(train))
     if batch_size < options.train_batch_size:
-        accelerator.print(f"VAE stage: the train split has {len(train)} images, fewer than the batch of "
-                          f"{options.train_batch_size}: training with batches of {batch_size}")  # fmt: skip
+        accelerator.print(
+            f"VAE stage: the train split has {len(train)} images, fewer than the batch of "
+            f"{options.train_batch_size}: training with batches of {batch_size}"
+        )
     generator = torch.Generator().manual_seed(options.seed)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
-                        collate_fn=collate_images, generator=generator)  # fmt: skip
+    loader = DataLoader(
+        train, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate_images, generator=generator
+    )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=options.learning_rate)
     schedule = _one_cycle(optimizer, options.learning_rate, options.max_train_steps)
     model, optimizer, loader = accelerator.prepare(_AutoencoderWithKL(vae), optimizer, loader)
@@ -132,7 +139,9 @@ def _train_steps(model, optimizer, schedule, loader, options: VaeOptions, accele
             # several processes agree every 20 steps (one all-reduce), so that all of them stop together
             if stop.requested(accelerator, logging_step=step % 20 == 0 or step == options.max_train_steps):
                 progress.close()
-                how = "" if (stop.signum or signal.SIGINT) == signal.SIGINT else f" by {signal.Signals(stop.signum).name}"
+                how = (
+                    "" if (stop.signum or signal.SIGINT) == signal.SIGINT else f" by {signal.Signals(stop.signum).name}"
+                )
                 raise TrainingInterrupted(
                     f"the VAE stage was interrupted{how} after step {step} of {options.max_train_steps}; it keeps no "
                     f"checkpoints, so nothing of it was saved ({options.output_dir!r} is as it was): run the same "
@@ -148,7 +157,9 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, a folder holding a VAE (finished or not) unless ``--overwrite_output_dir``."""
     state, missing = vae_folder_state(out)
     if state == "finished" and not overwrite:
-        raise ValueError(f"output_dir {str(out)!r} already holds a VAE: pass --overwrite_output_dir or another --output_dir")
+        raise ValueError(
+            f"output_dir {str(out)!r} already holds a VAE: pass --overwrite_output_dir or another --output_dir"
+        )
     if state == "unfinished" and not overwrite:
         raise unfinished_vae_error(out, missing, "delete the folder or pass --overwrite_output_dir to train it again")
 
@@ -177,8 +188,11 @@ def _save_whole(vae: AutoencoderKL, out: Path, metrics: dict, options_json: str,
             os.replace(tmp, out)
             return metrics
         if vae_folder_state(out)[0] == "finished" and not overwrite:
-            print(f"VAE stage: another process saved a VAE into {out} while this one trained: that one is kept "
-                  "and used, this one dropped", file=sys.stderr)  # fmt: skip
+            logger.warning(
+                "VAE stage: another process saved a VAE into %s while this one trained: that one is kept and used, "
+                "this one dropped",
+                out,
+            )
             return json.loads((out / METRICS_FILE).read_text())
         (out / "config.json").unlink(missing_ok=True)
         names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json")
@@ -186,8 +200,10 @@ def _save_whole(vae: AutoencoderKL, out: Path, metrics: dict, options_json: str,
             os.replace(tmp / name, out / name)
         return metrics
     except OSError as err:
-        raise OSError(f"could not write the VAE stage to {str(out)!r}: {err}; nothing of it was kept; free space "
-                      "or make the folder writable, then run the command again") from err  # fmt: skip
+        raise OSError(
+            f"could not write the VAE stage to {str(out)!r}: {err}; nothing of it was kept; free space "
+            "or make the folder writable, then run the command again"
+        ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 may leave it: a hidden sibling nothing reads
 

@@ -17,13 +17,37 @@ import torch
 from PIL import Image
 
 CHARACTERS = string.ascii_lowercase + string.digits + ".,!?'-"
-TEXT = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-            num_hidden_layers=2, max_position_embeddings=77, projection_dim=32)  # fmt: skip
-UNET_2D = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
-               norm_num_groups=2, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-               up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)  # fmt: skip
-AUTOENCODER = dict(block_out_channels=[4, 8], in_channels=3, out_channels=3, norm_num_groups=2, sample_size=16,
-                   down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)  # fmt: skip
+TEXT = dict(
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=77,
+    projection_dim=32,
+)
+UNET_2D = dict(
+    sample_size=8,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    norm_num_groups=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=4,
+)
+AUTOENCODER = dict(
+    block_out_channels=[4, 8],
+    in_channels=3,
+    out_channels=3,
+    norm_num_groups=2,
+    sample_size=16,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+)
 CAPTIONS = ["a red square", "a blue circle", "green stripes", "a dark corner", "light sky", "two dots"]
 
 
@@ -73,16 +97,36 @@ def sd_pipeline(folder: Path, seed: int = 0) -> Path:
 
     tokenizer = write_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=2, attention_head_dim=2)  # fmt: skip
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)  # fmt: skip
-    pipeline = StableDiffusionPipeline(unet=unet, vae=AutoencoderKL(**AUTOENCODER, latent_channels=4),
-                                       text_encoder=CLIPTextModel(_text_config(tokenizer)), tokenizer=tokenizer,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)  # fmt: skip
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=2,
+        attention_head_dim=2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=unet,
+        vae=AutoencoderKL(**AUTOENCODER, latent_channels=4),
+        text_encoder=CLIPTextModel(_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.save_pretrained(folder)
     return folder
 
@@ -99,19 +143,36 @@ def sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
 
     tokenizer = write_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
-                                norm_num_groups=2, attention_head_dim=2, use_linear_projection=True,
-                                addition_embed_type="text_time", addition_time_embed_dim=8,
-                                projection_class_embeddings_input_dim=80)  # fmt: skip
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        norm_num_groups=2,
+        attention_head_dim=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
     config = _text_config(tokenizer)
-    pipeline = StableDiffusionXLPipeline(unet=unet, vae=AutoencoderKL(**AUTOENCODER, latent_channels=4),
-                                         text_encoder=CLIPTextModel(config),
-                                         text_encoder_2=CLIPTextModelWithProjection(config), tokenizer=tokenizer,
-                                         tokenizer_2=tokenizer, scheduler=scheduler, add_watermarker=False)  # fmt: skip
+    pipeline = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=AutoencoderKL(**AUTOENCODER, latent_channels=4),
+        text_encoder=CLIPTextModel(config),
+        text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
     pipeline.save_pretrained(folder)
     return folder
 
@@ -123,8 +184,9 @@ def clip_model(folder: Path, seed: int = 0) -> Path:
     tokenizer = write_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer")
     torch.manual_seed(seed)
     text = {key: value for key, value in TEXT.items() if key != "projection_dim"}
-    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-                  patch_size=8)  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8
+    )
     config = CLIPConfig(text_config={**text, "vocab_size": len(tokenizer)}, vision_config=vision, projection_dim=16)
     CLIPModel(config).save_pretrained(folder)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

@@ -28,4 +28,8 @@ def export_after_saving_rank_weights(run, card):
 module._export = export_after_saving_rank_weights
 
 if __name__ == "__main__":
-    module.main()
+    import sys
+
+    from skipdiff.cli.train_unet import main  # the command line, running the patched loop
+
+    sys.exit(main())

@@ -37,4 +37,6 @@ module._micro_step = micro_step_then_signal
 if __name__ == "__main__":
     import sys
 
-    sys.exit(module.run_cli())
+    from skipdiff.cli.train_unet import main  # the command line, running the patched loop
+
+    sys.exit(main())

@@ -24,9 +24,30 @@ SCRIPT = REPO / "train_scripts" / "train_unet.py"
 ACCELERATE_CONFIG = REPO / "accelerate_config.yaml"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
-TINY_ARGS = ["--model", "tiny", "--vae", "none", "--resolution", "8", "--train_batch_size", "16",
-             "--max_train_steps", "4", "--num_validation_images", "4", "--validation_inference_steps", "2",
-             "--report_to", "none", "--log_every", "1", "--num_threads", "1", "--checkpointing_steps", "0"]  # fmt: skip
+TINY_ARGS = [
+    "--model",
+    "tiny",
+    "--vae",
+    "none",
+    "--resolution",
+    "8",
+    "--train_batch_size",
+    "16",
+    "--max_train_steps",
+    "4",
+    "--num_validation_images",
+    "4",
+    "--validation_inference_steps",
+    "2",
+    "--report_to",
+    "none",
+    "--log_every",
+    "1",
+    "--num_threads",
+    "1",
+    "--checkpointing_steps",
+    "0",
+]
 # With an EMA (the default), unet/ holds the EMA weights (what samplers load) and unet_raw/ the raw ones.
 UNET_WEIGHTS = "unet_raw/diffusion_pytorch_model.safetensors"
 EMA_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -53,10 +74,14 @@ def reset_accelerate_state() -> None:
 
 
 def run_train_unet(argv: list[str]) -> dict:
-    """``train_unet.main(argv)`` in this process; returns its metrics."""
+    """The training of ``train_scripts/train_unet.py``'s command line ``argv``, in this process (exceptions
+    raised, not printed); returns its metrics."""
+    from skipdiff.config import parse_args
+    from skipdiff.training.options import TrainOptions
+
     reset_accelerate_state()
     try:
-        return train_unet_module().main(argv)
+        return train_unet_module().train_unet(parse_args(TrainOptions, argv))
     finally:
         reset_accelerate_state()
 

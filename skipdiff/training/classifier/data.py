@@ -43,8 +43,9 @@ def load_classifier_data(options: DataOptions) -> ClassifierData:
     data_options = subset(DataOptions, options)
     if data_options.kind == "tabular":
         splits = load_tabular_splits(data_options)
-        return ClassifierData(splits["train"], splits["test"], collate_features,
-                              len(splits["train"][0]["features"]), num_classes(splits))  # fmt: skip
+        return ClassifierData(
+            splits["train"], splits["test"], collate_features, len(splits["train"][0]["features"]), num_classes(splits)
+        )
     splits = load_image_splits(data_options)
     labels = num_classes(splits)
     if labels is None:

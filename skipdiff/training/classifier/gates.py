@@ -47,8 +47,15 @@ class BlockGates:
         keep = self.keep_probabilities()  # (K,)
         rescale = torch.full((self.num_blocks,), self.rescale, dtype=torch.bool, device=keep.device)
         chain_indices = range(self.num_blocks) if self.chain is not None else ()
-        gates, self.last_path = draw_gate_states(keep, batch_size, "sample", generator=generator, chain=self.chain,
-                                                 chain_indices=chain_indices, rescale=rescale)  # fmt: skip
+        gates, self.last_path = draw_gate_states(
+            keep,
+            batch_size,
+            "sample",
+            generator=generator,
+            chain=self.chain,
+            chain_indices=chain_indices,
+            rescale=rescale,
+        )
         return gates  # (B, K)
 
     def eval_gates(self, batch_size: int) -> torch.Tensor | None:

@@ -97,20 +97,34 @@ def make_optimizer(model: nn.Module, options: ClassifierOptions) -> torch.optim.
     """AdamW, or SGD with Nesterov momentum 0.9; fused, so a non-finite step is skipped on the device
     (:func:`~skipdiff.training.step.optimizer_step`) instead of by a host read."""
     if options.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=options.learning_rate, momentum=0.9, nesterov=True,
-                               weight_decay=options.weight_decay, fused=True)  # fmt: skip
-    return torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay, fused=True)
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=options.learning_rate,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=options.weight_decay,
+            fused=True,
+        )
+    return torch.optim.AdamW(
+        model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay, fused=True
+    )
 
 
 def _loaders(data: ClassifierData, options: ClassifierOptions, generator: torch.Generator) -> dict[str, DataLoader]:
     # The train loader has its own generator, reseeded every epoch (derived_seed): its order does not depend
     # on the global RNG or on how many iterators were made before (a resumed run makes fewer).
     return {
-        "train": DataLoader(data.train, batch_size=options.train_batch_size, shuffle=True, drop_last=True,
-                            collate_fn=data.collate, generator=generator),
+        "train": DataLoader(
+            data.train,
+            batch_size=options.train_batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=data.collate,
+            generator=generator,
+        ),
         "test": DataLoader(data.test, batch_size=options.eval_batch_size, collate_fn=data.collate),
         "train_eval": DataLoader(data.train, batch_size=options.eval_batch_size, collate_fn=data.collate),
-    }  # fmt: skip
+    }
 
 
 def _setup(options: ClassifierOptions, accelerator: Accelerator | None) -> ClassifierRun:
@@ -119,17 +133,23 @@ def _setup(options: ClassifierOptions, accelerator: Accelerator | None) -> Class
 
     out = Path(options.output_dir)
     check_writable(out)
-    accelerator = accelerator or Accelerator(mixed_precision=options.mixed_precision, project_dir=str(out),
-                                             log_with=None if options.report_to == "none" else options.report_to)  # fmt: skip
+    accelerator = accelerator or Accelerator(
+        mixed_precision=options.mixed_precision,
+        project_dir=str(out),
+        log_with=None if options.report_to == "none" else options.report_to,
+    )
     set_seed(options.seed)
     data = load_classifier_data(options)
     if len(data.train) < options.train_batch_size:
-        raise ValueError(f"the train split has {len(data.train)} examples, fewer than --train_batch_size "
-                         f"{options.train_batch_size} (incomplete batches are dropped)")  # fmt: skip
+        raise ValueError(
+            f"the train split has {len(data.train)} examples, fewer than --train_batch_size "
+            f"{options.train_batch_size} (incomplete batches are dropped)"
+        )
     model = build_model(options, data.num_inputs, data.num_labels)
     markov = options.markov_options() if options.gating == "markov" else None
-    gates = BlockGates(options.gating, getattr(model, "num_blocks", 0), options.gate_keep_prob, options.gate_rescale,
-                       markov)  # fmt: skip
+    gates = BlockGates(
+        options.gating, getattr(model, "num_blocks", 0), options.gate_keep_prob, options.gate_rescale, markov
+    )
     if gates.chain is not None:
         gates.chain.to(accelerator.device)
         accelerator.register_for_checkpointing(gates.chain)
@@ -140,11 +160,26 @@ def _setup(options: ClassifierOptions, accelerator: Accelerator | None) -> Class
     loaders = dict(zip(loaders, prepared, strict=True))
     steps_per_epoch = len(loaders["train"])
     total_steps = options.max_train_steps or options.num_epochs * steps_per_epoch
-    schedule = get_scheduler(options.lr_scheduler, optimizer, num_warmup_steps=options.lr_warmup_steps,
-                             num_training_steps=total_steps)  # fmt: skip
+    schedule = get_scheduler(
+        options.lr_scheduler, optimizer, num_warmup_steps=options.lr_warmup_steps, num_training_steps=total_steps
+    )
     accelerator.register_for_checkpointing(schedule)
-    run = ClassifierRun(options, accelerator, out, data, model, accelerator.unwrap_model(model), optimizer, schedule,
-                        gates, loaders, data_generator, StatsWriter(accelerator, out), steps_per_epoch, total_steps)  # fmt: skip
+    run = ClassifierRun(
+        options,
+        accelerator,
+        out,
+        data,
+        model,
+        accelerator.unwrap_model(model),
+        optimizer,
+        schedule,
+        gates,
+        loaders,
+        data_generator,
+        StatsWriter(accelerator, out),
+        steps_per_epoch,
+        total_steps,
+    )
     run.nonfinite = torch.zeros((), dtype=torch.long, device=accelerator.device)
     return run
 
@@ -210,14 +245,19 @@ def _train_step(run: ClassifierRun, batch: dict, generator: torch.Generator, log
     return losses.detach(), logits.detach(), grad_norm.detach(), flow
 
 
-def _log(run: ClassifierRun, epoch: int, running: Running, grad_norm: torch.Tensor, flow: dict,
-         seconds: float) -> dict:  # fmt: skip
+def _log(run: ClassifierRun, epoch: int, running: Running, grad_norm: torch.Tensor, flow: dict, seconds: float) -> dict:
     """Write a train record (the loop's one read of its sums); returns it."""
     run.flow_init = run.flow_init or flow
     run.flow_last = flow
-    record = {"epoch": epoch, "train": running.means(), "lr": run.schedule.get_last_lr()[0],
-              "grad_norm_total": float(grad_norm), **flow, "num_nonfinite": int(run.nonfinite),
-              "seconds_per_step": seconds / running.steps}  # fmt: skip
+    record = {
+        "epoch": epoch,
+        "train": running.means(),
+        "lr": run.schedule.get_last_lr()[0],
+        "grad_norm_total": float(grad_norm),
+        **flow,
+        "num_nonfinite": int(run.nonfinite),
+        "seconds_per_step": seconds / running.steps,
+    }
     if run.options.gating != "none":
         record["gates"] = run.gates.summary()
     run.stats.write(record, run.step)
@@ -251,8 +291,13 @@ def _train_epochs(run: ClassifierRun, progress) -> tuple[dict[str, float], Runni
                 progress.set_postfix(loss=f"{record['train']['loss']:.4f}", acc=f"{record['train']['accuracy']:.3f}")
                 running, tick = Running(accelerator.device), now
             if options.checkpointing_steps and run.step % options.checkpointing_steps == 0:
-                save_checkpoint(accelerator, run.out, run.step, {"epoch": epoch, "architecture": options.architecture()},
-                                options.checkpoints_total_limit)  # fmt: skip
+                save_checkpoint(
+                    accelerator,
+                    run.out,
+                    run.step,
+                    {"epoch": epoch, "architecture": options.architecture()},
+                    options.checkpoints_total_limit,
+                )
             if run.step >= run.total_steps:
                 break
         test_metrics = evaluate(run.model, run.loaders["test"], accelerator, run.gates)
@@ -273,8 +318,10 @@ def _save_outputs(run: ClassifierRun, metrics: dict) -> None:
         return
     run.unwrapped.save_pretrained(run.out)
     if run.gates.chain is not None:
-        save_file({k: v.contiguous().cpu() for k, v in run.gates.chain.state_dict().items()},
-                  str(run.out / "markov_chain.safetensors"))  # fmt: skip
+        save_file(
+            {k: v.contiguous().cpu() for k, v in run.gates.chain.state_dict().items()},
+            str(run.out / "markov_chain.safetensors"),
+        )
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (run.out / "training_options.json").write_text(to_json(run.options))
 
@@ -297,7 +344,9 @@ def train_classifier(options: ClassifierOptions, accelerator: Accelerator | None
     _resume(run)
     accelerator = run.accelerator
     if options.report_to != "none":
-        config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in dataclasses.asdict(options).items()}
+        config = {
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in dataclasses.asdict(options).items()
+        }
         accelerator.init_trackers("classifier", config=config)
     probe = _probe_batch(run)
     activations = {"start": activation_rms(run.unwrapped, probe)}

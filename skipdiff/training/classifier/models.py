@@ -23,14 +23,31 @@ from ...classifiers import (
 from .options import MODEL_KINDS, ClassifierOptions
 
 MODELS: dict[str, Callable[[ClassifierOptions, int, int], nn.Module]] = {
-    "skipresnet": lambda o, inputs, labels: SkipResNetForImageClassification(SkipResNetConfig(
-        num_labels=labels, num_channels=inputs, widths=list(o.widths), depth=o.depth, hidden_size=o.hidden_size,
-        skip_connections=o.skip_connections, batch_norm=o.batch_norm, gate_target=o.gate_target)),
-    "mlp": lambda o, inputs, labels: ResidualMLPForClassification(ResidualMLPConfig(
-        num_labels=labels, num_features=inputs, width=o.hidden_size, depth=o.depth,
-        skip_connections=o.skip_connections, batch_norm=o.batch_norm, gate_target=o.gate_target)),
+    "skipresnet": lambda o, inputs, labels: SkipResNetForImageClassification(
+        SkipResNetConfig(
+            num_labels=labels,
+            num_channels=inputs,
+            widths=list(o.widths),
+            depth=o.depth,
+            hidden_size=o.hidden_size,
+            skip_connections=o.skip_connections,
+            batch_norm=o.batch_norm,
+            gate_target=o.gate_target,
+        )
+    ),
+    "mlp": lambda o, inputs, labels: ResidualMLPForClassification(
+        ResidualMLPConfig(
+            num_labels=labels,
+            num_features=inputs,
+            width=o.hidden_size,
+            depth=o.depth,
+            skip_connections=o.skip_connections,
+            batch_norm=o.batch_norm,
+            gate_target=o.gate_target,
+        )
+    ),
     "reference": lambda o, inputs, labels: reference_resnet(labels, inputs, tuple(o.widths), o.depth),
-}  # fmt: skip
+}
 
 
 def build_model(options: ClassifierOptions, num_inputs: int, num_labels: int) -> nn.Module:

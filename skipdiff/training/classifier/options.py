@@ -52,8 +52,9 @@ class ClassifierOptions(DataOptions):
     optimizer: str = option("adamw", "adamw, or sgd with Nesterov momentum 0.9", choices=OPTIMIZERS)
     learning_rate: float = option(1e-3, "peak learning rate")
     lr_scheduler: str = option(
-        "cosine", "learning-rate schedule after warm-up (diffusers' get_scheduler; cosine decays to 0 at the "
-        "last step)", choices=LR_SCHEDULERS
+        "cosine",
+        "learning-rate schedule after warm-up (diffusers' get_scheduler; cosine decays to 0 at the last step)",
+        choices=LR_SCHEDULERS,
     )
     lr_warmup_steps: int = option(0, "linear warm-up steps")
     weight_decay: float = option(1e-4, "decoupled (AdamW) or L2 (SGD) weight decay")
@@ -80,8 +81,21 @@ class ClassifierOptions(DataOptions):
 
     def architecture(self) -> dict:
         """What a checkpoint must match to be resumed by this run."""
-        names = ("dataset", "dataset_name", "train_data_dir", "resolution", "model", "depth", "widths", "hidden_size",
-                 "skip_connections", "batch_norm", "gating", "gate_target", "markov")  # fmt: skip
+        names = (
+            "dataset",
+            "dataset_name",
+            "train_data_dir",
+            "resolution",
+            "model",
+            "depth",
+            "widths",
+            "hidden_size",
+            "skip_connections",
+            "batch_norm",
+            "gating",
+            "gate_target",
+            "markov",
+        )
         return {name: getattr(self, name) for name in names}
 
     def validate(self) -> None:
@@ -97,8 +111,14 @@ class ClassifierOptions(DataOptions):
         check_finite(self, ("learning_rate", "weight_decay", "max_grad_norm"), positive=("learning_rate",))
         if not 0.0 < self.gate_keep_prob <= 1.0:
             raise ValueError(f"--gate_keep_prob must lie in (0, 1], got {self.gate_keep_prob}")
-        for name, allowed in (("model", tuple(MODEL_KINDS)), ("gating", GATINGS), ("gate_target", GATE_TARGETS),
-                              ("optimizer", OPTIMIZERS), ("lr_scheduler", LR_SCHEDULERS), ("report_to", REPORT_TO)):  # fmt: skip
+        for name, allowed in (
+            ("model", tuple(MODEL_KINDS)),
+            ("gating", GATINGS),
+            ("gate_target", GATE_TARGETS),
+            ("optimizer", OPTIMIZERS),
+            ("lr_scheduler", LR_SCHEDULERS),
+            ("report_to", REPORT_TO),
+        ):
             check_choice(self, name, allowed)
         if self.mixed_precision is not None:
             check_choice(self, "mixed_precision", MIXED_PRECISION)
