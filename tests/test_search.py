@@ -690,6 +690,9 @@ def test_progress_line_counts_trials_as_the_budget_does():
         study.add_trial(optuna.trial.create_trial(value=0.3 + 0.01 * number, user_attrs=attrs))
     line = progress_line(study, spec, time.perf_counter(), 0)
     assert line.startswith("trials 2/3 (0 pruned, 0 running, 1 repeated configuration(s) not counted)")
+    timed = parse_search_spec({**copy.deepcopy(TINY), "budget": {"minutes": 30}}, "m")
+    line = progress_line(study, timed, time.perf_counter() - 600, 2)  # 10 of its 30 minutes spent
+    assert line.startswith("trials 2/- (") and line.endswith("; 20 min of this launch's 30 min left")
 
 
 def test_architecture_constraints_are_set_from_the_model_before_any_pruning():

@@ -56,6 +56,9 @@ def progress_line(study, spec: SearchSpec, started: float, finished_here: int) -
     if budget and finished_here:
         each = (time.perf_counter() - started) / finished_here
         eta = f"; ETA {duration(each * max(budget - done, 0))} at {duration(each)} per trial in this worker"
+    if "minutes" in spec.budget:  # a time budget ends this launch first, whatever the trial count says
+        left = max(spec.budget["minutes"] * 60 - (time.perf_counter() - started), 0.0)
+        eta += f"; {duration(left)} of this launch's {spec.budget['minutes']:g} min left"
     extra = f", {repeats} repeated configuration(s) not counted" if repeats else ""
     return (
         f"trials {done}/{budget or '-'} ({count.get('pruned', 0)} pruned, {running} running{extra}); {best_text}{eta}"
