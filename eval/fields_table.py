@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-from skipdiff.report.stats import detectable_difference, holm, paired_test
+from skipdiff.report.ranking import adjust_family, compare
 from skipdiff.runfolder import write_json_atomic, write_text_atomic
 
 FID_USABLE = ("hubble", "moon", "textures")  # docs/datasets.md: the extractors that tell real from degraded
 REFERENCE, ROW = "skips=full", "skips=none"
+METRICS = ("denoise_mse", "fid_minus_floor")
 
 
 def by_seed(config: dict, key: str) -> dict[int, float]:
@@ -29,78 +29,65 @@ def by_seed(config: dict, key: str) -> dict[int, float]:
     return {seed: v for seed, v in zip(config["seeds"], config["values"][key], strict=True) if v is not None}
 
 
-def compare(full: dict[int, float], none: dict[int, float]) -> dict:
-    """No skips minus full on the shared seeds: the paired test and its smallest detectable difference."""
-    seeds = sorted(set(full) & set(none))
-    differences = [none[s] - full[s] for s in seeds]
-    test = paired_test([none[s] for s in seeds], [full[s] for s in seeds])
-    sd = statistics.stdev(differences) if len(differences) > 1 else None
-    return {
-        "seeds": seeds,
-        "full": statistics.fmean(full[s] for s in seeds),
-        "none": statistics.fmean(none[s] for s in seeds),
-        "delta": statistics.fmean(differences),
-        "differences": differences,
-        "p": test.p if test else None,
-        "sd_differences": sd,
-    }
-
-
-def field_rows(summary: dict) -> dict[str, dict]:
-    """Per field: the denoising-MSE comparison and, where usable, FID minus floor."""
-    rows = {}
+def field_values(summary: dict) -> dict[str, dict[str, dict]]:
+    """field -> metric -> configuration -> {seed: value}: the denoising MSE everywhere, FID minus its floor
+    (per seed) where the field's extractor is usable."""
+    values: dict[str, dict[str, dict]] = {}
     for name, dataset in sorted(summary["datasets"].items()):
         field = name.split(",")[0]
-        configs = dataset["configurations"]
-        full, none = configs[REFERENCE], configs[ROW]
-        row = {"denoise_mse": compare(by_seed(full, "denoise"), by_seed(none, "denoise"))}
+        configs = {label: dataset["configurations"][label] for label in (REFERENCE, ROW)}
+        values[field] = {"denoise_mse": {label: by_seed(c, "denoise") for label, c in configs.items()}}
         if field in FID_USABLE:
             minus = {}
-            for label, config in ((REFERENCE, full), (ROW, none)):
+            for label, config in configs.items():
                 fid, floor = by_seed(config, "fid"), by_seed(config, "fid_floor")
                 minus[label] = {s: fid[s] - floor[s] for s in fid if s in floor}
-            row["fid_minus_floor"] = compare(minus[REFERENCE], minus[ROW])
-        rows[field] = row
-    return rows
+            values[field]["fid_minus_floor"] = minus
+    return values
 
 
-def add_holm(rows: dict[str, dict]) -> None:
-    """One Holm family per metric over the fields that have it; verdict at 0.05."""
-    for metric in ("denoise_mse", "fid_minus_floor"):
-        fields = [f for f in rows if metric in rows[f]]
-        adjusted = holm([rows[f][metric]["p"] for f in fields])
-        for field, p in zip(fields, adjusted, strict=True):
-            entry = rows[field][metric]
-            entry["p_holm"] = p
-            n, sd = len(entry["seeds"]), entry["sd_differences"]  # detectable at Holm's first-step level
-            entry["detectable_at_holm_first_step"] = (
-                detectable_difference(sd, n, n - 1, alpha=0.05 / len(fields)) if sd else None
-            )
-            entry["family"] = {"metric": metric, "fields": fields}
-            if p is not None and p < 0.05:
-                entry["verdict"] = "worse without skips" if entry["delta"] > 0 else "better without skips"
-            else:
-                entry["verdict"] = "undecided at this seed count"
+def rank_fields(values: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """metric -> field -> ranking (:func:`skipdiff.report.ranking.compare`: no skips paired against full on
+    the shared seeds), Holm over the fields of each metric as one family (scope "fields")."""
+    rankings: dict[str, dict[str, dict]] = {}
+    for metric in METRICS:
+        results = {
+            f: compare(v[metric], REFERENCE, lower_is_better=True, family=None)
+            for f, v in values.items()
+            if metric in v
+        }
+        adjust_family(list(results.values()), scope="fields")
+        rankings[metric] = results
+    return rankings
 
 
-def markdown(rows: dict[str, dict]) -> str:
+def _none_row(ranking: dict) -> dict:
+    return next(row for row in ranking["rows"] if row["configuration"] == ROW)
+
+
+def _g(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def markdown(rankings: dict[str, dict[str, dict]]) -> str:
     lines = [
         "| field | seeds | denoise MSE full | no skips | Δ | detectable | p (Holm over fields) | verdict "
         "| FID−floor Δ | detectable | p (Holm) | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for field, row in rows.items():
-        m = row["denoise_mse"]
-        fid = row.get("fid_minus_floor")
+    for field, ranking in rankings["denoise_mse"].items():
+        full = next(row for row in ranking["rows"] if row["is_reference"])
+        m = _none_row(ranking)
+        fid = rankings["fid_minus_floor"].get(field)
+        f = _none_row(fid) if fid else None
         fid_cells = (
-            f"{fid['delta']:+.3g} | {_g(fid['detectable_at_holm_first_step'])} | {fid['p_holm']:.2g} | {fid['verdict']}"
-            if fid
+            f"{f['delta']:+.3g} | {_g(f['detectable'])} | {f['p_holm']:.2g} | {f['verdict']}"
+            if f
             else "– (extractor not usable) | – | – | –"
         )
         lines.append(
-            f"| {field} | {len(m['seeds'])} | {m['full']:.4g} | {m['none']:.4g} | {m['delta']:+.4g} | "
-            f"{_g(m['detectable_at_holm_first_step'])} | "
-            f"{m['p_holm']:.2g} | {m['verdict']} | {fid_cells} |"
+            f"| {field} | {m['shared_seeds']} | {full['mean']:.4g} | {m['mean']:.4g} | {m['delta']:+.4g} | "
+            f"{_g(m['detectable'])} | {m['p_holm']:.2g} | {m['verdict']} | {fid_cells} |"
         )
     lines += [
         "",
@@ -112,20 +99,15 @@ def markdown(rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _g(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3g}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="eval/results/fields")
     args = parser.parse_args()
     folder = Path(args.results)
-    rows = field_rows(json.loads((folder / "summary.json").read_text()))
-    add_holm(rows)
-    write_json_atomic(folder / "fields_table.json", {"command": "python eval/fields_table.py", "fields": rows})
-    write_text_atomic(folder / "fields_table.md", markdown(rows))
-    print(markdown(rows))
+    rankings = rank_fields(field_values(json.loads((folder / "summary.json").read_text())))
+    write_json_atomic(folder / "fields_table.json", {"command": "python eval/fields_table.py", "rankings": rankings})
+    write_text_atomic(folder / "fields_table.md", markdown(rankings))
+    print(markdown(rankings))
 
 
 if __name__ == "__main__":

@@ -42,14 +42,14 @@ def summary():
 
 def test_each_field_is_paired_and_holm_runs_over_the_fields():
     module = driver()
-    rows = module.field_rows(summary())
-    module.add_holm(rows)
-    moon, retina = rows["moon"]["denoise_mse"], rows["retina"]["denoise_mse"]
-    assert moon["differences"] == pytest.approx([0.40, 0.41, 0.39]) and moon["delta"] == pytest.approx(0.40)
-    assert moon["verdict"] == "worse without skips" and moon["family"]["fields"] == ["moon", "retina"]
+    rankings = module.rank_fields(module.field_values(summary()))
+    moon, retina = (module._none_row(rankings["denoise_mse"][f]) for f in ("moon", "retina"))
+    assert moon["values_by_seed"] == {"0": 0.70, "1": 0.72, "2": 0.71} and moon["shared_seeds"] == 3
+    assert moon["delta"] == pytest.approx(0.40) and moon["test"] == "paired"
+    assert moon["verdict"] == "worse" and rankings["denoise_mse"]["moon"]["family"]["tables"] == 2
     assert moon["p"] < moon["p_holm"] <= 2 * moon["p"]  # the smaller p is multiplied by the family's size
     assert retina["verdict"] == "undecided at this seed count"
-    assert "fid_minus_floor" in rows["moon"] and "fid_minus_floor" not in rows["retina"]  # retina's FID: not usable
-    fid = rows["moon"]["fid_minus_floor"]
-    assert fid["delta"] == pytest.approx((1.0 + 0.7 + 1.2) / 3) and fid["family"]["fields"] == ["moon"]
-    assert "– (extractor not usable)" in module.markdown(rows)
+    assert "moon" in rankings["fid_minus_floor"] and "retina" not in rankings["fid_minus_floor"]  # not usable
+    fid = rankings["fid_minus_floor"]["moon"]
+    assert module._none_row(fid)["delta"] == pytest.approx((1.0 + 0.7 + 1.2) / 3) and fid["family"]["tables"] == 1
+    assert "– (extractor not usable)" in module.markdown(rankings)
