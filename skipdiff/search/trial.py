@@ -293,13 +293,10 @@ def example_configurations(spec: SearchSpec) -> dict[str, dict]:
             {"reference": spec.confirm.get("reference", {}), **spec.confirm.get("also", {})} if spec.confirm else {}
         )
         for label, overrides in confirmed.items():  # a typo here fails now, not after the whole budget
-            values = {
-                **spec.base,
-                **overrides,
-                **({"output_dir": str(Path(scratch) / "confirm")} if spec.training else {}),
-            }
             try:
-                check_configuration(spec, dataclasses.asdict(from_dict(options_class(spec.kind), values)))
+                check_configuration(
+                    spec, trial_options(spec, Suggestion(dict(overrides), {}), Path(scratch) / "confirm")
+                )
             except (ValueError, TypeError) as err:
                 raise ValueError(f"confirm {'reference' if label == 'reference' else 'also ' + label}: {err}") from err
     if spec.training:  # FID's floor must fit the data: checked now, not after a trial's or a confirmation's training
