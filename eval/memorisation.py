@@ -24,32 +24,34 @@ from skipdiff.runfolder import write_json_atomic
 
 
 def evaluate_seed(target, real: dict, extractor, count: int, seed: int) -> dict:
-    """Every figure for one sampling seed's ``count`` samples."""
+    """Every figure for one sampling seed's ``count`` samples, against the whole train split and against
+    a train draw as large as the test split (``equal_n``)."""
     from skipdiff.eval.fid import features_of, features_to_fid, features_to_prc, images_to_uint8
     from skipdiff.eval.memorisation import equal_size_indices, memorisation_statistics, pixels_as_features
     from skipdiff.sampling import sample_images
 
     samples = images_to_uint8(sample_images(target, count, seed, steps=50, progress=False).images)
     features = {name: features_of(images.images, extractor) for name, images in real.items()}
-    generated = features_of(samples, extractor)
+    generated, generated_pixels = features_of(samples, extractor), pixels_as_features(samples)
     pixels = {name: pixels_as_features(images.images) for name, images in real.items()}
     size = len(real["test"])  # FID at the same N against both splits
+    fid_vs_test = features_to_fid(generated[:size], features["test"])  # the same whichever train reference
+
+    def against(train: slice | torch.Tensor) -> dict:
+        """The figures against the train images ``train`` selects."""
+        return {
+            "features": memorisation_statistics(generated, features["train"][train], features["test"]),
+            "pixels": memorisation_statistics(generated_pixels, pixels["train"][train], pixels["test"]),
+            "fid_vs_train": features_to_fid(generated[:size], features["train"][train]),
+            "fid_vs_test": fid_vs_test,
+            "fid_test_vs_train": features_to_fid(features["test"], features["train"][train]),
+        }
+
     equal = equal_size_indices(len(real["train"]), size)  # a train reference of the test split's size
     return {
-        "equal_n": {
-            "train_size": size,
-            "features": memorisation_statistics(generated, features["train"][equal], features["test"]),
-            "pixels": memorisation_statistics(pixels_as_features(samples), pixels["train"][equal], pixels["test"]),
-            "fid_vs_train": features_to_fid(generated[:size], features["train"][equal]),
-            "fid_vs_test": features_to_fid(generated[:size], features["test"]),
-            "fid_test_vs_train": features_to_fid(features["test"], features["train"][equal]),
-        },
+        "equal_n": {"train_size": size, **against(equal)},
         "seed": seed,
-        "features": memorisation_statistics(generated, features["train"], features["test"]),
-        "pixels": memorisation_statistics(pixels_as_features(samples), pixels["train"], pixels["test"]),
-        "fid_vs_train": features_to_fid(generated[:size], features["train"]),
-        "fid_vs_test": features_to_fid(generated[:size], features["test"]),
-        "fid_test_vs_train": features_to_fid(features["test"], features["train"]),
+        **against(slice(None)),
         "prc_vs_train": features_to_prc(generated, features["train"]),
         "prc_vs_test": features_to_prc(generated, features["test"]),
         "samples": samples,
@@ -119,25 +121,32 @@ def _ms(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
+FID_KEYS = ("fid_vs_train", "fid_vs_test", "fid_test_vs_train")
+
+
+def _summarise_block(blocks: list[dict], prefix: str, neighbour_keys: tuple[str, ...], copy_rates: bool) -> dict:
+    """Mean ± std over sampling seeds of one reference's figures (``blocks``: one per seed)."""
+    out = {}
+    for space in ("features", "pixels"):
+        for key in neighbour_keys:
+            out[f"{prefix}{space}.{key}.median"] = _ms([b[space][key]["median"] for b in blocks])
+        out[f"{prefix}{space}.ratio"] = _ms(
+            [b[space]["ratio_median_generated_to_train_over_test_to_train"] for b in blocks]
+        )
+        if copy_rates:
+            for key in blocks[0][space]["copy_rate"]:
+                out[f"{prefix}{space}.copy_rate.{key}"] = _ms([b[space]["copy_rate"][key] for b in blocks])
+    for key in FID_KEYS:
+        out[f"{prefix}{key}"] = _ms([b[key] for b in blocks])
+    return out
+
+
 def summarise(per_seed: list[dict]) -> dict:
     """Mean ± std over sampling seeds of the headline figures: first against references of equal size
     (``equal_n.*``), then against the whole train split."""
-    out = {}
-    for space in ("features", "pixels"):
-        for key in ("generated_to_train", "generated_to_test", "test_to_train"):
-            out[f"equal_n.{space}.{key}.median"] = _ms([r["equal_n"][space][key]["median"] for r in per_seed])
-        ratio = "ratio_median_generated_to_train_over_test_to_train"
-        out[f"equal_n.{space}.ratio"] = _ms([r["equal_n"][space][ratio] for r in per_seed])
-    for key in ("fid_vs_train", "fid_vs_test", "fid_test_vs_train"):
-        out[f"equal_n.{key}"] = _ms([r["equal_n"][key] for r in per_seed])
-    for space in ("features", "pixels"):
-        for key in ("generated_to_train", "generated_to_test", "test_to_train", "train_to_other_train"):
-            out[f"{space}.{key}.median"] = _ms([r[space][key]["median"] for r in per_seed])
-        out[f"{space}.ratio"] = _ms([r[space]["ratio_median_generated_to_train_over_test_to_train"] for r in per_seed])
-        for key in per_seed[0][space]["copy_rate"]:
-            out[f"{space}.copy_rate.{key}"] = _ms([r[space]["copy_rate"][key] for r in per_seed])
-    for key in ("fid_vs_train", "fid_vs_test", "fid_test_vs_train"):
-        out[key] = _ms([r[key] for r in per_seed])
+    neighbours = ("generated_to_train", "generated_to_test", "test_to_train")
+    out = _summarise_block([r["equal_n"] for r in per_seed], "equal_n.", neighbours, copy_rates=False)
+    out.update(_summarise_block(per_seed, "", (*neighbours, "train_to_other_train"), copy_rates=True))
     for split in ("train", "test"):
         for key in ("precision", "recall"):
             out[f"{key}_vs_{split}"] = _ms([r[f"prc_vs_{split}"][key] for r in per_seed])
