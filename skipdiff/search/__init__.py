@@ -33,7 +33,9 @@ Spec (YAML):
     budget: {trials: 30, minutes: 60}   # trials: finished trials of the study; minutes: per launch
     eval: {denoise_loss: true}      # skipdiff.eval options per trial (the objectives add what they need)
     confirm: {top: 3, seeds: [100, 101, 102], reference: {skips: full}, eval: {fid: true, denoise_loss: true}}
-                                    # fresh seeds, after the search (eval: default the search's)
+                                    # fresh seeds, after the search (eval: default the search's);
+                                    # also: {grid-best: {skips: learned}} confirms configurations chosen
+                                    # elsewhere beside the top k, on the same seeds and reference
     storage: {heartbeat_seconds: 60, grace_seconds: 120, max_retry: 3}
 
 Layout of --out: ``search.json`` (the spec as run), ``study.db`` (the default storage: SQLite),
