@@ -129,6 +129,7 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with one flag per field of the dataclass ``cls`` (no abbreviations)."""
     parser = OptionParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
+    sections = _help_sections(parser, cls)
     for field in dataclasses.fields(cls):
         kind, is_list = _base_type(hints[field.name])
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
@@ -141,8 +142,25 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
                 kwargs["nargs"] = "*"
             if "choices" in field.metadata:
                 kwargs["choices"] = field.metadata["choices"]
-        parser.add_argument(f"--{field.name}", **kwargs)
+        sections.get(field.name, parser).add_argument(f"--{field.name}", **kwargs)
     return parser
+
+
+def _help_sections(parser: argparse.ArgumentParser, cls: type) -> dict[str, Any]:
+    """Field name -> the ``--help`` section of its :class:`OptionGroup` (``cls``'s groups, in the order of
+    their first field); fields in no group stay in the main list."""
+    groups = [(name, g) for base in cls.__mro__ for name, g in vars(base).items() if isinstance(g, OptionGroup)]
+    sections: dict[str, Any] = {}
+    for name, group in sorted(groups, key=lambda item: _first_field_index(cls, item[1].cls)):
+        section = parser.add_argument_group(f"{name} options")
+        for field in dataclasses.fields(group.cls):
+            sections.setdefault(field.name, section)
+    return sections
+
+
+def _first_field_index(cls: type, group: type) -> int:
+    names = [f.name for f in dataclasses.fields(cls)]
+    return min(names.index(f.name) for f in dataclasses.fields(group))
 
 
 def parse_args(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
@@ -178,6 +196,35 @@ def subset(cls: type[T], source: Any) -> T:
     values = dataclasses.asdict(source) if dataclasses.is_dataclass(source) else dict(source)
     names = {f.name for f in dataclasses.fields(cls)}
     return from_dict(cls, {k: v for k, v in values.items() if k in names})
+
+
+class OptionGroup:
+    """A class attribute of an entry point's options: ``options.<name>`` is the group ``cls`` (a dataclass whose
+    fields ``options`` has) on its own, built by :func:`subset`, so a builder handed it can read only its group.
+
+    The entry point's options class inherits every group's fields (one flag each, one flat JSON file), and
+    builders receive groups, not the whole: ``make_optimizer(options.optim, ...)``.
+    """
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        options = set(vars(owner).get("__annotations__", {})) | _inherited(owner)
+        if name in options:  # the group would hide the option's value
+            raise TypeError(f"{owner.__name__}.{name}: a group cannot take the name of an option")
+        missing = {f.name for f in dataclasses.fields(self.cls)} - options
+        if missing:
+            raise TypeError(f"{owner.__name__}.{name}: {self.cls.__name__}'s fields {sorted(missing)} are not options")
+
+    def __get__(self, options: Any, owner: type | None = None) -> Any:
+        if options is None:
+            return self
+        return subset(self.cls, options)
+
+
+def _inherited(owner: type) -> set[str]:
+    return {name for base in owner.__mro__[1:] for name in getattr(base, "__annotations__", {})}
 
 
 def _check_type(name: str, value: Any, annotation) -> None:

@@ -6,9 +6,15 @@
 * :func:`uniform`: ``torch.rand`` that also compiles with a dynamic batch size.
 * :func:`derived_seed`: a seed for one (epoch or step, stream) of a run, so that a resumed run replays
   the same data order and gate draws without having saved a generator's state.
+* :func:`rng_untouched`: a block (such as the VAE stage inside a diffusion run) that leaves the global
+  random states as it found them.
 """
 
 from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
 
 
 def world() -> tuple[int, int]:
@@ -53,3 +59,25 @@ def derived_seed(seed: int, index: int, stream: int) -> int:
     its slice of the global batch's draws (:func:`rank_share`).
     """
     return ((seed * 1_000_003 + index) * 4099 + stream) % (2**63)
+
+
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Run the block, then put back the global random states it found: Python's, NumPy's and torch's (CPU
+    and every CUDA device), the ones ``accelerate.utils.set_seed`` seeds.
+
+    A diffusion run with ``--vae auto`` trains the VAE stage (which seeds and draws) only when its folder
+    does not exist yet; without this the UNet's initial weights would depend on whether this run or an
+    earlier one trained it.
+    """
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)

@@ -773,3 +773,38 @@ def test_a_full_disk_while_a_plot_is_written_leaves_the_old_plot(tmp_path, monke
     with pytest.raises(OSError, match="No space left"):
         plots.save_figure(fig, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
+
+
+def test_the_vae_stage_inside_a_run_leaves_its_random_state_as_it_found_it(tmp_path, monkeypatch):
+    """``--vae auto`` trains the VAE stage (which seeds and draws) only in the first run of a split: the UNet
+    that run then builds must start from the random state every later run starts from (it used to start from
+    the VAE stage's, so a sweep's first cell trained other initial weights than its rerun)."""
+    import random
+    import types
+
+    import numpy as np
+    import torch
+    from accelerate.utils import set_seed
+
+    from skipdiff.training import runtime
+    from skipdiff.training.options import TrainOptions
+
+    monkeypatch.chdir(tmp_path)
+    images = five_images(tmp_path / "images")
+    options = TrainOptions(vae="auto", vae_preset="tiny", train_data_dir=str(images), test_fraction=0.4, seed=3)
+    monkeypatch.setattr(
+        runtime, "auto_vae_options", lambda opts: vae_options(images, runtime.auto_vae_dir(opts), seed=opts.seed)
+    )
+    accelerator = types.SimpleNamespace(print=lambda *args: None)
+
+    def draws():
+        return torch.rand(4).tolist(), float(np.random.rand()), random.random()
+
+    set_seed(options.seed)
+    runtime.prepare_encoder(options, accelerator, 1)  # trains the stage
+    after_training = draws()
+    set_seed(options.seed)
+    runtime.prepare_encoder(options, accelerator, 1)  # reuses it
+    assert after_training == draws()
+    set_seed(options.seed)
+    assert after_training == draws()

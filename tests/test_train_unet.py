@@ -288,8 +288,8 @@ def test_fp16_on_a_cpu_warns_and_trains_in_fp32(tmp_path, monkeypatch):
     module = train_unet_module()
     made = []
 
-    def spy(options):
-        accelerator = make_accelerator(options)
+    def spy(*groups):
+        accelerator = make_accelerator(*groups)
         made.append((accelerator.mixed_precision, accelerator.native_amp))
         return accelerator
 

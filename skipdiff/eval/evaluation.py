@@ -257,10 +257,7 @@ def _cache_summary(run: _Evaluation) -> dict:
 
 def _cache(options: EvalOptions):
     """The skip cache asked for (``--cache``), or None."""
-    from ..config import subset
-    from ..skips.cache_options import SkipCacheOptions
-
-    cache = subset(SkipCacheOptions, options)
+    cache = options.caching
     return cache if cache.cache else None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..config import check_choice, check_local_source, check_output_folder, check_positive, option
+from ..config import OptionGroup, check_choice, check_local_source, check_output_folder, check_positive, option
 from ..data_options import DataOptions
 from ..skips.cache_options import SkipCacheOptions
 
@@ -149,6 +149,9 @@ class EvalOptions(SkipCacheOptions):
         "settings adds its sections to it)",
     )
     num_threads: int | None = option(None, "torch CPU threads")
+
+    # the caching fields as their own group (not "cache": that is the --cache flag), what sampling takes
+    caching = OptionGroup(SkipCacheOptions)
 
     def check_sources(self) -> None:
         """A local-looking ``--checkpoint``/``--compare`` path that does not exist is refused at once, not

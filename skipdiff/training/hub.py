@@ -16,6 +16,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from .. import __version__
 from ..config import SkipdiffError, redact
 from ..data_options import IMAGE_DATASETS
+from .options import HubOptions
 
 
 class HubAccessError(SkipdiffError):
@@ -59,11 +60,11 @@ def hub_offline() -> bool:
     return now or bool(constants.HF_HUB_OFFLINE)
 
 
-def prepare_repo_if_asked(options, is_main_process: bool) -> str | None:
+def prepare_repo_if_asked(hub: HubOptions, is_main_process: bool) -> str | None:
     """With ``--push_to_hub``, on the main process: :func:`prepare_repo` (fails before any training)."""
-    if not (options.push_to_hub and is_main_process):
+    if not (hub.push_to_hub and is_main_process):
         return None
-    return prepare_repo(options.hub_model_id, options.hub_token, options.hub_private_repo)
+    return prepare_repo(hub.hub_model_id, hub.hub_token, hub.hub_private_repo)
 
 
 def repository_url() -> str | None:

@@ -25,6 +25,7 @@ from ..diffusion import make_scheduler
 from ..presets import unet_config
 from ..skips.unet import SkipUNet2DModel, apply_skip_spec
 from ..targets import is_pipeline, load_target, unet_config_of, unet_subfolder
+from .options import UNetOptions
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -126,7 +127,7 @@ def pipeline_source(options, data) -> ModelSource:
         raise ValueError(f"--class_conditional, but the pipeline {source!r} is not class-conditional")
     unet.train()
     return ModelSource(
-        finish_model(unet, options),
+        finish_model(unet, options.unet),
         target.noise_scheduler,
         target.encoder,
         target.conditioning,
@@ -156,7 +157,7 @@ def build_unet(options, encoder, data) -> tuple[nn.Module, object]:
     return SkipUNet2DModel(**config), scheduler
 
 
-def finish_model(unet: nn.Module, options) -> nn.Module:
+def finish_model(unet: nn.Module, options: UNetOptions) -> nn.Module:
     """What ``--train_only``, ``--gradient_checkpointing``, ``--channels_last`` and ``--torch_compile`` ask."""
     if options.train_only == "gates":
         freeze_all_but_gates(unet)

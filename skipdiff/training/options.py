@@ -17,6 +17,7 @@ from ..config import (
     LR_SCHEDULERS,
     MIXED_PRECISION,
     SHORTCUT_PARTS,
+    OptionGroup,
     check_choice,
     check_finite,
     check_positive,
@@ -60,10 +61,18 @@ RESUME_FREE = (
 )
 
 
+# ---------------------------------------------------------------------------------------------------
+# The option groups. Each builder of the training run takes the one group it needs (``options.optim`` for the
+# optimizer, ``options.ema`` for the EMA, ...), as EDM2's training takes network_kwargs / loss_kwargs, so
+# that what a builder may read is its signature. The command line and ``training_options.json`` stay flat:
+# TrainOptions is every group's fields, one flag each, as diffusers' training scripts have them.
+# ---------------------------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass
-class TrainOptions(DataOptions):
-    # ---- data: every field of skipdiff.data_options.DataOptions ----------------------------------------
-    # ---- encoder ---------------------------------------------------------------------------------
+class EncoderOptions:
+    """What the UNet denoises: pixels, or the latents of a VAE (trained once, or loaded)."""
+
     vae: str = option(
         "auto",
         "AutoencoderKL: a folder, a Hub id, 'none' (pixel space) or 'auto' (train once, then reuse, "
@@ -79,7 +88,12 @@ class TrainOptions(DataOptions):
         "encode the train split once (VAE latents, or pixel tensors in pixel space; both flips with "
         "--random_flip) instead of every step",
     )
-    # ---- model -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class UNetOptions:
+    """Which UNet trains (a preset, a config or pretrained weights), its skips and how it runs."""
+
     model: str = option("digits", f"UNet preset ({', '.join(UNET_PRESETS)}) or a config.json path")
     pretrained_model_name_or_path: str | None = option(
         None,
@@ -102,7 +116,18 @@ class TrainOptions(DataOptions):
     gradient_checkpointing: bool = option(
         False, "recompute activations in the backward pass (less memory, same gradients)"
     )
-    # ---- noise scheduler -------------------------------------------------------------------------
+    channels_last: bool = option(False, "channels-last memory format for the UNet and its inputs (GPUs)")
+    torch_compile: bool = option(False, "torch.compile the UNet (the router's hooks compile with it)")
+
+    def markov_options(self) -> dict:
+        """``--markov`` parsed to keyword arguments of the chain."""
+        return parse_key_values(self.markov, "--markov")
+
+
+@dataclasses.dataclass
+class NoiseOptions:
+    """The noise schedule, the prediction target and the loss weighting."""
+
     num_train_timesteps: int = option(1000, "diffusion steps of the DDPM scheduler")
     beta_schedule: str = option("squaredcos_cap_v2", "beta schedule", choices=BETA_SCHEDULES)
     # v_prediction: on the default job it reached FID 0.54 where epsilon reached 0.95 (floor 0.30, training seed 0;
@@ -111,7 +136,12 @@ class TrainOptions(DataOptions):
     snr_gamma: float | None = option(None, "Min-SNR weighting gamma (Hang et al., 2023); 5.0 is usual")
     noise_offset: float = option(0.0, "add this times per-channel Gaussian offsets to the noise (0.1 is usual)")
     input_perturbation: float = option(0.0, "perturb the noisy input with this times extra noise (0.1 is usual)")
-    # ---- optimisation ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OptimOptions:
+    """The optimizer (AdamW) and its learning-rate schedule."""
+
     learning_rate: float = option(2e-3, "peak AdamW learning rate")
     scale_lr: bool = option(False, "multiply the learning rate by batch size x accumulation x processes")
     lr_scheduler: str = option("cosine", "learning-rate schedule after warm-up", choices=LR_SCHEDULERS)
@@ -122,7 +152,12 @@ class TrainOptions(DataOptions):
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
     use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes installed)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
-    gradient_accumulation_steps: int = option(1, "batches per optimizer step")
+
+
+@dataclasses.dataclass
+class EmaOptions:
+    """The EMA of the weights that samples and is saved."""
+
     use_ema: bool = option(
         True, "keep an EMA of the weights (saved as unet/, used for sampling; raw weights in unet_raw/)"
     )
@@ -130,8 +165,14 @@ class TrainOptions(DataOptions):
     ema_min_decay: float = option(0.0, "EMA decay floor")
     ema_inv_gamma: float = option(1.0, "EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power")
     ema_power: float = option(0.75, "EMA warm-up power (3/4 as diffusers' examples; 2/3 for long runs)")
-    # ---- loop ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoopOptions:
+    """Batches, steps, seed, precision, threads and the loop's fault limits."""
+
     train_batch_size: int = option(128, "batch size per process")
+    gradient_accumulation_steps: int = option(1, "batches per optimizer step")
     max_train_steps: int | None = option(
         None, f"optimizer steps; wins over --num_epochs (default: {DEFAULT_STEPS} unless --num_epochs is given)"
     )
@@ -139,12 +180,24 @@ class TrainOptions(DataOptions):
     seed: int = option(0, "seed of weights, noise and data order: the same seed gives the same loss curve")
     mixed_precision: str | None = option(None, "no, fp16 or bf16 (default: the accelerate config's)")
     allow_tf32: bool = option(False, "TF32 matmuls and convolutions on Ampere+ GPUs (faster, less exact)")
-    channels_last: bool = option(False, "channels-last memory format for the UNet and its inputs (GPUs)")
-    torch_compile: bool = option(False, "torch.compile the UNet (the router's hooks compile with it)")
     num_threads: int | None = option(None, "torch CPU threads per process (default: torch's choice)")
     dataloader_num_workers: int = option(0, "data-loading worker processes (pinned memory on a GPU)")
     max_nonfinite_in_row: int = option(10, "stop after this many non-finite losses/gradients in a row")
-    # ---- outputs, logging, checkpoints -----------------------------------------------------------
+    inject_nonfinite_steps: list[int] = option([], "testing: make the loss NaN at these steps")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The optimizer steps this run takes: --max_train_steps, else --num_epochs, else the default."""
+        if self.max_train_steps is not None:
+            return self.max_train_steps
+        if self.num_epochs is not None:
+            return self.num_epochs * steps_per_epoch
+        return DEFAULT_STEPS
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """The run's folder: outputs, logging, validation grids, checkpoints and resuming."""
+
     output_dir: str = option("runs/digits-latent", "the run's folder: pipeline, checkpoints, logs, samples")
     overwrite_output_dir: bool = option(False, "delete what --output_dir holds (another run) and start afresh")
     log_every: int = option(10, "steps between stats.jsonl/tracker records (host reads happen only then)")
@@ -166,13 +219,56 @@ class TrainOptions(DataOptions):
     report_to: str = option("tensorboard", "tracker: tensorboard, wandb, all or none", choices=TRACKERS)
     tracker_project_name: str = option("skipdiff", "the tracker's project (wandb) or run name (tensorboard)")
     dry_run: bool = option(False, "print the resolved options and exit")
-    # ---- the Hub ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HubOptions:
+    """Pushing checkpoints and the final model to the Hugging Face Hub."""
+
     push_to_hub: bool = option(False, "upload checkpoints and the final model to the Hub")
     hub_model_id: str | None = option(None, "the Hub repository, e.g. user/skipdiff-digits")
     hub_private_repo: bool = option(False, "create the Hub repository as private")
     hub_token: str | None = option(None, "Hub token (default: the logged-in one)")
-    # ---- testing faults --------------------------------------------------------------------------
-    inject_nonfinite_steps: list[int] = option([], "testing: make the loss NaN at these steps")
+
+
+# group name -> class, in the order of ``--help``; TrainOptions has each as a property of that name
+GROUPS = {
+    "data": DataOptions,
+    "encoder": EncoderOptions,
+    "unet": UNetOptions,
+    "noise": NoiseOptions,
+    "optim": OptimOptions,
+    "ema": EmaOptions,
+    "loop": LoopOptions,
+    "run": RunOptions,
+    "hub": HubOptions,
+}
+
+
+@dataclasses.dataclass
+class TrainOptions(
+    HubOptions,
+    RunOptions,
+    LoopOptions,
+    EmaOptions,
+    OptimOptions,
+    NoiseOptions,
+    UNetOptions,
+    EncoderOptions,
+    DataOptions,
+):
+    """Every option of a training run (the fields of the groups in :data:`GROUPS`, data first), validated
+    together; ``options.<group>`` is one group on its own (a copy: changing it changes nothing here)."""
+
+    data = OptionGroup(DataOptions)
+    encoder = OptionGroup(EncoderOptions)
+    unet = OptionGroup(UNetOptions)
+    noise = OptionGroup(NoiseOptions)
+    optim = OptionGroup(OptimOptions)
+    ema = OptionGroup(EmaOptions)
+    loop = OptionGroup(LoopOptions)
+    run = OptionGroup(RunOptions)
+    hub = OptionGroup(HubOptions)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value (called before any work starts)."""
@@ -255,17 +351,6 @@ class TrainOptions(DataOptions):
         options = self.markov_options()  # parses: a malformed value is named now
         if options and "markov" not in self.skips:
             raise ValueError(f"--markov {self.markov!r} is only used by markov skips, but --skips is {self.skips!r}")
-
-    def markov_options(self) -> dict:
-        return parse_key_values(self.markov, "--markov")
-
-    def total_steps(self, steps_per_epoch: int) -> int:
-        """The optimizer steps this run takes: --max_train_steps, else --num_epochs, else the default."""
-        if self.max_train_steps is not None:
-            return self.max_train_steps
-        if self.num_epochs is not None:
-            return self.num_epochs * steps_per_epoch
-        return DEFAULT_STEPS
 
     def effective_learning_rate(self, num_processes: int) -> float:
         """--learning_rate, times the global batch with --scale_lr (as diffusers' examples do)."""

@@ -19,7 +19,6 @@ from diffusers import DDIMScheduler
 from torch.utils.data import DataLoader
 
 from ..conditioning import ClassLabels, Unconditional
-from ..config import subset
 from ..cpu_memory import keep_freed_memory_for_cpu_training
 from ..data import (
     collate_images,
@@ -35,6 +34,7 @@ from ..export import export_pipeline
 from ..grids import image_grid
 from ..pipeline import SkipDiffPipeline
 from ..presets import UNET_PRESETS, VAE_PRESETS
+from ..seeding import rng_untouched
 from .ema import WeightEMA
 from .model_source import (
     ModelSource,
@@ -45,7 +45,7 @@ from .model_source import (
     plain_model,
     trainable_parameters,
 )
-from .options import TrainOptions
+from .options import EmaOptions, EncoderOptions, LoopOptions, OptimOptions, RunOptions, TrainOptions, UNetOptions
 from .vae import VaeOptions, train_vae, unfinished_vae_error, vae_folder_state
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,10 +85,10 @@ def resolve_mixed_precision(requested: str | None) -> str | None:
     return requested
 
 
-def make_accelerator(options: TrainOptions) -> Accelerator:
+def make_accelerator(loop: LoopOptions, run: RunOptions) -> Accelerator:
     """The run's Accelerator: mixed precision, accumulation, trackers, seedable data order."""
-    requested = options.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
-    project = ProjectConfiguration(project_dir=options.output_dir, logging_dir=str(Path(options.output_dir) / "logs"))
+    requested = loop.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    project = ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs"))
     # `accelerate launch --multi_gpu --num_processes N` on a machine without an accelerator starts N
     # processes, but Accelerate then runs each alone (DistributedType.NO, every one "main") unless
     # asked for CPU processes: with cpu=True they train together over gloo (MULTI_CPU).
@@ -97,8 +97,8 @@ def make_accelerator(options: TrainOptions) -> Accelerator:
     return Accelerator(
         cpu=launched and not has_accelerator,
         mixed_precision=resolve_mixed_precision(requested),
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        log_with=None if options.report_to == "none" else options.report_to,
+        gradient_accumulation_steps=loop.gradient_accumulation_steps,
+        log_with=None if run.report_to == "none" else run.report_to,
         project_config=project,
         # A seedable sampler makes each epoch's order a function of (seed, epoch), so a resumed
         # run sees exactly the batches an uninterrupted one would.
@@ -111,35 +111,35 @@ def make_accelerator(options: TrainOptions) -> Accelerator:
 # ---------------------------------------------------------------------------------------------------
 
 
-def vae_downscale(options: TrainOptions) -> int | None:
+def vae_downscale(encoder: EncoderOptions) -> int | None:
     """How much the VAE shrinks images: from the preset (``auto``), a local VAE's config, 1 in pixel
     space; None for a Hub VAE (known once loaded)."""
-    if options.vae.lower() == "none":
+    if encoder.vae.lower() == "none":
         return 1
-    if options.vae == "auto":
+    if encoder.vae == "auto":
         return (
-            2 ** (len(VAE_PRESETS[options.vae_preset]["block_out_channels"]) - 1)
-            if options.vae_preset in VAE_PRESETS
+            2 ** (len(VAE_PRESETS[encoder.vae_preset]["block_out_channels"]) - 1)
+            if encoder.vae_preset in VAE_PRESETS
             else None
         )
-    for candidate in (Path(options.vae) / "config.json", Path(options.vae) / "vae" / "config.json"):
+    for candidate in (Path(encoder.vae) / "config.json", Path(encoder.vae) / "vae" / "config.json"):
         if candidate.is_file():
             return 2 ** (len(json.loads(candidate.read_text())["block_out_channels"]) - 1)
     return None
 
 
-def unet_downscale(options: TrainOptions) -> int | None:
+def unet_downscale(unet: UNetOptions) -> int | None:
     """How much the UNet shrinks its input (2 per down block but the last); None when not known yet."""
-    if options.pretrained_model_name_or_path:
+    if unet.pretrained_model_name_or_path:
         return None
-    if options.model in UNET_PRESETS:
-        blocks = len(UNET_PRESETS[options.model]["block_out_channels"])
-    elif Path(options.model).is_file():
+    if unet.model in UNET_PRESETS:
+        blocks = len(UNET_PRESETS[unet.model]["block_out_channels"])
+    elif Path(unet.model).is_file():
         from ..presets import unet_config
 
-        config = unet_config(options.model, sample_size=1, channels=1)  # names a file that is no config
+        config = unet_config(unet.model, sample_size=1, channels=1)  # names a file that is no config
         if not isinstance(config.get("block_out_channels"), list | tuple):
-            raise ValueError(f"model config {options.model!r} has no block_out_channels list")
+            raise ValueError(f"model config {unet.model!r} has no block_out_channels list")
         blocks = len(config["block_out_channels"])
     else:
         return None
@@ -149,7 +149,7 @@ def unet_downscale(options: TrainOptions) -> int | None:
 def check_geometry(options: TrainOptions) -> None:
     """The resolution must halve evenly through the VAE and then through the UNet: checked before the
     VAE stage (or any training), naming the numbers."""
-    vae, unet = vae_downscale(options), unet_downscale(options)
+    vae, unet = vae_downscale(options.encoder), unet_downscale(options.unet)
     if options.vae == "auto" and options.vae_preset not in VAE_PRESETS:
         raise ValueError(f"unknown --vae_preset {options.vae_preset!r}; presets: {sorted(VAE_PRESETS)}")
     if vae is not None and options.resolution % vae:
@@ -174,14 +174,14 @@ class TrainingData:
     skipped_images: int = 0
 
 
-def load_training_data(options: TrainOptions) -> TrainingData:
-    """The splits (:func:`skipdiff.data.load_image_splits`) with their channels and classes."""
-    data = subset(DataOptions, options)
+def load_training_data(data: DataOptions, class_conditional: bool) -> TrainingData:
+    """The splits (:func:`skipdiff.data.load_image_splits`) with their channels, and their classes when the
+    UNet is class-conditional (``--class_conditional``)."""
     splits = load_image_splits(data)
-    classes = num_classes(splits) if options.class_conditional else None
-    if options.class_conditional and classes is None:
-        raise ValueError(f"--class_conditional needs a label column; {options.label_column!r} is not in the dataset")
-    channels = dataset_channels(splits, options.image_channels)
+    classes = num_classes(splits) if class_conditional else None
+    if class_conditional and classes is None:
+        raise ValueError(f"--class_conditional needs a label column; {data.label_column!r} is not in the dataset")
+    channels = dataset_channels(splits, data.image_channels)
     return TrainingData(splits, channels, classes, len(getattr(splits["train"], "skipped_images", [])))
 
 
@@ -190,7 +190,7 @@ def auto_vae_dir(options: TrainOptions) -> Path:
 
     The split key (:meth:`DataOptions.split_key`) makes the VAE of another train/test split (seed,
     fraction, subset) another folder, so a VAE is never reused for a split whose test images it saw."""
-    data = subset(DataOptions, options)
+    data = options.data
     preset = "" if options.vae_preset == "digits" else f"-{options.vae_preset}"  # another architecture, another folder
     return Path("runs") / f"vae-{data.source()}-{data.resolution}-{data.split_key()}{preset}"
 
@@ -199,7 +199,7 @@ def auto_vae_options(options: TrainOptions) -> VaeOptions:
     """The VAE stage that ``--vae auto`` trains for this run: its data, VAE preset and seed, saved in
     :func:`auto_vae_dir`. The first run of a split trains it, so its seed is that run's: a study that must
     encode with one field's VAE whatever seed comes first trains it up front from these options."""
-    data = dataclasses.asdict(subset(DataOptions, options))
+    data = dataclasses.asdict(options.data)
     return VaeOptions(**data, preset=options.vae_preset, seed=options.seed, output_dir=str(auto_vae_dir(options)))
 
 
@@ -214,7 +214,8 @@ def prepare_encoder(options: TrainOptions, accelerator: Accelerator, image_chann
             raise unfinished_vae_error(folder, missing, "delete the folder; the next run trains it again")
         if state == "none":
             accelerator.print(f"--vae auto: training the VAE stage into {folder} (reused by later runs)")
-            train_vae(auto_vae_options(options))
+            with rng_untouched():  # the UNet's initial weights must not depend on which run trained the VAE
+                train_vae(auto_vae_options(options))
             # train_vae makes its own Accelerator object (sharing the process state), so the VAE never
             # joins this run's checkpoints.
         vae = str(folder)
@@ -231,7 +232,7 @@ def load_model_source(options: TrainOptions, accelerator: Accelerator, data: Tra
     encoder, encoder_source = prepare_encoder(options, accelerator, data.channels)
     unet, scheduler = build_unet(options, encoder, data)
     conditioning = ClassLabels(data.classes) if data.classes else Unconditional()
-    return ModelSource(finish_model(unet, options), scheduler, encoder, conditioning, encoder_source)
+    return ModelSource(finish_model(unet, options.unet), scheduler, encoder, conditioning, encoder_source)
 
 
 def train_loader(options: TrainOptions, split, encoder: Encoder, channels: int) -> DataLoader:
@@ -239,7 +240,7 @@ def train_loader(options: TrainOptions, split, encoder: Encoder, channels: int) 
     or the transformed pixels in pixel space; both orientations with ``--random_flip``), else images
     transformed on access. Flips are drawn in the step from the run's RNG, so that a resumed run flips
     exactly as an uninterrupted one."""
-    data = subset(DataOptions, options)
+    data = options.data
     images = with_pixel_values(split, options_transform(data, channels, train=True))
     if options.cache_latents:  # pixel space too: the decoded, resized tensors (no PNG decoding per step)
         if not options.center_crop:
@@ -273,32 +274,34 @@ def train_loader(options: TrainOptions, split, encoder: Encoder, channels: int) 
 # ---------------------------------------------------------------------------------------------------
 
 
-def make_optimizer(options: TrainOptions, unet: torch.nn.Module, num_processes: int) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: fused (it skips non-finite steps on the device), or
-    bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``."""
+def make_optimizer(optim: OptimOptions, unet: torch.nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters at ``learning_rate`` (``TrainOptions.effective_learning_rate``:
+    it depends on the batch, which is not the optimizer's group): fused (it skips non-finite steps on the
+    device), or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``."""
     parameters = trainable_parameters(unet)
     kwargs = dict(
-        lr=options.effective_learning_rate(num_processes),
-        betas=(options.adam_beta1, options.adam_beta2),
-        weight_decay=options.adam_weight_decay,
-        eps=options.adam_epsilon,
+        lr=learning_rate,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        weight_decay=optim.adam_weight_decay,
+        eps=optim.adam_epsilon,
     )
-    if options.use_8bit_adam:
+    if optim.use_8bit_adam:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **kwargs)
     return torch.optim.AdamW(parameters, fused=True, **kwargs)
 
 
-def make_ema(options: TrainOptions, unet: torch.nn.Module) -> WeightEMA | None:
-    if not options.use_ema:
+def make_ema(ema: EmaOptions, unet: torch.nn.Module) -> WeightEMA | None:
+    """The EMA of ``unet``'s weights (``--use_ema``, on by default), or None."""
+    if not ema.use_ema:
         return None
     return WeightEMA(
         unet.parameters(),
-        max_decay=options.ema_max_decay,
-        min_decay=options.ema_min_decay,
-        inv_gamma=options.ema_inv_gamma,
-        power=options.ema_power,
+        max_decay=ema.ema_max_decay,
+        min_decay=ema.ema_min_decay,
+        inv_gamma=ema.ema_inv_gamma,
+        power=ema.ema_power,
     )
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..config import SkipdiffError
 from ..runfolder import LOCK_FILE, OPTIONS_FILE, STATS_FILE, RunLock, RunLockedError
 from . import checkpoints
+from .options import RunOptions
 
 
 class TrainingStopped(SkipdiffError):
@@ -77,13 +78,13 @@ def describe_run(folder: Path) -> list[str]:
     return found
 
 
-def prepare_output_dir(options) -> Path:
+def prepare_output_dir(run: RunOptions) -> Path:
     """The run's folder, checked writable; refused when it holds another run, emptied for
     ``--overwrite_output_dir``. Called on every process (they all reach the same verdict)."""
-    folder = Path(options.output_dir)
+    folder = Path(run.output_dir)
     holds = describe_run(folder) if folder.is_dir() else []
-    if holds and not options.resume_from_checkpoint:
-        if not options.overwrite_output_dir:
+    if holds and not run.resume_from_checkpoint:
+        if not run.overwrite_output_dir:
             raise ValueError(
                 f"output_dir {str(folder)!r} holds another run ({', '.join(holds)}): resume it with "
                 "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another --output_dir"
@@ -175,11 +176,11 @@ def _empty(folder: Path) -> None:
             path.unlink()
 
 
-def resume_checkpoint(options) -> Path | None:
+def resume_checkpoint(run: RunOptions) -> Path | None:
     """The checkpoint ``--resume_from_checkpoint`` asks for (None for a fresh start); the folder's name and
     state file are checked here, the options and state files once the model exists
     (:func:`skipdiff.training.checkpoints.check_resumable`)."""
-    return checkpoints.resolve_checkpoint(options.output_dir, options.resume_from_checkpoint)
+    return checkpoints.resolve_checkpoint(run.output_dir, run.resume_from_checkpoint)
 
 
 def resume_command() -> str:

@@ -68,18 +68,19 @@ def train_unet(options: TrainOptions, monitor: TrainingMonitor | None = None) ->
     check_model_options(options)  # a bad --skips or --markov fails now, not after the VAE stage
     check_geometry(options)  # as does a resolution the VAE or the UNet cannot halve evenly
     # Before the output folder is made or emptied: an offline or unwritable Hub repo leaves nothing behind.
-    repo_id = hub.prepare_repo_if_asked(options, is_main_process())
-    output_dir = prepare_output_dir(options)
-    resume_from = resume_checkpoint(options)
+    repo_id = hub.prepare_repo_if_asked(options.hub, is_main_process())
+    output_dir = prepare_output_dir(options.run)
+    resume_from = resume_checkpoint(options.run)
     with locked(output_dir, enabled=is_main_process()), StopRequest() as stop:
-        accelerator = make_accelerator(options)
+        accelerator = make_accelerator(options.loop, options.run)
         set_seed(options.seed)
 
         # ---- data, encoder, model, noise scheduler, optimizer, loader -----------------------------
-        data = load_training_data(options)
+        data = load_training_data(options.data, options.class_conditional)
         source = load_model_source(options, accelerator, data)
-        ema = make_ema(options, source.unet)
-        optimizer = make_optimizer(options, source.unet, accelerator.num_processes)
+        ema = make_ema(options.ema, source.unet)
+        learning_rate = options.effective_learning_rate(accelerator.num_processes)
+        optimizer = make_optimizer(options.optim, source.unet, learning_rate)
         loader = train_loader(options, data.splits["train"], source.encoder, data.channels)
         run = _prepare(options, accelerator, source, ema, optimizer, loader, data, output_dir)
 
