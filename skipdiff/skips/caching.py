@@ -20,19 +20,23 @@ deep features change slowly. Two ways to exploit that, both for ``UNet2DModel``,
   from the last key step, and only the decoder runs. (Its parallel decoding of several non-key steps
   and its prior noise injection are not implemented: steps run one after another, as sampled.)
 
-How compute is skipped: forward pre-hooks cannot skip compute, so each reused module's ``forward``
-is replaced, for as long as the cache is on, by a wrapper that runs the original and keeps its
-output on refresh steps and returns the kept output on cached steps. The up block that the branch
-cuts through runs its own forward on its remaining layers (the ones before the branch are not even
+How compute is skipped: forward pre-hooks cannot skip compute, so each reused module gets, for as long
+as the cache is on, a hook in diffusers' own hook system (``diffusers.hooks.HookRegistry``, the way
+its first-block and pyramid-attention caches attach) whose ``new_forward`` runs the original and
+keeps its output on refresh steps and returns the kept output on cached steps; hooks that other
+diffusers features put on the same modules chain with it. The up block that the branch cuts
+through runs its own forward on its remaining layers (the ones before the branch are not even
 called, so their inputs are not concatenated for nothing). The UNet's own forward runs unchanged
 (its glue, the time embedding, still runs), which is why the same code works on every diffusers
 UNet and why the router's gates keep working: the resnet that receives skip ``b`` still gets its
-pre-hook, with (cached backbone, fresh skip). With the cache off nothing is wrapped: the stock
-forward, bit for bit. Kept outputs are checked for in-place changes (the version counter, read on
+pre-hook, with (cached backbone, fresh skip). With the cache off nothing is hooked: the stock
+forward, bit for bit (no instance ``forward`` and no empty registry are left behind). Kept outputs are checked for in-place changes (the version counter, read on
 the host) before and after they are reused.
 
 How steps are counted (any scheduler, without reading device values): the cache follows the
-*scheduler*, not the timestep values. ``enable_skip_cache(pipe)`` watches ``pipe.scheduler``:
+*scheduler*, not the timestep values. (diffusers' transformer caches learn the step from the
+``cache_context`` their pipelines enter and from the pipeline's current timestep; no UNet pipeline,
+Stable Diffusion's included, enters one, and a timestep read is a device read.) ``enable_skip_cache(pipe)`` watches ``pipe.scheduler``:
 its ``set_timesteps`` starts a run (step 0, ``len(timesteps)`` steps, the kept features dropped),
 its ``step`` ends the current sampling step. Every pipeline calls both, so a new ``pipe(...)``
 restarts the schedule, and a refresh decision never needs the timestep tensor (whose value lives
@@ -66,12 +70,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from .cache_options import SkipCacheOptions, refresh_steps
 from .router import discover_skips
 
 _ATTRIBUTE = "_skipdiff_skip_cache"  # where a UNet keeps its handle while the cache is on
+_HOOK = "skipdiff_skip_cache"  # the name of the cache's hooks in diffusers' HookRegistry
 _SPLITTABLE = {"resnets", "attentions", "downsamplers", "upsamplers"}
 
 
@@ -154,17 +160,19 @@ def _split_up_block(unet: nn.Module, options: SkipCacheOptions) -> tuple[str, in
 # ---- the handle ------------------------------------------------------------------------------
 
 
-class _Reuse:
-    """Stands in for a reused module's ``forward`` while the cache is on."""
+class _ReuseHook(ModelHook):
+    """A reused module's forward while the cache is on (a diffusers hook): on refresh calls it runs the module
+    and keeps its output, on cached calls it returns the kept output without running the module."""
 
-    def __init__(self, cache: SkipCache, name: str, original):
-        self.cache, self.name, self.original = cache, name, original
+    def __init__(self, cache: SkipCache, name: str):
+        super().__init__()
+        self.cache, self.name = cache, name
 
-    def __call__(self, *args, **kwargs):
+    def new_forward(self, module: nn.Module, *args, **kwargs):
         cache = self.cache
         if cache._reusing:
             return cache._store[self.name]
-        output = self.original(*args, **kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
         if cache._store is not None:  # a refresh call: keep it for the cached steps
             cache._store[self.name] = output
         return output
@@ -183,18 +191,19 @@ class _Tail:
         return getattr(self._block, name)
 
 
-class _SplitUpBlock:
-    """Stands in for the ``forward`` of the up block that the branch cuts through.
+class _SplitUpBlockHook(ModelHook):
+    """The forward of the up block that the branch cuts through, while the cache is on (a diffusers hook).
 
     On cached steps its layers before the branch would only be replayed, yet the block's loop would
     still concatenate their inputs; instead the block's own (class) forward runs on a :class:`_Tail`,
     from the branch resnet on, fed the kept output of the layer before it and the skips that are left.
     """
 
-    def __init__(self, cache: SkipCache, block: nn.Module, start: int, kept: str, original):
-        self.cache, self.start, self.kept, self.original = cache, start, kept, original
-        self.function = original.__func__
-        self.signature = inspect.signature(original)
+    def __init__(self, cache: SkipCache, block: nn.Module, start: int, kept: str):
+        super().__init__()
+        self.cache, self.start, self.kept = cache, start, kept
+        self.function = type(block).forward
+        self.signature = inspect.signature(block.forward)
         self.tail = _Tail(block, start)
 
     @staticmethod
@@ -205,15 +214,33 @@ class _SplitUpBlock:
         parameters = inspect.signature(block.forward).parameters
         return "hidden_states" in parameters and "res_hidden_states_tuple" in parameters
 
-    def __call__(self, *args, **kwargs):
+    def new_forward(self, module: nn.Module, *args, **kwargs):
         if not self.cache._reusing:
-            return self.original(*args, **kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
         bound = self.signature.bind(*args, **kwargs)
         skips = bound.arguments["res_hidden_states_tuple"]
         bound.arguments["res_hidden_states_tuple"] = skips[: len(skips) - self.start]  # the first layers pop the last
         kept = self.cache._store[self.kept]  # attentions called with return_dict=False answer (hidden,)
         bound.arguments["hidden_states"] = kept if isinstance(kept, torch.Tensor) else kept[0]
         return self.function(self.tail, *bound.args, **bound.kwargs)
+
+
+def _register(module: nn.Module, hook: ModelHook) -> object:
+    """Put ``hook`` on ``module`` through its diffusers :class:`HookRegistry`; returns the forward it installed."""
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _HOOK)
+    return module.forward
+
+
+def _unregister(module: nn.Module) -> None:
+    """Take the cache's hook off ``module``; a module left with no hook gets its stock forward back (no
+    instance ``forward``, no empty registry), as it was before any hook."""
+    registry = module._diffusers_hook
+    registry.remove_hook(_HOOK, recurse=False)
+    if registry.hooks:
+        return
+    if module.__dict__.get("forward") == type(module).forward.__get__(module):  # the registry's restored copy
+        del module.forward
+    del module._diffusers_hook
 
 
 @dataclasses.dataclass
@@ -250,44 +277,39 @@ class SkipCache:
         self._slots: dict[int, _Slot] = {}
         self._store: dict[str, Any] | None = None  # the slot being recorded or reused, during a UNet call
         self._reusing = False
-        self._wrapped: list[tuple[nn.Module, Any, Any]] = []
+        self._hooked: list[tuple[nn.Module, Any]] = []  # (module, the forward its hook installed)
         self._watched: list[tuple[Any, dict[str, Any]]] = []
         self._handles: list = []
 
     # ---- on and off -------------------------------------------------------------------------
 
     def _attach(self) -> SkipCache:
-        for name in self.modules:
+        for name in self.modules:  # an instance forward already there (accelerate's hooks) runs inside ours
             module = self.unet.get_submodule(name)
-            previous = module.__dict__.get("forward")  # an instance forward (accelerate's hooks) is kept
-            wrapper = _Reuse(self, name, module.forward)
-            module.forward = wrapper
-            self._wrapped.append((module, wrapper, previous))
+            self._hooked.append((module, _register(module, _ReuseHook(self, name))))
         split = _split_up_block(self.unet, self.options)
-        if split is not None and _SplitUpBlock.applies(block := self.unet.get_submodule(split[0])):
+        if split is not None and _SplitUpBlockHook.applies(block := self.unet.get_submodule(split[0])):
             name, start = split
             kept = self.modules[-1]  # the last layer before the branch resnet (attention or resnet)
-            block.forward = _SplitUpBlock(self, block, start, kept, block.forward)
-            self._wrapped.append((block, block.forward, None))
+            self._hooked.append((block, _register(block, _SplitUpBlockHook(self, block, start, kept))))
         self._handles.append(self.unet.register_forward_pre_hook(self._begin_call, with_kwargs=True))
         self._handles.append(self.unet.register_forward_hook(self._end_call, always_call=True))
         setattr(self.unet, _ATTRIBUTE, self)
         return self
 
     def disable(self) -> None:
-        """Restore every wrapped forward and watched scheduler and drop the kept features."""
-        for module, wrapper, _ in self._wrapped:  # check all before changing any
-            if module.__dict__.get("forward") is not wrapper:
+        """Take the hooks off, restore every watched scheduler and drop the kept features."""
+        for module, installed in self._hooked:  # check all before changing any
+            registry = module._diffusers_hook
+            ours_last = registry._hook_order[-1:] == [_HOOK]  # a later diffusers hook would sit on top
+            if ours_last and module.__dict__.get("forward") is not installed:
                 raise RuntimeError(
                     f"{type(module).__name__}.forward was replaced after the cache was put on; remove that "
                     "wrapper first (wrappers must come off in the reverse order they went on)"
                 )
-        for module, _, previous in reversed(self._wrapped):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self._wrapped.clear()
+        for module, _ in reversed(self._hooked):
+            _unregister(module)
+        self._hooked.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
