@@ -596,3 +596,35 @@ def test_skipdiff_pipeline_samples_with_a_cache_for_one_call():
     cached = sample(SkipCacheOptions(cache="skip_branch", cache_interval=3))
     assert not torch.equal(cached, plain) and skip_cache_of(pipe) is None
     assert torch.equal(sample(None), plain)
+
+
+def test_the_cache_is_a_diffusers_hook_and_chains_with_other_hooks(deep_config):
+    """The cache's hooks live in diffusers' HookRegistry: a hook another feature puts on a reused module after
+    the cache runs on top of it (only on refresh steps, when the module runs), and outlives the cache."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Counting(ModelHook):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    unet, _ = _model("unet2d", deep_config)
+    scheduler = _scheduler()
+    reference = _sample(unet, scheduler, _noise(unet))
+    cache = enable_skip_cache(unet, cache_interval=3)
+    cache.watch(scheduler)
+    module = unet.get_submodule(cache.modules[0])
+    assert list(module._diffusers_hook.hooks) == ["skipdiff_skip_cache"]
+    counting = Counting()
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(counting, "counting")
+    cached = _sample(unet, scheduler, _noise(unet))
+    assert counting.calls == 9  # the outer hook sees every call; the cache answers 6 of them from memory
+    assert cache.stats["cached_calls"] == 6
+    cache.disable()  # under another hook: the registry unlinks it
+    assert list(module._diffusers_hook.hooks) == ["counting"]
+    assert torch.equal(_sample(unet, scheduler, _noise(unet)), reference) and counting.calls == 18
+    assert not torch.equal(cached, reference)
