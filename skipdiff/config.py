@@ -19,9 +19,11 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -311,8 +313,6 @@ def parse_key_values(text: str, what: str) -> dict[str, Any]:
 def looks_local(source: str) -> bool:
     """Whether a model source is meant as a local path rather than a Hub id (``user/name``): absolute or
     relative to ``.``/``..``/``~``, more than one slash, or a first component that is a local folder."""
-    import os
-
     if source.startswith(("/", "./", "../", "~", ".\\")) or source in (".", "..") or "\\" in source:
         return True
     parts = source.split("/")
@@ -322,8 +322,6 @@ def looks_local(source: str) -> bool:
 def check_local_source(source: str, flag: str) -> None:
     """A local-looking source that does not exist is refused at once (not after a Hub lookup), naming the
     closest sibling when one is near."""
-    from pathlib import Path
-
     path = Path(source).expanduser()
     if looks_local(source) and not path.exists():
         siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
@@ -335,8 +333,6 @@ def check_local_source(source: str, flag: str) -> None:
 
 def check_output_folder(path, flag: str = "--out") -> None:
     """Raise ``ValueError`` when an output folder option names an existing file (before any work)."""
-    from pathlib import Path
-
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a file, not a folder")
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import platform
 
+import torch
+
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap in the process
@@ -43,6 +45,4 @@ def keep_freed_memory() -> bool:
 
 def keep_freed_memory_for_cpu_training() -> bool:
     """:func:`keep_freed_memory` when training runs on the CPU (no CUDA GPU); False, and nothing set, otherwise."""
-    import torch
-
     return not torch.cuda.is_available() and keep_freed_memory()

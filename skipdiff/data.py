@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value, load_dataset
 from PIL import Image as PILImage
 from torchvision import transforms
 
 from .data_options import IMAGE_DATASETS, TABULAR_DATASETS, DataOptions
-from .field_patches import FIELD_DATASETS
+from .field_patches import FIELD_DATASETS, field_patches
+from .photo_patches import PHOTOGRAPHS, photo_patch_grid
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 CHANNEL_MODES = {1: "L", 3: "RGB"}
@@ -46,6 +47,7 @@ CHANNEL_MODES = {1: "L", 3: "RGB"}
 
 
 def _digits() -> Dataset:
+    # heavy: scikit-learn (~1 s) only for the built-in sets it ships
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -58,8 +60,6 @@ def _digits() -> Dataset:
 
 
 def _photo_patches() -> Dataset:
-    from .photo_patches import PHOTOGRAPHS, photo_patch_grid
-
     grid = photo_patch_grid()
     features = Features({"image": Image(), "label": ClassLabel(names=list(PHOTOGRAPHS))})
     return Dataset.from_dict(
@@ -70,8 +70,6 @@ def _photo_patches() -> Dataset:
 
 def _field(name: str) -> DatasetDict:
     """A field set (:mod:`skipdiff.field_patches`) with its own spatially separated train/test splits."""
-    from .field_patches import field_patches
-
     patches = field_patches(name)
     mode = CHANNEL_MODES[FIELD_DATASETS[name].channels]
     features = Features({"image": Image(), "label": ClassLabel(names=list(patches.class_names))})
@@ -97,6 +95,7 @@ if set(BUILTIN_IMAGE_DATASETS) != set(IMAGE_DATASETS):
 
 
 def _tabular_loader(name: str) -> Callable:
+    # heavy: scikit-learn (~1 s) only for the built-in sets it ships
     import sklearn.datasets
 
     return getattr(sklearn.datasets, f"load_{name}")
@@ -177,8 +176,6 @@ def _keep_labels(splits: DatasetDict, labels: list[int], has_labels: bool) -> Da
 
 
 def _load_hub(dataset_name: str, config_name: str | None, cache_dir: str | None) -> DatasetDict:
-    from datasets import load_dataset
-
     try:
         return load_dataset(dataset_name, config_name, cache_dir=cache_dir)
     except (ConnectionError, OSError, ValueError) as err:
@@ -192,8 +189,6 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _load_folder(folder: Path, skip_corrupt: bool) -> Dataset:
-    from datasets import load_dataset
-
     if not folder.is_dir():
         raise ValueError(f"train_data_dir {str(folder)!r} does not exist or is not a folder")
     files = _image_files(folder)

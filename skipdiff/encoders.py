@@ -29,6 +29,8 @@ the UNet cannot learn, and a diffusion model trained on them produced no recogni
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, VQModel
 from torch import nn
@@ -190,8 +192,6 @@ def load_encoder(
 
 
 def _load_vae(path: str, cache_dir: str | None) -> AutoencoderKL:
-    from pathlib import Path
-
     local = Path(path)
     if local.exists():
         subfolder = None if (local / "config.json").exists() else "vae"

@@ -27,7 +27,10 @@ import re
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from . import __version__
+from .pipeline import UNFINISHED_EXPORT
 from .runfolder import follow_umask, write_json_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -256,8 +259,6 @@ def export_pipeline(pipeline, folder: str | os.PathLike, raw_unet=None) -> Path:
     files are then moved in, ``model_index.json`` last, while the folder holds
     :data:`~skipdiff.pipeline.UNFINISHED_EXPORT`: a kill while moving leaves it, and evaluation and
     ``SkipDiffPipeline.from_pretrained`` refuse the folder instead of loading weights that may be missing."""
-    from safetensors import SafetensorError
-
     folder = Path(folder)
     tmp = folder / f".export.tmp{os.getpid()}"  # a name --overwrite_output_dir knows as skipdiff's
     try:
@@ -282,8 +283,6 @@ def export_pipeline(pipeline, folder: str | os.PathLike, raw_unet=None) -> Path:
 def _move_in(tmp: Path, folder: Path) -> None:
     """Move an export's entries from ``tmp`` into ``folder``, replacing earlier ones, ``model_index.json`` last,
     with :data:`~skipdiff.pipeline.UNFINISHED_EXPORT` present from before the first move to after the last."""
-    from .pipeline import UNFINISHED_EXPORT
-
     marker = folder / UNFINISHED_EXPORT
     marker.write_text("an export is moving its files into this folder; it is unfinished while this file exists\n")
     for entry in sorted(tmp.iterdir(), key=lambda path: path.name == "model_index.json"):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from skimage import data as skimage_data
 
 from .photo_patches import MIN_STD, grid_cells, textured
 
@@ -130,8 +131,6 @@ def field_spec(name: str) -> FieldSpec:
 def source_images(name: str) -> list[np.ndarray]:
     """The set's images from ``skimage.data`` as uint8 (H, W, C) arrays, in the spec's ``sources``
     order (``faces``: one (200, 25, 25, 1) array, 0..1 floats scaled to 0..255 and rounded)."""
-    from skimage import data as skimage_data
-
     spec = field_spec(name)
     images = []
     for source in spec.sources:

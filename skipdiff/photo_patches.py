@@ -27,6 +27,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 PHOTOGRAPHS = ("china", "flower", "grace_hopper")  # class index = position here
 PATCH_SIZE = 16
@@ -49,8 +50,8 @@ class PatchGrid:
 
 def photographs() -> dict[str, np.ndarray]:
     """The bundled photographs as uint8 RGB arrays (H, W, 3), in ``PHOTOGRAPHS`` order."""
+    # heavy: matplotlib and scikit-learn (~1 s) only to cut the patches (their sample photographs)
     from matplotlib import cbook
-    from PIL import Image
     from sklearn.datasets import load_sample_images
 
     bunch = load_sample_images()

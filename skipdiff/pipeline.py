@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
 from .encoders import PixelEncoder, VaeEncoder
+from .skips.caching import skip_cache
 from .skips.unet import SkipUNet2DModel
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
@@ -145,8 +146,6 @@ class SkipDiffPipeline(DiffusionPipeline):
             (batch_size, config.in_channels, *size), generator=generator, device=self.device, dtype=self.unet.dtype
         )
         latents = latents * scheduler.init_noise_sigma
-        from .skips.caching import skip_cache
-
         with skip_cache(self.unet, cache, scheduler):
             scheduler.set_timesteps(num_inference_steps, device=self.device)
             step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}

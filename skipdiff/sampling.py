@@ -19,6 +19,7 @@ config) or ``pipeline`` (the scheduler the pipeline was saved with, e.g. PNDM fo
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -174,6 +175,4 @@ def _sample_text(target, prompts, generators, steps, sampler, guidance_scale, ne
 def default_guidance_scale(pipeline) -> float:
     """The classifier-free guidance scale a pipeline's ``__call__`` uses when none is given (7.5 for Stable
     Diffusion; above 1, every step runs the UNet on a doubled batch)."""
-    import inspect
-
     return inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default

@@ -16,11 +16,13 @@ import contextlib
 import random
 from collections.abc import Iterator
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
 
 def world() -> tuple[int, int]:
     """(world size, rank) of ``torch.distributed``; (1, 0) when it is not initialised."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
@@ -44,8 +46,6 @@ def uniform(rows, columns: int, generator=None, device=None):
     The generator argument is left out when there is none: ``torch.rand(n, k, generator=None)`` takes
     its generator overload, which accepts no symbolic sizes, and fails under ``torch.compile`` with a
     dynamic batch size."""
-    import torch
-
     if generator is None:
         return torch.rand(rows, columns, device=device)
     return torch.rand(rows, columns, generator=generator, device=device)
@@ -70,9 +70,6 @@ def rng_untouched() -> Iterator[None]:
     does not exist yet; without this the UNet's initial weights would depend on whether this run or an
     earlier one trained it.
     """
-    import numpy as np
-    import torch
-
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):

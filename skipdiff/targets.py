@@ -42,9 +42,9 @@ from torch import nn
 
 from .conditioning import ClassLabels, Conditioning, TextConditioning, Unconditional
 from .config import subset
-from .data_options import DataOptions
+from .data_options import SPLIT_FIELDS, DataOptions
 from .encoders import Encoder, PixelEncoder, VaeEncoder, VqEncoder
-from .pipeline import SkipDiffPipeline, weights_layout
+from .pipeline import SkipDiffPipeline, check_export_finished, weights_layout
 from .runfolder import OPTIONS_FILE, weights_digest
 from .skips.unet import SkipUNet2DModel, skip_spec_applied
 
@@ -67,6 +67,7 @@ PIPELINE_UNET = "unet"  # where a pipeline (and a run folder) keeps its UNet
 def _dtype_keyword() -> str:
     """diffusers >= 0.36 names from_pretrained's dtype argument ``dtype`` (``torch_dtype`` is deprecated)."""
     try:
+        # a version probe: only diffusers >= 0.36 has it
         from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
     except ImportError:
         return "torch_dtype"
@@ -275,8 +276,6 @@ def read_model_index(
     is downloaded."""
     path = Path(checkpoint)
     if path.exists():
-        from .pipeline import check_export_finished
-
         check_export_finished(path)
         if not (path / MODEL_INDEX).is_file() and (path / OPTIONS_FILE).is_file():
             raise ValueError(
@@ -439,7 +438,7 @@ def check_split_agrees(folder: Path, options: dict) -> None:
     (:data:`~skipdiff.data_options.SPLIT_FIELDS`) than the options its latest checkpoint saved: the file is the
     run's to read and edit, so an edit (a ``split_seed``, a ``test_fraction``) would silently score another test
     split, training images among it. A run without checkpoints has nothing to compare."""
-    from .data_options import SPLIT_FIELDS
+    # training: evaluation imports this module and stays free of training modules (test_layout)
     from .training.checkpoints import STATE_FILE, list_checkpoints, read_state
 
     latest = next((c for c in reversed(list_checkpoints(folder)) if (c / STATE_FILE).is_file()), None)

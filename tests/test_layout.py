@@ -1,11 +1,15 @@
 """The package's shape: small functions, evaluation and reports free of training code, no script
-started by file path, command lines that answer bad arguments before importing torch."""
+started by file path, command lines that answer bad arguments before importing torch, no import circles,
+and every import inside a function saying why it is there."""
 
 from __future__ import annotations
 
 import ast
+import io
+import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -190,3 +194,91 @@ def test_the_circle_check_sees_imports_inside_functions():
         "def f():\n    from ..x import thing\n    from . import z\n    import skipdiff.y\n"
     )
     assert _skipdiff_imports(code, "skipdiff.sub.z", False, modules) == {"skipdiff.x", "skipdiff.y"}
+
+
+# The directives a comment may hold besides its words: they say nothing about why an import is where it is.
+_DIRECTIVE = re.compile(r"(noqa(:\s*[A-Z]+[0-9]+(,\s*[A-Z]+[0-9]+)*)?|type:\s*ignore(\[[^\]]*\])?|fmt:\s*\w+)")
+
+
+def _comments(code: str) -> dict[int, tuple[str, bool]]:
+    """line -> (its comment's words, whether the line holds nothing but the comment)."""
+    found = {}
+    for token in tokenize.generate_tokens(io.StringIO(code).readline):
+        if token.type == tokenize.COMMENT:
+            words = _DIRECTIVE.sub("", token.string.lstrip("#")).strip(" #")
+            found[token.start[0]] = (words, not token.line[: token.start[1]].strip())
+    return found
+
+
+def _function_level_imports(tree: ast.AST) -> list[tuple[ast.stmt, ast.stmt]]:
+    """(import, first import of its run) for every import inside a function: a run is the consecutive
+    import statements of one block, which one comment line above the first explains."""
+    found = {}
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(function):
+            for field in ("body", "orelse", "finalbody"):
+                block = getattr(node, field, None)
+                if not isinstance(block, list):
+                    continue
+                first = None
+                for statement in block:
+                    if isinstance(statement, ast.Import | ast.ImportFrom):
+                        first = first or statement
+                        found[id(statement)] = (statement, first)
+                    else:
+                        first = None
+    return sorted(found.values(), key=lambda pair: pair[0].lineno)
+
+
+def uncommented_function_level_imports(code: str) -> list[int]:
+    """The lines of the imports inside functions that say nowhere why they are there: no comment on the
+    import's own lines, and no comment line right above it or above the first import of its run."""
+    comments = _comments(code)
+
+    def explained_above(line: int) -> bool:
+        words, alone = comments.get(line - 1, ("", False))
+        return alone and bool(words)
+
+    missing = []
+    for node, first in _function_level_imports(ast.parse(code)):
+        own = any(comments.get(line, ("", False))[0] for line in range(node.lineno, node.end_lineno + 1))
+        if not (own or explained_above(node.lineno) or explained_above(first.lineno)):
+            missing.append(node.lineno)
+    return missing
+
+
+def test_every_function_level_import_says_why():
+    """An import inside a function has a reason (an optional dependency, a heavy one a command line or an
+    options module answers before, a layer it may not reach at import time) and says it in a comment."""
+    missing = [
+        f"{path.relative_to(REPO)}:{line}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line in uncommented_function_level_imports(path.read_text())
+    ]
+    assert not missing, "function-level imports without a comment saying why: " + ", ".join(missing)
+
+
+def test_the_import_comment_check_reads_comments_and_runs():
+    code = (
+        "import os\n"
+        "def f():\n"
+        "    # heavy: torch only here\n"
+        "    import torch\n\n"
+        "    from . import a\n"
+        "    x = 1\n"
+        "    import b\n"
+        "    import c  # optional: the c extra\n"
+        "    import d  # noqa: F401\n"
+        "    s = '# not a comment'; import e\n"
+        "    class K:\n"
+        "        def g(self):\n"
+        "            import h\n"
+        "    if x:\n"
+        "        # layering: h reaches training\n"
+        "        import i\n"
+        "    else:\n"
+        "        import j\n"
+    )
+    assert uncommented_function_level_imports(code) == [8, 10, 11, 14, 19]

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import sys
 
+from ..training.classifier.options import ClassifierOptions
 from . import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse and check the options (no torch yet), then train; returns the exit code."""
-    from ..training.classifier.options import ClassifierOptions
 
     def train(options: ClassifierOptions) -> None:
+        # heavy: torch only once the options are parsed and checked
         from ..training.classifier import train_classifier
 
         metrics = train_classifier(options)

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import sys
 
+from ..training.options import TrainOptions
 from . import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse and check the options (no torch yet), then train; returns the exit code."""
-    from ..training.options import TrainOptions
 
     def train(options: TrainOptions) -> None:
+        # heavy: torch only once the options are parsed and checked
         from ..training.unet_trainer import train_unet
 
         train_unet(options)
 
     def check(options: TrainOptions) -> None:  # what train_unet checks before its VAE stage: a typo fails here too
+        # heavy: torch, only for --dry_run's model and geometry checks
         from ..training.model_source import check_model_options
         from ..training.runtime import check_geometry
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import sys
 
+from ..training.vae_options import VaeOptions
 from . import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse and check the options (no torch yet), then train; returns the exit code."""
-    from ..training.vae_options import VaeOptions
 
     def train(options: VaeOptions) -> None:
+        # heavy: torch only once the options are parsed and checked
         from ..training.vae import train_vae
 
         metrics = train_vae(options)

@@ -26,16 +26,17 @@ from pathlib import Path
 from ..config import SkipdiffError, parse_args
 from ..runfolder import io_error_line
 from .options import EvalOptions
+from .results import compare, summary_markdown
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse, check and run; failures raise (``ValueError`` for bad input). :func:`cli` prints them."""
     options = parse_args(EvalOptions, argv, description=__doc__)
     options.check_sources()
+    # heavy: torch only once the options are parsed and checked
     import torch
 
     from .evaluation import default_out, evaluate
-    from .results import compare, summary_markdown
 
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
@@ -65,6 +66,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 def _known(err: RuntimeError) -> bool:
     """Runtime errors evaluation expects and explains (no Inception weights offline)."""
+    # heavy: torch; an error in the options is answered before it
     from .inception import InceptionUnavailableError
 
     return isinstance(err, (SkipdiffError, InceptionUnavailableError))

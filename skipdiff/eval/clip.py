@@ -22,6 +22,7 @@ from .fid import images_to_uint8
 
 def load_clip(name_or_path: str, device: str | torch.device = "cpu", cache_dir: str | None = None):
     """``(CLIPModel, CLIPProcessor)`` from a Hub id or a folder; ``ValueError`` when they cannot be loaded."""
+    # heavy: CLIP's modelling code (~0.3 s) only when a CLIP score is asked for
     from transformers import CLIPModel, CLIPProcessor
 
     try:

@@ -36,6 +36,7 @@ import torch
 from ..classifiers import SkipResNetConfig, SkipResNetForImageClassification
 from ..data_options import IMAGE_DATASETS, DataOptions
 from .extractors import EXTRACTOR_INFO, classifier_extractor_name, uint8_to_model_input
+from .fid import real_images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +116,6 @@ def labelled_pixels(split, resolution: int, channels: int) -> tuple[torch.Tensor
     The pixels are exactly those evaluation feeds the extractor: the data transform, quantised to uint8
     (:func:`skipdiff.eval.fid.real_images`), then mapped back to [-1, 1].
     """
-    from .fid import real_images
-
     real = real_images(split, resolution, channels, "extractor")
     return uint8_to_model_input(real.images, channels), torch.tensor(split["label"])
 
@@ -185,6 +184,7 @@ def train_domain_extractor(
     :data:`MIN_ACCURACY` of the set). ``log`` (default: print, flushed) receives a line when training starts,
     one per epoch and one at the end.
     """
+    # heavy: the data layer (🤗 datasets, ~0.7 s) only when an extractor is trained
     from ..data import dataset_channels, load_image_splits, num_classes
 
     log = log or _print

@@ -26,14 +26,24 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.utils import numpy_to_pil
 
+from ..grids import grid_layout, image_grid
 from ..runfolder import EVAL_LOCK_FILE, RunLock, atomic_path, read_stats
 from ..sampling import Samples, sample_images
+from ..skips.unet import SkipUNet2DModel
 from ..targets import StudyTarget, load_target
 from . import plots
-from .options import EvalOptions
+from .clip import clip_score_summary, load_clip
+from .compute import cache_compute, map_compute
+from .denoise import denoising_loss_by_bucket
+from .extractor_choice import resolve_extractor
+from .fid import fid_with_floor, images_to_uint8, real_splits, reference_and_heldout
+from .importance import importance_heatmap, replay_flops, skip_importance
+from .options import EvalOptions, resolve_reference
 from .results import check_can_write, write_results
 from .run import check_data_matches, data_dict, held_out_batches, sampling_prompts
+from .stability import shattering_probe, stability_from_stats
 
 
 def evaluate(options: EvalOptions) -> dict:
@@ -194,14 +204,10 @@ def _check(run: _Evaluation) -> None:
     if options.fid:
         run.extractor = _extractor(options, run.data)  # a missing Inception download fails here
     if options.clip_score:
-        from .clip import load_clip
-
         run.clip = load_clip(options.clip_model, target.device, options.cache_dir)
 
 
 def _has_stochastic_skips(unet, router) -> bool:
-    from ..skips.unet import SkipUNet2DModel
-
     return isinstance(unet, SkipUNet2DModel) and router is not None and any(g.stochastic for g in router.gates)
 
 
@@ -235,10 +241,6 @@ def _cache_summary(run: _Evaluation) -> dict:
     sampled at, the run's step count; class labels or, for a text-conditioned UNet, one empty prompt through
     the pipeline's own text encoder(s) (the fraction is per image, so guidance's doubled batch leaves it as
     it is)."""
-    import dataclasses as dc
-
-    from .compute import cache_compute
-
     target, cache = run.target, _cache(run.options)
     side = run.data.resolution if target.text_conditioned and run.data is not None else target.resolution
     shape = target.latent_shape(side)
@@ -252,7 +254,7 @@ def _cache_summary(run: _Evaluation) -> dict:
     timestep = torch.tensor([500], device=target.device)
     compute = cache_compute(target.unet, cache, (sample, timestep), kwargs, num_steps=run.options.steps)
     compute["probe"] = {"batch": 1, "shape": list(shape), "conditioning": target.conditioning.kind}
-    return {"options": dc.asdict(cache), "compute": compute}
+    return {"options": dataclasses.asdict(cache), "compute": compute}
 
 
 def _cache(options: EvalOptions):
@@ -265,10 +267,6 @@ def _grid(run: _Evaluation) -> dict:
     """``samples.png``: one prompt (or seed) per row, one skip variant per column, every column on the same
     noise; with a single variant, each row holds ``grid_size`` images of its prompt. Columns are labelled by
     variant, rows by prompt (or image index), the settings in the legend (:func:`skipdiff.grids.image_grid`)."""
-    from diffusers.utils import numpy_to_pil
-
-    from ..grids import grid_layout, image_grid
-
     options, size, seed = run.options, run.options.grid_size, run.options.seeds[0]
     variants = [("original", None)] + ([("skips", options.skips)] if options.skips else [])
     variants += [(spec, spec) for spec in options.grid_variants]
@@ -327,9 +325,6 @@ def _grid_legend(run: _Evaluation, seed: int, variants: bool) -> str:
 
 
 def _fid(run: _Evaluation) -> dict:
-    from .fid import fid_with_floor, real_splits, reference_and_heldout
-    from .options import resolve_reference
-
     options, data = run.options, run.data
     real = real_splits(data_dict(data))
     reference = resolve_reference(options.reference, len(real["test"]), options.num_samples)
@@ -355,8 +350,6 @@ def _fid(run: _Evaluation) -> dict:
 def _extractor(options: EvalOptions, data):
     """The FID feature extractor: ``--feature_extractor``; ``auto`` is a built-in image set's own classifier
     (trained on the data's own train split), else Inception (:func:`.extractor_choice.resolve_extractor`)."""
-    from .extractor_choice import resolve_extractor
-
     return resolve_extractor(options.feature_extractor, data=data, inception_weights=options.inception_weights)
 
 
@@ -364,8 +357,6 @@ def _scored_samples(run: _Evaluation, count: int, seed: int) -> Samples:
     """``count`` images of sampling seed ``seed`` for FID and CLIP score, kept (uint8) in ``run.samples`` and
     timed: eval.json's ``timings.sampling`` holds images and seconds per seed (the images are on the host
     when sampling returns, so the time is the whole sampling), what a report's measured speed-up reads."""
-    from .fid import images_to_uint8
-
     start = time.perf_counter()
     samples = _sample(run, count, seed)
     seconds = time.perf_counter() - start
@@ -378,8 +369,6 @@ def _scored_samples(run: _Evaluation, count: int, seed: int) -> Samples:
 
 
 def _clip(run: _Evaluation) -> dict:
-    from .clip import clip_score_summary
-
     options = run.options
     model, processor = run.clip
     for seed in options.seeds:
@@ -396,9 +385,6 @@ def _clip(run: _Evaluation) -> dict:
 
 def _denoise_and_importance(run: _Evaluation, router) -> dict:
     """``denoise`` (and ``skip_importance``): the importance's baseline is the denoising loss itself."""
-    from .denoise import denoising_loss_by_bucket
-    from .importance import importance_heatmap, replay_flops, skip_importance
-
     target, options, batches = run.target, run.options, run.batches
     conditioning = None if target.conditioning.kind == "none" else target.conditioning.unet_kwargs
     out = {}
@@ -452,8 +438,6 @@ def _one_example(target: StudyTarget, batch: dict, conditioning) -> tuple:
 
 
 def _stability(run: _Evaluation) -> dict:
-    from .stability import shattering_probe, stability_from_stats
-
     target, options = run.target, run.options
     records = read_stats(target.folder / "stats.jsonl")
     stability = stability_from_stats(records, options.spike_window, options.spike_k)
@@ -469,9 +453,6 @@ def _stability(run: _Evaluation) -> dict:
 
 def _score_map(run: _Evaluation, router) -> dict:
     """The MAP configuration's closed skips and FLOPs saved, and its denoising loss / FID (as requested)."""
-    from .compute import map_compute
-    from .denoise import denoising_loss_by_bucket
-
     target, options = run.target, run.options
     conditional = target.conditioning.kind == "class"
     result = map_compute(target.unet, target.latent_shape(), class_label=0 if conditional else None)

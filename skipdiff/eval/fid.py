@@ -54,6 +54,8 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
 
+from ..config import subset
+from ..data_options import DataOptions
 from .extractors import ClassifierFeatureExtractor, ExtractorSpec, create_extractor
 
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default; lowered to the smaller set's size when needed
@@ -130,6 +132,7 @@ def real_images(split, resolution: int, channels: int, label: str) -> RealImages
     images meet the extractor exactly as the diffusion model saw them. ``label`` (e.g. ``digits-train``)
     only makes cache files readable; the content hash makes them correct.
     """
+    # heavy: the data layer (🤗 datasets, ~0.7 s) only where real images are read
     from ..data import image_transform
 
     if len(split) == 0:
@@ -148,9 +151,8 @@ def real_splits(options: dict) -> dict[str, RealImages]:
     ``skip_corrupt_images``, ``cache_dir``) so that the splits are exactly the run's. Images are always
     centre-cropped (a deterministic reference, even for runs trained with random crops).
     """
-    from ..config import subset
+    # heavy: the data layer (🤗 datasets, ~0.7 s) only where real images are read
     from ..data import dataset_channels, load_image_splits
-    from ..data_options import DataOptions
 
     if "resolution" not in options:
         raise ValueError(f"training options lack 'resolution'; keys: {sorted(options)}")

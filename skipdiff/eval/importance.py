@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..skips.spec import build_gate
 from .denoise import (
@@ -207,8 +208,6 @@ def replay_flops(unet, router, sample: torch.Tensor, timesteps: torch.Tensor, un
     "naive_over_replay"}``, the last being the cost of K full ablated forwards plus the baseline over the
     baseline plus K partial ones (per factor, per noised batch).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     kwargs = unet_kwargs or {}
     with recording([m for info in router.skips for m in unchanged_modules(unet, info)]) as outputs:
         with FlopCounterMode(display=False) as counter:
@@ -230,6 +229,7 @@ def importance_heatmap(result: dict, factor: str, path) -> None:
     and the resolution at which it joins the decoder), one column per timestep bucket, colour = the change in
     held-out denoising MSE when that skip alone is scaled by ``factor`` (red: the loss rises without it).
     Each cell is annotated with its value in units of 10^-k, k chosen so the largest prints as 3 digits."""
+    # matplotlib (~0.5 s) only for the heatmap
     from .plots import new_figure, save_figure
 
     delta = np.array(result["factors"][factor]["delta"])

@@ -166,6 +166,7 @@ def write_results(folder: Path, result: dict, label: str, overwrite: bool = Fals
 def result_is_current(result: dict, folder: str | os.PathLike | None = None) -> str | None:
     """None when the weights a result scored are still those of its local source (``folder``, default the
     folder recorded in the result); else why not."""
+    # heavy: torch and diffusers (targets) only to check a result's weights (eval's CLI imports this before torch)
     from ..targets import weights_changed
 
     weights = result.get("weights")
@@ -211,6 +212,7 @@ def compare(runs: list[str], out: str | None) -> str:
     """Side-by-side table and loss-by-timestep plot of results computed already: one row per folder (keyed by
     its full path: ``a/run`` and ``b/run`` are two rows, a folder given twice is one), each checked against
     the folder's current weights."""
+    # heavy: matplotlib and torch (plots) only to compare runs (eval's CLI imports this before torch)
     from . import plots
 
     unique: dict[str, str] = {}  # keyed by full path

@@ -100,6 +100,7 @@ def sampling_prompts(target, prompts_file: str | None, data: DataOptions | None)
 def load_run(checkpoint: str, use_ema: bool = True):
     """``(pipeline, training options, used_ema)`` of a skipdiff run folder or Hub repo (see
     :func:`skipdiff.targets.load_target`, which this wraps)."""
+    # heavy: diffusers (targets) only when a run is loaded; held_out_batches needs none
     from ..targets import load_target
 
     target = load_target(checkpoint, use_ema=use_ema)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from ..config import check_output_folder
 from ..runfolder import io_error_line
+from ..search.report import write_search_report
+from . import __doc__ as usage
+from .write import write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its description is the package docstring."""
-    from . import __doc__ as usage
-
     parser = argparse.ArgumentParser(
         prog="python -m skipdiff.report", description=usage, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -53,12 +54,8 @@ def main(argv: list[str] | None = None) -> Path:
     check_output_folder(args.out)
     try:
         if (Path(args.sweep) / "search.json").is_file():  # a search folder (python -m skipdiff.search)
-            from ..search.report import write_search_report
-
             path = write_search_report(args.sweep, args.out)
         else:
-            from .write import write_report
-
             path = write_report(args.sweep, args.out, args.reference)
     except OSError as err:  # a full disk or a read-only --out: one line naming the file (or the folder)
         raise OSError(io_error_line(err, args.out or Path(args.sweep) / "report")) from err

@@ -17,8 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from ..eval import plots  # noqa: E402
+from ..grids import cut_cells, image_grid  # noqa: E402
 from ..runfolder import atomic_path, safe_name  # noqa: E402
 from .read import Result, dedupe_steps, paired_speedups  # noqa: E402
 
@@ -111,10 +113,6 @@ def sample_sheet(configurations: dict[str, list[Result]], path: Path, title: str
     """One row per configuration (its lowest seed's model), the first samples of its evaluation grid, image
     *i* of every row from the same noise (``skipdiff.seeding.derived_seed``); False when no configuration's
     grid recorded where its cells are."""
-    from PIL import Image
-
-    from ..grids import cut_cells, image_grid
-
     rows, labels, seeds = [], [], set()
     for name, results in configurations.items():
         drawn = sorted((r for r in results if r.samples is not None), key=lambda r: r.seed)

@@ -79,6 +79,7 @@ def _variance(values: Sequence[float]) -> float:
 def paired_arrays(differences: np.ndarray) -> dict[str, np.ndarray]:
     """The paired t-test on the last axis: ``delta``, ``se``, ``df`` and the two-sided ``p`` (nan where the
     standard error is 0)."""
+    # scipy (~0.8 s) only for p-values: the report's import stays light
     from scipy.stats import t
 
     d = np.asarray(differences, dtype=float)
@@ -92,6 +93,7 @@ def paired_arrays(differences: np.ndarray) -> dict[str, np.ndarray]:
 
 def welch_arrays(row: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarray]:
     """Welch's test on the last axes of two independent samples (``delta``, ``se``, ``df``, ``p``)."""
+    # scipy (~0.8 s) only for p-values: the report's import stays light
     from scipy.stats import t
 
     row, reference = np.asarray(row, dtype=float), np.asarray(reference, dtype=float)
@@ -108,6 +110,7 @@ def welch_arrays(row: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarray
 def tost_paired_arrays(differences: np.ndarray, margin: float) -> np.ndarray:
     """TOST p on the last axis: the larger of the one-sided t-tests of H0: δ <= -m and H0: δ >= m (nan where
     the standard error is 0). p <= α is the (1 - 2α) t interval of δ lying inside (-m, m)."""
+    # scipy (~0.8 s) only for p-values: the report's import stays light
     from scipy.stats import t
 
     tests = paired_arrays(differences)
@@ -177,6 +180,7 @@ def holm_arrays(pvalues: np.ndarray, max_true: int | None = None) -> np.ndarray:
 def t_test(name: str, n: int, delta: float, se: float, df: float, alpha: float = ALPHA) -> TTest:
     """The two-sided p-value and (1 - alpha) interval of ``delta`` with standard error ``se``, ``df`` degrees
     of freedom."""
+    # scipy (~0.8 s) only for p-values: the report's import stays light
     from scipy.stats import t
 
     if not (se > 0 and math.isfinite(se) and df > 0):
@@ -267,6 +271,7 @@ def power(delta: float, sd: float, n: int, df: float, alpha: float = ALPHA) -> f
     """Power of the two-sided one-sample t-test (``df`` degrees of freedom; the paired test on ``n`` pairs
     has df = n - 1) at level ``alpha`` to detect a true mean difference ``delta`` when the differences have
     standard deviation ``sd``: P(|T| > t_crit) with T noncentral t(df, delta sqrt(n) / sd)."""
+    # scipy (~0.8 s) only for p-values: the report's import stays light
     from scipy.stats import nct, t
 
     critical = float(t.ppf(1 - alpha / 2, df))
@@ -281,6 +286,7 @@ def detectable_difference(
     """The smallest true difference the test of :func:`power` detects with probability ``power_wanted``
     (None when ``sd`` is unknown or 0). For a row of a Holm family of m tests pass ``alpha / m``: the level
     Holm applies at its first step, the most lenient any row can face."""
+    # scipy (~0.8 s) only for p-values: the report's import stays light
     from scipy.optimize import brentq
 
     if not (math.isfinite(sd) and sd > 0 and n >= 1 and df > 0):
@@ -294,6 +300,7 @@ def detectable_difference(
 
 def t_interval(values: Sequence[float], alpha: float = ALPHA) -> tuple[float, float] | None:
     """The (1 - alpha) t interval of the mean of ``values`` (None for fewer than two)."""
+    # scipy (~0.8 s) only for p-values: the report's import stays light
     from scipy.stats import t
 
     if len(values) < 2:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..runfolder import write_json_atomic, write_text_atomic
 from .markdown import results_to_markdown
-from .ranking import choose_reference
+from .ranking import TESTS, choose_reference, parse_margins
 from .read import cells_to_results, group, load_sweep
 
 REPORT_FOLDER = "report"
@@ -46,7 +46,6 @@ def write_report(
     t-tests) or "sign-flip" (exact sign-flip tests where a row has 6 or more pairs).
     """
     from .figures import write_figures  # matplotlib: only once the input is known to be good
-    from .ranking import TESTS, parse_margins
 
     if test not in TESTS:
         raise ValueError(f"test {test!r}: choose one of {TESTS}")

@@ -11,15 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import check_output_folder, parse_int
+from ..config import check_output_folder, parse_int, redact_spec
+from ..runfolder import write_json_atomic
+from . import __doc__ as usage
+from .confirm import run_confirmation
+from .spec import load_search_spec
+from .trial import example_configurations
+from .worker import console, run_worker
 
 INTERRUPTED = (130, 128 + signal.SIGTERM, 128 + signal.SIGUSR1)  # a worker's status when it was stopped
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its description is the package docstring (spec format and usage)."""
-    from . import __doc__ as usage
-
     parser = argparse.ArgumentParser(
         prog="python -m skipdiff.search", description=usage, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -116,23 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, check, then search (and confirm); returns the process exit status."""
     args = build_parser().parse_args(argv)
     devices = check_args(args)
-    from .spec import load_search_spec
-
     spec = load_search_spec(args.spec)
     out = Path(args.out or Path("runs") / "searches" / spec.name)
+    # optuna (~0.3 s) only once a study is opened: the search command line answers --help and bad arguments before it
     from . import engine
 
     storage = args.storage or engine.default_storage(out)
-    from .trial import example_configurations
-
     examples = example_configurations(spec)
     if args.dry_run:
         show_plan(spec, examples, out, storage, args.workers)
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    from ..config import redact_spec
-    from ..runfolder import write_json_atomic
-
     write_json_atomic(
         out / "search.json",
         {
@@ -147,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     study = engine.open_study(spec, storage)  # created (and enqueued) once, before the workers join
     if args.workers == 1:
         if args.num_threads:
+            # heavy: torch only to set a one-worker search's threads
             import torch
 
             torch.set_num_threads(args.num_threads)
-        from .worker import run_worker
-
         run_worker(spec, out, storage)
     else:
         statuses = launch_workers(args, out, storage, spec.name, devices)
@@ -167,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         if spec.budget.get("trials") and engine.taken(study) < spec.budget["trials"]:
             print("budget not reached yet: relaunch to continue before the confirmation", file=sys.stderr)
             return 0
-        from .confirm import run_confirmation
-
         path = run_confirmation(spec, study, out, args.num_threads)
         print(f"confirmation report: {path}")
     print(f"report: python -m skipdiff.report {out}")
@@ -177,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` for a console: bad input ``error: ...`` and 2, stopped 130/143/138, a failed worker 1."""
-    from .worker import console
-
     return console(lambda: main(argv), "stopped; relaunch the same command to continue the search")
 
 

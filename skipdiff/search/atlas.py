@@ -31,6 +31,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from ..report.ranking import adjust_family, compare, parse_margins
 from ..runfolder import read_json, write_json_atomic
 from . import atlas_figures as figures
 
@@ -128,8 +129,6 @@ def rank_transfer(
     the confirmation's full on the same seeds (how far a rerun in another session lands from it: the reason
     the matrix pairs within the transfer sweep); ``transfer["own_best"][target]`` names the own best. With
     ``margins`` (metric -> m) every row also gets its TOST of equivalence within ±m."""
-    from ..report.ranking import adjust_family, compare
-
     rankings: dict = {"own_best": {}, "against_own_best": {}, "null_control": {}}
     for metric in METRICS:
         margin = (margins or {}).get(metric)
@@ -208,8 +207,6 @@ def pareto_front(points: list[tuple[float, float, int]]) -> list[dict]:
 def rank_fields(values_by_field: dict[str, dict], margins: dict[str, float]) -> dict[str, dict[str, dict]]:
     """metric -> field -> ranking (:func:`skipdiff.report.ranking.compare`), Holm over every field's rows of
     that metric as one family (scope "atlas")."""
-    from ..report.ranking import adjust_family, compare
-
     rankings: dict[str, dict[str, dict]] = {}
     for metric in METRICS:
         per_field = {f: v[metric] for f, v in values_by_field.items() if metric in v and REFERENCE in v[metric]}
@@ -398,8 +395,6 @@ def _params(record: dict, label: str) -> str:
 
 
 def main(argv=None) -> int:
-    from ..report.ranking import parse_margins
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="search report folders, one per field")
     parser.add_argument("--out", type=Path, required=True)

@@ -14,9 +14,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue", "undecided": "0.55"}
 PRESET_WIDTHS = [32, 64, 64]  # the CPU preset's block widths (model "digits"), left out of short names
 PRESET_LAYERS = 2
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    # matplotlib (~0.5 s) only when a figure is drawn: the tables and the command lines' --help need none
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # (after use: the backend is chosen before pyplot starts)
+
+    return plt
 
 
 def short_name(params: dict) -> str:
@@ -88,11 +101,7 @@ def confirmation_rows(atlas: dict) -> list[dict]:
 def confirmation_figure(atlas: dict, path: Path) -> None:
     """The atlas's headline: Δ against each field's full with 95% CIs (unadjusted; the colour is the verdict
     after Holm over the atlas), MSE left, FID right, the declared equivalence margins shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
+    plt = pyplot()
 
     entries = confirmation_rows(atlas)
     if not entries:
@@ -123,7 +132,7 @@ def confirmation_figure(atlas: dict, path: Path) -> None:
         if above["field"] != below["field"]:  # a rule between fields
             for ax in axes:
                 ax.axhline(y + 0.5, color="0.8", lw=0.8)
-    legend = [Line2D([], [], color=c, marker="o", lw=2, label=v) for v, c in VERDICT_COLOURS.items()]
+    legend = [plt.Line2D([], [], color=c, marker="o", lw=2, label=v) for v, c in VERDICT_COLOURS.items()]
     fig.legend(
         handles=legend,
         loc="outside lower center",
@@ -140,11 +149,7 @@ def confirmation_figure(atlas: dict, path: Path) -> None:
 
 
 def transfer_figure(rankings: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    plt = pyplot()
 
     columns = sorted({r["configuration"] for t in rankings.values() for r in t["rows"] if not r["is_reference"]})
     targets = list(rankings)
@@ -168,11 +173,7 @@ def transfer_figure(rankings: dict[str, dict], path: Path) -> None:
 
 
 def importance_figure(fields: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    plt = pyplot()
 
     names = sorted({p for f in fields for p in f["importance"]})
     if not names:
@@ -193,10 +194,7 @@ def importance_figure(fields: list[dict], path: Path) -> None:
 
 
 def front_figure(fields: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     drawn = [f for f in fields if f["front"]]
     if not drawn:

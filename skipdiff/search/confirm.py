@@ -13,7 +13,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..report.write import write_report
 from ..runfolder import write_json_atomic
+from ..sweep.runner import run_sweep, spec_command
+from ..sweep.spec import parse_spec
+from .space import model_config
 from .spec import SearchSpec
 from .trial import read_trial
 
@@ -24,8 +28,6 @@ CONFIRM_FOLDER = "confirm"
 def runs_the_reference(spec: SearchSpec, record: dict) -> bool:
     """Whether a trial ran the reference's own configuration (the same options and UNet): confirming it would
     retrain the reference under another name and test it against itself (every paired difference 0)."""
-    from .space import model_config
-
     if record.get("model"):
         base = spec.base.get("model", "digits")
         if not spec.training or model_config(base, record["model"]) != model_config(base, {}):
@@ -81,16 +83,12 @@ def confirmation_sweep(spec: SearchSpec, chosen: list[dict], out: Path) -> dict:
 def search_command(spec: SearchSpec, out: Path) -> dict | None:
     """The command that runs the search ``spec`` in ``out`` again: it finishes the budget, then the
     confirmation's missing cells (None when the spec was not read from a file)."""
-    from ..sweep.runner import spec_command
-
     return spec_command("skipdiff.search", spec.source, out, Path("runs") / "searches" / spec.name)
 
 
 def run_confirmation(spec: SearchSpec, study, out: Path, num_threads: int | None = None, log=print) -> Path:
     """Run the confirmation sweep and its report; returns the report's path."""
-    from ..report.write import write_report
-    from ..sweep.runner import run_sweep
-    from ..sweep.spec import parse_spec
+    # optuna (~0.3 s) only once a study is opened: the search command line answers --help and bad arguments before it
     from . import engine
 
     pairs = choose(spec, engine.best_trials(study, len(study.trials)), log=log)

@@ -67,6 +67,7 @@ def needed_eval(objectives) -> dict:
 
 def model_record(unet, sample_shape: tuple[int, ...]) -> dict:
     """``{"flops", "parameters"}`` of ``unet`` for one sample of shape ``(C, H, W)``."""
+    # heavy: torch (eval.compute) only when a model is measured: the search command line stays torch-free
     from ..eval.compute import forward_flops
 
     return {"flops": forward_flops(unet, sample_shape), "parameters": sum(p.numel() for p in unet.parameters())}

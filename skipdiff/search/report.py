@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..report.markdown import ranking_table
+from ..report.ranking import rank_against
 from ..runfolder import atomic_path, read_json, write_json_atomic, write_text_atomic
+from .atlas_figures import pyplot
+from .objectives import OBJECTIVES
 
 
 def trial_rows(study) -> list[dict]:
@@ -65,10 +69,7 @@ def trial_extras(folder: Path) -> dict:
 
 
 def _history(rows: list[dict], objective: str, minimize: bool, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = [r for r in rows if r["state"] == "complete"]
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
@@ -99,10 +100,7 @@ def _history(rows: list[dict], objective: str, minimize: bool, path: Path) -> No
 
 
 def _pareto(rows: list[dict], front: set[int], objectives: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = [r for r in rows if r["state"] == "complete"]
     fig, ax = plt.subplots(figsize=(5, 4), layout="constrained")
@@ -128,6 +126,7 @@ def _skip_table(folder: str) -> str:
     """The skip table of a trial's trained UNet (training searches), or its skip spec (inference)."""
     trial = read_json(Path(folder) / "trial.json", "trial record")
     if (Path(folder) / "unet" / "config.json").is_file():
+        # heavy: torch and diffusers only for a trained trial's skip table
         from ..skips.unet import SkipUNet2DModel
 
         return SkipUNet2DModel.from_pretrained(folder, subfolder="unet").skip_table()
@@ -136,6 +135,7 @@ def _skip_table(folder: str) -> str:
 
 def write_search_report(folder: str | Path, out: str | Path | None = None) -> Path:
     """Write the search's report into ``out`` (default ``<folder>/report``); returns ``report.md``'s path."""
+    # optuna (~0.3 s) only once the study is read: the report command line answers bad arguments before it
     from .engine import best_trials, importance, load_existing_study
 
     folder = Path(folder)
@@ -222,10 +222,8 @@ def confirmed_values(folder: Path, read) -> dict[str, dict[int, float]]:
 def _objective_ranking(folder: Path, summary: dict | None = None) -> list[str]:
     """The search's own (first) objective on the fresh seeds, paired against the reference (Holm over the
     confirmed configurations), as the report's ranking table."""
-    from ..report.markdown import ranking_table
-    from ..report.ranking import rank_against
+    # confirm reaches sweep: skipdiff.report imports this module and stays free of sweep and training (test_layout)
     from .confirm import REFERENCE
-    from .objectives import OBJECTIVES
 
     search = read_json(folder / "search.json", "search record")
     name = search["objectives"][0]

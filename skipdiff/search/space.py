@@ -30,6 +30,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from ..presets import UNET_PRESETS
+
 FAMILY = "skips"
 PER_SKIP = "per_skip"
 SKIP_MODES = ("keep", "zero", "scale")  # per-skip modes that need no parameters beyond a factor
@@ -172,6 +174,7 @@ class Space:
 
 def parse_space(raw: Any, option_fields: set[str], training: bool) -> Space:
     """``space:`` -> :class:`Space`, every name checked against what a trial can set."""
+    # heavy: torch (the gate registry) only when a space is parsed: the search command line answers --help before it
     from ..skips.spec import PRESETS
 
     if not isinstance(raw, dict) or not raw:
@@ -340,8 +343,6 @@ def first_choices(space: Space, family: str | None = None) -> dict:
 def model_config(base_model: str, overrides: dict) -> dict:
     """A UNet preset (or config file) with a trial's model overrides; ``attention`` (one bool per level)
     picks AttnDownBlock2D/AttnUpBlock2D where true. ``ValueError`` when the result cannot be built."""
-    from ..presets import UNET_PRESETS
-
     if base_model in UNET_PRESETS:
         config = dict(UNET_PRESETS[base_model])
     else:

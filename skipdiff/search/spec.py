@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import from_dict
+from ..eval.options import EvalOptions
+from ..sweep.spec import read_yaml_spec
+from ..training.options import TrainOptions
 from .objectives import OBJECTIVES, needed_eval
 from .space import Space, parse_space
 
@@ -80,18 +83,12 @@ class SearchSpec:
 def options_class(kind: str) -> type:
     """The dataclass of one trial's options: training options, or evaluation options (inference)."""
     if kind == "training":
-        from ..training.options import TrainOptions
-
         return TrainOptions
-    from ..eval.options import EvalOptions
-
     return EvalOptions
 
 
 def load_search_spec(path: str | os.PathLike) -> SearchSpec:
     """Read and check a YAML spec; the search's (and its study's) name is the file's stem."""
-    from ..sweep.spec import read_yaml_spec
-
     spec = parse_search_spec(read_yaml_spec(path, "search spec"), Path(path).stem)
     return dataclasses.replace(spec, source=str(path))
 
@@ -299,8 +296,6 @@ def _eval(raw: Any, objectives: tuple[str, ...], training: bool) -> dict:
         return {}
     evaluation = {**needed_eval(objectives), **evaluation}
     if training:
-        from ..eval.options import EvalOptions
-
         try:
             from_dict(EvalOptions, {**evaluation, "checkpoint": "<trial>"})
         except (ValueError, TypeError) as err:

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import time
 from pathlib import Path
 
 from ..config import from_dict, redact
 from ..runfolder import read_json, write_json_atomic
+from ..sweep.kinds import _loaded_target, check_fid_samples, evaluate_run
+from ..sweep.launch import fresh_accelerate_state
+from ..training.options import TrainOptions
 from .objectives import OBJECTIVES, model_record, read_objectives
-from .space import Suggestion, model_config, num_skips_of, suggest
+from .space import FixedTrial, Suggestion, first_choices, model_config, num_skips_of, suggest
 from .spec import SearchSpec, options_class
 
 TRIAL_FILE = "trial.json"
@@ -36,6 +40,7 @@ def num_skips_for(spec: SearchSpec):
         return lambda overrides: num_skips_of(model_config(base_model, overrides))
 
     def of_target(_overrides) -> int:
+        # heavy: torch only when an inference target's skips are counted
         from ..skips.router import discover_skips
 
         return len(discover_skips(_target(spec).unet))
@@ -44,8 +49,6 @@ def num_skips_for(spec: SearchSpec):
 
 
 def _target(spec: SearchSpec):
-    from ..sweep.kinds import _loaded_target
-
     return _loaded_target(from_dict(options_class("inference"), spec.base))
 
 
@@ -69,11 +72,12 @@ def trial_options(spec: SearchSpec, suggestion: Suggestion, folder: Path) -> dic
 def check_configuration(spec: SearchSpec, options: dict) -> None:
     """A trial's skip spec (and chain options) must resolve for its model: ``ValueError`` otherwise."""
     if spec.training:
+        # heavy: torch, only for a training search's checks
         from ..training.model_source import check_model_options
-        from ..training.options import TrainOptions
 
         check_model_options(from_dict(TrainOptions, options))
     else:
+        # heavy: torch, only for an inference search's checks
         from ..skips.router import SkipRouter, discover_skips
 
         SkipRouter(list(discover_skips(_target(spec).unet)), options["skips"] or "full")
@@ -90,6 +94,7 @@ class PruningMonitor:
         self._constrained = False
 
     def __call__(self, step: int, view) -> None:
+        # heavy: torch and optuna, only while a pruned training trial runs
         from ..eval.denoise import denoising_loss_by_bucket
         from ..eval.run import held_out_batches
         from .engine import TrialPruned
@@ -118,6 +123,7 @@ def set_model_constraints(trial, spec: SearchSpec, unet) -> None:
     """The constraints a trial's architecture decides (FLOPs, parameters), set as soon as training starts, so
     that a pruned trial carries them too (the sampler's feasibility then covers every finished trial). The
     FLOPs are counted on a fresh CPU copy of the architecture in eval mode, as after training."""
+    # heavy: torch, only while a training trial runs
     from ..skips.unet import SkipUNet2DModel
 
     keys = [key for key in spec.constraints if OBJECTIVES[key].from_model]
@@ -132,6 +138,7 @@ def set_model_constraints(trial, spec: SearchSpec, unet) -> None:
 
 def _model_record(folder: Path) -> dict:
     """FLOPs and parameters of a trained trial's UNet (its exported ``unet/``)."""
+    # heavy: torch, only while a training trial runs
     from ..skips.unet import SkipUNet2DModel
 
     unet = SkipUNet2DModel.from_pretrained(folder, subfolder="unet").eval()
@@ -141,10 +148,8 @@ def _model_record(folder: Path) -> dict:
 
 def run_training_trial(trial, spec: SearchSpec, options: dict, folder: Path) -> tuple[dict, dict]:
     """Train (or resume) the trial's run and evaluate it; returns ``(eval.json, model record)``."""
-    from ..sweep.kinds import evaluate_run
-    from ..sweep.launch import fresh_accelerate_state
+    # heavy: torch, only while a training trial runs
     from ..training.checkpoints import list_checkpoints
-    from ..training.options import TrainOptions
     from ..training.unet_trainer import train_unet
 
     train = dict(options)
@@ -162,6 +167,7 @@ def run_training_trial(trial, spec: SearchSpec, options: dict, folder: Path) -> 
 
 def run_inference_trial(spec: SearchSpec, options: dict, folder: Path) -> tuple[dict, dict]:
     """``skipdiff.eval`` on the loaded target with the trial's skips; returns ``(eval.json, {})``."""
+    # heavy: torch, only while an inference trial runs
     from ..eval.evaluation import evaluate_target
 
     eval_options = from_dict(options_class("inference"), options)
@@ -175,6 +181,7 @@ def configuration_key(suggestion: Suggestion) -> str:
 
 def make_objective(spec: SearchSpec, out: Path, log=print):
     """The function Optuna calls per trial: suggest, check, run, score, record; see the module docstring."""
+    # optuna (~0.3 s) only once a study is opened: the search command line answers --help and bad arguments before it
     from . import engine
 
     num_skips = num_skips_for(spec)
@@ -264,8 +271,6 @@ def configuration_of(spec: SearchSpec, params: dict) -> Suggestion:
     from the parameters alone, as a search report records them: a configuration can be trained again
     (confirmed elsewhere, carried to another dataset) without the search's run folders. ``ValueError``
     naming a parameter the space needs and ``params`` lacks."""
-    from .space import FixedTrial
-
     return suggest(FixedTrial(params), spec.space, num_skips_for(spec), spec.base)
 
 
@@ -273,10 +278,6 @@ def example_configurations(spec: SearchSpec) -> dict[str, dict]:
     """One configuration per skip family of the space (its parameters at their first choices or lower
     ends), each checked as a trial would be: a typo in a preset's argument, a spec that does not fit the
     model, or a model that cannot be built fails here, before any study or training."""
-    import tempfile
-
-    from .space import FixedTrial, first_choices
-
     examples = {}
     with tempfile.TemporaryDirectory() as scratch:
         for family in spec.space.families or (None,):
@@ -300,8 +301,6 @@ def example_configurations(spec: SearchSpec) -> dict[str, dict]:
             except (ValueError, TypeError) as err:
                 raise ValueError(f"confirm {'reference' if label == 'reference' else 'also ' + label}: {err}") from err
     if spec.training:  # FID's floor must fit the data: checked now, not after a trial's or a confirmation's training
-        from ..sweep.kinds import check_fid_samples
-
         check_fid_samples(spec.eval, options, f"search {spec.name}'s trials")
         if spec.confirm:
             check_fid_samples(spec.confirm.get("eval", spec.eval), options, f"search {spec.name}'s confirmation")

@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import parse_int
+from ..config import SkipdiffError, parse_int
+from ..sweep.runner import duration
 from .spec import SearchSpec, parse_search_spec
+from .trial import make_objective
 
 MAX_REPEATS_IN_ROW = 25  # repeated configurations are answered for free but must not loop forever
 
@@ -38,7 +40,7 @@ def exit_status(err: BaseException) -> int:
 
 def progress_line(study, spec: SearchSpec, started: float, finished_here: int) -> str:
     """``trials 7/30 (2 pruned); best denoise_mse 0.2314 (trial 5); ETA 41 min`` after a finished trial."""
-    from ..sweep.runner import duration
+    # optuna (~0.3 s) only once a study is opened: the search command line answers --help and bad arguments before it
     from . import engine
 
     count = engine.counts(study)
@@ -67,8 +69,8 @@ def progress_line(study, spec: SearchSpec, started: float, finished_here: int) -
 
 def run_worker(spec: SearchSpec, out: Path, storage_url: str, study_name: str | None = None, log=print) -> int:
     """Run trials until the budget is taken (or the launch's minutes are up); returns trials run here."""
+    # optuna (~0.3 s) only once a study is opened: the search command line answers --help and bad arguments before it
     from . import engine
-    from .trial import make_objective
 
     study = engine.open_study(spec, storage_url, study_name)
     objective = make_objective(spec, out, log)
@@ -117,12 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Join the study named on the command line and run trials; returns the number run here."""
+    # optuna (~0.3 s) only once a study is opened: the search command line answers --help and bad arguments before it
     from . import engine
 
     args = build_parser().parse_args(argv)
     raw, name = engine.stored_spec(args.storage, args.study)
     spec = parse_search_spec(raw, name)
     if args.num_threads:
+        # heavy: torch only to set the worker's threads
         import torch
 
         torch.set_num_threads(args.num_threads)
@@ -132,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 def console(run, stopped: str) -> int:
     """Run ``run()`` for a console: bad input ``error: ...`` and 2; stopped by a signal the training's status
     (130, 143, 138) with ``stopped``; a known failure ``error: ...`` and 1; else ``run()``'s status or 0."""
-    from ..config import SkipdiffError
-
     try:
         return run() or 0
     except ValueError as err:

@@ -22,10 +22,12 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..runfolder import follow_umask
+from ..training import hub
 from .router import SkipRouter, discover_skips
 
 WEIGHTS_NAME = "skip_gates.safetensors"
@@ -160,8 +162,6 @@ def unload_skip_gates(target, name: str | None = None) -> None:
 
 def skip_gates_card(config: dict, repo_id: str):
     """A model card for an artefact: valid Hub metadata naming the base model, the spec and how to load it."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     data = ModelCardData(
         library_name="skipdiff",
         license="apache-2.0",
@@ -198,8 +198,6 @@ def push_skip_gates(
     folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False, api=None
 ) -> str:
     """Upload an artefact folder with its model card to a Hub model repo (created if needed)."""
-    from ..training import hub
-
     config, _ = read_skip_gates(folder)
     repo = hub.prepare_repo(repo_id, token, private, api=api)
     skip_gates_card(config, repo).save(Path(folder) / "README.md")

@@ -8,13 +8,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config import check_output_folder, parse_int
+from ..config import SkipdiffError, check_output_folder, parse_int
+from . import __doc__ as usage
+from .runner import SweepError, interrupted, run_sweep
+from .spec import load_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its description is the package docstring (spec format and usage)."""
-    from . import __doc__ as usage
-
     parser = argparse.ArgumentParser(
         prog="python -m skipdiff.sweep", description=usage, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -44,9 +45,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_threads is not None and args.num_threads < 1:
         raise ValueError(f"--num_threads must be >= 1, got {args.num_threads}")
     check_output_folder(args.out)
-    from .runner import run_sweep
-    from .spec import load_spec
-
     spec = load_spec(args.spec)
     run_sweep(
         spec,
@@ -62,9 +60,6 @@ def main(argv: list[str] | None = None) -> None:
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` for a console: bad input prints ``error: ...`` and returns 2, failed cells 1; a training a
     signal stopped after its checkpoint 128 + the signal's number (Ctrl-C 130, SIGTERM 143, SIGUSR1 138)."""
-    from ..config import SkipdiffError
-    from .runner import SweepError, interrupted
-
     try:
         main(argv)
     except ValueError as err:

@@ -39,6 +39,7 @@ def _write(cell: Cell, record: dict) -> None:
 
 
 def _checkpoints(folder: Path) -> list[Path]:
+    # heavy: torch (checkpoints) only for a trained cell: the sweep command line answers bad arguments before it
     from ..training.checkpoints import list_checkpoints
 
     return list_checkpoints(folder)

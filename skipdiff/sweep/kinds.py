@@ -17,9 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..config import from_dict
+from ..config import closest, from_dict, subset
+from ..data_options import DataOptions
+from ..eval.options import EvalOptions, resolve_reference
 from ..runfolder import safe_name
+from ..training.classifier import ClassifierOptions
+from ..training.options import TrainOptions
 from .record import read_cell
+from .skips import check_skip_specs, check_variant_specs, make_inference_variant
 
 if TYPE_CHECKING:
     from .spec import Cell, SweepSpec
@@ -104,6 +109,7 @@ TRAINING_FREE = ("fid", "denoise_loss", "skip_importance")  # metrics an inferen
 
 def eval_api() -> tuple[type, Callable[[Any], dict]]:
     """``(EvalOptions, evaluate)`` from the evaluation library (imported when a cell is evaluated)."""
+    # heavy: torch (skipdiff.eval's evaluate) only when a cell is evaluated
     from ..eval import EvalOptions, evaluate
 
     return EvalOptions, evaluate
@@ -124,8 +130,6 @@ class DiffusionKind(CellKind):
     metrics_file = "train_metrics.json"
 
     def options_class(self) -> type:
-        from ..training.options import TrainOptions
-
         return TrainOptions
 
     def parse_eval(self, raw: Any) -> dict:
@@ -152,8 +156,6 @@ class DiffusionKind(CellKind):
         return variants
 
     def check_cells(self, spec: SweepSpec, cells: list[Cell]) -> None:
-        from .skips import check_skip_specs, check_variant_specs
-
         eval_options, _ = eval_api()
         for cell in cells:
             try:
@@ -166,13 +168,12 @@ class DiffusionKind(CellKind):
             check_variant_specs({c.options["model"] for c in cells}, spec.inference_variants)
 
     def train(self, options: dict) -> dict:
+        # heavy: torch only when a cell trains
         from ..training.unet_trainer import train_unet
 
         return train_unet(from_dict(self.options_class(), options))
 
     def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:
-        from .skips import make_inference_variant
-
         evaluation = spec.eval_for(read_cell(folder)["axes"])
         evaluate_run(folder, evaluation)
         variant_eval = {**evaluation, "grad_stability": False}  # stability is the training run's
@@ -202,8 +203,6 @@ class ClassifierKind(CellKind):
     metrics_file = "metrics.json"
 
     def options_class(self) -> type:
-        from ..training.classifier import ClassifierOptions
-
         return ClassifierOptions
 
     def parse_eval(self, raw: Any) -> dict:
@@ -212,6 +211,7 @@ class ClassifierKind(CellKind):
         return {}
 
     def train(self, options: dict) -> dict:
+        # heavy: torch only when a cell trains
         from ..training.classifier import train_classifier
 
         return train_classifier(from_dict(self.options_class(), options))
@@ -236,10 +236,8 @@ def check_fid_samples(evaluation: dict, options: dict, what: str, splits: dict |
     fewer in the split the evaluation would hold out fails here, naming the dataset and its split sizes, not
     after its training (a Hub dataset is not loaded at planning time; an evaluation that names its own
     reference data is checked when it runs). ``splits`` caches split sizes across calls."""
-    from ..config import subset
+    # heavy: the data layer (🤗 datasets, ~0.7 s) only where real images are read
     from ..data import load_image_splits
-    from ..data_options import DataOptions
-    from ..eval.options import EvalOptions, resolve_reference
 
     own_reference = any(evaluation.get(k) is not None for k in ("dataset", "dataset_name", "train_data_dir"))
     if not evaluation.get("fid") or own_reference or options.get("dataset_name") is not None:
@@ -266,6 +264,7 @@ def check_fid_samples(evaluation: dict, options: dict, what: str, splits: dict |
 def _loaded_target(options) -> Any:
     """The study target of ``options`` (EvalOptions), loaded once per process: every cell of an inference
     sweep over one pipeline applies its skips to the same weights, which evaluation restores bit for bit."""
+    # heavy: torch and diffusers only when a target is loaded
     from ..targets import load_target
 
     key = (
@@ -293,7 +292,7 @@ def _loaded_target(options) -> Any:
 
 def check_spec_names(spec: str, cell: str) -> None:
     """Every mode or preset named in a skip spec string must exist (the check that needs no model)."""
-    from ..config import closest
+    # heavy: torch (the gate registry) only to check a spec's names: the sweep command line answers --help before it
     from ..skips.spec import GATES, PRESETS
 
     for entry in spec.split(","):
@@ -306,6 +305,7 @@ def check_inference_skip_specs(cells: list[Cell], options) -> None:
     """Every cell's skip spec must resolve on the target's UNet (loaded once, as the cells will use it), so a
     typo such as ``zeor`` is refused before the first cell runs (and by ``--dry_run``), naming the cell. A
     Hub target is not downloaded for the check: its specs' mode and preset names are checked instead."""
+    # heavy: torch, only to check an inference sweep's skip specs against its target
     from ..skips.router import SkipRouter, discover_skips
 
     specs = {c.options.get("skips") for c in cells} - {None, ""}
@@ -335,8 +335,6 @@ class InferenceKind(CellKind):
     set_by_sweep = ("out", "compare", "dry_run")
 
     def options_class(self) -> type:
-        from ..eval.options import EvalOptions
-
         return EvalOptions
 
     def check_cells(self, spec: SweepSpec, cells: list[Cell]) -> None:
@@ -351,6 +349,7 @@ class InferenceKind(CellKind):
         check_inference_skip_specs(cells, from_dict(self.options_class(), cells[0].options))
 
     def evaluate(self, spec: SweepSpec, folder: Path, log: Log) -> None:
+        # heavy: torch only when a cell is evaluated
         from ..eval.evaluation import evaluate_target
 
         options = from_dict(self.options_class(), {**read_cell(folder)["options"], "out": str(folder / "eval")})

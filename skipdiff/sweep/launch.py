@@ -126,6 +126,7 @@ def accelerate_command(kind: CellKind, options: dict, accelerate_args: tuple[str
 def fresh_accelerate_state():
     """Accelerate keeps process-wide singletons (mixed precision, gradient state); in-process runs with
     different settings one after the other need them forgotten before and after."""
+    # heavy: accelerate (~1 s) only for in-process training
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -93,6 +93,7 @@ def run_sweep(
         show_plan(spec, cells, selected, out, log)
         return []
     if num_threads:  # the evaluation runs in this process
+        # heavy: torch only to set a sweep's threads
         import torch
 
         torch.set_num_threads(num_threads)

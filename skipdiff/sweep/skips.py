@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config import parse_key_values
+from ..presets import unet_config
 from ..runfolder import write_json_atomic
 
 if TYPE_CHECKING:
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 @functools.cache
 def _skips_of(model: str) -> tuple:
     """The skip geometry (``SkipInfo`` list) of a UNet preset or config file, to check specs against."""
-    from ..presets import unet_config
+    # heavy: torch and diffusers only to check skip specs: the sweep command line answers bad arguments before it
     from ..skips.router import discover_skips
     from ..skips.unet import SkipUNet2DModel
 
@@ -32,7 +34,7 @@ def _skips_of(model: str) -> tuple:
 
 def check_skip_specs(cells: list[Cell]) -> None:
     """Every diffusion cell's ``skips`` (and ``markov`` options) must resolve for its model."""
-    from ..config import parse_key_values
+    # heavy: torch (the router) only to check skip specs
     from ..skips.router import SkipRouter
 
     checked = set()
@@ -50,6 +52,7 @@ def check_skip_specs(cells: list[Cell]) -> None:
 def check_variant_specs(models: set[str], variants: dict[str, str]) -> None:
     """Each variant must be a valid, parameter- and buffer-free skip spec for every model used, so that
     the trained state dict loads into the variant strictly."""
+    # heavy: torch (the router) only to check skip specs
     from ..skips.router import SkipRouter
 
     for model in sorted(models):
@@ -70,6 +73,7 @@ def _variant(unet, spec: str):
     """A trained ``SkipUNet2DModel`` rebuilt with the skip spec ``spec`` and the same weights, in eval mode:
     :meth:`~skipdiff.skips.unet.SkipUNet2DModel.from_unet` with ``strict=True`` (``ValueError`` where the
     weights do not fit), its shortcuts and chain options kept."""
+    # heavy: torch and diffusers only to build a variant
     from ..skips.unet import SkipUNet2DModel
 
     config = unet.config
@@ -92,6 +96,7 @@ def make_inference_variant(run: Path, spec: str, folder: Path) -> Path:
     """A run folder at ``folder`` holding ``run``'s trained model with skips ``spec`` (``unet/``: the
     weights to sample from, ``unet_raw/``: the raw ones when the run kept an EMA, whatever layout
     ``run`` has), the same scheduler, VAE and training options, and ``variant.json``."""
+    # heavy: torch and diffusers only to build a variant
     from ..export import export_pipeline
     from ..pipeline import SkipDiffPipeline, weights_layout
     from ..skips.unet import SkipUNet2DModel

@@ -8,17 +8,22 @@ complete, so a run killed mid-write leaves at most a temporary folder that resum
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..runfolder import follow_umask, read_json
+from .options import resume_differences
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "skipdiff_state.json"
@@ -109,12 +114,9 @@ def _safe_globals() -> list:
     ``load`` allows (numpy arrays, dtypes and ``_codecs.encode`` for the RNG states), so that a file that
     passes here is one Accelerate loads too (it silently skips RNG states it cannot load)."""
     try:
+        # accelerate (~1 s) only when a state file loads; older versions lack the list (the fallback)
         from accelerate.utils.other import TORCH_SAFE_GLOBALS
     except ImportError:  # an Accelerate without the list: the same types, named here
-        import codecs
-
-        import numpy as np
-
         return [np._core.multiarray._reconstruct, np.ndarray, codecs.encode, np.dtype, np.dtypes.UInt32DType]
     return list(TORCH_SAFE_GLOBALS)
 
@@ -131,8 +133,6 @@ def load_state_file(path: Path):
     A checkpoint folder may come from someone else; a pickle that names any other function or class
     (``os.system``, a module of its own) is refused, naming the file and what it asked for; nothing of
     it runs. A truncated or corrupt file is refused as such."""
-    import pickle
-
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -156,13 +156,9 @@ def check_resumable(checkpoint: Path, unet_config: dict, options, num_processes:
     """Everything a strict resume checks, before any state is loaded: the model config, the options that
     change what is trained (refused when different unless named in ``--allow_changed``), the weights and
     every state file."""
-    from .options import resume_differences
-
     check_compatible(checkpoint, unet_config)
     saved = read_state(checkpoint).get("training_options")
     if saved is not None:  # checkpoints written before options were saved in them check the model only
-        import dataclasses
-
         now = dataclasses.asdict(options)
         differing = resume_differences(saved, now, list(options.allow_changed))
         if differing:

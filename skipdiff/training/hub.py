@@ -11,7 +11,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
 
 from .. import __version__
 from ..config import SkipdiffError, redact
@@ -54,8 +54,6 @@ def prepare_repo(repo_id: str, token: str | None, private: bool, api: HfApi | No
 def hub_offline() -> bool:
     """Whether huggingface_hub's offline mode is on: ``HF_HUB_OFFLINE`` now, or when huggingface_hub was
     imported (it reads the variable once)."""
-    from huggingface_hub import constants
-
     now = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     return now or bool(constants.HF_HUB_OFFLINE)
 

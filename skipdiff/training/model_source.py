@@ -204,6 +204,7 @@ def plain_model(unet: nn.Module) -> nn.Module:
     """The model to save: a copy with LoRA adapters merged into their base weights and removed (a plain
     ``SkipUNet2DModel`` that loads anywhere); ``unet`` itself when it has no adapters."""
     try:
+        # optional: peft, the lora extra
         from peft.tuners.lora import LoraLayer
     except ImportError:  # without peft there are no adapters (only --train_only lora needs it)
         return unet

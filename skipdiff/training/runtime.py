@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from diffusers import DDIMScheduler
+from diffusers.utils import numpy_to_pil
 from torch.utils.data import DataLoader
 
 from ..conditioning import ClassLabels, Unconditional
@@ -33,7 +34,8 @@ from ..encoders import CachedLatents, Encoder, VaeEncoder, cache_encoded, load_e
 from ..export import export_pipeline
 from ..grids import image_grid
 from ..pipeline import SkipDiffPipeline
-from ..presets import UNET_PRESETS, VAE_PRESETS
+from ..presets import UNET_PRESETS, VAE_PRESETS, unet_config
+from ..sampling import sample_images
 from ..seeding import rng_untouched
 from .ema import WeightEMA
 from .model_source import (
@@ -135,8 +137,6 @@ def unet_downscale(unet: UNetOptions) -> int | None:
     if unet.model in UNET_PRESETS:
         blocks = len(UNET_PRESETS[unet.model]["block_out_channels"])
     elif Path(unet.model).is_file():
-        from ..presets import unet_config
-
         config = unet_config(unet.model, sample_size=1, channels=1)  # names a file that is no config
         if not isinstance(config.get("block_out_channels"), list | tuple):
             raise ValueError(f"model config {unet.model!r} has no block_out_channels list")
@@ -286,6 +286,7 @@ def make_optimizer(optim: OptimOptions, unet: torch.nn.Module, learning_rate: fl
         eps=optim.adam_epsilon,
     )
     if optim.use_8bit_adam:
+        # optional: bitsandbytes, only for --use_8bit_adam
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **kwargs)
@@ -422,10 +423,6 @@ def text_sample_grid(target, options: TrainOptions, data: TrainingData, step: in
     """Validation samples of a text-conditioned pipeline: ``--validation_prompts`` (else the first
     :data:`VALIDATION_TEXT_PROMPTS` test captions), laid out by :func:`text_grid_layout` (a labelled column per
     prompt), through the pipeline's own sampler with the run's gates."""
-    from diffusers.utils import numpy_to_pil
-
-    from ..sampling import sample_images
-
     prompts = list(options.validation_prompts) or [
         str(c) for c in data.splits["test"]["caption"][:VALIDATION_TEXT_PROMPTS]
     ]

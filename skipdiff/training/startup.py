@@ -25,6 +25,8 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
 from ..config import SkipdiffError
 from ..runfolder import LOCK_FILE, OPTIONS_FILE, STATS_FILE, RunLock, RunLockedError
 from . import checkpoints
@@ -243,8 +245,6 @@ class StopRequest:
             return self.flag
         if not logging_step:
             return False
-        import torch
-
         flag = torch.tensor([float(self.flag)], device=accelerator.device)
         return bool(accelerator.reduce(flag, "sum").item() > 0)
 

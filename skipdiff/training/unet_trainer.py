@@ -14,16 +14,20 @@ import functools
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..config import redact, to_json
 from ..encoders import batch_latents
 from ..gradients import grad_norms_by_block
 from ..runfolder import OPTIONS_FILE, locked, read_stats, write_json_atomic, write_text_atomic
+from ..sampling import default_guidance_scale
 from ..skips.adapters import ARTEFACT_FOLDER, save_skip_gates
 from ..skips.router import format_skip_table
 from ..skips.unet import SkipUNet2DModel
@@ -168,8 +172,6 @@ class Run:
 
 def _prepare(options, accelerator, source: ModelSource, ema, optimizer, loader, data, output_dir) -> Run:
     """The learning-rate schedule, ``accelerator.prepare``, the stats writer and the options file."""
-    from diffusers.optimization import get_scheduler
-
     steps_per_epoch = math.ceil(len(loader) / options.gradient_accumulation_steps)
     max_steps = options.total_steps(steps_per_epoch)
     lr_scheduler = get_scheduler(
@@ -249,8 +251,6 @@ def _start_log(run: Run, vae_source: str, data: TrainingData) -> None:
 def _validation_cost(run: Run) -> dict:
     """What the run's validation grids cost against its training (:func:`validation_cost`), printed at the
     start: a text-conditioned pipeline samples with its own guidance (two UNet forwards a step above 1)."""
-    from ..sampling import default_guidance_scale
-
     text = run.conditioning.kind == "text"
     guidance = text and default_guidance_scale(run.target.pipeline) > 1
     images = validation_images(run.options, text)
@@ -426,7 +426,6 @@ def _checkpoint(run: Run, epoch: int, repo_id: str | None) -> None:
 
 def _with_ema_weights(model, ema):
     """Context: the plain UNet with the EMA weights in place (restored afterwards)."""
-    from contextlib import contextmanager
 
     @contextmanager
     def swap():
@@ -461,8 +460,6 @@ def _validate(run: Run):
     grid.save(path)
     for tracker in run.accelerator.trackers:
         if tracker.name == "tensorboard":
-            import numpy as np
-
             tracker.writer.add_images("samples", np.asarray(grid.convert("RGB"))[None], run.step, dataformats="NHWC")
     return path
 
@@ -502,6 +499,7 @@ def peak_memory(device: torch.device) -> dict:
     (``getrusage``; a process-wide maximum, so compare runs made in separate processes)."""
     if device.type == "cuda":
         return {"peak_cuda_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    # Unix only: Windows has no resource module
     import resource
 
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
@@ -129,8 +130,6 @@ def _loaders(data: ClassifierData, options: ClassifierOptions, generator: torch.
 
 def _setup(options: ClassifierOptions, accelerator: Accelerator | None) -> ClassifierRun:
     """Accelerator, data, model, gates, optimizer, schedule and loaders, prepared; the step resumed from."""
-    from diffusers.optimization import get_scheduler
-
     out = Path(options.output_dir)
     check_writable(out)
     accelerator = accelerator or Accelerator(
