@@ -30,8 +30,9 @@ called, so their inputs are not concatenated for nothing). The UNet's own forwar
 (its glue, the time embedding, still runs), which is why the same code works on every diffusers
 UNet and why the router's gates keep working: the resnet that receives skip ``b`` still gets its
 pre-hook, with (cached backbone, fresh skip). With the cache off nothing is hooked: the stock
-forward, bit for bit (no instance ``forward`` and no empty registry are left behind). Kept outputs are checked for in-place changes (the version counter, read on
-the host) before and after they are reused.
+forward, bit for bit (no instance ``forward`` and no empty registry are left behind). Kept outputs
+are checked for in-place changes (the version counter, read on the host) before and after they are
+reused.
 
 How steps are counted (any scheduler, without reading device values): the cache follows the
 *scheduler*, not the timestep values. (diffusers' transformer caches learn the step from the
