@@ -39,6 +39,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler names
 SHORTCUT_PARTS = ("down", "mid", "up")  # UNet parts whose resnets' residual shortcuts can be turned off
 GATE_TARGETS = ("residual", "skip")  # what a classifier's block gate multiplies (skipdiff.classifiers)
+# The Markov chain's default bounds on every open probability (skipdiff.skips.markov): a learned value that
+# reads exactly one of them is the clip, not an estimate.
+MARKOV_P_MIN, MARKOV_P_MAX = 0.05, 0.95
 
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.ASCII | re.I)

@@ -206,10 +206,30 @@ def markov_markdown(configuration: str, rows: list[Result]) -> list[str]:
         "| link | gates | P(open) | P(open \\| previous closed) | P(open \\| previous open) |",
         "|---|---|---|---|---|",
     ]
+    clipped = 0
     for k, unit in enumerate(finals[0]["links"]):
-        cols = [statistics.fmean(f[key][k] for f in finals) for key in ("p_open", "p_closed", "p_prev_open")]
-        lines.append(f"| {k} | {unit} | " + " | ".join(f"{c:.3f}" for c in cols) + " |")
+        cells = [f"{statistics.fmean(f['p_open'][k] for f in finals):.3f}"]
+        for key in ("p_closed", "p_prev_open"):
+            at_clip = sum(_at_clip(f[key][k], f) for f in finals)
+            clipped += at_clip
+            mark = f" (clip: {at_clip}/{len(finals)})" if at_clip else ""
+            cells.append(f"{statistics.fmean(f[key][k] for f in finals):.3f}{mark}")
+        lines.append(f"| {k} | {unit} | " + " | ".join(cells) + " |")
+    if clipped:
+        bounds = sorted({(f.get("p_min"), f.get("p_max")) for f in finals})
+        lines += [
+            "",
+            "(clip: n/N): in n of the N seeds this transition probability sits at a bound every open probability is "
+            f"clipped to (p_min, p_max = {', '.join(f'{lo}, {hi}' for lo, hi in bounds)}): the chain would have "
+            "gone further, so the value is the clip, not an estimate of it.",
+        ]
     return lines + [""]
+
+
+def _at_clip(value: float, chain: dict) -> bool:
+    """Whether a transition probability equals (within float32 rounding) one of its chain's bounds."""
+    bounds = [b for b in (chain.get("p_min"), chain.get("p_max")) if b is not None]
+    return any(math.isclose(value, bound, abs_tol=1e-6) for bound in bounds)
 
 
 # --------------------------------------------------------------------------------------------------

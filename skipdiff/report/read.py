@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+from ..config import MARKOV_P_MAX, MARKOV_P_MIN
 from ..runfolder import read_json, read_stats
 
 DATASET_KEYS = ("dataset", "dataset_name", "dataset_config_name", "train_data_dir")
@@ -146,16 +147,21 @@ def classifier_metrics(metrics: dict, records: list[dict]) -> dict:
     }
 
 
-def final_chain(state: dict | None, unit: str) -> dict | None:
-    """A chain's ``state_summary`` (UNet: with ``skips``) -> links, P(open) and P(open | previous state)."""
+def final_chain(state: dict | None, unit: str, options: dict | None = None) -> dict | None:
+    """A chain's ``state_summary`` (UNet: with ``skips``) -> links, P(open) and P(open | previous state), and the
+    bounds every open probability is clipped to (the state's; for a state logged before it held them, the
+    chain's ``options`` as the model config stores them, else the defaults)."""
     if not state:
         return None
+    options = options or {}
     indices = state.get("skips", range(len(state["marginals"])))
     return {
         "links": [f"{unit} {j}" for j in indices],
         "p_open": state["marginals"],
         "p_closed": [p[0] for p in state["open_prob"]],
         "p_prev_open": [p[1] for p in state["open_prob"]],
+        "p_min": state.get("p_min", options.get("p_min", MARKOV_P_MIN)),
+        "p_max": state.get("p_max", options.get("p_max", MARKOV_P_MAX)),
     }
 
 
@@ -171,6 +177,12 @@ def grid_samples(folder: Path, evaluation: dict) -> dict | None:
     return {"path": str(folder / grid["file"]), "layout": grid["layout"], "column": column, "seed": grid.get("seed")}
 
 
+def _chain_options(folder: Path) -> dict:
+    """The Markov chain options a run's model config stores (``unet/config.json`` ``markov``), or {}."""
+    config = folder / "unet" / "config.json"
+    return (json.loads(config.read_text()).get("markov") or {}) if config.is_file() else {}
+
+
 def _diffusion_results(cell: dict, common: dict, records: list[dict]) -> list[Result]:
     """The trained model, its MAP path (stochastic skips) and its inference variants."""
     folder, configuration = cell["folder"], configuration_of(cell)
@@ -181,7 +193,7 @@ def _diffusion_results(cell: dict, common: dict, records: list[dict]) -> list[Re
             configuration=configuration,
             metrics=diffusion_metrics(evaluation, records),
             records=records,
-            chain=final_chain(chains[-1] if chains else None, "skip"),
+            chain=final_chain(chains[-1] if chains else None, "skip", _chain_options(folder)),
             floors=fid_floors(evaluation),
             samples=grid_samples(folder / "eval", evaluation),
             **common,

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..config import MARKOV_P_MAX, MARKOV_P_MIN
 from ..seeding import rank_share, uniform
 
 CLOSED, OPEN = 0, 1
@@ -85,8 +86,8 @@ class MarkovChain(nn.Module):
         self,
         num_links: int,
         p_init: float = 0.8,
-        p_min: float = 0.05,
-        p_max: float = 0.95,
+        p_min: float = MARKOV_P_MIN,
+        p_max: float = MARKOV_P_MAX,
         cost: float | Sequence[float] = 0.0,
         temperature: float = 0.1,
         ema_decay: float = 0.99,
@@ -346,6 +347,8 @@ class MarkovChain(nn.Module):
             "num_nonfinite": int(self.num_nonfinite),
             "marginals": self.marginals().tolist(),
             "map_path": [int(s) for s in self.map_path().tolist()],
+            "p_min": self.p_min,  # the clip: a transition probability equal to one of them is a bound, not learned
+            "p_max": self.p_max,
         }
 
     def extra_repr(self) -> str:
