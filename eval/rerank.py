@@ -176,6 +176,7 @@ def _command(ranking: dict) -> str:
         + (f" --test {ranking['test']}" if ranking.get("test", "t") != "t" else "")
         + (f" --interaction {ranking['interaction']}" if ranking.get("interaction") else "")
         + margins
+        + (f" --name {ranking['name']}" if "name" in ranking else "")
     )
 
 
@@ -244,12 +245,17 @@ def main(argv: list[str] | None = None) -> None:
         metavar="VALUE",
         help="with --within: test each configuration's effect at this value against every other value",
     )
+    parser.add_argument(
+        "--name", default="ranking", help="write <name>.json and <name>.md (another name keeps a second ranking)"
+    )
     args = parser.parse_args(argv)
     for folder in map(Path, args.folders):
         ranking = rerank(folder, args.reference, args.within, args.margin, args.family, args.test, args.interaction)
-        write_json_atomic(folder / "ranking.json", ranking)
-        (folder / "ranking.md").write_text(markdown(ranking))
-        print(f"wrote {folder / 'ranking.json'} and ranking.md")
+        if args.name != "ranking":  # recorded only when not the default, so the committed rankings stay as they are
+            ranking["name"] = args.name
+        write_json_atomic(folder / f"{args.name}.json", ranking)
+        (folder / f"{args.name}.md").write_text(markdown(ranking))
+        print(f"wrote {folder / args.name}.json and {args.name}.md")
 
 
 if __name__ == "__main__":

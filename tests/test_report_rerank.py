@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RANKINGS = sorted((REPO / "eval" / "results").glob("*/ranking.json"))
+RANKINGS = sorted((REPO / "eval" / "results").glob("*/ranking*.json"))  # ranking.json and named ones (--name)
 
 
 def rerank_module():
@@ -22,7 +22,7 @@ def rerank_module():
     return module
 
 
-@pytest.mark.parametrize("path", RANKINGS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", RANKINGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_committed_ranking_is_regenerated_from_its_recorded_options(path, monkeypatch):
     rerank = rerank_module()
     committed = json.loads(path.read_text())
@@ -37,8 +37,10 @@ def test_committed_ranking_is_regenerated_from_its_recorded_options(path, monkey
         committed["test"],
         committed["interaction"],
     )
+    if "name" in committed:  # a second ranking of the folder, written with --name
+        fresh["name"] = committed["name"]
     assert json.loads(json.dumps(fresh)) == committed
-    assert rerank.markdown(fresh) == (path.parent / "ranking.md").read_text()
+    assert rerank.markdown(fresh) == path.with_suffix(".md").read_text()
 
 
 def test_interaction_contrasts_the_effect_across_objectives(tmp_path):
