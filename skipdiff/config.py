@@ -41,7 +41,8 @@ SHORTCUT_PARTS = ("down", "mid", "up")  # UNet parts whose resnets' residual sho
 GATE_TARGETS = ("residual", "skip")  # what a classifier's block gate multiplies (skipdiff.classifiers)
 # The Markov chain's default bounds on every open probability (skipdiff.skips.markov): a learned value that
 # reads exactly one of them is the clip, not an estimate.
-MARKOV_P_MIN, MARKOV_P_MAX = 0.05, 0.95
+MARKOV_P_MIN = 0.05
+MARKOV_P_MAX = 0.95
 
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.ASCII | re.I)

@@ -114,7 +114,8 @@ def _top_level_names(tree: ast.Module) -> dict[str, str]:
             names[node.name] = "definition"
         elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update({t.id: "definition" for t in targets if isinstance(t, ast.Name)})
+            flat = [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]  # a, b = 1, 2
+            names.update({t.id: "definition" for t in flat if isinstance(t, ast.Name)})
         elif isinstance(node, ast.Import | ast.ImportFrom) and not getattr(node, "level", 0):
             source = node.module if isinstance(node, ast.ImportFrom) else ""
             for alias in node.names:
