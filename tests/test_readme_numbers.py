@@ -149,7 +149,7 @@ def test_a_planted_wrong_number_fails():
     assert not problems(text)
     raw_p = "[configuration=skips=none: effect under epsilon − under v_prediction]/p_holm"
     plants = {  # each a realistic mistake; every one must be caught
-        "a flipped sign": ("Δ **-0.370**", "Δ **0.370**"),
+        "a flipped sign": ("Δ **-0.303**", "Δ **0.303**"),
         "a raw p for a Holm p": (f"**0.022**<!-- {raw_p}", f"**0.0056**<!-- {raw_p}"),  # 0.0056: its raw p
         "a per-seed value for a mean": ("FID **0.655**<!-- summary/fid/mean", "FID **0.751**<!-- summary/fid/mean"),
         "0.052 written as 0.050": (
