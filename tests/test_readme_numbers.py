@@ -147,10 +147,10 @@ def test_every_number_in_the_readme_is_bound_to_its_json_value():
 def test_a_planted_wrong_number_fails():
     text = RESULTS_PAGE.read_text()
     assert not problems(text)
-    raw_p = "[configuration=skips=none: effect under epsilon − under v_prediction]/p_holm"
+    raw_p = "[configuration=skips=none, prediction_type=sample]/p_holm"
     plants = {  # each a realistic mistake; every one must be caught
         "a flipped sign": ("Δ **-0.303**", "Δ **0.303**"),
-        "a raw p for a Holm p": (f"**0.022**<!-- {raw_p}", f"**0.0056**<!-- {raw_p}"),  # 0.0056: its raw p
+        "a raw p for a Holm p": (f"**0.0018**<!-- {raw_p}", f"**0.0009**<!-- {raw_p}"),  # 0.0009: its raw p
         "a per-seed value for a mean": ("FID **0.655**<!-- summary/fid/mean", "FID **0.751**<!-- summary/fid/mean"),
         "0.052 written as 0.050": (
             "**0.052**<!-- [configuration=skips=stochastic-depth]/p_holm",
@@ -159,8 +159,8 @@ def test_a_planted_wrong_number_fails():
         "an unbound measurement": ("**0.1314**<!-- [configuration=cache=b8-N3]/delta -->", "0.1314"),
         "a path to nothing": ("/p_holm -->", "/p_holmes -->"),
         "a mean bound to the wrong row": (
-            "**6.44**<!-- [configuration=skips=full, prediction_type=epsilon]/mean",
-            "**6.44**<!-- [configuration=skips=full, prediction_type=sample]/mean",
+            "**6.651**<!-- [configuration=skips=full, prediction_type=epsilon]/mean",
+            "**6.651**<!-- [configuration=skips=full, prediction_type=sample]/mean",
         ),
         "a skip's importance for another's": ("**0.129**<!-- delta_mean/6 -->", "**0.129**<!-- delta_mean/7 -->"),
     }
