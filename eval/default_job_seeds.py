@@ -71,6 +71,20 @@ def summarise(seeds: list[dict], one_thread: dict[int, float]) -> dict:
     }
 
 
+def against_one_thread(seeds: list[dict], one_thread: dict[int, float]) -> dict | None:
+    """The shipped job's FID against the one-thread sweep cell of the same training seed, paired by seed
+    (skipdiff.report.ranking.compare, one test); None with fewer than two shared seeds."""
+    from skipdiff.report.ranking import compare  # scipy: only for this test
+
+    demo = {row["seed"]: row["fid"] for row in seeds if row["seed"] in one_thread}
+    if len(demo) < 2:
+        return None
+    shared = {seed: one_thread[seed] for seed in demo}
+    return compare(
+        {"one thread (sweep cell)": shared, "make demo": demo}, "one thread (sweep cell)", lower_is_better=True
+    )
+
+
 def table(results: dict) -> str:
     lines = [
         "# The shipped default job over training seeds (`make demo`, two threads)",
@@ -98,6 +112,17 @@ def table(results: dict) -> str:
         + (f" ± {std:.3f}" if std is not None else "")
         + f", {summary['fid_over_floor']['mean']:.2f} x the floor, FID − floor {summary['fid_minus_floor']['mean']:.3f}.",
     ]
+    if results.get("against_one_thread"):
+        from skipdiff.report.markdown import detectable_note, ranking_table
+
+        lines += [
+            "",
+            "## Against the one-thread sweep cell of the same seed (FID, paired by training seed)",
+            "",
+            *ranking_table(results["against_one_thread"], "FID"),
+            "",
+            detectable_note(results["against_one_thread"], "FID"),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -121,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["wall_seconds"] = {
             line.split()[1]: int(line.split()[4]) for line in args.times.read_text().splitlines() if line.strip()
         }
+    results["against_one_thread"] = against_one_thread(seeds, one_thread)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", results)
     (args.out / "table.md").write_text(table(results))
