@@ -34,22 +34,21 @@ forward, bit for bit (no instance ``forward`` and no empty registry are left beh
 are checked for in-place changes (the version counter, read on the host) before and after they are
 reused.
 
-How steps are counted (any scheduler, without reading device values): the cache follows the
-*scheduler*, not the timestep values. (diffusers' transformer caches learn the step from the
-``cache_context`` their pipelines enter and from the pipeline's current timestep; no UNet pipeline,
-Stable Diffusion's included, enters one, and a timestep read is a device read.) ``enable_skip_cache(pipe)`` watches ``pipe.scheduler``:
-its ``set_timesteps`` starts a run (step 0, ``len(timesteps)`` steps, the kept features dropped),
-its ``step`` ends the current sampling step. Every pipeline calls both, so a new ``pipe(...)``
-restarts the schedule, and a refresh decision never needs the timestep tensor (whose value lives
-on the GPU). UNet calls between two ``step`` calls belong to one sampling step: classifier-free
-guidance with a doubled batch is one call; a pipeline that calls the UNet separately for the
-conditional and unconditional halves makes calls 0 and 1 of the step, and each call position (a
-*slot*) keeps its own features. A call whose input shape, dtype or device differs from what its
-slot kept (another batch size, say) cannot reuse them and refreshes (counted in ``stats``).
-Second-order schedulers (Heun, DPM2) call ``step`` after every UNet evaluation, so their steps
-count evaluations. A bare UNet is driven the same way through :meth:`SkipCache.watch` or
-:meth:`SkipCache.start_run` / :meth:`SkipCache.end_step`; a UNet call outside a run raises instead
-of guessing.
+How steps are counted (any scheduler, without reading device values): the cache follows the *scheduler*,
+not the timestep values. (diffusers' transformer caches learn the step from the ``cache_context`` their
+pipelines enter and from the pipeline's current timestep; no UNet pipeline, Stable Diffusion's included,
+enters one, and a timestep read is a device read.) ``enable_skip_cache(pipe)`` watches
+``pipe.scheduler``: its ``set_timesteps`` starts a run (step 0, ``len(timesteps)`` steps, the kept
+features dropped), its ``step`` ends the current sampling step. Every pipeline calls both, so a new
+``pipe(...)`` restarts the schedule, and a refresh decision never needs the timestep tensor (whose value
+lives on the GPU). UNet calls between two ``step`` calls belong to one sampling step: classifier-free
+guidance with a doubled batch is one call; a pipeline that calls the UNet separately for the conditional
+and unconditional halves makes calls 0 and 1 of the step, and each call position (a *slot*) keeps its
+own features. A call whose input shape, dtype or device differs from what its slot kept (another batch
+size, say) cannot reuse them and refreshes (counted in ``stats``). Second-order schedulers (Heun, DPM2)
+call ``step`` after every UNet evaluation, so their steps count evaluations. A bare UNet is driven the
+same way through :meth:`SkipCache.watch` or :meth:`SkipCache.start_run` / :meth:`SkipCache.end_step`; a
+UNet call outside a run raises instead of guessing.
 
 ``torch.compile``: put the cache on first, then compile (a compiled UNet is refused). The step
 bookkeeping is kept out of tracing, so dynamo makes one graph for refresh steps and one for cached

@@ -231,20 +231,6 @@ class HubOptions:
     hub_token: str | None = option(None, "Hub token (default: the logged-in one)")
 
 
-# group name -> class, in the order of ``--help``; TrainOptions has each as a property of that name
-GROUPS = {
-    "data": DataOptions,
-    "encoder": EncoderOptions,
-    "unet": UNetOptions,
-    "noise": NoiseOptions,
-    "optim": OptimOptions,
-    "ema": EmaOptions,
-    "loop": LoopOptions,
-    "run": RunOptions,
-    "hub": HubOptions,
-}
-
-
 @dataclasses.dataclass
 class TrainOptions(
     HubOptions,
@@ -257,7 +243,7 @@ class TrainOptions(
     EncoderOptions,
     DataOptions,
 ):
-    """Every option of a training run (the fields of the groups in :data:`GROUPS`, data first), validated
+    """Every option of a training run (the fields of its groups, :data:`GROUPS`, data first), validated
     together; ``options.<group>`` is one group on its own (a copy: changing it changes nothing here)."""
 
     data = OptionGroup(DataOptions)
@@ -357,6 +343,10 @@ class TrainOptions(
         if not self.scale_lr:
             return self.learning_rate
         return self.learning_rate * self.train_batch_size * self.gradient_accumulation_steps * num_processes
+
+
+# group name -> class, in the order of ``--help``: TrainOptions' groups, each ``options.<name>``
+GROUPS = {name: group.cls for name, group in vars(TrainOptions).items() if isinstance(group, OptionGroup)}
 
 
 def resume_differences(saved: dict, now: dict, allowed: list[str]) -> list[str]:
