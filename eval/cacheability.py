@@ -130,11 +130,11 @@ def paired_against(cells: list[dict], reference: str = "skips=full") -> dict | N
 
 def comparison_table(comparisons: dict) -> str:
     """Markdown: per figure, every configuration against the reference (skipdiff.report's ranking table)."""
-    from skipdiff.report.markdown import detectable_note, ranking_table
+    from skipdiff.report.markdown import comparison_section
 
     lines = ["", "Against the reference, paired by training seed, Holm over the configurations of each figure."]
     for figure, result in comparisons.items():
-        lines += ["", f"### {figure}", "", *ranking_table(result, figure), "", detectable_note(result, figure)]
+        lines += comparison_section(f"### {figure}", result, figure)
     return "\n".join(lines) + "\n"
 
 

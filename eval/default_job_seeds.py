@@ -113,16 +113,10 @@ def table(results: dict) -> str:
         + f", {summary['fid_over_floor']['mean']:.2f} x the floor, FID − floor {summary['fid_minus_floor']['mean']:.3f}.",
     ]
     if results.get("against_one_thread"):
-        from skipdiff.report.markdown import detectable_note, ranking_table
+        from skipdiff.report.markdown import comparison_section
 
-        lines += [
-            "",
-            "## Against the one-thread sweep cell of the same seed (FID, paired by training seed)",
-            "",
-            *ranking_table(results["against_one_thread"], "FID"),
-            "",
-            detectable_note(results["against_one_thread"], "FID"),
-        ]
+        heading = "## Against the one-thread sweep cell of the same seed (FID, paired by training seed)"
+        lines += comparison_section(heading, results["against_one_thread"], "FID")
     return "\n".join(lines) + "\n"
 
 

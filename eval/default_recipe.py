@@ -456,16 +456,10 @@ def table(results: dict) -> str:
                 f"{_pm([r['denoise_mse_epsilon'] for r in seeds.values() if 'denoise_mse_epsilon' in r], 4)} |"
             )
     if results.get("confirmation"):
-        from skipdiff.report.markdown import detectable_note, ranking_table
+        from skipdiff.report.markdown import comparison_section
 
-        lines += [
-            "",
-            "## Against the default job (FID, fresh training seeds only, paired by seed, Holm-corrected)",
-            "",
-            *ranking_table(results["confirmation"], "FID"),
-            "",
-            detectable_note(results["confirmation"], "FID"),
-        ]
+        heading = "## Against the default job (FID, fresh training seeds only, paired by seed, Holm-corrected)"
+        lines += comparison_section(heading, results["confirmation"], "FID")
     return "\n".join(lines) + "\n"
 
 

@@ -372,6 +372,12 @@ def _findings(dataset: str, result: dict, metric: str) -> str:
     return text
 
 
+def comparison_section(heading: str, result: dict, metric: str) -> list[str]:
+    """A comparison (:func:`skipdiff.report.ranking.compare`) as a block of lines for a study's own table:
+    a blank line, ``heading``, the ranking table and the smallest detectable difference."""
+    return ["", heading, "", *ranking_table(result, metric), "", detectable_note(result, metric)]
+
+
 def ranking_markdown(dataset: str, result: dict, metric: str, lower: bool, kind: str = "diffusion") -> list[str]:
     """The ranking section of one table (``kind``: the sweep's, which says what its seeds are)."""
     heading = f"### {metric} against {result['reference']} ({'lower' if lower else 'higher'} is better)"
