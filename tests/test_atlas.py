@@ -3,24 +3,19 @@ confirmed rows against that field's full with one Holm family over the atlas and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
+from helpers.eval_scripts import eval_script
 
 from skipdiff.search.atlas import main, pareto_front, write_atlas
 from skipdiff.search.spec import load_search_spec
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _atlas_driver():
-    spec = importlib.util.spec_from_file_location("atlas_driver", ROOT / "eval" / "atlas.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return eval_script("atlas", "atlas_driver")
 
 
 def test_every_field_spec_is_the_template_with_its_dataset_and_parses():

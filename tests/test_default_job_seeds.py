@@ -1,20 +1,15 @@
 """eval/default_job_seeds.py: the shipped default job over training seeds, each seed next to its floor and to
 the one-thread sweep cell of the same seed."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.eval_scripts import eval_script
 
 
 def driver():
-    spec = importlib.util.spec_from_file_location("default_job_seeds", ROOT / "eval" / "default_job_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return eval_script("default_job_seeds")
 
 
 def seed_folder(root: Path, seed: int, fid: float, floor: float) -> None:

@@ -1,18 +1,13 @@
 """eval/default_recipe.py: the committed runs whose folders are gone are carried into a new collection, and the
 confirmation leaves out the screen's training seed (selection data)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.eval_scripts import eval_script
 
 
 def driver():
-    spec = importlib.util.spec_from_file_location("default_recipe", ROOT / "eval" / "default_recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return eval_script("default_recipe")
 
 
 def run(recipe: str, seed: int, fid: float) -> dict:

@@ -1,19 +1,12 @@
 """eval/fields_table.py: no skips against full per field, paired by seed, one Holm family per metric over
 the fields, and FID minus floor only where the field's extractor is usable."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.eval_scripts import eval_script
 
 
 def driver():
-    spec = importlib.util.spec_from_file_location("fields_table", ROOT / "eval" / "fields_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return eval_script("fields_table")
 
 
 def config(denoise, fid, floor):

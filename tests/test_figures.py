@@ -3,7 +3,6 @@ bounding box of everything drawn lies inside the figure), and every axis says wh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import matplotlib
 import pytest
 
 matplotlib.use("Agg")
+from helpers.eval_scripts import eval_script
 from matplotlib.figure import Figure  # noqa: E402
 
 from skipdiff.eval import plots  # noqa: E402
@@ -242,7 +242,4 @@ def test_an_atlas_configuration_has_a_short_name():
 
 
 def _degradation_module():
-    spec = importlib.util.spec_from_file_location("degradation_script", ROOT / "eval" / "degradation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return eval_script("degradation", "degradation_script")

@@ -1,22 +1,17 @@
 """eval/markov_open_rate.py: the chain's open rate over training, overall and per skip, and the spec of
 independent gates at the chain's per-skip rates."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers.eval_scripts import eval_script
 
 from skipdiff.skips.spec import parse_entry
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def driver():
-    spec = importlib.util.spec_from_file_location("markov_open_rate", ROOT / "eval" / "markov_open_rate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return eval_script("markov_open_rate")
 
 
 def write_run(folder: Path, steps: list[list[float]]) -> Path:

@@ -5,21 +5,18 @@ regenerated."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers.eval_scripts import eval_script
 
 REPO = Path(__file__).resolve().parents[1]
 RANKINGS = sorted((REPO / "eval" / "results").glob("*/ranking*.json"))  # ranking.json and named ones (--name)
 
 
 def rerank_module():
-    spec = importlib.util.spec_from_file_location("rerank", REPO / "eval" / "rerank.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return eval_script("rerank")
 
 
 @pytest.mark.parametrize("path", RANKINGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
