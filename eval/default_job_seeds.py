@@ -7,11 +7,16 @@ threads, with that seed, as ``make demo`` would):
     accelerate launch --config_file ../../../accelerate_config.yaml ../../../train_scripts/train_unet.py \
         --num_threads 2 --seed N --resume_from_checkpoint latest
     python -m skipdiff.eval --checkpoint runs/digits-latent --fid --denoise_loss --num_threads 2
-    python eval/default_job_seeds.py runs/demo_2threads --out eval/results/default_job_seeds   # from the root
+    python eval/default_job_seeds.py runs/demo_2threads --epsilon_folder runs/demo_2threads_epsilon \
+        --out eval/results/default_job_seeds   # from the root
 
 The table puts each seed's FID next to its floor, and pairs each seed with the one-thread sweep cell of the
 same recipe and seed (``eval/results/default_recipe/results.json``, ``recipe-vpred__seed-N``), whose VAE stage
 was trained once, at one thread, with seed 0: the paired difference mixes the thread count and the VAE.
+
+``--epsilon_folder`` holds the same two commands with ``--prediction_type epsilon`` added (the default before
+the recipe screen chose v-prediction) in ``seed-N/``: the recipe's confirmation at the shipped two threads,
+v-prediction against epsilon paired by training seed, on fresh seeds only (the screen's seed 0 is left out).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 from skipdiff.runfolder import write_json_atomic
 
 RECIPE_RESULTS = Path("eval/results/default_recipe/results.json")
+SCREEN_SEED = 0  # the recipe screen chose v-prediction on this training seed: selection data, not confirmation
 
 
 def read_seed(folder: Path) -> dict | None:
@@ -85,6 +91,33 @@ def against_one_thread(seeds: list[dict], one_thread: dict[int, float]) -> dict 
     )
 
 
+def recipe_at_two_threads(seeds: list[dict], epsilon_seeds: list[dict], test: str = "t") -> dict | None:
+    """The shipped recipe (v-prediction) against the old default (epsilon) at two threads, FID paired by
+    training seed over the fresh seeds both have (``SCREEN_SEED`` left out: it chose the recipe; ``test``: "t"
+    or "sign-flip"); None with fewer than two."""
+    from skipdiff.report.ranking import compare  # scipy: only for this test
+
+    shipped = {row["seed"]: row["fid"] for row in seeds if row["seed"] != SCREEN_SEED}
+    epsilon = {row["seed"]: row["fid"] for row in epsilon_seeds if row["seed"] in shipped}
+    if len(epsilon) < 2:
+        return None
+    shipped = {seed: fid for seed, fid in shipped.items() if seed in epsilon}
+    configurations = {"epsilon (old default)": epsilon, "v-prediction (shipped)": shipped}
+    return compare(configurations, "epsilon (old default)", lower_is_better=True, test=test)
+
+
+def read_seeds(folder: Path) -> list[dict]:
+    """Every evaluated ``seed-N/`` of ``folder``, by seed."""
+    return sorted((row for path in folder.glob("seed-*") if (row := read_seed(path))), key=lambda r: r["seed"])
+
+
+def read_times(path: Path | None) -> dict[str, int]:
+    """Seed -> wall seconds from the runner's ``times.txt`` (lines ``seed N rc R S s``); empty without one."""
+    if path is None or not path.is_file():
+        return {}
+    return {line.split()[1]: int(line.split()[4]) for line in path.read_text().splitlines() if line.strip()}
+
+
 def table(results: dict) -> str:
     lines = [
         "# The shipped default job over training seeds (`make demo`, two threads)",
@@ -117,6 +150,30 @@ def table(results: dict) -> str:
 
         heading = "## Against the one-thread sweep cell of the same seed (FID, paired by training seed)"
         lines += comparison_section(heading, results["against_one_thread"], "FID")
+    if results.get("epsilon_runs"):
+        lines += [
+            "",
+            "## The old default (epsilon prediction) at two threads, same commands with `--prediction_type epsilon`",
+            "",
+            "| training seed | FID (± over sampling seeds) | floor | FID / floor | FID − floor | denoise MSE (ε) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in results["epsilon_runs"]:
+            lines.append(
+                f"| {row['seed']} | {row['fid']:.3f} ± {row['fid_std_over_sampling_seeds']:.3f} | {row['floor']:.3f} | "
+                f"{row['fid_over_floor']:.2f} | {row['fid_minus_floor']:.3f} | {row['denoise_mse']:.4f} |"
+            )
+    if results.get("recipe_at_two_threads"):
+        from skipdiff.report.markdown import comparison_section
+
+        heading = (
+            f"## The recipe at two threads: v-prediction against epsilon (FID, paired by training seed; seed "
+            f"{SCREEN_SEED}, the screen's, left out)"
+        )
+        lines += comparison_section(heading, results["recipe_at_two_threads"], "FID")
+        if results.get("recipe_at_two_threads_signflip"):
+            heading = "## The same, by a sign-flip test (no normality assumed)"
+            lines += comparison_section(heading, results["recipe_at_two_threads_signflip"], "FID")
     return "\n".join(lines) + "\n"
 
 
@@ -125,8 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("folder", type=Path, help="the folder holding seed-N/ (runs/demo_2threads)")
     parser.add_argument("--out", type=Path, default=Path("eval/results/default_job_seeds"))
     parser.add_argument("--times", type=Path, help="times.txt the runner wrote (seed, exit code, seconds)")
+    parser.add_argument(
+        "--epsilon_folder", type=Path, help="the folder holding seed-N/ of the same job with --prediction_type epsilon"
+    )
     args = parser.parse_args(argv)
-    seeds = sorted((row for path in args.folder.glob("seed-*") if (row := read_seed(path))), key=lambda r: r["seed"])
+    for folder in (args.folder, args.epsilon_folder):
+        if folder is not None and not folder.is_dir():
+            raise SystemExit(f"{folder}: no such folder")
+    seeds = read_seeds(args.folder)
     if not seeds:
         raise SystemExit(f"no evaluated seed in {args.folder} (seed-N/runs/digits-latent/eval/eval.json)")
     one_thread = one_thread_fids(RECIPE_RESULTS)
@@ -137,10 +200,13 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summarise(seeds, one_thread),
     }
     if args.times and args.times.is_file():
-        results["wall_seconds"] = {
-            line.split()[1]: int(line.split()[4]) for line in args.times.read_text().splitlines() if line.strip()
-        }
+        results["wall_seconds"] = read_times(args.times)
     results["against_one_thread"] = against_one_thread(seeds, one_thread)
+    if args.epsilon_folder is not None:
+        results["epsilon_runs"] = read_seeds(args.epsilon_folder)
+        results["epsilon_wall_seconds"] = read_times(args.epsilon_folder / "times.txt")
+        results["recipe_at_two_threads"] = recipe_at_two_threads(seeds, results["epsilon_runs"])
+        results["recipe_at_two_threads_signflip"] = recipe_at_two_threads(seeds, results["epsilon_runs"], "sign-flip")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", results)
     (args.out / "table.md").write_text(table(results))

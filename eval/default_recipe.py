@@ -329,7 +329,11 @@ def collect(sweep: Path, out: Path) -> dict:
     fresh = [r for folder in sorted(sweep.iterdir()) if folder.is_dir() and (r := _read_run(folder))]
     carried = carried_runs(out, {run["cell"] for run in fresh})
     runs = sorted(fresh + carried, key=lambda run: run["cell"])
-    results = {"runs": runs, "confirmation": confirmation(runs)}
+    results = {
+        "runs": runs,
+        "confirmation": confirmation(runs),
+        "confirmation_signflip": confirmation(runs, "sign-flip"),
+    }
     results["bench"] = {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("bench*.json"))}
     for name in ("ema", "recon", "notes"):
         if (out / f"{name}.json").is_file():
@@ -344,9 +348,10 @@ def collect(sweep: Path, out: Path) -> dict:
     return results
 
 
-def confirmation(runs: list[dict]) -> dict | None:
+def confirmation(runs: list[dict], test: str = "t") -> dict | None:
     """FID of every recipe trained on several fresh seeds against the default job, paired by training seed and
-    Holm-corrected (skipdiff.report.ranking.compare); None until the default has two fresh seeds.
+    Holm-corrected (skipdiff.report.ranking.compare; ``test``: "t" or "sign-flip", which needs no normality but
+    cannot reach p < 0.05 with fewer than 6 pairs); None until the default has two fresh seeds.
 
     The screen chose its winner on training seed ``SCREEN_SEED``, so that seed's runs are selection data and
     stay out of the confirmation.
@@ -360,7 +365,7 @@ def confirmation(runs: list[dict]) -> dict | None:
     several = {recipe: by_seed for recipe, by_seed in fids.items() if len(by_seed) > 1}
     if len(several.get("default", {})) < 2 or len(several) < 2:
         return None
-    return compare(several, "default", lower_is_better=True)
+    return compare(several, "default", lower_is_better=True, test=test)
 
 
 def _change(run: dict) -> str:
@@ -460,6 +465,11 @@ def table(results: dict) -> str:
 
         heading = "## Against the default job (FID, fresh training seeds only, paired by seed, Holm-corrected)"
         lines += comparison_section(heading, results["confirmation"], "FID")
+    if results.get("confirmation_signflip"):
+        from skipdiff.report.markdown import comparison_section
+
+        heading = "## The same, by a sign-flip test (no normality assumed)"
+        lines += comparison_section(heading, results["confirmation_signflip"], "FID")
     return "\n".join(lines) + "\n"
 
 

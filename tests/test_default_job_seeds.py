@@ -39,3 +39,37 @@ def test_seeds_are_summarised_and_paired_with_the_one_thread_cells(tmp_path, mon
     assert (
         "| 3 | 0.700 ± 0.100 | 0.300 | 2.33 | 0.400 | 0.2000 | 0.650 |" in (tmp_path / "out" / "table.md").read_text()
     )
+
+
+def test_the_recipe_at_two_threads_is_paired_on_fresh_seeds_only(tmp_path, monkeypatch):
+    module = driver()
+    monkeypatch.setattr(module, "RECIPE_RESULTS", tmp_path / "none.json")
+    for seed, fid in ((0, 0.5), (1, 0.6), (2, 0.7), (3, 0.55)):
+        seed_folder(tmp_path / "vpred", seed, fid, 0.3)
+    for seed, fid in ((0, 0.1), (1, 0.9), (2, 1.1), (4, 2.0)):  # seed 0: the screen's; 4: no shipped run
+        seed_folder(tmp_path / "epsilon", seed, fid, 0.3)
+    (tmp_path / "epsilon" / "times.txt").write_text("seed 1 rc 0 300 s\nseed 2 rc 0 310 s\n")
+    results = module.main(
+        [str(tmp_path / "vpred"), "--epsilon_folder", str(tmp_path / "epsilon"), "--out", str(tmp_path / "out")]
+    )
+    assert [row["seed"] for row in results["epsilon_runs"]] == [0, 1, 2, 4]
+    assert results["epsilon_wall_seconds"] == {"1": 300, "2": 310}
+    comparison = results["recipe_at_two_threads"]
+    assert comparison["reference"] == "epsilon (old default)"
+    shipped = next(row for row in comparison["rows"] if row["configuration"] == "v-prediction (shipped)")
+    assert shipped["shared_seeds"] == 2  # seeds 1 and 2: the screen's seed 0 and the unpaired 3, 4 left out
+    assert shipped["delta"] == pytest.approx(((0.6 - 0.9) + (0.7 - 1.1)) / 2)
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert comparison_signflip_p(results) > 0.05  # 2 pairs: a sign-flip test cannot reach 0.05
+    assert "## The recipe at two threads" in text and "| 4 | 2.000 ± 0.100 | 0.300 | 6.67 | 1.700 | 0.2000 |" in text
+
+
+def test_a_missing_epsilon_folder_is_named(tmp_path):
+    seed_folder(tmp_path / "vpred", 1, 0.6, 0.3)
+    with pytest.raises(SystemExit, match="nowhere: no such folder"):
+        driver().main([str(tmp_path / "vpred"), "--epsilon_folder", str(tmp_path / "nowhere")])
+
+
+def comparison_signflip_p(results: dict) -> float:
+    rows = results["recipe_at_two_threads_signflip"]["rows"]
+    return next(row["p"] for row in rows if row["configuration"] == "v-prediction (shipped)")

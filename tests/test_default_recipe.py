@@ -3,6 +3,7 @@ confirmation leaves out the screen's training seed (selection data)."""
 
 import json
 
+import pytest
 from helpers.eval_scripts import eval_script
 
 
@@ -41,3 +42,13 @@ def test_confirmation_leaves_out_the_screen_seed():
 def test_confirmation_needs_two_fresh_default_seeds():
     runs = [run("default", 0, 0.9), run("default", 1, 1.0), run("vpred", 0, 0.5), run("vpred", 1, 0.6)]
     assert driver().confirmation(runs) is None
+
+
+def test_the_sign_flip_confirmation_uses_the_same_fresh_pairs():
+    runs = [run("default", 0, 0.5), run("vpred", 0, 5.0)]
+    for seed in range(1, 7):
+        runs += [run("default", seed, 1.0 + 0.01 * seed), run("vpred", seed, 0.6)]
+    result = driver().confirmation(runs, "sign-flip")
+    (row,) = [r for r in result["rows"] if r["configuration"] == "vpred"]
+    assert result["test"] == "sign-flip" and row["shared_seeds"] == 6
+    assert row["p"] == pytest.approx(2 / 2**6)  # all 6 pairs one way: the exact two-sided sign-flip p
