@@ -1,22 +1,26 @@
 """What the shipped default job gives over training seeds: ``make demo``'s two commands with ``--seed N``.
 
-Each seed runs as in a fresh clone, in its own folder (so its ``--vae auto`` stage is trained there, at two
-threads, with that seed, as ``make demo`` would):
+Each seed runs as in a fresh clone, in its own folder ``seed-N/`` (so its ``--vae auto`` stage is trained
+there, at two threads, with that seed, as ``make demo`` would); ``run`` skips seeds already evaluated, so a
+stopped run goes on where it stopped, and appends each seed's wall time to the folder's ``times.txt``:
 
-    mkdir -p runs/demo_2threads/seed-N && cd runs/demo_2threads/seed-N
-    accelerate launch --config_file ../../../accelerate_config.yaml ../../../train_scripts/train_unet.py \
-        --num_threads 2 --seed N --resume_from_checkpoint latest
+    python eval/default_job_seeds.py run runs/demo_2threads --seeds 0 1 2 3 4 5 6        # ~6 min a seed, idle CPU
+    python eval/default_job_seeds.py run runs/demo_2threads_epsilon --seeds 1 2 3 4 5 6 --prediction_type epsilon
+    python eval/default_job_seeds.py collect runs/demo_2threads --epsilon_folder runs/demo_2threads_epsilon
+
+which is, per seed, from ``seed-N/``:
+
+    accelerate launch --config_file <root>/accelerate_config.yaml <root>/train_scripts/train_unet.py \
+        --num_threads 2 --seed N --resume_from_checkpoint latest [--prediction_type epsilon]
     python -m skipdiff.eval --checkpoint runs/digits-latent --fid --denoise_loss --num_threads 2
-    python eval/default_job_seeds.py runs/demo_2threads --epsilon_folder runs/demo_2threads_epsilon \
-        --out eval/results/default_job_seeds   # from the root
 
 The table puts each seed's FID next to its floor, and pairs each seed with the one-thread sweep cell of the
 same recipe and seed (``eval/results/default_recipe/results.json``, ``recipe-vpred__seed-N``), whose VAE stage
 was trained once, at one thread, with seed 0: the paired difference mixes the thread count and the VAE.
 
 ``--epsilon_folder`` holds the same two commands with ``--prediction_type epsilon`` added (the default before
-the recipe screen chose v-prediction) in ``seed-N/``: the recipe's confirmation at the shipped two threads,
-v-prediction against epsilon paired by training seed, on fresh seeds only (the screen's seed 0 is left out).
+the recipe screen chose v-prediction): the recipe's confirmation at the shipped two threads, v-prediction
+against epsilon paired by training seed, on fresh seeds only (the screen's seed 0 is left out).
 """
 
 from __future__ import annotations
@@ -24,13 +28,52 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from skipdiff.runfolder import write_json_atomic
 
+ROOT = Path(__file__).resolve().parent.parent
 RECIPE_RESULTS = Path("eval/results/default_recipe/results.json")
+THREADS = 2  # make demo's THREADS
 SCREEN_SEED = 0  # the recipe screen chose v-prediction on this training seed: selection data, not confirmation
+
+
+def seed_commands(seed: int, extra: list[str]) -> list[list[str]]:
+    """``make demo``'s two commands for one training seed (run from the seed's folder); ``extra``: more
+    training options (``--prediction_type epsilon``)."""
+    train = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml")]
+    train += [str(ROOT / "train_scripts" / "train_unet.py"), "--num_threads", str(THREADS), "--seed", str(seed)]
+    train += ["--resume_from_checkpoint", "latest", *extra]
+    evaluate = [sys.executable, "-m", "skipdiff.eval", "--checkpoint", "runs/digits-latent", "--fid"]
+    evaluate += ["--denoise_loss", "--num_threads", str(THREADS)]
+    return [train, evaluate]
+
+
+def run_seeds(folder: Path, seeds: list[int], extra: list[str]) -> None:
+    """Run the default job for every seed not yet evaluated in ``folder/seed-N``, one after another (logs in
+    the seed folder); each seed's exit code and wall seconds are appended to ``folder/times.txt``. Stops at the
+    first seed that fails, naming its log."""
+    for seed in seeds:
+        place = folder / f"seed-{seed}"
+        if read_seed(place) is not None:
+            print(f"seed {seed}: evaluated already, skipped")
+            continue
+        place.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        for command, log in zip(seed_commands(seed, extra), ("train.log", "eval.log"), strict=True):
+            with open(place / log, "a") as out:  # a resumed seed keeps its earlier log
+                code = subprocess.run(command, cwd=place, stdout=out, stderr=subprocess.STDOUT).returncode
+            if code:
+                break
+        seconds = round(time.monotonic() - start)
+        with open(folder / "times.txt", "a") as times:
+            times.write(f"seed {seed} rc {code} {seconds} s\n")
+        if code:
+            raise SystemExit(f"seed {seed}: exit code {code}, see {place / log}")
+        print(f"seed {seed}: done in {seconds} s")
 
 
 def read_seed(folder: Path) -> dict | None:
@@ -123,7 +166,7 @@ def table(results: dict) -> str:
         "# The shipped default job over training seeds (`make demo`, two threads)",
         "",
         "FID with the digits extractor, 1000 samples x 3 sampling seeds, DDIM-50, reference = the test split; the",
-        "floor is 1000 train images against the same reference. Generated by `python eval/default_job_seeds.py`.",
+        "floor is 1000 train images against the same reference. Generated by `python eval/default_job_seeds.py collect`.",
         "",
         "| training seed | FID (± over sampling seeds) | floor | FID / floor | FID − floor | denoise MSE (v) "
         "| one-thread sweep cell's FID |",
@@ -177,41 +220,54 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="the folder holding seed-N/ (runs/demo_2threads)")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/default_job_seeds"))
-    parser.add_argument("--times", type=Path, help="times.txt the runner wrote (seed, exit code, seconds)")
-    parser.add_argument(
-        "--epsilon_folder", type=Path, help="the folder holding seed-N/ of the same job with --prediction_type epsilon"
-    )
-    args = parser.parse_args(argv)
-    for folder in (args.folder, args.epsilon_folder):
-        if folder is not None and not folder.is_dir():
-            raise SystemExit(f"{folder}: no such folder")
-    seeds = read_seeds(args.folder)
+def collect(folder: Path, epsilon_folder: Path | None, out: Path, command: str) -> dict:
+    """Read every evaluated seed, summarise and test them, and write ``out/results.json`` and ``table.md``."""
+    for place in (folder, epsilon_folder):
+        if place is not None and not place.is_dir():
+            raise SystemExit(f"{place}: no such folder")
+    seeds = read_seeds(folder)
     if not seeds:
-        raise SystemExit(f"no evaluated seed in {args.folder} (seed-N/runs/digits-latent/eval/eval.json)")
+        raise SystemExit(f"no evaluated seed in {folder} (seed-N/runs/digits-latent/eval/eval.json)")
     one_thread = one_thread_fids(RECIPE_RESULTS)
     results = {
-        "command": "python eval/default_job_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "runs": seeds,
         "one_thread_fid": {str(seed): fid for seed, fid in sorted(one_thread.items())},
         "summary": summarise(seeds, one_thread),
+        "wall_seconds": read_times(folder / "times.txt"),
+        "against_one_thread": against_one_thread(seeds, one_thread),
     }
-    if args.times and args.times.is_file():
-        results["wall_seconds"] = read_times(args.times)
-    results["against_one_thread"] = against_one_thread(seeds, one_thread)
-    if args.epsilon_folder is not None:
-        results["epsilon_runs"] = read_seeds(args.epsilon_folder)
-        results["epsilon_wall_seconds"] = read_times(args.epsilon_folder / "times.txt")
+    if epsilon_folder is not None:
+        results["epsilon_runs"] = read_seeds(epsilon_folder)
+        results["epsilon_wall_seconds"] = read_times(epsilon_folder / "times.txt")
         results["recipe_at_two_threads"] = recipe_at_two_threads(seeds, results["epsilon_runs"])
         results["recipe_at_two_threads_signflip"] = recipe_at_two_threads(seeds, results["epsilon_runs"], "sign-flip")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "results.json", results)
-    (args.out / "table.md").write_text(table(results))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", results)
+    (out / "table.md").write_text(table(results))
     print(table(results))
     return results
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="make demo's two commands for each seed not yet evaluated")
+    r.add_argument("folder", type=Path, help="where seed-N/ folders go (runs/demo_2threads)")
+    r.add_argument("--seeds", type=int, nargs="+", required=True)
+    r.add_argument("--prediction_type", choices=["epsilon", "v_prediction", "sample"], help="else the default's")
+    c = sub.add_parser("collect", help="summarise the evaluated seeds into --out")
+    c.add_argument("folder", type=Path, help="the folder holding seed-N/ (runs/demo_2threads)")
+    c.add_argument("--out", type=Path, default=Path("eval/results/default_job_seeds"))
+    c.add_argument("--epsilon_folder", type=Path, help="seed-N/ of the same job with --prediction_type epsilon")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+            raise SystemExit(f"--seeds {args.seeds}: give distinct seeds >= 0")
+        run_seeds(args.folder, args.seeds, ["--prediction_type", args.prediction_type] if args.prediction_type else [])
+        return None
+    command = "python eval/default_job_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return collect(args.folder, args.epsilon_folder, args.out, command)
 
 
 if __name__ == "__main__":

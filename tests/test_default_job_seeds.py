@@ -29,7 +29,7 @@ def test_seeds_are_summarised_and_paired_with_the_one_thread_cells(tmp_path, mon
         json.dumps({"runs": [{"recipe": "vpred", "seed": 3, "fid": 0.65}, {"recipe": "default", "seed": 3, "fid": 9}]})
     )
     monkeypatch.setattr(module, "RECIPE_RESULTS", recipe)
-    results = module.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    results = module.main(["collect", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     summary = results["summary"]
     assert summary["seeds"] == [0, 3]
     assert summary["fid"]["mean"] == pytest.approx(0.65)
@@ -50,7 +50,14 @@ def test_the_recipe_at_two_threads_is_paired_on_fresh_seeds_only(tmp_path, monke
         seed_folder(tmp_path / "epsilon", seed, fid, 0.3)
     (tmp_path / "epsilon" / "times.txt").write_text("seed 1 rc 0 300 s\nseed 2 rc 0 310 s\n")
     results = module.main(
-        [str(tmp_path / "vpred"), "--epsilon_folder", str(tmp_path / "epsilon"), "--out", str(tmp_path / "out")]
+        [
+            "collect",
+            str(tmp_path / "vpred"),
+            "--epsilon_folder",
+            str(tmp_path / "epsilon"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
     )
     assert [row["seed"] for row in results["epsilon_runs"]] == [0, 1, 2, 4]
     assert results["epsilon_wall_seconds"] == {"1": 300, "2": 310}
@@ -67,9 +74,43 @@ def test_the_recipe_at_two_threads_is_paired_on_fresh_seeds_only(tmp_path, monke
 def test_a_missing_epsilon_folder_is_named(tmp_path):
     seed_folder(tmp_path / "vpred", 1, 0.6, 0.3)
     with pytest.raises(SystemExit, match="nowhere: no such folder"):
-        driver().main([str(tmp_path / "vpred"), "--epsilon_folder", str(tmp_path / "nowhere")])
+        driver().main(["collect", str(tmp_path / "vpred"), "--epsilon_folder", str(tmp_path / "nowhere")])
 
 
 def comparison_signflip_p(results: dict) -> float:
     rows = results["recipe_at_two_threads_signflip"]["rows"]
     return next(row["p"] for row in rows if row["configuration"] == "v-prediction (shipped)")
+
+
+def test_run_trains_and_evaluates_each_seed_not_yet_evaluated(tmp_path, monkeypatch):
+    module = driver()
+    seed_folder(tmp_path, 0, 0.6, 0.3)  # evaluated already: skipped
+    calls = []
+
+    def fake_run(command, cwd, stdout, stderr):
+        calls.append((command, Path(cwd).name))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    module.main(["run", str(tmp_path), "--seeds", "0", "3", "--prediction_type", "epsilon"])
+    assert [folder for _, folder in calls] == ["seed-3", "seed-3"]
+    (train, _), (evaluate, _) = calls
+    assert train[train.index("--seed") + 1] == "3" and train[-2:] == ["--prediction_type", "epsilon"]
+    assert train[train.index("--num_threads") + 1] == "2" and "--resume_from_checkpoint" in train
+    assert evaluate[2:5] == ["skipdiff.eval", "--checkpoint", "runs/digits-latent"] and "--fid" in evaluate
+    assert (tmp_path / "times.txt").read_text().startswith("seed 3 rc 0 ")
+
+
+def test_run_stops_at_a_failed_seed_and_names_its_log(tmp_path, monkeypatch):
+    module = driver()
+    monkeypatch.setattr(module.subprocess, "run", lambda *a, **k: type("Failed", (), {"returncode": 3})())
+    with pytest.raises(SystemExit, match="seed 1: exit code 3, see .*seed-1/train.log"):
+        module.main(["run", str(tmp_path), "--seeds", "1", "2"])
+    assert not (tmp_path / "seed-2").exists()
+    assert (tmp_path / "times.txt").read_text().startswith("seed 1 rc 3 ")
+
+
+def test_run_refuses_repeated_seeds_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match=r"--seeds \[1, 1\]"):
+        driver().main(["run", str(tmp_path / "x"), "--seeds", "1", "1"])
+    assert not (tmp_path / "x").exists()
