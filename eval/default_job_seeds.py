@@ -215,7 +215,7 @@ def table(results: dict) -> str:
         )
         lines += comparison_section(heading, results["recipe_at_two_threads"], "FID")
         if results.get("recipe_at_two_threads_signflip"):
-            heading = "## The same, by a sign-flip test (no normality assumed)"
+            heading = "## The same, by an exact sign-flip test (no normality assumed; a row with fewer than 6 pairs keeps the paired t)"
             lines += comparison_section(heading, results["recipe_at_two_threads_signflip"], "FID")
     return "\n".join(lines) + "\n"
 

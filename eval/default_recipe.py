@@ -468,7 +468,7 @@ def table(results: dict) -> str:
     if results.get("confirmation_signflip"):
         from skipdiff.report.markdown import comparison_section
 
-        heading = "## The same, by a sign-flip test (no normality assumed)"
+        heading = "## The same, by an exact sign-flip test (no normality assumed; a row with fewer than 6 pairs keeps the paired t)"
         lines += comparison_section(heading, results["confirmation_signflip"], "FID")
     return "\n".join(lines) + "\n"
 

@@ -67,7 +67,7 @@ def test_the_recipe_at_two_threads_is_paired_on_fresh_seeds_only(tmp_path, monke
     assert shipped["shared_seeds"] == 2  # seeds 1 and 2: the screen's seed 0 and the unpaired 3, 4 left out
     assert shipped["delta"] == pytest.approx(((0.6 - 0.9) + (0.7 - 1.1)) / 2)
     text = (tmp_path / "out" / "table.md").read_text()
-    assert comparison_signflip_p(results) > 0.05  # 2 pairs: a sign-flip test cannot reach 0.05
+    assert signflip_row(results)["test"] == "paired"  # 2 pairs: fewer than an exact sign-flip test needs
     assert "## The recipe at two threads" in text and "| 4 | 2.000 ± 0.100 | 0.300 | 6.67 | 1.700 | 0.2000 |" in text
 
 
@@ -77,9 +77,23 @@ def test_a_missing_epsilon_folder_is_named(tmp_path):
         driver().main(["collect", str(tmp_path / "vpred"), "--epsilon_folder", str(tmp_path / "nowhere")])
 
 
-def comparison_signflip_p(results: dict) -> float:
+def signflip_row(results: dict) -> dict:
     rows = results["recipe_at_two_threads_signflip"]["rows"]
-    return next(row["p"] for row in rows if row["configuration"] == "v-prediction (shipped)")
+    return next(row for row in rows if row["configuration"] == "v-prediction (shipped)")
+
+
+def test_six_fresh_pairs_get_the_exact_sign_flip_test(tmp_path, monkeypatch):
+    module = driver()
+    monkeypatch.setattr(module, "RECIPE_RESULTS", tmp_path / "none.json")
+    for seed in range(7):
+        seed_folder(tmp_path / "vpred", seed, 0.6 + 0.01 * seed, 0.3)
+        seed_folder(tmp_path / "epsilon", seed, 0.9 - 0.02 * seed, 0.3)
+    results = module.main(
+        ["collect", str(tmp_path / "vpred"), "--epsilon_folder", str(tmp_path / "epsilon"), "--out", str(tmp_path)]
+    )
+    row = signflip_row(results)
+    assert row["test"] == "sign-flip" and row["shared_seeds"] == 6
+    assert row["p"] == pytest.approx(2 / 2**6)  # every fresh pair one way: the exact two-sided p
 
 
 def test_run_trains_and_evaluates_each_seed_not_yet_evaluated(tmp_path, monkeypatch):
