@@ -192,10 +192,10 @@ def blocked_rates(ref: np.ndarray, rows: dict[str, np.ndarray]) -> dict[str, flo
 
 
 def test_a_seed_blocked_model_would_not_keep_its_size_in_the_skip_cache_layout():
-    # Issue 26 suggested one for skip_cache (one model, 12 cache settings, 3 shared sampling seeds): it would
-    # pool one residual variance over rows whose sds of paired differences run from 0.03 to 0.19 FID (they
-    # grow with the cost), so the noisiest rows borrow precision they do not have. The ranking keeps each
-    # row's own paired test; more sampling seeds, not a pooled model, resolve the small costs.
+    # Issue 26 suggested one for skip_cache (one model, 12 cache settings, shared sampling seeds: 6 since
+    # 2026-12-08): it would pool one residual variance over rows whose sds of paired differences run from
+    # 0.03 to 0.14 FID (they grow with the cost), so the noisiest rows borrow precision they do not have. The
+    # ranking keeps each row's own paired test; more sampling seeds, not a pooled model, resolved the costs.
     found = layout("skip_cache", "fid", reference="cache=off")
     rng = np.random.default_rng(6)
     ref, rows = simulate(found, rng, SIMULATIONS)
