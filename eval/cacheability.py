@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from skipdiff.report.markdown import comparison_section
+from skipdiff.report.ranking import compare
 from skipdiff.runfolder import read_json, write_json_atomic
 
 
@@ -110,8 +112,6 @@ def summarise(cells: list[dict]) -> dict:
 def paired_against(cells: list[dict], reference: str = "skips=full") -> dict | None:
     """Each figure of every configuration against ``reference``, paired by training seed and Holm-corrected
     over the configurations (skipdiff.report.ranking.compare); None without the reference."""
-    from skipdiff.report.ranking import compare
-
     if not any(cell["configuration"] == reference for cell in cells):
         return None
     levels = len(cells[0]["feature_change_by_up_block"])
@@ -130,8 +130,6 @@ def paired_against(cells: list[dict], reference: str = "skips=full") -> dict | N
 
 def comparison_table(comparisons: dict) -> str:
     """Markdown: per figure, every configuration against the reference (skipdiff.report's ranking table)."""
-    from skipdiff.report.markdown import comparison_section
-
     lines = ["", "Against the reference, paired by training seed, Holm over the configurations of each figure."]
     for figure, result in comparisons.items():
         lines += comparison_section(f"### {figure}", result, figure)

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from skipdiff.report.markdown import SIGN_FLIP_HEADING, comparison_section
+from skipdiff.report.ranking import compare
 from skipdiff.runfolder import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,8 +125,6 @@ def summarise(seeds: list[dict], one_thread: dict[int, float]) -> dict:
 def against_one_thread(seeds: list[dict], one_thread: dict[int, float]) -> dict | None:
     """The shipped job's FID against the one-thread sweep cell of the same training seed, paired by seed
     (skipdiff.report.ranking.compare, one test); None with fewer than two shared seeds."""
-    from skipdiff.report.ranking import compare  # scipy: only for this test
-
     demo = {row["seed"]: row["fid"] for row in seeds if row["seed"] in one_thread}
     if len(demo) < 2:
         return None
@@ -138,8 +138,6 @@ def recipe_at_two_threads(seeds: list[dict], epsilon_seeds: list[dict], test: st
     """The shipped recipe (v-prediction) against the old default (epsilon) at two threads, FID paired by
     training seed over the fresh seeds both have (``SCREEN_SEED`` left out: it chose the recipe; ``test``: "t"
     or "sign-flip"); None with fewer than two."""
-    from skipdiff.report.ranking import compare  # scipy: only for this test
-
     shipped = {row["seed"]: row["fid"] for row in seeds if row["seed"] != SCREEN_SEED}
     epsilon = {row["seed"]: row["fid"] for row in epsilon_seeds if row["seed"] in shipped}
     if len(epsilon) < 2:
@@ -161,6 +159,14 @@ def read_times(path: Path | None) -> dict[str, int]:
     return {line.split()[1]: int(line.split()[4]) for line in path.read_text().splitlines() if line.strip()}
 
 
+def _seed_cells(row: dict) -> str:
+    """A seed's table cells: seed, FID ± over sampling seeds, floor, FID / floor, FID − floor, denoise MSE."""
+    return (
+        f"| {row['seed']} | {row['fid']:.3f} ± {row['fid_std_over_sampling_seeds']:.3f} | {row['floor']:.3f} | "
+        f"{row['fid_over_floor']:.2f} | {row['fid_minus_floor']:.3f} | {row['denoise_mse']:.4f} |"
+    )
+
+
 def table(results: dict) -> str:
     lines = [
         "# The shipped default job over training seeds (`make demo`, two threads)",
@@ -175,11 +181,7 @@ def table(results: dict) -> str:
     one_thread = results["one_thread_fid"]
     for row in results["runs"]:
         other = one_thread.get(str(row["seed"]))
-        lines.append(
-            f"| {row['seed']} | {row['fid']:.3f} ± {row['fid_std_over_sampling_seeds']:.3f} | {row['floor']:.3f} | "
-            f"{row['fid_over_floor']:.2f} | {row['fid_minus_floor']:.3f} | {row['denoise_mse']:.4f} | "
-            + (f"{other:.3f} |" if other is not None else "- |")
-        )
+        lines.append(_seed_cells(row) + (f" {other:.3f} |" if other is not None else " - |"))
     summary = results["summary"]
     std = summary["fid"]["std"]
     lines += [
@@ -189,8 +191,6 @@ def table(results: dict) -> str:
         + f", {summary['fid_over_floor']['mean']:.2f} x the floor, FID − floor {summary['fid_minus_floor']['mean']:.3f}.",
     ]
     if results.get("against_one_thread"):
-        from skipdiff.report.markdown import comparison_section
-
         heading = "## Against the one-thread sweep cell of the same seed (FID, paired by training seed)"
         lines += comparison_section(heading, results["against_one_thread"], "FID")
     if results.get("epsilon_runs"):
@@ -201,22 +201,15 @@ def table(results: dict) -> str:
             "| training seed | FID (± over sampling seeds) | floor | FID / floor | FID − floor | denoise MSE (ε) |",
             "|---|---|---|---|---|---|",
         ]
-        for row in results["epsilon_runs"]:
-            lines.append(
-                f"| {row['seed']} | {row['fid']:.3f} ± {row['fid_std_over_sampling_seeds']:.3f} | {row['floor']:.3f} | "
-                f"{row['fid_over_floor']:.2f} | {row['fid_minus_floor']:.3f} | {row['denoise_mse']:.4f} |"
-            )
+        lines += [_seed_cells(row) for row in results["epsilon_runs"]]
     if results.get("recipe_at_two_threads"):
-        from skipdiff.report.markdown import comparison_section
-
         heading = (
             f"## The recipe at two threads: v-prediction against epsilon (FID, paired by training seed; seed "
             f"{SCREEN_SEED}, the screen's, left out)"
         )
         lines += comparison_section(heading, results["recipe_at_two_threads"], "FID")
         if results.get("recipe_at_two_threads_signflip"):
-            heading = "## The same, by an exact sign-flip test (no normality assumed; a row with fewer than 6 pairs keeps the paired t)"
-            lines += comparison_section(heading, results["recipe_at_two_threads_signflip"], "FID")
+            lines += comparison_section(SIGN_FLIP_HEADING, results["recipe_at_two_threads_signflip"], "FID")
     return "\n".join(lines) + "\n"
 
 
@@ -244,8 +237,9 @@ def collect(folder: Path, epsilon_folder: Path | None, out: Path, command: str) 
         results["recipe_at_two_threads_signflip"] = recipe_at_two_threads(seeds, results["epsilon_runs"], "sign-flip")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
-    (out / "table.md").write_text(table(results))
-    print(table(results))
+    text = table(results)
+    (out / "table.md").write_text(text)
+    print(text)
     return results
 
 

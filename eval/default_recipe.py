@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from skipdiff.report.markdown import SIGN_FLIP_HEADING, comparison_section
+from skipdiff.report.ranking import compare
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "runs" / "sweeps" / "default_recipe"
 OUT = REPO / "eval" / "results" / "default_recipe"
@@ -356,8 +359,6 @@ def confirmation(runs: list[dict], test: str = "t") -> dict | None:
     The screen chose its winner on training seed ``SCREEN_SEED``, so that seed's runs are selection data and
     stay out of the confirmation.
     """
-    from skipdiff.report.ranking import compare
-
     fids: dict[str, dict[int, float]] = {}
     for run in runs:
         if run["seed"] != SCREEN_SEED:
@@ -461,15 +462,10 @@ def table(results: dict) -> str:
                 f"{_pm([r['denoise_mse_epsilon'] for r in seeds.values() if 'denoise_mse_epsilon' in r], 4)} |"
             )
     if results.get("confirmation"):
-        from skipdiff.report.markdown import comparison_section
-
         heading = "## Against the default job (FID, fresh training seeds only, paired by seed, Holm-corrected)"
         lines += comparison_section(heading, results["confirmation"], "FID")
     if results.get("confirmation_signflip"):
-        from skipdiff.report.markdown import comparison_section
-
-        heading = "## The same, by an exact sign-flip test (no normality assumed; a row with fewer than 6 pairs keeps the paired t)"
-        lines += comparison_section(heading, results["confirmation_signflip"], "FID")
+        lines += comparison_section(SIGN_FLIP_HEADING, results["confirmation_signflip"], "FID")
     return "\n".join(lines) + "\n"
 
 

@@ -372,6 +372,12 @@ def _findings(dataset: str, result: dict, metric: str) -> str:
     return text
 
 
+# The heading of a comparison's second section, the same test by exact sign flips (ranking.compare(test="sign-flip")).
+SIGN_FLIP_HEADING = (
+    "## The same, by an exact sign-flip test (no normality assumed; a row with fewer than 6 pairs keeps the paired t)"
+)
+
+
 def comparison_section(heading: str, result: dict, metric: str) -> list[str]:
     """A comparison (:func:`skipdiff.report.ranking.compare`) as a block of lines for a study's own table:
     a blank line, ``heading``, the ranking table and the smallest detectable difference."""
