@@ -15,22 +15,19 @@ import argparse
 import statistics
 from pathlib import Path
 
-from skipdiff.runfolder import read_json, write_json_atomic
+from skipdiff.report.read import load_sweep
+from skipdiff.runfolder import write_json_atomic
 
 
-def cell_seconds(folder: Path) -> dict[str, float]:
-    """Cell name -> seconds, for every cell of ``folder`` whose ``cell.json`` says it is done."""
-    seconds = {}
-    for path in sorted(folder.glob("*/cell.json")):
-        record = read_json(path)
-        if record.get("status") == "done" and record.get("seconds") is not None:
-            seconds[record["name"]] = float(record["seconds"])
-    return seconds
+def done_cells(folder: Path) -> list[dict]:
+    """The cell records of ``folder`` (skipdiff.report.read.load_sweep) that are done and timed."""
+    _, cells = load_sweep(folder)
+    return [cell for cell in cells if cell.get("status") == "done" and cell.get("seconds") is not None]
 
 
-def cost(seconds: dict[str, float], group_by: str | None = None) -> dict:
-    """Cells, median and total of ``seconds``; with ``group_by`` (an axis name, the text before ``-`` in a
-    cell name's ``__``-separated parts) the same per label of that axis."""
+def cost(cells: list[dict], group_by: str | None = None) -> dict:
+    """Cells, median and total of the cells' ``seconds``; with ``group_by`` (an axis of the grid, as each
+    record's ``axes`` names it) the same per label of that axis."""
 
     def totals(values: list[float]) -> dict:
         return {
@@ -39,12 +36,12 @@ def cost(seconds: dict[str, float], group_by: str | None = None) -> dict:
             "total_core_hours": sum(values) / 3600,
         }
 
-    result = totals(list(seconds.values()))
+    result = totals([float(cell["seconds"]) for cell in cells])
     if group_by:
         groups: dict[str, list[float]] = {}
-        for name, value in seconds.items():
-            labels = dict(part.split("-", 1) for part in name.split("__") if "-" in part)
-            groups.setdefault(labels.get(group_by, "?"), []).append(value)
+        for cell in cells:
+            labels = {axis["axis"]: axis["label"] for axis in cell.get("axes", [])}
+            groups.setdefault(labels.get(group_by, "?"), []).append(float(cell["seconds"]))
         result["by_" + group_by] = {label: totals(values) for label, values in sorted(groups.items())}
     return result
 
@@ -56,10 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--measured", required=True, help="when and on what the cells ran (recorded as given)")
     parser.add_argument("--group_by", help="an axis of the grid to total separately (e.g. skips)")
     args = parser.parse_args(argv)
-    seconds = cell_seconds(args.folder)
-    if not seconds:
+    try:
+        cells = done_cells(args.folder)
+    except ValueError as err:  # no such folder, or no cells in it
+        raise SystemExit(str(err)) from err
+    if not cells:
         raise SystemExit(f"{args.folder}: no finished cell (*/cell.json with status done)")
-    result = {"measured": args.measured, "folder": str(args.folder), **cost(seconds, args.group_by)}
+    result = {"measured": args.measured, "folder": str(args.folder), **cost(cells, args.group_by)}
     write_json_atomic(args.out, result)
     print(result)
     return result

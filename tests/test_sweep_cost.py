@@ -8,7 +8,9 @@ from helpers.eval_scripts import eval_script
 
 def cell(folder, name, seconds, status="done"):
     (folder / name).mkdir(parents=True)
-    (folder / name / "cell.json").write_text(json.dumps({"name": name, "status": status, "seconds": seconds}))
+    axes = [dict(zip(("axis", "label"), part.split("-", 1), strict=True)) for part in name.split("__") if "-" in part]
+    record = {"name": name, "status": status, "seconds": seconds, "axes": axes}
+    (folder / name / "cell.json").write_text(json.dumps(record))
 
 
 def test_cost_counts_done_cells_only_and_groups_by_an_axis(tmp_path):
